@@ -1,0 +1,37 @@
+# One-command set-up and the experiments. Everything runs inside $(VENV).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch/torchvision/torchaudio versions known to import together (laion_clap needs
+# torchvision; audiobox-aesthetics declares torchaudio)
+TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1 torchaudio==2.11.0
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: install test demo bench sweep-beta clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_PKGS)
+	$(BIN)/python -m pip install -q -e ".[backbones,dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/python -m qamro_pipe demo
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench.py
+
+sweep-beta: $(STAMP)
+	$(BIN)/qamro-pipe sweep --recipe musiceval --grid beta
+
+clean:
+	rm -rf $(VENV) build *.egg-info

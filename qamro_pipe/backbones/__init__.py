@@ -1,0 +1,4 @@
+"""Frozen audio models under versioned names; weights load only in `load()`."""
+from .base import REGISTRY, Backbone, FeatureSpec, get_backbone, register_backbone
+
+__all__ = ["REGISTRY", "Backbone", "FeatureSpec", "get_backbone", "register_backbone"]

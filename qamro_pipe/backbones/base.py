@@ -1,0 +1,192 @@
+"""The plumbing every backbone shares: device, precision, inference mode, numpy out.
+
+A backbone file implements `load()`, `_embed_windows()` and, when it reads text,
+`_embed_texts()`; nothing heavy is imported or loaded before `load()`.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..errors import QamroError
+
+REGISTRY: dict[str, type["Backbone"]] = {}
+RANDOM_WEIGHTS = "random"  # checkpoint value that builds the real architecture untrained: tests only
+
+
+def register_backbone(cls: type["Backbone"]) -> type["Backbone"]:
+    """Class decorator: register under `name` (the latest) and `name@version`."""
+    REGISTRY[cls.name] = cls
+    REGISTRY[f"{cls.name}@{cls.version}"] = cls
+    return cls
+
+
+def get_backbone(name: str, **options: Any) -> "Backbone":
+    from . import aesthetics, clap, melstats  # noqa: F401  (registration)
+
+    if name not in REGISTRY:
+        known = sorted(k for k in REGISTRY if "@" not in k)
+        raise QamroError(f"unknown backbone {name!r}; known: {', '.join(known)}")
+    return REGISTRY[name](**options)
+
+
+def offline_mode(offline: bool | None = None) -> bool:
+    """Declared offline (flag) or set in the environment (HF_HUB_OFFLINE / QAMRO_OFFLINE)."""
+    if offline is not None:
+        return offline
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes")
+               for v in ("HF_HUB_OFFLINE", "QAMRO_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def weights_dir() -> Path:
+    """Where downloaded checkpoints live: $QAMRO_HOME, else ~/.cache/qamro-pipe (never the package)."""
+    return Path(os.environ.get("QAMRO_HOME") or Path.home() / ".cache" / "qamro-pipe").expanduser()
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def seeded_init(seed: int = 0):
+    """Build models under a fixed seed without touching the caller's torch RNG: random
+    weights are reproducible and constructing a backbone leaves global state as it was."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    shape: tuple[int, ...]  # shape of one row
+    per_window: bool = False  # True: one row per window (/windows/...); False: one per clip
+
+
+class Backbone:
+    name: ClassVar[str]  # registry name, e.g. "clap-music"
+    version: ClassVar[int]  # bump whenever the numbers written would change
+    sample_rate: ClassVar[int]  # audio is resampled to this before embed
+    window_seconds: ClassVar[float]  # long clips are cut into windows of this length
+    uses_text: ClassVar[bool] = False  # whether embed_texts produces features
+
+    def __init__(self, checkpoint: str | None = None, device: str = "cpu",
+                 precision: str = "fp32", offline: bool | None = None,
+                 tokenizer_dir: str | None = None):
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise QamroError(f"unknown precision {precision!r}; use fp32, bf16 or fp16")
+        self.checkpoint = checkpoint
+        self.device = device
+        self.precision = precision
+        self.offline = offline_mode(offline)
+        self.tokenizer_dir = tokenizer_dir
+        self.loaded = False
+        self._provenance: dict[str, Any] = {}
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def window_samples(self) -> int:
+        return int(round(self.sample_rate * self.window_seconds))
+
+    def feature_specs(self) -> dict[str, FeatureSpec]:
+        raise NotImplementedError
+
+    def load(self) -> None:
+        raise NotImplementedError
+
+    def _embed_windows(self, windows: list[np.ndarray]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _embed_texts(self, texts: list[str]) -> dict[str, Any]:
+        return {}
+
+    def provenance(self) -> dict[str, Any]:
+        """JSON-plain description of what produces the numbers; the cache key."""
+        return {"backbone": self.key, "sample_rate": self.sample_rate,
+                "window_seconds": self.window_seconds, "precision": self.precision,
+                **self._provenance}
+
+    # -- shared plumbing -------------------------------------------------------------
+    def _set_offline_env(self) -> None:
+        """Hugging Face libraries read these once, at import: set them before importing."""
+        if self.offline:
+            os.environ["HF_HUB_OFFLINE"] = "1"
+            os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+    def _resolve_checkpoint(self, repo_id: str, filename: str) -> Path | None:
+        """The checkpoint file to load: `self.checkpoint`, else an earlier download in
+        weights_dir(), else (online) a download from the Hugging Face repo; None for
+        RANDOM_WEIGHTS. Records the file name and sha256 in the provenance."""
+        if self.checkpoint == RANDOM_WEIGHTS:
+            self._provenance.update(checkpoint=RANDOM_WEIGHTS, checkpoint_sha256=None)
+            return None
+        cached = weights_dir() / repo_id.replace("/", "--") / filename
+        if self.checkpoint:
+            path = Path(self.checkpoint).expanduser()
+            if not path.is_file():
+                raise QamroError(f"{self.name}: checkpoint {path} does not exist")
+        elif cached.is_file():
+            path = cached
+        elif self.offline:
+            raise QamroError(
+                f"{self.name}: no checkpoint and downloads are off (offline). Fetch "
+                f"https://huggingface.co/{repo_id}/resolve/main/{filename} and pass "
+                f"--checkpoint PATH, or put the file at {cached}")
+        else:
+            from huggingface_hub import hf_hub_download
+
+            try:
+                path = Path(hf_hub_download(repo_id, filename, local_dir=cached.parent))
+            except Exception as e:
+                raise QamroError(f"{self.name}: could not download {filename} from "
+                                 f"huggingface.co/{repo_id} ({e}); fetch it yourself and "
+                                 f"pass --checkpoint PATH") from e
+        self._provenance.update(checkpoint=path.name, checkpoint_sha256=sha256_file(path))
+        return path
+
+    def _autocast(self):
+        import torch
+
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=str(self.device).split(":")[0], dtype=dtype)
+
+    def _run(self, fn, arg) -> dict[str, np.ndarray]:
+        import torch
+
+        if not self.loaded:
+            self.load()
+            self.loaded = True
+        with torch.inference_mode(), self._autocast():
+            out = fn(arg)
+        return {k: (v.detach().float().cpu().numpy() if hasattr(v, "detach") else
+                    np.asarray(v, dtype=np.float32)) for k, v in out.items()}
+
+    def embed_windows(self, windows: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """Windows (mono float32 at sample_rate, each at most window_samples long)
+        -> {feature: [W, *shape]} for every audio feature, clip-level ones included
+        (extract pools those over a clip's windows with `pool`)."""
+        return self._run(self._embed_windows, windows)
+
+    def embed_texts(self, texts: list[str]) -> dict[str, np.ndarray]:
+        return self._run(self._embed_texts, texts) if self.uses_text else {}
+
+    def pool(self, feats: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """One clip's per-window rows [W, ...] -> one row: mean weighted by window length."""
+        w = weights.astype(np.float64) / weights.sum()
+        return np.tensordot(w, feats.astype(np.float64), axes=1).astype(np.float32)

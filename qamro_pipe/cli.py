@@ -1,0 +1,195 @@
+"""The `qamro-pipe` command: parse options, call one library function, print.
+
+Options default to None, meaning "not given": defaults live in config.py and recipes only."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from .errors import QamroError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="QAMRO MOS prediction: extract embeddings once, train heads in seconds.")
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect and manage cache files.")
+app.add_typer(cache_app, name="cache")
+
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")):
+    _state["debug"] = debug
+
+
+def _table(metrics: dict[str, Any], level: str = "system") -> str:
+    figs = ("mse", "lcc", "srcc", "ktau")
+    lines = [f"{level}-level on {metrics['eval_split']!r} (validation: {metrics['validation']})",
+             f"{'head':<12}" + "".join(f"{f.upper():>21}" for f in figs)]
+    for head, levels in metrics["heads"].items():
+        m = levels[level]
+        cells = []
+        for f in figs:
+            v = m.get(f)
+            if v is None:
+                cells.append(f"{'-':>21}")
+            elif m.get(f"{f}_std") is not None:
+                cells.append(f"{v:.3f} ± {m[f'{f}_std']:.3f}".rjust(21))
+            elif m.get(f"{f}_ci"):
+                lo, hi = m[f"{f}_ci"]
+                cells.append(f"{v:.3f} [{lo:.3f},{hi:.3f}]".rjust(21))
+            else:
+                cells.append(f"{v:>21.3f}")
+        lines.append(f"{head:<12}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def _train_overrides(**opts) -> dict[str, Any]:
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+@app.command()
+def train(
+    recipe: str = typer.Option("musiceval", help="Recipe name in stages/ or a .toml path."),
+    cache: Optional[Path] = typer.Option(None, help="Cache file [default: the recipe's]."),
+    out: Optional[Path] = typer.Option(None, help="Run folder [default: under the cache root]."),
+    loss: Optional[str] = typer.Option(None, help="Ranking term: qamro, mr or none."),
+    alpha: Optional[float] = typer.Option(None, help="QAMRO margin scale."),
+    beta: Optional[float] = typer.Option(None, help="QAMRO quality preference (1 = off)."),
+    margin: Optional[float] = typer.Option(None, help="Fixed margin of --loss mr."),
+    norm: Optional[str] = typer.Option(None, help="Label normalisation for q: batch or range."),
+    regression: Optional[str] = typer.Option(None, help="huber, mse or mse+mae."),
+    seeds: Optional[int] = typer.Option(None, help="Train seeds 0..N-1 as batched members."),
+    seed: Optional[int] = typer.Option(None, help="A single seed (instead of --seeds)."),
+    val_split: Optional[str] = typer.Option(None, help="'holdout' or a split name ('dev' = "
+                                            "the published code's protocol)."),
+    eval_split: Optional[str] = typer.Option(None, help="Split the metrics are reported on."),
+    max_epochs: Optional[int] = typer.Option(None),
+    patience: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None),
+    activation: Optional[str] = typer.Option(None, help="relu, gelu or none (published)."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1 ..."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
+):
+    """Train QAMRO heads on a cache and write a run folder."""
+    from .experiment import recipe_configs, run_experiment
+    from .recipes import load_recipe
+    from .sweep import expand_grid
+
+    r = load_recipe(recipe)
+    tcfg, lcfg = recipe_configs(
+        r, _train_overrides(val_split=val_split, eval_split=eval_split, max_epochs=max_epochs,
+                            patience=patience, lr=lr, batch_size=batch_size,
+                            activation=activation, device=device),
+        _train_overrides(kind=loss, alpha=alpha, beta=beta, margin=margin, norm=norm,
+                         regression=regression))
+    seed_list = [seed] if seed is not None else (seeds if seeds is not None else 1)
+    members = expand_grid(lcfg, {"seeds": seed_list})
+    folder, metrics, result, _ = run_experiment(r, members, tcfg, cache, out, force)
+    typer.echo(_table(metrics))
+    for msg in {**result.warnings, **result.failures}.values():
+        typer.echo(f"warning: {msg}", err=True)
+    typer.echo(f"run written to {folder}  ({result.seconds:.1f} s on {result.device}, "
+               f"{len(members)} member(s))")
+
+
+@app.command()
+def sweep(
+    recipe: str = typer.Option("musiceval", help="Recipe name in stages/ or a .toml path."),
+    grid: Optional[str] = typer.Option(None, help="A named grid of the recipe (e.g. beta)."),
+    cache: Optional[Path] = typer.Option(None, help="Cache file [default: the recipe's]."),
+    out: Optional[Path] = typer.Option(None, help="Sweep folder [default: under cache root]."),
+    loss: Optional[str] = typer.Option(None, help="Comma list of qamro, mr, none."),
+    alpha: Optional[str] = typer.Option(None, help="Comma list, e.g. 0.1,0.2."),
+    beta: Optional[str] = typer.Option(None, help="Comma list, e.g. 1,3,5,7,9,11."),
+    margin: Optional[str] = typer.Option(None, help="Comma list of fixed margins for mr."),
+    seeds: Optional[int] = typer.Option(None, help="Seeds 0..N-1 per point."),
+    val_split: Optional[str] = typer.Option(None),
+    eval_split: Optional[str] = typer.Option(None),
+    max_epochs: Optional[int] = typer.Option(None),
+    device: Optional[str] = typer.Option(None),
+    force: bool = typer.Option(False, "--force", help="Replace an existing sweep folder."),
+):
+    """Train a grid over (loss, alpha, beta, seed) as one batched model; table and plot."""
+    from .experiment import recipe_configs, run_experiment
+    from .recipes import load_recipe
+    from .sweep import expand_grid, parse_list, plot_sweep, sweep_rows, write_sweep_csv
+
+    r = load_recipe(recipe)
+    tcfg, lcfg = recipe_configs(r, _train_overrides(val_split=val_split, eval_split=eval_split,
+                                                    max_epochs=max_epochs, device=device))
+    g: dict[str, Any] = {}
+    if grid:
+        if grid not in r.grids:
+            raise QamroError(f"recipe {r.name!r} has no grid {grid!r} "
+                             f"(it has: {', '.join(r.grids) or 'none'})")
+        g.update(r.grids[grid])
+    given = {"loss": parse_list(loss, str), "alpha": parse_list(alpha),
+             "beta": parse_list(beta), "margin": parse_list(margin), "seeds": seeds}
+    g.update({k: v for k, v in given.items() if v is not None})
+    members = expand_grid(lcfg, g)
+    folder, metrics, result, _ = run_experiment(r, members, tcfg, cache, out, force,
+                                                kind="sweep")
+    rows = sweep_rows(metrics)
+    write_sweep_csv(folder / "sweep.csv", rows)
+    plot_sweep(folder / "sweep.png", rows)
+    typer.echo(_sweep_table(rows))
+    typer.echo(f"{len(members)} members trained as one model in {result.seconds:.1f} s on "
+               f"{result.device}; wrote {folder / 'sweep.csv'} and {folder / 'sweep.png'}")
+
+
+def _sweep_table(rows: list[dict[str, Any]]) -> str:
+    import numpy as np
+
+    pts: dict[tuple, list] = {}
+    for r in rows:
+        if r.get("level") == "system" and r.get("srcc") is not None:
+            pts.setdefault((r["loss"], r["alpha"], r["beta"], r["margin"], r["head"]),
+                           []).append(r["srcc"])
+    lines = [f"{'loss':<6}{'alpha':>7}{'beta':>6}{'margin':>8}  {'head':<10}"
+             f"{'system SRCC (mean ± sd over seeds)':>36}"]
+    for (kind, a, b, m, head), v in sorted(pts.items()):
+        sd = f" ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else ""
+        lines.append(f"{kind:<6}{a:>7g}{b:>6g}{m:>8g}  {head:<10}"
+                     f"{np.mean(v):>28.3f}{sd} (n={len(v)})")
+    return "\n".join(lines)
+
+
+@cache_app.command("info")
+def cache_info(path: Path = typer.Argument(..., help="A cache .h5 file.")):
+    """What is in a cache: counts per split, features and shapes, provenance."""
+    from .store import describe
+
+    typer.echo(describe(path))
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except QamroError as e:
+        if _state["debug"]:
+            raise
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:  # click's usage errors come through here in non-standalone mode
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

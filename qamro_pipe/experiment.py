@@ -1,0 +1,73 @@
+"""One training job from a recipe, a cache and a list of members to a finished run folder."""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from .config import LossConfig, Member, TrainConfig, cache_root, override, to_jsonable
+from .errors import QamroError
+from .recipes import Recipe, load_recipe
+from .runs import RUN_VERSION, save_run, summarise, versions
+from .store import Cache, read_cache
+
+
+def recipe_configs(recipe: Recipe, train: dict[str, Any] | None = None,
+                   loss: dict[str, Any] | None = None) -> tuple[TrainConfig, LossConfig]:
+    """Defaults (config.py) < recipe overrides < the user's options (None = not given)."""
+    tcfg = override(TrainConfig(), **{k: tuple(v) if isinstance(v, list) else v
+                                      for k, v in recipe.train.items()})
+    lcfg = override(LossConfig(), **recipe.loss)
+    if lcfg.label_range is None and recipe.label_range is not None:
+        lcfg = replace(lcfg, label_range=tuple(recipe.label_range))
+    return override(tcfg, **(train or {})), override(lcfg, **(loss or {}))
+
+
+def open_cache(recipe: Recipe, cache: str | Path | None) -> Cache:
+    return read_cache(Path(cache) if cache else recipe.default_cache())
+
+
+def default_out(recipe: Recipe, members: list[Member], kind: str = "run") -> Path:
+    first = members[0].loss
+    if kind == "sweep":
+        name = f"{recipe.name}-sweep"
+    elif first.kind == "qamro":
+        name = f"{recipe.name}-qamro-a{first.alpha:g}-b{first.beta:g}"
+    elif first.kind == "mr":
+        name = f"{recipe.name}-mr-m{first.margin:g}"
+    else:
+        name = f"{recipe.name}-baseline"
+    return cache_root() / "runs" / name
+
+
+def run_experiment(recipe: Recipe | str, members: list[Member], tcfg: TrainConfig,
+                   cache: str | Path | None = None, out: str | Path | None = None,
+                   force: bool = False, kind: str = "run", progress=None):
+    """Train, evaluate, and write the run folder. Returns (folder, metrics, result, cache)."""
+    from .train import train
+
+    recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
+    data = open_cache(recipe, cache)
+    out = Path(out) if out else default_out(recipe, members, kind)
+    if out.exists() and not force:  # refuse before spending time training
+        raise QamroError(f"{out}: run folder exists; choose another --out or pass --force")
+    label_range = tuple(recipe.label_range) if recipe.label_range else None
+    result = train(data, recipe.heads, members, tcfg, label_range=label_range,
+                   progress=progress)
+    metrics = summarise(data, result, tcfg)
+    config = {
+        "qamro_run_version": RUN_VERSION, "recipe": recipe.name,
+        "recipe_path": str(recipe.path) if recipe.path else None,
+        "cache": str(data.path), "backbone": data.meta.backbone, "dataset": data.meta.dataset,
+        "cache_key": data.meta.key, "label_names": list(data.label_names),
+        "heads": to_jsonable(recipe.heads), "train": to_jsonable(tcfg),
+        "members": [to_jsonable(m) for m in members], "validation": result.split.val_source,
+        "rows": {"train": len(result.split.train), "validation": len(result.split.val),
+                 "eval": len(result.split.eval)},
+        "device": result.device, "seconds": round(result.seconds, 3),
+        "epochs_run": result.epochs_run, "versions": versions(),
+        "failures": {str(k): v for k, v in result.failures.items()},
+        "warnings": {str(k): v for k, v in result.warnings.items()}}
+    folder = save_run(out, config=config, metrics=metrics, cache=data, result=result,
+                      force=force)
+    return folder, metrics, result, data

@@ -1,0 +1,109 @@
+"""MSE, LCC, SRCC and KTAU at utterance and system level, with bootstrap CIs over systems.
+
+Point figures come from scipy.stats. The bootstrap resamples systems with replacement and
+recomputes the same statistics vectorised over resamples (Pearson of values, Pearson of
+ranks for Spearman, tau-b from pair signs for Kendall); a test checks these against scipy."""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+from scipy import stats
+
+from .errors import QamroError
+
+FIGURES = ("mse", "lcc", "srcc", "ktau")
+
+
+def point_metrics(true: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    true, pred = np.asarray(true, np.float64), np.asarray(pred, np.float64)
+    out = {"mse": float(np.mean((true - pred) ** 2)), "n": int(len(true))}
+    constant = np.ptp(true) == 0 or np.ptp(pred) == 0
+    if len(true) < 2 or constant:  # correlation undefined: say so rather than write NaN
+        out.update(lcc=None, srcc=None, ktau=None)
+        return out
+    out["lcc"] = float(stats.pearsonr(true, pred)[0])
+    out["srcc"] = float(stats.spearmanr(true, pred)[0])
+    out["ktau"] = float(stats.kendalltau(true, pred)[0])  # tau-b
+    return out
+
+
+def _pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a - a.mean(axis=1, keepdims=True)
+    b = b - b.mean(axis=1, keepdims=True)
+    den = np.sqrt((a * a).sum(1) * (b * b).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (a * b).sum(1) / den, np.nan)
+
+
+def _tau_b_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    sa = np.sign(a[:, :, None] - a[:, None, :])  # [R, S, S]
+    sb = np.sign(b[:, :, None] - b[:, None, :])
+    num = (sa * sb).sum((1, 2))
+    den = np.sqrt((sa * sa).sum((1, 2)) * (sb * sb).sum((1, 2)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / den, np.nan)
+
+
+def bootstrap_rows(true: np.ndarray, pred: np.ndarray, idx: np.ndarray) -> dict[str, np.ndarray]:
+    """Every figure for each resample: idx [R, S] indexes systems."""
+    a, b = true[idx], pred[idx]
+    return {"mse": ((a - b) ** 2).mean(1), "lcc": _pearson_rows(a, b),
+            "srcc": _pearson_rows(stats.rankdata(a, axis=1), stats.rankdata(b, axis=1)),
+            "ktau": _tau_b_rows(a, b)}
+
+
+def bootstrap_ci(true: np.ndarray, pred: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> dict[str, list[float] | None]:
+    true, pred = np.asarray(true, np.float64), np.asarray(pred, np.float64)
+    if n_boot <= 0 or len(true) < 3:
+        return {f: None for f in FIGURES}
+    idx = np.random.default_rng(seed).integers(0, len(true), size=(n_boot, len(true)))
+    out = {}
+    for name, vals in bootstrap_rows(true, pred, idx).items():
+        vals = vals[np.isfinite(vals)]  # resamples with a constant side have no correlation
+        q = (1 - level) / 2
+        out[name] = None if len(vals) < n_boot // 2 else \
+            [float(np.quantile(vals, q)), float(np.quantile(vals, 1 - q))]
+    return out
+
+
+def system_scores(systems: np.ndarray, true: np.ndarray, pred: np.ndarray,
+                  system_mos: Mapping[str, float] | None = None):
+    """Mean prediction per system, against the published system MOS where there is one for
+    every system, else the mean label of the system's clips."""
+    names = np.unique(systems)
+    mean_pred = np.array([pred[systems == s].mean() for s in names])
+    published = system_mos is not None and all(
+        s in system_mos and math.isfinite(system_mos[s]) for s in names)
+    if published:
+        mean_true = np.array([system_mos[s] for s in names], dtype=np.float64)
+    else:
+        mean_true = np.array([true[systems == s].mean() for s in names])
+    return names, mean_true, mean_pred, ("published system MOS" if published else "mean label")
+
+
+def evaluate(true: np.ndarray, pred: np.ndarray, systems: np.ndarray,
+             system_mos: Mapping[str, float] | None = None, n_boot: int = 1000,
+             what: str = "") -> dict[str, dict]:
+    """{"utterance": {...}, "system": {..., "<fig>_ci": [lo, hi]}} over rows with a label."""
+    true, pred = np.asarray(true, np.float64), np.asarray(pred, np.float64)
+    systems = np.asarray(systems)
+    known = np.isfinite(true)
+    if not known.any():
+        raise QamroError(f"{what}: no labelled rows to evaluate")
+    if not np.isfinite(pred[known]).all():
+        raise QamroError(f"{what}: predictions contain NaN or inf; not writing metrics")
+    true, pred, systems = true[known], pred[known], systems[known]
+    out = {"utterance": point_metrics(true, pred)}
+    names, st, sp, source = system_scores(systems, true, pred, system_mos)
+    if len(names) < 2:
+        raise QamroError(f"{what}: system-level metrics need at least 2 systems, found "
+                         f"{len(names)} ({', '.join(map(repr, names))}); give clips a system")
+    sys_m = point_metrics(st, sp)
+    for fig, ci in bootstrap_ci(st, sp, n_boot).items():
+        sys_m[f"{fig}_ci"] = ci
+    sys_m["true_source"] = source
+    out["system"] = sys_m
+    return out

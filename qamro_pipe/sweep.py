@@ -1,0 +1,120 @@
+"""Sweeps as data: a grid over loss, alpha, beta and seed becomes the members of one batched
+run; results go to sweep.csv (one row per point, head and level) and sweep.png (Figure 1)."""
+from __future__ import annotations
+
+import csv
+import itertools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import LossConfig, Member, override
+from .errors import QamroError
+
+
+def parse_list(text: str | None, cast=float) -> list | None:
+    """"1,3,5" -> [1.0, 3.0, 5.0]; None stays None (not given)."""
+    if text is None:
+        return None
+    try:
+        return [cast(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise QamroError(f"cannot read {text!r} as a comma-separated list") from None
+
+
+def seeds_of(seeds: int | list[int]) -> list[int]:
+    return list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+
+
+def expand_grid(base: LossConfig, grid: dict[str, Any]) -> list[Member]:
+    """{"loss": [...], "alpha": [...], "beta": [...], "margin": [...], "seeds": 3} -> members.
+
+    Options a loss kind ignores (beta for "mr", all for "none") do not multiply its points."""
+    unknown = set(grid) - {"loss", "alpha", "beta", "margin", "seeds"}
+    if unknown:
+        raise QamroError(f"unknown sweep grid keys: {', '.join(sorted(unknown))}")
+    kinds = grid.get("loss") or [base.kind]
+    alphas = grid.get("alpha") or [base.alpha]
+    betas = grid.get("beta") or [base.beta]
+    margins = grid.get("margin") or [base.margin]
+    seeds = seeds_of(grid.get("seeds", 1))
+    members, seen = [], set()
+    for kind in kinds:
+        if kind == "qamro":
+            points = [dict(alpha=a, beta=b) for a, b in itertools.product(alphas, betas)]
+        elif kind == "mr":
+            points = [dict(margin=m) for m in margins]
+        else:
+            points = [{}]
+        for point, seed in itertools.product(points, seeds):
+            loss = override(base, kind=kind, **{k: float(v) for k, v in point.items()})
+            m = Member(loss=loss, seed=int(seed))
+            if m not in seen:
+                seen.add(m)
+                members.append(m)
+    return members
+
+
+def sweep_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for entry in metrics["members"]:
+        loss = entry["loss"]
+        base = {"loss": loss["kind"], "alpha": loss["alpha"], "beta": loss["beta"],
+                "margin": loss["margin"], "seed": entry["seed"],
+                "best_epoch": entry["best_epoch"]}
+        if "failed" in entry:
+            rows.append({**base, "head": "", "level": "", "failed": entry["failed"]})
+            continue
+        for head, levels in entry["heads"].items():
+            for level, figs in levels.items():
+                rows.append({**base, "head": head, "level": level,
+                             **{f: figs.get(f) for f in ("mse", "lcc", "srcc", "ktau")}})
+    return rows
+
+
+def write_sweep_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    cols = ["loss", "alpha", "beta", "margin", "seed", "head", "level", "mse", "lcc", "srcc",
+            "ktau", "best_epoch", "failed"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, restval="")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+
+
+def plot_sweep(path: Path, rows: list[dict[str, Any]], metric: str = "srcc",
+               level: str = "system") -> None:
+    """Metric against beta per head: mean and spread over seeds, one line per (loss, alpha)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("level") == level and r.get(metric) is not None]
+    heads = sorted({r["head"] for r in rows})
+    fig, axes = plt.subplots(1, max(1, len(heads)), figsize=(5 * max(1, len(heads)), 3.6),
+                             squeeze=False)
+    for ax, head in zip(axes[0], heads):
+        hr = [r for r in rows if r["head"] == head]
+        for (kind, alpha), group in itertools.groupby(
+                sorted(hr, key=lambda r: (r["loss"], r["alpha"], r["beta"])),
+                key=lambda r: (r["loss"], r["alpha"])):
+            group = list(group)
+            betas = sorted({r["beta"] for r in group})
+            vals = [[r[metric] for r in group if r["beta"] == b] for b in betas]
+            mean = np.array([np.mean(v) for v in vals])
+            std = np.array([np.std(v) for v in vals])
+            label = f"{kind} alpha={alpha:g}" if kind == "qamro" else kind
+            if kind == "qamro" and len(betas) > 1:
+                ax.errorbar(betas, mean, yerr=std, marker="o", capsize=3, label=label)
+            else:
+                ax.axhline(mean.mean(), linestyle="--", color="grey", label=label)
+        ax.set_title(f"{head}: {level} {metric.upper()}")
+        ax.set_xlabel("beta (quality preference)")
+        ax.set_ylabel(metric.upper())
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

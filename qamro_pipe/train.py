@@ -1,0 +1,247 @@
+"""Stage 2: train K batched members of every head on cached features.
+
+All data lives on the device as tensors; each epoch draws one permutation per member from a
+counter-based hash of (member seed, epoch), so a member's numbers depend only on its own
+config and seed. Each member early-stops on its own and keeps its best weights."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .config import LossConfig, Member, TrainConfig
+from .errors import QamroError
+from .heads import BatchedMLP, HeadSpec, member_seed
+from .losses import pairwise_ranking_loss, regression_loss
+from .store import Cache
+
+_MASK64 = (1 << 64) - 1
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise QamroError(f"--device {device}: no CUDA device is available")
+    return torch.device(device)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 (wrapping arithmetic; logical shifts by masking)."""
+    def shr(v, s):
+        return (v >> s) & ((1 << (64 - s)) - 1)
+    x = (x ^ shr(x, 30)) * -4658895280553007687  # 0xbf58476d1ce4e5b9 as signed
+    x = (x ^ shr(x, 27)) * -7723592293110705685  # 0x94d049bb133111eb as signed
+    return x ^ shr(x, 31)
+
+
+def member_permutations(seeds: torch.Tensor, epoch: int, n: int) -> torch.Tensor:
+    """[K] int64 seeds -> [K, n] permutations, identical on every device."""
+    idx = torch.arange(n, device=seeds.device, dtype=torch.int64)
+    keys = _mix(_mix(seeds[:, None] * 1_000_003 + epoch) + idx[None, :])
+    return torch.argsort(keys, dim=1, stable=True)
+
+
+@dataclass
+class Split:
+    train: np.ndarray  # row indices into the cache
+    val: np.ndarray
+    eval: np.ndarray
+    val_source: str  # "holdout (10% of train)" or a split name
+
+
+def make_split(cache: Cache, heads: tuple[HeadSpec, ...], cfg: TrainConfig) -> Split:
+    label_cols = [_label_col(cache, h) for h in heads]
+    labelled = np.isfinite(cache.labels[:, label_cols]).any(axis=1)
+    train = np.intersect1d(cache.rows("train"), np.flatnonzero(labelled))
+    if cfg.val_split == "holdout":
+        rng = np.random.default_rng(cfg.split_seed)
+        n_val = max(1, int(round(cfg.val_fraction * len(train))))
+        val = np.sort(rng.permutation(train)[:n_val])
+        train = np.setdiff1d(train, val)
+        source = f"holdout ({cfg.val_fraction:.0%} of train, split_seed {cfg.split_seed})"
+    else:
+        val = np.intersect1d(cache.rows(cfg.val_split), np.flatnonzero(labelled))
+        source = cfg.val_split
+    ev = cache.rows(cfg.eval_split)
+    for what, rows in (("train", train), (f"validation ({source})", val)):
+        if len(rows) == 0:
+            raise QamroError(f"{cache.path}: the {what} split has no labelled rows "
+                             f"(splits here: {', '.join(sorted(set(cache.splits)))})")
+    if len(ev) == 0:
+        raise QamroError(f"{cache.path}: eval split {cfg.eval_split!r} has no rows "
+                         f"(splits here: {', '.join(sorted(set(cache.splits)))})")
+    return Split(train=train, val=val, eval=ev, val_source=source)
+
+
+def _label_col(cache: Cache, head: HeadSpec) -> int:
+    if head.label not in cache.label_names:
+        raise QamroError(f"{cache.path}: head {head.name!r} needs label {head.label!r}; the cache "
+                         f"has {', '.join(cache.label_names)}")
+    return cache.label_names.index(head.label)
+
+
+def head_inputs(cache: Cache, head: HeadSpec) -> np.ndarray:
+    missing = [f for f in head.features if f not in cache.features]
+    if missing:
+        raise QamroError(f"{cache.path}: head {head.name!r} reads features/{missing[0]}, which "
+                         f"the cache lacks (it has {', '.join(cache.features) or 'none'})")
+    return np.concatenate([cache.features[f].reshape(len(cache.ids), -1).astype(np.float32)
+                           for f in head.features], axis=1)
+
+
+@dataclass
+class TrainResult:
+    members: list[Member]
+    heads: tuple[HeadSpec, ...]
+    split: Split
+    predictions: dict[str, np.ndarray]  # head -> [K, N] for every cache row
+    states: dict[str, list[dict[str, torch.Tensor]]]  # head -> per member state dict
+    best_epoch: list[int]
+    stopped_epoch: list[int]
+    best_val_loss: list[float]
+    failures: dict[int, str]  # member index -> why it has no usable model
+    warnings: dict[int, str]  # member index -> why it stopped early but kept a model
+    device: str
+    seconds: float
+    epochs_run: int
+
+
+class _Losses:
+    """Per-member loss settings as [K] tensors, so one call scores every member."""
+
+    def __init__(self, members: list[Member], device: torch.device, label_range):
+        first = members[0].loss
+        for m in members:
+            if (m.loss.norm, m.loss.regression, m.loss.huber_delta) != \
+                    (first.norm, first.regression, first.huber_delta):
+                raise QamroError("members of one run must share norm and regression loss")
+        def t(vals):
+            return torch.tensor(vals, dtype=torch.float32, device=device)
+        self.alpha = t([m.loss.alpha if m.loss.kind == "qamro" else 0.0 for m in members])
+        self.beta = t([m.loss.beta if m.loss.kind == "qamro" else 1.0 for m in members])
+        self.margin = t([m.loss.margin if m.loss.kind == "mr" else 0.0 for m in members])
+        self.weight = t([0.0 if m.loss.kind == "none" else m.loss.rank_weight for m in members])
+        self.cfg: LossConfig = first
+        self.label_range = first.label_range or label_range
+        if first.norm == "range" and self.label_range is None:
+            raise QamroError("norm='range' needs a label range (the recipe's label_range)")
+
+    def __call__(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # -> [K]
+        reg = regression_loss(pred, y, self.cfg.regression, self.cfg.huber_delta)
+        rank = pairwise_ranking_loss(pred, y, self.alpha, self.beta, self.margin,
+                                     self.cfg.norm, self.label_range)
+        return reg + self.weight * rank
+
+
+def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
+          cfg: TrainConfig = TrainConfig(), label_range=None, progress=None) -> TrainResult:
+    """Train every member of every head on `cache`; returns best-weight predictions."""
+    if not members:
+        raise QamroError("nothing to train: no members")
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    split = make_split(cache, heads, cfg)
+    k = len(members)
+    seeds = [m.seed for m in members]
+    X = {h.name: torch.from_numpy(head_inputs(cache, h)).to(device) for h in heads}
+    Y = {h.name: torch.from_numpy(np.ascontiguousarray(cache.labels[:, _label_col(cache, h)]))
+         .to(device) for h in heads}
+    for h in heads:
+        if not np.isfinite(cache.labels[split.train, _label_col(cache, h)]).any():
+            raise QamroError(f"{cache.path}: labels of head {h.name!r} are all NaN in train")
+    models = {h.name: BatchedMLP(seeds, X[h.name].shape[1], cfg.hidden, cfg.activation,
+                                 h.name).to(device) for h in heads}
+    params = [p for m in models.values() for p in m.parameters()]
+    bufs = [torch.zeros_like(p) for p in params]
+    best = [p.detach().clone() for p in params]
+    loss_fn = _Losses(members, device, label_range)
+    perm_seeds = torch.tensor([member_seed(s, "shuffle") >> 1 for s in seeds], device=device)
+    train_rows = torch.from_numpy(split.train).to(device)
+    val_rows = torch.from_numpy(split.val).to(device)
+
+    active = torch.ones(k, dtype=torch.bool, device=device)
+    finite = torch.ones(k, dtype=torch.bool, device=device)
+    best_val = torch.full((k,), math.inf, device=device)
+    best_epoch = torch.zeros(k, dtype=torch.int64, device=device)
+    stopped = torch.full((k,), cfg.max_epochs, dtype=torch.int64, device=device)
+    bad = torch.zeros(k, dtype=torch.int64, device=device)
+    n, bs = len(split.train), cfg.batch_size
+    epoch = 0
+    for epoch in range(1, cfg.max_epochs + 1):
+        perm = train_rows[member_permutations(perm_seeds, epoch, n)]  # [K, n]
+        for start in range(0, n, bs):
+            idx = perm[:, start:start + bs]  # [K, b]
+            total = sum(loss_fn(models[h.name](X[h.name][idx]), Y[h.name][idx]) for h in heads)
+            ok = torch.isfinite(total)
+            finite &= ok | ~active
+            step = active & finite
+            for p in params:
+                p.grad = None
+            torch.where(step, total, 0.0).sum().backward()
+            _sgd(params, bufs, step, cfg)
+        with torch.no_grad():
+            val = _val_loss(models, heads, X, Y, val_rows, loss_fn, bs)  # [K]
+        finite &= torch.isfinite(val) | ~active
+        active &= finite
+        improved = active & (val < best_val)
+        best_val = torch.where(improved, val, best_val)
+        best_epoch = torch.where(improved, epoch, best_epoch)
+        bad = torch.where(improved, 0, bad + 1)
+        with torch.no_grad():
+            for b, p in zip(best, params):
+                b.copy_(torch.where(improved.view(-1, *[1] * (p.dim() - 1)), p, b))
+        newly = active & (bad >= cfg.patience)
+        stopped = torch.where(newly | (~finite & (stopped == cfg.max_epochs)), epoch, stopped)
+        active &= ~newly
+        if progress:
+            progress(epoch, active)
+        if epoch % cfg.check_every == 0 and not bool(active.any()):
+            break
+    with torch.no_grad():
+        for b, p in zip(best, params):
+            p.copy_(b)
+        preds = {h.name: models[h.name](X[h.name]).float().cpu().numpy() for h in heads}
+    failures, warnings = {}, {}
+    fin, be = finite.cpu().numpy(), best_epoch.cpu().numpy()
+    for i in np.flatnonzero(~fin):
+        why = f"{members[i].label()}: loss became NaN or inf at epoch {int(stopped[i])}"
+        if be[i] == 0:
+            failures[int(i)] = why + " before any validation improvement; no model kept"
+        else:
+            warnings[int(i)] = why + f"; stopped, keeping the weights of epoch {int(be[i])}"
+    states = {h.name: [models[h.name].member_state(i) for i in range(k)] for h in heads}
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return TrainResult(
+        members=members, heads=heads, split=split, predictions=preds, states=states,
+        best_epoch=be.tolist(), stopped_epoch=stopped.cpu().tolist(),
+        best_val_loss=best_val.cpu().tolist(), failures=failures, device=str(device),
+        seconds=time.perf_counter() - t0, epochs_run=epoch,
+        warnings=warnings)
+
+
+def _sgd(params, bufs, step: torch.Tensor, cfg: TrainConfig) -> None:
+    """SGD with momentum (torch's rule, dampening 0); members not stepping stay unchanged."""
+    with torch.no_grad():
+        for p, buf in zip(params, bufs):
+            mask = step.view(-1, *[1] * (p.dim() - 1))
+            g = torch.where(mask, p.grad, 0.0)
+            buf.mul_(torch.where(mask, cfg.momentum, 1.0)).add_(g)
+            p.sub_(torch.where(mask, cfg.lr * buf, 0.0))
+
+
+def _val_loss(models, heads, X, Y, rows, loss_fn, bs) -> torch.Tensor:
+    """Mean over heads of the training objective on the validation rows, in fixed chunks of
+    the batch size (the ranking term is a mini-batch loss; chunks bound its memory)."""
+    per_head = []
+    for h in heads:
+        chunks = [loss_fn(models[h.name](X[h.name][rows[s:s + bs]]), Y[h.name][rows[s:s + bs]])
+                  for s in range(0, len(rows), bs)]
+        sizes = torch.tensor([min(bs, len(rows) - s) for s in range(0, len(rows), bs)],
+                             dtype=torch.float32, device=rows.device)
+        per_head.append((torch.stack(chunks) * sizes[:, None]).sum(0) / sizes.sum())
+    return torch.stack(per_head).mean(0)
