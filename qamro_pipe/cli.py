@@ -3,7 +3,7 @@
 Options default to None, meaning "not given": defaults live in config.py and recipes only."""
 from __future__ import annotations
 
-import sys
+import functools
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,6 +17,25 @@ cache_app = typer.Typer(no_args_is_help=True, help="Inspect and manage cache fil
 app.add_typer(cache_app, name="cache")
 
 _state = {"debug": False}
+
+
+def command(group: typer.Typer = app, name: str | None = None):
+    """Register a command whose QamroError becomes one line on stderr and exit code 1."""
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except QamroError as e:
+                if _state["debug"]:
+                    raise
+                typer.echo(f"error: {e}", err=True)
+                raise typer.Exit(1) from None
+            except KeyboardInterrupt:
+                typer.echo("interrupted", err=True)
+                raise typer.Exit(130) from None
+        return group.command(name)(wrapper)
+    return deco
 
 
 @app.callback()
@@ -50,7 +69,7 @@ def _train_overrides(**opts) -> dict[str, Any]:
     return {k: v for k, v in opts.items() if v is not None}
 
 
-@app.command()
+@command()
 def train(
     recipe: str = typer.Option("musiceval", help="Recipe name in stages/ or a .toml path."),
     cache: Optional[Path] = typer.Option(None, help="Cache file [default: the recipe's]."),
@@ -96,7 +115,7 @@ def train(
                f"{len(members)} member(s))")
 
 
-@app.command()
+@command()
 def sweep(
     recipe: str = typer.Option("musiceval", help="Recipe name in stages/ or a .toml path."),
     grid: Optional[str] = typer.Option(None, help="A named grid of the recipe (e.g. beta)."),
@@ -158,7 +177,7 @@ def _sweep_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-@cache_app.command("info")
+@command(cache_app, "info")
 def cache_info(path: Path = typer.Argument(..., help="A cache .h5 file.")):
     """What is in a cache: counts per split, features and shapes, provenance."""
     from .store import describe
@@ -167,28 +186,7 @@ def cache_info(path: Path = typer.Argument(..., help="A cache .h5 file.")):
 
 
 def main() -> None:
-    try:
-        app(standalone_mode=False)
-    except QamroError as e:
-        if _state["debug"]:
-            raise
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
-    except Exception as e:  # click's usage errors come through here in non-standalone mode
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Exit):
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            typer.echo("aborted", err=True)
-            sys.exit(1)
-        raise
+    app()
 
 
 if __name__ == "__main__":

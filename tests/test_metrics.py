@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+from scipy import stats
+
+from qamro_pipe.errors import QamroError
+from qamro_pipe.metrics import bootstrap_ci, bootstrap_rows, evaluate, point_metrics
+
+
+def test_vectorised_bootstrap_statistics_equal_scipy():
+    rng = np.random.default_rng(0)
+    true = np.round(rng.uniform(1, 5, 15), 1)
+    pred = true + rng.normal(0, 0.5, 15)
+    idx = rng.integers(0, 15, size=(40, 15))
+    rows = bootstrap_rows(true, pred, idx)
+    for r in range(40):
+        a, b = true[idx[r]], pred[idx[r]]
+        assert rows["lcc"][r] == pytest.approx(stats.pearsonr(a, b)[0])
+        assert rows["srcc"][r] == pytest.approx(stats.spearmanr(a, b)[0])
+        assert rows["ktau"][r] == pytest.approx(stats.kendalltau(a, b)[0])
+        assert rows["mse"][r] == pytest.approx(np.mean((a - b) ** 2))
+
+
+def test_ci_contains_point_and_is_ordered():
+    rng = np.random.default_rng(1)
+    true = rng.uniform(1, 5, 30)
+    pred = true + rng.normal(0, 0.4, 30)
+    ci = bootstrap_ci(true, pred, n_boot=500)
+    point = point_metrics(true, pred)
+    for fig in ("lcc", "srcc", "ktau", "mse"):
+        lo, hi = ci[fig]
+        assert lo <= point[fig] <= hi
+        assert lo < hi
+
+
+def test_system_level_uses_published_mos_and_means():
+    systems = np.array(["A", "A", "B", "B", "C", "C"])
+    true = np.array([1.0, 2.0, 3.0, 3.0, 4.0, 5.0])
+    pred = np.array([1.5, 1.5, 3.2, 2.8, 4.0, 4.0])
+    res = evaluate(true, pred, systems, n_boot=0)
+    assert res["system"]["true_source"] == "mean label"
+    assert res["system"]["mse"] == pytest.approx(np.mean([0, 0, 0.5 ** 2]))
+    assert res["system"]["srcc"] == pytest.approx(1.0)
+    published = {"A": 5.0, "B": 3.0, "C": 1.0}
+    res = evaluate(true, pred, systems, published, n_boot=0)
+    assert res["system"]["true_source"] == "published system MOS"
+    assert res["system"]["srcc"] == pytest.approx(-1.0)
+
+
+def test_fewer_than_two_systems_is_an_error():
+    with pytest.raises(QamroError, match="at least 2 systems"):
+        evaluate(np.array([1.0, 2.0]), np.array([1.0, 2.0]), np.array(["A", "A"]), what="x.h5")
+
+
+def test_nan_predictions_never_reach_metrics():
+    with pytest.raises(QamroError, match="NaN"):
+        evaluate(np.array([1.0, 2.0, 3.0]), np.array([1.0, np.nan, 3.0]),
+                 np.array(["A", "B", "C"]), what="x.h5")

@@ -1,0 +1,117 @@
+import h5py
+import numpy as np
+import pytest
+from conftest import make_synthetic_cache
+
+from qamro_pipe.errors import CacheError
+from qamro_pipe.store import (CacheWriter, check_key, create_cache, describe, read_cache,
+                              read_meta, write_cache, writer_lock)
+
+
+def test_roundtrip(synthetic_cache):
+    c = read_cache(synthetic_cache)
+    assert c.meta.version == 1 and c.meta.backbone == "synthetic@1"
+    assert c.label_names == ("overall", "textual")
+    assert c.features["audio"].shape == (240, 16) and c.labels.shape == (240, 2)
+    assert len(c.system_mos) == 12 and c.usable.all()
+    assert set(c.splits) == {"train", "dev"}
+    with h5py.File(synthetic_cache) as f:
+        assert f.attrs["created_by"].startswith("qamro-pipe")
+    assert "features/audio float32 [240, 16]" in describe(synthetic_cache)
+
+
+def test_windows_roundtrip(tmp_path):
+    offsets = np.array([0, 2, 3, 6])
+    w = np.random.default_rng(0).normal(size=(6, 3, 4)).astype(np.float32)
+    p = write_cache(tmp_path / "w.h5", ids=["a", "b", "c"], systems=["s", "s", "t"],
+                    splits=["train"] * 3, labels=np.ones((3, 1)), label_names=["q"],
+                    features={"audio": np.zeros((3, 2), np.float32)}, backbone="x@1",
+                    dataset="d", windows={"layers": w}, window_offsets=offsets,
+                    window_weight=np.arange(6, dtype=np.float32))
+    c = read_cache(p)
+    assert np.array_equal(c.window_offsets, offsets)
+    assert np.array_equal(c.windows["layers"], w)
+    assert np.array_equal(c.window_weight, np.arange(6))
+
+
+def test_refuses_missing_and_non_hdf5(tmp_path):
+    with pytest.raises(CacheError, match="no such cache"):
+        read_cache(tmp_path / "missing.h5")
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"not hdf5 at all" * 100)
+    with pytest.raises(CacheError, match="bad.h5.*not a readable HDF5"):
+        read_cache(bad)
+
+
+def test_refuses_truncated(synthetic_cache, tmp_path):
+    data = synthetic_cache.read_bytes()
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CacheError, match="cut.h5"):
+        read_cache(cut)
+
+
+def test_refuses_unknown_version_and_foreign_file(synthetic_cache, tmp_path):
+    with h5py.File(synthetic_cache, "r+") as f:
+        f.attrs["qamro_cache_version"] = 99
+    with pytest.raises(CacheError, match="schema version 99"):
+        read_cache(synthetic_cache)
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["x"] = np.zeros(3)
+    with pytest.raises(CacheError, match="not a qamro-pipe cache"):
+        read_cache(other)
+
+
+def test_refuses_bad_shapes_and_nonfinite(tmp_path):
+    p = make_synthetic_cache(tmp_path / "a.h5")
+    with h5py.File(p, "r+") as f:
+        del f["labels"]
+        f["labels"] = np.zeros((240, 3), np.float32)
+    with pytest.raises(CacheError, match="labels has shape"):
+        read_cache(p)
+    p = make_synthetic_cache(tmp_path / "b.h5")
+    with h5py.File(p, "r+") as f:
+        f["features/audio"][5, 3] = np.nan
+    with pytest.raises(CacheError, match="features/audio has NaN or inf.*clip0005"):
+        read_cache(p)
+
+
+def test_incomplete_cache_is_refused_then_resumable(tmp_path):
+    p = create_cache(tmp_path / "c.h5", ids=["a", "b", "c", "d"], systems=["s"] * 4,
+                     splits=["train"] * 4, labels=np.ones((4, 1)), label_names=["q"],
+                     backbone="x@1", dataset="d", config={"k": 1},
+                     feature_shapes={"audio": (2,)})
+    with CacheWriter(p) as w:
+        w.write([2, 0], {"audio": np.array([[3, 3], [1, 1]], np.float32)})
+        assert list(w.pending()) == [1, 3]
+    with pytest.raises(CacheError, match="did not finish.*resume"):
+        read_cache(p)
+    with CacheWriter(p) as w:  # a new writer resumes from /done
+        assert list(w.pending()) == [1, 3]
+        w.write([1, 3], {"audio": np.array([[2, 2], [4, 4]], np.float32)})
+        w.finish()
+    c = read_cache(p)
+    assert c.features["audio"][:, 0].tolist() == [1, 2, 3, 4]
+
+
+def test_key_mismatch_is_refused(synthetic_cache):
+    meta = read_meta(synthetic_cache)
+    check_key(meta, {"made_by": "tests"})
+    with pytest.raises(CacheError, match="different configuration.*made_by"):
+        check_key(meta, {"made_by": "someone else"})
+
+
+def test_second_writer_is_refused(tmp_path):
+    p = tmp_path / "x.h5"
+    with writer_lock(p):
+        with pytest.raises(CacheError, match="another process is writing"):
+            with writer_lock(p):
+                pass
+    with writer_lock(p):  # released
+        pass
+
+
+def test_duplicate_ids_refused(tmp_path):
+    with pytest.raises(CacheError, match="not unique"):
+        make_synthetic_cache(tmp_path / "d.h5", ids=["same"] * 240)

@@ -1,0 +1,111 @@
+import numpy as np
+import pytest
+import torch
+from conftest import make_synthetic_cache
+
+from qamro_pipe.config import LossConfig, Member, TrainConfig
+from qamro_pipe.errors import QamroError
+from qamro_pipe.heads import BatchedMLP, HeadSpec
+from qamro_pipe.store import read_cache
+from qamro_pipe.train import member_permutations, train
+
+HEADS = (HeadSpec("overall", "overall", ("audio",)),
+         HeadSpec("textual", "textual", ("audio", "text")))
+FAST = TrainConfig(max_epochs=60, bootstrap=0)
+
+
+def test_batched_mlp_equals_per_member_sequential():
+    mlp = BatchedMLP([0, 1, 2], in_dim=8, hidden=(16, 4), name="h").double()
+    x = torch.randn(10, 8, dtype=torch.float64)
+    out = mlp(x)
+    assert out.shape == (3, 10)
+    for k in range(3):
+        seq = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4),
+                                  torch.nn.ReLU(), torch.nn.Linear(4, 1)).double()
+        seq.load_state_dict(mlp.member_state(k))
+        assert torch.allclose(seq(x).squeeze(-1), out[k])
+    # the gathered [K, B, D] path equals the shared [N, D] path
+    assert torch.allclose(mlp(x.expand(3, 10, 8)), out)
+
+
+def test_member_init_depends_only_on_seed():
+    a = BatchedMLP([5, 7], 8, name="h")
+    b = BatchedMLP([7], 8, name="h")
+    assert torch.equal(a.weights[0][1], b.weights[0][0])
+
+
+def test_permutations_are_per_member_and_stable():
+    seeds = torch.tensor([1, 2, 1])
+    p = member_permutations(seeds, 3, 50)
+    assert sorted(p[0].tolist()) == list(range(50))
+    assert torch.equal(p[0], p[2]) and not torch.equal(p[0], p[1])
+    assert not torch.equal(p[0], member_permutations(seeds, 4, 50)[0])
+
+
+def test_planted_signal_reaches_high_system_srcc(synthetic_cache):
+    from qamro_pipe.runs import summarise
+
+    cache = read_cache(synthetic_cache)
+    res = train(cache, HEADS, [Member(LossConfig(), 0)], TrainConfig(max_epochs=300, bootstrap=0))
+    m = summarise(cache, res, TrainConfig(bootstrap=0))
+    assert m["heads"]["overall"]["system"]["srcc"] > 0.9
+    assert m["heads"]["textual"]["system"]["srcc"] > 0.8
+
+
+def test_same_seed_same_numbers_and_sweep_member_equals_single_run(synthetic_cache):
+    cache = read_cache(synthetic_cache)
+    members = [Member(LossConfig(beta=b), s) for b in (1.0, 7.0) for s in (0, 1)]
+    sweep = train(cache, HEADS, members, FAST)
+    single = train(cache, HEADS, [members[3]], FAST)
+    again = train(cache, HEADS, [members[3]], FAST)
+    for h in ("overall", "textual"):
+        assert np.array_equal(single.predictions[h], again.predictions[h])
+        np.testing.assert_allclose(sweep.predictions[h][3], single.predictions[h][0],
+                                   rtol=1e-4, atol=1e-5)
+    assert sweep.best_epoch[3] == single.best_epoch[0]
+    assert not np.allclose(sweep.predictions["overall"][0], sweep.predictions["overall"][1])
+
+
+def test_members_stop_early_on_their_own(synthetic_cache):
+    cache = read_cache(synthetic_cache)
+    cfg = TrainConfig(max_epochs=400, patience=5, bootstrap=0, lr=0.05)
+    res = train(cache, HEADS, [Member(LossConfig(), s) for s in range(3)], cfg)
+    assert all(s < 400 for s in res.stopped_epoch)
+    assert all(b <= s for b, s in zip(res.best_epoch, res.stopped_epoch))
+    assert all(s - b == 5 for b, s in zip(res.best_epoch, res.stopped_epoch))
+    assert res.epochs_run == max(res.stopped_epoch)
+
+
+def test_loss_kinds_in_one_run(synthetic_cache):
+    cache = read_cache(synthetic_cache)
+    members = [Member(LossConfig(kind=k), 0) for k in ("qamro", "mr", "none")]
+    res = train(cache, HEADS, members, FAST)
+    p = res.predictions["overall"]
+    assert not np.allclose(p[0], p[1]) and not np.allclose(p[1], p[2])
+
+
+def test_nonfinite_loss_stops_member_without_nan_weights(synthetic_cache):
+    cache = read_cache(synthetic_cache)
+    cfg = TrainConfig(max_epochs=30, bootstrap=0, lr=1e6)  # diverges to inf/NaN
+    res = train(cache, HEADS, [Member(LossConfig(), 0)], cfg)
+    assert res.failures or res.warnings
+    for h in ("overall", "textual"):
+        for state in res.states[h]:
+            assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_val_split_dev_and_errors(tmp_path):
+    p = make_synthetic_cache(tmp_path / "c.h5")
+    cache = read_cache(p)
+    res = train(cache, HEADS, [Member()], TrainConfig(max_epochs=5, val_split="dev", bootstrap=0))
+    assert res.split.val_source == "dev"
+    assert np.array_equal(res.split.val, res.split.eval)
+    with pytest.raises(QamroError, match="no labelled rows"):
+        train(cache, HEADS, [Member()], TrainConfig(max_epochs=5, val_split="nosuch"))
+    with pytest.raises(QamroError, match="eval split 'eval' has no rows"):
+        train(cache, HEADS, [Member()], TrainConfig(max_epochs=5, eval_split="eval"))
+    labels = cache.labels.copy()
+    labels[:, 1] = np.nan
+    p2 = make_synthetic_cache(tmp_path / "nan.h5", labels=labels)
+    with pytest.raises(QamroError, match="'textual' are all NaN"):
+        train(read_cache(p2), HEADS, [Member()], FAST)
