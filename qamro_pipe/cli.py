@@ -177,6 +177,59 @@ def _sweep_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+@command()
+def extract(
+    dataset: Optional[str] = typer.Option(None, help="musiceval, aes-natural or demo."),
+    root: Optional[Path] = typer.Option(None, help="The dataset's folder."),
+    manifest: Optional[Path] = typer.Option(None, help="A CSV/JSONL manifest instead."),
+    splits: Optional[str] = typer.Option(None, help="MusicEval lists, e.g. train,dev,eval."),
+    backbone: Optional[str] = typer.Option(None, help="clap-music, aesthetics or melstats."),
+    checkpoint: Optional[str] = typer.Option(None, help="Backbone weights file."),
+    tokenizer_dir: Optional[str] = typer.Option(None, help="Tokenizer files (offline CLAP)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Cache root [default: $QAMRO_CACHE_DIR "
+                                             "or ./cache]."),
+    out: Optional[Path] = typer.Option(None, help="Exact cache file path."),
+    device: Optional[str] = typer.Option(None),
+    precision: Optional[str] = typer.Option(None, help="fp32, bf16 or fp16."),
+    batch_size: Optional[int] = typer.Option(None, help="Windows per forward pass."),
+    workers: Optional[int] = typer.Option(None, help="Decoding processes (0 = in-process)."),
+    offline: Optional[bool] = typer.Option(None, "--offline/--online",
+                                           help="Never touch the network."),
+    skip_bad: Optional[bool] = typer.Option(None, "--skip-bad", help="List bad files in the "
+                                            "cache and go on instead of stopping."),
+    force: bool = typer.Option(False, "--force", help="Replace a cache made differently."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+):
+    """Embed a dataset with a frozen backbone into one HDF5 cache (resumable)."""
+    from .config import ExtractConfig, override
+    from .extract import default_cache_path, extract as run_extract, records_for, summary_text
+
+    cfg = override(ExtractConfig(), backbone=backbone, checkpoint=checkpoint,
+                   tokenizer_dir=tokenizer_dir, device=device, precision=precision,
+                   batch_size=batch_size, workers=workers, offline=offline, skip_bad=skip_bad)
+    records = records_for(dataset, root, manifest, splits)
+    path = out or default_cache_path(records.name, cfg.backbone, cache_dir)
+    summary = run_extract(records, cfg, path, force=force, progress=not quiet)
+    typer.echo(summary_text(summary))
+
+
+@command()
+def demo(quiet: bool = typer.Option(False, "--quiet", help="No progress bar.")):
+    """Offline demo: synthetic corpus -> melstats cache -> QAMRO run -> beta sweep."""
+    from .experiment import run_demo
+    from .extract import summary_text
+
+    out = run_demo(progress=not quiet)
+    typer.echo(summary_text(out["extract"]))
+    folder, metrics, result, _ = out["run"]
+    typer.echo(_table(metrics))
+    typer.echo(f"run written to {folder}  ({result.seconds:.1f} s)")
+    typer.echo(_sweep_table(out["sweep_rows"]))
+    typer.echo(f"sweep written to {out['sweep'][0]} (sweep.csv, sweep.png)")
+    typer.echo("note: the demo corpus and its scores are synthetic (designed degradations "
+               "plus simulated raters), not human ratings.")
+
+
 @command(cache_app, "info")
 def cache_info(path: Path = typer.Argument(..., help="A cache .h5 file.")):
     """What is in a cache: counts per split, features and shapes, provenance."""

@@ -71,3 +71,25 @@ def run_experiment(recipe: Recipe | str, members: list[Member], tcfg: TrainConfi
     folder = save_run(out, config=config, metrics=metrics, cache=data, result=result,
                       force=force)
     return folder, metrics, result, data
+
+
+def run_demo(progress: bool = True) -> dict[str, Any]:
+    """The offline demo end to end: synthetic corpus -> melstats cache -> QAMRO run -> beta
+    sweep. Everything lands under the cache root; rerunning reuses the corpus and cache."""
+    from .config import ExtractConfig
+    from .datasets import load_dataset
+    from .extract import extract
+    from .sweep import expand_grid, plot_sweep, sweep_rows, write_sweep_csv
+
+    recipe = load_recipe("demo")
+    records = load_dataset("demo", cache_root() / "demo-corpus")
+    ext = extract(records, ExtractConfig(backbone=recipe.backbone, device="cpu"),
+                  recipe.default_cache(), progress=progress)
+    tcfg, lcfg = recipe_configs(recipe)
+    run = run_experiment(recipe, expand_grid(lcfg, {"seeds": 1}), tcfg, force=True)
+    members = expand_grid(lcfg, recipe.grids["beta"])
+    sweep = run_experiment(recipe, members, tcfg, force=True, kind="sweep")
+    rows = sweep_rows(sweep[1])
+    write_sweep_csv(sweep[0] / "sweep.csv", rows)
+    plot_sweep(sweep[0] / "sweep.png", rows)
+    return {"extract": ext, "run": run, "sweep": sweep, "sweep_rows": rows}

@@ -1,0 +1,293 @@
+"""Stage 1: run a frozen backbone over a dataset once and store its embeddings in the cache.
+
+Decoding and resampling run in worker processes (a bounded queue ahead of the model, so
+memory does not grow with the dataset); the model sees batches of windows; finished clips
+are written and marked done batch by batch, so an interrupted run resumes where it stopped
+and a finished one does nothing."""
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import signal
+import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import audio
+from .backbones import Backbone, get_backbone
+from .config import ExtractConfig, cache_root, to_jsonable
+from .datasets import Clip, DatasetRecords
+from .errors import CacheError, DataError, QamroError
+from .store import (CacheWriter, check_key, create_cache, read_meta, writer_lock)
+
+_SHA_CACHE: dict[tuple[str, int, float], str] = {}
+
+
+@dataclass
+class ExtractSummary:
+    path: Path
+    total: int
+    done_before: int
+    written: int = 0
+    skipped: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    status: str = "complete"  # "complete", "nothing to do"
+
+
+def file_sha256(path: str | Path) -> str:
+    p = Path(path)
+    st = p.stat()
+    k = (str(p.resolve()), st.st_size, st.st_mtime)
+    if k not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _SHA_CACHE[k] = h.hexdigest()
+    return _SHA_CACHE[k]
+
+
+def default_cache_path(dataset: str, backbone: str, cache_dir: str | Path | None = None) -> Path:
+    return Path(cache_dir or cache_root()) / dataset / f"{backbone}.h5"
+
+
+def cache_key(records: DatasetRecords, bb: Backbone) -> dict[str, Any]:
+    """What must match for an existing cache to be resumed or reused."""
+    ckpt = bb.checkpoint
+    if ckpt in (None, "release"):
+        weights = "release"
+    elif ckpt == "random":
+        weights = "random"
+    else:
+        weights = f"sha256:{file_sha256(ckpt)}"
+    ids = "\n".join(f"{c.id}\t{c.path.name}\t{c.start}\t{c.end}" for c in records.clips)
+    return {"backbone": bb.key, "weights": weights, "sample_rate": bb.sample_rate,
+            "window_seconds": bb.window_seconds, "precision": bb.precision,
+            "resampler": f"soxr {audio.RESAMPLE_QUALITY}", "downmix": "mean",
+            "dataset": records.name, "label_names": list(records.label_names),
+            "clips_sha256": hashlib.sha256(ids.encode()).hexdigest()}
+
+
+def _ignore_sigint() -> None:
+    """Workers leave Ctrl-C to the parent, which stops cleanly and says how to resume."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _decode(task: tuple[int, str, int, float, float | None, float | None]):
+    """Worker: one clip -> (row, windows, lengths) or (row, None, reason)."""
+    row, path, sr, win_s, start, end = task
+    try:
+        x = audio.load_audio(path, sr, start, end)
+    except DataError as e:
+        return row, None, str(e)
+    wins = audio.windows(x, int(round(sr * win_s)))
+    return row, wins, None
+
+
+def extract(records: DatasetRecords, cfg: ExtractConfig = ExtractConfig(),
+            cache_path: str | Path | None = None, force: bool = False,
+            progress: bool = True) -> ExtractSummary:
+    t0 = time.perf_counter()
+    device = _device(cfg.device)
+    bb = get_backbone(cfg.backbone, checkpoint=cfg.checkpoint, device=device,
+                      precision=cfg.precision, offline=cfg.offline,
+                      tokenizer_dir=cfg.tokenizer_dir)
+    path = Path(cache_path) if cache_path else default_cache_path(records.name, bb.name)
+    if not records.clips:
+        raise DataError(f"{records.name}: the dataset has no clips")
+    key = cache_key(records, bb)
+    with writer_lock(path):
+        if path.exists():
+            try:
+                meta = read_meta(path)
+                check_key(meta, key, "this extract")
+            except CacheError as e:
+                if not force:
+                    raise CacheError(f"{e}; pass --force to replace it") from None
+                path.unlink()
+            else:
+                if meta.complete:
+                    return ExtractSummary(path, len(records.clips), len(records.clips),
+                                          status="nothing to do")
+        if not path.exists():
+            _create(path, records, bb, cfg, key)
+        return _fill(path, records, bb, cfg, t0, progress)
+
+
+def _device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _create(path: Path, records: DatasetRecords, bb: Backbone, cfg: ExtractConfig,
+            key: dict[str, Any]) -> None:
+    specs = bb.feature_specs()
+    clip_specs = {k: s.shape for k, s in specs.items() if not s.per_window}
+    win_specs = {k: s.shape for k, s in specs.items() if s.per_window}
+    counts = None
+    bad: dict[str, str] = {}
+    if win_specs:  # window rows are allocated up front: count them from the headers
+        counts = []
+        for c in records.clips:
+            try:
+                counts.append(audio.window_count(c.path, bb.sample_rate, bb.window_seconds,
+                                                 c.start, c.end))
+            except DataError as e:
+                if not cfg.skip_bad:
+                    raise
+                bad[c.id] = str(e)
+                counts.append(0)
+    config = {"extract": to_jsonable(cfg), "provenance": bb.provenance(), "key": key,
+              "label_range": records.label_range}
+    create_cache(path, ids=[c.id for c in records.clips],
+                 systems=[c.system for c in records.clips],
+                 splits=[c.split for c in records.clips],
+                 labels=np.array([c.labels for c in records.clips], dtype=np.float32),
+                 label_names=records.label_names, backbone=bb.key, dataset=records.name,
+                 config=config, key=key, feature_shapes=clip_specs, window_shapes=win_specs,
+                 window_counts=counts, texts=[c.text for c in records.clips],
+                 system_mos=records.system_mos or None)
+    if bad:
+        with CacheWriter(path) as w:
+            w.skip(bad)
+
+
+def _fill(path: Path, records: DatasetRecords, bb: Backbone, cfg: ExtractConfig, t0: float,
+          progress: bool) -> ExtractSummary:
+    from tqdm import tqdm
+
+    clips = records.clips
+    with CacheWriter(path) as w:
+        already_skipped = set(w.f["skipped/ids"].asstr()[()]) if "skipped" in w.f else set()
+        todo = [int(r) for r in w.pending() if clips[r].id not in already_skipped]
+        summary = ExtractSummary(path, len(clips), len(clips) - len(todo))
+        tasks = [(r, str(clips[r].path), bb.sample_rate, bb.window_seconds, clips[r].start,
+                  clips[r].end) for r in todo]
+        bar = tqdm(total=len(clips), initial=summary.done_before, unit="clip",
+                   desc=f"extract {bb.name}", disable=not progress, dynamic_ncols=True)
+        try:
+            batch: list[tuple[int, list[np.ndarray]]] = []
+            n_windows = 0
+            for row, wins, err in _decoded(tasks, cfg.workers, bb):
+                if err is not None:
+                    if not cfg.skip_bad:
+                        raise DataError(err)
+                    w.skip({clips[row].id: err})
+                    summary.skipped[clips[row].id] = err
+                    bar.update(1)
+                    continue
+                batch.append((row, wins))
+                n_windows += len(wins)
+                if n_windows >= cfg.batch_size:
+                    summary.written += _embed_and_write(w, bb, clips, batch)
+                    bar.update(len(batch))
+                    batch, n_windows = [], 0
+            if batch:
+                summary.written += _embed_and_write(w, bb, clips, batch)
+                bar.update(len(batch))
+        except KeyboardInterrupt:
+            bar.close()
+            done = int(w.done.sum())
+            raise QamroError(f"interrupted: {done}/{len(clips)} clips are safely in {path}; "
+                             f"rerun the same command to resume") from None
+        finally:
+            bar.close()
+        w.finish()
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _decoded(tasks, workers: int, bb: Backbone):
+    """Yield decoded clips in order, at most a few batches ahead of the consumer."""
+    if workers <= 0:
+        for t in tasks:
+            yield _decode(t)
+        return
+    ahead = max(8, 4 * workers)
+    # fork before the model loads: workers need only numpy, soundfile and soxr
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"),
+                             initializer=_ignore_sigint) as pool:
+        queue: deque = deque()
+        it = iter(tasks)
+        for t in it:
+            queue.append(pool.submit(_decode, t))
+            if len(queue) >= ahead:
+                break
+        while queue:
+            yield queue.popleft().result()
+            nxt = next(it, None)
+            if nxt is not None:
+                queue.append(pool.submit(_decode, nxt))
+
+
+def _embed_and_write(w: CacheWriter, bb: Backbone, clips: list[Clip],
+                     batch: list[tuple[int, list[np.ndarray]]]) -> int:
+    flat = [x for _, wins in batch for x in wins]
+    lengths = np.array([len(x) for x in flat], dtype=np.float32)
+    feats = bb.embed_windows(flat)  # name -> [W_total, ...]
+    specs = bb.feature_specs()
+    rows = [r for r, _ in batch]
+    clip_feats: dict[str, list[np.ndarray]] = {k: [] for k, s in specs.items()
+                                                if not s.per_window and k in feats}
+    win_feats: dict[str, list[np.ndarray]] = {k: [] for k, s in specs.items() if s.per_window}
+    weights = []
+    start = 0
+    for row, wins in batch:
+        sl = slice(start, start + len(wins))
+        start += len(wins)
+        for k in clip_feats:
+            clip_feats[k].append(bb.pool(feats[k][sl], lengths[sl]))
+        for k in win_feats:
+            got = feats[k][sl]
+            expected = int(w.offsets[row + 1] - w.offsets[row])
+            if len(got) != expected:
+                raise DataError(f"{clips[row].path}: decoded into {len(got)} windows but its "
+                                f"header promised {expected} (inconsistent file header)")
+            win_feats[k].append(got)
+        weights.append(lengths[sl])
+    out = {k: np.stack(v) for k, v in clip_feats.items()}
+    if bb.uses_text:
+        out.update(bb.embed_texts([clips[r].text for r in rows]))
+    for k, v in out.items():
+        if not np.isfinite(v).all():
+            bad = clips[rows[int(np.argmax(~np.isfinite(v.reshape(len(v), -1)).all(1)))]]
+            raise DataError(f"{bad.path}: the backbone produced NaN or inf features ({k})")
+    w.write(rows, out, win_feats or None, weights if win_feats else None)
+    return len(rows)
+
+
+def records_for(dataset: str | None, root: str | Path | None, manifest: str | Path | None,
+                splits: str | None = None) -> DatasetRecords:
+    """The CLI's dataset choice -> records."""
+    from .datasets import load_dataset
+
+    if manifest:
+        return load_dataset("manifest", manifest)
+    if not dataset:
+        raise QamroError("say what to extract: --dataset NAME --root DIR, or --manifest FILE")
+    if dataset == "demo":
+        return load_dataset("demo", root or (cache_root() / "demo-corpus"))
+    if root is None:
+        raise QamroError(f"--dataset {dataset} needs --root (the dataset's folder)")
+    opts = {"splits": tuple(splits.split(","))} if splits and dataset == "musiceval" else {}
+    return load_dataset(dataset, root, **opts)
+
+
+def summary_text(s: ExtractSummary) -> str:
+    if s.status == "nothing to do":
+        return f"{s.path}: already complete ({s.total} clips); nothing to do"
+    rate = s.written / s.seconds if s.seconds else 0.0
+    text = (f"{s.path}: {s.written} clips extracted in {s.seconds:.1f} s ({rate:.1f} clips/s)"
+            + (f", {s.done_before} were already done" if s.done_before else ""))
+    if s.skipped:
+        text += f"\nskipped {len(s.skipped)} bad file(s):\n" + "\n".join(
+            f"  {v}" for v in s.skipped.values())
+    return text
