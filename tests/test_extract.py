@@ -1,0 +1,130 @@
+import json
+
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from qamro_pipe.cli import app
+from qamro_pipe.config import ExtractConfig
+from qamro_pipe.datasets import load_dataset
+from qamro_pipe.errors import CacheError, DataError
+from qamro_pipe.extract import extract
+from qamro_pipe.store import CacheWriter, read_cache, writer_lock
+
+SMALL = dict(n_systems=4, n_prompts=6, seconds=1.0)
+CFG = ExtractConfig(backbone="melstats", device="cpu", batch_size=4, workers=0)
+
+
+@pytest.fixture
+def demo_records(tmp_path):
+    return load_dataset("demo", tmp_path / "corpus", **SMALL)
+
+
+def _same(a, b):
+    ca, cb = read_cache(a), read_cache(b)
+    assert list(ca.ids) == list(cb.ids)
+    for k in ca.features:
+        assert np.array_equal(ca.features[k], cb.features[k]), k
+    assert np.array_equal(ca.labels, cb.labels, equal_nan=True)
+
+
+def test_extract_writes_a_complete_cache(demo_records, tmp_path):
+    s = extract(demo_records, CFG, tmp_path / "c.h5", progress=False)
+    assert s.written == 24 and s.status == "complete"
+    c = read_cache(tmp_path / "c.h5")
+    assert c.meta.backbone == "melstats@1" and c.meta.dataset == "demo"
+    assert c.features["audio"].shape[0] == 24 and c.features["text"].shape == (24, 64)
+    assert set(c.system_mos) == {"S001", "S002", "S003", "S004"}
+    assert c.texts[0] and c.meta.config["key"]["sample_rate"] == 16000
+    # a finished cache is not redone
+    again = extract(demo_records, CFG, tmp_path / "c.h5", progress=False)
+    assert again.status == "nothing to do"
+
+
+def test_workers_give_the_same_numbers(demo_records, tmp_path):
+    extract(demo_records, CFG, tmp_path / "a.h5", progress=False)
+    cfg = ExtractConfig(backbone="melstats", device="cpu", batch_size=5, workers=2)
+    extract(demo_records, cfg, tmp_path / "b.h5", progress=False)
+    _same(tmp_path / "a.h5", tmp_path / "b.h5")
+
+
+def test_resume_after_interruption_equals_uninterrupted(demo_records, tmp_path, monkeypatch):
+    extract(demo_records, CFG, tmp_path / "full.h5", progress=False)
+    import qamro_pipe.extract as ex
+
+    real = ex._embed_and_write
+    calls = {"n": 0}
+
+    def dies_on_third_batch(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(ex, "_embed_and_write", dies_on_third_batch)
+    with pytest.raises(Exception, match="interrupted: 8/24 clips.*rerun the same command"):
+        extract(demo_records, CFG, tmp_path / "part.h5", progress=False)
+    with pytest.raises(CacheError, match="did not finish"):
+        read_cache(tmp_path / "part.h5")
+    monkeypatch.setattr(ex, "_embed_and_write", real)
+    s = extract(demo_records, CFG, tmp_path / "part.h5", progress=False)
+    assert s.done_before == 8 and s.written == 16
+    _same(tmp_path / "full.h5", tmp_path / "part.h5")
+
+
+def test_other_backbone_config_is_refused_unless_forced(demo_records, tmp_path):
+    p = tmp_path / "c.h5"
+    extract(demo_records, CFG, p, progress=False)
+    bf16 = ExtractConfig(backbone="melstats", device="cpu", precision="bf16", workers=0)
+    with pytest.raises(CacheError, match="precision.*--force"):
+        extract(demo_records, bf16, p, progress=False)
+    s = extract(demo_records, bf16, p, force=True, progress=False)
+    assert s.written == 24
+    assert read_cache(p).meta.key["precision"] == "bf16"
+
+
+def test_second_writer_refused(demo_records, tmp_path):
+    p = tmp_path / "c.h5"
+    with writer_lock(p):
+        with pytest.raises(CacheError, match="another process is writing"):
+            extract(demo_records, CFG, p, progress=False)
+
+
+def test_bad_file_stops_or_is_skipped(demo_records, tmp_path):
+    bad = demo_records.clips[5].path
+    bad.write_bytes(b"RIFF\x00\x00garbage")
+    with pytest.raises(DataError, match=bad.name):
+        extract(demo_records, CFG, tmp_path / "c.h5", progress=False)
+    cfg = ExtractConfig(backbone="melstats", device="cpu", workers=0, skip_bad=True)
+    s = extract(demo_records, cfg, tmp_path / "c.h5", progress=False)
+    assert list(s.skipped) == [demo_records.clips[5].id]
+    c = read_cache(tmp_path / "c.h5")
+    assert not c.usable[5] and c.usable.sum() == 23
+    assert demo_records.clips[5].id in c.skipped
+
+
+def test_extract_cli_and_cache_info(tmp_path, monkeypatch):
+    monkeypatch.setenv("QAMRO_CACHE_DIR", str(tmp_path / "cache"))
+    from qamro_pipe.datasets.demo import write_demo_corpus
+
+    root = write_demo_corpus(tmp_path / "corpus", **SMALL)  # the MusicEval layout
+    r = CliRunner().invoke(app, ["extract", "--dataset", "musiceval", "--root", str(root),
+                                 "--backbone", "melstats", "--quiet", "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    path = tmp_path / "cache" / "musiceval" / "melstats.h5"
+    assert "24 clips extracted" in r.output and path.exists()
+    r = CliRunner().invoke(app, ["cache", "info", str(path)])
+    assert "backbone   melstats@1" in r.output and "features/audio float32 [24, 134]" in r.output
+    r = CliRunner().invoke(app, ["extract", "--dataset", "musiceval"])
+    assert r.exit_code == 1 and "needs --root" in r.output
+
+
+def test_demo_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("QAMRO_CACHE_DIR", str(tmp_path))
+    r = CliRunner().invoke(app, ["demo", "--quiet"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "runs" / "demo-qamro-a0.2-b7" / "metrics.json").read_text())
+    assert m["heads"]["overall"]["system"]["srcc"] > 0.5  # melstats carries real signal
+    assert (tmp_path / "runs" / "demo-sweep" / "sweep.png").exists()
+    assert "synthetic" in r.output
