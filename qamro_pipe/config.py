@@ -52,7 +52,9 @@ class TrainConfig:
     activation: str = "relu"  # nonlinearity between layers ("relu", "gelu" or "none" = published)
     device: str = "auto"  # "auto" = cuda when present, else cpu
     bootstrap: int = 1000  # resamples of systems for the 95% confidence intervals
-    check_every: int = 1  # epochs between host checks of "all members stopped"
+    check_every: int = 10  # epochs between host syncs checking "all members stopped"; members
+    # that stopped are frozen, so this changes only how many idle epochs may run
+    cuda_graph: bool = True  # on CUDA, capture one epoch as a graph and replay it
 
     def __post_init__(self):
         if self.activation not in ("relu", "gelu", "none"):

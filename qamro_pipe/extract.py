@@ -20,13 +20,11 @@ import numpy as np
 
 from . import audio
 from .backbones import Backbone, get_backbone
+from .backbones.base import RANDOM_WEIGHTS, sha256_file
 from .config import ExtractConfig, cache_root, to_jsonable
 from .datasets import Clip, DatasetRecords
 from .errors import CacheError, DataError, QamroError
 from .store import (CacheWriter, check_key, create_cache, read_meta, writer_lock)
-
-_SHA_CACHE: dict[tuple[str, int, float], str] = {}
-
 
 @dataclass
 class ExtractSummary:
@@ -39,19 +37,6 @@ class ExtractSummary:
     status: str = "complete"  # "complete", "nothing to do"
 
 
-def file_sha256(path: str | Path) -> str:
-    p = Path(path)
-    st = p.stat()
-    k = (str(p.resolve()), st.st_size, st.st_mtime)
-    if k not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _SHA_CACHE[k] = h.hexdigest()
-    return _SHA_CACHE[k]
-
-
 def default_cache_path(dataset: str, backbone: str, cache_dir: str | Path | None = None) -> Path:
     return Path(cache_dir or cache_root()) / dataset / f"{backbone}.h5"
 
@@ -59,12 +44,14 @@ def default_cache_path(dataset: str, backbone: str, cache_dir: str | Path | None
 def cache_key(records: DatasetRecords, bb: Backbone) -> dict[str, Any]:
     """What must match for an existing cache to be resumed or reused."""
     ckpt = bb.checkpoint
-    if ckpt in (None, "release"):
-        weights = "release"
-    elif ckpt == "random":
-        weights = "random"
+    if ckpt is None:
+        weights = "release"  # the downloaded release file; its sha256 lands in provenance
+    elif ckpt == RANDOM_WEIGHTS:
+        weights = RANDOM_WEIGHTS
     else:
-        weights = f"sha256:{file_sha256(ckpt)}"
+        if not Path(ckpt).is_file():
+            raise QamroError(f"--checkpoint {ckpt}: no such file")
+        weights = f"sha256:{sha256_file(ckpt)}"
     ids = "\n".join(f"{c.id}\t{c.path.name}\t{c.start}\t{c.end}" for c in records.clips)
     return {"backbone": bb.key, "weights": weights, "sample_rate": bb.sample_rate,
             "window_seconds": bb.window_seconds, "precision": bb.precision,

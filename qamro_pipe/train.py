@@ -137,6 +137,96 @@ class _Losses:
         return reg + self.weight * rank
 
 
+class _Engine:
+    """All training state as device tensors updated in place, so one epoch is a fixed
+    sequence of kernels: eager on CPU, captured once as a CUDA graph and replayed on GPU."""
+
+    def __init__(self, models, heads, X, Y, train_rows, val_rows, loss_fn, cfg: TrainConfig,
+                 seeds: list[int], device: torch.device):
+        k = len(seeds)
+        self.models, self.heads, self.X, self.Y = models, heads, X, Y
+        self.train_rows, self.val_rows, self.loss_fn, self.cfg = train_rows, val_rows, loss_fn, cfg
+        self.params = [p for m in models.values() for p in m.parameters()]
+        self.bufs = [torch.zeros_like(p) for p in self.params]
+        self.best = [p.detach().clone() for p in self.params]
+        self.perm_seeds = torch.tensor([member_seed(s, "shuffle") >> 1 for s in seeds],
+                                       device=device)
+        bs, nv = cfg.batch_size, len(val_rows)
+        self.val_sizes = torch.tensor([min(bs, nv - s) for s in range(0, nv, bs)],
+                                      dtype=torch.float32, device=device)
+        self.epoch = torch.zeros((), dtype=torch.int64, device=device)
+        self.active = torch.ones(k, dtype=torch.bool, device=device)
+        self.finite = torch.ones(k, dtype=torch.bool, device=device)
+        self.best_val = torch.full((k,), math.inf, device=device)
+        self.best_epoch = torch.zeros(k, dtype=torch.int64, device=device)
+        self.stopped = torch.full((k,), cfg.max_epochs, dtype=torch.int64, device=device)
+        self.bad = torch.zeros(k, dtype=torch.int64, device=device)
+
+    def run_epoch(self) -> None:
+        cfg = self.cfg
+        self.epoch.add_(1)
+        n, bs = len(self.train_rows), cfg.batch_size
+        perm = self.train_rows[member_permutations(self.perm_seeds, self.epoch, n)]  # [K, n]
+        for start in range(0, n, bs):
+            idx = perm[:, start:start + bs]  # [K, b]
+            total = sum(self.loss_fn(self.models[h.name](self.X[h.name][idx]),
+                                     self.Y[h.name][idx]) for h in self.heads)  # [K]
+            self.finite &= torch.isfinite(total) | ~self.active
+            step = self.active & self.finite
+            grads = torch.autograd.grad(torch.where(step, total, 0.0).sum(), self.params)
+            _sgd(self.params, grads, self.bufs, step, cfg)
+        with torch.no_grad():
+            val = _val_loss(self.models, self.heads, self.X, self.Y, self.val_rows,
+                            self.loss_fn, bs, self.val_sizes)  # [K]
+            self.finite &= torch.isfinite(val) | ~self.active
+            self.active &= self.finite
+            improved = self.active & (val < self.best_val)
+            self.best_val.copy_(torch.where(improved, val, self.best_val))
+            self.best_epoch.copy_(torch.where(improved, self.epoch, self.best_epoch))
+            self.bad.copy_(torch.where(improved, 0, self.bad + 1))
+            for b, p in zip(self.best, self.params):
+                b.copy_(torch.where(improved.view(-1, *[1] * (p.dim() - 1)), p, b))
+            newly = self.active & (self.bad >= cfg.patience)
+            first_failure = ~self.finite & (self.stopped == cfg.max_epochs)
+            self.stopped.copy_(torch.where(newly | first_failure, self.epoch, self.stopped))
+            self.active &= ~newly
+
+    def fit(self, progress=None) -> int:
+        """Run epochs until every member stopped or max_epochs; returns epochs run."""
+        cfg, device = self.cfg, self.epoch.device
+        replay = self.run_epoch
+        if device.type == "cuda" and cfg.cuda_graph:
+            replay = self._capture()
+        done = int(self.epoch)
+        while done < cfg.max_epochs:
+            replay()
+            done += 1
+            if done % cfg.check_every == 0 or done == cfg.max_epochs:
+                if progress:
+                    progress(done, self.active)
+                if not bool(self.active.any()):
+                    break
+        return done
+
+    def _capture(self):
+        """Eager warm-up epochs on a side stream (they count), then one epoch as a graph."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(min(GRAPH_WARMUP, self.cfg.max_epochs)):
+                self.run_epoch()
+        torch.cuda.current_stream().wait_stream(side)
+        if int(self.epoch) >= self.cfg.max_epochs:
+            return self.run_epoch
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.run_epoch()
+        return graph.replay
+
+
+GRAPH_WARMUP = 3  # eager epochs before capture (lazy cuBLAS/autograd set-up must not be captured)
+
+
 def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
           cfg: TrainConfig = TrainConfig(), label_range=None, progress=None) -> TrainResult:
     """Train every member of every head on `cache`; returns best-weight predictions."""
@@ -147,66 +237,25 @@ def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
     split = make_split(cache, heads, cfg)
     k = len(members)
     seeds = [m.seed for m in members]
-    X = {h.name: torch.from_numpy(head_inputs(cache, h)).to(device) for h in heads}
-    Y = {h.name: torch.from_numpy(np.ascontiguousarray(cache.labels[:, _label_col(cache, h)]))
-         .to(device) for h in heads}
     for h in heads:
         if not np.isfinite(cache.labels[split.train, _label_col(cache, h)]).any():
             raise QamroError(f"{cache.path}: labels of head {h.name!r} are all NaN in train")
+    X = {h.name: torch.from_numpy(head_inputs(cache, h)).to(device) for h in heads}
+    Y = {h.name: torch.from_numpy(np.ascontiguousarray(cache.labels[:, _label_col(cache, h)]))
+         .to(device) for h in heads}
     models = {h.name: BatchedMLP(seeds, X[h.name].shape[1], cfg.hidden, cfg.activation,
                                  h.name).to(device) for h in heads}
-    params = [p for m in models.values() for p in m.parameters()]
-    bufs = [torch.zeros_like(p) for p in params]
-    best = [p.detach().clone() for p in params]
-    loss_fn = _Losses(members, device, label_range)
-    perm_seeds = torch.tensor([member_seed(s, "shuffle") >> 1 for s in seeds], device=device)
-    train_rows = torch.from_numpy(split.train).to(device)
-    val_rows = torch.from_numpy(split.val).to(device)
-
-    active = torch.ones(k, dtype=torch.bool, device=device)
-    finite = torch.ones(k, dtype=torch.bool, device=device)
-    best_val = torch.full((k,), math.inf, device=device)
-    best_epoch = torch.zeros(k, dtype=torch.int64, device=device)
-    stopped = torch.full((k,), cfg.max_epochs, dtype=torch.int64, device=device)
-    bad = torch.zeros(k, dtype=torch.int64, device=device)
-    n, bs = len(split.train), cfg.batch_size
-    epoch = 0
-    for epoch in range(1, cfg.max_epochs + 1):
-        perm = train_rows[member_permutations(perm_seeds, epoch, n)]  # [K, n]
-        for start in range(0, n, bs):
-            idx = perm[:, start:start + bs]  # [K, b]
-            total = sum(loss_fn(models[h.name](X[h.name][idx]), Y[h.name][idx]) for h in heads)
-            ok = torch.isfinite(total)
-            finite &= ok | ~active
-            step = active & finite
-            for p in params:
-                p.grad = None
-            torch.where(step, total, 0.0).sum().backward()
-            _sgd(params, bufs, step, cfg)
-        with torch.no_grad():
-            val = _val_loss(models, heads, X, Y, val_rows, loss_fn, bs)  # [K]
-        finite &= torch.isfinite(val) | ~active
-        active &= finite
-        improved = active & (val < best_val)
-        best_val = torch.where(improved, val, best_val)
-        best_epoch = torch.where(improved, epoch, best_epoch)
-        bad = torch.where(improved, 0, bad + 1)
-        with torch.no_grad():
-            for b, p in zip(best, params):
-                b.copy_(torch.where(improved.view(-1, *[1] * (p.dim() - 1)), p, b))
-        newly = active & (bad >= cfg.patience)
-        stopped = torch.where(newly | (~finite & (stopped == cfg.max_epochs)), epoch, stopped)
-        active &= ~newly
-        if progress:
-            progress(epoch, active)
-        if epoch % cfg.check_every == 0 and not bool(active.any()):
-            break
+    engine = _Engine(models, heads, X, Y, torch.from_numpy(split.train).to(device),
+                     torch.from_numpy(split.val).to(device),
+                     _Losses(members, device, label_range), cfg, seeds, device)
+    epochs = engine.fit(progress)
     with torch.no_grad():
-        for b, p in zip(best, params):
+        for b, p in zip(engine.best, engine.params):
             p.copy_(b)
         preds = {h.name: models[h.name](X[h.name]).float().cpu().numpy() for h in heads}
     failures, warnings = {}, {}
-    fin, be = finite.cpu().numpy(), best_epoch.cpu().numpy()
+    fin, be = engine.finite.cpu().numpy(), engine.best_epoch.cpu().numpy()
+    stopped = engine.stopped.cpu().numpy()
     for i in np.flatnonzero(~fin):
         why = f"{members[i].label()}: loss became NaN or inf at epoch {int(stopped[i])}"
         if be[i] == 0:
@@ -214,34 +263,28 @@ def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
         else:
             warnings[int(i)] = why + f"; stopped, keeping the weights of epoch {int(be[i])}"
     states = {h.name: [models[h.name].member_state(i) for i in range(k)] for h in heads}
-    if device.type == "cuda":
-        torch.cuda.synchronize()
     return TrainResult(
         members=members, heads=heads, split=split, predictions=preds, states=states,
-        best_epoch=be.tolist(), stopped_epoch=stopped.cpu().tolist(),
-        best_val_loss=best_val.cpu().tolist(), failures=failures, device=str(device),
-        seconds=time.perf_counter() - t0, epochs_run=epoch,
-        warnings=warnings)
+        best_epoch=be.tolist(), stopped_epoch=stopped.tolist(),
+        best_val_loss=engine.best_val.cpu().tolist(), failures=failures, device=str(device),
+        seconds=time.perf_counter() - t0, epochs_run=epochs, warnings=warnings)
 
 
-def _sgd(params, bufs, step: torch.Tensor, cfg: TrainConfig) -> None:
+def _sgd(params, grads, bufs, step: torch.Tensor, cfg: TrainConfig) -> None:
     """SGD with momentum (torch's rule, dampening 0); members not stepping stay unchanged."""
     with torch.no_grad():
-        for p, buf in zip(params, bufs):
+        for p, g, buf in zip(params, grads, bufs):
             mask = step.view(-1, *[1] * (p.dim() - 1))
-            g = torch.where(mask, p.grad, 0.0)
-            buf.mul_(torch.where(mask, cfg.momentum, 1.0)).add_(g)
+            buf.mul_(torch.where(mask, cfg.momentum, 1.0)).add_(torch.where(mask, g, 0.0))
             p.sub_(torch.where(mask, cfg.lr * buf, 0.0))
 
 
-def _val_loss(models, heads, X, Y, rows, loss_fn, bs) -> torch.Tensor:
+def _val_loss(models, heads, X, Y, rows, loss_fn, bs, sizes) -> torch.Tensor:
     """Mean over heads of the training objective on the validation rows, in fixed chunks of
     the batch size (the ranking term is a mini-batch loss; chunks bound its memory)."""
     per_head = []
     for h in heads:
         chunks = [loss_fn(models[h.name](X[h.name][rows[s:s + bs]]), Y[h.name][rows[s:s + bs]])
                   for s in range(0, len(rows), bs)]
-        sizes = torch.tensor([min(bs, len(rows) - s) for s in range(0, len(rows), bs)],
-                             dtype=torch.float32, device=rows.device)
         per_head.append((torch.stack(chunks) * sizes[:, None]).sum(0) / sizes.sum())
     return torch.stack(per_head).mean(0)

@@ -68,12 +68,18 @@ def test_same_seed_same_numbers_and_sweep_member_equals_single_run(synthetic_cac
 
 def test_members_stop_early_on_their_own(synthetic_cache):
     cache = read_cache(synthetic_cache)
-    cfg = TrainConfig(max_epochs=400, patience=5, bootstrap=0, lr=0.05)
+    cfg = TrainConfig(max_epochs=400, patience=5, bootstrap=0, lr=0.05, check_every=1)
     res = train(cache, HEADS, [Member(LossConfig(), s) for s in range(3)], cfg)
     assert all(s < 400 for s in res.stopped_epoch)
     assert all(b <= s for b, s in zip(res.best_epoch, res.stopped_epoch))
     assert all(s - b == 5 for b, s in zip(res.best_epoch, res.stopped_epoch))
     assert res.epochs_run == max(res.stopped_epoch)
+    # checking for "all stopped" less often only adds idle epochs: same members, same numbers
+    lazy = train(cache, HEADS, [Member(LossConfig(), s) for s in range(3)],
+                 TrainConfig(max_epochs=400, patience=5, bootstrap=0, lr=0.05, check_every=7))
+    assert lazy.stopped_epoch == res.stopped_epoch and lazy.epochs_run % 7 == 0
+    for h in res.predictions:
+        assert np.array_equal(lazy.predictions[h], res.predictions[h])
 
 
 def test_loss_kinds_in_one_run(synthetic_cache):

@@ -17,7 +17,8 @@ import numpy as np
 from ..errors import QamroError
 
 REGISTRY: dict[str, type["Backbone"]] = {}
-RANDOM_WEIGHTS = "random"  # checkpoint value that builds the real architecture untrained: tests only
+# checkpoint value that builds the real architecture with untrained weights: for tests only
+RANDOM_WEIGHTS = "random"
 
 
 def register_backbone(cls: type["Backbone"]) -> type["Backbone"]:
@@ -45,7 +46,8 @@ def offline_mode(offline: bool | None = None) -> bool:
 
 
 def weights_dir() -> Path:
-    """Where downloaded checkpoints live: $QAMRO_HOME, else ~/.cache/qamro-pipe (never the package)."""
+    """Where downloaded checkpoints live: $QAMRO_HOME, else ~/.cache/qamro-pipe; never the
+    package directory."""
     return Path(os.environ.get("QAMRO_HOME") or Path.home() / ".cache" / "qamro-pipe").expanduser()
 
 
@@ -174,8 +176,15 @@ class Backbone:
             self.loaded = True
         with torch.inference_mode(), self._autocast():
             out = fn(arg)
-        return {k: (v.detach().float().cpu().numpy() if hasattr(v, "detach") else
-                    np.asarray(v, dtype=np.float32)) for k, v in out.items()}
+        out = {k: (v.detach().float().cpu().numpy() if hasattr(v, "detach") else
+                   np.asarray(v, dtype=np.float32)) for k, v in out.items()}
+        # fp16 can overflow inside a model (clap-music gave NaN on CUDA); never cache that
+        bad = sorted(k for k, v in out.items() if not np.isfinite(v).all())
+        if bad:
+            hint = "use bf16 or fp32" if self.precision == "fp16" else "is the input finite?"
+            raise QamroError(f"{self.key}: non-finite {', '.join(bad)} features at precision "
+                             f"{self.precision}; {hint}")
+        return out
 
     def embed_windows(self, windows: list[np.ndarray]) -> dict[str, np.ndarray]:
         """Windows (mono float32 at sample_rate, each at most window_samples long)

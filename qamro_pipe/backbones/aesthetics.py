@@ -1,0 +1,127 @@
+"""`aesthetics`: the WavLM encoder of Meta's Audiobox-Aesthetics, per-layer pooled.
+
+The original model gives each axis (CE, CU, PC, PQ) its own softmax weights over the
+encoder's 13 hidden states, then a masked time mean, L2 normalisation and an MLP. The
+weighted sum and the masked mean are both linear, so storing the masked time mean of every
+hidden state per 10 s window, [13, 768], lets a head reproduce the original exactly
+(up to float rounding) and learn its own layer weights.
+
+Windows are padded to 10 s and masked exactly as audiobox_aesthetics.infer's
+`make_inference_batch` does; the sample mask becomes a frame mask inside WavLM
+(`forward_padding_mask`: a frame is padding when all of its samples are).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+
+from ..errors import QamroError
+from .base import Backbone, FeatureSpec, register_backbone, seeded_init
+
+CHECKPOINT_REPO = "facebook/audiobox-aesthetics"
+CHECKPOINT_NAME = "checkpoint.pt"
+N_LAYERS = 13  # WavLM-base: the pre-transformer features and 12 transformer layers
+WIDTH = 768
+# AesMultiOutput arguments that the release checkpoint's model_cfg carries (read as infer.py
+# reads them); the values are the release heads', used for random weights
+HEAD_CFG_KEYS = ("proj_num_layer", "proj_ln", "proj_act_fn", "proj_dropout", "nth_layer",
+                 "use_weighted_layer_sum", "precision", "normalize_embed", "output_dim")
+RELEASE_HEAD_CFG = dict(proj_num_layer=5, proj_ln=True, proj_act_fn="gelu", proj_dropout=0.0,
+                        nth_layer=N_LAYERS, use_weighted_layer_sum=True, precision="32",
+                        normalize_embed=True, output_dim=1)
+
+
+@register_backbone
+class Aesthetics(Backbone):
+    name = "aesthetics"
+    version = 1
+    sample_rate = 16000
+    window_seconds = 10.0
+
+    def feature_specs(self) -> dict[str, FeatureSpec]:
+        return {"layers": FeatureSpec((N_LAYERS, WIDTH), per_window=True)}
+
+    def load(self) -> None:
+        self._set_offline_env()
+        path = self._resolve_checkpoint(CHECKPOINT_REPO, CHECKPOINT_NAME)
+        if path is None:
+            self.model = build_aes(RELEASE_HEAD_CFG, target_transform=None)
+        else:
+            cfg, target_transform, state = read_aes_checkpoint(path)
+            self.model = build_aes(cfg, target_transform)
+            try:
+                self.model.load_state_dict(state)
+            except RuntimeError as e:
+                raise QamroError(f"aesthetics: checkpoint {path} does not fit "
+                                 f"AesMultiOutput: {e}") from e
+        self.model.to(self.device).eval()
+
+    def _embed_windows(self, windows: list[np.ndarray]) -> dict[str, Any]:
+        wav, mask = pad_and_mask(windows, self.window_samples, self.device)
+        return {"layers": layer_means(self.model, wav, mask)}  # [W, 13, 768]
+
+
+def pad_and_mask(windows: list[np.ndarray], window_samples: int, device="cpu"):
+    """make_inference_batch's collation: zero-pad each window to window_samples;
+    mask is True on real samples. -> wav [W, 1, T] float32, mask [W, 1, T] bool."""
+    import torch
+
+    wav = torch.zeros(len(windows), 1, window_samples)
+    mask = torch.zeros(len(windows), 1, window_samples, dtype=torch.bool)
+    for i, w in enumerate(windows):
+        if len(w) > window_samples:
+            raise ValueError(f"window of {len(w)} samples is longer than {window_samples}")
+        wav[i, 0, :len(w)] = torch.from_numpy(np.asarray(w, dtype=np.float32))
+        mask[i, 0, :len(w)] = True
+    return wav.to(device), mask.to(device)
+
+
+def layer_means(model, wav, mask):
+    """The first half of AesMultiOutput.forward, before any per-axis weighting:
+    masked time mean of each hidden state. -> [W, L, C]"""
+    import torch
+
+    x = wav.squeeze(1)  # [W, T]
+    if model.wavlm_model.cfg.normalize:
+        x = torch.nn.functional.layer_norm(x, x.shape)
+    (_, layer_results), frame_padding = model.wavlm_model.extract_features(
+        source=x, padding_mask=~mask.squeeze(1), output_layer=model.nth_layer,
+        ret_layer_results=True)
+    hidden = torch.stack([h for h, _ in layer_results], dim=-1)  # [T', W, C, L]
+    keep = (~frame_padding).type_as(hidden).T[:, :, None, None]  # [T', W, 1, 1]
+    # clamp as the original: a window with no whole real frame gives zeros, not NaN
+    return (hidden * keep).sum(dim=0).transpose(1, 2) / keep.sum(dim=0).clamp(min=1)
+
+
+def build_aes(head_cfg: dict, target_transform):
+    """AesMultiOutput with the release WavLM architecture; seeded, untrained weights."""
+    from audiobox_aesthetics.model.aes import AesMultiOutput
+
+    with seeded_init():
+        return AesMultiOutput(**{k: head_cfg[k] for k in HEAD_CFG_KEYS},
+                              target_transform=target_transform)
+
+
+def read_aes_checkpoint(path) -> tuple[dict, Any, dict]:
+    """(model_cfg, target_transform, state_dict) of a release-format checkpoint.pt,
+    unpickling tensors and plain containers only (weights_only=True)."""
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise QamroError(
+            f"aesthetics: cannot read checkpoint {path} as plain weights; it holds pickled "
+            f"objects that are not tensors or containers, which are refused for safety "
+            f"({str(e).splitlines()[0]})") from e
+    if not isinstance(ckpt, dict) or not {"model_cfg", "state_dict"} <= set(ckpt):
+        raise QamroError(f"aesthetics: {path} is not an Audiobox-Aesthetics checkpoint "
+                         f"(expected keys model_cfg and state_dict)")
+    missing = [k for k in HEAD_CFG_KEYS if k not in ckpt["model_cfg"]]
+    if missing:
+        raise QamroError(f"aesthetics: {path}: model_cfg lacks {missing}")
+    # as infer.py: Lightning's "model." prefix off (its unescaped "." matches any character)
+    state = {re.sub("^model.", "", k): v for k, v in ckpt["state_dict"].items()}
+    return dict(ckpt["model_cfg"]), ckpt.get("target_transform"), state
