@@ -55,10 +55,14 @@ class TrainConfig:
     check_every: int = 10  # epochs between host syncs checking "all members stopped"; members
     # that stopped are frozen, so this changes only how many idle epochs may run
     cuda_graph: bool = True  # on CUDA, capture one epoch as a graph and replay it
+    matmul_precision: str = "highest"  # "highest" = fp32 matmuls; "high" = TF32 where the
+    # GPU has it (several times faster; numbers move by ~1e-3, see tests/test_gpu.py)
 
     def __post_init__(self):
         if self.activation not in ("relu", "gelu", "none"):
             raise QamroError(f"unknown activation {self.activation!r}; use relu, gelu or none")
+        if self.matmul_precision not in ("highest", "high", "medium"):
+            raise QamroError(f"unknown matmul_precision {self.matmul_precision!r}")
         if not 0 < self.val_fraction < 1:
             raise QamroError("val_fraction must be in (0, 1)")
 

@@ -5,6 +5,7 @@ counter-based hash of (member seed, epoch), so a member's numbers depend only on
 config and seed. Each member early-stops on its own and keeps its best weights."""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -111,16 +112,19 @@ class TrainResult:
 
 
 class _Losses:
-    """Per-member loss settings as [K] tensors, so one call scores every member."""
+    """Per-member loss settings as [H*K] tensors, so one call scores every head of every
+    member: predictions of the H heads are stacked along the member axis."""
 
-    def __init__(self, members: list[Member], device: torch.device, label_range):
+    def __init__(self, members: list[Member], n_heads: int, device: torch.device, label_range):
         first = members[0].loss
         for m in members:
             if (m.loss.norm, m.loss.regression, m.loss.huber_delta) != \
                     (first.norm, first.regression, first.huber_delta):
                 raise QamroError("members of one run must share norm and regression loss")
+        self.k, self.n_heads = len(members), n_heads
+
         def t(vals):
-            return torch.tensor(vals, dtype=torch.float32, device=device)
+            return torch.tensor(vals * n_heads, dtype=torch.float32, device=device)
         self.alpha = t([m.loss.alpha if m.loss.kind == "qamro" else 0.0 for m in members])
         self.beta = t([m.loss.beta if m.loss.kind == "qamro" else 1.0 for m in members])
         self.margin = t([m.loss.margin if m.loss.kind == "mr" else 0.0 for m in members])
@@ -130,11 +134,14 @@ class _Losses:
         if first.norm == "range" and self.label_range is None:
             raise QamroError("norm='range' needs a label range (the recipe's label_range)")
 
-    def __call__(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # -> [K]
+    def __call__(self, preds: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tensor:
+        """Per head [K, b] predictions and labels -> [K] objective summed over heads."""
+        pred = torch.cat(preds)  # [H*K, b]
+        y = torch.cat([t.expand_as(p) for p, t in zip(preds, ys)])
         reg = regression_loss(pred, y, self.cfg.regression, self.cfg.huber_delta)
         rank = pairwise_ranking_loss(pred, y, self.alpha, self.beta, self.margin,
                                      self.cfg.norm, self.label_range)
-        return reg + self.weight * rank
+        return (reg + self.weight * rank).view(self.n_heads, self.k).sum(0)
 
 
 class _Engine:
@@ -146,7 +153,7 @@ class _Engine:
         k = len(seeds)
         self.models, self.heads, self.X, self.Y = models, heads, X, Y
         self.train_rows, self.val_rows, self.loss_fn, self.cfg = train_rows, val_rows, loss_fn, cfg
-        self.params = [p for m in models.values() for p in m.parameters()]
+        self.params = [models[h.name].flat for h in heads]  # one [K, P] tensor per head
         self.bufs = [torch.zeros_like(p) for p in self.params]
         self.best = [p.detach().clone() for p in self.params]
         self.perm_seeds = torch.tensor([member_seed(s, "shuffle") >> 1 for s in seeds],
@@ -169,12 +176,20 @@ class _Engine:
         perm = self.train_rows[member_permutations(self.perm_seeds, self.epoch, n)]  # [K, n]
         for start in range(0, n, bs):
             idx = perm[:, start:start + bs]  # [K, b]
-            total = sum(self.loss_fn(self.models[h.name](self.X[h.name][idx]),
-                                     self.Y[h.name][idx]) for h in self.heads)  # [K]
+            views = {h.name: self.models[h.name].views() for h in self.heads}
+            total = self.loss_fn([self.models[h.name](self.X[h.name][idx], views[h.name])
+                                  for h in self.heads],
+                                 [self.Y[h.name][idx] for h in self.heads])  # [K]
             self.finite &= torch.isfinite(total) | ~self.active
             step = self.active & self.finite
-            grads = torch.autograd.grad(torch.where(step, total, 0.0).sum(), self.params)
-            _sgd(self.params, grads, self.bufs, step, cfg)
+            flat_views = [v for h in self.heads for v in views[h.name]]
+            grads = torch.autograd.grad(torch.where(step, total, 0.0).sum(), flat_views)
+            per_head, i = [], 0
+            for h in self.heads:
+                n = len(views[h.name])
+                per_head.append(self.models[h.name].flat_grad(grads[i:i + n]))
+                i += n
+            _sgd(self.params, per_head, self.bufs, step, cfg)
         with torch.no_grad():
             val = _val_loss(self.models, self.heads, self.X, self.Y, self.val_rows,
                             self.loss_fn, bs, self.val_sizes)  # [K]
@@ -224,6 +239,17 @@ class _Engine:
         return graph.replay
 
 
+@contextlib.contextmanager
+def _matmul_precision(value: str):
+    """torch's float32 matmul precision for the duration of one training call only."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(value)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 GRAPH_WARMUP = 3  # eager epochs before capture (lazy cuBLAS/autograd set-up must not be captured)
 
 
@@ -247,12 +273,13 @@ def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
                                  h.name).to(device) for h in heads}
     engine = _Engine(models, heads, X, Y, torch.from_numpy(split.train).to(device),
                      torch.from_numpy(split.val).to(device),
-                     _Losses(members, device, label_range), cfg, seeds, device)
-    epochs = engine.fit(progress)
-    with torch.no_grad():
-        for b, p in zip(engine.best, engine.params):
-            p.copy_(b)
-        preds = {h.name: models[h.name](X[h.name]).float().cpu().numpy() for h in heads}
+                     _Losses(members, len(heads), device, label_range), cfg, seeds, device)
+    with _matmul_precision(cfg.matmul_precision):
+        epochs = engine.fit(progress)
+        with torch.no_grad():
+            for b, p in zip(engine.best, engine.params):
+                p.copy_(b)
+            preds = {h.name: models[h.name](X[h.name]).float().cpu().numpy() for h in heads}
     failures, warnings = {}, {}
     fin, be = engine.finite.cpu().numpy(), engine.best_epoch.cpu().numpy()
     stopped = engine.stopped.cpu().numpy()
@@ -282,9 +309,7 @@ def _sgd(params, grads, bufs, step: torch.Tensor, cfg: TrainConfig) -> None:
 def _val_loss(models, heads, X, Y, rows, loss_fn, bs, sizes) -> torch.Tensor:
     """Mean over heads of the training objective on the validation rows, in fixed chunks of
     the batch size (the ranking term is a mini-batch loss; chunks bound its memory)."""
-    per_head = []
-    for h in heads:
-        chunks = [loss_fn(models[h.name](X[h.name][rows[s:s + bs]]), Y[h.name][rows[s:s + bs]])
-                  for s in range(0, len(rows), bs)]
-        per_head.append((torch.stack(chunks) * sizes[:, None]).sum(0) / sizes.sum())
-    return torch.stack(per_head).mean(0)
+    chunks = [loss_fn([models[h.name](X[h.name][rows[s:s + bs]]) for h in heads],
+                      [Y[h.name][rows[s:s + bs]] for h in heads])
+              for s in range(0, len(rows), bs)]  # each [K], summed over heads
+    return (torch.stack(chunks) * sizes[:, None]).sum(0) / sizes.sum() / len(heads)

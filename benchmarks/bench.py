@@ -1,0 +1,338 @@
+"""`make bench`: speed and memory figures, each a ratio measured in this one run.
+
+  loss        vectorised QAMRO vs the published pair-by-pair loop, B=256, forward+backward
+  train       epochs/s at MusicEval size (2,748 clips, 512-d audio + 512-d text, both heads)
+              for K=1, 9, 27 batched members; K=27 against 27 separate K=1 runs
+  gflops      achieved training GFLOP/s against a plain matmul of the same shapes
+  sweep       (GPU) the issue-6 sweep: 27 members, 1000 epochs, data load included
+  extract     end-to-end clips/s (decode, resample, model, HDF5) against the forward alone
+  memory      extraction peak RSS at two dataset sizes; training memory against features+K*params
+
+Figures print as a table and go to bench-results/bench-<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from qamro_pipe.config import LossConfig, Member, TrainConfig  # noqa: E402
+from qamro_pipe.heads import HeadSpec  # noqa: E402
+from qamro_pipe.losses import qamro_loss  # noqa: E402
+from qamro_pipe.losses_reference import qamro_loss_literal  # noqa: E402
+from qamro_pipe.store import read_cache, write_cache  # noqa: E402
+from qamro_pipe.train import resolve_device, train  # noqa: E402
+
+HEADS = (HeadSpec("overall", "overall", ("audio",)),
+         HeadSpec("textual", "textual", ("audio", "text")))
+RESULTS: dict = {}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeat=1):
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(repeat):
+        out = fn()
+    sync(device)
+    return (time.perf_counter() - t) / repeat, out
+
+
+def report(section, name, value, unit=""):
+    RESULTS.setdefault(section, {})[name] = value
+    shown = f"{value:,.4g}" if isinstance(value, float) else str(value)
+    print(f"  {section:<8} {name:<52} {shown} {unit}", flush=True)
+
+
+# -- loss ---------------------------------------------------------------------------------
+def bench_loss(device):
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(256, generator=g).to(device)
+    target = (torch.randint(5, 26, (256,), generator=g) / 5).to(device)
+
+    def step(fn):
+        p = pred.clone().requires_grad_()
+        fn(p, target).backward()
+        return p.grad
+
+    step(qamro_loss)
+    fast, g1 = timed(lambda: step(qamro_loss), device, repeat=50)
+    slow, g2 = timed(lambda: step(qamro_loss_literal), device)
+    assert torch.allclose(g1, g2, atol=1e-5), "vectorised and literal gradients differ"
+    report("loss", "literal pair loop, one step (s)", slow, "s")
+    report("loss", "vectorised, one step (ms)", fast * 1e3, "ms")
+    report("loss", "speed-up (literal / vectorised)", slow / fast, "x")
+
+
+# -- training -----------------------------------------------------------------------------
+def musiceval_sized_cache(path: Path, n=2748, n_systems=31, seed=0):
+    rng = np.random.default_rng(seed)
+    systems = rng.integers(0, n_systems, n)
+    quality = np.linspace(1.5, 4.5, n_systems)[systems]
+    audio = rng.normal(size=(n, 512)).astype(np.float32) * 0.05
+    text = rng.normal(size=(n, 512)).astype(np.float32) * 0.05
+    audio[:, :8] += (quality - 3)[:, None] * 0.1
+    labels = np.stack([quality, quality * 0.9 + 0.3], 1) + rng.normal(0, 0.4, (n, 2))
+    labels = np.clip(np.round(labels * 5) / 5, 1, 5).astype(np.float32)
+    splits = np.where(np.arange(n) < 2473, "train", "dev")  # MusicEval: 2,473 train, 275 dev
+    write_cache(path, ids=[f"c{i}" for i in range(n)], systems=[f"S{s:03d}" for s in systems],
+                splits=splits, labels=labels, label_names=["overall", "textual"],
+                features={"audio": audio, "text": text}, backbone="bench@1",
+                dataset="musiceval")
+    return path
+
+
+def train_flops(cache, split, k):
+    """Multiply-adds x2 of forward (x3 for forward+backward) over train, + forward over val."""
+    per_row = sum(2 * (d * 256 + 256 * 64 + 64) for d in (512, 1024))
+    return k * per_row * (3 * len(split.train) + len(split.val))
+
+
+def bench_train(device, path, epochs, graph=True):
+    cache = read_cache(path)
+    base = TrainConfig(max_epochs=epochs, patience=epochs + 1, bootstrap=0, device=str(device),
+                       cuda_graph=graph)
+    times = {}
+    for k in (1, 9, 27):
+        members = [Member(LossConfig(beta=float(1 + i % 9)), i // 9) for i in range(k)]
+        train(cache, HEADS, members, TrainConfig(max_epochs=2, device=str(device)))  # warm
+        sec, res = timed(lambda: train(cache, HEADS, members, base), device)
+        times[k] = sec
+        report("train", f"K={k:<2} epochs/s ({epochs} epochs)", epochs / sec)
+        if k == 27:
+            flops = train_flops(cache, res.split, k) * epochs
+            report("gflops", "training GFLOP/s (K=27)", flops / sec / 1e9)
+            report("gflops", "plain matmul GFLOP/s, same shapes", matmul_gflops(device, k))
+            report("gflops", "training / matmul",
+                   RESULTS["gflops"]["training GFLOP/s (K=27)"]
+                   / RESULTS["gflops"]["plain matmul GFLOP/s, same shapes"])
+    report("train", "K=27 batched vs 27 separate runs (time ratio)", times[27] / (27 * times[1]))
+    return times
+
+
+def matmul_gflops(device, k, b=256, repeat=20):
+    """The heads' own GEMMs (both heads, forward shapes, K members) without anything else."""
+    shapes = [(b, d, k * 256) for d in (512, 1024)] + [(k, b, 256, 64)] * 2
+    mats = []
+    for s in shapes:
+        if len(s) == 3:
+            mats.append((torch.randn(s[0], s[1], device=device),
+                         torch.randn(s[1], s[2], device=device)))
+        else:
+            mats.append((torch.randn(s[0], s[1], s[2], device=device),
+                         torch.randn(s[0], s[2], s[3], device=device)))
+    flops = sum(2 * a.numel() * bm.shape[-1] for a, bm in mats)
+
+    def run():
+        for a, bm in mats:
+            torch.matmul(a, bm)
+    run()
+    sec, _ = timed(run, device, repeat)
+    return flops / sec / 1e9
+
+
+def bench_sweep_gpu(device, path, epochs=1000, compare_epochs=100):
+    """Issue 6 target: 27 members (beta 1..9 x 3 seeds), 1000 epochs, data load included."""
+    members = [Member(LossConfig(alpha=0.2, beta=float(b)), s) for b in range(1, 10)
+               for s in range(3)]
+    cfg = TrainConfig(max_epochs=epochs, patience=10_000, bootstrap=0, device=str(device))
+
+    def run():
+        return train(read_cache(path), HEADS, members, cfg)
+    sec, res = timed(run, device)
+    assert res.epochs_run == epochs
+    report("sweep", f"27 members x {epochs} epochs, fp32, wall incl. load (s)", sec, "s")
+    report("sweep", "fp32 ms per epoch", sec / epochs * 1e3, "ms")
+    tf32 = TrainConfig(max_epochs=epochs, patience=10_000, bootstrap=0, device=str(device),
+                       matmul_precision="high")
+    sec32, res32 = timed(lambda: train(read_cache(path), HEADS, members, tf32), device)
+    report("sweep", f"27 members x {epochs} epochs, TF32, wall incl. load (s)", sec32, "s")
+    report("sweep", "TF32 ms per epoch", sec32 / epochs * 1e3, "ms")
+    report("sweep", "max |fp32 - TF32| prediction",
+           max(float(np.abs(res.predictions[h] - res32.predictions[h]).max())
+               for h in res.predictions))
+    eager_cfg = TrainConfig(max_epochs=compare_epochs, patience=10_000, bootstrap=0,
+                            device=str(device), cuda_graph=False)
+    graph_cfg = TrainConfig(max_epochs=compare_epochs, patience=10_000, bootstrap=0,
+                            device=str(device))
+    cache = read_cache(path)
+    t_eager, r_e = timed(lambda: train(cache, HEADS, members, eager_cfg), device)
+    t_graph, r_g = timed(lambda: train(cache, HEADS, members, graph_cfg), device)
+    report("sweep", f"eager ms/epoch ({compare_epochs} epochs)", t_eager / compare_epochs * 1e3,
+           "ms")
+    report("sweep", f"graph ms/epoch ({compare_epochs} epochs)", t_graph / compare_epochs * 1e3,
+           "ms")
+    report("sweep", "graph speed-up", t_eager / t_graph, "x")
+    diff = max(float(np.abs(r_e.predictions[h] - r_g.predictions[h]).max())
+               for h in r_e.predictions)
+    report("sweep", f"max |eager - graph| prediction after {compare_epochs} epochs", diff)
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        one = TrainConfig(max_epochs=1, patience=10_000, bootstrap=0, device=str(device),
+                          cuda_graph=False)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            train(cache, HEADS, members, one)
+        kernels = sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
+        report("sweep", "CUDA kernels in one eager epoch (incl. set-up)", kernels)
+        report("memory", "training peak CUDA memory (MiB)",
+               torch.cuda.max_memory_allocated() / 2**20, "MiB")
+
+
+def training_memory(path, k=27):
+    cache = read_cache(path)
+    feats = sum(v.nbytes for v in cache.features.values())
+    params = sum(4 * (d * 256 + 256 + 256 * 64 + 64 + 64 + 1) for d in (512, 1024))
+    report("memory", "features (MiB)", feats / 2**20, "MiB")
+    report("memory", f"K={k} x head parameters x 4 (param,grad,momentum,best) (MiB)",
+           4 * k * params / 2**20, "MiB")
+
+
+# -- extraction ---------------------------------------------------------------------------
+EXTRACT_CHILD = r"""
+import json, resource, sys, time
+from qamro_pipe.config import ExtractConfig
+from qamro_pipe.datasets import load_dataset
+from qamro_pipe.extract import extract
+root, out, backbone, ckpt, tok, device, precision, batch, workers = sys.argv[1:10]
+recs = load_dataset("musiceval", root)
+cfg = ExtractConfig(backbone=backbone, checkpoint=None if ckpt == "-" else ckpt,
+                    tokenizer_dir=None if tok == "-" else tok, device=device,
+                    precision=precision, batch_size=int(batch), workers=int(workers))
+t = time.perf_counter()
+s = extract(recs, cfg, out, progress=False)
+print(json.dumps({"clips": s.written, "sec": time.perf_counter() - t,
+                  "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def corpus(tmp: Path, n_prompts: int, seconds: float, name: str, sr=16000):
+    from qamro_pipe.datasets.demo import write_demo_corpus
+    return write_demo_corpus(tmp / name, n_systems=8, n_prompts=n_prompts, seconds=seconds,
+                             sample_rate=sr)
+
+
+def run_extract_child(root, out, backbone, ckpt="-", tok="-", device="cpu", precision="fp32",
+                      batch=16, workers=2):
+    p = subprocess.run([sys.executable, "-c", EXTRACT_CHILD, str(root), str(out), backbone,
+                        ckpt, tok, device, precision, str(batch), str(workers)],
+                       capture_output=True, text=True)
+    if p.returncode:
+        raise RuntimeError(p.stderr[-3000:])
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def forward_only(backbone, root, device, precision, batch, tok=None, n=None):
+    from qamro_pipe import audio
+    from qamro_pipe.backbones import get_backbone
+    from qamro_pipe.datasets import load_dataset
+
+    bb = get_backbone(backbone, checkpoint="random" if backbone != "melstats" else None,
+                      device=device, precision=precision, tokenizer_dir=tok, offline=True)
+    recs = load_dataset("musiceval", root).clips[:n]
+    wins = [w for c in recs for w in audio.windows(audio.load_audio(c.path, bb.sample_rate),
+                                                   bb.window_samples)]
+    bb.embed_windows(wins[:batch])  # load + warm
+    dev = torch.device(device)
+
+    def run():
+        for i in range(0, len(wins), batch):
+            bb.embed_windows(wins[i:i + batch])
+        if bb.uses_text:
+            texts = [c.text for c in recs]
+            for i in range(0, len(texts), batch):
+                bb.embed_texts(texts[i:i + batch])
+    sec, _ = timed(run, dev)
+    return len(recs) / sec
+
+
+def bench_extract(device, tmp: Path, tok: str | None, full: bool):
+    dev = str(device)
+    plan = [("melstats", "fp32", 16, 48, 10.0)]
+    clap_prompts = 40 if full else 2  # 8 systems x prompts clips of 10 s
+    plan.append(("clap-music", "fp32", 64 if full else 8, clap_prompts, 10.0))
+    if full:
+        plan += [("clap-music", "bf16", 64, clap_prompts, 10.0),
+                 ("aesthetics", "fp32", 64, clap_prompts, 10.0),
+                 ("aesthetics", "bf16", 64, clap_prompts, 10.0)]
+    roots = {}
+    for backbone, precision, batch, n_prompts, secs in plan:
+        key = (n_prompts, secs)
+        if key not in roots:
+            roots[key] = corpus(tmp, n_prompts, secs, f"corpus-{n_prompts}-{secs}", sr=44100)
+        root = roots[key]
+        ckpt = "-" if backbone == "melstats" else "random"
+        t = tok if backbone == "clap-music" else None
+        fwd = forward_only(backbone, root, dev, precision, batch, t)
+        e2e = run_extract_child(root, tmp / f"{backbone}-{precision}.h5", backbone, ckpt,
+                                t or "-", dev, precision, batch, workers=min(8, os.cpu_count()))
+        name = f"{backbone} {precision} b{batch}"
+        report("extract", f"{name}: forward alone clips/s", fwd)
+        report("extract", f"{name}: end to end clips/s ({e2e['clips']} clips)",
+               e2e["clips"] / e2e["sec"])
+        report("extract", f"{name}: end to end / forward", e2e["clips"] / e2e["sec"] / fwd)
+    small = corpus(tmp, 6, 10.0, "mem-small", sr=44100)
+    large = corpus(tmp, 24, 10.0, "mem-large", sr=44100)
+    a = run_extract_child(small, tmp / "mem-a.h5", "melstats", workers=2)
+    b = run_extract_child(large, tmp / "mem-b.h5", "melstats", workers=2)
+    report("memory", f"extract peak RSS, {a['clips']} clips (MiB)", a["maxrss_mib"], "MiB")
+    report("memory", f"extract peak RSS, {b['clips']} clips (MiB)", b["maxrss_mib"], "MiB")
+    report("memory", "peak RSS ratio (4x the clips)", b["maxrss_mib"] / a["maxrss_mib"])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--epochs", type=int, default=None, help="default: 20 on CPU, 300 on GPU")
+    ap.add_argument("--full-extract", action="store_true", help="larger extraction benchmark")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip")
+    ap.add_argument("--out", default="bench-results")
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    skip = set(args.skip.split(","))
+    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"device: {device} ({name}), torch {torch.__version__}, threads "
+          f"{torch.get_num_threads()}, cpus {os.cpu_count()}")
+    RESULTS["device"] = {"type": device.type, "name": name, "torch": torch.__version__,
+                         "cpus": os.cpu_count()}
+    epochs = args.epochs or (300 if device.type == "cuda" else 20)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if "loss" not in skip:
+            bench_loss(device)
+        path = musiceval_sized_cache(tmp / "musiceval-sized.h5")
+        if "train" not in skip:
+            bench_train(device, path, epochs)
+            training_memory(path)
+        if device.type == "cuda" and "sweep" not in skip:
+            bench_sweep_gpu(device, path)
+        if "extract" not in skip:
+            sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+            from test_backbones import write_roberta_style_tokenizer
+            tok = str(write_roberta_style_tokenizer(tmp / "tokenizer"))
+            bench_extract(device, tmp, tok, args.full_extract or device.type == "cuda")
+    out = Path(args.out)
+    out.mkdir(exist_ok=True)
+    (out / f"bench-{device.type}.json").write_text(json.dumps(RESULTS, indent=2) + "\n")
+    print(f"wrote {out / f'bench-{device.type}.json'}")
+
+
+if __name__ == "__main__":
+    main()

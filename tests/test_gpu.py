@@ -1,0 +1,77 @@
+"""CUDA-only checks: the graph-captured trainer gives the eager trainer's numbers.
+
+Skipped where there is no GPU (CI); run on a lent GPU by benchmarks/gpu.sh."""
+import numpy as np
+import pytest
+import torch
+
+from qamro_pipe.config import LossConfig, Member, TrainConfig
+from qamro_pipe.heads import HeadSpec
+from qamro_pipe.store import read_cache
+from qamro_pipe.train import member_permutations, train
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+HEADS = (HeadSpec("overall", "overall", ("audio",)),
+         HeadSpec("textual", "textual", ("audio", "text")))
+MEMBERS = [Member(LossConfig(beta=b), s) for b in (1.0, 7.0) for s in (0, 1)]
+
+
+def test_permutations_identical_on_cpu_and_gpu():
+    seeds = torch.tensor([3, 5, 1 << 60])
+    assert torch.equal(member_permutations(seeds, 7, 1000),
+                       member_permutations(seeds.cuda(), torch.tensor(7).cuda(), 1000).cpu())
+
+
+def test_graph_replay_equals_eager(synthetic_cache):
+    cache = read_cache(synthetic_cache)
+    base = dict(max_epochs=80, patience=15, bootstrap=0, device="cuda", check_every=1)
+    eager = train(cache, HEADS, MEMBERS, TrainConfig(cuda_graph=False, **base))
+    graph = train(cache, HEADS, MEMBERS, TrainConfig(cuda_graph=True, **base))
+    assert eager.best_epoch == graph.best_epoch
+    assert eager.stopped_epoch == graph.stopped_epoch
+    for h in eager.predictions:
+        np.testing.assert_allclose(graph.predictions[h], eager.predictions[h], rtol=1e-5,
+                                   atol=1e-5)
+
+
+def test_same_seed_same_numbers_on_gpu_and_close_to_cpu(synthetic_cache):
+    cache = read_cache(synthetic_cache)
+    cfg = dict(max_epochs=60, patience=1000, bootstrap=0)
+    a = train(cache, HEADS, MEMBERS, TrainConfig(device="cuda", **cfg))
+    b = train(cache, HEADS, MEMBERS, TrainConfig(device="cuda", **cfg))
+    c = train(cache, HEADS, MEMBERS, TrainConfig(device="cpu", **cfg))
+    for h in a.predictions:
+        np.testing.assert_allclose(a.predictions[h], b.predictions[h], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(a.predictions[h], c.predictions[h], rtol=1e-3, atol=1e-3)
+
+
+def test_sweep_member_equals_single_run_on_gpu(synthetic_cache):
+    cache = read_cache(synthetic_cache)
+    cfg = TrainConfig(max_epochs=60, bootstrap=0, device="cuda")
+    sweep = train(cache, HEADS, MEMBERS, cfg)
+    single = train(cache, HEADS, [MEMBERS[3]], cfg)
+    for h in sweep.predictions:
+        np.testing.assert_allclose(sweep.predictions[h][3], single.predictions[h][0], rtol=1e-4,
+                                   atol=1e-5)
+
+
+def test_tf32_matmuls_stay_within_tolerance(synthetic_cache):
+    """The figures behind `matmul_precision="high"`: TF32 moves predictions by well under the
+    labels' 0.2 step and leaves system-level ranking metrics where they were."""
+    from qamro_pipe.runs import summarise
+
+    cache = read_cache(synthetic_cache)
+    base = dict(max_epochs=200, patience=20, bootstrap=0, device="cuda")
+    fp32 = train(cache, HEADS, MEMBERS, TrainConfig(matmul_precision="highest", **base))
+    tf32 = train(cache, HEADS, MEMBERS, TrainConfig(matmul_precision="high", **base))
+    assert torch.get_float32_matmul_precision() == "highest"  # restored after the call
+    for h in fp32.predictions:
+        diff = np.abs(fp32.predictions[h] - tf32.predictions[h]).max()
+        print(f"TF32 vs fp32 max |prediction difference| {h}: {diff:.2e}")
+        assert diff < 0.05
+    m1 = summarise(cache, fp32, TrainConfig(bootstrap=0))
+    m2 = summarise(cache, tf32, TrainConfig(bootstrap=0))
+    for h in m1["heads"]:
+        d = abs(m1["heads"][h]["system"]["srcc"] - m2["heads"][h]["system"]["srcc"])
+        print(f"TF32 vs fp32 |system SRCC difference| {h}: {d:.3f}")
+        assert d <= 0.03
