@@ -66,6 +66,7 @@ def run_experiment(recipe: Recipe | str, members: list[Member], tcfg: TrainConfi
                  "eval": len(result.split.eval)},
         "device": result.device, "seconds": round(result.seconds, 3),
         "epochs_run": result.epochs_run, "versions": versions(),
+        "label_stats": {h: list(v) for h, v in result.label_stats.items()},
         "failures": {str(k): v for k, v in result.failures.items()},
         "warnings": {str(k): v for k, v in result.warnings.items()}}
     folder = save_run(out, config=config, metrics=metrics, cache=data, result=result,

@@ -17,11 +17,17 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "none": lambda x: x}
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """One prediction head, as a recipe declares it."""
+    """One prediction head, as a recipe declares it. None = the TrainConfig's value."""
 
     name: str  # "overall"
     label: str  # which label column it learns ("overall")
-    features: tuple[str, ...]  # cached features concatenated as its input ("audio", "text")
+    features: tuple[str, ...]  # cached features concatenated as its input ("audio", "text");
+    # a per-window feature ("layers", [M, 13, 768]) makes a window-level head
+    hidden: tuple[int, ...] | None = None  # MLP widths before the output unit
+    activation: str | None = None  # "relu", "gelu" or "none"
+    layer_norm: bool = False  # LayerNorm after each hidden linear (Audiobox-Aesthetics heads)
+    layer_weights: bool = False  # input [.., L, D]: softmax-weighted sum over L, then L2 norm
+    standardize: bool = False  # regress on labels standardised by the train split's mean/std
 
 
 def member_seed(seed: int, *salt: str) -> int:
@@ -31,45 +37,58 @@ def member_seed(seed: int, *salt: str) -> int:
 
 
 class BatchedMLP(nn.Module):
-    """K independent MLPs in_dim -> hidden... -> 1, evaluated as batched matmuls.
+    """K independent heads evaluated as batched matmuls: optional softmax layer weighting and
+    L2 normalisation (the Audiobox-Aesthetics head), then an MLP in_dim -> hidden... -> 1.
 
-    All parameters of member k live in one row of `flat` [K, P]; the layer weights are views
-    into it, so an optimiser step is a handful of kernels over one tensor, not one per layer."""
+    All parameters of member k live in one row of `flat` [K, P]; each parameter is a view into
+    it, so an optimiser step is a handful of kernels over one tensor, not one per layer."""
 
     def __init__(self, seeds: list[int], in_dim: int, hidden: tuple[int, ...] = (256, 64),
-                 activation: str = "relu", name: str = "head"):
+                 activation: str = "relu", name: str = "head", layer_norm: bool = False,
+                 n_layers: int = 0):
         super().__init__()
         self.k, self.in_dim, self.hidden = len(seeds), in_dim, tuple(hidden)
-        self.activation = activation
+        self.activation, self.layer_norm, self.n_layers = activation, layer_norm, n_layers
         self.act = ACTIVATIONS[activation]
         dims = [in_dim, *hidden, 1]
-        self.shapes = [((dims[i], dims[i + 1]), (dims[i + 1],)) for i in range(len(dims) - 1)]
-        size = sum(a * b + b for (a, b), _ in self.shapes)
-        flat = torch.empty(self.k, size)
-        self.flat = nn.Parameter(flat)
-        for k, seed in enumerate(seeds):
-            g = torch.Generator().manual_seed(member_seed(seed, "init", name))
-            for w, b in zip(*self._views(flat)):
-                bound = 1 / math.sqrt(w.shape[1])  # nn.Linear's default initialisation
-                w[k].uniform_(-bound, bound, generator=g)
-                b[k].uniform_(-bound, bound, generator=g)
+        self.layout: list[tuple[str, tuple[int, ...]]] = []
+        if n_layers:
+            self.layout.append(("layer_weights", (n_layers,)))
+        for i in range(len(dims) - 1):
+            self.layout += [(f"w{i}", (dims[i], dims[i + 1])), (f"b{i}", (dims[i + 1],))]
+            if layer_norm and i < len(dims) - 2:
+                self.layout += [(f"g{i}", (dims[i + 1],)), (f"beta{i}", (dims[i + 1],))]
+        self.flat = nn.Parameter(torch.empty(self.k, sum(math.prod(s) for _, s in self.layout)))
+        with torch.no_grad():
+            for k, seed in enumerate(seeds):
+                g = torch.Generator().manual_seed(member_seed(seed, "init", name))
+                for pname, t in self.named_views().items():
+                    if pname == "layer_weights":
+                        t[k].fill_(1.0 / n_layers)  # uniform softmax, as the original
+                    elif pname.startswith("w"):
+                        bound = 1 / math.sqrt(t.shape[1])  # nn.Linear's initialisation
+                        t[k].uniform_(-bound, bound, generator=g)
+                        b = self.named_views()["b" + pname[1:]]
+                        b[k].uniform_(-bound, bound, generator=g)
+                    elif pname.startswith("g"):
+                        t[k].fill_(1.0)
+                    elif pname.startswith("beta"):
+                        t[k].fill_(0.0)
 
     def views(self, flat: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """[w0, b0, w1, b1, ...] as views of `flat`, in its storage order. A training step
-        takes gradients with respect to these (not `flat`, whose slice gradients would each
+        """Every parameter as a view of `flat`, in storage order. A training step takes
+        gradients with respect to these (not `flat`, whose slice gradients would each
         zero-fill a whole [K, P] buffer) and concatenates them: `flat_grad`."""
         flat = self.flat if flat is None else flat
         out, off = [], 0
-        for (a, b), _ in self.shapes:
-            out.append(flat[:, off:off + a * b].view(self.k, a, b))
-            off += a * b
-            out.append(flat[:, off:off + b])
-            off += b
+        for _, shape in self.layout:
+            n = math.prod(shape)
+            out.append(flat[:, off:off + n].view(self.k, *shape))
+            off += n
         return out
 
-    def _views(self, flat: torch.Tensor):
-        v = self.views(flat)
-        return v[0::2], v[1::2]
+    def named_views(self, flat: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return dict(zip((n for n, _ in self.layout), self.views(flat)))
 
     def flat_grad(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """Gradients of `views()` -> the gradient of `flat` [K, P]."""
@@ -77,29 +96,52 @@ class BatchedMLP(nn.Module):
 
     @property
     def weights(self) -> list[torch.Tensor]:
-        return self._views(self.flat)[0]
-
-    @property
-    def biases(self) -> list[torch.Tensor]:
-        return self._views(self.flat)[1]
+        v = self.named_views()
+        return [v[f"w{i}"] for i in range(len(self.hidden) + 1)]
 
     def forward(self, x: torch.Tensor, views: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """x [N, D] (the same rows for every member) or [K, B, D] -> predictions [K, N|B]."""
-        v = self.views() if views is None else views
-        ws, bs = v[0::2], v[1::2]
+        """x [N, D] (the same rows for every member) or [K, B, D] -> predictions [K, N|B];
+        with layer weighting x is [N, L, D] or [K, B, L, D]."""
+        p = dict(zip((n for n, _ in self.layout), self.views() if views is None else views))
+        if self.n_layers:
+            w = torch.softmax(p["layer_weights"], dim=-1)  # [K, L]
+            eq = "nld,kl->knd" if x.dim() == 3 else "kbld,kl->kbd"
+            x = F.normalize(torch.einsum(eq, x, w), dim=-1)  # [K, B, D]
         if x.dim() == 2:  # one wide matmul for all members: [N, D] @ [D, K*H]
-            h = (x @ ws[0].permute(1, 0, 2).reshape(self.in_dim, -1)).view(len(x), self.k, -1)
-            h = h.transpose(0, 1) + bs[0][:, None, :]  # [K, N, H]
+            h = (x @ p["w0"].permute(1, 0, 2).reshape(self.in_dim, -1)).view(len(x), self.k, -1)
+            h = h.transpose(0, 1) + p["b0"][:, None, :]  # [K, N, H]
         else:
-            h = torch.baddbmm(bs[0][:, None, :], x, ws[0])  # [K, B, H]
-        for w, b in zip(ws[1:], bs[1:]):
-            h = torch.baddbmm(b[:, None, :], self.act(h), w)
+            h = torch.baddbmm(p["b0"][:, None, :], x, p["w0"])  # [K, B, H]
+        for i in range(1, len(self.hidden) + 1):
+            if self.layer_norm:
+                h = F.layer_norm(h, h.shape[-1:]) * p[f"g{i - 1}"][:, None, :] \
+                    + p[f"beta{i - 1}"][:, None, :]
+            h = torch.baddbmm(p[f"b{i}"][:, None, :], self.act(h), p[f"w{i}"])
         return h.squeeze(-1)  # [K, B]
 
+    def _sequential_names(self) -> dict[str, str]:
+        """Our parameter names -> nn.Sequential names (Linear[, LayerNorm], act, ...)."""
+        step = 3 if self.layer_norm else 2
+        names = {"layer_weights": "layer_weights"}
+        for i in range(len(self.hidden) + 1):
+            names[f"w{i}"], names[f"b{i}"] = f"{step * i}.weight", f"{step * i}.bias"
+            names[f"g{i}"], names[f"beta{i}"] = f"{step * i + 1}.weight", f"{step * i + 1}.bias"
+        return names
+
     def member_state(self, k: int) -> dict[str, torch.Tensor]:
-        """Member k's weights as an nn.Sequential-style state dict ('0.weight', ...)."""
+        """Member k's weights with nn.Sequential-style names ('0.weight', ...; Linear weights
+        as [out, in]), plus 'layer_weights' (pre-softmax) for layer-weighted heads."""
+        names = self._sequential_names()
         out = {}
-        for i, (w, b) in enumerate(zip(*self._views(self.flat.detach()))):
-            out[f"{2 * i}.weight"] = w[k].T.contiguous().cpu()
-            out[f"{2 * i}.bias"] = b[k].contiguous().cpu()
+        for n, t in self.named_views(self.flat.detach()).items():
+            v = t[k].T if n.startswith("w") else t[k]
+            out[names[n]] = v.contiguous().cpu()
         return out
+
+    def load_member(self, k: int, state: dict[str, torch.Tensor]) -> None:
+        """The inverse of member_state: set member k from nn.Sequential-style tensors."""
+        names = self._sequential_names()
+        with torch.no_grad():
+            for n, t in self.named_views().items():
+                v = state[names[n]]
+                t[k].copy_(v.T if n.startswith("w") else v)

@@ -42,6 +42,13 @@ def find_recipe(name_or_path: str | Path) -> Path:
                      f"{', '.join(known) or 'none found'})")
 
 
+def _head(h: dict[str, Any]) -> HeadSpec:
+    extra = {k: (tuple(v) if isinstance(v, list) else v) for k, v in h.items()
+             if k not in ("name", "label", "features")}
+    return HeadSpec(name=h["name"], label=h.get("label", h["name"]),
+                    features=tuple(h["features"]), **extra)
+
+
 def load_recipe(name_or_path: str | Path) -> Recipe:
     path = find_recipe(name_or_path)
     try:
@@ -49,13 +56,12 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise QamroError(f"{path}: not valid TOML: {e}") from None
     try:
-        heads = tuple(HeadSpec(name=h["name"], label=h.get("label", h["name"]),
-                               features=tuple(h["features"])) for h in data["heads"])
+        heads = tuple(_head(h) for h in data["heads"])
         lr = data.get("label_range")
         return Recipe(name=data.get("name", path.stem), dataset=data["dataset"],
                       backbone=data["backbone"], heads=heads,
                       label_range=tuple(lr) if lr else None, train=data.get("train", {}),
                       loss=data.get("loss", {}), grids=data.get("grids", {}),
                       reference=data.get("reference", {}), path=path)
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError) as e:  # a missing key, or an unknown head setting
         raise QamroError(f"{path}: recipe is missing or mistypes {e}") from None

@@ -15,7 +15,8 @@ import torch
 
 from .config import LossConfig, Member, TrainConfig
 from .errors import QamroError
-from .heads import BatchedMLP, HeadSpec, member_seed
+from .heads import HeadSpec, member_seed
+from .inputs import Units, build_head, head_inputs, label_col, label_stats, units_for
 from .losses import pairwise_ranking_loss, regression_loss
 from .store import Cache
 
@@ -55,7 +56,7 @@ class Split:
 
 
 def make_split(cache: Cache, heads: tuple[HeadSpec, ...], cfg: TrainConfig) -> Split:
-    label_cols = [_label_col(cache, h) for h in heads]
+    label_cols = [label_col(cache, h) for h in heads]
     labelled = np.isfinite(cache.labels[:, label_cols]).any(axis=1)
     train = np.intersect1d(cache.rows("train"), np.flatnonzero(labelled))
     if cfg.val_split == "holdout":
@@ -78,22 +79,6 @@ def make_split(cache: Cache, heads: tuple[HeadSpec, ...], cfg: TrainConfig) -> S
     return Split(train=train, val=val, eval=ev, val_source=source)
 
 
-def _label_col(cache: Cache, head: HeadSpec) -> int:
-    if head.label not in cache.label_names:
-        raise QamroError(f"{cache.path}: head {head.name!r} needs label {head.label!r}; the cache "
-                         f"has {', '.join(cache.label_names)}")
-    return cache.label_names.index(head.label)
-
-
-def head_inputs(cache: Cache, head: HeadSpec) -> np.ndarray:
-    missing = [f for f in head.features if f not in cache.features]
-    if missing:
-        raise QamroError(f"{cache.path}: head {head.name!r} reads features/{missing[0]}, which "
-                         f"the cache lacks (it has {', '.join(cache.features) or 'none'})")
-    return np.concatenate([cache.features[f].reshape(len(cache.ids), -1).astype(np.float32)
-                           for f in head.features], axis=1)
-
-
 @dataclass
 class TrainResult:
     members: list[Member]
@@ -106,6 +91,7 @@ class TrainResult:
     best_val_loss: list[float]
     failures: dict[int, str]  # member index -> why it has no usable model
     warnings: dict[int, str]  # member index -> why it stopped early but kept a model
+    label_stats: dict[str, tuple[float, float]]  # head -> (mean, std) its outputs are scaled by
     device: str
     seconds: float
     epochs_run: int
@@ -115,7 +101,9 @@ class _Losses:
     """Per-member loss settings as [H*K] tensors, so one call scores every head of every
     member: predictions of the H heads are stacked along the member axis."""
 
-    def __init__(self, members: list[Member], n_heads: int, device: torch.device, label_range):
+    def __init__(self, members: list[Member], stats: list[tuple[float, float]],
+                 device: torch.device, label_range):
+        n_heads = len(stats)
         first = members[0].loss
         for m in members:
             if (m.loss.norm, m.loss.regression, m.loss.huber_delta) != \
@@ -130,6 +118,13 @@ class _Losses:
         self.margin = t([m.loss.margin if m.loss.kind == "mr" else 0.0 for m in members])
         self.weight = t([0.0 if m.loss.kind == "none" else m.loss.rank_weight for m in members])
         self.cfg: LossConfig = first
+        # head outputs are standardised scores where a head standardises: the regression term
+        # compares them with standardised labels, the ranking term sees the labels' own scale
+        self.scaled = any(st != (0.0, 1.0) for st in stats)
+        self.mean = torch.tensor([m for m, _ in stats], device=device).repeat_interleave(
+            self.k)[:, None]  # [H*K, 1]
+        self.std = torch.tensor([s for _, s in stats], device=device).repeat_interleave(
+            self.k)[:, None]
         self.label_range = first.label_range or label_range
         if first.norm == "range" and self.label_range is None:
             raise QamroError("norm='range' needs a label range (the recipe's label_range)")
@@ -138,8 +133,10 @@ class _Losses:
         """Per head [K, b] predictions and labels -> [K] objective summed over heads."""
         pred = torch.cat(preds)  # [H*K, b]
         y = torch.cat([t.expand_as(p) for p, t in zip(preds, ys)])
-        reg = regression_loss(pred, y, self.cfg.regression, self.cfg.huber_delta)
-        rank = pairwise_ranking_loss(pred, y, self.alpha, self.beta, self.margin,
+        raw = pred * self.std + self.mean if self.scaled else pred
+        target = (y - self.mean) / self.std if self.scaled else y
+        reg = regression_loss(pred, target, self.cfg.regression, self.cfg.huber_delta)
+        rank = pairwise_ranking_loss(raw, y, self.alpha, self.beta, self.margin,
                                      self.cfg.norm, self.label_range)
         return (reg + self.weight * rank).view(self.n_heads, self.k).sum(0)
 
@@ -264,22 +261,27 @@ def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
     k = len(members)
     seeds = [m.seed for m in members]
     for h in heads:
-        if not np.isfinite(cache.labels[split.train, _label_col(cache, h)]).any():
+        if not np.isfinite(cache.labels[split.train, label_col(cache, h)]).any():
             raise QamroError(f"{cache.path}: labels of head {h.name!r} are all NaN in train")
+    units = units_for(cache, heads)
     X = {h.name: torch.from_numpy(head_inputs(cache, h)).to(device) for h in heads}
-    Y = {h.name: torch.from_numpy(np.ascontiguousarray(cache.labels[:, _label_col(cache, h)]))
-         .to(device) for h in heads}
-    models = {h.name: BatchedMLP(seeds, X[h.name].shape[1], cfg.hidden, cfg.activation,
-                                 h.name).to(device) for h in heads}
-    engine = _Engine(models, heads, X, Y, torch.from_numpy(split.train).to(device),
-                     torch.from_numpy(split.val).to(device),
-                     _Losses(members, len(heads), device, label_range), cfg, seeds, device)
+    Y = {h.name: torch.from_numpy(np.ascontiguousarray(
+        units.per_unit(cache.labels[:, label_col(cache, h)]))).to(device) for h in heads}
+    stats = {h.name: label_stats(cache, h, split.train) for h in heads}
+    models = {h.name: build_head(h, seeds, tuple(X[h.name].shape), cfg).to(device)
+              for h in heads}
+    loss_fn = _Losses(members, [stats[h.name] for h in heads], device, label_range)
+    engine = _Engine(models, heads, X, Y, torch.from_numpy(units.of_clips(split.train)).to(device),
+                     torch.from_numpy(units.of_clips(split.val)).to(device), loss_fn, cfg, seeds,
+                     device)
     with _matmul_precision(cfg.matmul_precision):
         epochs = engine.fit(progress)
         with torch.no_grad():
             for b, p in zip(engine.best, engine.params):
                 p.copy_(b)
-            preds = {h.name: models[h.name](X[h.name]).float().cpu().numpy() for h in heads}
+            preds = {h.name: units.to_clips(_predict(models[h.name], X[h.name], cfg.batch_size)
+                                            * stats[h.name][1] + stats[h.name][0])
+                     for h in heads}
     failures, warnings = {}, {}
     fin, be = engine.finite.cpu().numpy(), engine.best_epoch.cpu().numpy()
     stopped = engine.stopped.cpu().numpy()
@@ -294,7 +296,15 @@ def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
         members=members, heads=heads, split=split, predictions=preds, states=states,
         best_epoch=be.tolist(), stopped_epoch=stopped.tolist(),
         best_val_loss=engine.best_val.cpu().tolist(), failures=failures, device=str(device),
-        seconds=time.perf_counter() - t0, epochs_run=epochs, warnings=warnings)
+        seconds=time.perf_counter() - t0, epochs_run=epochs, warnings=warnings,
+        label_stats=stats)
+
+
+def _predict(model, x: torch.Tensor, chunk: int) -> np.ndarray:
+    """[U, ...] -> [K, U] in chunks: window-level inputs are large."""
+    step = max(chunk, 4096 if x.dim() == 2 else 512)
+    return torch.cat([model(x[i:i + step]) for i in range(0, len(x), step)], dim=1) \
+        .float().cpu().numpy().astype(np.float64)
 
 
 def _sgd(params, grads, bufs, step: torch.Tensor, cfg: TrainConfig) -> None:

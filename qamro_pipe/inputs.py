@@ -1,0 +1,103 @@
+"""What each head reads from a cache: its input rows (clips, or windows of clips), the label
+of each row, its standardisation, and how row predictions become clip predictions."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import TrainConfig
+from .errors import QamroError
+from .heads import BatchedMLP, HeadSpec
+from .store import Cache
+
+
+@dataclass
+class Units:
+    """The rows heads train on. Clip-level: one per clip (clip_of is None). Window-level: one
+    per window, labelled with its clip's label; a clip's prediction is the weight-averaged
+    window prediction (the original Audiobox-Aesthetics inference rule)."""
+
+    n_clips: int
+    clip_of: np.ndarray | None = None  # [U] clip row of each window
+    weight: np.ndarray | None = None  # [U] window weight (its real length)
+
+    @property
+    def n(self) -> int:
+        return self.n_clips if self.clip_of is None else len(self.clip_of)
+
+    def of_clips(self, clip_rows: np.ndarray) -> np.ndarray:
+        """Unit rows belonging to the given clip rows."""
+        if self.clip_of is None:
+            return np.asarray(clip_rows)
+        return np.flatnonzero(np.isin(self.clip_of, clip_rows))
+
+    def per_unit(self, values: np.ndarray) -> np.ndarray:
+        return values if self.clip_of is None else values[self.clip_of]
+
+    def to_clips(self, preds: np.ndarray) -> np.ndarray:
+        """[K, U] -> [K, N]; clips without windows get NaN (they are never usable rows)."""
+        if self.clip_of is None:
+            return preds
+        out = np.full((len(preds), self.n_clips), np.nan)
+        den = np.bincount(self.clip_of, weights=self.weight, minlength=self.n_clips)
+        for k, p in enumerate(preds):
+            num = np.bincount(self.clip_of, weights=p * self.weight, minlength=self.n_clips)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[k] = num / den
+        return out
+
+
+def label_col(cache: Cache, head: HeadSpec) -> int:
+    if head.label not in cache.label_names:
+        raise QamroError(f"{cache.path}: head {head.name!r} needs label {head.label!r}; the cache "
+                         f"has {', '.join(cache.label_names)}")
+    return cache.label_names.index(head.label)
+
+
+def units_for(cache: Cache, heads: tuple[HeadSpec, ...]) -> Units:
+    levels = {any(f in cache.windows for f in h.features) for h in heads}
+    if len(levels) > 1:
+        raise QamroError(f"{cache.path}: heads of one run must all read clip features or all "
+                         f"read window features")
+    if not levels.pop():
+        return Units(len(cache.ids))
+    counts = np.diff(cache.window_offsets)
+    return Units(len(cache.ids), np.repeat(np.arange(len(cache.ids)), counts),
+                 cache.window_weight.astype(np.float64))
+
+
+def head_inputs(cache: Cache, head: HeadSpec) -> np.ndarray:
+    """[U, D] clip features concatenated, or [U, L, D] for one per-window feature."""
+    window = [f for f in head.features if f in cache.windows]
+    if window:
+        if len(head.features) != 1:
+            raise QamroError(f"head {head.name!r}: a window feature is read on its own")
+        return cache.windows[window[0]].astype(np.float32)
+    missing = [f for f in head.features if f not in cache.features]
+    if missing:
+        have = [*cache.features, *cache.windows]
+        raise QamroError(f"{cache.path}: head {head.name!r} reads {missing[0]!r}, which the "
+                         f"cache lacks (it has {', '.join(have) or 'none'})")
+    return np.concatenate([cache.features[f].reshape(len(cache.ids), -1).astype(np.float32)
+                           for f in head.features], axis=1)
+
+
+def label_stats(cache: Cache, head: HeadSpec, train_clips: np.ndarray) -> tuple[float, float]:
+    """(mean, std) of the head's train labels when it standardises, else (0, 1)."""
+    if not head.standardize:
+        return 0.0, 1.0
+    y = cache.labels[train_clips, label_col(cache, head)]
+    y = y[np.isfinite(y)]
+    std = float(y.std()) if len(y) > 1 else 1.0
+    return float(y.mean()), std if std > 0 else 1.0
+
+
+def build_head(head: HeadSpec, seeds: list[int], x_shape: tuple[int, ...],
+               cfg: TrainConfig) -> BatchedMLP:
+    layers = x_shape[1] if len(x_shape) == 3 else 0
+    if layers and not head.layer_weights:
+        raise QamroError(f"head {head.name!r} reads per-layer features [.., {layers}, "
+                         f"{x_shape[-1]}]: set layer_weights = true in its recipe")
+    return BatchedMLP(seeds, x_shape[-1], head.hidden or cfg.hidden,
+                      head.activation or cfg.activation, head.name, head.layer_norm, layers)
