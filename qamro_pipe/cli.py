@@ -230,6 +230,81 @@ def demo(quiet: bool = typer.Option(False, "--quiet", help="No progress bar.")):
                "plus simulated raters), not human ratings.")
 
 
+@command()
+def evaluate(
+    run: Path = typer.Argument(..., help="A run folder."),
+    split: Optional[str] = typer.Option(None, help="Split to score [default: the run's "
+                                        "eval split]."),
+    cache: Optional[Path] = typer.Option(None, help="Cache [default: the run's own]."),
+):
+    """Re-score a trained run on a cache split: utterance and system level, 95% CIs."""
+    from .evaluate import TrainedRun, evaluate_run
+
+    split = split or TrainedRun(run).train_cfg.eval_split
+    folder, metrics = evaluate_run(run, split, cache)
+    for level in ("utterance", "system"):
+        typer.echo(_table({**metrics, "heads": {h: {level: m[level]}
+                                                for h, m in metrics["heads"].items()}}, level))
+    typer.echo(f"wrote {folder / 'metrics.json'}")
+
+
+@command()
+def predict(
+    run: Path = typer.Argument(..., help="A run folder."),
+    audio: Optional[list[Path]] = typer.Argument(None, help="Audio files to score."),
+    manifest: Optional[Path] = typer.Option(None, help="CSV/JSONL manifest (id, path, text)."),
+    text: Optional[str] = typer.Option(None, help="Prompt for every file (textual heads)."),
+    out: Optional[Path] = typer.Option(None, help="Write scores to .csv or .jsonl."),
+    answer: Optional[Path] = typer.Option(None, help="Write the AudioMOS submission format."),
+    checkpoint: Optional[str] = typer.Option(None, help="Backbone weights [default: the "
+                                             "run's]."),
+    tokenizer_dir: Optional[str] = typer.Option(None),
+    device: Optional[str] = typer.Option(None),
+):
+    """Score new audio end to end with a run's backbone and heads."""
+    from .predict import predict as run_predict, write_answer, write_scores
+
+    heads, rows, failures = run_predict(run, audio, manifest, text, checkpoint=checkpoint,
+                                        tokenizer_dir=tokenizer_dir, device=device)
+    for why in failures.values():
+        typer.echo(f"error: {why}", err=True)
+    if out:
+        write_scores(out, heads, rows)
+    if answer:
+        write_answer(answer, heads, rows)
+    if not out and not answer:
+        typer.echo(",".join(["id", *heads]))
+        for r in rows:
+            typer.echo(",".join([r["id"], *(f"{r[h]:.4f}" for h in heads)]))
+    typer.echo(f"scored {len(rows)} file(s), {len(failures)} failed", err=True)
+    if failures:
+        raise typer.Exit(1)
+
+
+@command()
+def table(
+    recipe: str = typer.Option("table1", help="A table recipe (stages/table1.toml ...)."),
+    model: Optional[str] = typer.Option(None, help="Model recipe [default: the table's]."),
+    cache: Optional[Path] = typer.Option(None),
+    seeds: Optional[int] = typer.Option(None, help="Seeds per row [default: the table's]."),
+    out: Optional[Path] = typer.Option(None),
+    max_epochs: Optional[int] = typer.Option(None),
+    device: Optional[str] = typer.Option(None),
+    force: bool = typer.Option(False, "--force", help="Replace an existing table folder."),
+):
+    """The paper's ablation rows as one batched job, printed in the paper's layout."""
+    from .tables import run_table
+
+    res = run_table(recipe, model, cache, seeds, out, force,
+                    _train_overrides(max_epochs=max_epochs, device=device))
+    typer.echo(res["title"])
+    typer.echo(res["text"])
+    if not res["reference_shown"]:
+        typer.echo("(the paper's figures are shown only for the real dataset)")
+    typer.echo(f"wrote {res['folder'] / 'table.md'} and table.csv "
+               f"({res['result'].seconds:.1f} s on {res['result'].device})")
+
+
 @command(cache_app, "info")
 def cache_info(path: Path = typer.Argument(..., help="A cache .h5 file.")):
     """What is in a cache: counts per split, features and shapes, provenance."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from .config import TrainConfig
 from .errors import QamroError
@@ -101,3 +102,11 @@ def build_head(head: HeadSpec, seeds: list[int], x_shape: tuple[int, ...],
                          f"{x_shape[-1]}]: set layer_weights = true in its recipe")
     return BatchedMLP(seeds, x_shape[-1], head.hidden or cfg.hidden,
                       head.activation or cfg.activation, head.name, head.layer_norm, layers)
+
+
+@torch.no_grad()
+def predict_units(model: BatchedMLP, x: torch.Tensor) -> np.ndarray:
+    """[U, ...] -> [K, U] float64, in chunks (window-level inputs are large)."""
+    step = 8192 if x.dim() == 2 else 512
+    return torch.cat([model(x[i:i + step]) for i in range(0, len(x), step)], dim=1) \
+        .float().cpu().numpy().astype(np.float64)

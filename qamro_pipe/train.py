@@ -16,7 +16,8 @@ import torch
 from .config import LossConfig, Member, TrainConfig
 from .errors import QamroError
 from .heads import HeadSpec, member_seed
-from .inputs import Units, build_head, head_inputs, label_col, label_stats, units_for
+from .inputs import (build_head, head_inputs, label_col, label_stats, predict_units,
+                     units_for)
 from .losses import pairwise_ranking_loss, regression_loss
 from .store import Cache
 
@@ -279,7 +280,7 @@ def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
         with torch.no_grad():
             for b, p in zip(engine.best, engine.params):
                 p.copy_(b)
-            preds = {h.name: units.to_clips(_predict(models[h.name], X[h.name], cfg.batch_size)
+            preds = {h.name: units.to_clips(predict_units(models[h.name], X[h.name])
                                             * stats[h.name][1] + stats[h.name][0])
                      for h in heads}
     failures, warnings = {}, {}
@@ -298,13 +299,6 @@ def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
         best_val_loss=engine.best_val.cpu().tolist(), failures=failures, device=str(device),
         seconds=time.perf_counter() - t0, epochs_run=epochs, warnings=warnings,
         label_stats=stats)
-
-
-def _predict(model, x: torch.Tensor, chunk: int) -> np.ndarray:
-    """[U, ...] -> [K, U] in chunks: window-level inputs are large."""
-    step = max(chunk, 4096 if x.dim() == 2 else 512)
-    return torch.cat([model(x[i:i + step]) for i in range(0, len(x), step)], dim=1) \
-        .float().cpu().numpy().astype(np.float64)
 
 
 def _sgd(params, grads, bufs, step: torch.Tensor, cfg: TrainConfig) -> None:

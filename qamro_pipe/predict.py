@@ -1,0 +1,110 @@
+"""Score new audio with a trained run: the run's backbone (as its cache recorded it) embeds the
+files into a temporary cache, and the run's heads score them. Bad files are reported one by
+one and the others still scored."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import audio
+from .config import ExtractConfig, override
+from .datasets import Clip, DatasetRecords, load_dataset
+from .errors import DataError, QamroError
+from .evaluate import TrainedRun
+from .store import read_cache
+
+
+def _records(files: list[str | Path], manifest: str | Path | None, text: str | None):
+    if manifest:
+        recs = load_dataset("manifest", manifest)
+        if text is not None:
+            recs = replace(recs, clips=[replace(c, text=text) for c in recs.clips])
+        return recs
+    if not files:
+        raise QamroError("nothing to score: give audio files or --manifest FILE")
+    stems = [Path(f).stem for f in files]
+    ids = stems if len(set(stems)) == len(stems) else [str(f) for f in files]
+    if len(set(ids)) != len(ids):
+        raise QamroError("the same file is given twice")
+    clips = [Clip(id=i, path=Path(f), system="", split="predict", labels=(), text=text or "")
+             for i, f in zip(ids, files)]
+    return DatasetRecords(name="predict", label_names=(), clips=clips)
+
+
+def _unusable(clip: Clip) -> str | None:
+    """Why a file cannot be scored (decoding, emptiness, length are checked by extraction;
+    silence is legal audio there, but a score of silence means nothing)."""
+    try:
+        x = audio.load_audio(clip.path, audio.probe(clip.path).sample_rate, clip.start, clip.end)
+    except DataError as e:
+        return str(e)
+    if not np.any(x):
+        return f"{clip.path}: silent (every sample is zero); nothing to score"
+    return None
+
+
+def predict(run: str | Path, files: list[str | Path] | None = None,
+            manifest: str | Path | None = None, text: str | None = None, **extract_opts):
+    """-> (head names, rows [{"id", head: score, ...}], failures {id: reason})."""
+    tr = TrainedRun(run)
+    recs = _records(list(files or []), manifest, text)
+    failures = {c.id: why for c in recs.clips if (why := _unusable(c))}
+    good = [c for c in recs.clips if c.id not in failures]
+    heads = [h.name for h in tr.heads]
+    if not good:
+        return heads, [], failures
+    recs = replace(recs, clips=good, label_range=None)
+    saved = (tr.config.get("cache_config") or {}).get("extract", {})
+    cfg = override(ExtractConfig(), **{k: v for k, v in saved.items()
+                                       if k in ExtractConfig.__dataclass_fields__
+                                       and k not in ("device", "workers", "skip_bad")})
+    cfg = override(cfg, backbone=tr.backbone.split("@")[0], workers=0, skip_bad=True,
+                   **{k: v for k, v in extract_opts.items() if v is not None})
+    from .extract import extract
+
+    with tempfile.TemporaryDirectory(prefix="qamro-predict-") as tmp:
+        summary = extract(recs, cfg, Path(tmp) / "predict.h5", progress=False)
+        failures.update(summary.skipped)
+        cache = read_cache(Path(tmp) / "predict.h5")
+        scores = tr.predict(cache)
+    rows = []
+    for i, cid in enumerate(cache.ids):
+        if not cache.usable[i]:
+            continue
+        row = {"id": str(cid)}
+        for h in heads:
+            v = float(scores[h][:, i].mean())
+            if not math.isfinite(v):
+                failures[str(cid)] = f"{cid}: the heads produced a non-finite score"
+                break
+            row[h] = v
+        else:
+            rows.append(row)
+    return heads, rows, failures
+
+
+def write_scores(path: str | Path, heads: list[str], rows: list[dict[str, Any]]) -> None:
+    """CSV (header id,<heads>) or JSON lines, by the file's extension."""
+    path = Path(path)
+    if path.suffix in (".jsonl", ".ndjson", ".json"):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", *heads])
+        for r in rows:
+            w.writerow([r["id"], *(f"{r[h]:.6f}" for h in heads)])
+
+
+def write_answer(path: str | Path, heads: list[str], rows: list[dict[str, Any]]) -> None:
+    """The AudioMOS 2025 submission format: one line per clip, `id,score,...` in the recipe's
+    head order (track 1: id,overall,textual; track 2: id,PQ,PC,CE,CU), no header."""
+    Path(path).write_text("".join(",".join([r["id"], *(f"{r[h]:.6f}" for h in heads)]) + "\n"
+                                  for r in rows))

@@ -1,0 +1,135 @@
+"""The paper's tables as one batched job: every row (a loss setting) x N seeds trains as the
+members of one model, then each figure is printed as mean ± sd over seeds, in the paper's
+layout, beside the published figures when the dataset is the real one."""
+from __future__ import annotations
+
+import csv
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import LossConfig, Member, override
+from .errors import QamroError
+from .recipes import find_recipe
+
+
+@dataclass(frozen=True)
+class TableRecipe:
+    name: str
+    model: str  # the model recipe whose heads, dataset and backbone every row trains
+    rows: tuple[tuple[str, dict[str, Any]], ...]  # (row name, LossConfig settings)
+    seeds: int = 5
+    level: str = "system"
+    figures: tuple[str, ...] = ("mse", "lcc", "srcc", "ktau")
+    reference: dict[str, Any] = field(default_factory=dict)  # published figures
+    path: Path | None = None
+
+
+def load_table(name_or_path: str | Path) -> TableRecipe:
+    path = find_recipe(name_or_path)
+    try:
+        data = tomllib.loads(path.read_text())
+        rows = tuple((r.pop("name"), r) for r in (dict(r) for r in data["rows"]))
+        return TableRecipe(name=data.get("name", path.stem), model=data["model"], rows=rows,
+                           seeds=int(data.get("seeds", 5)), level=data.get("level", "system"),
+                           figures=tuple(data.get("figures", ("mse", "lcc", "srcc", "ktau"))),
+                           reference=data.get("reference", {}), path=path)
+    except (KeyError, TypeError, tomllib.TOMLDecodeError) as e:
+        raise QamroError(f"{path}: not a table recipe ({e})") from None
+
+
+def table_members(table: TableRecipe, base: LossConfig, seeds: int) -> tuple[list[Member], dict]:
+    members, row_of = [], {}
+    for row, settings in table.rows:
+        settings = dict(settings)
+        if "loss" in settings:  # the recipe's word for LossConfig.kind
+            settings["kind"] = settings.pop("loss")
+        loss = override(base, **settings)
+        for s in range(seeds):
+            m = Member(loss, s)
+            if m in row_of:
+                raise QamroError(f"{table.path}: rows {row_of[m]!r} and {row!r} are the same")
+            row_of[m] = row
+            members.append(m)
+    return members, row_of
+
+
+def aggregate(table: TableRecipe, metrics: dict[str, Any], members: list[Member],
+              row_of: dict[Member, str]) -> list[dict[str, Any]]:
+    """One dict per row: {"row", "n", (head, figure): (mean, sd)}."""
+    out = []
+    for row, _ in table.rows:
+        entries = [e for m, e in zip(members, metrics["members"])
+                   if row_of[m] == row and "heads" in e]
+        rec: dict[str, Any] = {"row": row, "n": len(entries)}
+        heads = list(metrics["heads"])
+        for h in heads:
+            for fig in table.figures:
+                vals = [e["heads"][h][table.level].get(fig) for e in entries]
+                vals = [v for v in vals if v is not None]
+                rec[(h, fig)] = (float(np.mean(vals)) if vals else None,
+                                 float(np.std(vals, ddof=1)) if len(vals) > 1 else None)
+        out.append(rec)
+    return out
+
+
+def _cell(mean_sd) -> str:
+    mean, sd = mean_sd
+    if mean is None:
+        return "-"
+    return f"{mean:.3f}" + (f" ± {sd:.3f}" if sd is not None else "")
+
+
+def render(table: TableRecipe, heads: list[str], rows: list[dict[str, Any]],
+           show_reference: bool) -> tuple[str, str, list[list[str]]]:
+    """(plain text, markdown, csv rows) in the paper's layout: figures grouped by head."""
+    header = ["model"] + [f"{h} {f.upper()}" for h in heads for f in table.figures]
+    body = [[r["row"] + f" (n={r['n']})"] + [_cell(r[(h, f)]) for h in heads
+                                               for f in table.figures] for r in rows]
+    if show_reference:
+        for name, ref in table.reference.get("rows", {}).items():
+            body.append([f"{name} [paper]"] + [
+                f"{ref[h][f]:.3f}" if h in ref and f in ref[h] else "-"
+                for h in heads for f in table.figures])
+    widths = [max(len(x[i]) for x in [header, *body]) for i in range(len(header))]
+    text = "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(line, widths)))
+                     for line in [header, *body])
+    md = "\n".join(["| " + " | ".join(header) + " |",
+                    "|" + "|".join("---" for _ in header) + "|",
+                    *("| " + " | ".join(line) + " |" for line in body)])
+    return text, md, [header, *body]
+
+
+def write_table(folder: Path, md: str, csv_rows: list[list[str]], title: str) -> None:
+    (folder / "table.md").write_text(f"# {title}\n\n{md}\n")
+    with open(folder / "table.csv", "w", newline="") as f:
+        csv.writer(f).writerows(csv_rows)
+
+
+def run_table(table: str | Path, model: str | None = None, cache: str | Path | None = None,
+              seeds: int | None = None, out: str | Path | None = None, force: bool = False,
+              train: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train every row x seed as one batched run; write table.md and table.csv beside it."""
+    from .config import cache_root
+    from .experiment import recipe_configs, run_experiment
+    from .recipes import load_recipe
+
+    t = load_table(table)
+    recipe = load_recipe(model or t.model)
+    tcfg, lcfg = recipe_configs(recipe, train)
+    members, row_of = table_members(t, lcfg, seeds or t.seeds)
+    out = Path(out) if out else cache_root() / "runs" / f"{t.name}-{recipe.name}"
+    folder, metrics, result, data = run_experiment(recipe, members, tcfg, cache, out, force)
+    rows = aggregate(t, metrics, members, row_of)
+    heads = [h.name for h in recipe.heads]
+    real = t.reference.get("dataset") == data.meta.dataset
+    text, md, csv_rows = render(t, heads, rows, show_reference=real)
+    title = (f"{t.name}: {recipe.name}, {t.level}-level on {metrics['eval_split']!r}, "
+             f"mean ± sd over {seeds or t.seeds} seeds (validation: {metrics['validation']})")
+    write_table(folder, md, csv_rows, title)
+    return {"folder": folder, "title": title, "text": text, "result": result,
+            "reference_shown": real}
