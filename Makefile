@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install test demo bench sweep-beta clean
+.PHONY: install test demo bench bench-gpu sweep-beta table1 table2 faults clean
 
 install: $(STAMP)
 
@@ -30,8 +30,18 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py
 
+# on a machine with a GPU and the packages already present (see docs/benchmarks.md)
+bench-gpu:
+	bash benchmarks/gpu.sh
+
 sweep-beta: $(STAMP)
 	$(BIN)/qamro-pipe sweep --recipe musiceval --grid beta
+
+table1: $(STAMP)
+	$(BIN)/qamro-pipe table --recipe table1
+
+table2: $(STAMP)
+	$(BIN)/qamro-pipe table --recipe table2
 
 clean:
 	rm -rf $(VENV) build *.egg-info
