@@ -45,3 +45,6 @@ table2: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+faults: $(STAMP)
+	$(BIN)/python tests/faults/report.py

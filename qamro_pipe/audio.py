@@ -7,6 +7,7 @@ cropped at random, so the same file always gives the same windows.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,14 @@ from .errors import DataError
 
 MIN_SECONDS = 0.1  # shorter segments carry too little signal for any backbone
 RESAMPLE_QUALITY = "HQ"  # soxr quality; part of what produces the numbers
+BLOCK_FRAMES = 1 << 20  # decode in blocks, downmixing each: an hour of 6-channel 96 kHz audio
+# never sits in memory undownmixed (8 GB); the numbers are the same as reading it whole
+# libsndfile's note on a WAV whose data chunk is shorter than its header declares
+_SHORT_DATA = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+_SIZE_PLACEHOLDERS = (0, 0x7FFFFFFF, 0xFFFFFFFF)  # written by streaming encoders: not a cut
+# file name endings libsndfile reads (by content; the ending only shapes the error message)
+READABLE_SUFFIXES = frozenset({f".{f.lower()}" for f in sf.available_formats()}
+                              | {".aif", ".wave", ".oga", ".opus"})
 
 
 @dataclass(frozen=True)
@@ -37,11 +46,22 @@ def probe(path: str | Path) -> AudioInfo:
     try:
         info = sf.info(str(path))
     except Exception as e:  # libsndfile raises several types for unreadable files
+        suffix = Path(path).suffix.lower()
+        if suffix not in READABLE_SUFFIXES:
+            raise DataError(f"{path}: cannot decode: unsupported file type {suffix or '(none)'!r}"
+                            f" (readable: .wav, .flac, .ogg, .mp3, .aiff and other libsndfile "
+                            f"formats; convert it, e.g. ffmpeg -i IN OUT.wav)") from e
         raise DataError(f"{path}: cannot decode: unsupported format or corrupt header "
                         f"({_reason(e)})") from e
     if info.samplerate <= 0 or info.channels <= 0:
         raise DataError(f"{path}: invalid header (sample rate {info.samplerate}, "
                         f"{info.channels} channels)")
+    short = _SHORT_DATA.search(info.extra_info or "")
+    if short and int(short[1]) not in _SIZE_PLACEHOLDERS and int(short[2]) < int(short[1]):
+        # libsndfile would quietly decode what is there: a clip cut off mid-write would be
+        # embedded as if it were whole
+        raise DataError(f"{path}: truncated: the header declares {short[1]} bytes of audio, "
+                        f"the file holds {short[2]} (cut off while being written?)")
     return AudioInfo(frames=int(info.frames), sample_rate=int(info.samplerate),
                      channels=int(info.channels), duration=info.frames / info.samplerate)
 
@@ -59,22 +79,41 @@ def load_audio(path: str | Path, sample_rate: int, start: float | None = None,
     """Mono float32 samples at `sample_rate` of [start, end) seconds (whole file if None)."""
     info = probe(path)
     first, stop = _segment(path, info, start, end)
-    try:
-        x = sf.read(str(path), start=first, stop=stop, dtype="float32", always_2d=True)[0]
-    except Exception as e:
-        raise DataError(f"{path}: cannot decode audio ({_reason(e)})") from e
-    if x.shape[0] != stop - first:  # window_count trusts the header: they must agree
-        raise DataError(f"{path}: decoded {x.shape[0]} of the {stop - first} frames the "
-                        f"header declares (truncated or corrupt file)")
-    if not np.isfinite(x).all():
-        raise DataError(f"{path}: contains NaN or infinite samples")
+    x = _read_mono(path, first, stop)
     if x.shape[0] < MIN_SECONDS * info.sample_rate:
         raise DataError(f"{path}: {x.shape[0] / info.sample_rate:.3f} s of audio decoded; "
                         f"at least {MIN_SECONDS} s is needed")
-    x = x.mean(axis=1, dtype=np.float32) if x.shape[1] > 1 else x[:, 0]
     if info.sample_rate != sample_rate:
         x = soxr.resample(x, info.sample_rate, sample_rate, quality=RESAMPLE_QUALITY)
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _read_mono(path, first: int, stop: int) -> np.ndarray:
+    """Frames [first, stop) as float32, channels averaged block by block."""
+    out = np.empty(stop - first, dtype=np.float32)
+    got = 0
+    try:
+        with sf.SoundFile(str(path)) as f:
+            if first:
+                f.seek(first)
+            while got < len(out):
+                block = f.read(min(BLOCK_FRAMES, len(out) - got), dtype="float32",
+                               always_2d=True)
+                if len(block) == 0:
+                    break
+                if not np.isfinite(block).all():
+                    raise DataError(f"{path}: contains NaN or infinite samples")
+                out[got:got + len(block)] = (block.mean(axis=1, dtype=np.float32)
+                                             if block.shape[1] > 1 else block[:, 0])
+                got += len(block)
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"{path}: cannot decode audio ({_reason(e)})") from e
+    if got != len(out):  # window_count trusts the header: they must agree
+        raise DataError(f"{path}: decoded {got} of the {len(out)} frames the header declares "
+                        f"(truncated or corrupt file)")
+    return out
 
 
 def windows(x: np.ndarray, window_samples: int) -> list[np.ndarray]:

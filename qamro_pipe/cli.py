@@ -135,7 +135,7 @@ def sweep(
     """Train a grid over (loss, alpha, beta, seed) as one batched model; table and plot."""
     from .experiment import recipe_configs, run_experiment
     from .recipes import load_recipe
-    from .sweep import expand_grid, parse_list, plot_sweep, sweep_rows, write_sweep_csv
+    from .sweep import expand_grid, parse_list, sweep_rows
 
     r = load_recipe(recipe)
     tcfg, lcfg = recipe_configs(r, _train_overrides(val_split=val_split, eval_split=eval_split,
@@ -153,8 +153,6 @@ def sweep(
     folder, metrics, result, _ = run_experiment(r, members, tcfg, cache, out, force,
                                                 kind="sweep")
     rows = sweep_rows(metrics)
-    write_sweep_csv(folder / "sweep.csv", rows)
-    plot_sweep(folder / "sweep.png", rows)
     typer.echo(_sweep_table(rows))
     typer.echo(f"{len(members)} members trained as one model in {result.seconds:.1f} s on "
                f"{result.device}; wrote {folder / 'sweep.csv'} and {folder / 'sweep.png'}")

@@ -8,7 +8,7 @@ from typing import Any
 from .config import LossConfig, Member, TrainConfig, cache_root, override, to_jsonable
 from .errors import QamroError
 from .recipes import Recipe, load_recipe
-from .runs import RUN_VERSION, save_run, summarise, versions
+from .runs import RUN_VERSION, clean_stale, save_run, summarise, versions
 from .store import Cache, read_cache
 
 
@@ -49,6 +49,7 @@ def run_experiment(recipe: Recipe | str, members: list[Member], tcfg: TrainConfi
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
     data = open_cache(recipe, cache)
     out = Path(out) if out else default_out(recipe, members, kind)
+    clean_stale(out)  # what a killed run left: removed, or an interrupted --force finished
     if out.exists() and not force:  # refuse before spending time training
         raise QamroError(f"{out}: run folder exists; choose another --out or pass --force")
     label_range = tuple(recipe.label_range) if recipe.label_range else None
@@ -70,8 +71,16 @@ def run_experiment(recipe: Recipe | str, members: list[Member], tcfg: TrainConfi
         "label_stats": {h: list(v) for h, v in result.label_stats.items()},
         "failures": {str(k): v for k, v in result.failures.items()},
         "warnings": {str(k): v for k, v in result.warnings.items()}}
+    extra = None
+    if kind == "sweep":  # the table and plot belong to the folder: renamed in with it
+        from .sweep import plot_sweep, sweep_rows, write_sweep_csv
+
+        def extra(folder: Path) -> None:
+            rows = sweep_rows(metrics)
+            write_sweep_csv(folder / "sweep.csv", rows)
+            plot_sweep(folder / "sweep.png", rows)
     folder = save_run(out, config=config, metrics=metrics, cache=data, result=result,
-                      force=force)
+                      force=force, extra=extra)
     return folder, metrics, result, data
 
 
@@ -81,7 +90,7 @@ def run_demo(progress: bool = True) -> dict[str, Any]:
     from .config import ExtractConfig
     from .datasets import load_dataset
     from .extract import extract
-    from .sweep import expand_grid, plot_sweep, sweep_rows, write_sweep_csv
+    from .sweep import expand_grid, sweep_rows
 
     recipe = load_recipe("demo")
     records = load_dataset("demo", cache_root() / "demo-corpus")
@@ -92,6 +101,4 @@ def run_demo(progress: bool = True) -> dict[str, Any]:
     members = expand_grid(lcfg, recipe.grids["beta"])
     sweep = run_experiment(recipe, members, tcfg, force=True, kind="sweep")
     rows = sweep_rows(sweep[1])
-    write_sweep_csv(sweep[0] / "sweep.csv", rows)
-    plot_sweep(sweep[0] / "sweep.png", rows)
     return {"extract": ext, "run": run, "sweep": sweep, "sweep_rows": rows}

@@ -7,7 +7,9 @@ and a finished one does nothing."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import multiprocessing as mp
+import os
 import signal
 import time
 from collections import deque
@@ -33,7 +35,8 @@ class ExtractSummary:
     done_before: int
     written: int = 0
     skipped: dict[str, str] = field(default_factory=dict)
-    seconds: float = 0.0
+    seconds: float = 0.0  # decoding, model and writing, after the model has loaded
+    load_seconds: float = 0.0  # loading the backbone
     status: str = "complete"  # "complete", "nothing to do"
 
 
@@ -60,9 +63,21 @@ def cache_key(records: DatasetRecords, bb: Backbone) -> dict[str, Any]:
             "clips_sha256": hashlib.sha256(ids.encode()).hexdigest()}
 
 
-def _ignore_sigint() -> None:
-    """Workers leave Ctrl-C to the parent, which stops cleanly and says how to resume."""
+def _worker_init(parent: int) -> None:
+    """Workers leave Ctrl-C to the parent, which stops cleanly and says how to resume, and
+    die with the parent (Linux): a worker orphaned by a SIGKILL would otherwise live on,
+    blocked on its task queue. (Elsewhere one may; it holds no lock: store.writer_lock is a
+    POSIX lock, which forked children do not inherit, and HDF5 files are opened unlocked.)"""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def _decode(task: tuple[int, str, int, float, float | None, float | None]):
@@ -79,7 +94,6 @@ def _decode(task: tuple[int, str, int, float, float | None, float | None]):
 def extract(records: DatasetRecords, cfg: ExtractConfig = ExtractConfig(),
             cache_path: str | Path | None = None, force: bool = False,
             progress: bool = True) -> ExtractSummary:
-    t0 = time.perf_counter()
     device = _device(cfg.device)
     bb = get_backbone(cfg.backbone, checkpoint=cfg.checkpoint, device=device,
                       precision=cfg.precision, offline=cfg.offline,
@@ -103,7 +117,7 @@ def extract(records: DatasetRecords, cfg: ExtractConfig = ExtractConfig(),
                                           status="nothing to do")
         if not path.exists():
             _create(path, records, bb, cfg, key)
-        return _fill(path, records, bb, cfg, t0, progress)
+        return _fill(path, records, bb, cfg, progress)
 
 
 def _device(device: str) -> str:
@@ -147,26 +161,36 @@ def _create(path: Path, records: DatasetRecords, bb: Backbone, cfg: ExtractConfi
             w.skip(bad)
 
 
-def _fill(path: Path, records: DatasetRecords, bb: Backbone, cfg: ExtractConfig, t0: float,
+def _fill(path: Path, records: DatasetRecords, bb: Backbone, cfg: ExtractConfig,
           progress: bool) -> ExtractSummary:
     from tqdm import tqdm
 
     clips = records.clips
     with CacheWriter(path) as w:
-        already_skipped = set(w.f["skipped/ids"].asstr()[()]) if "skipped" in w.f else set()
-        todo = [int(r) for r in w.pending() if clips[r].id not in already_skipped]
+        todo = [int(r) for r in w.pending() if clips[r].id not in w.skipped]
         summary = ExtractSummary(path, len(clips), len(clips) - len(todo))
         tasks = [(r, str(clips[r].path), bb.sample_rate, bb.window_seconds, clips[r].start,
                   clips[r].end) for r in todo]
         bar = tqdm(total=len(clips), initial=summary.done_before, unit="clip",
                    desc=f"extract {bb.name}", disable=not progress, dynamic_ncols=True)
+        decoded = _decoded(tasks, cfg.workers, bb)
         try:
+            first = next(decoded, None)  # forks the decoding workers before the model loads
+            t_load = time.perf_counter()
+            if tasks and not bb.loaded:  # a resumed run with nothing left only finishes
+                bb.load()
+                bb.loaded = True
+            summary.load_seconds = time.perf_counter() - t_load
+            t_run = time.perf_counter()
             batch: list[tuple[int, list[np.ndarray]]] = []
             n_windows = 0
-            for row, wins, err in _decoded(tasks, cfg.workers, bb):
+            for row, wins, err in itertools.chain([first] if first else [], decoded):
                 if err is not None:
                     if not cfg.skip_bad:
-                        raise DataError(err)
+                        raise DataError(
+                            f"{err}; stopped with {int(w.done.sum())}/{len(clips)} clips safely "
+                            f"in {path}: fix or remove the file and rerun, or rerun with "
+                            f"--skip-bad to list bad files in the cache and go on")
                     w.skip({clips[row].id: err})
                     summary.skipped[clips[row].id] = err
                     bar.update(1)
@@ -174,11 +198,11 @@ def _fill(path: Path, records: DatasetRecords, bb: Backbone, cfg: ExtractConfig,
                 batch.append((row, wins))
                 n_windows += len(wins)
                 if n_windows >= cfg.batch_size:
-                    summary.written += _embed_and_write(w, bb, clips, batch)
+                    summary.written += _embed_and_write(w, bb, clips, batch, cfg.batch_size)
                     bar.update(len(batch))
                     batch, n_windows = [], 0
             if batch:
-                summary.written += _embed_and_write(w, bb, clips, batch)
+                summary.written += _embed_and_write(w, bb, clips, batch, cfg.batch_size)
                 bar.update(len(batch))
         except KeyboardInterrupt:
             bar.close()
@@ -187,8 +211,10 @@ def _fill(path: Path, records: DatasetRecords, bb: Backbone, cfg: ExtractConfig,
                              f"rerun the same command to resume") from None
         finally:
             bar.close()
+            decoded.close()  # stops the decoding workers now, not at garbage collection
+        summary.skipped = dict(w.skipped)  # this run's and earlier runs'
         w.finish()
-    summary.seconds = time.perf_counter() - t0
+    summary.seconds = time.perf_counter() - t_run
     return summary
 
 
@@ -200,8 +226,9 @@ def _decoded(tasks, workers: int, bb: Backbone):
         return
     ahead = max(8, 4 * workers)
     # fork before the model loads: workers need only numpy, soundfile and soxr
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"),
-                             initializer=_ignore_sigint) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"),
+                               initializer=_worker_init, initargs=(os.getpid(),))
+    try:
         queue: deque = deque()
         it = iter(tasks)
         for t in it:
@@ -213,13 +240,18 @@ def _decoded(tasks, workers: int, bb: Backbone):
             nxt = next(it, None)
             if nxt is not None:
                 queue.append(pool.submit(_decode, nxt))
+    finally:  # on Ctrl-C or an error, drop the decodes queued ahead instead of waiting
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _embed_and_write(w: CacheWriter, bb: Backbone, clips: list[Clip],
-                     batch: list[tuple[int, list[np.ndarray]]]) -> int:
+                     batch: list[tuple[int, list[np.ndarray]]], batch_size: int) -> int:
     flat = [x for _, wins in batch for x in wins]
     lengths = np.array([len(x) for x in flat], dtype=np.float32)
-    feats = bb.embed_windows(flat)  # name -> [W_total, ...]
+    # at most batch_size windows per forward pass: one long clip (an hour is 360 windows)
+    # must not become one giant batch
+    parts = [bb.embed_windows(flat[i:i + batch_size]) for i in range(0, len(flat), batch_size)]
+    feats = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}  # [W_total, ...]
     specs = bb.feature_specs()
     rows = [r for r, _ in batch]
     clip_feats: dict[str, list[np.ndarray]] = {k: [] for k, s in specs.items()
@@ -272,7 +304,8 @@ def summary_text(s: ExtractSummary) -> str:
     if s.status == "nothing to do":
         return f"{s.path}: already complete ({s.total} clips); nothing to do"
     rate = s.written / s.seconds if s.seconds else 0.0
-    text = (f"{s.path}: {s.written} clips extracted in {s.seconds:.1f} s ({rate:.1f} clips/s)"
+    text = (f"{s.path}: {s.written} clips extracted in {s.seconds:.1f} s ({rate:.1f} clips/s; "
+            f"model load {s.load_seconds:.1f} s)"
             + (f", {s.done_before} were already done" if s.done_before else ""))
     if s.skipped:
         text += f"\nskipped {len(s.skipped)} bad file(s):\n" + "\n".join(

@@ -2,17 +2,20 @@
 
 A run is assembled in a sibling folder `.NAME.partial-PID` and renamed into place when
 complete, so a folder named NAME is always a whole run; a killed run leaves only the
-clearly named partial folder. Contents: config.json, metrics.json, predictions.csv,
-heads.safetensors (read with safetensors, never pickle)."""
+clearly named partial folder, which the next run to NAME removes (clean_stale). Nothing
+non-finite is written: metrics, predictions and heads are checked first. Contents:
+config.json, metrics.json, predictions.csv, heads.safetensors (read with safetensors, never
+pickle), and whatever `extra` adds (a sweep's table and plot)."""
 from __future__ import annotations
 
 import csv
 import json
 import os
 import platform
+import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -22,10 +25,12 @@ from . import __version__
 from .config import TrainConfig, to_jsonable
 from .errors import QamroError
 from .metrics import FIGURES, evaluate
-from .store import Cache
+from .store import Cache, pid_alive, fault_point
 from .train import TrainResult
 
 RUN_VERSION = 1
+RUN_FILES = ("config.json", "metrics.json", "predictions.csv", "heads.safetensors")
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|replaced)-(?P<pid>\d+)$")
 
 
 def versions() -> dict[str, str]:
@@ -104,42 +109,130 @@ def write_predictions(path: Path, cache: Cache, result: TrainResult) -> None:
             w.writerow(row)
 
 
-def save_run(out: Path, *, config: dict[str, Any], metrics: dict[str, Any], cache: Cache,
-             result: TrainResult, force: bool = False) -> Path:
+def _dumps(what: str, obj: Any) -> str:
+    try:
+        return json.dumps(obj, indent=2, allow_nan=False) + "\n"
+    except ValueError:
+        raise QamroError(f"{what} contains NaN or inf; not writing a run with it") from None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def clean_stale(out: str | Path) -> list[str]:
+    """Tidy what killed runs left beside run folder `out`, and say what was done.
+
+    `.NAME.partial-PID` of a dead process is an unfinished run: removed. A kill between the
+    two renames of --force leaves no NAME, the old run in `.NAME.replaced-PID` and the new,
+    complete one in `.NAME.partial-PID`: the swap is finished. Folders of live processes are
+    left alone."""
     out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    by_pid: dict[int, dict[str, Path]] = {}
+    for p in out.parent.iterdir():
+        m = _LEFTOVER.match(p.name)
+        if m and m["name"] == out.name and int(m["pid"]) != os.getpid() \
+                and not pid_alive(int(m["pid"])):
+            by_pid.setdefault(int(m["pid"]), {})[m["kind"]] = p
+    notes = []
+    for pid, left in sorted(by_pid.items()):
+        if "replaced" in left and not out.exists():
+            done = left.pop("partial", None) or left.pop("replaced")
+            os.replace(done, out)
+            notes.append(f"{out}: finished the replacement that process {pid} was killed in")
+        for p in left.values():
+            shutil.rmtree(p, ignore_errors=True)
+            notes.append(f"{out}: removed {p.name}, left by killed process {pid}")
+    return notes
+
+
+def _check_finite_outputs(result: TrainResult, cache: Cache, tensors: dict) -> None:
+    ok = [k for k in range(len(result.members)) if k not in result.failures]
+    rows = np.flatnonzero(cache.usable) if cache.usable is not None else slice(None)
+    for h, pred in result.predictions.items():
+        if not np.isfinite(pred[ok][:, rows]).all():
+            raise QamroError(f"head {h!r}: predictions contain NaN or inf; not writing them")
+    for name, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            raise QamroError(f"{name}: weights contain NaN or inf; not writing them")
+
+
+def save_run(out: Path, *, config: dict[str, Any], metrics: dict[str, Any], cache: Cache,
+             result: TrainResult, force: bool = False,
+             extra: Callable[[Path], None] | None = None) -> Path:
+    """Write the run folder `out` whole or not at all. `extra(folder)` may add files (a
+    sweep's sweep.csv and sweep.png) before the folder is renamed into place."""
+    out = Path(out)
+    clean_stale(out)
     if out.exists() and not force:
         raise QamroError(f"{out}: run folder exists; choose another --out or pass --force "
                          f"to replace it")
+    tensors = {f"{h}/m{k}/{name}": t for h, states in result.states.items()
+               for k, state in enumerate(states) if k not in result.failures
+               for name, t in state.items()}
+    _check_finite_outputs(result, cache, tensors)
+    config_text, metrics_text = _dumps("config", config), _dumps("metrics", metrics)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (tmp / "config.json").write_text(config_text)
+    (tmp / "metrics.json").write_text(metrics_text)
+    fault_point("SAVE", str(tmp))
     write_predictions(tmp / "predictions.csv", cache, result)
-    tensors = {f"{h}/m{k}/{name}": t for h, states in result.states.items()
-               for k, state in enumerate(states) if k not in result.failures
-               for name, t in state.items()}
     save_file(tensors, str(tmp / "heads.safetensors"),
               metadata={"qamro_run_version": str(RUN_VERSION)})
+    if extra is not None:
+        extra(tmp)
+    for f in tmp.iterdir():  # on disk before the name says the run is whole
+        _fsync(f)
     if out.exists():  # --force: swap in the new run, then drop the old one
         old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
         os.replace(out, old)
+        fault_point("SWAP", str(out))
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+    _fsync(out.parent)
     return out
 
 
 def load_run(run: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """config.json and the heads of a finished run, refused if from another schema."""
+    """config.json and the heads of a finished run, refused if from another schema, if
+    incomplete, or if heads.safetensors is not a safetensors file (nothing is unpickled)."""
     run = Path(run)
+    m = _LEFTOVER.match(run.name)
+    if m:
+        raise QamroError(f"{run}: an unfinished run folder left by process {m['pid']}, which was "
+                         f"killed or failed; rerun training to {run.parent / m['name']}")
+    if not run.exists():
+        clean_stale(run)  # a kill in the middle of --force may have left the run aside
+    if not run.is_dir():
+        raise QamroError(f"{run}: no such run folder")
     cfg_path = run / "config.json"
     if not cfg_path.is_file():
         raise QamroError(f"{run}: not a run folder (no config.json)")
-    config = json.loads(cfg_path.read_text())
-    if config.get("qamro_run_version") != RUN_VERSION:
-        raise QamroError(f"{run}: run folder version {config.get('qamro_run_version')!r}, this "
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise QamroError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict) or config.get("qamro_run_version") != RUN_VERSION:
+        version = config.get("qamro_run_version") if isinstance(config, dict) else None
+        raise QamroError(f"{run}: run folder version {version!r}, this "
                          f"qamro-pipe reads version {RUN_VERSION}")
-    return config, load_file(str(run / "heads.safetensors"))
+    missing = [f for f in RUN_FILES if not (run / f).is_file()]
+    if missing:
+        raise QamroError(f"{run}: incomplete run folder (missing {', '.join(missing)})")
+    heads = run / "heads.safetensors"
+    try:
+        return config, load_file(str(heads))
+    except Exception as e:  # safetensors raises its own error type for any malformed file
+        raise QamroError(f"{heads}: not a valid safetensors file ({str(e).splitlines()[0]}); "
+                         f"run folders hold weights only as safetensors, never pickles") from None

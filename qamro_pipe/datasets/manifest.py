@@ -120,8 +120,9 @@ def parse_score(value: object, path: Path, line: int, column: str, *,
         v = float(value)
     except ValueError:
         raise DataError(f"{where}: {value!r} is not a number") from None
-    if math.isnan(v) and allow_empty:
-        return v
+    if math.isnan(v):  # an unknown label is an empty cell; a written NaN is a mistake
+        raise DataError(f"{where}: {value!r} is not a number" + (
+            "; leave the cell empty (JSON: null) for an unknown label" if allow_empty else ""))
     if not math.isfinite(v):
         raise DataError(f"{where}: {value!r} is not a finite number")
     if label_range is not None and not label_range[0] <= v <= label_range[1]:

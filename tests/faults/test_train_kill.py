@@ -1,0 +1,144 @@
+"""Issue 5.2: a training run or sweep killed at any point leaves its run folder whole or
+absent, never half written; what a killed run leaves is recognisable and cleaned up by the
+next run, which never mixes members of two runs."""
+from __future__ import annotations
+
+import csv
+import json
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from conftest import make_synthetic_cache  # tests/conftest.py
+from safetensors.torch import load_file
+
+from qamro_pipe.errors import QamroError
+from qamro_pipe.runs import RUN_FILES, load_run
+
+from .kit import child_env, leftovers
+
+RECIPE = """name = "faults"
+dataset = "musiceval"
+backbone = "synthetic"
+label_range = [1.0, 5.0]
+
+[[heads]]
+name = "overall"
+label = "overall"
+features = ["audio"]
+
+[[heads]]
+name = "textual"
+label = "textual"
+features = ["audio", "text"]
+
+[train]
+patience = 1000000  # never stop early: --max-epochs alone sets how long a run takes
+bootstrap = 20
+check_every = 50
+"""
+SHORT = ["--max-epochs", "40"]
+LONG = ["--max-epochs", "1000000"]  # killed long before it ends
+
+
+@pytest.fixture
+def setup(tmp_path):
+    recipe = tmp_path / "faults.toml"
+    recipe.write_text(RECIPE)
+    cache = make_synthetic_cache(tmp_path / "synthetic.h5")
+    return recipe, cache, tmp_path / "runs"
+
+
+def assert_whole_run(run: Path, members: int, sweep: bool = False) -> None:
+    """Every file there, and all of them from one run with `members` members."""
+    names = {p.name for p in run.iterdir()}
+    assert set(RUN_FILES) <= names, names
+    if sweep:
+        assert {"sweep.csv", "sweep.png"} <= names, names
+    config, heads = load_run(run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert len(config["members"]) == len(metrics["members"]) == members
+    assert {k.split("/")[1] for k in heads} == {f"m{k}" for k in range(members)}
+    assert load_file(str(run / "heads.safetensors")).keys() == heads.keys()
+    with open(run / "predictions.csv") as f:
+        header = next(csv.reader(f))
+    assert sum(h.startswith("pred_overall") for h in header) == (1 if members == 1
+                                                                  else members + 1)
+
+
+def kill_while_training(c, at: float) -> None:
+    time.sleep(at)
+    assert c.proc.poll() is None, f"the run ended before the kill: {c.stderr}"
+    assert c.kill() == -signal.SIGKILL
+
+
+def test_killed_training_leaves_whole_or_no_run_and_reruns_cleanly(setup, tally):
+    tally.fault = "SIGKILL during train (training, writing the folder, --force swap)"
+    recipe, cache, runs = setup
+    out = runs / "r"
+    base = ["train", "--recipe", recipe, "--cache", cache, "--out", out]
+    rng = random.Random(2)
+
+    # killed while the run folder is being written: only the partial folder exists
+    c = tally.child([*base, "--seeds", "2", *SHORT], child_env(SAVE=30))
+    c.wait_line("qamro-fault: save")
+    c.kill()
+    assert not out.exists()
+    assert leftovers(runs) == [f".r.partial-{c.pid}"]
+    with pytest.raises(QamroError, match="no such run folder"):
+        load_run(out)
+    with pytest.raises(QamroError, match=f"unfinished run folder left by process {c.pid}"):
+        load_run(runs / f".r.partial-{c.pid}")
+
+    # a rerun from scratch, with other members: whole, none of the killed run's members
+    c = tally.run([*base, "--seeds", "3", *SHORT])
+    assert c.proc.returncode == 0, c.stderr
+    assert_whole_run(out, 3)
+    assert leftovers(runs) == []
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    # --force killed while training: the old run is untouched
+    c = tally.child([*base, "--seeds", "1", "--force", *LONG])
+    kill_while_training(c, rng.uniform(2.5, 3.5))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    # --force killed between moving the old run aside and renaming the new one in
+    c = tally.child([*base, "--seeds", "1", "--force", *SHORT], child_env(SWAP=30))
+    c.wait_line("qamro-fault: swap")
+    c.kill()
+    assert not out.exists()
+    assert leftovers(runs) == [f".r.partial-{c.pid}", f".r.replaced-{c.pid}"]
+    load_run(out)  # reading it finishes the swap
+    assert_whole_run(out, 1)  # the new run, whole
+    assert leftovers(runs) == []
+
+    c = tally.run([*base, "--seeds", "2", "--force", *SHORT])
+    assert c.proc.returncode == 0, c.stderr
+    assert_whole_run(out, 2)
+    assert leftovers(runs) == []
+
+
+def test_killed_sweep_leaves_whole_or_no_folder(setup, tally):
+    tally.fault = "SIGKILL during sweep (training, right as the folder appears)"
+    recipe, cache, runs = setup
+    out = runs / "s"
+    base = ["sweep", "--recipe", recipe, "--cache", cache, "--out", out, "--beta", "1,7"]
+
+    c = tally.child([*base, *LONG])
+    kill_while_training(c, random.Random(3).uniform(2.5, 3.5))
+    assert not out.exists()
+
+    # killed the instant the folder appears: it must already hold the table and the plot
+    c = tally.child([*base, *SHORT])
+    while not out.exists() and c.proc.poll() is None:
+        time.sleep(0.002)
+    c.kill()
+    assert out.exists(), c.stderr
+    assert_whole_run(out, 2, sweep=True)
+
+    c = tally.run([*base, "--seeds", "2", "--force", *SHORT])
+    assert c.proc.returncode == 0, c.stderr
+    assert_whole_run(out, 4, sweep=True)
+    assert leftovers(runs) == []
