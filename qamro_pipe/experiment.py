@@ -71,14 +71,14 @@ def run_experiment(recipe: Recipe | str, members: list[Member], tcfg: TrainConfi
         "label_stats": {h: list(v) for h, v in result.label_stats.items()},
         "failures": {str(k): v for k, v in result.failures.items()},
         "warnings": {str(k): v for k, v in result.warnings.items()}}
-    extra = None
-    if kind == "sweep":  # the table and plot belong to the folder: renamed in with it
+    def sweep_files(folder: Path) -> None:  # joins the folder before it is renamed in
         from .sweep import plot_sweep, sweep_rows, write_sweep_csv
 
-        def extra(folder: Path) -> None:
-            rows = sweep_rows(metrics)
-            write_sweep_csv(folder / "sweep.csv", rows)
-            plot_sweep(folder / "sweep.png", rows)
+        rows = sweep_rows(metrics)
+        write_sweep_csv(folder / "sweep.csv", rows)
+        plot_sweep(folder / "sweep.png", rows)
+
+    extra = sweep_files if kind == "sweep" else None
     folder = save_run(out, config=config, metrics=metrics, cache=data, result=result,
                       force=force, extra=extra)
     return folder, metrics, result, data

@@ -26,7 +26,9 @@ from .backbones.base import RANDOM_WEIGHTS, sha256_file
 from .config import ExtractConfig, cache_root, to_jsonable
 from .datasets import Clip, DatasetRecords
 from .errors import CacheError, DataError, QamroError
-from .store import (CacheWriter, check_key, create_cache, read_meta, writer_lock)
+from .cache_files import writer_lock
+from .cache_writer import CacheWriter, create_cache
+from .store import check_key, read_meta
 
 @dataclass
 class ExtractSummary:

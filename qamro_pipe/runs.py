@@ -25,7 +25,8 @@ from . import __version__
 from .config import TrainConfig, to_jsonable
 from .errors import QamroError
 from .metrics import FIGURES, evaluate
-from .store import Cache, pid_alive, fault_point
+from .durable import fault_point, fsync_path, pid_alive
+from .store import Cache
 from .train import TrainResult
 
 RUN_VERSION = 1
@@ -116,12 +117,6 @@ def _dumps(what: str, obj: Any) -> str:
         raise QamroError(f"{what} contains NaN or inf; not writing a run with it") from None
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def clean_stale(out: str | Path) -> list[str]:
@@ -191,7 +186,7 @@ def save_run(out: Path, *, config: dict[str, Any], metrics: dict[str, Any], cach
     if extra is not None:
         extra(tmp)
     for f in tmp.iterdir():  # on disk before the name says the run is whole
-        _fsync(f)
+        fsync_path(f)
     if out.exists():  # --force: swap in the new run, then drop the old one
         old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
         os.replace(out, old)
@@ -200,7 +195,7 @@ def save_run(out: Path, *, config: dict[str, Any], metrics: dict[str, Any], cach
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
-    _fsync(out.parent)
+    fsync_path(out.parent)
     return out
 
 

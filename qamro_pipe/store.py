@@ -28,103 +28,24 @@ and never leaves an unreadable file; docs/guarantees.md):
     overwritten in place (one byte); with some, a copy gets /skipped and `complete` and is
     renamed over the file. Either way a kill leaves the old file or the new one, never a mix.
 Readers open without HDF5 file locks (nothing they read changes under them), so `cache info`
-works while an extraction runs; writers are kept to one by writer_lock().
+works while an extraction runs; writers are kept to one by cache_files.writer_lock(). Writing lives in cache_writer.py.
 """
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import json
-import os
-import shutil
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping
 
 import h5py
 import numpy as np
 
-from . import __version__
+from .cache_files import read_journal, writer_active
 from .errors import CacheError
 
 SCHEMA_VERSION = 1
 FEATURE_DTYPES = (np.dtype("float32"), np.dtype("float16"))
 _STR = h5py.string_dtype("utf-8")
-JOURNAL_SUFFIX = ".journal"  # CACHE.journal: skipped clips of an unfinished extraction
-FAULT_ENV = "QAMRO_FAULT_SLEEP_IN_"  # + WHERE: see fault_point
-
-
-def fault_point(where: str, detail: str = "") -> None:
-    """Test hook for tests/faults, inert unless $QAMRO_FAULT_SLEEP_IN_<WHERE> is set to a
-    number of seconds: then say `qamro-fault: <where> <detail>` on stderr and sleep, so a test
-    can kill the process at exactly this point. WHERE: CREATE (new cache written, not yet
-    renamed), WRITE (a batch's rows on disk, /done not yet flipped), FINISH (every row done,
-    not yet marked complete), SAVE (run folder half written), SWAP (--force: old run moved
-    aside, new one not yet in place)."""
-    seconds = os.environ.get(FAULT_ENV + where)
-    if seconds is not None:
-        print(f"qamro-fault: {where.lower()} {detail}".rstrip(), file=sys.stderr, flush=True)
-        time.sleep(float(seconds))
-
-
-def journal_path(path: str | Path) -> Path:
-    path = Path(path)
-    return path.with_name(path.name + JOURNAL_SUFFIX)
-
-
-def read_journal(path: str | Path) -> dict[str, str]:
-    """Skipped clips (id -> reason) recorded by an unfinished extraction of cache `path`.
-    A torn last line (power loss mid-append) is ignored: that clip is simply retried."""
-    out: dict[str, str] = {}
-    try:
-        text = journal_path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return out
-    for line in text.splitlines():
-        try:
-            entry = json.loads(line)
-            out[str(entry["skip"])] = str(entry["reason"])
-        except (ValueError, KeyError, TypeError):
-            continue
-    return out
-
-
-def _why(e: OSError) -> str:
-    """One line for an OS error (HDF5's own messages span several)."""
-    return os.strerror(e.errno) if e.errno else " ".join(str(e).split())
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_temporaries(path: str | Path) -> list[Path]:
-    """Delete `.NAME.tmp-PID` files a killed process left beside cache `path` (PID dead)."""
-    path = Path(path)
-    removed = []
-    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
-            tmp.unlink(missing_ok=True)
-            removed.append(tmp)
-    return removed
 
 
 @dataclass(frozen=True)
@@ -175,340 +96,6 @@ class Cache:
 
 
 # -- writing --------------------------------------------------------------------------------
-def _early(group: h5py.Group, name: str, shape: tuple[int, ...], dtype) -> None:
-    """A contiguous dataset whose file space is allocated now, not at first write (reads as
-    zeros; create_cache then reserves the disk blocks)."""
-    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-    space = h5py.h5s.create_simple(tuple(int(s) for s in shape))
-    tid = h5py.h5t.py_create(np.dtype(dtype))
-    h5py.h5d.create(group.id, name.encode(), tid, space, dcpl=dcpl)
-
-
-def _strings(values: Sequence[str]) -> np.ndarray:
-    return np.array([str(v) for v in values], dtype=object)
-
-
-def create_cache(path: str | Path, *, ids: Sequence[str], systems: Sequence[str],
-                 splits: Sequence[str], labels: np.ndarray, label_names: Sequence[str],
-                 backbone: str, dataset: str, config: Mapping[str, Any],
-                 key: Mapping[str, Any] | None = None,
-                 feature_shapes: Mapping[str, tuple[int, ...]],
-                 window_shapes: Mapping[str, tuple[int, ...]] | None = None,
-                 window_counts: Sequence[int] | None = None,
-                 texts: Sequence[str] | None = None,
-                 system_mos: Mapping[str, Sequence[float]] | None = None,
-                 feature_dtype: str = "float32") -> Path:
-    """Write a new, empty (nothing done) cache with all metadata and storage allocated.
-
-    Written under a temporary name, its disk space reserved, and renamed, so a kill leaves no
-    half-made file and a disk too small for it is reported now, not hours into a run. A
-    journal left by an earlier cache of the same path is removed: it described that file."""
-    path = Path(path)
-    n = len(ids)
-    labels = np.asarray(labels, dtype=np.float32).reshape(n, len(label_names))
-    if len(set(ids)) != n:
-        raise CacheError(f"{path}: ids are not unique")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs.update({
-                "qamro_cache_version": SCHEMA_VERSION, "backbone": backbone, "dataset": dataset,
-                "label_names": json.dumps(list(label_names)),
-                "config": json.dumps(config, sort_keys=True),
-                "key": json.dumps(dict(key if key is not None else config), sort_keys=True),
-                "created_by": f"qamro-pipe {__version__}", "complete": False})
-            f.create_dataset("ids", data=_strings(ids), dtype=_STR)
-            f.create_dataset("systems", data=_strings(systems), dtype=_STR)
-            f.create_dataset("splits", data=_strings(splits), dtype=_STR)
-            if texts is not None:
-                f.create_dataset("texts", data=_strings(texts), dtype=_STR)
-            f.create_dataset("labels", data=labels)
-            g = f.create_group("features")
-            for name, shape in feature_shapes.items():
-                _early(g, name, (n, *shape), feature_dtype)
-            if window_shapes:
-                counts = np.asarray(window_counts, dtype=np.int64)
-                offsets = np.concatenate([[0], np.cumsum(counts)])
-                w = f.create_group("windows")
-                w.create_dataset("offsets", data=offsets)
-                _early(w, "weight", (int(offsets[-1]),), "float32")
-                for name, shape in window_shapes.items():
-                    _early(w, name, (int(offsets[-1]), *shape), feature_dtype)
-            _early(f, "done", (n,), "uint8")
-            if system_mos:
-                s = f.create_group("system_mos")
-                names = sorted(system_mos)
-                s.create_dataset("names", data=_strings(names), dtype=_STR)
-                s.create_dataset("values", data=np.array(
-                    [system_mos[k] for k in names], dtype=np.float32).reshape(len(names), -1))
-        _reserve(tmp)
-        fault_point("CREATE", str(path))
-        journal_path(path).unlink(missing_ok=True)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise CacheError(f"{path}: could not create the cache ({_why(e)}); is the disk "
-                         f"full?") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def _reserve(path: Path) -> None:
-    """Back every byte of the (sparse) new file with disk blocks, then fsync: later raw
-    writes cannot meet a full disk, and a disk too small fails here, before any work."""
-    size = path.stat().st_size
-    fd = os.open(path, os.O_RDWR)
-    try:
-        try:
-            os.posix_fallocate(fd, 0, size)
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-                raise CacheError(f"not enough disk space for the cache: it needs "
-                                 f"{size / 1e6:.1f} MB at {path.parent} ({e.strerror})") from None
-            # EOPNOTSUPP and the like: the file system cannot reserve; the writes will tell
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class CacheWriter:
-    """Fills an existing cache row by row. Only raw bytes of preallocated datasets change until
-    finish(): a batch's rows are written and fsync'ed before its `done` entries flip, and
-    skipped clips go to the journal (see the module docstring)."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.f = _open(self.path, "r+")
-        self.ids = self.f["ids"].asstr()[()]
-        self.done = self.f["done"][()].astype(bool)
-        self.offsets = self.f["windows/offsets"][()] if "windows" in self.f else None
-        self.skipped = _skipped_in_file(self.f)  # id -> reason
-        if bool(self.f.attrs.get("complete", False)):
-            journal_path(self.path).unlink(missing_ok=True)  # folded in by an earlier finish
-        else:
-            self.skipped.update(read_journal(self.path))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def close(self) -> None:
-        if self.f:
-            self.f.close()
-            self.f = None
-
-    def pending(self) -> np.ndarray:
-        return np.flatnonzero(~self.done)
-
-    def write(self, rows: Sequence[int], features: Mapping[str, np.ndarray],
-              windows: Mapping[str, list[np.ndarray]] | None = None,
-              window_weights: list[np.ndarray] | None = None) -> None:
-        """Write clip rows (features [len(rows), ...]) and, per clip, its window rows.
-        Refuses NaN or inf (also what overflows float16 on the way in)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        order = np.argsort(rows)  # h5py fancy indexing wants increasing indices
-        with np.errstate(over="ignore"):  # an overflow to inf is refused just below
-            feats = {k: np.asarray(v).astype(self.f["features"][k].dtype)
-                     for k, v in features.items()}
-            wins = {k: [np.asarray(v).astype(self.f["windows"][k].dtype) for v in per_clip]
-                    for k, per_clip in (windows or {}).items()}
-        for name, values in feats.items():
-            self._check_finite(f"features/{name}", values, rows)
-        for name in wins:
-            for row, v in zip(rows, wins[name]):
-                self._check_finite(f"windows/{name}", v[None], [row])
-        try:
-            for name, values in feats.items():
-                self.f["features"][name][rows[order]] = values[order]
-            for i, row in enumerate(rows):
-                if not wins:
-                    break
-                a, b = int(self.offsets[row]), int(self.offsets[row + 1])
-                self.f["windows/weight"][a:b] = window_weights[i]
-                for name, values in wins.items():
-                    self.f["windows"][name][a:b] = values[i]
-            self._sync()  # the rows are on disk before anything says they are done
-            fault_point("WRITE", "rows " + ",".join(map(str, rows.tolist())))
-            self.f["done"][rows[order]] = 1
-            self._sync()
-        except OSError as e:
-            raise CacheError(f"{self.path}: writing rows failed ({_why(e)}); is the disk "
-                             f"full? The {int(self.done.sum())} clips marked done are safe: "
-                             f"free space and rerun the same command to resume") from None
-        self.done[rows] = True
-
-    def _check_finite(self, what: str, values: np.ndarray, rows) -> None:
-        bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
-        if bad.any():
-            row = int(np.asarray(rows)[np.argmax(bad)])
-            raise CacheError(f"{self.path}: refusing to store NaN or inf in {what} for clip "
-                             f"{self.ids[row]!r} (as {values.dtype})")
-
-    def _sync(self) -> None:
-        self.f.flush()
-        os.fsync(self.f.id.get_vfd_handle())
-
-    def skip(self, reasons: Mapping[str, str]) -> None:
-        """Record clips left out (id -> reason); they stay not done and are never trained on.
-        Appended to the journal, fsync'ed; finish() moves them into /skipped."""
-        if not reasons:
-            return
-        lines = "".join(json.dumps({"skip": str(k), "reason": str(v)}) + "\n"
-                        for k, v in reasons.items())
-        with open(journal_path(self.path), "a", encoding="utf-8") as j:
-            j.write(lines)
-            j.flush()
-            os.fsync(j.fileno())
-        self.skipped.update(reasons)
-
-    def finish(self) -> None:
-        """Mark the cache complete: in place when /skipped needs no change, else on a copy
-        renamed over the file. Ends the writer."""
-        missing = [i for i, d in zip(self.ids, self.done) if not d and i not in self.skipped]
-        if missing:
-            raise CacheError(f"{self.path}: {len(missing)} clips not written yet "
-                             f"(first: {missing[0]}); rerun extract to resume")
-        fault_point("FINISH", str(self.path))
-        if self.skipped == _skipped_in_file(self.f):
-            self.f.attrs.modify("complete", True)  # one byte, rewritten in place
-            self._sync()
-            self.close()
-        else:
-            self.close()
-            self._finish_on_copy()
-        journal_path(self.path).unlink(missing_ok=True)
-
-    def _finish_on_copy(self) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        try:
-            shutil.copyfile(self.path, tmp)
-            with h5py.File(tmp, "r+", locking=False) as f:
-                if "skipped" in f:
-                    del f["skipped"]
-                g = f.create_group("skipped")
-                g.create_dataset("ids", data=_strings(list(self.skipped)), dtype=_STR)
-                g.create_dataset("reasons", data=_strings(list(self.skipped.values())),
-                                 dtype=_STR)
-                f.attrs.modify("complete", True)
-            _fsync(tmp)
-            os.replace(tmp, self.path)
-            _fsync(self.path.parent)
-        except OSError as e:
-            raise CacheError(f"{self.path}: could not finish ({_why(e)}); is the disk full? "
-                             f"Every clip is safely written: free space for one copy of the "
-                             f"file and rerun the same command") from None
-        finally:
-            tmp.unlink(missing_ok=True)
-
-
-def _skipped_in_file(f: h5py.File) -> dict[str, str]:
-    if "skipped" not in f:
-        return {}
-    return dict(zip(f["skipped/ids"].asstr()[()], f["skipped/reasons"].asstr()[()]))
-
-
-def write_cache(path: str | Path, *, ids: Sequence[str], systems: Sequence[str],
-                splits: Sequence[str], labels: np.ndarray, label_names: Sequence[str],
-                features: Mapping[str, np.ndarray], backbone: str, dataset: str,
-                config: Mapping[str, Any] | None = None, texts: Sequence[str] | None = None,
-                system_mos: Mapping[str, Sequence[float]] | None = None,
-                windows: Mapping[str, np.ndarray] | None = None,
-                window_offsets: np.ndarray | None = None,
-                window_weight: np.ndarray | None = None) -> Path:
-    """Write a complete cache in one call: the public way to bring your own embeddings."""
-    n = len(ids)
-    for name, v in features.items():
-        if len(v) != n:
-            raise CacheError(f"{path}: features/{name} has {len(v)} rows, expected {n}")
-    counts = None
-    if windows:
-        window_offsets = np.asarray(window_offsets, dtype=np.int64)
-        counts = np.diff(window_offsets)
-    arrays = [*features.values(), *(windows or {}).values()]
-    dtype = str(np.result_type(*[np.asarray(v).dtype for v in arrays])) if arrays else "float32"
-    create_cache(path, ids=ids, systems=systems, splits=splits, labels=labels,
-                 label_names=label_names, backbone=backbone, dataset=dataset,
-                 config=dict(config or {}), texts=texts, system_mos=system_mos,
-                 feature_shapes={k: np.asarray(v).shape[1:] for k, v in features.items()},
-                 window_shapes={k: np.asarray(v).shape[1:] for k, v in (windows or {}).items()},
-                 window_counts=counts,
-                 feature_dtype="float16" if dtype == "float16" else "float32")
-    try:
-        with CacheWriter(path) as w:
-            with_windows = None
-            if windows:
-                with_windows = {k: [v[window_offsets[i]:window_offsets[i + 1]]
-                                    for i in range(n)] for k, v in windows.items()}
-            w.write(np.arange(n), features, with_windows,
-                    None if windows is None else
-                    [window_weight[window_offsets[i]:window_offsets[i + 1]] for i in range(n)])
-            w.finish()
-    except CacheError:  # e.g. NaN in the features: leave no half-made cache behind
-        Path(path).unlink(missing_ok=True)
-        raise
-    return Path(path)
-
-
-_LOCKS_HELD: set[str] = set()  # lock files this process holds (POSIX locks are per process)
-
-
-@contextlib.contextmanager
-def writer_lock(path: str | Path) -> Iterator[None]:
-    """One writer per cache: a second extract on the same file is refused, never interleaved.
-
-    A POSIX record lock (lockf) on CACHE.lock: the kernel drops it when the process dies, even
-    by SIGKILL, and, unlike flock, forked decoding workers do not inherit it, so an orphaned
-    worker can never keep a cache locked. Such locks are per process, so a second writer in
-    this same process is refused by _LOCKS_HELD. Holding it, stale temporaries are cleared."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = path.with_name(path.name + ".lock")
-    busy = CacheError(f"{path}: another process is writing this cache (lock {lock.name} is "
-                      f"held); wait for it to finish")
-    key = str(lock.resolve())
-    if key in _LOCKS_HELD:
-        raise busy
-    fd = os.open(lock, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o644)
-    try:
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            raise busy from None
-        _LOCKS_HELD.add(key)
-        try:
-            remove_stale_temporaries(path)
-            yield
-        finally:
-            _LOCKS_HELD.discard(key)
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def writer_active(path: str | Path) -> bool:
-    """Whether another process holds the writer lock of cache `path` right now."""
-    path = Path(path)
-    lock = path.with_name(path.name + ".lock")
-    if not lock.exists() or str(lock.resolve()) in _LOCKS_HELD:
-        return False
-    try:
-        fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)  # releases the probe lock, if it was taken
-    return False
-
-
 def _incomplete(path: Path) -> str:
     if writer_active(path):
         return "INCOMPLETE (being extracted by another process now)"
@@ -516,6 +103,12 @@ def _incomplete(path: Path) -> str:
 
 
 # -- reading --------------------------------------------------------------------------------
+def _skipped_in_file(f: h5py.File) -> dict[str, str]:
+    if "skipped" not in f:
+        return {}
+    return dict(zip(f["skipped/ids"].asstr()[()], f["skipped/reasons"].asstr()[()]))
+
+
 def _open(path: Path, mode: str = "r") -> h5py.File:
     if not path.exists():
         raise CacheError(f"{path}: no such cache file")
@@ -665,3 +258,11 @@ def describe(path: str | Path) -> str:
     for k, v in sorted(m.config.items()):
         lines.append(f"config     {k} = {json.dumps(v)}")
     return "\n".join(lines)
+
+
+def write_cache(*args, **kwargs) -> Path:
+    """Write a complete cache in one call: the public way to bring your own embeddings
+    (see cache_writer.write_cache for the arguments)."""
+    from .cache_writer import write_cache as write
+
+    return write(*args, **kwargs)

@@ -10,7 +10,9 @@ from qamro_pipe.config import ExtractConfig
 from qamro_pipe.datasets import load_dataset
 from qamro_pipe.errors import CacheError, DataError
 from qamro_pipe.extract import extract
-from qamro_pipe.store import CacheWriter, read_cache, writer_lock
+from qamro_pipe.cache_files import writer_lock
+from qamro_pipe.cache_writer import CacheWriter
+from qamro_pipe.store import read_cache
 
 SMALL = dict(n_systems=4, n_prompts=6, seconds=1.0)
 CFG = ExtractConfig(backbone="melstats", device="cpu", batch_size=4, workers=0)
