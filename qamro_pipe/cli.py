@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import typer
 
-from .errors import QamroError
+from .errors import Interrupted, QamroError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="QAMRO MOS prediction: extract embeddings once, train heads in seconds.")
@@ -30,7 +30,7 @@ def command(group: typer.Typer = app, name: str | None = None):
                 if _state["debug"]:
                     raise
                 typer.echo(f"error: {e}", err=True)
-                raise typer.Exit(1) from None
+                raise typer.Exit(130 if isinstance(e, Interrupted) else 1) from None
             except KeyboardInterrupt:
                 typer.echo("interrupted", err=True)
                 raise typer.Exit(130) from None
@@ -63,6 +63,14 @@ def _table(metrics: dict[str, Any], level: str = "system") -> str:
                 cells.append(f"{v:>21.3f}")
         lines.append(f"{head:<12}" + "".join(cells))
     return "\n".join(lines)
+
+
+def _warn_backbone(recipe, data) -> None:
+    """A recipe names the backbone its heads were designed for; another one still trains."""
+    used = data.meta.backbone.split("@")[0]
+    if used != recipe.backbone:
+        typer.echo(f"warning: recipe {recipe.name!r} is meant for {recipe.backbone} features; "
+                   f"{data.path} holds {data.meta.backbone}", err=True)
 
 
 def _train_overrides(**opts) -> dict[str, Any]:
@@ -107,7 +115,8 @@ def train(
                          regression=regression))
     seed_list = [seed] if seed is not None else (seeds if seeds is not None else 1)
     members = expand_grid(lcfg, {"seeds": seed_list})
-    folder, metrics, result, _ = run_experiment(r, members, tcfg, cache, out, force)
+    folder, metrics, result, data = run_experiment(r, members, tcfg, cache, out, force)
+    _warn_backbone(r, data)
     typer.echo(_table(metrics))
     for msg in {**result.warnings, **result.failures}.values():
         typer.echo(f"warning: {msg}", err=True)
@@ -150,8 +159,9 @@ def sweep(
              "beta": parse_list(beta), "margin": parse_list(margin), "seeds": seeds}
     g.update({k: v for k, v in given.items() if v is not None})
     members = expand_grid(lcfg, g)
-    folder, metrics, result, _ = run_experiment(r, members, tcfg, cache, out, force,
-                                                kind="sweep")
+    folder, metrics, result, data = run_experiment(r, members, tcfg, cache, out, force,
+                                                   kind="sweep")
+    _warn_backbone(r, data)
     rows = sweep_rows(metrics)
     typer.echo(_sweep_table(rows))
     typer.echo(f"{len(members)} members trained as one model in {result.seconds:.1f} s on "

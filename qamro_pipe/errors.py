@@ -11,3 +11,7 @@ class CacheError(QamroError):
 
 class DataError(QamroError):
     """A dataset, manifest or audio file that cannot be read as declared."""
+
+
+class Interrupted(QamroError):
+    """Ctrl-C, stopped cleanly: the message says what is safe and how to resume."""

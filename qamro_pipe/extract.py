@@ -25,7 +25,7 @@ from .backbones import Backbone, get_backbone
 from .backbones.base import RANDOM_WEIGHTS, sha256_file
 from .config import ExtractConfig, cache_root, to_jsonable
 from .datasets import Clip, DatasetRecords
-from .errors import CacheError, DataError, QamroError
+from .errors import CacheError, DataError, Interrupted, QamroError
 from .cache_files import writer_lock
 from .cache_writer import CacheWriter, create_cache
 from .store import check_key, read_meta
@@ -209,7 +209,7 @@ def _fill(path: Path, records: DatasetRecords, bb: Backbone, cfg: ExtractConfig,
         except KeyboardInterrupt:
             bar.close()
             done = int(w.done.sum())
-            raise QamroError(f"interrupted: {done}/{len(clips)} clips are safely in {path}; "
+            raise Interrupted(f"interrupted: {done}/{len(clips)} clips are safely in {path}; "
                              f"rerun the same command to resume") from None
         finally:
             bar.close()

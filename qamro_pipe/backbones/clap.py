@@ -53,9 +53,10 @@ class ClapMusic(Backbone):
     def load(self) -> None:
         self._set_offline_env()  # before anything imports huggingface_hub / transformers
         path = self._resolve_checkpoint(CHECKPOINT_REPO, CHECKPOINT_NAME)
+        state = read_clap_state(path) if path is not None else None
         self.model, self.model_cfg = build_clap(AUDIO_MODEL)
         if path is not None:
-            load_clap_weights(self.model, path)
+            load_clap_weights(self.model, path, state)
         self.model.to(self.device).eval()
         self.tokenizer, self._tokenizer_problem = self._load_tokenizer()
 
@@ -153,18 +154,26 @@ def build_clap(amodel: str):
                                     enable_fusion=False)
 
 
-def load_clap_weights(model, path) -> None:
-    """Checkpoint weights into `model`, unpickling tensors and plain containers only."""
+def read_clap_state(path) -> dict:
+    """A checkpoint's state dict, unpickling tensors and plain containers only: read before
+    the model is built, so a bad or unsafe file is refused at once."""
     import torch
 
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise QamroError(f"clap-music: cannot read checkpoint {path} as plain weights "
-                         f"({str(e).splitlines()[0]})") from e
+        raise QamroError(f"clap-music: cannot read checkpoint {path} as plain weights; it "
+                         f"holds pickled objects that are not tensors or containers, which are "
+                         f"refused for safety ({str(e).splitlines()[0]})") from e
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
     if not isinstance(state, dict):
         raise QamroError(f"clap-music: checkpoint {path} holds no state dict")
+    return state
+
+
+def load_clap_weights(model, path, state: dict | None = None) -> None:
+    """Checkpoint weights into `model` (keys checked, then a strict load)."""
+    state = read_clap_state(path) if state is None else state
     state = {k.removeprefix("module."): v for k, v in state.items()}
     expected = model.state_dict()
     for key in STALE_BUFFERS:
