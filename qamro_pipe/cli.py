@@ -79,7 +79,10 @@ def _train_overrides(**opts) -> dict[str, Any]:
 
 @command()
 def train(
-    recipe: str = typer.Option("musiceval", help="Recipe name in stages/ or a .toml path."),
+    recipe: Optional[str] = typer.Option(None, help="Recipe name in stages/ or a .toml path "
+                                         "[default: musiceval]."),
+    dataset: Optional[str] = typer.Option(None, help="Use this dataset's recipe."),
+    backbone: Optional[str] = typer.Option(None, help="Read cache/<dataset>/<backbone>.h5."),
     cache: Optional[Path] = typer.Option(None, help="Cache file [default: the recipe's]."),
     out: Optional[Path] = typer.Option(None, help="Run folder [default: under the cache root]."),
     loss: Optional[str] = typer.Option(None, help="Ranking term: qamro, mr or none."),
@@ -103,10 +106,10 @@ def train(
 ):
     """Train QAMRO heads on a cache and write a run folder."""
     from .experiment import recipe_configs, run_experiment
-    from .recipes import load_recipe
+    from .recipes import select_recipe
     from .sweep import expand_grid
 
-    r = load_recipe(recipe)
+    r = select_recipe(recipe, dataset, backbone)
     tcfg, lcfg = recipe_configs(
         r, _train_overrides(val_split=val_split, eval_split=eval_split, max_epochs=max_epochs,
                             patience=patience, lr=lr, batch_size=batch_size,
@@ -126,7 +129,10 @@ def train(
 
 @command()
 def sweep(
-    recipe: str = typer.Option("musiceval", help="Recipe name in stages/ or a .toml path."),
+    recipe: Optional[str] = typer.Option(None, help="Recipe name in stages/ or a .toml path "
+                                         "[default: musiceval]."),
+    dataset: Optional[str] = typer.Option(None, help="Use this dataset's recipe."),
+    backbone: Optional[str] = typer.Option(None, help="Read cache/<dataset>/<backbone>.h5."),
     grid: Optional[str] = typer.Option(None, help="A named grid of the recipe (e.g. beta)."),
     cache: Optional[Path] = typer.Option(None, help="Cache file [default: the recipe's]."),
     out: Optional[Path] = typer.Option(None, help="Sweep folder [default: under cache root]."),
@@ -143,10 +149,10 @@ def sweep(
 ):
     """Train a grid over (loss, alpha, beta, seed) as one batched model; table and plot."""
     from .experiment import recipe_configs, run_experiment
-    from .recipes import load_recipe
+    from .recipes import select_recipe
     from .sweep import expand_grid, parse_list, sweep_rows
 
-    r = load_recipe(recipe)
+    r = select_recipe(recipe, dataset, backbone)
     tcfg, lcfg = recipe_configs(r, _train_overrides(val_split=val_split, eval_split=eval_split,
                                                     max_epochs=max_epochs, device=device))
     g: dict[str, Any] = {}

@@ -9,6 +9,7 @@ from typing import Any
 from .errors import QamroError
 
 LOSS_KINDS = ("qamro", "mr", "none")
+DEFAULT_RECIPE = "musiceval"  # what `train` and `sweep` do when told nothing
 
 
 def cache_root() -> Path:

@@ -4,11 +4,11 @@ The paper's hyper-parameters live in config.py; a recipe only overrides what its
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .config import cache_root
+from .config import DEFAULT_RECIPE, cache_root
 from .errors import QamroError
 from .heads import HeadSpec
 
@@ -65,3 +65,13 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
                       reference=data.get("reference", {}), path=path)
     except (KeyError, TypeError) as e:  # a missing key, or an unknown head setting
         raise QamroError(f"{path}: recipe is missing or mistypes {e}") from None
+
+
+def select_recipe(recipe: str | None = None, dataset: str | None = None,
+                  backbone: str | None = None) -> Recipe:
+    """The CLI's choice: --recipe NAME|PATH, or --dataset NAME (its recipe has that name), and
+    --backbone to read that backbone's cache of the dataset instead of the recipe's."""
+    r = load_recipe(recipe or dataset or DEFAULT_RECIPE)
+    if dataset and r.dataset != dataset:
+        raise QamroError(f"recipe {r.name!r} is for dataset {r.dataset!r}, not {dataset!r}")
+    return replace(r, backbone=backbone) if backbone else r
