@@ -211,19 +211,30 @@ def extract(
                                            help="Never touch the network."),
     skip_bad: Optional[bool] = typer.Option(None, "--skip-bad", help="List bad files in the "
                                             "cache and go on instead of stopping."),
+    shard: Optional[str] = typer.Option(None, help="K/N: extract clips K, K+N, ... into "
+                                        "NAME.part-K-of-N.h5 (join with `cache merge`)."),
     force: bool = typer.Option(False, "--force", help="Replace a cache made differently."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ):
-    """Embed a dataset with a frozen backbone into one HDF5 cache (resumable)."""
+    """Embed a dataset with a frozen backbone into one HDF5 cache (resumable). Under
+    torchrun, each rank extracts a shard and rank 0 merges them."""
     from .config import ExtractConfig, override
     from .extract import default_cache_path, extract as run_extract, records_for, summary_text
 
     cfg = override(ExtractConfig(), backbone=backbone, checkpoint=checkpoint,
                    tokenizer_dir=tokenizer_dir, device=device, precision=precision,
                    batch_size=batch_size, workers=workers, offline=offline, skip_bad=skip_bad)
+    from .shards import extract_distributed, parse_shard, torchrun_rank
+
     records = records_for(dataset, root, manifest, splits)
     path = out or default_cache_path(records.name, cfg.backbone, cache_dir)
-    summary = run_extract(records, cfg, path, force=force, progress=not quiet)
+    if shard is None and torchrun_rank():
+        rank, summary = extract_distributed(records, cfg, path, force, progress=not quiet)
+        if rank == 0:
+            typer.echo(summary_text(summary) + f"\nmerged all shards into {path}")
+        return
+    summary = run_extract(records, cfg, path, force=force, progress=not quiet,
+                          shard=parse_shard(shard) if shard else None)
     typer.echo(summary_text(summary))
 
 
@@ -325,6 +336,18 @@ def cache_info(path: Path = typer.Argument(..., help="A cache .h5 file.")):
     from .store import describe
 
     typer.echo(describe(path))
+
+
+@command(cache_app, "merge")
+def cache_merge(
+    parts: list[Path] = typer.Argument(..., help="NAME.part-K-of-N.h5 files, all N of them."),
+    out: Path = typer.Option(..., help="The merged cache file."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing file."),
+):
+    """Join the shards of an extraction into the cache one process would have written."""
+    from .shards import merge_parts
+
+    typer.echo(f"merged {len(parts)} shards into {merge_parts(parts, out, force)}")
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import signal
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -93,9 +93,18 @@ def _decode(task: tuple[int, str, int, float, float | None, float | None]):
     return row, wins, None
 
 
+def part_path(path: str | Path, index: int, count: int) -> Path:
+    """Where shard index/count of cache `path` is written: NAME.part-K-of-N.h5."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.part-{index}-of-{count}{path.suffix}")
+
+
 def extract(records: DatasetRecords, cfg: ExtractConfig = ExtractConfig(),
             cache_path: str | Path | None = None, force: bool = False,
-            progress: bool = True) -> ExtractSummary:
+            progress: bool = True, shard: tuple[int, int] | None = None) -> ExtractSummary:
+    """Embed `records` into the cache at `cache_path`. With shard=(k, n), only clips k, k+n,
+    k+2n, ... go into NAME.part-k-of-n.h5, which `shards.merge_parts` joins with the others
+    into the cache a single process would have written."""
     device = _device(cfg.device)
     bb = get_backbone(cfg.backbone, checkpoint=cfg.checkpoint, device=device,
                       precision=cfg.precision, offline=cfg.offline,
@@ -104,6 +113,15 @@ def extract(records: DatasetRecords, cfg: ExtractConfig = ExtractConfig(),
     if not records.clips:
         raise DataError(f"{records.name}: the dataset has no clips")
     key = cache_key(records, bb)
+    extra: dict[str, Any] = {}
+    if shard is not None:
+        k, n = shard
+        if not 0 <= k < n:
+            raise QamroError(f"--shard {k}/{n}: the index must be in 0..{n - 1}")
+        extra["shard"] = {"index": k, "count": n, "full_key": key}
+        records = replace(records, clips=records.clips[k::n])
+        key = {**cache_key(records, bb), "shard": f"{k}/{n}"}
+        path = part_path(path, k, n)
     with writer_lock(path):
         if path.exists():
             try:
@@ -118,7 +136,7 @@ def extract(records: DatasetRecords, cfg: ExtractConfig = ExtractConfig(),
                     return ExtractSummary(path, len(records.clips), len(records.clips),
                                           status="nothing to do")
         if not path.exists():
-            _create(path, records, bb, cfg, key)
+            _create(path, records, bb, cfg, key, extra)
         return _fill(path, records, bb, cfg, progress)
 
 
@@ -131,7 +149,7 @@ def _device(device: str) -> str:
 
 
 def _create(path: Path, records: DatasetRecords, bb: Backbone, cfg: ExtractConfig,
-            key: dict[str, Any]) -> None:
+            key: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
     specs = bb.feature_specs()
     clip_specs = {k: s.shape for k, s in specs.items() if not s.per_window}
     win_specs = {k: s.shape for k, s in specs.items() if s.per_window}
@@ -149,7 +167,7 @@ def _create(path: Path, records: DatasetRecords, bb: Backbone, cfg: ExtractConfi
                 bad[c.id] = str(e)
                 counts.append(0)
     config = {"extract": to_jsonable(cfg), "provenance": bb.provenance(), "key": key,
-              "label_range": records.label_range}
+              "label_range": records.label_range, **(extra or {})}
     create_cache(path, ids=[c.id for c in records.clips],
                  systems=[c.system for c in records.clips],
                  splits=[c.split for c in records.clips],
