@@ -198,6 +198,8 @@ def _fill(path: Path, records: DatasetRecords, bb: Backbone, cfg: ExtractConfig,
             first = next(decoded, None)  # forks the decoding workers before the model loads
             t_load = time.perf_counter()
             if tasks and not bb.loaded:  # a resumed run with nothing left only finishes
+                import torch  # noqa: F401  (every backbone runs under it: start-up, not work)
+
                 bb.load()
                 bb.loaded = True
             summary.load_seconds = time.perf_counter() - t_load
