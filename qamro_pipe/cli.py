@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import typer
 
+from .config import DEFAULT_RECIPE
 from .errors import Interrupted, QamroError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -80,11 +81,11 @@ def _train_overrides(**opts) -> dict[str, Any]:
 @command()
 def train(
     recipe: Optional[str] = typer.Option(None, help="Recipe name in stages/ or a .toml path "
-                                         "[default: musiceval]."),
+                                         f"(default: {DEFAULT_RECIPE})."),
     dataset: Optional[str] = typer.Option(None, help="Use this dataset's recipe."),
     backbone: Optional[str] = typer.Option(None, help="Read cache/<dataset>/<backbone>.h5."),
-    cache: Optional[Path] = typer.Option(None, help="Cache file [default: the recipe's]."),
-    out: Optional[Path] = typer.Option(None, help="Run folder [default: under the cache root]."),
+    cache: Optional[Path] = typer.Option(None, help="Cache file (default: the recipe's)."),
+    out: Optional[Path] = typer.Option(None, help="Run folder (default: under the cache root)."),
     loss: Optional[str] = typer.Option(None, help="Ranking term: qamro, mr or none."),
     alpha: Optional[float] = typer.Option(None, help="QAMRO margin scale."),
     beta: Optional[float] = typer.Option(None, help="QAMRO quality preference (1 = off)."),
@@ -130,12 +131,12 @@ def train(
 @command()
 def sweep(
     recipe: Optional[str] = typer.Option(None, help="Recipe name in stages/ or a .toml path "
-                                         "[default: musiceval]."),
+                                         f"(default: {DEFAULT_RECIPE})."),
     dataset: Optional[str] = typer.Option(None, help="Use this dataset's recipe."),
     backbone: Optional[str] = typer.Option(None, help="Read cache/<dataset>/<backbone>.h5."),
     grid: Optional[str] = typer.Option(None, help="A named grid of the recipe (e.g. beta)."),
-    cache: Optional[Path] = typer.Option(None, help="Cache file [default: the recipe's]."),
-    out: Optional[Path] = typer.Option(None, help="Sweep folder [default: under cache root]."),
+    cache: Optional[Path] = typer.Option(None, help="Cache file (default: the recipe's)."),
+    out: Optional[Path] = typer.Option(None, help="Sweep folder (default: under cache root)."),
     loss: Optional[str] = typer.Option(None, help="Comma list of qamro, mr, none."),
     alpha: Optional[str] = typer.Option(None, help="Comma list, e.g. 0.1,0.2."),
     beta: Optional[str] = typer.Option(None, help="Comma list, e.g. 1,3,5,7,9,11."),
@@ -200,8 +201,8 @@ def extract(
     backbone: Optional[str] = typer.Option(None, help="clap-music, aesthetics or melstats."),
     checkpoint: Optional[str] = typer.Option(None, help="Backbone weights file."),
     tokenizer_dir: Optional[str] = typer.Option(None, help="Tokenizer files (offline CLAP)."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Cache root [default: $QAMRO_CACHE_DIR "
-                                             "or ./cache]."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Cache root (default: $QAMRO_CACHE_DIR "
+                                             "or ./cache)."),
     out: Optional[Path] = typer.Option(None, help="Exact cache file path."),
     device: Optional[str] = typer.Option(None),
     precision: Optional[str] = typer.Option(None, help="fp32, bf16 or fp16."),
@@ -258,9 +259,9 @@ def demo(quiet: bool = typer.Option(False, "--quiet", help="No progress bar.")):
 @command()
 def evaluate(
     run: Path = typer.Argument(..., help="A run folder."),
-    split: Optional[str] = typer.Option(None, help="Split to score [default: the run's "
-                                        "eval split]."),
-    cache: Optional[Path] = typer.Option(None, help="Cache [default: the run's own]."),
+    split: Optional[str] = typer.Option(None, help="Split to score (default: the run's "
+                                        "eval split)."),
+    cache: Optional[Path] = typer.Option(None, help="Cache (default: the run's own)."),
 ):
     """Re-score a trained run on a cache split: utterance and system level, 95% CIs."""
     from .evaluate import TrainedRun, evaluate_run
@@ -281,8 +282,8 @@ def predict(
     text: Optional[str] = typer.Option(None, help="Prompt for every file (textual heads)."),
     out: Optional[Path] = typer.Option(None, help="Write scores to .csv or .jsonl."),
     answer: Optional[Path] = typer.Option(None, help="Write the AudioMOS submission format."),
-    checkpoint: Optional[str] = typer.Option(None, help="Backbone weights [default: the "
-                                             "run's]."),
+    checkpoint: Optional[str] = typer.Option(None, help="Backbone weights (default: the "
+                                             "run's)."),
     tokenizer_dir: Optional[str] = typer.Option(None),
     device: Optional[str] = typer.Option(None),
 ):
@@ -309,9 +310,9 @@ def predict(
 @command()
 def table(
     recipe: str = typer.Option("table1", help="A table recipe (stages/table1.toml ...)."),
-    model: Optional[str] = typer.Option(None, help="Model recipe [default: the table's]."),
+    model: Optional[str] = typer.Option(None, help="Model recipe (default: the table's)."),
     cache: Optional[Path] = typer.Option(None),
-    seeds: Optional[int] = typer.Option(None, help="Seeds per row [default: the table's]."),
+    seeds: Optional[int] = typer.Option(None, help="Seeds per row (default: the table's)."),
     out: Optional[Path] = typer.Option(None),
     max_epochs: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None),
