@@ -21,8 +21,6 @@ from .inputs import (build_head, head_inputs, label_col, label_stats, predict_un
 from .losses import pairwise_ranking_loss, regression_loss
 from .store import Cache
 
-_MASK64 = (1 << 64) - 1
-
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":

@@ -1,6 +1,5 @@
 import json
 
-import h5py
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -11,7 +10,6 @@ from qamro_pipe.datasets import load_dataset
 from qamro_pipe.errors import CacheError, DataError
 from qamro_pipe.extract import extract
 from qamro_pipe.cache_files import writer_lock
-from qamro_pipe.cache_writer import CacheWriter
 from qamro_pipe.store import read_cache
 
 SMALL = dict(n_systems=4, n_prompts=6, seconds=1.0)
