@@ -173,7 +173,8 @@ class _Engine:
         for start in range(0, n, bs):
             idx = perm[:, start:start + bs]  # [K, b]
             views = {h.name: self.models[h.name].views() for h in self.heads}
-            total = self.loss_fn([self.models[h.name](self.X[h.name][idx], views[h.name])
+            x = _gather(self.heads, self.X, idx)
+            total = self.loss_fn([self.models[h.name](x[h.features], views[h.name])
                                   for h in self.heads],
                                  [self.Y[h.name][idx] for h in self.heads])  # [K]
             self.finite &= torch.isfinite(total) | ~self.active
@@ -263,7 +264,11 @@ def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
         if not np.isfinite(cache.labels[split.train, label_col(cache, h)]).any():
             raise QamroError(f"{cache.path}: labels of head {h.name!r} are all NaN in train")
     units = units_for(cache, heads)
-    X = {h.name: torch.from_numpy(head_inputs(cache, h)).to(device) for h in heads}
+    shared: dict[tuple[str, ...], torch.Tensor] = {}  # heads reading the same features share
+    for h in heads:                                    # one copy (the four AES axes: 4x less)
+        if h.features not in shared:
+            shared[h.features] = torch.from_numpy(head_inputs(cache, h)).to(device)
+    X = {h.name: shared[h.features] for h in heads}
     Y = {h.name: torch.from_numpy(np.ascontiguousarray(
         units.per_unit(cache.labels[:, label_col(cache, h)]))).to(device) for h in heads}
     stats = {h.name: label_stats(cache, h, split.train) for h in heads}
@@ -311,7 +316,18 @@ def _sgd(params, grads, bufs, step: torch.Tensor, cfg: TrainConfig) -> None:
 def _val_loss(models, heads, X, Y, rows, loss_fn, bs, sizes) -> torch.Tensor:
     """Mean over heads of the training objective on the validation rows, in fixed chunks of
     the batch size (the ranking term is a mini-batch loss; chunks bound its memory)."""
-    chunks = [loss_fn([models[h.name](X[h.name][rows[s:s + bs]]) for h in heads],
-                      [Y[h.name][rows[s:s + bs]] for h in heads])
-              for s in range(0, len(rows), bs)]  # each [K], summed over heads
+    chunks = []
+    for s in range(0, len(rows), bs):
+        x = _gather(heads, X, rows[s:s + bs])
+        chunks.append(loss_fn([models[h.name](x[h.features]) for h in heads],
+                              [Y[h.name][rows[s:s + bs]] for h in heads]))  # [K], over heads
     return (torch.stack(chunks) * sizes[:, None]).sum(0) / sizes.sum() / len(heads)
+
+
+def _gather(heads, X, idx: torch.Tensor) -> dict[tuple[str, ...], torch.Tensor]:
+    """Each distinct input's rows, gathered once however many heads read it."""
+    out: dict[tuple[str, ...], torch.Tensor] = {}
+    for h in heads:
+        if h.features not in out:
+            out[h.features] = X[h.name][idx]
+    return out
