@@ -326,7 +326,7 @@ def table(
     typer.echo(res["title"])
     typer.echo(res["text"])
     if not res["reference_shown"]:
-        typer.echo("(the paper's figures are shown only for the real dataset)")
+        typer.echo("(the paper's figures are shown only for its dataset and backbone)")
     typer.echo(f"wrote {res['folder'] / 'table.md'} and table.csv "
                f"({res['result'].seconds:.1f} s on {res['result'].device})")
 

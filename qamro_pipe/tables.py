@@ -126,7 +126,8 @@ def run_table(table: str | Path, model: str | None = None, cache: str | Path | N
     folder, metrics, result, data = run_experiment(recipe, members, tcfg, cache, out, force)
     rows = aggregate(t, metrics, members, row_of)
     heads = [h.name for h in recipe.heads]
-    real = t.reference.get("dataset") == data.meta.dataset
+    real = (t.reference.get("dataset") == data.meta.dataset
+            and data.meta.backbone.split("@")[0] == recipe.backbone)  # the paper's setting
     text, md, csv_rows = render(t, heads, rows, show_reference=real)
     title = (f"{t.name}: {recipe.name}, {t.level}-level on {metrics['eval_split']!r}, "
              f"mean ± sd over {seeds or t.seeds} seeds (validation: {metrics['validation']})")
