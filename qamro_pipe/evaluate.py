@@ -13,9 +13,8 @@ import torch
 from .config import TrainConfig, to_jsonable
 from .errors import CacheError, QamroError
 from .heads import BatchedMLP, HeadSpec
-from .inputs import build_head, head_inputs, label_col, predict_units, units_for
-from .metrics import evaluate as figures
-from .runs import load_run
+from .inputs import build_head, head_inputs, predict_units, units_for
+from .runs import head_metrics, load_run, write_predictions
 from .store import Cache, read_cache
 
 # key fields of the cache that decide what the features mean (not which clips are in it)
@@ -88,13 +87,8 @@ def evaluate_run(run: str | Path, split: str = "dev", cache: str | Path | None =
     if len(rows) == 0:
         raise QamroError(f"{data.path}: split {split!r} has no usable rows (splits here: "
                          f"{', '.join(sorted(set(data.splits)))})")
-    heads = {}
-    for h in tr.heads:
-        col = label_col(data, h)
-        mos = {s: float(v[col]) for s, v in data.system_mos.items()} or None
-        heads[h.name] = figures(data.labels[rows, col], preds[h.name][:, rows].mean(0),
-                                data.systems[rows], mos, n_boot,
-                                what=f"{data.path} head {h.name!r} split {split!r}")
+    means = {h: p.mean(0) for h, p in preds.items()}  # the run's score: mean over members
+    heads = head_metrics(data, tr.heads, means, rows, n_boot, what=f" split {split!r}")
     metrics = {"run": str(tr.path), "cache": str(data.path), "eval_split": split,
                "validation": tr.config.get("validation"), "members": len(tr.members),
                "prediction": "mean over members" if len(tr.members) > 1 else "single member",
@@ -104,16 +98,8 @@ def evaluate_run(run: str | Path, split: str = "dev", cache: str | Path | None =
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     (tmp / "metrics.json").write_text(json.dumps(to_jsonable(metrics), indent=2) + "\n")
-    with open(tmp / "predictions.csv", "w") as f:
-        f.write("id,system,split," + ",".join(f"true_{h.name},pred_{h.name}"
-                                               for h in tr.heads) + "\n")
-        for i in rows:
-            cells = [data.ids[i], data.systems[i], data.splits[i]]
-            for h in tr.heads:
-                true = data.labels[i, label_col(data, h)]
-                cells += ["" if np.isnan(true) else f"{true:.6g}",
-                          f"{preds[h.name][:, i].mean():.6g}"]
-            f.write(",".join(cells) + "\n")
+    write_predictions(tmp / "predictions.csv", data, tr.heads,
+                      {h: m[None] for h, m in means.items()}, rows)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

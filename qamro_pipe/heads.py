@@ -60,16 +60,16 @@ class BatchedMLP(nn.Module):
                 self.layout += [(f"g{i}", (dims[i + 1],)), (f"beta{i}", (dims[i + 1],))]
         self.flat = nn.Parameter(torch.empty(self.k, sum(math.prod(s) for _, s in self.layout)))
         with torch.no_grad():
+            views = self.named_views()
             for k, seed in enumerate(seeds):
                 g = torch.Generator().manual_seed(member_seed(seed, "init", name))
-                for pname, t in self.named_views().items():
+                for pname, t in views.items():
                     if pname == "layer_weights":
                         t[k].fill_(1.0 / n_layers)  # uniform softmax, as the original
                     elif pname.startswith("w"):
                         bound = 1 / math.sqrt(t.shape[1])  # nn.Linear's initialisation
                         t[k].uniform_(-bound, bound, generator=g)
-                        b = self.named_views()["b" + pname[1:]]
-                        b[k].uniform_(-bound, bound, generator=g)
+                        views["b" + pname[1:]][k].uniform_(-bound, bound, generator=g)
                     elif pname.startswith("g"):
                         t[k].fill_(1.0)
                     elif pname.startswith("beta"):

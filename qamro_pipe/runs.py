@@ -39,15 +39,17 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def member_metrics(cache: Cache, result: TrainResult, k: int, rows: np.ndarray,
-                   n_boot: int) -> dict[str, Any]:
+def head_metrics(cache: Cache, heads, preds: dict[str, np.ndarray], rows: np.ndarray,
+                 n_boot: int, what: str = "") -> dict[str, Any]:
+    """Per head, utterance- and system-level figures of `preds[head]` ([N] scores) on `rows`,
+    against the published system MOS where the cache has one."""
     out = {}
-    for h in result.heads:
+    for h in heads:
         col = cache.label_names.index(h.label)
         mos = {s: float(v[col]) for s, v in cache.system_mos.items()} or None
-        out[h.name] = evaluate(cache.labels[rows, col], result.predictions[h.name][k, rows],
+        out[h.name] = evaluate(cache.labels[rows, col], preds[h.name][rows],
                                cache.systems[rows], mos, n_boot,
-                               what=f"{cache.path} head {h.name!r}")
+                               what=f"{cache.path} head {h.name!r}{what}")
     return out
 
 
@@ -65,7 +67,9 @@ def summarise(cache: Cache, result: TrainResult, cfg: TrainConfig) -> dict[str, 
         if k in result.failures:
             entry["failed"] = result.failures[k]
         else:
-            entry["heads"] = member_metrics(cache, result, k, rows, cfg.bootstrap)
+            entry["heads"] = head_metrics(cache, result.heads,
+                                          {h: p[k] for h, p in result.predictions.items()},
+                                          rows, cfg.bootstrap)
             if k in result.warnings:
                 entry["warning"] = result.warnings[k]
         members.append(entry)
@@ -86,26 +90,28 @@ def summarise(cache: Cache, result: TrainResult, cfg: TrainConfig) -> dict[str, 
             "heads": heads, "members": members}
 
 
-def write_predictions(path: Path, cache: Cache, result: TrainResult) -> None:
-    ok = [k for k in range(len(result.members)) if k not in result.failures]
+def write_predictions(path: Path, cache: Cache, heads, preds: dict[str, np.ndarray],
+                      rows: np.ndarray, members: list[int] | None = None) -> None:
+    """id, system, split, then per head the true score, the mean prediction over members
+    (preds[head] is [members, N]) and, with several members, each member's (columns named
+    by `members`, the members' indices in the run)."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         header = ["id", "system", "split"]
-        for h in result.heads:
+        for h in heads:
             header += [f"true_{h.name}", f"pred_{h.name}"]
-            if len(ok) > 1:
-                header += [f"pred_{h.name}_m{k}" for k in ok]
+            if len(preds[h.name]) > 1:
+                header += [f"pred_{h.name}_m{k}"
+                           for k in (members or range(len(preds[h.name])))]
         w.writerow(header)
-        cols = {h.name: cache.label_names.index(h.label) for h in result.heads}
-        for i in range(len(cache.ids)):
-            if cache.usable is not None and not cache.usable[i]:
-                continue
+        cols = {h.name: cache.label_names.index(h.label) for h in heads}
+        for i in rows:
             row = [cache.ids[i], cache.systems[i], cache.splits[i]]
-            for h in result.heads:
-                p = result.predictions[h.name][ok, i]
+            for h in heads:
+                p = preds[h.name][:, i]
                 true = cache.labels[i, cols[h.name]]
                 row += ["" if np.isnan(true) else f"{true:.6g}", f"{p.mean():.6g}"]
-                if len(ok) > 1:
+                if len(p) > 1:
                     row += [f"{v:.6g}" for v in p]
             w.writerow(row)
 
@@ -180,7 +186,11 @@ def save_run(out: Path, *, config: dict[str, Any], metrics: dict[str, Any], cach
     (tmp / "config.json").write_text(config_text)
     (tmp / "metrics.json").write_text(metrics_text)
     fault_point("SAVE", str(tmp))
-    write_predictions(tmp / "predictions.csv", cache, result)
+    ok = [k for k in range(len(result.members)) if k not in result.failures]
+    write_predictions(tmp / "predictions.csv", cache, result.heads,
+                      {h: p[ok] for h, p in result.predictions.items()},
+                      np.flatnonzero(cache.usable) if cache.usable is not None
+                      else np.arange(len(cache.ids)), members=ok)
     save_file(tensors, str(tmp / "heads.safetensors"),
               metadata={"qamro_run_version": str(RUN_VERSION)})
     if extra is not None:
