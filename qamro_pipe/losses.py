@@ -13,6 +13,9 @@ equals the mean over unordered pairs.
 """
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -48,26 +51,71 @@ def normalise_labels(target: torch.Tensor, known: torch.Tensor, norm: str = "bat
     return torch.where(span > 0, (target - lo) / span.clamp_min(1e-12), torch.zeros_like(target))
 
 
+class LabelTerms(NamedTuple):
+    """Everything both loss terms need from a batch of labels [..., B] alone. Training
+    computes it once per epoch for all of that epoch's steps ([steps, K, B]) and once for the
+    fixed validation chunks, so a step runs only the parts that depend on the predictions."""
+
+    y: torch.Tensor  # [..., B] labels, 0 where unknown
+    yn: torch.Tensor  # [..., B] labels, NaN where unknown (NaN compares False: no pair)
+    q: torch.Tensor  # [..., B] quality weight of a pair whose better clip is this one
+    n_pairs: torch.Tensor  # [..., 1] pairs with y_i > y_j, at least 1 (none: loss 0)
+    y_reg: torch.Tensor  # [..., B] the regression target ((y - mean) / std), 0 where unknown
+    known: torch.Tensor  # [..., B] 1.0 where the label is known, else 0.0
+    n_known: torch.Tensor  # [..., 1] known labels, at least 1
+
+    def select(self, index) -> "LabelTerms":
+        """The same index (e.g. a step number) applied to every field's leading dims."""
+        return LabelTerms(*(t[index] for t in self))
+
+
+def _col(x, like: torch.Tensor) -> torch.Tensor:
+    """A float or a per-batch tensor [...] -> a tensor broadcasting against [..., B]."""
+    return torch.as_tensor(x, dtype=like.dtype, device=like.device)[..., None]
+
+
+def label_terms(target: torch.Tensor, beta=1.0, norm: str = "batch",
+                label_range: tuple[float, float] | None = None, mean=0.0,
+                std=1.0) -> LabelTerms:
+    """Labels [..., B] (NaN = unknown) -> LabelTerms. beta, mean and std are floats or
+    tensors of the leading shape (per member)."""
+    with torch.no_grad():
+        known = torch.isfinite(target)
+        y = torch.where(known, target, 0.0)
+        ny = normalise_labels(y, known, norm, label_range)
+        q = 1 + (_col(beta, y) - 1) * ny
+        # pairs with y_i > y_j, counted without the [B, B] matrix: for each known label,
+        # how many labels sort strictly below it (unknown ones sort above everything)
+        ranked = torch.where(known, target, math.inf).sort(-1).values
+        below = torch.searchsorted(ranked, y, side="left")
+        n_pairs = (below * known).sum(-1, keepdim=True).clamp_min(1).to(y.dtype)
+        y_reg = torch.where(known, (target - _col(mean, y)) / _col(std, y), 0.0)
+        n_known = known.sum(-1, keepdim=True).clamp_min(1).to(y.dtype)
+        return LabelTerms(y, torch.where(known, target, math.nan), q, n_pairs, y_reg,
+                          known.to(y.dtype), n_known)
+
+
 class _PairHinge(torch.autograd.Function):
-    """sum_{y_i > y_j} q_i relu(a_i - u_j) / count per member, gradient in closed form.
+    """sum_{y_i > y_j} q_i relu(a_i - u_j) / n_pairs per member, gradient in closed form.
 
     With u = alpha y - p and a = u + margin, a pair's term is symmetric in (i, j), so the mean
     over ordered pairs equals the mean over the pairs with y_i > y_j; on those the quality
     weight max(ny_i, ny_j) is ny_i (normalisation is monotone), a per-row factor q_i. So one
     broadcast subtraction gives every hinge argument, and with A = 1[hinge > 0] the gradient is
-    dL/dp_a = (sum_i q_i A_ia - q_a sum_j A_aj) / count: a handful of [K, B, B] passes in all,
-    none of autograd's temporaries."""
+    dL/dp_a = (sum_i q_i A_ia - q_a sum_j A_aj) / n_pairs: a handful of [K, B, B] passes in
+    all, none of autograd's temporaries."""
 
     @staticmethod
-    def forward(ctx, pred, y, q, above, alpha, margin, count):
-        # pred, y, q [K, B]; above [K, B, B] bool; alpha, margin, count [K, 1]
+    def forward(ctx, pred, y, yn, q, n_pairs, alpha, margin):
+        # pred, y, yn, q [K, B]; n_pairs, alpha, margin [K, 1]
         u = torch.addcmul(-pred, alpha, y)  # [K, B]
+        above = yn[:, :, None] > yn[:, None, :]  # [K, B, B]: the pairs with y_i > y_j
         hinge = ((u + margin)[:, :, None] - u[:, None, :]).clamp_min_(0).mul_(above)
         qt = q[:, None, :]  # [K, 1, B]
-        loss = torch.bmm(qt, hinge).sum((1, 2)) / count[:, 0]
+        loss = torch.bmm(qt, hinge).sum((1, 2)) / n_pairs[:, 0]
         if ctx.needs_input_grad[0]:
             act = hinge.sign_()  # 0/1 (hinge >= 0)
-            grad = (torch.bmm(qt, act)[:, 0] - q * act.sum(2)) / count  # [K, B]
+            grad = (torch.bmm(qt, act)[:, 0] - q * act.sum(2)) / n_pairs  # [K, B]
             ctx.save_for_backward(grad)
         return loss
 
@@ -77,22 +125,35 @@ class _PairHinge(torch.autograd.Function):
         return grad[:, None] * g, None, None, None, None, None, None
 
 
+def pair_hinge(pred: torch.Tensor, t: LabelTerms, alpha, margin) -> torch.Tensor:
+    """The pair loss of predictions [K, B] given their LabelTerms: [K]."""
+    return _PairHinge.apply(pred, t.y, t.yn, t.q, t.n_pairs, _col(alpha, pred),
+                            _col(margin, pred))
+
+
+def regression(pred: torch.Tensor, t: LabelTerms, kind: str = "huber",
+               delta: float = 1.0) -> torch.Tensor:
+    """Mean regression loss of predictions [K, B] against t.y_reg over known labels: [K]."""
+    if kind == "huber":
+        per = F.huber_loss(pred, t.y_reg, reduction="none", delta=delta)
+    elif kind == "mse":
+        per = (pred - t.y_reg) ** 2
+    elif kind == "mse+mae":
+        per = (pred - t.y_reg) ** 2 + (pred - t.y_reg).abs()
+    else:
+        raise ValueError(f"unknown regression loss {kind!r}")
+    return (per * t.known).sum(-1) / t.n_known[..., 0]
+
+
 def pairwise_ranking_loss(pred: torch.Tensor, target: torch.Tensor, alpha=0.0, beta=1.0,
                           margin=0.0, norm: str = "batch",
                           label_range: tuple[float, float] | None = None) -> torch.Tensor:
     """The general pair loss both QAMRO and L_MR are instances of (see module docstring)."""
     pred, target, squeeze = _as_batched(pred, target)
     k = pred.shape[0]
-    with torch.no_grad():  # everything but the hinge depends on the labels alone
-        known = torch.isfinite(target)  # [K, B]
-        y = torch.where(known, target, torch.zeros_like(target))
-        ny = normalise_labels(y, known, norm, label_range)  # [K, B]
-        q = 1 + (_per_member(beta, k, pred)[:, :, 0] - 1) * ny
-        yn = torch.where(known, target, torch.nan)  # unknown labels compare False
-        above = yn[:, :, None] > yn[:, None, :]  # [K, B, B]: pairs with y_i > y_j
-        count = above.sum((1, 2)).clamp_min(1).to(pred.dtype)[:, None]  # none -> 0 loss
-    loss = _PairHinge.apply(pred, y, q, above, _per_member(alpha, k, pred)[:, :, 0],
-                            _per_member(margin, k, pred)[:, :, 0], count)
+    t = label_terms(target, _per_member(beta, k, pred)[:, 0, 0], norm, label_range)
+    loss = pair_hinge(pred, t, _per_member(alpha, k, pred)[:, 0, 0],
+                      _per_member(margin, k, pred)[:, 0, 0])
     return loss[0] if squeeze else loss
 
 
@@ -112,16 +173,5 @@ def regression_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "huber
                     delta: float = 1.0) -> torch.Tensor:
     """Mean regression loss over known labels, per member: huber, mse or mse+mae."""
     pred, target, squeeze = _as_batched(pred, target)
-    known = torch.isfinite(target)
-    y = torch.where(known, target, pred.detach())
-    if kind == "huber":
-        per = F.huber_loss(pred, y, reduction="none", delta=delta)
-    elif kind == "mse":
-        per = (pred - y) ** 2
-    elif kind == "mse+mae":
-        per = (pred - y) ** 2 + (pred - y).abs()
-    else:
-        raise ValueError(f"unknown regression loss {kind!r}")
-    per = torch.where(known, per, torch.zeros_like(per))
-    loss = per.sum(-1) / known.sum(-1).clamp_min(1).to(pred.dtype)
+    loss = regression(pred, label_terms(target), kind, delta)
     return loss[0] if squeeze else loss

@@ -12,13 +12,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .config import LossConfig, Member, TrainConfig
 from .errors import QamroError
 from .heads import HeadSpec, member_seed
 from .inputs import (build_head, head_inputs, label_col, label_stats, predict_units,
                      units_for)
-from .losses import pairwise_ranking_loss, regression_loss
+from .losses import LabelTerms, label_terms, pair_hinge, regression
 from .store import Cache
 
 
@@ -128,15 +129,26 @@ class _Losses:
         if first.norm == "range" and self.label_range is None:
             raise QamroError("norm='range' needs a label range (the recipe's label_range)")
 
-    def __call__(self, preds: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tensor:
-        """Per head [K, b] predictions and labels -> [K] objective summed over heads."""
+    def terms(self, ys: list[torch.Tensor], bs: int) -> LabelTerms:
+        """Per head labels [K or 1, n], in the order the rows are visited, cut into chunks of
+        bs (the last padded with unknown labels) -> the label terms of every chunk at once,
+        fields [n_chunks, H*K, bs]: chunk c's are `.select((c, slice(None), slice(None, b)))`
+        with b its real size (padding is unknown: it changes no count)."""
+        n = ys[0].shape[-1]
+        chunks = -(-n // bs)
+        y = torch.cat([t.expand(self.k, n) for t in ys])  # [H*K, n]
+        y = F.pad(y, (0, chunks * bs - n), value=math.nan)
+        y = y.view(len(y), chunks, bs).transpose(0, 1).contiguous()
+        return label_terms(y, self.beta, self.cfg.norm, self.label_range, self.mean[:, 0],
+                           self.std[:, 0])
+
+    def __call__(self, preds: list[torch.Tensor], t: LabelTerms) -> torch.Tensor:
+        """Per head [K, b] predictions and the stacked batch's label terms ([H*K, b]) -> [K]
+        objective summed over heads."""
         pred = torch.cat(preds)  # [H*K, b]
-        y = torch.cat([t.expand_as(p) for p, t in zip(preds, ys)])
         raw = pred * self.std + self.mean if self.scaled else pred
-        target = (y - self.mean) / self.std if self.scaled else y
-        reg = regression_loss(pred, target, self.cfg.regression, self.cfg.huber_delta)
-        rank = pairwise_ranking_loss(raw, y, self.alpha, self.beta, self.margin,
-                                     self.cfg.norm, self.label_range)
+        reg = regression(pred, t, self.cfg.regression, self.cfg.huber_delta)
+        rank = pair_hinge(raw, t, self.alpha, self.margin)
         return (reg + self.weight * rank).view(self.n_heads, self.k).sum(0)
 
 
@@ -157,6 +169,7 @@ class _Engine:
         bs, nv = cfg.batch_size, len(val_rows)
         self.val_sizes = torch.tensor([min(bs, nv - s) for s in range(0, nv, bs)],
                                       dtype=torch.float32, device=device)
+        self.val_terms = loss_fn.terms([Y[h.name][val_rows][None] for h in heads], bs)
         self.epoch = torch.zeros((), dtype=torch.int64, device=device)
         self.active = torch.ones(k, dtype=torch.bool, device=device)
         self.finite = torch.ones(k, dtype=torch.bool, device=device)
@@ -166,29 +179,31 @@ class _Engine:
         self.bad = torch.zeros(k, dtype=torch.int64, device=device)
 
     def run_epoch(self) -> None:
+        """One epoch: shuffled steps, then validation and early-stopping bookkeeping, all on
+        the device. A member whose loss turns NaN or inf spoils only its own weights (every
+        member has its own rows of every matmul); validation sees it and stops it."""
         cfg = self.cfg
         self.epoch.add_(1)
         n, bs = len(self.train_rows), cfg.batch_size
         perm = self.train_rows[member_permutations(self.perm_seeds, self.epoch, n)]  # [K, n]
-        for start in range(0, n, bs):
+        terms = self.loss_fn.terms([self.Y[h.name][perm] for h in self.heads], bs)
+        for step, start in enumerate(range(0, n, bs)):
             idx = perm[:, start:start + bs]  # [K, b]
             views = {h.name: self.models[h.name].views() for h in self.heads}
             x = _gather(self.heads, self.X, idx)
             total = self.loss_fn([self.models[h.name](x[h.features], views[h.name])
                                   for h in self.heads],
-                                 [self.Y[h.name][idx] for h in self.heads])  # [K]
-            self.finite &= torch.isfinite(total) | ~self.active
-            step = self.active & self.finite
+                                 terms.select((step, slice(None), slice(None, idx.shape[1]))))
             flat_views = [v for h in self.heads for v in views[h.name]]
-            grads = torch.autograd.grad(torch.where(step, total, 0.0).sum(), flat_views)
+            grads = torch.autograd.grad(total.sum(), flat_views)
             per_head, i = [], 0
             for h in self.heads:
-                n = len(views[h.name])
-                per_head.append(self.models[h.name].flat_grad(grads[i:i + n]))
-                i += n
-            _sgd(self.params, per_head, self.bufs, step, cfg)
+                m = len(views[h.name])
+                per_head.append(self.models[h.name].flat_grad(grads[i:i + m]))
+                i += m
+            _sgd(self.params, per_head, self.bufs, cfg)
         with torch.no_grad():
-            val = _val_loss(self.models, self.heads, self.X, self.Y, self.val_rows,
+            val = _val_loss(self.models, self.heads, self.X, self.val_rows, self.val_terms,
                             self.loss_fn, bs, self.val_sizes)  # [K]
             self.finite &= torch.isfinite(val) | ~self.active
             self.active &= self.finite
@@ -304,23 +319,25 @@ def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
         label_stats=stats)
 
 
-def _sgd(params, grads, bufs, step: torch.Tensor, cfg: TrainConfig) -> None:
-    """SGD with momentum (torch's rule, dampening 0); members not stepping stay unchanged."""
+def _sgd(params, grads, bufs, cfg: TrainConfig) -> None:
+    """SGD with momentum (torch's rule, dampening 0), three multi-tensor kernels for all heads.
+    Members that stopped keep stepping (their rows of the batched matmuls cost the same
+    either way): their kept weights are the best ones, copied aside at validation."""
     with torch.no_grad():
-        for p, g, buf in zip(params, grads, bufs):
-            mask = step.view(-1, *[1] * (p.dim() - 1))
-            buf.mul_(torch.where(mask, cfg.momentum, 1.0)).add_(torch.where(mask, g, 0.0))
-            p.sub_(torch.where(mask, cfg.lr * buf, 0.0))
+        torch._foreach_mul_(bufs, cfg.momentum)
+        torch._foreach_add_(bufs, grads)
+        torch._foreach_add_(params, bufs, alpha=-cfg.lr)
 
 
-def _val_loss(models, heads, X, Y, rows, loss_fn, bs, sizes) -> torch.Tensor:
+def _val_loss(models, heads, X, rows, terms: LabelTerms, loss_fn, bs, sizes) -> torch.Tensor:
     """Mean over heads of the training objective on the validation rows, in fixed chunks of
     the batch size (the ranking term is a mini-batch loss; chunks bound its memory)."""
     chunks = []
-    for s in range(0, len(rows), bs):
+    for c, s in enumerate(range(0, len(rows), bs)):
         x = _gather(heads, X, rows[s:s + bs])
+        b = len(rows[s:s + bs])
         chunks.append(loss_fn([models[h.name](x[h.features]) for h in heads],
-                              [Y[h.name][rows[s:s + bs]] for h in heads]))  # [K], over heads
+                              terms.select((c, slice(None), slice(None, b)))))  # [K]
     return (torch.stack(chunks) * sizes[:, None]).sum(0) / sizes.sum() / len(heads)
 
 

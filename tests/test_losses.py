@@ -97,3 +97,36 @@ def test_range_normalisation():
     p = torch.zeros(3)
     assert pairwise_ranking_loss(p, t2, 0.2, 7.0, norm="batch").item() != pytest.approx(
         pairwise_ranking_loss(p, t2, 0.2, 7.0, norm="range", label_range=(1, 5)).item())
+
+
+def test_label_terms_count_pairs_and_keep_unknown_labels_out():
+    from qamro_pipe.losses import label_terms
+
+    g = torch.Generator().manual_seed(3)
+    y = (torch.randint(5, 26, (4, 7, 32), generator=g) / 5).float()
+    y[0, 0, :5] = float("nan")
+    y[1, 2, :] = float("nan")  # nothing known: no pair, no known label
+    y[2, 3, 4] = float("inf")  # not finite counts as unknown
+    t = label_terms(y, beta=3.0)
+    known = torch.isfinite(y)
+    brute = ((y[..., :, None] > y[..., None, :]) & known[..., :, None]
+             & known[..., None, :]).sum((-1, -2))
+    assert torch.equal(t.n_pairs[..., 0], brute.clamp_min(1).float())
+    assert torch.equal(t.n_known[..., 0], known.sum(-1).clamp_min(1).float())
+    assert torch.equal(t.known.bool(), known) and torch.isnan(t.yn[~known]).all()
+    # chunk-wise terms are those of each chunk on its own: the batch dims are independent
+    one = label_terms(y[2, 3], beta=3.0)
+    for a, b in zip(t.select((2, 3)), one):
+        assert torch.allclose(a, b, equal_nan=True)
+
+
+def test_padding_with_unknown_labels_changes_nothing():
+    pred, target = _batch(9, b=20)
+    p1, p2 = pred.clone().requires_grad_(), torch.cat([pred, torch.randn(6).double()])
+    p2.requires_grad_()
+    padded = torch.cat([target, torch.full((6,), float("nan"), dtype=target.dtype)])
+    a, b = qamro_loss(p1, target), qamro_loss(p2, padded)
+    (a + regression_loss(p1, target)).backward()
+    (b + regression_loss(p2, padded)).backward()
+    assert a.item() == pytest.approx(b.item(), rel=1e-12)
+    assert torch.allclose(p1.grad, p2.grad[:20], rtol=1e-12) and (p2.grad[20:] == 0).all()

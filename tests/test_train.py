@@ -115,3 +115,18 @@ def test_val_split_dev_and_errors(tmp_path):
     p2 = make_synthetic_cache(tmp_path / "nan.h5", labels=labels)
     with pytest.raises(QamroError, match="'textual' are all NaN"):
         train(read_cache(p2), HEADS, [Member()], FAST)
+
+
+def test_a_diverging_member_leaves_the_others_untouched(synthetic_cache):
+    """Steps are not masked: a member whose loss turns inf or NaN must still spoil only its
+    own rows of the batched matmuls."""
+    cache = read_cache(synthetic_cache)
+    healthy = Member(LossConfig(), 0)
+    both = train(cache, HEADS, [healthy, Member(LossConfig(beta=1e38), 0)], FAST)
+    alone = train(cache, HEADS, [healthy], FAST)
+    assert 1 in both.failures or 1 in both.warnings
+    assert 0 not in both.failures and 0 not in both.warnings
+    for h in ("overall", "textual"):
+        np.testing.assert_allclose(both.predictions[h][0], alone.predictions[h][0],
+                                   rtol=1e-4, atol=1e-5)
+    assert both.best_epoch[0] == alone.best_epoch[0]
