@@ -203,6 +203,32 @@ def bench_sweep_gpu(device, path, epochs=1000, compare_epochs=100):
                torch.cuda.max_memory_allocated() / 2**20, "MiB")
 
 
+def ops_per_epoch(path, k=27):
+    """Tensor operations (aten ops that are not views) in one training epoch at MusicEval size,
+    counted on any device: on a GPU each is about one kernel launch, the cost that dominates
+    there. Epoch 3 minus epoch 1, halved, leaves set-up out."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    cache = read_cache(path)
+    members = [Member(LossConfig(alpha=0.2, beta=float(1 + i % 9)), i // 9) for i in range(k)]
+    counts = []
+    for epochs in (1, 3):
+        Count.n = 0
+        with Count():
+            train(cache, HEADS, members, TrainConfig(max_epochs=epochs, patience=10_000,
+                                                     bootstrap=0, device="cpu"))
+        counts.append(Count.n)
+    report("train", f"tensor ops per epoch, K={k} (device-independent)",
+           (counts[1] - counts[0]) / 2)
+
+
 def training_memory(path, k=27):
     cache = read_cache(path)
     feats = sum(v.nbytes for v in cache.features.values())
@@ -328,6 +354,7 @@ def main():
         path = musiceval_sized_cache(tmp / "musiceval-sized.h5")
         if "train" not in skip:
             bench_train(device, path, epochs)
+            ops_per_epoch(path)
             training_memory(path)
         if device.type == "cuda" and "sweep" not in skip:
             bench_sweep_gpu(device, path)

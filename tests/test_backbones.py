@@ -212,6 +212,31 @@ def test_clap_audio_matches_laion_clap(clap):
     assert cosine_distance(ours[0], ours[1]) > 1e-3  # the audio reaches the output
 
 
+def test_clap_window_preparation_is_laion_clap_s_bit_for_bit(clap):
+    """Our torch quantise-and-pad equals laion_clap's numpy int16 round trip followed by its
+    own repeatpad filling, exactly, for every int16 level and for short and full windows."""
+    import torch
+    from laion_clap.training.data import (float32_to_int16, get_audio_features,
+                                          int16_to_float32)
+
+    from qamro_pipe.backbones.clap import quantize_int16, stack_windows
+
+    rng = np.random.default_rng(2)
+    n = clap.window_samples
+    levels = np.arange(-32768, 32768, dtype=np.float32) / 32767.0  # every level, and -1 - 1 ulp
+    windows = [np.concatenate([levels, rng.uniform(-1.5, 1.5, n - len(levels))]).astype(
+                   np.float32),
+               rng.uniform(-1.2, 1.2, 7001).astype(np.float32),  # repeats, then zeros
+               rng.standard_normal(n // 2).astype(np.float32)]  # exactly two repeats
+    ours = quantize_int16(stack_windows(windows, n, "cpu")).numpy()
+    for w, row in zip(windows, ours):
+        q = torch.from_numpy(int16_to_float32(float32_to_int16(w))).float()
+        ref = get_audio_features({}, q, n, data_truncating="rand_trunc",
+                                 data_filling="repeatpad", audio_cfg=clap.model_cfg["audio_cfg"],
+                                 require_grad=False)["waveform"].numpy()
+        assert np.array_equal(row.view(np.int32), ref.view(np.int32))
+
+
 def test_clap_text_matches_laion_clap(clap):
     import torch
 

@@ -84,10 +84,9 @@ class ClapMusic(Backbone):
     def _embed_windows(self, windows: list[np.ndarray]) -> dict[str, Any]:
         import torch
 
-        max_len = self.window_samples
-        batch = np.stack([repeat_pad(quantize_int16(w), max_len) for w in windows])
+        x = stack_windows(windows, self.window_samples, self.device)  # [W, T] on the device
         inputs = [{"waveform": row, "longer": torch.tensor([False])}
-                  for row in torch.from_numpy(batch)]
+                  for row in quantize_int16(x)]
         return {"audio": self.model.get_audio_embedding(inputs)}  # [W, 512], unit norm
 
     def _embed_texts(self, texts: list[str]) -> dict[str, Any]:
@@ -115,21 +114,34 @@ def roberta_vocab_problem(vocab: dict[str, int]) -> str | None:
     return f"special tokens at other ids: {wrong}" if wrong else None
 
 
-def quantize_int16(x: np.ndarray) -> np.ndarray:
+def quantize_int16(x):
     """laion_clap's int16 round trip (float32_to_int16 then int16_to_float32), which
-    get_audio_embedding_from_data applies to numpy input: clip, scale, truncate toward 0."""
-    q = (np.clip(x, -1.0, 1.0) * 32767.0).astype(np.int16)
-    return (q / 32767.0).astype(np.float32)
+    get_audio_embedding_from_data applies to numpy input, as torch ops wherever x lives:
+    clip, scale, truncate toward 0, divide. float32 division gives the very bits of numpy's
+    float64 route for all 65,536 int16 values (tested against laion_clap's own functions)."""
+    import torch
+
+    return (x.clamp(-1.0, 1.0) * 32767.0).to(torch.int16).to(x.dtype) / 32767.0
 
 
-def repeat_pad(x: np.ndarray, max_len: int) -> np.ndarray:
-    """laion_clap's "repeatpad" filling: whole repeats of the clip, then zeros to max_len."""
-    if len(x) > max_len:
-        raise ValueError(f"window of {len(x)} samples is longer than {max_len}")
-    if len(x) == max_len:
-        return x
-    x = np.tile(x, max_len // len(x))
-    return np.pad(x, (0, max_len - len(x)))
+def stack_windows(windows: list[np.ndarray], max_len: int, device):
+    """Windows -> one float32 [W, max_len] tensor on `device`, each window repeat-padded the
+    way laion_clap's "repeatpad" fills (whole repeats of the clip, then zeros). Rows are
+    copied once, into pinned memory when the device is a GPU, which then copies
+    asynchronously. Padding before quantising equals laion_clap's quantise-then-pad: the
+    round trip is elementwise and maps 0 to 0."""
+    import torch
+
+    cuda = torch.device(device).type == "cuda"
+    out = torch.empty((len(windows), max_len), dtype=torch.float32, pin_memory=cuda)
+    for row, w in zip(out, windows):
+        n = len(w)
+        if n > max_len:
+            raise ValueError(f"window of {n} samples is longer than {max_len}")
+        reps = max_len // n
+        row[:reps * n].view(reps, n).copy_(torch.from_numpy(np.ascontiguousarray(w)))
+        row[reps * n:].zero_()
+    return out.to(device, non_blocking=cuda)
 
 
 def build_clap(amodel: str):
