@@ -318,6 +318,7 @@ def test_aesthetics_layers_reproduce_the_original_heads(aes):
     from audiobox_aesthetics.infer import make_inference_batch
 
     from qamro_pipe.audio import windows
+    from qamro_pipe.backbones.aesthetics import pad_and_mask
 
     sr = aes.sample_rate
     rng = np.random.default_rng(2)
@@ -327,6 +328,8 @@ def test_aesthetics_layers_reproduce_the_original_heads(aes):
     wavs, masks, weights, _ = make_inference_batch([torch.from_numpy(clip)[None]], 10, 10,
                                                    sample_rate=sr)
     assert weights == [1.0, 0.4]
+    wav, mask = pad_and_mask(windows(clip, aes.window_samples), aes.window_samples)
+    assert torch.equal(wav, torch.stack(wavs)) and torch.equal(mask, torch.stack(masks))
     with torch.inference_mode():
         expected = aes.model({"wav": torch.stack(wavs), "mask": torch.stack(masks)})
         got = heads_from_layer_features(aes.model, torch.from_numpy(ours))

@@ -65,17 +65,21 @@ class Aesthetics(Backbone):
 
 def pad_and_mask(windows: list[np.ndarray], window_samples: int, device="cpu"):
     """make_inference_batch's collation: zero-pad each window to window_samples;
-    mask is True on real samples. -> wav [W, 1, T] float32, mask [W, 1, T] bool."""
+    mask is True on real samples. -> wav [W, 1, T] float32, mask [W, 1, T] bool. Rows are
+    copied once, into pinned memory for a GPU (then uploaded asynchronously); the mask is
+    built where it is used, from the lengths."""
     import torch
 
-    wav = torch.zeros(len(windows), 1, window_samples)
-    mask = torch.zeros(len(windows), 1, window_samples, dtype=torch.bool)
+    cuda = torch.device(device).type == "cuda"
+    wav = torch.zeros(len(windows), 1, window_samples, pin_memory=cuda)
+    lengths = torch.tensor([len(w) for w in windows])
     for i, w in enumerate(windows):
         if len(w) > window_samples:
             raise ValueError(f"window of {len(w)} samples is longer than {window_samples}")
         wav[i, 0, :len(w)] = torch.from_numpy(np.asarray(w, dtype=np.float32))
-        mask[i, 0, :len(w)] = True
-    return wav.to(device), mask.to(device)
+    lengths = lengths.to(device, non_blocking=cuda)
+    mask = torch.arange(window_samples, device=device) < lengths[:, None, None]
+    return wav.to(device, non_blocking=cuda), mask
 
 
 def layer_means(model, wav, mask):
