@@ -75,3 +75,19 @@ def test_tf32_matmuls_stay_within_tolerance(synthetic_cache):
         d = abs(m1["heads"][h]["system"]["srcc"] - m2["heads"][h]["system"]["srcc"])
         print(f"TF32 vs fp32 |system SRCC difference| {h}: {d:.3f}")
         assert d <= 0.03
+
+
+def test_backbone_batches_prepared_on_the_gpu_equal_the_cpu_ones():
+    """Pinned buffers, async uploads and on-device quantising give the CPU's very bits."""
+    from qamro_pipe.backbones.aesthetics import pad_and_mask
+    from qamro_pipe.backbones.clap import quantize_int16, stack_windows
+
+    rng = np.random.default_rng(0)
+    wins = [rng.uniform(-1.3, 1.3, n).astype(np.float32) for n in (48000, 7001, 24000)]
+    for _ in range(3):  # pinned blocks are reused: later batches must not see stale data
+        cpu = quantize_int16(stack_windows(wins, 48000, "cpu"))
+        gpu = quantize_int16(stack_windows(wins, 48000, "cuda"))
+        assert torch.equal(cpu, gpu.cpu())
+        (w_cpu, m_cpu), (w_gpu, m_gpu) = (pad_and_mask(wins, 48000, d) for d in ("cpu", "cuda"))
+        assert torch.equal(w_cpu, w_gpu.cpu()) and torch.equal(m_cpu, m_gpu.cpu())
+        wins = [w[::-1].copy() for w in wins]

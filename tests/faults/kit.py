@@ -20,6 +20,12 @@ EXE = Path(sys.executable).with_name("qamro-pipe")
 CORPUS = dict(n_systems=4, n_prompts=6, seconds=1.0)
 N_CLIPS = 24
 BATCH_CLIPS = 2
+# A shell without job control starts background jobs (`make test &`) with SIGINT ignored, and
+# an ignored signal stays ignored across exec: the Ctrl-C tests would then see the child shrug
+# off SIGINT. Children start through this, which restores the default first.
+WITH_DEFAULT_SIGINT = [sys.executable, "-c", "import os, signal, sys; "
+                       "signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                       "os.execv(sys.argv[1], sys.argv[1:])"]
 
 
 def child_env(**faults: float) -> dict[str, str]:
@@ -37,7 +43,8 @@ class Child:
 
     def __init__(self, args, env=None, cwd=None, preexec_fn=None):
         self.args = [str(a) for a in args]
-        self.proc = subprocess.Popen([str(EXE), *self.args], stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen([*WITH_DEFAULT_SIGINT, str(EXE), *self.args],
+                                     stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, cwd=cwd,
                                      env=env if env is not None else child_env(),
                                      preexec_fn=preexec_fn)
