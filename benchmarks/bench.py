@@ -296,6 +296,36 @@ def forward_only(backbone, root, device, precision, batch, tok=None, n=None):
     return len(recs) / sec
 
 
+def bench_decoding(root: Path, sample_rate=48000, window_seconds=10.0):
+    """The decoding pipeline alone (workers decode and resample; the consumer takes each
+    clip's windows and lets go): clips/s, and the consumer process's CPU per clip, which
+    bounds extraction on a machine with cores to spare. Clips through shared memory vs
+    pickled through the pool's pipe, same run."""
+    from qamro_pipe.datasets import load_dataset
+    from qamro_pipe.extract import _Decoder
+
+    clips = load_dataset("musiceval", root).clips
+    tasks = [(i, str(c.path), sample_rate, c.start, c.end) for i, c in enumerate(clips)]
+    workers = min(8, os.cpu_count())
+    for share in (True, False, True, False):
+        dec = _Decoder(tasks, workers, int(sample_rate * window_seconds), ahead=4 * workers,
+                       held=16, share=share)
+        first = next(dec)  # workers forked and busy: start timing from the first clip
+        t, cpu = time.perf_counter(), time.process_time()
+        n = 0
+        for row, wins, err in dec:
+            assert err is None and sum(len(w) for w in wins) > 0
+            dec.release([row])
+            n += 1
+        sec, cpu = time.perf_counter() - t, time.process_time() - cpu
+        dec.close()
+        dec.release([first[0]])
+        how = "shared memory" if share else "pickled"
+        report("decode", f"{workers} workers, {how}: clips/s ({n} clips of 10 s)", n / sec)
+        report("decode", f"{workers} workers, {how}: consumer CPU ms per clip",
+               cpu / n * 1e3, "ms")
+
+
 def bench_extract(device, tmp: Path, tok: str | None, full: bool):
     dev = str(device)
     plan = [("melstats", "fp32", 16, 48, 10.0)]
@@ -311,6 +341,8 @@ def bench_extract(device, tmp: Path, tok: str | None, full: bool):
         if key not in roots:
             roots[key] = corpus(tmp, n_prompts, secs, f"corpus-{n_prompts}-{secs}", sr=44100)
         root = roots[key]
+        if backbone == "melstats":
+            bench_decoding(root)
         ckpt = "-" if backbone == "melstats" else "random"
         t = tok if backbone == "clap-music" else None
         fwd = forward_only(backbone, root, dev, precision, batch, t)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import mmap
 import multiprocessing as mp
 import os
 import signal
@@ -65,11 +66,16 @@ def cache_key(records: DatasetRecords, bb: Backbone) -> dict[str, Any]:
             "clips_sha256": hashlib.sha256(ids.encode()).hexdigest()}
 
 
-def _worker_init(parent: int) -> None:
+_SHARED: np.ndarray | None = None  # in a decoding worker: the slots it writes clips into
+
+
+def _worker_init(parent: int, shared: np.ndarray | None = None) -> None:
     """Workers leave Ctrl-C to the parent, which stops cleanly and says how to resume, and
     die with the parent (Linux): a worker orphaned by a SIGKILL would otherwise live on,
     blocked on its task queue. (Elsewhere one may; it holds no lock: store.writer_lock is a
     POSIX lock, which forked children do not inherit, and HDF5 files are opened unlocked.)"""
+    global _SHARED
+    _SHARED = shared
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         import ctypes
@@ -82,15 +88,19 @@ def _worker_init(parent: int) -> None:
         os._exit(1)
 
 
-def _decode(task: tuple[int, str, int, float, float | None, float | None]):
-    """Worker: one clip -> (row, windows, lengths) or (row, None, reason)."""
-    row, path, sr, win_s, start, end = task
+def _decode(task: tuple[int, str, int, float | None, float | None, int | None]):
+    """Worker: one clip -> (row, audio, None) or (row, None, reason). With a slot, audio that
+    fits is written into that shared slot and only its length travels back (an int instead
+    of a pickled copy of megabytes); otherwise the array itself does."""
+    row, path, sr, start, end, slot = task
     try:
         x = audio.load_audio(path, sr, start, end)
     except DataError as e:
         return row, None, str(e)
-    wins = audio.windows(x, int(round(sr * win_s)))
-    return row, wins, None
+    if slot is not None and _SHARED is not None and len(x) <= _SHARED.shape[1]:
+        _SHARED[slot, :len(x)] = x
+        return row, len(x), None
+    return row, x, None
 
 
 def part_path(path: str | Path, index: int, count: int) -> Path:
@@ -189,11 +199,12 @@ def _fill(path: Path, records: DatasetRecords, bb: Backbone, cfg: ExtractConfig,
     with CacheWriter(path) as w:
         todo = [int(r) for r in w.pending() if clips[r].id not in w.skipped]
         summary = ExtractSummary(path, len(clips), len(clips) - len(todo))
-        tasks = [(r, str(clips[r].path), bb.sample_rate, bb.window_seconds, clips[r].start,
-                  clips[r].end) for r in todo]
+        tasks = [(r, str(clips[r].path), bb.sample_rate, clips[r].start, clips[r].end)
+                 for r in todo]
         bar = tqdm(total=len(clips), initial=summary.done_before, unit="clip",
                    desc=f"extract {bb.name}", disable=not progress, dynamic_ncols=True)
-        decoded = _decoded(tasks, cfg.workers, bb)
+        decoded = _Decoder(tasks, cfg.workers, bb.window_samples,
+                           ahead=max(8, 4 * cfg.workers), held=cfg.batch_size)
         try:
             first = next(decoded, None)  # forks the decoding workers before the model loads
             t_load = time.perf_counter()
@@ -208,6 +219,7 @@ def _fill(path: Path, records: DatasetRecords, bb: Backbone, cfg: ExtractConfig,
             n_windows = 0
             for row, wins, err in itertools.chain([first] if first else [], decoded):
                 if err is not None:
+                    decoded.release([row])
                     if not cfg.skip_bad:
                         raise DataError(
                             f"{err}; stopped with {int(w.done.sum())}/{len(clips)} clips safely "
@@ -221,6 +233,7 @@ def _fill(path: Path, records: DatasetRecords, bb: Backbone, cfg: ExtractConfig,
                 n_windows += len(wins)
                 if n_windows >= cfg.batch_size:
                     summary.written += _embed_and_write(w, bb, clips, batch, cfg.batch_size)
+                    decoded.release([r for r, _ in batch])  # their audio is no longer read
                     bar.update(len(batch))
                     batch, n_windows = [], 0
             if batch:
@@ -240,30 +253,72 @@ def _fill(path: Path, records: DatasetRecords, bb: Backbone, cfg: ExtractConfig,
     return summary
 
 
-def _decoded(tasks, workers: int, bb: Backbone):
-    """Yield decoded clips in order, at most a few batches ahead of the consumer."""
-    if workers <= 0:
-        for t in tasks:
-            yield _decode(t)
-        return
-    ahead = max(8, 4 * workers)
-    # fork before the model loads: workers need only numpy, soundfile and soxr
-    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"),
-                               initializer=_worker_init, initargs=(os.getpid(),))
-    try:
-        queue: deque = deque()
-        it = iter(tasks)
-        for t in it:
-            queue.append(pool.submit(_decode, t))
-            if len(queue) >= ahead:
-                break
-        while queue:
-            yield queue.popleft().result()
-            nxt = next(it, None)
-            if nxt is not None:
-                queue.append(pool.submit(_decode, nxt))
-    finally:  # on Ctrl-C or an error, drop the decodes queued ahead instead of waiting
-        pool.shutdown(wait=True, cancel_futures=True)
+class _Decoder:
+    """Decoded clips in order, (row, windows, None) or (row, None, reason), at most `ahead`
+    clips ahead of the consumer, so memory does not grow with the dataset.
+
+    Workers write each clip's audio into a slot of one shared anonymous mapping made before
+    the fork (no /dev/shm size limit applies), so a result crosses the process boundary as
+    an int; the clip's windows are views of its slot until the consumer `release`s the row.
+    There are `ahead + held` slots of two windows each: enough for every clip in flight and
+    a batch held by the consumer. A clip that does not fit, or finds no free slot, travels
+    pickled: slower, never stuck. share=False sends every clip that way (benchmarks)."""
+
+    def __init__(self, tasks, workers: int, window_samples: int, ahead: int, held: int,
+                 share: bool = True):
+        self.tasks, self.workers, self.window_samples = iter(tasks), workers, window_samples
+        self.ahead = ahead
+        self.slot_of: dict[int, int] = {}  # row -> its slot, until released
+        self.pool = None
+        self.queue: deque = deque()
+        self.shared, self.free = None, deque()
+        if workers > 0 and share:
+            n_slots, capacity = ahead + held, 2 * window_samples
+            self.shared = np.frombuffer(mmap.mmap(-1, n_slots * capacity * 4),
+                                        dtype=np.float32).reshape(n_slots, capacity)
+            self.free = deque(range(n_slots))
+
+    def __iter__(self):
+        return self
+
+    def _submit(self, task) -> None:
+        slot = self.free.popleft() if self.free else None
+        if slot is not None:
+            self.slot_of[task[0]] = slot
+        self.queue.append(self.pool.submit(_decode, (*task, slot)))
+
+    def __next__(self):
+        if self.workers <= 0:
+            row, x, err = _decode((*next(self.tasks), None))
+            return row, None if x is None else audio.windows(x, self.window_samples), err
+        if self.pool is None:  # fork before the model loads: workers need numpy, sf, soxr
+            self.pool = ProcessPoolExecutor(
+                self.workers, mp_context=mp.get_context("fork"), initializer=_worker_init,
+                initargs=(os.getpid(), self.shared))
+            for task in itertools.islice(self.tasks, self.ahead):
+                self._submit(task)
+        if not self.queue:
+            raise StopIteration
+        row, x, err = self.queue.popleft().result()
+        nxt = next(self.tasks, None)
+        if nxt is not None:
+            self._submit(nxt)
+        if isinstance(x, int):  # in the row's slot
+            x = self.shared[self.slot_of[row], :x]
+        return row, None if x is None else audio.windows(x, self.window_samples), err
+
+    def release(self, rows) -> None:
+        """The consumer is done with these rows' audio: their slots may be reused."""
+        for r in rows:
+            slot = self.slot_of.pop(r, None)
+            if slot is not None:
+                self.free.append(slot)
+
+    def close(self) -> None:
+        """Stop the workers now (not at garbage collection), dropping queued decodes."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
 
 
 def _embed_and_write(w: CacheWriter, bb: Backbone, clips: list[Clip],

@@ -128,3 +128,52 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
     assert m["heads"]["overall"]["system"]["srcc"] > 0.5  # melstats carries real signal
     assert (tmp_path / "runs" / "demo-sweep" / "sweep.png").exists()
     assert "synthetic" in r.output
+
+
+def test_decoder_shared_memory_gives_the_pickled_audio(tmp_path):
+    """Clips through shared slots equal clips decoded in-process, bit for bit: ones that fit,
+    one too long for a slot (3.5 windows), a broken file, and more clips held by the
+    consumer than there are slots (those travel pickled)."""
+    import soundfile as sf
+
+    from qamro_pipe.extract import _Decoder
+
+    sr, win = 8000, 8000  # 1 s windows; slots hold 2
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, seconds in enumerate([1.0, 0.4, 3.5, 2.0, 1.7, 0.9, 1.2]):
+        p = tmp_path / f"c{i}.wav"
+        sf.write(p, rng.uniform(-0.9, 0.9, int(11025 * seconds)).astype(np.float32), 11025)
+        paths.append(p)
+    (tmp_path / "bad.wav").write_bytes(b"RIFF....WAVEjunk")
+    paths.insert(4, tmp_path / "bad.wav")
+    tasks = [(i, str(p), sr, None, None) for i, p in enumerate(paths)]
+
+    def run(workers, share, hold):
+        dec = _Decoder(tasks, workers, win, ahead=2, held=1, share=share)
+        got, held = {}, {}
+        try:
+            for row, wins, err in dec:
+                assert err or all(len(w) <= win for w in wins)
+                held[row] = err or wins
+                if len(held) >= hold:  # the consumer reads up to `hold` rows' audio late:
+                    for r, v in held.items():  # a slot reused too early would show here
+                        got[r] = v if isinstance(v, str) else np.concatenate(v).copy()
+                    dec.release(list(held))
+                    held = {}
+            for r, v in held.items():
+                got[r] = v if isinstance(v, str) else np.concatenate(v).copy()
+        finally:
+            dec.close()
+        return got
+
+    inline = run(0, False, 1)
+    assert isinstance(inline[4], str) and len(inline) == len(paths)
+    for share, hold in ((True, 1), (True, 5), (False, 1)):
+        got = run(2, share, hold)
+        assert got.keys() == inline.keys()
+        for row, x in inline.items():
+            if isinstance(x, str):
+                assert got[row] == x
+            else:
+                assert np.array_equal(got[row], x), (share, hold, row)
