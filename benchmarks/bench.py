@@ -175,6 +175,21 @@ def bench_sweep_gpu(device, path, epochs=1000, compare_epochs=100):
     report("sweep", "max |fp32 - TF32| prediction",
            max(float(np.abs(res.predictions[h] - res32.predictions[h]).max())
                for h in res.predictions))
+    from qamro_pipe.fused import available
+
+    why = available(device)
+    if why:
+        print(f"  sweep    Triton pair kernel skipped: {why}")
+    else:
+        fused = TrainConfig(max_epochs=epochs, patience=10_000, bootstrap=0,
+                            device=str(device), pair_kernel="triton")
+        sec_f, res_f = timed(lambda: train(read_cache(path), HEADS, members, fused), device)
+        report("sweep", f"27 members x {epochs} epochs, fp32, Triton pair kernel (s)", sec_f,
+               "s")
+        report("sweep", "Triton pair kernel / torch pair loss (time ratio)", sec_f / sec)
+        report("sweep", "max |torch - Triton pair kernel| prediction",
+               max(float(np.abs(res.predictions[h] - res_f.predictions[h]).max())
+                   for h in res.predictions))
     eager_cfg = TrainConfig(max_epochs=compare_epochs, patience=10_000, bootstrap=0,
                             device=str(device), cuda_graph=False)
     graph_cfg = TrainConfig(max_epochs=compare_epochs, patience=10_000, bootstrap=0,

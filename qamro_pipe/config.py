@@ -54,16 +54,20 @@ class TrainConfig:
     device: str = "auto"  # "auto" = cuda when present, else cpu
     bootstrap: int = 1000  # resamples of systems for the 95% confidence intervals
     check_every: int = 10  # epochs between host syncs checking "all members stopped"; members
-    # that stopped are frozen, so this changes only how many idle epochs may run
+    # that stopped keep their best weights aside, so this changes only how many idle epochs run
     cuda_graph: bool = True  # on CUDA, capture one epoch as a graph and replay it
     matmul_precision: str = "highest"  # "highest" = fp32 matmuls; "high" = TF32 where the
     # GPU has it (several times faster; numbers move by ~1e-3, see tests/test_gpu.py)
+    pair_kernel: str = "torch"  # "triton": the pair loss as one fused kernel (CUDA; opt-in
+    # until measured faster on a GPU, see docs/benchmarks.md)
 
     def __post_init__(self):
         if self.activation not in ("relu", "gelu", "none"):
             raise QamroError(f"unknown activation {self.activation!r}; use relu, gelu or none")
         if self.matmul_precision not in ("highest", "high", "medium"):
             raise QamroError(f"unknown matmul_precision {self.matmul_precision!r}")
+        if self.pair_kernel not in ("torch", "triton"):
+            raise QamroError(f"unknown pair_kernel {self.pair_kernel!r}; use torch or triton")
         if not 0 < self.val_fraction < 1:
             raise QamroError("val_fraction must be in (0, 1)")
 

@@ -125,10 +125,16 @@ class _PairHinge(torch.autograd.Function):
         return grad[:, None] * g, None, None, None, None, None, None
 
 
-def pair_hinge(pred: torch.Tensor, t: LabelTerms, alpha, margin) -> torch.Tensor:
-    """The pair loss of predictions [K, B] given their LabelTerms: [K]."""
-    return _PairHinge.apply(pred, t.y, t.yn, t.q, t.n_pairs, _col(alpha, pred),
-                            _col(margin, pred))
+def pair_hinge(pred: torch.Tensor, t: LabelTerms, alpha, margin,
+               kernel: str = "torch") -> torch.Tensor:
+    """The pair loss of predictions [K, B] given their LabelTerms: [K]. kernel="triton" runs
+    the same computation as one fused kernel (fused.py; CUDA)."""
+    fn = _PairHinge
+    if kernel == "triton":
+        from .fused import PairHingeTriton as fn
+    elif kernel != "torch":
+        raise ValueError(f"unknown pair kernel {kernel!r}")
+    return fn.apply(pred, t.y, t.yn, t.q, t.n_pairs, _col(alpha, pred), _col(margin, pred))
 
 
 def regression(pred: torch.Tensor, t: LabelTerms, kind: str = "huber",

@@ -102,8 +102,15 @@ class _Losses:
     member: predictions of the H heads are stacked along the member axis."""
 
     def __init__(self, members: list[Member], stats: list[tuple[float, float]],
-                 device: torch.device, label_range):
+                 device: torch.device, label_range, kernel: str = "torch"):
         n_heads = len(stats)
+        if kernel != "torch":
+            from .fused import available
+
+            problem = available(device)
+            if problem:
+                raise QamroError(problem)
+        self.kernel = kernel
         first = members[0].loss
         for m in members:
             if (m.loss.norm, m.loss.regression, m.loss.huber_delta) != \
@@ -148,7 +155,7 @@ class _Losses:
         pred = torch.cat(preds)  # [H*K, b]
         raw = pred * self.std + self.mean if self.scaled else pred
         reg = regression(pred, t, self.cfg.regression, self.cfg.huber_delta)
-        rank = pair_hinge(raw, t, self.alpha, self.margin)
+        rank = pair_hinge(raw, t, self.alpha, self.margin, self.kernel)
         return (reg + self.weight * rank).view(self.n_heads, self.k).sum(0)
 
 
@@ -289,7 +296,8 @@ def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
     stats = {h.name: label_stats(cache, h, split.train) for h in heads}
     models = {h.name: build_head(h, seeds, tuple(X[h.name].shape), cfg).to(device)
               for h in heads}
-    loss_fn = _Losses(members, [stats[h.name] for h in heads], device, label_range)
+    loss_fn = _Losses(members, [stats[h.name] for h in heads], device, label_range,
+                      cfg.pair_kernel)
     engine = _Engine(models, heads, X, Y, torch.from_numpy(units.of_clips(split.train)).to(device),
                      torch.from_numpy(units.of_clips(split.val)).to(device), loss_fn, cfg, seeds,
                      device)
