@@ -185,9 +185,15 @@ def _sweep_table(rows: list[dict[str, Any]]) -> str:
                            []).append(r["srcc"])
     lines = [f"{'loss':<6}{'alpha':>7}{'beta':>6}{'margin':>8}  {'head':<10}"
              f"{'system SRCC (mean ± sd over seeds)':>36}"]
-    for (kind, a, b, m, head), v in sorted(pts.items()):
+    def num(x):
+        return "-" if x is None else f"{x:g}"
+
+    def order(item):  # numeric order; a kind's unused settings (None) first
+        kind, a, b, m, head = item[0]
+        return kind, *(-np.inf if x is None else x for x in (a, b, m)), head
+    for (kind, a, b, m, head), v in sorted(pts.items(), key=order):
         sd = f" ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else ""
-        lines.append(f"{kind:<6}{a:>7g}{b:>6g}{m:>8g}  {head:<10}"
+        lines.append(f"{kind:<6}{num(a):>7}{num(b):>6}{num(m):>8}  {head:<10}"
                      f"{np.mean(v):>28.3f}{sd} (n={len(v)})")
     return "\n".join(lines)
 

@@ -56,13 +56,18 @@ def expand_grid(base: LossConfig, grid: dict[str, Any]) -> list[Member]:
     return members
 
 
+USED_SETTINGS = {"qamro": ("alpha", "beta"), "mr": ("margin",), "none": ()}
+
+
 def sweep_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per member, head and level. A loss kind's unused settings are None (blank in
+    the CSV, "-" in the table): QAMRO has no margin, L_MR no alpha or beta."""
     rows = []
     for entry in metrics["members"]:
         loss = entry["loss"]
-        base = {"loss": loss["kind"], "alpha": loss["alpha"], "beta": loss["beta"],
-                "margin": loss["margin"], "seed": entry["seed"],
-                "best_epoch": entry["best_epoch"]}
+        base = {"loss": loss["kind"], "seed": entry["seed"], "best_epoch": entry["best_epoch"],
+                **{k: loss[k] if k in USED_SETTINGS[loss["kind"]] else None
+                   for k in ("alpha", "beta", "margin")}}
         if "failed" in entry:
             rows.append({**base, "head": "", "level": "", "failed": entry["failed"]})
             continue
@@ -97,19 +102,25 @@ def plot_sweep(path: Path, rows: list[dict[str, Any]], metric: str = "srcc",
                              squeeze=False)
     for ax, head in zip(axes[0], heads):
         hr = [r for r in rows if r["head"] == head]
-        for (kind, alpha), group in itertools.groupby(
-                sorted(hr, key=lambda r: (r["loss"], r["alpha"], r["beta"])),
-                key=lambda r: (r["loss"], r["alpha"])):
+        baselines = iter(("dimgrey", "darkorange", "darkgreen", "purple", "brown", "black"))
+        for (kind, alpha, margin), group in itertools.groupby(
+                sorted(hr, key=lambda r: (r["loss"], str(r["alpha"]), str(r["margin"]))),
+                key=lambda r: (r["loss"], r["alpha"], r["margin"])):
             group = list(group)
-            betas = sorted({r["beta"] for r in group})
+            betas = sorted({r["beta"] for r in group}, key=lambda b: -np.inf if b is None else b)
             vals = [[r[metric] for r in group if r["beta"] == b] for b in betas]
             mean = np.array([np.mean(v) for v in vals])
             std = np.array([np.std(v) for v in vals])
-            label = f"{kind} alpha={alpha:g}" if kind == "qamro" else kind
             if kind == "qamro" and len(betas) > 1:
-                ax.errorbar(betas, mean, yerr=std, marker="o", capsize=3, label=label)
-            else:
-                ax.axhline(mean.mean(), linestyle="--", color="grey", label=label)
+                ax.errorbar(betas, mean, yerr=std, marker="o", capsize=3,
+                            label=f"qamro alpha={alpha:g}")
+            else:  # a flat reference line: L_MR per margin, no ranking term, a single beta
+                if kind == "qamro":
+                    label = f"qamro alpha={alpha:g} beta={betas[0]:g}"
+                else:
+                    label = f"mr margin={margin:g}" if kind == "mr" else "regression only"
+                ax.axhline(mean.mean(), linestyle="--", color=next(baselines, "grey"),
+                           label=label)
         ax.set_title(f"{head}: {level} {metric.upper()}")
         ax.set_xlabel("beta (quality preference)")
         ax.set_ylabel(metric.upper())

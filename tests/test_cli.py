@@ -80,6 +80,22 @@ def test_sweep_writes_table_csv_and_plot(synthetic_cache, tmp_path):
     assert (out / "sweep.png").stat().st_size > 10_000
 
 
+def test_sweep_over_loss_kinds_shows_only_the_settings_each_uses(synthetic_cache, tmp_path):
+    out = tmp_path / "kinds"
+    r = invoke("sweep", "--cache", synthetic_cache, "--loss", "qamro,mr,none", "--beta", "1,7",
+               "--margin", "0.1,0.3", "--out", out, *FAST)
+    assert r.exit_code == 0, r.output
+    table = [line.split() for line in r.output.splitlines()
+             if line.split()[:1] in (["qamro"], ["mr"], ["none"])]
+    assert {tuple(t[:4]) for t in table} == {
+        ("qamro", "0.2", "1", "-"), ("qamro", "0.2", "7", "-"), ("mr", "-", "-", "0.1"),
+        ("mr", "-", "-", "0.3"), ("none", "-", "-", "-")}
+    rows = (out / "sweep.csv").read_text().splitlines()
+    assert any(r.startswith("mr,,,0.1,0,") for r in rows)
+    assert any(r.startswith("qamro,0.2,1.0,,0,") for r in rows)
+    assert (out / "sweep.png").stat().st_size > 10_000
+
+
 def test_named_grid(synthetic_cache, tmp_path):
     r = invoke("sweep", "--grid", "smoke", "--cache", synthetic_cache, "--out", tmp_path / "s",
                *FAST)
