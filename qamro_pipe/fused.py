@@ -42,7 +42,7 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def pair_hinge_kernel(pred, y, yn, q, alpha, margin, n_pairs, loss, row_act, col_w, b,
+    def pair_hinge_kernel(pred, y, yn, q, alpha, margin, loss, row_act, col_w, b,
                           stride, BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr,
                           NEED_GRAD: tl.constexpr):
         k = tl.program_id(0)
@@ -72,7 +72,7 @@ def _kernel():
                 act = tl.where(hinge > 0, 1.0, 0.0)
                 tl.store(row_act + base + offs_i, tl.sum(act, axis=1), mask=mi)
                 col += tl.sum(q_i[:, None] * act, axis=0)
-        tl.store(loss + k, tl.sum(total, axis=0) / tl.load(n_pairs + k))
+        tl.store(loss + k, tl.sum(total, axis=0))
         if NEED_GRAD:
             tl.store(col_w + base + offs_j, col, mask=mj)
 
@@ -84,26 +84,26 @@ class PairHingeTriton(torch.autograd.Function):
     """Same inputs, outputs and gradient as losses._PairHinge."""
 
     @staticmethod
-    def forward(ctx, pred, y, yn, q, n_pairs, alpha, margin):
+    def forward(ctx, pred, y, yn, q, alpha, margin):
         triton, kernel = _kernel()
         k, b = pred.shape
         if pred.dtype != torch.float32:
             raise QamroError("pair_kernel='triton' computes in float32 only")
         pred, y, yn, q = (t.contiguous() for t in (pred, y, yn, q))
-        n_pairs, alpha, margin = (t.reshape(k).contiguous() for t in (n_pairs, alpha, margin))
+        alpha, margin = (t.reshape(k).contiguous() for t in (alpha, margin))
         need = bool(ctx.needs_input_grad[0])
         loss = torch.empty(k, dtype=pred.dtype, device=pred.device)
         row_act = torch.empty_like(pred) if need else loss
         col_w = torch.empty_like(pred) if need else loss
         block_b = max(16, triton.next_power_of_2(b))
-        kernel[(k,)](pred, y, yn, q, alpha, margin, n_pairs, loss, row_act, col_w, b,
+        kernel[(k,)](pred, y, yn, q, alpha, margin, loss, row_act, col_w, b,
                      pred.stride(0), BLOCK_B=block_b, BLOCK_I=min(32, block_b),
                      NEED_GRAD=need)
         if need:
-            ctx.save_for_backward((col_w - q * row_act) / n_pairs[:, None])
+            ctx.save_for_backward(col_w - q * row_act)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
         (g,) = ctx.saved_tensors
-        return grad[:, None] * g, None, None, None, None, None, None
+        return grad[:, None] * g, None, None, None, None, None

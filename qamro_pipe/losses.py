@@ -54,15 +54,16 @@ def normalise_labels(target: torch.Tensor, known: torch.Tensor, norm: str = "bat
 class LabelTerms(NamedTuple):
     """Everything both loss terms need from a batch of labels [..., B] alone. Training
     computes it once per epoch for all of that epoch's steps ([steps, K, B]) and once for the
-    fixed validation chunks, so a step runs only the parts that depend on the predictions."""
+    fixed validation chunks, so a step runs only the parts that depend on the predictions.
+    The means' denominators are folded into the weights, so a step never divides."""
 
     y: torch.Tensor  # [..., B] labels, 0 where unknown
     yn: torch.Tensor  # [..., B] labels, NaN where unknown (NaN compares False: no pair)
-    q: torch.Tensor  # [..., B] quality weight of a pair whose better clip is this one
-    n_pairs: torch.Tensor  # [..., 1] pairs with y_i > y_j, at least 1 (none: loss 0)
+    q: torch.Tensor  # [..., B] quality weight of a pair whose better clip is this one,
+    # divided by the number of pairs
     y_reg: torch.Tensor  # [..., B] the regression target ((y - mean) / std), 0 where unknown
-    known: torch.Tensor  # [..., B] 1.0 where the label is known, else 0.0
-    n_known: torch.Tensor  # [..., 1] known labels, at least 1
+    w_reg: torch.Tensor  # [..., B] 1 / (known labels) where the label is known, else 0
+    n_pairs: torch.Tensor  # [..., 1] pairs with y_i > y_j, at least 1 (none: loss 0)
 
     def select(self, index) -> "LabelTerms":
         """The same index (e.g. a step number) applied to every field's leading dims."""
@@ -91,38 +92,39 @@ def label_terms(target: torch.Tensor, beta=1.0, norm: str = "batch",
         n_pairs = (below * known).sum(-1, keepdim=True).clamp_min(1).to(y.dtype)
         y_reg = torch.where(known, (target - _col(mean, y)) / _col(std, y), 0.0)
         n_known = known.sum(-1, keepdim=True).clamp_min(1).to(y.dtype)
-        return LabelTerms(y, torch.where(known, target, math.nan), q, n_pairs, y_reg,
-                          known.to(y.dtype), n_known)
+        return LabelTerms(y, torch.where(known, target, math.nan), q / n_pairs, y_reg,
+                          known / n_known, n_pairs)
 
 
 class _PairHinge(torch.autograd.Function):
-    """sum_{y_i > y_j} q_i relu(a_i - u_j) / n_pairs per member, gradient in closed form.
+    """sum_{y_i > y_j} q_i relu(a_i - u_j) per member (q already divided by the pair count),
+    gradient in closed form.
 
     With u = alpha y - p and a = u + margin, a pair's term is symmetric in (i, j), so the mean
     over ordered pairs equals the mean over the pairs with y_i > y_j; on those the quality
     weight max(ny_i, ny_j) is ny_i (normalisation is monotone), a per-row factor q_i. So one
     broadcast subtraction gives every hinge argument, and with A = 1[hinge > 0] the gradient is
-    dL/dp_a = (sum_i q_i A_ia - q_a sum_j A_aj) / n_pairs: a handful of [K, B, B] passes in
-    all, none of autograd's temporaries."""
+    dL/dp_a = sum_i q_i A_ia - q_a sum_j A_aj: a handful of [K, B, B] passes in all, none of
+    autograd's temporaries."""
 
     @staticmethod
-    def forward(ctx, pred, y, yn, q, n_pairs, alpha, margin):
-        # pred, y, yn, q [K, B]; n_pairs, alpha, margin [K, 1]
+    def forward(ctx, pred, y, yn, q, alpha, margin):
+        # pred, y, yn, q [K, B]; alpha, margin [K, 1]
         u = torch.addcmul(-pred, alpha, y)  # [K, B]
         above = yn[:, :, None] > yn[:, None, :]  # [K, B, B]: the pairs with y_i > y_j
         hinge = ((u + margin)[:, :, None] - u[:, None, :]).clamp_min_(0).mul_(above)
         qt = q[:, None, :]  # [K, 1, B]
-        loss = torch.bmm(qt, hinge).sum((1, 2)) / n_pairs[:, 0]
+        loss = torch.bmm(qt, hinge).sum((1, 2))
         if ctx.needs_input_grad[0]:
             act = hinge.sign_()  # 0/1 (hinge >= 0)
-            grad = (torch.bmm(qt, act)[:, 0] - q * act.sum(2)) / n_pairs  # [K, B]
+            grad = torch.bmm(qt, act)[:, 0] - q * act.sum(2)  # [K, B]
             ctx.save_for_backward(grad)
         return loss
 
     @staticmethod
     def backward(ctx, grad):  # grad [K]
         (g,) = ctx.saved_tensors
-        return grad[:, None] * g, None, None, None, None, None, None
+        return grad[:, None] * g, None, None, None, None, None
 
 
 def pair_hinge(pred: torch.Tensor, t: LabelTerms, alpha, margin,
@@ -134,7 +136,7 @@ def pair_hinge(pred: torch.Tensor, t: LabelTerms, alpha, margin,
         from .fused import PairHingeTriton as fn
     elif kernel != "torch":
         raise ValueError(f"unknown pair kernel {kernel!r}")
-    return fn.apply(pred, t.y, t.yn, t.q, t.n_pairs, _col(alpha, pred), _col(margin, pred))
+    return fn.apply(pred, t.y, t.yn, t.q, _col(alpha, pred), _col(margin, pred))
 
 
 def regression(pred: torch.Tensor, t: LabelTerms, kind: str = "huber",
@@ -148,7 +150,7 @@ def regression(pred: torch.Tensor, t: LabelTerms, kind: str = "huber",
         per = (pred - t.y_reg) ** 2 + (pred - t.y_reg).abs()
     else:
         raise ValueError(f"unknown regression loss {kind!r}")
-    return (per * t.known).sum(-1) / t.n_known[..., 0]
+    return (per * t.w_reg).sum(-1)
 
 
 def pairwise_ranking_loss(pred: torch.Tensor, target: torch.Tensor, alpha=0.0, beta=1.0,

@@ -146,8 +146,9 @@ class _Losses:
         y = torch.cat([t.expand(self.k, n) for t in ys])  # [H*K, n]
         y = F.pad(y, (0, chunks * bs - n), value=math.nan)
         y = y.view(len(y), chunks, bs).transpose(0, 1).contiguous()
-        return label_terms(y, self.beta, self.cfg.norm, self.label_range, self.mean[:, 0],
-                           self.std[:, 0])
+        t = label_terms(y, self.beta, self.cfg.norm, self.label_range, self.mean[:, 0],
+                        self.std[:, 0])
+        return t._replace(q=t.q * self.weight[:, None])  # the ranking term's weight, folded in
 
     def __call__(self, preds: list[torch.Tensor], t: LabelTerms) -> torch.Tensor:
         """Per head [K, b] predictions and the stacked batch's label terms ([H*K, b]) -> [K]
@@ -155,8 +156,8 @@ class _Losses:
         pred = torch.cat(preds)  # [H*K, b]
         raw = pred * self.std + self.mean if self.scaled else pred
         reg = regression(pred, t, self.cfg.regression, self.cfg.huber_delta)
-        rank = pair_hinge(raw, t, self.alpha, self.margin, self.kernel)
-        return (reg + self.weight * rank).view(self.n_heads, self.k).sum(0)
+        rank = pair_hinge(raw, t, self.alpha, self.margin, self.kernel)  # weight is in t.q
+        return (reg + rank).view(self.n_heads, self.k).sum(0)
 
 
 class _Engine:

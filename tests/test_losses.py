@@ -112,8 +112,9 @@ def test_label_terms_count_pairs_and_keep_unknown_labels_out():
     brute = ((y[..., :, None] > y[..., None, :]) & known[..., :, None]
              & known[..., None, :]).sum((-1, -2))
     assert torch.equal(t.n_pairs[..., 0], brute.clamp_min(1).float())
-    assert torch.equal(t.n_known[..., 0], known.sum(-1).clamp_min(1).float())
-    assert torch.equal(t.known.bool(), known) and torch.isnan(t.yn[~known]).all()
+    n_known = known.sum(-1, keepdim=True).clamp_min(1).float()
+    assert torch.allclose(t.w_reg, known / n_known) and (t.w_reg[~known] == 0).all()
+    assert torch.isnan(t.yn[~known]).all()
     # chunk-wise terms are those of each chunk on its own: the batch dims are independent
     one = label_terms(y[2, 3], beta=3.0)
     for a, b in zip(t.select((2, 3)), one):
