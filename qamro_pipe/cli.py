@@ -178,6 +178,8 @@ def sweep(
 def _sweep_table(rows: list[dict[str, Any]]) -> str:
     import numpy as np
 
+    from .sweep import setting_order
+
     pts: dict[tuple, list] = {}
     for r in rows:
         if r.get("level") == "system" and r.get("srcc") is not None:
@@ -188,9 +190,9 @@ def _sweep_table(rows: list[dict[str, Any]]) -> str:
     def num(x):
         return "-" if x is None else f"{x:g}"
 
-    def order(item):  # numeric order; a kind's unused settings (None) first
+    def order(item):
         kind, a, b, m, head = item[0]
-        return kind, *(-np.inf if x is None else x for x in (a, b, m)), head
+        return kind, *(setting_order(x) for x in (a, b, m)), head
     for (kind, a, b, m, head), v in sorted(pts.items(), key=order):
         sd = f" ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else ""
         lines.append(f"{kind:<6}{num(a):>7}{num(b):>6}{num(m):>8}  {head:<10}"

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 
 def _per_member(x, k: int, like: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(x, dtype=like.dtype, device=like.device).reshape(-1)[:, None, None] \
-        .expand(k, 1, 1)
+    """A float or a [K] (or [1]) tensor -> [K] on like's device and dtype."""
+    return torch.as_tensor(x, dtype=like.dtype, device=like.device).reshape(-1).expand(k)
 
 
 def _as_batched(pred: torch.Tensor, target: torch.Tensor):
@@ -159,9 +159,8 @@ def pairwise_ranking_loss(pred: torch.Tensor, target: torch.Tensor, alpha=0.0, b
     """The general pair loss both QAMRO and L_MR are instances of (see module docstring)."""
     pred, target, squeeze = _as_batched(pred, target)
     k = pred.shape[0]
-    t = label_terms(target, _per_member(beta, k, pred)[:, 0, 0], norm, label_range)
-    loss = pair_hinge(pred, t, _per_member(alpha, k, pred)[:, 0, 0],
-                      _per_member(margin, k, pred)[:, 0, 0])
+    t = label_terms(target, _per_member(beta, k, pred), norm, label_range)
+    loss = pair_hinge(pred, t, _per_member(alpha, k, pred), _per_member(margin, k, pred))
     return loss[0] if squeeze else loss
 
 

@@ -59,6 +59,11 @@ def expand_grid(base: LossConfig, grid: dict[str, Any]) -> list[Member]:
 USED_SETTINGS = {"qamro": ("alpha", "beta"), "mr": ("margin",), "none": ()}
 
 
+def setting_order(x) -> float:
+    """Sort key for a row's alpha, beta or margin: numeric, a kind's unused ones (None) first."""
+    return -np.inf if x is None else x
+
+
 def sweep_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per member, head and level. A loss kind's unused settings are None (blank in
     the CSV, "-" in the table): QAMRO has no margin, L_MR no alpha or beta."""
@@ -104,10 +109,11 @@ def plot_sweep(path: Path, rows: list[dict[str, Any]], metric: str = "srcc",
         hr = [r for r in rows if r["head"] == head]
         baselines = iter(("dimgrey", "darkorange", "darkgreen", "purple", "brown", "black"))
         for (kind, alpha, margin), group in itertools.groupby(
-                sorted(hr, key=lambda r: (r["loss"], str(r["alpha"]), str(r["margin"]))),
+                sorted(hr, key=lambda r: (r["loss"], setting_order(r["alpha"]),
+                                          setting_order(r["margin"]))),
                 key=lambda r: (r["loss"], r["alpha"], r["margin"])):
             group = list(group)
-            betas = sorted({r["beta"] for r in group}, key=lambda b: -np.inf if b is None else b)
+            betas = sorted({r["beta"] for r in group}, key=setting_order)
             vals = [[r[metric] for r in group if r["beta"] == b] for b in betas]
             mean = np.array([np.mean(v) for v in vals])
             std = np.array([np.std(v) for v in vals])
