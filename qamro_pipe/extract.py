@@ -205,6 +205,24 @@ def _fill(path: Path, records: DatasetRecords, bb: Backbone, cfg: ExtractConfig,
                    desc=f"extract {bb.name}", disable=not progress, dynamic_ncols=True)
         decoded = _Decoder(tasks, cfg.workers, bb.window_samples,
                            ahead=max(8, 4 * cfg.workers), held=cfg.batch_size)
+        pending: list[_Launched] = []  # at most one batch computing while the next forms
+
+        def write_pending() -> None:
+            while pending:
+                job = pending.pop()  # taken first: a batch that fails is not retried
+                summary.written += _write(w, bb, clips, job)
+                bar.update(len(job.rows))
+
+        def launch(batch) -> None:
+            """Batch N+1 starts before batch N is collected and written, so on a GPU the
+            host prepares and writes while the device computes."""
+            try:
+                job = _launch(bb, clips, batch, cfg.batch_size)
+            finally:
+                decoded.release([r for r, _ in batch])  # their audio was copied
+                write_pending()  # also when launching failed: finished work is kept
+            pending.append(job)
+
         try:
             first = next(decoded, None)  # forks the decoding workers before the model loads
             t_load = time.perf_counter()
@@ -221,6 +239,7 @@ def _fill(path: Path, records: DatasetRecords, bb: Backbone, cfg: ExtractConfig,
                 if err is not None:
                     decoded.release([row])
                     if not cfg.skip_bad:
+                        write_pending()
                         raise DataError(
                             f"{err}; stopped with {int(w.done.sum())}/{len(clips)} clips safely "
                             f"in {path}: fix or remove the file and rerun, or rerun with "
@@ -232,18 +251,19 @@ def _fill(path: Path, records: DatasetRecords, bb: Backbone, cfg: ExtractConfig,
                 batch.append((row, wins))
                 n_windows += len(wins)
                 if n_windows >= cfg.batch_size:
-                    summary.written += _embed_and_write(w, bb, clips, batch, cfg.batch_size)
-                    decoded.release([r for r, _ in batch])  # their audio is no longer read
-                    bar.update(len(batch))
+                    launch(batch)
                     batch, n_windows = [], 0
             if batch:
-                summary.written += _embed_and_write(w, bb, clips, batch, cfg.batch_size)
-                bar.update(len(batch))
-        except KeyboardInterrupt:
+                launch(batch)
+            write_pending()
+        except BaseException as e:
+            write_pending()  # whatever stopped the run, the batch already computed is kept
             bar.close()
-            done = int(w.done.sum())
-            raise Interrupted(f"interrupted: {done}/{len(clips)} clips are safely in {path}; "
-                             f"rerun the same command to resume") from None
+            if isinstance(e, KeyboardInterrupt):
+                done = int(w.done.sum())
+                raise Interrupted(f"interrupted: {done}/{len(clips)} clips are safely in "
+                                  f"{path}; rerun the same command to resume") from None
+            raise
         finally:
             bar.close()
             decoded.close()  # stops the decoding workers now, not at garbage collection
@@ -321,26 +341,47 @@ class _Decoder:
             self.pool = None
 
 
-def _embed_and_write(w: CacheWriter, bb: Backbone, clips: list[Clip],
-                     batch: list[tuple[int, list[np.ndarray]]], batch_size: int) -> int:
+@dataclass
+class _Launched:
+    """A batch whose features are being computed: its rows, window counts and lengths (not
+    its audio, whose memory the decoder may already reuse) and the backbone's pending work."""
+    rows: list[int]
+    counts: list[int]  # windows per clip
+    lengths: np.ndarray  # samples per window, float32 [W_total]
+    parts: list[Any]  # backbones.base.Pending, one per forward pass
+    text: Any  # Pending or None
+
+
+def _launch(bb: Backbone, clips: list[Clip], batch: list[tuple[int, list[np.ndarray]]],
+            batch_size: int) -> _Launched:
+    """Start the backbone on a batch of clips. On a GPU this returns once the work is queued:
+    the windows are copied into the model's input, and the host can go on."""
     flat = [x for _, wins in batch for x in wins]
-    lengths = np.array([len(x) for x in flat], dtype=np.float32)
+    rows = [r for r, _ in batch]
     # at most batch_size windows per forward pass: one long clip (an hour is 360 windows)
     # must not become one giant batch
-    parts = [bb.embed_windows(flat[i:i + batch_size]) for i in range(0, len(flat), batch_size)]
-    feats = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}  # [W_total, ...]
+    parts = [bb.embed_windows_async(flat[i:i + batch_size])
+             for i in range(0, len(flat), batch_size)]
+    text = bb.embed_texts_async([clips[r].text for r in rows]) if bb.uses_text else None
+    return _Launched(rows, [len(wins) for _, wins in batch],
+                     np.array([len(x) for x in flat], dtype=np.float32), parts, text)
+
+
+def _write(w: CacheWriter, bb: Backbone, clips: list[Clip], job: _Launched) -> int:
+    """Wait for a launched batch's features, pool them per clip, check them, write them."""
+    results = [p.result() for p in job.parts]
+    feats = {k: np.concatenate([r[k] for r in results]) for k in results[0]}  # [W_total, ...]
     specs = bb.feature_specs()
-    rows = [r for r, _ in batch]
     clip_feats: dict[str, list[np.ndarray]] = {k: [] for k, s in specs.items()
                                                 if not s.per_window and k in feats}
     win_feats: dict[str, list[np.ndarray]] = {k: [] for k, s in specs.items() if s.per_window}
     weights = []
     start = 0
-    for row, wins in batch:
-        sl = slice(start, start + len(wins))
-        start += len(wins)
+    for row, count in zip(job.rows, job.counts):
+        sl = slice(start, start + count)
+        start += count
         for k in clip_feats:
-            clip_feats[k].append(bb.pool(feats[k][sl], lengths[sl]))
+            clip_feats[k].append(bb.pool(feats[k][sl], job.lengths[sl]))
         for k in win_feats:
             got = feats[k][sl]
             expected = int(w.offsets[row + 1] - w.offsets[row])
@@ -348,16 +389,16 @@ def _embed_and_write(w: CacheWriter, bb: Backbone, clips: list[Clip],
                 raise DataError(f"{clips[row].path}: decoded into {len(got)} windows but its "
                                 f"header promised {expected} (inconsistent file header)")
             win_feats[k].append(got)
-        weights.append(lengths[sl])
+        weights.append(job.lengths[sl])
     out = {k: np.stack(v) for k, v in clip_feats.items()}
-    if bb.uses_text:
-        out.update(bb.embed_texts([clips[r].text for r in rows]))
+    if job.text is not None:
+        out.update(job.text.result())
     for k, v in out.items():
         if not np.isfinite(v).all():
-            bad = clips[rows[int(np.argmax(~np.isfinite(v.reshape(len(v), -1)).all(1)))]]
+            bad = clips[job.rows[int(np.argmax(~np.isfinite(v.reshape(len(v), -1)).all(1)))]]
             raise DataError(f"{bad.path}: the backbone produced NaN or inf features ({k})")
-    w.write(rows, out, win_feats or None, weights if win_feats else None)
-    return len(rows)
+    w.write(job.rows, out, win_feats or None, weights if win_feats else None)
+    return len(job.rows)
 
 
 def records_for(dataset: str | None, root: str | Path | None, manifest: str | Path | None,

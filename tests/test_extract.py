@@ -53,21 +53,28 @@ def test_resume_after_interruption_equals_uninterrupted(demo_records, tmp_path, 
     extract(demo_records, CFG, tmp_path / "full.h5", progress=False)
     import qamro_pipe.extract as ex
 
-    real = ex._embed_and_write
-    calls = {"n": 0}
+    real_launch, real_write, events = ex._launch, ex._write, []
 
-    def dies_on_third_batch(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
+    def dies_launching_the_third_batch(*a, **k):
+        events.append("launch")
+        if events.count("launch") == 3:
             raise KeyboardInterrupt
-        return real(*a, **k)
+        return real_launch(*a, **k)
 
-    monkeypatch.setattr(ex, "_embed_and_write", dies_on_third_batch)
+    def write(*a, **k):
+        events.append("write")
+        return real_write(*a, **k)
+
+    monkeypatch.setattr(ex, "_launch", dies_launching_the_third_batch)
+    monkeypatch.setattr(ex, "_write", write)
+    # batch N+1 is launched before batch N is collected and written; when launching batch 3
+    # is interrupted, batch 2 is already computed, and is written before the run stops
     with pytest.raises(Exception, match="interrupted: 8/24 clips.*rerun the same command"):
         extract(demo_records, CFG, tmp_path / "part.h5", progress=False)
+    assert events == ["launch", "launch", "write", "launch", "write"]
     with pytest.raises(CacheError, match="did not finish"):
         read_cache(tmp_path / "part.h5")
-    monkeypatch.setattr(ex, "_embed_and_write", real)
+    monkeypatch.setattr(ex, "_launch", real_launch)
     s = extract(demo_records, CFG, tmp_path / "part.h5", progress=False)
     assert s.done_before == 8 and s.written == 16
     _same(tmp_path / "full.h5", tmp_path / "part.h5")
@@ -94,7 +101,8 @@ def test_second_writer_refused(demo_records, tmp_path):
 def test_bad_file_stops_or_is_skipped(demo_records, tmp_path):
     bad = demo_records.clips[5].path
     bad.write_bytes(b"RIFF\x00\x00garbage")
-    with pytest.raises(DataError, match=bad.name):
+    # the first batch (rows 0-3) is still computing when row 5 fails: it is written first
+    with pytest.raises(DataError, match=rf"{bad.name}.*stopped with 4/24 clips safely"):
         extract(demo_records, CFG, tmp_path / "c.h5", progress=False)
     cfg = ExtractConfig(backbone="melstats", device="cpu", workers=0, skip_bad=True)
     s = extract(demo_records, cfg, tmp_path / "c.h5", progress=False)

@@ -93,6 +93,42 @@ def test_backbone_batches_prepared_on_the_gpu_equal_the_cpu_ones():
         wins = [w[::-1].copy() for w in wins]
 
 
+def test_pipelined_gpu_extraction_equals_the_cpu_cache(tmp_path):
+    """On a GPU, features come back through pinned memory and events while the next batch is
+    launched: batches in flight give what one batch at a time gives, whatever happens to
+    their input afterwards, and a pipelined extract equals the CPU's cache."""
+    from qamro_pipe.backbones import get_backbone
+    from qamro_pipe.config import ExtractConfig
+    from qamro_pipe.datasets import load_dataset
+    from qamro_pipe.extract import extract
+
+    bb = get_backbone("clap-music", checkpoint="random", device="cuda", offline=True)
+    rng = np.random.default_rng(0)
+    batches = [[rng.uniform(-0.5, 0.5, n).astype(np.float32) for n in (9000, 48000, 480000)]
+               for _ in range(4)]
+    originals = [[w.copy() for w in b] for b in batches]
+    expected = [bb.embed_windows(b)["audio"] for b in originals]
+    pending = [bb.embed_windows_async(b) for b in batches]
+    for b in batches:
+        for w in b:
+            w[:] = 1.0
+    for p, e in zip(pending, expected):
+        np.testing.assert_allclose(p.result()["audio"], e, atol=1e-5)
+    records = load_dataset("demo", tmp_path / "corpus", n_systems=4, n_prompts=5, seconds=3.0)
+    caches = {}
+    for device in ("cpu", "cuda"):
+        cfg = ExtractConfig(backbone="aesthetics", checkpoint="random", device=device,
+                            batch_size=4, workers=2, offline=True)
+        extract(records, cfg, tmp_path / f"{device}.h5", progress=False)
+        caches[device] = read_cache(tmp_path / f"{device}.h5")
+    cpu, gpu = caches["cpu"], caches["cuda"]
+    assert cpu.windows.keys() == gpu.windows.keys() == {"layers"}
+    assert np.array_equal(cpu.window_offsets, gpu.window_offsets)
+    assert np.array_equal(cpu.window_weight, gpu.window_weight)
+    np.testing.assert_allclose(gpu.windows["layers"], cpu.windows["layers"], rtol=1e-3,
+                               atol=1e-3)
+
+
 def test_triton_pair_kernel_compiled_equals_torch(synthetic_cache):
     """The fused kernel compiled for the GPU (not the interpreter): same loss and gradient as
     the torch pair loss, and a graph-replayed run with it gives the eager torch run's numbers."""

@@ -58,8 +58,11 @@ class Aesthetics(Backbone):
                                  f"AesMultiOutput: {e}") from e
         self.model.to(self.device).eval()
 
-    def _embed_windows(self, windows: list[np.ndarray]) -> dict[str, Any]:
-        wav, mask = pad_and_mask(windows, self.window_samples, self.device)
+    def _prepare(self, windows: list[np.ndarray]):
+        return pad_and_mask(windows, self.window_samples, self.device)
+
+    def _forward(self, inputs) -> dict[str, Any]:
+        wav, mask = inputs
         return {"layers": layer_means(self.model, wav, mask)}  # [W, 13, 768]
 
 

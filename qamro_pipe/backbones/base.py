@@ -1,7 +1,13 @@
 """The plumbing every backbone shares: device, precision, inference mode, numpy out.
 
-A backbone file implements `load()`, `_embed_windows()` and, when it reads text,
-`_embed_texts()`; nothing heavy is imported or loaded before `load()`.
+A backbone file implements `load()`, `_prepare()` (windows -> the model's input, on the
+device) and `_forward()` (that input -> features) and, when it reads text, `_embed_texts()`;
+nothing heavy is imported or loaded before `load()`.
+
+Work is started and collected apart (`embed_windows_async` -> `Pending.result()`), so
+extraction can prepare and launch batch N+1 on the host while the device still computes
+batch N: on a GPU, features come back through pinned memory and a CUDA event, without
+blocking the host until they are needed.
 """
 from __future__ import annotations
 
@@ -110,8 +116,16 @@ class Backbone:
     def load(self) -> None:
         raise NotImplementedError
 
-    def _embed_windows(self, windows: list[np.ndarray]) -> dict[str, Any]:
+    def _prepare(self, windows: list[np.ndarray]) -> Any:
+        """Windows -> the model's input, on the device. Must copy what it needs: the caller
+        may reuse the windows' memory as soon as `embed_windows_async` returns."""
         raise NotImplementedError
+
+    def _forward(self, inputs: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _embed_windows(self, windows: list[np.ndarray]) -> dict[str, Any]:
+        return self._forward(self._prepare(windows))
 
     def _embed_texts(self, texts: list[str]) -> dict[str, Any]:
         return {}
@@ -168,34 +182,88 @@ class Backbone:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type=str(self.device).split(":")[0], dtype=dtype)
 
-    def _run(self, fn, arg) -> dict[str, np.ndarray]:
-        import torch
-
+    def _ensure_loaded(self) -> None:
         if not self.loaded:
             self.load()
             self.loaded = True
+
+    def _start(self, fn, arg) -> "Pending":
+        import torch
+
+        self._ensure_loaded()
         with torch.inference_mode(), self._autocast():
-            out = fn(arg)
-        out = {k: (v.detach().float().cpu().numpy() if hasattr(v, "detach") else
-                   np.asarray(v, dtype=np.float32)) for k, v in out.items()}
-        # fp16 can overflow inside a model (clap-music gave NaN on CUDA); never cache that
-        bad = sorted(k for k, v in out.items() if not np.isfinite(v).all())
-        if bad:
-            hint = "use bf16 or fp32" if self.precision == "fp16" else "is the input finite?"
-            raise QamroError(f"{self.key}: non-finite {', '.join(bad)} features at precision "
-                             f"{self.precision}; {hint}")
-        return out
+            return Pending(self.key, self.precision, fn(arg))
+
+    def embed_windows_async(self, windows: list[np.ndarray]) -> "Pending":
+        """Start embedding windows (mono float32 at sample_rate, each at most window_samples
+        long); `.result()` gives {feature: [W, *shape]} for every audio feature, clip-level
+        ones included (extract pools those over a clip's windows with `pool`). The windows
+        are copied before this returns: their memory may be reused at once."""
+        return self._start(self._embed_windows, windows)
 
     def embed_windows(self, windows: list[np.ndarray]) -> dict[str, np.ndarray]:
-        """Windows (mono float32 at sample_rate, each at most window_samples long)
-        -> {feature: [W, *shape]} for every audio feature, clip-level ones included
-        (extract pools those over a clip's windows with `pool`)."""
-        return self._run(self._embed_windows, windows)
+        return self.embed_windows_async(windows).result()
+
+    def prepare_windows(self, windows: list[np.ndarray]) -> Any:
+        """The model's input for these windows, on the device (benchmarks time the forward
+        alone with `forward_prepared`)."""
+        import torch
+
+        self._ensure_loaded()
+        with torch.inference_mode():
+            return self._prepare(windows)
+
+    def forward_prepared(self, inputs: Any) -> "Pending":
+        return self._start(self._forward, inputs)
+
+    def embed_texts_async(self, texts: list[str]) -> "Pending":
+        return self._start(self._embed_texts, texts if self.uses_text else [])
 
     def embed_texts(self, texts: list[str]) -> dict[str, np.ndarray]:
-        return self._run(self._embed_texts, texts) if self.uses_text else {}
+        return self.embed_texts_async(texts).result() if self.uses_text else {}
 
     def pool(self, feats: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """One clip's per-window rows [W, ...] -> one row: mean weighted by window length."""
         w = weights.astype(np.float64) / weights.sum()
         return np.tensordot(w, feats.astype(np.float64), axes=1).astype(np.float32)
+
+
+class Pending:
+    """Features a backbone is computing. On a GPU each output is copied into pinned host
+    memory asynchronously and an event marks the end of the copies; `result()` waits on it
+    (the host is free until then), converts to float32 numpy and refuses non-finite output."""
+
+    def __init__(self, key: str, precision: str, out: dict[str, Any]):
+        import torch
+
+        self.key, self.precision = key, precision
+        self.out: dict[str, Any] = {}
+        self.event = None
+        for k, v in out.items():
+            if not hasattr(v, "detach"):
+                self.out[k] = np.asarray(v, dtype=np.float32)
+                continue
+            v = v.detach().float()
+            if v.is_cuda:
+                host = torch.empty(v.shape, dtype=torch.float32, pin_memory=True)
+                host.copy_(v, non_blocking=True)
+                self.event = torch.cuda.Event()
+                self.event.record(torch.cuda.current_stream(v.device))
+                v = host
+            self.out[k] = v
+        self._result: dict[str, np.ndarray] | None = None
+
+    def result(self) -> dict[str, np.ndarray]:
+        if self._result is None:
+            if self.event is not None:
+                self.event.synchronize()
+            out = {k: v if isinstance(v, np.ndarray) else v.numpy()
+                   for k, v in self.out.items()}
+            # fp16 can overflow inside a model (clap-music gave NaN on CUDA); never cache that
+            bad = sorted(k for k, v in out.items() if not np.isfinite(v).all())
+            if bad:
+                hint = "use bf16 or fp32" if self.precision == "fp16" else "is the input finite?"
+                raise QamroError(f"{self.key}: non-finite {', '.join(bad)} features at "
+                                 f"precision {self.precision}; {hint}")
+            self._result = out
+        return self._result

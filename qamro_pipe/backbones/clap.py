@@ -81,13 +81,19 @@ class ClapMusic(Backbone):
         self._provenance["tokenizer_vocab_sha256"] = hashlib.sha256(vocab).hexdigest()
         return tok, None
 
-    def _embed_windows(self, windows: list[np.ndarray]) -> dict[str, Any]:
+    def _prepare(self, windows: list[np.ndarray]):
+        return quantize_int16(stack_windows(windows, self.window_samples, self.device))
+
+    def _forward(self, x) -> dict[str, Any]:
+        """[W, T] quantised, padded windows on the device -> unit-norm [W, 512], through
+        laion_clap's get_audio_embedding. Its `longer` flags (unused without fusion) are one
+        tensor already on the device: a flag on the host would be copied with a blocking
+        copy, stalling the host until the previous batch's forward is done."""
         import torch
 
-        x = stack_windows(windows, self.window_samples, self.device)  # [W, T] on the device
-        inputs = [{"waveform": row, "longer": torch.tensor([False])}
-                  for row in quantize_int16(x)]
-        return {"audio": self.model.get_audio_embedding(inputs)}  # [W, 512], unit norm
+        longer = torch.zeros(1, dtype=torch.bool, device=x.device)
+        return {"audio": self.model.get_audio_embedding(
+            [{"waveform": row, "longer": longer} for row in x])}
 
     def _embed_texts(self, texts: list[str]) -> dict[str, Any]:
         if self.tokenizer is None:

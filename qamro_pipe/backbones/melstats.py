@@ -101,7 +101,10 @@ class MelStats(Backbone):
     def load(self) -> None:
         self._fb = mel_filterbank(self.sample_rate, N_FFT, N_MELS)  # [N_MELS, K]
 
-    def _embed_windows(self, windows: list[np.ndarray]) -> dict[str, np.ndarray]:
+    def _prepare(self, windows: list[np.ndarray]) -> list[np.ndarray]:
+        return windows  # numpy on the host: the features are computed before returning
+
+    def _forward(self, windows: list[np.ndarray]) -> dict[str, np.ndarray]:
         return {"audio": np.stack([window_features(w, self.sample_rate, self._fb)
                                    for w in windows])}
 
