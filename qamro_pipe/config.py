@@ -95,8 +95,9 @@ class ExtractConfig:
     tokenizer_dir: str | None = None  # text tokenizer files for offline CLAP text embeddings
     device: str = "auto"  # "auto" = cuda when present, else cpu
     precision: str = "fp32"  # "fp32", or "bf16"/"fp16" on request (recorded in the cache)
-    batch_size: int = 16  # windows per forward pass
-    workers: int = 2  # processes decoding and resampling audio
+    batch_size: int | None = None  # windows per forward pass; None = 64 on a GPU, 16 on CPU
+    workers: int | None = None  # processes decoding and resampling audio; None = by device
+    # (extract.auto_workers); 0 = decode in the main process
     offline: bool | None = None  # None = from HF_HUB_OFFLINE / QAMRO_OFFLINE
     skip_bad: bool = False  # list undecodable files in /skipped instead of stopping
 

@@ -115,7 +115,13 @@ def extract(records: DatasetRecords, cfg: ExtractConfig = ExtractConfig(),
     """Embed `records` into the cache at `cache_path`. With shard=(k, n), only clips k, k+n,
     k+2n, ... go into NAME.part-k-of-n.h5, which `shards.merge_parts` joins with the others
     into the cache a single process would have written."""
+    for what, value, least in (("--batch-size", cfg.batch_size, 1), ("--workers", cfg.workers, 0)):
+        if value is not None and value < least:
+            raise QamroError(f"{what} {value}: must be at least {least}")
     device = _device(cfg.device)
+    gpu = device.startswith("cuda")
+    cfg = replace(cfg, batch_size=cfg.batch_size or (64 if gpu else 16),
+                  workers=auto_workers(gpu) if cfg.workers is None else cfg.workers)
     bb = get_backbone(cfg.backbone, checkpoint=cfg.checkpoint, device=device,
                       precision=cfg.precision, offline=cfg.offline,
                       tokenizer_dir=cfg.tokenizer_dir)
@@ -148,6 +154,18 @@ def extract(records: DatasetRecords, cfg: ExtractConfig = ExtractConfig(),
         if not path.exists():
             _create(path, records, bb, cfg, key, extra)
         return _fill(path, records, bb, cfg, progress)
+
+
+def auto_workers(gpu: bool) -> int:
+    """Decoding processes when none are asked for. On the CPU 2: the model needs the cores.
+    On a GPU enough to keep it fed (a 10 s clip takes a few ms of one core to decode and
+    resample; CLAP in bf16 on an H100 embeds one in ~0.6 ms), up to 8, leaving two cores to
+    the process that feeds the model and sharing the rest with other ranks on this machine
+    (torchrun's LOCAL_WORLD_SIZE)."""
+    if not gpu:
+        return 2
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(2, min(8, ((os.cpu_count() or 4) - 2) // ranks))
 
 
 def _device(device: str) -> str:
@@ -203,8 +221,10 @@ def _fill(path: Path, records: DatasetRecords, bb: Backbone, cfg: ExtractConfig,
                  for r in todo]
         bar = tqdm(total=len(clips), initial=summary.done_before, unit="clip",
                    desc=f"extract {bb.name}", disable=not progress, dynamic_ncols=True)
+        # a whole batch may be decoding while the model has the last one: workers that wait
+        # for the consumer to take finished clips would leave a fast GPU waiting in turn
         decoded = _Decoder(tasks, cfg.workers, bb.window_samples,
-                           ahead=max(8, 4 * cfg.workers), held=cfg.batch_size)
+                           ahead=max(8, 4 * cfg.workers, cfg.batch_size), held=cfg.batch_size)
         pending: list[_Launched] = []  # at most one batch computing while the next forms
 
         def write_pending() -> None:

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 from qamro_pipe.cli import app
 from qamro_pipe.config import ExtractConfig
 from qamro_pipe.datasets import load_dataset
-from qamro_pipe.errors import CacheError, DataError
+from qamro_pipe.errors import CacheError, DataError, QamroError
 from qamro_pipe.extract import extract
 from qamro_pipe.cache_files import writer_lock
 from qamro_pipe.store import read_cache
@@ -47,6 +47,26 @@ def test_workers_give_the_same_numbers(demo_records, tmp_path):
     cfg = ExtractConfig(backbone="melstats", device="cpu", batch_size=5, workers=2)
     extract(demo_records, cfg, tmp_path / "b.h5", progress=False)
     _same(tmp_path / "a.h5", tmp_path / "b.h5")
+
+
+def test_unset_batch_and_workers_follow_the_device_and_are_recorded(demo_records, tmp_path,
+                                                                     monkeypatch):
+    from qamro_pipe.extract import auto_workers
+    from qamro_pipe.store import read_meta
+
+    extract(demo_records, ExtractConfig(backbone="melstats", device="cpu"), tmp_path / "a.h5",
+            progress=False)
+    saved = read_meta(tmp_path / "a.h5").config["extract"]
+    assert (saved["batch_size"], saved["workers"]) == (16, 2)
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert auto_workers(gpu=False) == 2 and auto_workers(gpu=True) == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four ranks share the machine's cores
+    assert auto_workers(gpu=True) == 3
+    for bad in (dict(batch_size=0), dict(workers=-1)):
+        with pytest.raises(QamroError, match="must be at least"):
+            extract(demo_records, ExtractConfig(backbone="melstats", device="cpu", **bad),
+                    tmp_path / "b.h5", progress=False)
+    assert not (tmp_path / "b.h5").exists()
 
 
 def test_resume_after_interruption_equals_uninterrupted(demo_records, tmp_path, monkeypatch):
