@@ -375,14 +375,20 @@ class _Launched:
 def _launch(bb: Backbone, clips: list[Clip], batch: list[tuple[int, list[np.ndarray]]],
             batch_size: int) -> _Launched:
     """Start the backbone on a batch of clips. On a GPU this returns once the work is queued:
-    the windows are copied into the model's input, and the host can go on."""
+    the windows are copied into the model's input, and the host can go on.
+
+    The order matters there: the first forward's input is prepared on the host (while the
+    device still runs the previous batch), then the texts are embedded, then the audio
+    forward is queued. The text tower waits for the device (transformers checks its
+    attention mask on the host), and at that point only the previous batch is queued."""
     flat = [x for _, wins in batch for x in wins]
     rows = [r for r, _ in batch]
     # at most batch_size windows per forward pass: one long clip (an hour is 360 windows)
     # must not become one giant batch
-    parts = [bb.embed_windows_async(flat[i:i + batch_size])
-             for i in range(0, len(flat), batch_size)]
+    chunks = [flat[i:i + batch_size] for i in range(0, len(flat), batch_size)]
+    first = bb.prepare_windows(chunks[0])
     text = bb.embed_texts_async([clips[r].text for r in rows]) if bb.uses_text else None
+    parts = [bb.forward_prepared(first)] + [bb.embed_windows_async(c) for c in chunks[1:]]
     return _Launched(rows, [len(wins) for _, wins in batch],
                      np.array([len(x) for x in flat], dtype=np.float32), parts, text)
 

@@ -102,7 +102,14 @@ def test_pipelined_gpu_extraction_equals_the_cpu_cache(tmp_path):
     from qamro_pipe.datasets import load_dataset
     from qamro_pipe.extract import extract
 
-    bb = get_backbone("clap-music", checkpoint="random", device="cuda", offline=True)
+    from test_backbones import write_roberta_style_tokenizer
+
+    tok = str(write_roberta_style_tokenizer(tmp_path / "tokenizer"))
+    bb, on_cpu = (get_backbone("clap-music", checkpoint="random", device=d, offline=True,
+                               tokenizer_dir=tok) for d in ("cuda", "cpu"))
+    texts = ["a song", "a calm piano piece with soft strings"]
+    np.testing.assert_allclose(bb.embed_texts(texts)["text"], on_cpu.embed_texts(texts)["text"],
+                               atol=1e-4)  # tokens reach the device by a pinned, async copy
     rng = np.random.default_rng(0)
     batches = [[rng.uniform(-0.5, 0.5, n).astype(np.float32) for n in (9000, 48000, 480000)]
                for _ in range(4)]

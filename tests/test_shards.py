@@ -84,8 +84,8 @@ def test_shards_with_windows_and_skipped_files(tmp_path):
         def feature_specs(self):
             return {"frames": FeatureSpec((melstats.AUDIO_DIM,), per_window=True)}
 
-        def _embed_windows(self, windows):
-            return {"frames": super()._embed_windows(windows)["audio"]}
+        def _forward(self, windows):
+            return {"frames": super()._forward(windows)["audio"]}
 
     import qamro_pipe.extract as ex
     real = ex.get_backbone

@@ -124,9 +124,6 @@ class Backbone:
     def _forward(self, inputs: Any) -> dict[str, Any]:
         raise NotImplementedError
 
-    def _embed_windows(self, windows: list[np.ndarray]) -> dict[str, Any]:
-        return self._forward(self._prepare(windows))
-
     def _embed_texts(self, texts: list[str]) -> dict[str, Any]:
         return {}
 
@@ -199,7 +196,7 @@ class Backbone:
         long); `.result()` gives {feature: [W, *shape]} for every audio feature, clip-level
         ones included (extract pools those over a clip's windows with `pool`). The windows
         are copied before this returns: their memory may be reused at once."""
-        return self._start(self._embed_windows, windows)
+        return self._start(lambda w: self._forward(self._prepare(w)), windows)
 
     def embed_windows(self, windows: list[np.ndarray]) -> dict[str, np.ndarray]:
         return self.embed_windows_async(windows).result()

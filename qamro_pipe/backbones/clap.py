@@ -104,7 +104,14 @@ class ClapMusic(Backbone):
                 f"pass --tokenizer-dir DIR, or run once online.")
         tokens = self.tokenizer(list(texts), padding="max_length", truncation=True,
                                 max_length=TEXT_MAX_TOKENS, return_tensors="pt")
-        data = {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+        import torch
+
+        cuda = torch.device(self.device).type == "cuda"
+        # on the device before laion_clap sees them: its own .to(device) of host tensors
+        # would be a blocking copy
+        data = {k: (tokens[k].pin_memory() if cuda else tokens[k]).to(self.device,
+                                                                     non_blocking=cuda)
+                for k in ("input_ids", "attention_mask")}
         return {"text": self.model.get_text_embedding(data)}  # [N, 512], unit norm
 
 
