@@ -40,8 +40,10 @@ class BatchedMLP(nn.Module):
     """K independent heads evaluated as batched matmuls: optional softmax layer weighting and
     L2 normalisation (the Audiobox-Aesthetics head), then an MLP in_dim -> hidden... -> 1.
 
-    All parameters of member k live in one row of `flat` [K, P]; each parameter is a view into
-    it, so an optimiser step is a handful of kernels over one tensor, not one per layer."""
+    All parameters live in one buffer `flat`, parameter by parameter, each as a contiguous
+    [K, *shape] block; every parameter is a view into it. Gradients taken with respect to the
+    views are contiguous too, so one fused multi-tensor SGD kernel updates them all in place
+    with no copy into a flat gradient first (train._sgd)."""
 
     def __init__(self, seeds: list[int], in_dim: int, hidden: tuple[int, ...] = (256, 64),
                  activation: str = "relu", name: str = "head", layer_norm: bool = False,
@@ -58,7 +60,7 @@ class BatchedMLP(nn.Module):
             self.layout += [(f"w{i}", (dims[i], dims[i + 1])), (f"b{i}", (dims[i + 1],))]
             if layer_norm and i < len(dims) - 2:
                 self.layout += [(f"g{i}", (dims[i + 1],)), (f"beta{i}", (dims[i + 1],))]
-        self.flat = nn.Parameter(torch.empty(self.k, sum(math.prod(s) for _, s in self.layout)))
+        self.flat = nn.Parameter(torch.empty(self.k * sum(math.prod(s) for _, s in self.layout)))
         with torch.no_grad():
             views = self.named_views()
             for k, seed in enumerate(seeds):
@@ -76,23 +78,33 @@ class BatchedMLP(nn.Module):
                         t[k].fill_(0.0)
 
     def views(self, flat: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Every parameter as a view of `flat`, in storage order. A training step takes
-        gradients with respect to these (not `flat`, whose slice gradients would each
-        zero-fill a whole [K, P] buffer) and concatenates them: `flat_grad`."""
+        """Every parameter as a contiguous [K, *shape] view of `flat` (or of a buffer laid out
+        like it: momentum), in storage order. A training step takes gradients with respect
+        to these, not `flat`, whose slice gradients would each zero-fill the whole buffer."""
         flat = self.flat if flat is None else flat
         out, off = [], 0
         for _, shape in self.layout:
-            n = math.prod(shape)
-            out.append(flat[:, off:off + n].view(self.k, *shape))
+            n = self.k * math.prod(shape)
+            out.append(flat[off:off + n].view(self.k, *shape))
             off += n
         return out
 
     def named_views(self, flat: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         return dict(zip((n for n, _ in self.layout), self.views(flat)))
 
-    def flat_grad(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        """Gradients of `views()` -> the gradient of `flat` [K, P]."""
-        return torch.cat([g.reshape(self.k, -1) for g in grads], dim=1)
+    def by_member(self, flat: torch.Tensor | None = None) -> torch.Tensor:
+        """A copy of the parameters as [K, P], member k's all in row k (for keeping the best
+        weights of each member with one masked copy)."""
+        return torch.cat([v.reshape(self.k, -1) for v in self.views(flat)], dim=1)
+
+    def set_by_member(self, rows: torch.Tensor) -> None:
+        """The inverse of by_member: set every parameter from a [K, P] tensor."""
+        with torch.no_grad():
+            off = 0
+            for v in self.views():
+                n = v[0].numel()
+                v.copy_(rows[:, off:off + n].view_as(v))
+                off += n
 
     @property
     def weights(self) -> list[torch.Tensor]:

@@ -169,9 +169,12 @@ class _Engine:
         k = len(seeds)
         self.models, self.heads, self.X, self.Y = models, heads, X, Y
         self.train_rows, self.val_rows, self.loss_fn, self.cfg = train_rows, val_rows, loss_fn, cfg
-        self.params = [models[h.name].flat for h in heads]  # one [K, P] tensor per head
-        self.bufs = [torch.zeros_like(p) for p in self.params]
-        self.best = [p.detach().clone() for p in self.params]
+        # what SGD updates in place: every parameter of every head, contiguous [K, ...] views
+        # of each head's buffer (detached: no autograd), and its momentum laid out alike
+        self.params = [v for h in heads for v in models[h.name].views(models[h.name].flat.detach())]
+        self.bufs = [v for h in heads for v in models[h.name].views(
+            torch.zeros_like(models[h.name].flat.detach()))]
+        self.best = [models[h.name].by_member().detach() for h in heads]  # [K, P] per head
         self.perm_seeds = torch.tensor([member_seed(s, "shuffle") >> 1 for s in seeds],
                                        device=device)
         bs, nv = cfg.batch_size, len(val_rows)
@@ -202,14 +205,9 @@ class _Engine:
             total = self.loss_fn([self.models[h.name](x[h.features], views[h.name])
                                   for h in self.heads],
                                  terms.select((step, slice(None), slice(None, idx.shape[1]))))
-            flat_views = [v for h in self.heads for v in views[h.name]]
-            grads = torch.autograd.grad(total.sum(), flat_views)
-            per_head, i = [], 0
-            for h in self.heads:
-                m = len(views[h.name])
-                per_head.append(self.models[h.name].flat_grad(grads[i:i + m]))
-                i += m
-            _sgd(self.params, per_head, self.bufs, cfg)
+            grads = torch.autograd.grad(total.sum(), [v for h in self.heads
+                                                      for v in views[h.name]])
+            _sgd(self.params, grads, self.bufs, cfg)
         with torch.no_grad():
             val = _val_loss(self.models, self.heads, self.X, self.val_rows, self.val_terms,
                             self.loss_fn, bs, self.val_sizes)  # [K]
@@ -219,8 +217,9 @@ class _Engine:
             self.best_val.copy_(torch.where(improved, val, self.best_val))
             self.best_epoch.copy_(torch.where(improved, self.epoch, self.best_epoch))
             self.bad.copy_(torch.where(improved, 0, self.bad + 1))
-            for b, p in zip(self.best, self.params):
-                b.copy_(torch.where(improved.view(-1, *[1] * (p.dim() - 1)), p, b))
+            for h, b in zip(self.heads, self.best):
+                model = self.models[h.name]
+                b.copy_(torch.where(improved[:, None], model.by_member(model.flat.detach()), b))
             newly = self.active & (self.bad >= cfg.patience)
             first_failure = ~self.finite & (self.stopped == cfg.max_epochs)
             self.stopped.copy_(torch.where(newly | first_failure, self.epoch, self.stopped))
@@ -305,8 +304,8 @@ def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
     with _matmul_precision(cfg.matmul_precision):
         epochs = engine.fit(progress)
         with torch.no_grad():
-            for b, p in zip(engine.best, engine.params):
-                p.copy_(b)
+            for h, b in zip(heads, engine.best):
+                models[h.name].set_by_member(b)
             preds = {h.name: units.to_clips(predict_units(models[h.name], X[h.name])
                                             * stats[h.name][1] + stats[h.name][0])
                      for h in heads}
@@ -329,13 +328,16 @@ def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
 
 
 def _sgd(params, grads, bufs, cfg: TrainConfig) -> None:
-    """SGD with momentum (torch's rule, dampening 0), three multi-tensor kernels for all heads.
-    Members that stopped keep stepping (their rows of the batched matmuls cost the same
-    either way): their kept weights are the best ones, copied aside at validation."""
+    """SGD with momentum, torch's rule (dampening 0; a zero buffer makes the first step's
+    buffer the gradient, as torch.optim.SGD does), as torch.optim.SGD(fused=True) runs it:
+    one multi-tensor kernel reads parameter, gradient and momentum once and writes parameter
+    and momentum, for every parameter of every head. Members that stopped keep stepping
+    (their rows of the batched matmuls cost the same either way): their kept weights are
+    the best ones, copied aside at validation."""
     with torch.no_grad():
-        torch._foreach_mul_(bufs, cfg.momentum)
-        torch._foreach_add_(bufs, grads)
-        torch._foreach_add_(params, bufs, alpha=-cfg.lr)
+        torch._fused_sgd_(params, list(grads), bufs, weight_decay=0.0, momentum=cfg.momentum,
+                          lr=cfg.lr, dampening=0.0, nesterov=False, maximize=False,
+                          is_first_step=False)
 
 
 def _val_loss(models, heads, X, rows, terms: LabelTerms, loss_fn, bs, sizes) -> torch.Tensor:
