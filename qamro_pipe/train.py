@@ -165,9 +165,9 @@ class _Engine:
     sequence of kernels: eager on CPU, captured once as a CUDA graph and replayed on GPU."""
 
     def __init__(self, models, heads, X, Y, train_rows, val_rows, loss_fn, cfg: TrainConfig,
-                 seeds: list[int], device: torch.device):
+                 seeds: list[int], device: torch.device, plan: "_Plan"):
         k = len(seeds)
-        self.models, self.heads, self.X, self.Y = models, heads, X, Y
+        self.models, self.heads, self.X, self.Y, self.plan = models, heads, X, Y, plan
         self.train_rows, self.val_rows, self.loss_fn, self.cfg = train_rows, val_rows, loss_fn, cfg
         # what SGD updates in place: every parameter of every head, contiguous [K, ...] views
         # of each head's buffer (detached: no autograd), and its momentum laid out alike
@@ -201,7 +201,7 @@ class _Engine:
         for step, start in enumerate(range(0, n, bs)):
             idx = perm[:, start:start + bs]  # [K, b]
             views = {h.name: self.models[h.name].views() for h in self.heads}
-            x = _gather(self.heads, self.X, idx)
+            x = _gather(self.plan, idx)
             total = self.loss_fn([self.models[h.name](x[h.features], views[h.name])
                                   for h in self.heads],
                                  terms.select((step, slice(None), slice(None, idx.shape[1]))))
@@ -209,7 +209,7 @@ class _Engine:
                                                       for v in views[h.name]])
             _sgd(self.params, grads, self.bufs, cfg)
         with torch.no_grad():
-            val = _val_loss(self.models, self.heads, self.X, self.val_rows, self.val_terms,
+            val = _val_loss(self.models, self.heads, self.plan, self.val_rows, self.val_terms,
                             self.loss_fn, bs, self.val_sizes)  # [K]
             self.finite &= torch.isfinite(val) | ~self.active
             self.active &= self.finite
@@ -286,10 +286,7 @@ def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
         if not np.isfinite(cache.labels[split.train, label_col(cache, h)]).any():
             raise QamroError(f"{cache.path}: labels of head {h.name!r} are all NaN in train")
     units = units_for(cache, heads)
-    shared: dict[tuple[str, ...], torch.Tensor] = {}  # heads reading the same features share
-    for h in heads:                                    # one copy (the four AES axes: 4x less)
-        if h.features not in shared:
-            shared[h.features] = torch.from_numpy(head_inputs(cache, h)).to(device)
+    shared, plan = _inputs(cache, heads, device)
     X = {h.name: shared[h.features] for h in heads}
     Y = {h.name: torch.from_numpy(np.ascontiguousarray(
         units.per_unit(cache.labels[:, label_col(cache, h)]))).to(device) for h in heads}
@@ -300,7 +297,7 @@ def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
                       cfg.pair_kernel)
     engine = _Engine(models, heads, X, Y, torch.from_numpy(units.of_clips(split.train)).to(device),
                      torch.from_numpy(units.of_clips(split.val)).to(device), loss_fn, cfg, seeds,
-                     device)
+                     device, plan)
     with _matmul_precision(cfg.matmul_precision):
         epochs = engine.fit(progress)
         with torch.no_grad():
@@ -340,22 +337,49 @@ def _sgd(params, grads, bufs, cfg: TrainConfig) -> None:
                           is_first_step=False)
 
 
-def _val_loss(models, heads, X, rows, terms: LabelTerms, loss_fn, bs, sizes) -> torch.Tensor:
+def _val_loss(models, heads, plan, rows, terms: LabelTerms, loss_fn, bs, sizes) -> torch.Tensor:
     """Mean over heads of the training objective on the validation rows, in fixed chunks of
     the batch size (the ranking term is a mini-batch loss; chunks bound its memory)."""
     chunks = []
     for c, s in enumerate(range(0, len(rows), bs)):
-        x = _gather(heads, X, rows[s:s + bs])
+        x = _gather(plan, rows[s:s + bs])
         b = len(rows[s:s + bs])
         chunks.append(loss_fn([models[h.name](x[h.features]) for h in heads],
                               terms.select((c, slice(None), slice(None, b)))))  # [K]
     return (torch.stack(chunks) * sizes[:, None]).sum(0) / sizes.sum() / len(heads)
 
 
-def _gather(heads, X, idx: torch.Tensor) -> dict[tuple[str, ...], torch.Tensor]:
-    """Each distinct input's rows, gathered once however many heads read it."""
-    out: dict[tuple[str, ...], torch.Tensor] = {}
-    for h in heads:
-        if h.features not in out:
-            out[h.features] = X[h.name][idx]
+# each distinct input -> (its matrix on the device, the input it is gathered from, its width)
+_Plan = dict[tuple[str, ...], tuple[torch.Tensor, tuple[str, ...], int]]
+
+
+def _inputs(cache: Cache, heads, device) -> tuple[dict[tuple[str, ...], torch.Tensor], _Plan]:
+    """Each distinct input of the heads, on the device once: heads reading the same features
+    share one matrix (the four AES axes: 4x less), and an input that is the first columns of
+    another (the audio head's audio inside the textual head's audio + text) is a column view
+    of it, so a step gathers its rows once, for both heads."""
+    shared: dict[tuple[str, ...], torch.Tensor] = {}
+    plan: _Plan = {}
+    for h in sorted(heads, key=lambda h: -len(h.features)):
+        if h.features in shared:
+            continue
+        wider = [f for f in shared if f[:len(h.features)] == h.features and shared[f].dim() == 2]
+        if wider and all(f in cache.features for f in h.features):
+            root = plan[wider[0]][1]
+            width = sum(cache.features[f][0].size for f in h.features)
+            shared[h.features] = shared[root][:, :width]
+            plan[h.features] = (shared[h.features], root, width)
+        else:
+            shared[h.features] = torch.from_numpy(head_inputs(cache, h)).to(device)
+            plan[h.features] = (shared[h.features], h.features, shared[h.features].shape[-1])
+    return shared, plan
+
+
+def _gather(plan: _Plan, idx: torch.Tensor) -> dict[tuple[str, ...], torch.Tensor]:
+    """Each distinct input's rows [.., B, D], gathered once however many heads read it;
+    prefix inputs are column views of the rows of the input they lie in."""
+    out = {f: x[idx] for f, (x, root, _) in plan.items() if root == f}
+    for f, (_, root, width) in plan.items():
+        if root != f:
+            out[f] = out[root][..., :width]
     return out

@@ -130,3 +130,22 @@ def test_a_diverging_member_leaves_the_others_untouched(synthetic_cache):
         np.testing.assert_allclose(both.predictions[h][0], alone.predictions[h][0],
                                    rtol=1e-4, atol=1e-5)
     assert both.best_epoch[0] == alone.best_epoch[0]
+
+
+def test_an_input_inside_another_is_gathered_once_as_its_first_columns(synthetic_cache):
+    """The audio head's input is the first columns of the textual head's: one matrix on the
+    device, one gather per step, and each head still sees exactly its own features."""
+    from qamro_pipe.inputs import head_inputs
+    from qamro_pipe.train import _gather, _inputs
+
+    cache = read_cache(synthetic_cache)
+    shared, plan = _inputs(cache, HEADS, torch.device("cpu"))
+    audio, both = shared[("audio",)], shared[("audio", "text")]
+    assert audio.data_ptr() == both.data_ptr() and plan[("audio",)][1] == ("audio", "text")
+    idx = torch.tensor([[3, 0, 7], [5, 5, 1]])
+    rows = _gather(plan, idx)
+    assert rows[("audio",)].data_ptr() == rows[("audio", "text")].data_ptr()
+    for h in HEADS:
+        expected = torch.from_numpy(head_inputs(cache, h))[idx]
+        assert torch.equal(rows[h.features], expected)
+        assert torch.equal(shared[h.features], torch.from_numpy(head_inputs(cache, h)))
