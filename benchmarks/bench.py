@@ -176,6 +176,26 @@ def bench_sweep_gpu(device, path, epochs=1000, compare_epochs=100):
     report("sweep", "max |fp32 - TF32| prediction",
            max(float(np.abs(res.predictions[h] - res32.predictions[h]).max())
                for h in res.predictions))
+    import qamro_pipe.train as tr
+
+    fused_sgd = tr._sgd
+
+    def foreach_sgd(params, grads, bufs, cfg):  # the update before the fused kernel: 3 passes
+        with torch.no_grad():
+            torch._foreach_mul_(bufs, cfg.momentum)
+            torch._foreach_add_(bufs, list(grads))
+            torch._foreach_add_(params, bufs, alpha=-cfg.lr)
+    tr._sgd = foreach_sgd
+    try:
+        sec_fe, res_fe = timed(run, device)
+    finally:
+        tr._sgd = fused_sgd
+    report("sweep", f"27 members x {epochs} epochs, fp32, three _foreach SGD passes (s)", sec_fe,
+           "s")
+    report("sweep", "fused SGD / three _foreach passes (time ratio)", sec / sec_fe)
+    report("sweep", "max |fused - _foreach SGD| prediction",
+           max(float(np.abs(res.predictions[h] - res_fe.predictions[h]).max())
+               for h in res.predictions))
     from qamro_pipe.fused import available
 
     why = available(device)
