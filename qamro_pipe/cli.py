@@ -103,6 +103,11 @@ def train(
     batch_size: Optional[int] = typer.Option(None),
     activation: Optional[str] = typer.Option(None, help="relu, gelu or none (published)."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1 ..."),
+    matmul_precision: Optional[str] = typer.Option(
+        None, help="highest (fp32, default) or high (TF32 on GPUs that have it: faster, "
+        "predictions move by ~1e-2; see docs/benchmarks.md)."),
+    pair_kernel: Optional[str] = typer.Option(
+        None, help="torch (default) or triton: the pair loss as one fused CUDA kernel."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
 ):
     """Train QAMRO heads on a cache and write a run folder."""
@@ -114,7 +119,8 @@ def train(
     tcfg, lcfg = recipe_configs(
         r, _train_overrides(val_split=val_split, eval_split=eval_split, max_epochs=max_epochs,
                             patience=patience, lr=lr, batch_size=batch_size,
-                            activation=activation, device=device),
+                            activation=activation, device=device,
+                            matmul_precision=matmul_precision, pair_kernel=pair_kernel),
         _train_overrides(kind=loss, alpha=alpha, beta=beta, margin=margin, norm=norm,
                          regression=regression))
     seed_list = [seed] if seed is not None else (seeds if seeds is not None else 1)
@@ -146,6 +152,11 @@ def sweep(
     eval_split: Optional[str] = typer.Option(None),
     max_epochs: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None),
+    matmul_precision: Optional[str] = typer.Option(
+        None, help="highest (fp32, default) or high (TF32 on GPUs that have it: faster, "
+        "predictions move by ~1e-2; see docs/benchmarks.md)."),
+    pair_kernel: Optional[str] = typer.Option(
+        None, help="torch (default) or triton: the pair loss as one fused CUDA kernel."),
     force: bool = typer.Option(False, "--force", help="Replace an existing sweep folder."),
 ):
     """Train a grid over (loss, alpha, beta, seed) as one batched model; table and plot."""
@@ -154,8 +165,9 @@ def sweep(
     from .sweep import expand_grid, parse_list, sweep_rows
 
     r = select_recipe(recipe, dataset, backbone)
-    tcfg, lcfg = recipe_configs(r, _train_overrides(val_split=val_split, eval_split=eval_split,
-                                                    max_epochs=max_epochs, device=device))
+    tcfg, lcfg = recipe_configs(r, _train_overrides(
+        val_split=val_split, eval_split=eval_split, max_epochs=max_epochs, device=device,
+        matmul_precision=matmul_precision, pair_kernel=pair_kernel))
     g: dict[str, Any] = {}
     if grid:
         if grid not in r.grids:

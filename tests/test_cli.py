@@ -46,6 +46,21 @@ def test_train_writes_a_complete_run(synthetic_cache, tmp_path):
     assert all(torch.isfinite(t).all() for t in heads.values())
 
 
+def test_speed_options_are_recorded_or_refused_clearly(synthetic_cache, tmp_path):
+    out = tmp_path / "run"
+    r = invoke("train", "--cache", synthetic_cache, "--out", out, "--matmul-precision", "high",
+               "--max-epochs", "3")
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "config.json").read_text())["train"]["matmul_precision"] == "high"
+    r = invoke("sweep", "--cache", synthetic_cache, "--out", tmp_path / "s", "--beta", "1,7",
+               "--pair-kernel", "triton", "--device", "cpu", "--max-epochs", "3")
+    assert r.exit_code == 1 and "needs a CUDA device" in r.output
+    assert not (tmp_path / "s").exists()
+    r = invoke("train", "--cache", synthetic_cache, "--out", tmp_path / "t",
+               "--matmul-precision", "fast")
+    assert r.exit_code == 1 and "unknown matmul_precision 'fast'" in r.output
+
+
 def test_existing_run_is_not_overwritten_without_force(synthetic_cache, tmp_path):
     out = tmp_path / "run"
     assert invoke("train", "--cache", synthetic_cache, "--out", out, *FAST).exit_code == 0
