@@ -164,10 +164,10 @@ class _Engine:
     """All training state as device tensors updated in place, so one epoch is a fixed
     sequence of kernels: eager on CPU, captured once as a CUDA graph and replayed on GPU."""
 
-    def __init__(self, models, heads, X, Y, train_rows, val_rows, loss_fn, cfg: TrainConfig,
-                 seeds: list[int], device: torch.device, plan: "_Plan"):
+    def __init__(self, models, heads, plan: "_Plan", Y, train_rows, val_rows, loss_fn,
+                 cfg: TrainConfig, seeds: list[int], device: torch.device):
         k = len(seeds)
-        self.models, self.heads, self.X, self.Y, self.plan = models, heads, X, Y, plan
+        self.models, self.heads, self.plan, self.Y = models, heads, plan, Y
         self.train_rows, self.val_rows, self.loss_fn, self.cfg = train_rows, val_rows, loss_fn, cfg
         # what SGD updates in place: every parameter of every head, contiguous [K, ...] views
         # of each head's buffer (detached: no autograd), and its momentum laid out alike
@@ -295,9 +295,10 @@ def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
               for h in heads}
     loss_fn = _Losses(members, [stats[h.name] for h in heads], device, label_range,
                       cfg.pair_kernel)
-    engine = _Engine(models, heads, X, Y, torch.from_numpy(units.of_clips(split.train)).to(device),
+    engine = _Engine(models, heads, plan, Y,
+                     torch.from_numpy(units.of_clips(split.train)).to(device),
                      torch.from_numpy(units.of_clips(split.val)).to(device), loss_fn, cfg, seeds,
-                     device, plan)
+                     device)
     with _matmul_precision(cfg.matmul_precision):
         epochs = engine.fit(progress)
         with torch.no_grad():
