@@ -237,20 +237,26 @@ def test_clap_window_preparation_is_laion_clap_s_bit_for_bit(clap):
         assert np.array_equal(row.view(np.int32), ref.view(np.int32))
 
 
-def test_launched_batches_copy_their_windows_and_equal_one_at_a_time(clap):
+def check_launched_batches(bb, sizes, n_batches, atol, seed=3):
     """Extraction launches batch N+1 before collecting batch N and lets the decoder reuse a
-    batch's audio as soon as it is launched: what comes back must not depend on it."""
-    rng = np.random.default_rng(3)
-    batches = [[rng.uniform(-0.5, 0.5, n).astype(np.float32) for n in (9000, 48000)]
-               for _ in range(2)]
+    batch's audio as soon as it is launched: batches in flight must give what one batch at a
+    time gives, whatever happens to their windows afterwards. -> (originals, expected)."""
+    rng = np.random.default_rng(seed)
+    batches = [[rng.uniform(-0.5, 0.5, n).astype(np.float32) for n in sizes]
+               for _ in range(n_batches)]
     originals = [[w.copy() for w in b] for b in batches]
-    expected = [clap.embed_windows(b)["audio"] for b in originals]
-    pending = [clap.embed_windows_async(b) for b in batches]
+    expected = [bb.embed_windows(b)["audio"] for b in originals]
+    pending = [bb.embed_windows_async(b) for b in batches]
     for b in batches:
         for w in b:
             w[:] = 1.0  # the memory is reused at once
     for p, e in zip(pending, expected):
-        np.testing.assert_allclose(p.result()["audio"], e, atol=1e-6)
+        np.testing.assert_allclose(p.result()["audio"], e, atol=atol)
+    return originals, expected
+
+
+def test_launched_batches_copy_their_windows_and_equal_one_at_a_time(clap):
+    originals, expected = check_launched_batches(clap, (9000, 48000), 2, atol=1e-6)
     prepared = clap.prepare_windows(originals[1])  # what benchmarks time as the forward alone
     assert tuple(prepared.shape) == (2, clap.window_samples)
     np.testing.assert_allclose(clap.forward_prepared(prepared).result()["audio"], expected[1],

@@ -102,7 +102,7 @@ def test_pipelined_gpu_extraction_equals_the_cpu_cache(tmp_path):
     from qamro_pipe.datasets import load_dataset
     from qamro_pipe.extract import extract
 
-    from test_backbones import write_roberta_style_tokenizer
+    from test_backbones import check_launched_batches, write_roberta_style_tokenizer
 
     tok = str(write_roberta_style_tokenizer(tmp_path / "tokenizer"))
     bb, on_cpu = (get_backbone("clap-music", checkpoint="random", device=d, offline=True,
@@ -110,17 +110,7 @@ def test_pipelined_gpu_extraction_equals_the_cpu_cache(tmp_path):
     texts = ["a song", "a calm piano piece with soft strings"]
     np.testing.assert_allclose(bb.embed_texts(texts)["text"], on_cpu.embed_texts(texts)["text"],
                                atol=1e-4)  # tokens reach the device by a pinned, async copy
-    rng = np.random.default_rng(0)
-    batches = [[rng.uniform(-0.5, 0.5, n).astype(np.float32) for n in (9000, 48000, 480000)]
-               for _ in range(4)]
-    originals = [[w.copy() for w in b] for b in batches]
-    expected = [bb.embed_windows(b)["audio"] for b in originals]
-    pending = [bb.embed_windows_async(b) for b in batches]
-    for b in batches:
-        for w in b:
-            w[:] = 1.0
-    for p, e in zip(pending, expected):
-        np.testing.assert_allclose(p.result()["audio"], e, atol=1e-5)
+    check_launched_batches(bb, (9000, 48000, 480000), 4, atol=1e-5, seed=0)
     records = load_dataset("demo", tmp_path / "corpus", n_systems=4, n_prompts=5, seconds=3.0)
     caches = {}
     for device in ("cpu", "cuda"):
