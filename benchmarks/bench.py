@@ -180,6 +180,13 @@ def bench_sweep_gpu(device, path, epochs=1000, compare_epochs=100):
     report("sweep", "TF32 ms per epoch", sec32 / epochs * 1e3, "ms")
     report("sweep", "max |fp32 - TF32| prediction",
            max_prediction_diff(res, res32))
+    bf16 = TrainConfig(max_epochs=epochs, patience=10_000, bootstrap=0, device=str(device),
+                       matmul_precision="medium")
+    sec16, res16 = timed(lambda: train(read_cache(path), HEADS, members, bf16), device)
+    report("sweep", f"27 members x {epochs} epochs, medium (bf16), wall incl. load (s)", sec16,
+           "s")
+    report("sweep", "medium ms per epoch", sec16 / epochs * 1e3, "ms")
+    report("sweep", "max |fp32 - medium| prediction", max_prediction_diff(res, res16))
     import qamro_pipe.train as tr
 
     fused_sgd = tr._sgd
