@@ -30,11 +30,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from qamro_pipe.config import LossConfig, Member, TrainConfig  # noqa: E402
-from qamro_pipe.heads import HeadSpec  # noqa: E402
-from qamro_pipe.losses import qamro_loss  # noqa: E402
-from qamro_pipe.losses_reference import qamro_loss_literal  # noqa: E402
+from qamro_pipe.train.heads import HeadSpec  # noqa: E402
+from qamro_pipe.train.losses import qamro_loss  # noqa: E402
+from qamro_pipe.train.losses_reference import qamro_loss_literal  # noqa: E402
 from qamro_pipe.store import read_cache, write_cache  # noqa: E402
-from qamro_pipe.train import resolve_device, train  # noqa: E402
+from qamro_pipe.train.trainer import resolve_device, train  # noqa: E402
 
 HEADS = (HeadSpec("overall", "overall", ("audio",)),
          HeadSpec("textual", "textual", ("audio", "text")))
@@ -187,7 +187,7 @@ def bench_sweep_gpu(device, path, epochs=1000, compare_epochs=100):
            "s")
     report("sweep", "medium ms per epoch", sec16 / epochs * 1e3, "ms")
     report("sweep", "max |fp32 - medium| prediction", max_prediction_diff(res, res16))
-    import qamro_pipe.train as tr
+    import qamro_pipe.train.trainer as tr
 
     fused_sgd = tr._sgd
 
@@ -206,7 +206,7 @@ def bench_sweep_gpu(device, path, epochs=1000, compare_epochs=100):
     report("sweep", "fused SGD / three _foreach passes (time ratio)", sec / sec_fe)
     report("sweep", "max |fused - _foreach SGD| prediction",
            max_prediction_diff(res, res_fe))
-    from qamro_pipe.fused import available
+    from qamro_pipe.train.fused import available
 
     why = available(device)
     if why:
@@ -286,8 +286,8 @@ def training_memory(path, k=27):
 EXTRACT_CHILD = r"""
 import dataclasses, json, resource, sys
 from qamro_pipe.config import ExtractConfig
-from qamro_pipe.datasets import load_dataset
-from qamro_pipe.extract import extract
+from qamro_pipe.extract.datasets import load_dataset
+from qamro_pipe.extract.loop import extract
 root, out, backbone, ckpt, tok, device, precision, batch, workers, warm = sys.argv[1:11]
 recs = load_dataset("musiceval", root)
 cfg = ExtractConfig(backbone=backbone, checkpoint=None if ckpt == "-" else ckpt,
@@ -304,7 +304,7 @@ print(json.dumps({"clips": s.written, "sec": s.seconds, "load_sec": s.load_secon
 
 
 def corpus(tmp: Path, n_prompts: int, seconds: float, name: str, sr=16000):
-    from qamro_pipe.datasets.demo import write_demo_corpus
+    from qamro_pipe.extract.datasets.demo import write_demo_corpus
     return write_demo_corpus(tmp / name, n_systems=8, n_prompts=n_prompts, seconds=seconds,
                              sample_rate=sr)
 
@@ -325,8 +325,8 @@ def forward_only(backbone, root, device, precision, batch, tok=None, n=None):
     with the model's input already on the device, clips/s including preparing that input on
     the host and uploading it). Text embeddings are in both (extraction computes them too)."""
     from qamro_pipe import audio
-    from qamro_pipe.backbones import get_backbone
-    from qamro_pipe.datasets import load_dataset
+    from qamro_pipe.extract.backbones import get_backbone
+    from qamro_pipe.extract.datasets import load_dataset
 
     bb = get_backbone(backbone, checkpoint="random" if backbone != "melstats" else None,
                       device=device, precision=precision, tokenizer_dir=tok, offline=True)
@@ -365,8 +365,8 @@ def bench_decoding(root: Path, sample_rate=48000, window_seconds=10.0):
     clip's windows and lets go): clips/s, and the consumer process's CPU per clip, which
     bounds extraction on a machine with cores to spare. Clips through shared memory vs
     pickled through the pool's pipe, same run."""
-    from qamro_pipe.datasets import load_dataset
-    from qamro_pipe.extract import _Decoder
+    from qamro_pipe.extract.datasets import load_dataset
+    from qamro_pipe.extract.loop import _Decoder
 
     clips = load_dataset("musiceval", root).clips
     tasks = [(i, str(c.path), sample_rate, c.start, c.end) for i, c in enumerate(clips)]
@@ -399,10 +399,10 @@ def bench_pipelining(tmp: Path, prep=0.025, forward=0.040):
     guess of the host's copy into pinned memory."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from qamro_pipe.backbones.base import Backbone, FeatureSpec, register_backbone
+    from qamro_pipe.extract.backbones.base import Backbone, FeatureSpec, register_backbone
     from qamro_pipe.config import ExtractConfig
-    from qamro_pipe.datasets import load_dataset
-    from qamro_pipe.extract import extract
+    from qamro_pipe.extract.datasets import load_dataset
+    from qamro_pipe.extract.loop import extract
 
     stream = ThreadPoolExecutor(1)
 
@@ -427,7 +427,7 @@ def bench_pipelining(tmp: Path, prep=0.025, forward=0.040):
         def embed_windows_async(self, windows):
             return self.forward_prepared(self.prepare_windows(windows))
 
-    import qamro_pipe.extract as ex
+    import qamro_pipe.extract.loop as ex
 
     launch = ex._launch
 

@@ -80,7 +80,7 @@ def _train_overrides(**opts) -> dict[str, Any]:
 
 @command()
 def train(
-    recipe: Optional[str] = typer.Option(None, help="Recipe name in stages/ or a .toml path "
+    recipe: Optional[str] = typer.Option(None, help="Recipe name (qamro_pipe/stages/) or a .toml path "
                                          f"(default: {DEFAULT_RECIPE})."),
     dataset: Optional[str] = typer.Option(None, help="Use this dataset's recipe."),
     backbone: Optional[str] = typer.Option(None, help="Read cache/<dataset>/<backbone>.h5."),
@@ -111,9 +111,9 @@ def train(
     force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
 ):
     """Train QAMRO heads on a cache and write a run folder."""
-    from .experiment import recipe_configs, run_experiment
-    from .recipes import select_recipe
-    from .sweep import expand_grid
+    from .train.experiment import recipe_configs, run_experiment
+    from .train.recipes import select_recipe
+    from .train.sweep import expand_grid
 
     r = select_recipe(recipe, dataset, backbone)
     tcfg, lcfg = recipe_configs(
@@ -136,7 +136,7 @@ def train(
 
 @command()
 def sweep(
-    recipe: Optional[str] = typer.Option(None, help="Recipe name in stages/ or a .toml path "
+    recipe: Optional[str] = typer.Option(None, help="Recipe name (qamro_pipe/stages/) or a .toml path "
                                          f"(default: {DEFAULT_RECIPE})."),
     dataset: Optional[str] = typer.Option(None, help="Use this dataset's recipe."),
     backbone: Optional[str] = typer.Option(None, help="Read cache/<dataset>/<backbone>.h5."),
@@ -160,9 +160,9 @@ def sweep(
     force: bool = typer.Option(False, "--force", help="Replace an existing sweep folder."),
 ):
     """Train a grid over (loss, alpha, beta, seed) as one batched model; table and plot."""
-    from .experiment import recipe_configs, run_experiment
-    from .recipes import select_recipe
-    from .sweep import expand_grid, parse_list, sweep_rows
+    from .train.experiment import recipe_configs, run_experiment
+    from .train.recipes import select_recipe
+    from .train.sweep import expand_grid, parse_list, sweep_rows
 
     r = select_recipe(recipe, dataset, backbone)
     tcfg, lcfg = recipe_configs(r, _train_overrides(
@@ -190,7 +190,7 @@ def sweep(
 def _sweep_table(rows: list[dict[str, Any]]) -> str:
     import numpy as np
 
-    from .sweep import setting_order
+    from .train.sweep import setting_order
 
     pts: dict[tuple, list] = {}
     for r in rows:
@@ -240,12 +240,12 @@ def extract(
     """Embed a dataset with a frozen backbone into one HDF5 cache (resumable). Under
     torchrun, each rank extracts a shard and rank 0 merges them."""
     from .config import ExtractConfig, override
-    from .extract import default_cache_path, extract as run_extract, records_for, summary_text
+    from .extract.loop import default_cache_path, extract as run_extract, records_for, summary_text
 
     cfg = override(ExtractConfig(), backbone=backbone, checkpoint=checkpoint,
                    tokenizer_dir=tokenizer_dir, device=device, precision=precision,
                    batch_size=batch_size, workers=workers, offline=offline, skip_bad=skip_bad)
-    from .shards import extract_distributed, parse_shard, torchrun_rank
+    from .extract.shards import extract_distributed, parse_shard, torchrun_rank
 
     records = records_for(dataset, root, manifest, splits)
     path = out or default_cache_path(records.name, cfg.backbone, cache_dir)
@@ -262,8 +262,8 @@ def extract(
 @command()
 def demo(quiet: bool = typer.Option(False, "--quiet", help="No progress bar.")):
     """Offline demo: synthetic corpus -> melstats cache -> QAMRO run -> beta sweep."""
-    from .experiment import run_demo
-    from .extract import summary_text
+    from .demo import run_demo
+    from .extract.loop import summary_text
 
     out = run_demo(progress=not quiet)
     typer.echo(summary_text(out["extract"]))
@@ -284,7 +284,7 @@ def evaluate(
     cache: Optional[Path] = typer.Option(None, help="Cache (default: the run's own)."),
 ):
     """Re-score a trained run on a cache split: utterance and system level, 95% CIs."""
-    from .evaluate import TrainedRun, evaluate_run
+    from .report.evaluate import TrainedRun, evaluate_run
 
     split = split or TrainedRun(run).train_cfg.eval_split
     folder, metrics = evaluate_run(run, split, cache)
@@ -329,7 +329,7 @@ def predict(
 
 @command()
 def table(
-    recipe: str = typer.Option("table1", help="A table recipe (stages/table1.toml ...)."),
+    recipe: str = typer.Option("table1", help="A table recipe name (table1, table2) or .toml path."),
     model: Optional[str] = typer.Option(None, help="Model recipe (default: the table's)."),
     cache: Optional[Path] = typer.Option(None),
     seeds: Optional[int] = typer.Option(None, help="Seeds per row (default: the table's)."),
@@ -339,7 +339,7 @@ def table(
     force: bool = typer.Option(False, "--force", help="Replace an existing table folder."),
 ):
     """The paper's ablation rows as one batched job, printed in the paper's layout."""
-    from .tables import run_table
+    from .report.tables import run_table
 
     res = run_table(recipe, model, cache, seeds, out, force,
                     _train_overrides(max_epochs=max_epochs, device=device))
@@ -354,7 +354,7 @@ def table(
 @command(cache_app, "info")
 def cache_info(path: Path = typer.Argument(..., help="A cache .h5 file.")):
     """What is in a cache: counts per split, features and shapes, provenance."""
-    from .store import describe
+    from .store.reader import describe
 
     typer.echo(describe(path))
 
@@ -366,7 +366,7 @@ def cache_merge(
     force: bool = typer.Option(False, "--force", help="Replace an existing file."),
 ):
     """Join the shards of an extraction into the cache one process would have written."""
-    from .shards import merge_parts
+    from .extract.shards import merge_parts
 
     typer.echo(f"merged {len(parts)} shards into {merge_parts(parts, out, force)}")
 

@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from . import audio
+from .extract import audio
 from .config import ExtractConfig, override
-from .datasets import Clip, DatasetRecords, load_dataset
+from .extract.datasets import Clip, DatasetRecords, load_dataset
 from .errors import DataError, QamroError
-from .evaluate import TrainedRun
-from .store import read_cache
+from .report.evaluate import TrainedRun
+from .store.reader import read_cache
 
 
 def _records(files: list[str | Path], manifest: str | Path | None, text: str | None):
@@ -67,7 +67,7 @@ def predict(run: str | Path, files: list[str | Path] | None = None,
                                        and k not in ("device", "workers", "skip_bad")})
     cfg = override(cfg, backbone=tr.backbone.split("@")[0], workers=0, skip_bad=True,
                    **{k: v for k, v in extract_opts.items() if v is not None})
-    from .extract import extract
+    from .extract.loop import extract
 
     with tempfile.TemporaryDirectory(prefix="qamro-predict-") as tmp:
         summary = extract(recs, cfg, Path(tmp) / "predict.h5", progress=False)

@@ -8,13 +8,13 @@ import soundfile as sf
 import torch
 from typer.testing import CliRunner
 
-from qamro_pipe.aes_release import AXES, clip_scores, release_heads
+from qamro_pipe.train.aes_release import AXES, clip_scores, release_heads
 from qamro_pipe.cli import app
 from qamro_pipe.config import LossConfig, Member, TrainConfig
-from qamro_pipe.recipes import load_recipe
-from qamro_pipe.runs import summarise
+from qamro_pipe.train.recipes import load_recipe
+from qamro_pipe.train.runs import summarise
 from qamro_pipe.store import read_cache, write_cache
-from qamro_pipe.train import train
+from qamro_pipe.train.trainer import train
 
 INFORMATIVE_LAYER = 7
 
@@ -88,12 +88,12 @@ def test_release_heads_from_the_cache_equal_the_original_model(tmp_path):
     release heads read off the model give AesPredictor's own scores for the same audio."""
     from audiobox_aesthetics.infer import AesPredictor
 
-    from qamro_pipe.backbones import get_backbone
-    from qamro_pipe.backbones.base import RANDOM_WEIGHTS
-    from qamro_pipe.backbones.aesthetics import RELEASE_HEAD_CFG
+    from qamro_pipe.extract.backbones import get_backbone
+    from qamro_pipe.extract.backbones.base import RANDOM_WEIGHTS
+    from qamro_pipe.extract.backbones.aesthetics import RELEASE_HEAD_CFG
     from qamro_pipe.config import ExtractConfig
-    from qamro_pipe.datasets import load_dataset
-    from qamro_pipe.extract import extract
+    from qamro_pipe.extract.datasets import load_dataset
+    from qamro_pipe.extract.loop import extract
 
     bb = get_backbone("aesthetics", checkpoint=RANDOM_WEIGHTS)
     bb.load()

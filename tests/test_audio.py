@@ -3,7 +3,7 @@ import pytest
 import soundfile as sf
 import soxr
 
-from qamro_pipe.audio import (MIN_SECONDS, load_audio, probe, resampled_length, window_count,
+from qamro_pipe.extract.audio import (MIN_SECONDS, load_audio, probe, resampled_length, window_count,
                               windows)
 from qamro_pipe.errors import DataError
 

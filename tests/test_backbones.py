@@ -12,8 +12,8 @@ import sys  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from qamro_pipe.backbones import get_backbone  # noqa: E402
-from qamro_pipe.backbones.base import RANDOM_WEIGHTS, sha256_file  # noqa: E402
+from qamro_pipe.extract.backbones import get_backbone  # noqa: E402
+from qamro_pipe.extract.backbones.base import RANDOM_WEIGHTS, sha256_file  # noqa: E402
 from qamro_pipe.errors import QamroError  # noqa: E402
 
 def tone_mix(sr, seconds, seed=0):
@@ -38,7 +38,7 @@ def test_registry_builds_for_free(name):
 
 
 def test_constructing_backbones_imports_no_model_library():
-    code = ("import sys; from qamro_pipe.backbones import get_backbone; "
+    code = ("import sys; from qamro_pipe.extract.backbones import get_backbone; "
             "[get_backbone(n).feature_specs() for n in ('clap-music', 'aesthetics', 'melstats')]; "
             "print([m for m in ('laion_clap', 'audiobox_aesthetics', 'transformers', "
             "'huggingface_hub') if m in sys.modules])")
@@ -77,7 +77,7 @@ def test_checkpoint_provenance_is_name_and_sha256(tmp_path, monkeypatch):
 # -- melstats ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def melstats_feats():
-    from qamro_pipe.backbones.melstats import GLOBAL_STATS
+    from qamro_pipe.extract.backbones.melstats import GLOBAL_STATS
 
     b = get_backbone("melstats")
     sr = b.sample_rate
@@ -133,7 +133,7 @@ def test_melstats_text_is_a_stable_hashed_bag_of_words():
     np.testing.assert_allclose(np.linalg.norm(t[:3], axis=1), 1, rtol=1e-6)
     np.testing.assert_array_equal(t[0], t[1])
     assert not t[3].any() and cosine_distance(t[0], t[2]) > 0.5
-    code = ("from qamro_pipe.backbones.melstats import hashed_bag_of_words as h; "
+    code = ("from qamro_pipe.extract.backbones.melstats import hashed_bag_of_words as h; "
             "print(h('A calm piano piece').tolist())")
     env = dict(os.environ, PYTHONHASHSEED="12345")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -219,7 +219,7 @@ def test_clap_window_preparation_is_laion_clap_s_bit_for_bit(clap):
     from laion_clap.training.data import (float32_to_int16, get_audio_features,
                                           int16_to_float32)
 
-    from qamro_pipe.backbones.clap import quantize_int16, stack_windows
+    from qamro_pipe.extract.backbones.clap import quantize_int16, stack_windows
 
     rng = np.random.default_rng(2)
     n = clap.window_samples
@@ -296,7 +296,7 @@ def test_clap_without_tokenizer_still_embeds_audio(clap, tmp_path):
 def test_clap_checkpoint_keys_are_read_tolerantly(tmp_path):
     import torch
 
-    from qamro_pipe.backbones.clap import load_clap_weights
+    from qamro_pipe.extract.backbones.clap import load_clap_weights
 
     model = torch.nn.ModuleDict({"text_branch": torch.nn.ModuleDict(
         {"embeddings": torch.nn.Linear(2, 2)})})
@@ -343,8 +343,8 @@ def test_aesthetics_layers_reproduce_the_original_heads(aes):
     import torch
     from audiobox_aesthetics.infer import make_inference_batch
 
-    from qamro_pipe.audio import windows
-    from qamro_pipe.backbones.aesthetics import pad_and_mask
+    from qamro_pipe.extract.audio import windows
+    from qamro_pipe.extract.backbones.aesthetics import pad_and_mask
 
     sr = aes.sample_rate
     rng = np.random.default_rng(2)
@@ -367,7 +367,7 @@ def test_aesthetics_layers_reproduce_the_original_heads(aes):
 def test_aesthetics_checkpoint_is_read_without_unpickling_code(tmp_path):
     import torch
 
-    from qamro_pipe.backbones.aesthetics import RELEASE_HEAD_CFG, read_aes_checkpoint
+    from qamro_pipe.extract.backbones.aesthetics import RELEASE_HEAD_CFG, read_aes_checkpoint
 
     transform = {a: {"mean": 5.0, "std": 1.5} for a in ("CE", "CU", "PC", "PQ")}
     ckpt = {"model_cfg": dict(RELEASE_HEAD_CFG, extra="ignored"), "target_transform": transform,

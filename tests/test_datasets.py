@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from qamro_pipe.datasets import load_dataset
-from qamro_pipe.datasets.demo import SYSTEM_DESIGNS, designed_scores, write_demo_corpus
+from qamro_pipe.extract.datasets import load_dataset
+from qamro_pipe.extract.datasets.demo import SYSTEM_DESIGNS, designed_scores, write_demo_corpus
 from qamro_pipe.errors import DataError, QamroError
 
 SR = 16000

@@ -6,11 +6,11 @@ from typer.testing import CliRunner
 
 from qamro_pipe.cli import app
 from qamro_pipe.config import ExtractConfig
-from qamro_pipe.datasets import load_dataset
+from qamro_pipe.extract.datasets import load_dataset
 from qamro_pipe.errors import CacheError, DataError, QamroError
-from qamro_pipe.extract import extract
-from qamro_pipe.cache_files import writer_lock
-from qamro_pipe.store import read_cache
+from qamro_pipe.extract.loop import extract
+from qamro_pipe.store.files import writer_lock
+from qamro_pipe.store.reader import read_cache
 
 SMALL = dict(n_systems=4, n_prompts=6, seconds=1.0)
 CFG = ExtractConfig(backbone="melstats", device="cpu", batch_size=4, workers=0)
@@ -51,8 +51,8 @@ def test_workers_give_the_same_numbers(demo_records, tmp_path):
 
 def test_unset_batch_and_workers_follow_the_device_and_are_recorded(demo_records, tmp_path,
                                                                      monkeypatch):
-    from qamro_pipe.extract import auto_workers
-    from qamro_pipe.store import read_meta
+    from qamro_pipe.extract.loop import auto_workers
+    from qamro_pipe.store.reader import read_meta
 
     extract(demo_records, ExtractConfig(backbone="melstats", device="cpu"), tmp_path / "a.h5",
             progress=False)
@@ -71,7 +71,7 @@ def test_unset_batch_and_workers_follow_the_device_and_are_recorded(demo_records
 
 def test_resume_after_interruption_equals_uninterrupted(demo_records, tmp_path, monkeypatch):
     extract(demo_records, CFG, tmp_path / "full.h5", progress=False)
-    import qamro_pipe.extract as ex
+    import qamro_pipe.extract.loop as ex
 
     real_launch, real_write, events = ex._launch, ex._write, []
 
@@ -134,7 +134,7 @@ def test_bad_file_stops_or_is_skipped(demo_records, tmp_path):
 
 def test_extract_cli_and_cache_info(tmp_path, monkeypatch):
     monkeypatch.setenv("QAMRO_CACHE_DIR", str(tmp_path / "cache"))
-    from qamro_pipe.datasets.demo import write_demo_corpus
+    from qamro_pipe.extract.datasets.demo import write_demo_corpus
 
     root = write_demo_corpus(tmp_path / "corpus", **SMALL)  # the MusicEval layout
     r = CliRunner().invoke(app, ["extract", "--dataset", "musiceval", "--root", str(root),
@@ -164,7 +164,7 @@ def test_decoder_shared_memory_gives_the_pickled_audio(tmp_path):
     consumer than there are slots (those travel pickled)."""
     import soundfile as sf
 
-    from qamro_pipe.extract import _Decoder
+    from qamro_pipe.extract.loop import _Decoder
 
     sr, win = 8000, 8000  # 1 s windows; slots hold 2
     rng = np.random.default_rng(0)

@@ -20,10 +20,10 @@ import torch
 sys.path.insert(0, sys.argv[2])
 from conftest import make_synthetic_cache
 from qamro_pipe.config import LossConfig, Member, TrainConfig
-from qamro_pipe.heads import HeadSpec
-from qamro_pipe.losses import label_terms, pair_hinge
-from qamro_pipe.store import read_cache
-from qamro_pipe.train import train
+from qamro_pipe.train.heads import HeadSpec
+from qamro_pipe.train.losses import label_terms, pair_hinge
+from qamro_pipe.store.reader import read_cache
+from qamro_pipe.train.trainer import train
 
 g = torch.Generator().manual_seed(0)
 for k, b in ((5, 24), (3, 256), (4, 178), (2, 7), (2, 300)):
@@ -73,9 +73,9 @@ def test_triton_pair_kernel_equals_the_torch_one(tmp_path):
 
 def test_triton_pair_kernel_needs_cuda_outside_the_interpreter(synthetic_cache, monkeypatch):
     from qamro_pipe.config import LossConfig, Member
-    from qamro_pipe.heads import HeadSpec
-    from qamro_pipe.store import read_cache
-    from qamro_pipe.train import train
+    from qamro_pipe.train.heads import HeadSpec
+    from qamro_pipe.store.reader import read_cache
+    from qamro_pipe.train.trainer import train
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(QamroError, match="needs a CUDA device"):

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from qamro_pipe.config import LossConfig, Member, TrainConfig
-from qamro_pipe.heads import HeadSpec
-from qamro_pipe.store import read_cache
-from qamro_pipe.train import member_permutations, train
+from qamro_pipe.train.heads import HeadSpec
+from qamro_pipe.store.reader import read_cache
+from qamro_pipe.train.trainer import member_permutations, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 HEADS = (HeadSpec("overall", "overall", ("audio",)),
@@ -58,7 +58,7 @@ def test_sweep_member_equals_single_run_on_gpu(synthetic_cache):
 def test_tf32_matmuls_stay_within_tolerance(synthetic_cache):
     """The figures behind `matmul_precision="high"`: TF32 moves predictions by well under the
     labels' 0.2 step and leaves system-level ranking metrics where they were."""
-    from qamro_pipe.runs import summarise
+    from qamro_pipe.train.runs import summarise
 
     cache = read_cache(synthetic_cache)
     base = dict(max_epochs=200, patience=20, bootstrap=0, device="cuda")
@@ -79,8 +79,8 @@ def test_tf32_matmuls_stay_within_tolerance(synthetic_cache):
 
 def test_backbone_batches_prepared_on_the_gpu_equal_the_cpu_ones():
     """Pinned buffers, async uploads and on-device quantising give the CPU's very bits."""
-    from qamro_pipe.backbones.aesthetics import pad_and_mask
-    from qamro_pipe.backbones.clap import quantize_int16, stack_windows
+    from qamro_pipe.extract.backbones.aesthetics import pad_and_mask
+    from qamro_pipe.extract.backbones.clap import quantize_int16, stack_windows
 
     rng = np.random.default_rng(0)
     wins = [rng.uniform(-1.3, 1.3, n).astype(np.float32) for n in (48000, 7001, 24000)]
@@ -97,10 +97,10 @@ def test_pipelined_gpu_extraction_equals_the_cpu_cache(tmp_path):
     """On a GPU, features come back through pinned memory and events while the next batch is
     launched: batches in flight give what one batch at a time gives, whatever happens to
     their input afterwards, and a pipelined extract equals the CPU's cache."""
-    from qamro_pipe.backbones import get_backbone
+    from qamro_pipe.extract.backbones import get_backbone
     from qamro_pipe.config import ExtractConfig
-    from qamro_pipe.datasets import load_dataset
-    from qamro_pipe.extract import extract
+    from qamro_pipe.extract.datasets import load_dataset
+    from qamro_pipe.extract.loop import extract
 
     from test_backbones import check_launched_batches, write_roberta_style_tokenizer
 
@@ -130,7 +130,7 @@ def test_triton_pair_kernel_compiled_equals_torch(synthetic_cache):
     """The fused kernel compiled for the GPU (not the interpreter): same loss and gradient as
     the torch pair loss, and a graph-replayed run with it gives the eager torch run's numbers."""
     pytest.importorskip("triton")
-    from qamro_pipe.losses import label_terms, pair_hinge
+    from qamro_pipe.train.losses import label_terms, pair_hinge
 
     g = torch.Generator().manual_seed(0)
     for k, b in ((54, 256), (54, 178), (3, 7)):

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from qamro_pipe.losses import (margin_ranking_loss, normalise_labels, pairwise_ranking_loss,
+from qamro_pipe.train.losses import (margin_ranking_loss, normalise_labels, pairwise_ranking_loss,
                                qamro_loss, regression_loss)
-from qamro_pipe.losses_reference import qamro_loss_literal
+from qamro_pipe.train.losses_reference import qamro_loss_literal
 
 
 def _batch(seed, b=24, ties=True):
@@ -100,7 +100,7 @@ def test_range_normalisation():
 
 
 def test_label_terms_count_pairs_and_keep_unknown_labels_out():
-    from qamro_pipe.losses import label_terms
+    from qamro_pipe.train.losses import label_terms
 
     g = torch.Generator().manual_seed(3)
     y = (torch.randint(5, 26, (4, 7, 32), generator=g) / 5).float()

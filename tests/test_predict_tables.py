@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from qamro_pipe.cli import app
 from qamro_pipe.config import ExtractConfig
-from qamro_pipe.datasets import load_dataset
-from qamro_pipe.extract import extract
+from qamro_pipe.extract.datasets import load_dataset
+from qamro_pipe.extract.loop import extract
 
 SMALL = dict(n_systems=6, n_prompts=6, seconds=2.0)
 

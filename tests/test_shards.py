@@ -11,12 +11,12 @@ from typer.testing import CliRunner
 
 from qamro_pipe.cli import app
 from qamro_pipe.config import ExtractConfig
-from qamro_pipe.datasets import load_dataset
-from qamro_pipe.datasets.demo import write_demo_corpus
+from qamro_pipe.extract.datasets import load_dataset
+from qamro_pipe.extract.datasets.demo import write_demo_corpus
 from qamro_pipe.errors import CacheError
-from qamro_pipe.extract import extract, part_path
-from qamro_pipe.shards import merge_parts
-from qamro_pipe.store import read_cache
+from qamro_pipe.extract.loop import extract, part_path
+from qamro_pipe.extract.shards import merge_parts
+from qamro_pipe.store.reader import read_cache
 
 CFG = ExtractConfig(backbone="melstats", device="cpu", workers=0, batch_size=4)
 
@@ -75,8 +75,8 @@ def test_shards_with_windows_and_skipped_files(tmp_path):
     (tmp_path / "m.csv").write_text("id,path,system,q\n" + "\n".join(rows) + "\n")
     recs = load_dataset("manifest", tmp_path / "m.csv")
     # melstats with 1 s windows, registered for this test only, to get several windows a clip
-    from qamro_pipe.backbones import melstats
-    from qamro_pipe.backbones.base import FeatureSpec
+    from qamro_pipe.extract.backbones import melstats
+    from qamro_pipe.extract.backbones.base import FeatureSpec
 
     class Windowed(melstats.MelStats):
         name, window_seconds, uses_text = "melstats-windows", 1.0, False
@@ -87,7 +87,7 @@ def test_shards_with_windows_and_skipped_files(tmp_path):
         def _forward(self, windows):
             return {"frames": super()._forward(windows)["audio"]}
 
-    import qamro_pipe.extract as ex
+    import qamro_pipe.extract.loop as ex
     real = ex.get_backbone
     ex.get_backbone = lambda name, **kw: Windowed(**kw) if name == Windowed.name else real(
         name, **kw)

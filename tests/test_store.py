@@ -4,8 +4,8 @@ import pytest
 from conftest import make_synthetic_cache
 
 from qamro_pipe.errors import CacheError
-from qamro_pipe.cache_files import writer_lock
-from qamro_pipe.cache_writer import CacheWriter, create_cache
+from qamro_pipe.store.files import writer_lock
+from qamro_pipe.store.writer import CacheWriter, create_cache
 from qamro_pipe.store import check_key, describe, read_cache, read_meta, write_cache
 
 

@@ -5,9 +5,9 @@ from conftest import make_synthetic_cache
 
 from qamro_pipe.config import LossConfig, Member, TrainConfig
 from qamro_pipe.errors import QamroError
-from qamro_pipe.heads import BatchedMLP, HeadSpec
-from qamro_pipe.store import read_cache
-from qamro_pipe.train import member_permutations, train
+from qamro_pipe.train.heads import BatchedMLP, HeadSpec
+from qamro_pipe.store.reader import read_cache
+from qamro_pipe.train.trainer import member_permutations, train
 
 HEADS = (HeadSpec("overall", "overall", ("audio",)),
          HeadSpec("textual", "textual", ("audio", "text")))
@@ -43,7 +43,7 @@ def test_permutations_are_per_member_and_stable():
 
 
 def test_planted_signal_reaches_high_system_srcc(synthetic_cache):
-    from qamro_pipe.runs import summarise
+    from qamro_pipe.train.runs import summarise
 
     cache = read_cache(synthetic_cache)
     res = train(cache, HEADS, [Member(LossConfig(), 0)], TrainConfig(max_epochs=300, bootstrap=0))
@@ -135,8 +135,8 @@ def test_a_diverging_member_leaves_the_others_untouched(synthetic_cache):
 def test_an_input_inside_another_is_gathered_once_as_its_first_columns(synthetic_cache):
     """The audio head's input is the first columns of the textual head's: one matrix on the
     device, one gather per step, and each head still sees exactly its own features."""
-    from qamro_pipe.inputs import head_inputs
-    from qamro_pipe.train import _gather, _inputs
+    from qamro_pipe.train.inputs import head_inputs
+    from qamro_pipe.train.trainer import _gather, _inputs
 
     cache = read_cache(synthetic_cache)
     shared, plan = _inputs(cache, HEADS, torch.device("cpu"))

@@ -13,7 +13,7 @@ from .kit import CORPUS, Child, extract_args, run
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
-    from qamro_pipe.datasets.demo import write_demo_corpus
+    from qamro_pipe.extract.datasets.demo import write_demo_corpus
 
     return write_demo_corpus(tmp_path_factory.mktemp("faults") / "corpus", **CORPUS)
 

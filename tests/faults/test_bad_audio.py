@@ -10,8 +10,8 @@ import json
 import numpy as np
 import soundfile as sf
 
-from qamro_pipe.cache_files import journal_path
-from qamro_pipe.store import read_cache
+from qamro_pipe.store.files import journal_path
+from qamro_pipe.store.reader import read_cache
 
 from .kit import child_env, leftovers
 

@@ -13,8 +13,8 @@ import pytest
 from conftest import make_synthetic_cache  # tests/conftest.py
 
 from qamro_pipe.errors import CacheError, QamroError
-from qamro_pipe.metrics import evaluate
-from qamro_pipe.cache_writer import CacheWriter, create_cache
+from qamro_pipe.report.metrics import evaluate
+from qamro_pipe.store.writer import CacheWriter, create_cache
 
 
 def _strict_json(path):

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from qamro_pipe.backbones import get_backbone
+from qamro_pipe.extract.backbones import get_backbone
 from qamro_pipe.errors import QamroError
-from qamro_pipe.runs import load_run
+from qamro_pipe.train.runs import load_run
 
 PACKAGE = Path(__file__).resolve().parents[2] / "qamro_pipe"
 
@@ -56,7 +56,7 @@ def test_crafted_checkpoint_is_refused_without_running_it(tmp_path, tally, monke
     if backbone == "clap-music":
         # ClapMusic.load builds HTSAT + RoBERTa (about 5 s) before it reads the checkpoint;
         # what is under test is the reading, so the build is replaced by a stand-in
-        from qamro_pipe.backbones import clap
+        from qamro_pipe.extract.backbones import clap
 
         monkeypatch.setattr(clap, "build_clap", lambda amodel: (torch.nn.Linear(1, 1), {}))
     marker = tmp_path / "pwned"

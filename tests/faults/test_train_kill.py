@@ -15,7 +15,7 @@ from conftest import make_synthetic_cache  # tests/conftest.py
 from safetensors.torch import load_file
 
 from qamro_pipe.errors import QamroError
-from qamro_pipe.runs import RUN_FILES, load_run
+from qamro_pipe.train.runs import RUN_FILES, load_run
 
 from .kit import child_env, leftovers
 

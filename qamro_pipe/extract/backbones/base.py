@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..errors import QamroError
+from ...errors import QamroError
 
 REGISTRY: dict[str, type["Backbone"]] = {}
 # checkpoint value that builds the real architecture with untrained weights: for tests only

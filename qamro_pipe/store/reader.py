@@ -28,7 +28,8 @@ and never leaves an unreadable file; docs/guarantees.md):
     overwritten in place (one byte); with some, a copy gets /skipped and `complete` and is
     renamed over the file. Either way a kill leaves the old file or the new one, never a mix.
 Readers open without HDF5 file locks (nothing they read changes under them), so `cache info`
-works while an extraction runs; writers are kept to one by cache_files.writer_lock(). Writing lives in cache_writer.py.
+works while an extraction runs; writers are kept to one by files.writer_lock(). Writing lives in
+writer.py, which imports this module; this module never imports it.
 """
 from __future__ import annotations
 
@@ -40,8 +41,8 @@ from typing import Any, Mapping
 import h5py
 import numpy as np
 
-from .cache_files import read_journal, writer_active
-from .errors import CacheError
+from .files import read_journal, writer_active
+from ..errors import CacheError
 
 SCHEMA_VERSION = 1
 FEATURE_DTYPES = (np.dtype("float32"), np.dtype("float16"))
@@ -95,7 +96,6 @@ class Cache:
         return np.flatnonzero(mask)
 
 
-# -- writing --------------------------------------------------------------------------------
 def _incomplete(path: Path) -> str:
     if writer_active(path):
         return "INCOMPLETE (being extracted by another process now)"
@@ -258,11 +258,3 @@ def describe(path: str | Path) -> str:
     for k, v in sorted(m.config.items()):
         lines.append(f"config     {k} = {json.dumps(v)}")
     return "\n".join(lines)
-
-
-def write_cache(*args, **kwargs) -> Path:
-    """Write a complete cache in one call: the public way to bring your own embeddings
-    (see cache_writer.write_cache for the arguments)."""
-    from .cache_writer import write_cache as write
-
-    return write(*args, **kwargs)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import QamroError
+from ...errors import QamroError
 from .base import Backbone, FeatureSpec, register_backbone, seeded_init
 
 CHECKPOINT_REPO = "lukewys/laion_clap"

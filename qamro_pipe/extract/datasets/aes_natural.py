@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import DataError
+from ...errors import DataError
 from .base import Clip, DatasetRecords, register_dataset
 from .manifest import parse_score, read_table, require_files
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..errors import DataError
+from ...errors import DataError
 
 
 @dataclass(frozen=True)

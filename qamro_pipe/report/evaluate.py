@@ -10,12 +10,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import TrainConfig, to_jsonable
-from .errors import CacheError, QamroError
-from .heads import BatchedMLP, HeadSpec
-from .inputs import build_head, head_inputs, predict_units, units_for
-from .runs import head_metrics, load_run, write_predictions
-from .store import Cache, read_cache
+from ..config import TrainConfig, to_jsonable
+from ..errors import CacheError, QamroError
+from ..train.heads import BatchedMLP, HeadSpec
+from ..train.inputs import build_head, head_inputs, predict_units, units_for
+from ..train.runs import head_metrics, load_run, write_predictions
+from ..store.reader import Cache, read_cache
 
 # key fields of the cache that decide what the features mean (not which clips are in it)
 FEATURE_KEY = ("backbone", "weights", "sample_rate", "window_seconds", "precision",

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import TrainConfig
-from .errors import QamroError
+from ..config import TrainConfig
+from ..errors import QamroError
 from .heads import BatchedMLP, HeadSpec
-from .store import Cache
+from ..store.reader import Cache
 
 
 @dataclass

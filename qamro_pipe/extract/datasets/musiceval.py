@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import DataError
+from ...errors import DataError
 from .base import Clip, DatasetRecords, register_dataset
 from .manifest import parse_score, require_files
 

@@ -10,7 +10,7 @@ import torch
 
 from .heads import BatchedMLP, HeadSpec
 from .inputs import Units, head_inputs, units_for
-from .store import Cache
+from ..store.reader import Cache
 
 AXES = ("PQ", "PC", "CE", "CU")  # the order of the paper's Table II
 N_LAYERS, WIDTH = 13, 768

@@ -14,13 +14,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import LossConfig, Member, TrainConfig
-from .errors import QamroError
+from ..config import LossConfig, Member, TrainConfig
+from ..errors import QamroError
 from .heads import HeadSpec, member_seed
 from .inputs import (build_head, head_inputs, label_col, label_stats, predict_units,
                      units_for)
 from .losses import LabelTerms, label_terms, pair_hinge, regression
-from .store import Cache
+from ..store.reader import Cache
 
 
 def resolve_device(device: str) -> torch.device:

@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import __version__
-from .config import TrainConfig, to_jsonable
-from .errors import QamroError
-from .metrics import FIGURES, evaluate
-from .durable import fault_point, fsync_path, pid_alive
-from .store import Cache
-from .train import TrainResult
+from .. import __version__
+from ..config import TrainConfig, to_jsonable
+from ..errors import QamroError
+from ..report.metrics import FIGURES, evaluate
+from ..store.durable import fault_point, fsync_path, pid_alive
+from ..store.reader import Cache
+from .trainer import TrainResult
 
 RUN_VERSION = 1
 RUN_FILES = ("config.json", "metrics.json", "predictions.csv", "heads.safetensors")

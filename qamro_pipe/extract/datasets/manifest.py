@@ -25,7 +25,7 @@ import math
 from pathlib import Path
 from typing import Iterable
 
-from ..errors import DataError
+from ...errors import DataError
 from .base import Clip, DatasetRecords, register_dataset
 
 RESERVED = ("id", "path", "system", "text", "split", "start", "end")

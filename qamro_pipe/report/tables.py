@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from .config import LossConfig, Member, override
-from .errors import QamroError
-from .recipes import find_recipe
+from ..config import LossConfig, Member, override
+from ..errors import QamroError
+from ..train.recipes import find_recipe
 
 
 @dataclass(frozen=True)
@@ -114,9 +114,9 @@ def run_table(table: str | Path, model: str | None = None, cache: str | Path | N
               seeds: int | None = None, out: str | Path | None = None, force: bool = False,
               train: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train every row x seed as one batched run; write table.md and table.csv beside it."""
-    from .config import cache_root
-    from .experiment import recipe_configs, run_experiment
-    from .recipes import load_recipe
+    from ..config import cache_root
+    from ..train.experiment import recipe_configs, run_experiment
+    from ..train.recipes import load_recipe
 
     t = load_table(table)
     recipe = load_recipe(model or t.model)

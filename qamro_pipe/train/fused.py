@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from .errors import QamroError
+from ..errors import QamroError
 
 _KERNEL = None
 

@@ -24,12 +24,12 @@ import numpy as np
 from . import audio
 from .backbones import Backbone, get_backbone
 from .backbones.base import RANDOM_WEIGHTS, sha256_file
-from .config import ExtractConfig, cache_root, to_jsonable
+from ..config import ExtractConfig, cache_root, to_jsonable
 from .datasets import Clip, DatasetRecords
-from .errors import CacheError, DataError, Interrupted, QamroError
-from .cache_files import writer_lock
-from .cache_writer import CacheWriter, create_cache
-from .store import check_key, read_meta
+from ..errors import CacheError, DataError, Interrupted, QamroError
+from ..store.files import writer_lock
+from ..store.writer import CacheWriter, create_cache
+from ..store.reader import check_key, read_meta
 
 @dataclass
 class ExtractSummary:

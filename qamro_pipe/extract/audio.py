@@ -15,7 +15,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from .errors import DataError
+from ..errors import DataError
 
 MIN_SECONDS = 0.1  # shorter segments carry too little signal for any backbone
 RESAMPLE_QUALITY = "HQ"  # soxr quality; part of what produces the numbers

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from .config import LossConfig, Member, override
-from .errors import QamroError
+from ..config import LossConfig, Member, override
+from ..errors import QamroError
 
 
 def parse_list(text: str | None, cast=float) -> list | None:

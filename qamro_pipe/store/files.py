@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .durable import pid_alive
-from .errors import CacheError
+from ..errors import CacheError
 
 JOURNAL_SUFFIX = ".journal"  # CACHE.journal: skipped clips of an unfinished extraction
 

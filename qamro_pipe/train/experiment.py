@@ -5,11 +5,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .config import LossConfig, Member, TrainConfig, cache_root, override, to_jsonable
-from .errors import QamroError
+from ..config import LossConfig, Member, TrainConfig, cache_root, override, to_jsonable
+from ..errors import QamroError
 from .recipes import Recipe, load_recipe
 from .runs import RUN_VERSION, clean_stale, save_run, summarise, versions
-from .store import Cache, read_cache
+from ..store.reader import Cache, read_cache
 
 
 def recipe_configs(recipe: Recipe, train: dict[str, Any] | None = None,
@@ -44,7 +44,7 @@ def run_experiment(recipe: Recipe | str, members: list[Member], tcfg: TrainConfi
                    cache: str | Path | None = None, out: str | Path | None = None,
                    force: bool = False, kind: str = "run", progress=None):
     """Train, evaluate, and write the run folder. Returns (folder, metrics, result, cache)."""
-    from .train import train
+    from .trainer import train
 
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
     data = open_cache(recipe, cache)
@@ -82,23 +82,3 @@ def run_experiment(recipe: Recipe | str, members: list[Member], tcfg: TrainConfi
     folder = save_run(out, config=config, metrics=metrics, cache=data, result=result,
                       force=force, extra=extra)
     return folder, metrics, result, data
-
-
-def run_demo(progress: bool = True) -> dict[str, Any]:
-    """The offline demo end to end: synthetic corpus -> melstats cache -> QAMRO run -> beta
-    sweep. Everything lands under the cache root; rerunning reuses the corpus and cache."""
-    from .config import ExtractConfig
-    from .datasets import load_dataset
-    from .extract import extract
-    from .sweep import expand_grid, sweep_rows
-
-    recipe = load_recipe("demo")
-    records = load_dataset("demo", cache_root() / "demo-corpus")
-    ext = extract(records, ExtractConfig(backbone=recipe.backbone, device="cpu"),
-                  recipe.default_cache(), progress=progress)
-    tcfg, lcfg = recipe_configs(recipe)
-    run = run_experiment(recipe, expand_grid(lcfg, {"seeds": 1}), tcfg, force=True)
-    members = expand_grid(lcfg, recipe.grids["beta"])
-    sweep = run_experiment(recipe, members, tcfg, force=True, kind="sweep")
-    rows = sweep_rows(sweep[1])
-    return {"extract": ext, "run": run, "sweep": sweep, "sweep_rows": rows}

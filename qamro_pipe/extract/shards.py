@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from .cache_files import writer_lock
-from .cache_writer import CacheWriter, create_cache
-from .errors import CacheError, QamroError
-from .store import Cache, read_cache
+from ..store.files import writer_lock
+from ..store.writer import CacheWriter, create_cache
+from ..errors import CacheError, QamroError
+from ..store.reader import Cache, read_cache
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -121,12 +121,12 @@ def extract_distributed(records, cfg, path: str | Path, force: bool = False,
     import torch
     import torch.distributed as dist
 
-    from .config import override
-    from .extract import extract, part_path
+    from ..config import override
+    from .loop import extract, part_path
 
     from .backbones import get_backbone
-    from .extract import ExtractSummary, cache_key
-    from .store import check_key, read_meta
+    from .loop import ExtractSummary, cache_key
+    from ..store.reader import check_key, read_meta
 
     rank, world, local = torchrun_rank()
     if Path(path).exists() and not force:  # a finished merge: nothing to do on any rank

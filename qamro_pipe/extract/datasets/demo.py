@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from ..errors import DataError, QamroError
+from ...errors import DataError, QamroError
 from . import musiceval as me
 from .base import DatasetRecords, load_dataset, register_dataset
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_RECIPE, cache_root
-from .errors import QamroError
+from ..config import DEFAULT_RECIPE, cache_root
+from ..errors import QamroError
 from .heads import HeadSpec
 
 STAGES_DIR = Path(__file__).resolve().parents[1] / "stages"

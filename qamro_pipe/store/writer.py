@@ -12,11 +12,11 @@ from typing import Any, Mapping, Sequence
 import h5py
 import numpy as np
 
-from . import __version__
-from .cache_files import journal_path, read_journal
+from .. import __version__
+from .files import journal_path, read_journal
 from .durable import fault_point, fsync_path
-from .errors import CacheError
-from .store import _STR, SCHEMA_VERSION, _open, _skipped_in_file
+from ..errors import CacheError
+from .reader import _STR, SCHEMA_VERSION, _open, _skipped_in_file
 
 def _why(e: OSError) -> str:
     """One line for an OS error (HDF5's own messages span several)."""

@@ -1,0 +1,2 @@
+"""Reading results: metrics with confidence intervals, re-scoring a run (evaluate) and the
+paper's tables."""
