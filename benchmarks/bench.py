@@ -187,7 +187,7 @@ def bench_sweep_gpu(device, path, epochs=1000, compare_epochs=100):
            "s")
     report("sweep", "medium ms per epoch", sec16 / epochs * 1e3, "ms")
     report("sweep", "max |fp32 - medium| prediction", max_prediction_diff(res, res16))
-    import qamro_pipe.train.trainer as tr
+    import qamro_pipe.train.engine as tr
 
     fused_sgd = tr._sgd
 

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,8 @@ from qamro_pipe.config import LossConfig, Member, TrainConfig
 from qamro_pipe.errors import QamroError
 from qamro_pipe.train.heads import BatchedMLP, HeadSpec
 from qamro_pipe.store.reader import read_cache
-from qamro_pipe.train.trainer import member_permutations, train
+from qamro_pipe.train.engine import member_permutations
+from qamro_pipe.train.trainer import train
 
 HEADS = (HeadSpec("overall", "overall", ("audio",)),
          HeadSpec("textual", "textual", ("audio", "text")))
@@ -75,11 +78,21 @@ def test_members_stop_early_on_their_own(synthetic_cache):
     assert all(s - b == 5 for b, s in zip(res.best_epoch, res.stopped_epoch))
     assert res.epochs_run == max(res.stopped_epoch)
     # checking for "all stopped" less often only adds idle epochs: same members, same numbers
-    lazy = train(cache, HEADS, [Member(LossConfig(), s) for s in range(3)],
-                 TrainConfig(max_epochs=400, patience=5, bootstrap=0, lr=0.05, check_every=7))
-    assert lazy.stopped_epoch == res.stopped_epoch and lazy.epochs_run % 7 == 0
+    keep = TrainConfig(max_epochs=400, patience=5, bootstrap=0, lr=0.05, check_every=1,
+                       compact=False)
+    lazy_keep = replace(keep, check_every=7)
+    kept, lazy = (train(cache, HEADS, [Member(LossConfig(), s) for s in range(3)], c)
+                  for c in (keep, lazy_keep))
+    assert lazy.stopped_epoch == kept.stopped_epoch == res.stopped_epoch
+    assert lazy.epochs_run % 7 == 0
     for h in res.predictions:
-        assert np.array_equal(lazy.predictions[h], res.predictions[h])
+        assert np.array_equal(lazy.predictions[h], kept.predictions[h])
+        # members that stopped leave the batch: the others' numbers move by rounding only
+        np.testing.assert_allclose(res.predictions[h], kept.predictions[h], rtol=1e-5,
+                                   atol=1e-6)
+    # ... and cost nothing after their stop
+    assert res.member_epochs == sum(res.stopped_epoch)
+    assert kept.member_epochs == 3 * kept.epochs_run > res.member_epochs
 
 
 def test_loss_kinds_in_one_run(synthetic_cache):
@@ -136,7 +149,8 @@ def test_an_input_inside_another_is_gathered_once_as_its_first_columns(synthetic
     """The audio head's input is the first columns of the textual head's: one matrix on the
     device, one gather per step, and each head still sees exactly its own features."""
     from qamro_pipe.train.inputs import head_inputs
-    from qamro_pipe.train.trainer import _gather, _inputs
+    from qamro_pipe.train.engine import gather as _gather
+    from qamro_pipe.train.trainer import _inputs
 
     cache = read_cache(synthetic_cache)
     shared, plan = _inputs(cache, HEADS, torch.device("cpu"))

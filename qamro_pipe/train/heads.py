@@ -43,11 +43,11 @@ class BatchedMLP(nn.Module):
     All parameters live in one buffer `flat`, parameter by parameter, each as a contiguous
     [K, *shape] block; every parameter is a view into it. Gradients taken with respect to the
     views are contiguous too, so one fused multi-tensor SGD kernel updates them all in place
-    with no copy into a flat gradient first (train._sgd)."""
+    with no copy into a flat gradient first (engine._sgd)."""
 
     def __init__(self, seeds: list[int], in_dim: int, hidden: tuple[int, ...] = (256, 64),
                  activation: str = "relu", name: str = "head", layer_norm: bool = False,
-                 n_layers: int = 0):
+                 n_layers: int = 0, init: bool = True):
         super().__init__()
         self.k, self.in_dim, self.hidden = len(seeds), in_dim, tuple(hidden)
         self.activation, self.layer_norm, self.n_layers = activation, layer_norm, n_layers
@@ -61,6 +61,10 @@ class BatchedMLP(nn.Module):
             if layer_norm and i < len(dims) - 2:
                 self.layout += [(f"g{i}", (dims[i + 1],)), (f"beta{i}", (dims[i + 1],))]
         self.flat = nn.Parameter(torch.empty(self.k * sum(math.prod(s) for _, s in self.layout)))
+        if init:  # init=False: the caller sets every weight (a resumed or rebuilt run)
+            self._initialise(seeds, name, n_layers)
+
+    def _initialise(self, seeds: list[int], name: str, n_layers: int) -> None:
         with torch.no_grad():
             views = self.named_views()
             for k, seed in enumerate(seeds):
@@ -97,14 +101,20 @@ class BatchedMLP(nn.Module):
         weights of each member with one masked copy)."""
         return torch.cat([v.reshape(self.k, -1) for v in self.views(flat)], dim=1)
 
+    def flat_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """The inverse of by_member: a [K, P] tensor -> a new buffer laid out like `flat`."""
+        out = torch.empty_like(self.flat.detach())
+        off = 0
+        for v in self.views(out):
+            n = v[0].numel()
+            v.copy_(rows[:, off:off + n].view_as(v))
+            off += n
+        return out
+
     def set_by_member(self, rows: torch.Tensor) -> None:
-        """The inverse of by_member: set every parameter from a [K, P] tensor."""
+        """Set every parameter from a [K, P] tensor (by_member's layout)."""
         with torch.no_grad():
-            off = 0
-            for v in self.views():
-                n = v[0].numel()
-                v.copy_(rows[:, off:off + n].view_as(v))
-                off += n
+            self.flat.copy_(self.flat_of(rows))
 
     @property
     def weights(self) -> list[torch.Tensor]:

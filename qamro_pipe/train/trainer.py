@@ -2,25 +2,29 @@
 
 All data lives on the device as tensors; each epoch draws one permutation per member from a
 counter-based hash of (member seed, epoch), so a member's numbers depend only on its own
-config and seed. Each member early-stops on its own and keeps its best weights."""
+config and seed. Each member early-stops on its own and keeps its best weights; members that
+stopped leave the batch (the engine is rebuilt without them), so they cost nothing. The whole
+state can be saved every few seconds and resumed, value for value (state.py)."""
 from __future__ import annotations
 
 import contextlib
-import math
+import signal
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ..config import LossConfig, Member, TrainConfig
-from ..errors import QamroError
-from .heads import HeadSpec, member_seed
-from .inputs import (build_head, head_inputs, label_col, label_stats, predict_units,
-                     units_for)
-from .losses import LabelTerms, label_terms, pair_hinge, regression
+from ..config import Member, TrainConfig
+from ..errors import Interrupted, QamroError
 from ..store.reader import Cache
+from .engine import Context, Engine, Plan
+from .heads import HeadSpec
+from .inputs import build_head, head_inputs, label_col, label_stats, predict_units, units_for
+from .state import TrainState
 
 
 def resolve_device(device: str) -> torch.device:
@@ -29,22 +33,6 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise QamroError(f"--device {device}: no CUDA device is available")
     return torch.device(device)
-
-
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finaliser on int64 (wrapping arithmetic; logical shifts by masking)."""
-    def shr(v, s):
-        return (v >> s) & ((1 << (64 - s)) - 1)
-    x = (x ^ shr(x, 30)) * -4658895280553007687  # 0xbf58476d1ce4e5b9 as signed
-    x = (x ^ shr(x, 27)) * -7723592293110705685  # 0x94d049bb133111eb as signed
-    return x ^ shr(x, 31)
-
-
-def member_permutations(seeds: torch.Tensor, epoch: int, n: int) -> torch.Tensor:
-    """[K] int64 seeds -> [K, n] permutations, identical on every device."""
-    idx = torch.arange(n, device=seeds.device, dtype=torch.int64)
-    keys = _mix(_mix(seeds[:, None] * 1_000_003 + epoch) + idx[None, :])
-    return torch.argsort(keys, dim=1, stable=True)
 
 
 @dataclass
@@ -93,169 +81,176 @@ class TrainResult:
     warnings: dict[int, str]  # member index -> why it stopped early but kept a model
     label_stats: dict[str, tuple[float, float]]  # head -> (mean, std) its outputs are scaled by
     device: str
-    seconds: float
+    seconds: float  # training time, earlier processes' included when resumed
     epochs_run: int
+    member_epochs: int = 0  # epochs computed, summed over members (members that stopped
+    # early cost none after their stop)
+    history: np.ndarray = field(default_factory=lambda: np.zeros((0, 8)))  # state.py's rows
+    resumed_from: int = 0  # the epoch a resumed run started from (0: from scratch)
 
 
-class _Losses:
-    """Per-member loss settings as [H*K] tensors, so one call scores every head of every
-    member: predictions of the H heads are stacked along the member axis."""
+@dataclass(frozen=True)
+class Progress:
+    """What a progress display is told after each sync with the device."""
 
-    def __init__(self, members: list[Member], stats: list[tuple[float, float]],
-                 device: torch.device, label_range, kernel: str = "torch"):
-        n_heads = len(stats)
-        if kernel != "torch":
-            from .fused import available
-
-            problem = available(device)
-            if problem:
-                raise QamroError(problem)
-        self.kernel = kernel
-        first = members[0].loss
-        for m in members:
-            if (m.loss.norm, m.loss.regression, m.loss.huber_delta) != \
-                    (first.norm, first.regression, first.huber_delta):
-                raise QamroError("members of one run must share norm and regression loss")
-        self.k, self.n_heads = len(members), n_heads
-
-        def t(vals):
-            return torch.tensor(vals * n_heads, dtype=torch.float32, device=device)
-        self.alpha = t([m.loss.alpha if m.loss.kind == "qamro" else 0.0 for m in members])
-        self.beta = t([m.loss.beta if m.loss.kind == "qamro" else 1.0 for m in members])
-        self.margin = t([m.loss.margin if m.loss.kind == "mr" else 0.0 for m in members])
-        self.weight = t([0.0 if m.loss.kind == "none" else m.loss.rank_weight for m in members])
-        self.cfg: LossConfig = first
-        # head outputs are standardised scores where a head standardises: the regression term
-        # compares them with standardised labels, the ranking term sees the labels' own scale
-        self.scaled = any(st != (0.0, 1.0) for st in stats)
-        self.mean = torch.tensor([m for m, _ in stats], device=device).repeat_interleave(
-            self.k)[:, None]  # [H*K, 1]
-        self.std = torch.tensor([s for _, s in stats], device=device).repeat_interleave(
-            self.k)[:, None]
-        self.label_range = first.label_range or label_range
-        if first.norm == "range" and self.label_range is None:
-            raise QamroError("norm='range' needs a label range (the recipe's label_range)")
-
-    def terms(self, ys: list[torch.Tensor], bs: int) -> LabelTerms:
-        """Per head labels [K or 1, n], in the order the rows are visited, cut into chunks of
-        bs (the last padded with unknown labels) -> the label terms of every chunk at once,
-        fields [n_chunks, H*K, bs]: chunk c's are `.select((c, slice(None), slice(None, b)))`
-        with b its real size (padding is unknown: it changes no count)."""
-        n = ys[0].shape[-1]
-        chunks = -(-n // bs)
-        y = torch.cat([t.expand(self.k, n) for t in ys])  # [H*K, n]
-        y = F.pad(y, (0, chunks * bs - n), value=math.nan)
-        y = y.view(len(y), chunks, bs).transpose(0, 1).contiguous()
-        t = label_terms(y, self.beta, self.cfg.norm, self.label_range, self.mean[:, 0],
-                        self.std[:, 0])
-        return t._replace(q=t.q * self.weight[:, None])  # the ranking term's weight, folded in
-
-    def __call__(self, preds: list[torch.Tensor], t: LabelTerms) -> torch.Tensor:
-        """Per head [K, b] predictions and the stacked batch's label terms ([H*K, b]) -> [K]
-        objective summed over heads."""
-        pred = torch.cat(preds)  # [H*K, b]
-        raw = pred * self.std + self.mean if self.scaled else pred
-        reg = regression(pred, t, self.cfg.regression, self.cfg.huber_delta)
-        rank = pair_hinge(raw, t, self.alpha, self.margin, self.kernel)  # weight is in t.q
-        return (reg + rank).view(self.n_heads, self.k).sum(0)
+    epoch: int
+    max_epochs: int
+    training: int  # members still training
+    members: int
+    best_val: float  # lowest best validation loss among all members so far
+    member_epochs: int
+    seconds: float  # this process's training time so far
 
 
-class _Engine:
-    """All training state as device tensors updated in place, so one epoch is a fixed
-    sequence of kernels: eager on CPU, captured once as a CUDA graph and replayed on GPU."""
+@dataclass
+class Checkpoint:
+    """Where and how often to save the training state, and the state to resume from."""
 
-    def __init__(self, models, heads, plan: "_Plan", Y, train_rows, val_rows, loss_fn,
-                 cfg: TrainConfig, seeds: list[int], device: torch.device):
-        k = len(seeds)
-        self.models, self.heads, self.plan, self.Y = models, heads, plan, Y
-        self.train_rows, self.val_rows, self.loss_fn, self.cfg = train_rows, val_rows, loss_fn, cfg
-        # what SGD updates in place: every parameter of every head, contiguous [K, ...] views
-        # of each head's buffer (detached: no autograd), and its momentum laid out alike
-        self.params = [v for h in heads for v in models[h.name].views(models[h.name].flat.detach())]
-        self.bufs = [v for h in heads for v in models[h.name].views(
-            torch.zeros_like(models[h.name].flat.detach()))]
-        self.best = [models[h.name].by_member().detach() for h in heads]  # [K, P] per head
-        self.perm_seeds = torch.tensor([member_seed(s, "shuffle") >> 1 for s in seeds],
-                                       device=device)
-        bs, nv = cfg.batch_size, len(val_rows)
-        self.val_sizes = torch.tensor([min(bs, nv - s) for s in range(0, nv, bs)],
-                                      dtype=torch.float32, device=device)
-        self.val_terms = loss_fn.terms([Y[h.name][val_rows][None] for h in heads], bs)
-        self.epoch = torch.zeros((), dtype=torch.int64, device=device)
-        self.active = torch.ones(k, dtype=torch.bool, device=device)
-        self.finite = torch.ones(k, dtype=torch.bool, device=device)
-        self.best_val = torch.full((k,), math.inf, device=device)
-        self.best_epoch = torch.zeros(k, dtype=torch.int64, device=device)
-        self.stopped = torch.full((k,), cfg.max_epochs, dtype=torch.int64, device=device)
-        self.bad = torch.zeros(k, dtype=torch.int64, device=device)
+    path: Path  # the state file (inside the run's partial folder)
+    fingerprint: str  # what the run is; a state with another one is never resumed
+    every: float = 10.0  # seconds between saves
+    resume: TrainState | None = None
 
-    def run_epoch(self) -> None:
-        """One epoch: shuffled steps, then validation and early-stopping bookkeeping, all on
-        the device. A member whose loss turns NaN or inf spoils only its own weights (every
-        member has its own rows of every matmul); validation sees it and stops it."""
-        cfg = self.cfg
-        self.epoch.add_(1)
-        n, bs = len(self.train_rows), cfg.batch_size
-        perm = self.train_rows[member_permutations(self.perm_seeds, self.epoch, n)]  # [K, n]
-        terms = self.loss_fn.terms([self.Y[h.name][perm] for h in self.heads], bs)
-        for step, start in enumerate(range(0, n, bs)):
-            idx = perm[:, start:start + bs]  # [K, b]
-            views = {h.name: self.models[h.name].views() for h in self.heads}
-            x = _gather(self.plan, idx)
-            total = self.loss_fn([self.models[h.name](x[h.features], views[h.name])
-                                  for h in self.heads],
-                                 terms.select((step, slice(None), slice(None, idx.shape[1]))))
-            grads = torch.autograd.grad(total.sum(), [v for h in self.heads
-                                                      for v in views[h.name]])
-            _sgd(self.params, grads, self.bufs, cfg)
+
+def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
+          cfg: TrainConfig = TrainConfig(), label_range=None,
+          progress: Callable[[Progress], None] | None = None,
+          checkpoint: Checkpoint | None = None) -> TrainResult:
+    """Train every member of every head on `cache`; returns best-weight predictions."""
+    if not members:
+        raise QamroError("nothing to train: no members")
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    split = make_split(cache, heads, cfg)
+    seeds = [m.seed for m in members]
+    for h in heads:
+        if not np.isfinite(cache.labels[split.train, label_col(cache, h)]).any():
+            raise QamroError(f"{cache.path}: labels of head {h.name!r} are all NaN in train")
+    units = units_for(cache, heads)
+    shared, plan = _inputs(cache, heads, device)
+    X = {h.name: shared[h.features] for h in heads}
+    stats = {h.name: label_stats(cache, h, split.train) for h in heads}
+    ctx = Context(
+        heads=heads, members=list(members), plan=plan,
+        x_shapes={h.name: tuple(X[h.name].shape) for h in heads},
+        Y={h.name: torch.from_numpy(np.ascontiguousarray(units.per_unit(
+            cache.labels[:, label_col(cache, h)]))).to(device) for h in heads},
+        train_rows=torch.from_numpy(units.of_clips(split.train)).to(device),
+        val_rows=torch.from_numpy(units.of_clips(split.val)).to(device),
+        stats=[stats[h.name] for h in heads], label_range=label_range, cfg=cfg, device=device)
+    models = {h.name: build_head(h, seeds, ctx.x_shapes[h.name], cfg) for h in heads}
+    state = checkpoint.resume if checkpoint and checkpoint.resume else TrainState.fresh(
+        {h: m.by_member().detach() for h, m in models.items()}, ("momentum",), cfg.max_epochs)
+    resumed_from, spent = state.epoch, state.seconds
+    with _matmul_precision(cfg.matmul_precision):
+        _fit(ctx, state, progress, checkpoint)
         with torch.no_grad():
-            val = _val_loss(self.models, self.heads, self.plan, self.val_rows, self.val_terms,
-                            self.loss_fn, bs, self.val_sizes)  # [K]
-            self.finite &= torch.isfinite(val) | ~self.active
-            self.active &= self.finite
-            improved = self.active & (val < self.best_val)
-            self.best_val.copy_(torch.where(improved, val, self.best_val))
-            self.best_epoch.copy_(torch.where(improved, self.epoch, self.best_epoch))
-            self.bad.copy_(torch.where(improved, 0, self.bad + 1))
-            for h, b in zip(self.heads, self.best):
-                model = self.models[h.name]
-                b.copy_(torch.where(improved[:, None], model.by_member(model.flat.detach()), b))
-            newly = self.active & (self.bad >= cfg.patience)
-            first_failure = ~self.finite & (self.stopped == cfg.max_epochs)
-            self.stopped.copy_(torch.where(newly | first_failure, self.epoch, self.stopped))
-            self.active &= ~newly
+            preds = {}
+            for h in heads:
+                model = models[h.name].to(device)
+                model.set_by_member(state.best[h.name].to(device))
+                preds[h.name] = units.to_clips(predict_units(model, X[h.name])
+                                               * stats[h.name][1] + stats[h.name][0])
+    failures, warnings = _outcomes(members, state)
+    return TrainResult(
+        members=members, heads=heads, split=split, predictions=preds,
+        states={h.name: [models[h.name].member_state(i) for i in range(len(members))]
+                for h in heads},
+        best_epoch=state.best_epoch.tolist(), stopped_epoch=state.stopped.tolist(),
+        best_val_loss=state.best_val.tolist(), failures=failures, warnings=warnings,
+        label_stats=stats, device=str(device), epochs_run=state.epoch,
+        seconds=spent + time.perf_counter() - t0,
+        member_epochs=state.member_epochs, history=state.history_array(),
+        resumed_from=resumed_from)
 
-    def fit(self, progress=None) -> int:
-        """Run epochs until every member stopped or max_epochs; returns epochs run."""
-        cfg, device = self.cfg, self.epoch.device
-        replay = self.run_epoch
-        if device.type == "cuda" and cfg.cuda_graph:
-            replay = self._capture()
-        done = int(self.epoch)
-        while done < cfg.max_epochs:
-            replay()
-            done += 1
-            if done % cfg.check_every == 0 or done == cfg.max_epochs:
-                if progress:
-                    progress(done, self.active)
-                if not bool(self.active.any()):
-                    break
-        return done
 
-    def _capture(self):
-        """Eager warm-up epochs on a side stream (they count), then one epoch as a graph."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(min(GRAPH_WARMUP, self.cfg.max_epochs)):
-                self.run_epoch()
-        torch.cuda.current_stream().wait_stream(side)
-        if int(self.epoch) >= self.cfg.max_epochs:
-            return self.run_epoch
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.run_epoch()
-        return graph.replay
+def _outcomes(members: list[Member], state: TrainState) -> tuple[dict, dict]:
+    """Members whose loss turned NaN or inf: failed (no model) or warned (kept a model)."""
+    failures, warnings = {}, {}
+    fin, be, stopped = state.finite.numpy(), state.best_epoch.numpy(), state.stopped.numpy()
+    for i in np.flatnonzero(~fin):
+        why = f"{members[i].label()}: loss became NaN or inf at epoch {int(stopped[i])}"
+        if be[i] == 0:
+            failures[int(i)] = why + " before any validation improvement; no model kept"
+        else:
+            warnings[int(i)] = why + f"; stopped, keeping the weights of epoch {int(be[i])}"
+    return failures, warnings
+
+
+def _fit(ctx: Context, state: TrainState, progress, checkpoint: Checkpoint | None) -> None:
+    """Epochs until every member stopped or max_epochs, in chunks of ctx.check_every between
+    syncs; the engine is rebuilt without members that stopped, and the state saved every
+    `checkpoint.every` seconds. A first Ctrl-C finishes the epoch, saves and stops."""
+    cfg, check = ctx.cfg, ctx.check_every
+    engine: Engine | None = None
+    t0, spent = time.perf_counter(), state.seconds
+    last_save = t0
+    with _deferred_sigint() as stop:
+        while state.epoch < cfg.max_epochs and bool(state.active.any()):
+            subset = _members_to_run(ctx, state, engine)
+            if engine is None or not np.array_equal(engine.subset, subset):
+                if engine is not None:
+                    engine.store(state)
+                engine = Engine(ctx, state, subset)
+            n = min(check - state.epoch % check, cfg.max_epochs - state.epoch)
+            engine.run(n)
+            engine.sync(state, n)
+            now = time.perf_counter()
+            state.seconds = spent + now - t0
+            if progress:
+                progress(Progress(state.epoch, cfg.max_epochs, int(state.active.sum()),
+                                  state.k, float(state.best_val.min()), state.member_epochs,
+                                  now - t0))
+            if checkpoint and (stop.is_set() or now - last_save >= checkpoint.every):
+                engine.store(state)
+                state.save(checkpoint.path, checkpoint.fingerprint)
+                last_save = time.perf_counter()
+            if stop.is_set():
+                raise Interrupted(
+                    f"interrupted at epoch {state.epoch}: "
+                    + (f"the training state is saved in {checkpoint.path.parent}; rerun the "
+                       f"same command to resume" if checkpoint else "nothing was saved"))
+        if engine is not None:
+            engine.store(state)
+
+
+def _members_to_run(ctx: Context, state: TrainState, engine: Engine | None) -> np.ndarray:
+    """The members the next engine computes. Members that stopped are dropped, so a sweep
+    costs the epochs its members actually train. On the CPU at once (an epoch costs in
+    proportion to members; rebuilding, a few milliseconds); on a GPU once half of the
+    engine's members have stopped (an epoch there is launch-bound, and a rebuild costs a new
+    graph capture). compact=False keeps every member stepping (their best weights are kept
+    aside either way)."""
+    everyone = np.arange(state.k)
+    if not ctx.cfg.compact:
+        return everyone
+    active = np.flatnonzero(state.active.numpy())
+    if engine is None or ctx.device.type != "cuda":
+        return active
+    stopped = len(engine.subset) - np.isin(engine.subset, active).sum()
+    return active if 2 * stopped >= len(engine.subset) else engine.subset
+
+
+@contextlib.contextmanager
+def _deferred_sigint():
+    """While training: the first Ctrl-C sets the event (the trainer finishes its epoch, saves
+    and stops with Interrupted); a second one interrupts at once. Only where Python's own
+    handler is installed, in the main thread; elsewhere Ctrl-C behaves as it did."""
+    stop = threading.Event()
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @contextlib.contextmanager
@@ -269,98 +264,13 @@ def _matmul_precision(value: str):
         torch.set_float32_matmul_precision(before)
 
 
-GRAPH_WARMUP = 3  # eager epochs before capture (lazy cuBLAS/autograd set-up must not be captured)
-
-
-def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
-          cfg: TrainConfig = TrainConfig(), label_range=None, progress=None) -> TrainResult:
-    """Train every member of every head on `cache`; returns best-weight predictions."""
-    if not members:
-        raise QamroError("nothing to train: no members")
-    t0 = time.perf_counter()
-    device = resolve_device(cfg.device)
-    split = make_split(cache, heads, cfg)
-    k = len(members)
-    seeds = [m.seed for m in members]
-    for h in heads:
-        if not np.isfinite(cache.labels[split.train, label_col(cache, h)]).any():
-            raise QamroError(f"{cache.path}: labels of head {h.name!r} are all NaN in train")
-    units = units_for(cache, heads)
-    shared, plan = _inputs(cache, heads, device)
-    X = {h.name: shared[h.features] for h in heads}
-    Y = {h.name: torch.from_numpy(np.ascontiguousarray(
-        units.per_unit(cache.labels[:, label_col(cache, h)]))).to(device) for h in heads}
-    stats = {h.name: label_stats(cache, h, split.train) for h in heads}
-    models = {h.name: build_head(h, seeds, tuple(X[h.name].shape), cfg).to(device)
-              for h in heads}
-    loss_fn = _Losses(members, [stats[h.name] for h in heads], device, label_range,
-                      cfg.pair_kernel)
-    engine = _Engine(models, heads, plan, Y,
-                     torch.from_numpy(units.of_clips(split.train)).to(device),
-                     torch.from_numpy(units.of_clips(split.val)).to(device), loss_fn, cfg, seeds,
-                     device)
-    with _matmul_precision(cfg.matmul_precision):
-        epochs = engine.fit(progress)
-        with torch.no_grad():
-            for h, b in zip(heads, engine.best):
-                models[h.name].set_by_member(b)
-            preds = {h.name: units.to_clips(predict_units(models[h.name], X[h.name])
-                                            * stats[h.name][1] + stats[h.name][0])
-                     for h in heads}
-    failures, warnings = {}, {}
-    fin, be = engine.finite.cpu().numpy(), engine.best_epoch.cpu().numpy()
-    stopped = engine.stopped.cpu().numpy()
-    for i in np.flatnonzero(~fin):
-        why = f"{members[i].label()}: loss became NaN or inf at epoch {int(stopped[i])}"
-        if be[i] == 0:
-            failures[int(i)] = why + " before any validation improvement; no model kept"
-        else:
-            warnings[int(i)] = why + f"; stopped, keeping the weights of epoch {int(be[i])}"
-    states = {h.name: [models[h.name].member_state(i) for i in range(k)] for h in heads}
-    return TrainResult(
-        members=members, heads=heads, split=split, predictions=preds, states=states,
-        best_epoch=be.tolist(), stopped_epoch=stopped.tolist(),
-        best_val_loss=engine.best_val.cpu().tolist(), failures=failures, device=str(device),
-        seconds=time.perf_counter() - t0, epochs_run=epochs, warnings=warnings,
-        label_stats=stats)
-
-
-def _sgd(params, grads, bufs, cfg: TrainConfig) -> None:
-    """SGD with momentum, torch's rule (dampening 0; a zero buffer makes the first step's
-    buffer the gradient, as torch.optim.SGD does), as torch.optim.SGD(fused=True) runs it:
-    one multi-tensor kernel reads parameter, gradient and momentum once and writes parameter
-    and momentum, for every parameter of every head. Members that stopped keep stepping
-    (their rows of the batched matmuls cost the same either way): their kept weights are
-    the best ones, copied aside at validation."""
-    with torch.no_grad():
-        torch._fused_sgd_(params, list(grads), bufs, weight_decay=0.0, momentum=cfg.momentum,
-                          lr=cfg.lr, dampening=0.0, nesterov=False, maximize=False,
-                          is_first_step=False)
-
-
-def _val_loss(models, heads, plan, rows, terms: LabelTerms, loss_fn, bs, sizes) -> torch.Tensor:
-    """Mean over heads of the training objective on the validation rows, in fixed chunks of
-    the batch size (the ranking term is a mini-batch loss; chunks bound its memory)."""
-    chunks = []
-    for c, s in enumerate(range(0, len(rows), bs)):
-        x = _gather(plan, rows[s:s + bs])
-        b = len(rows[s:s + bs])
-        chunks.append(loss_fn([models[h.name](x[h.features]) for h in heads],
-                              terms.select((c, slice(None), slice(None, b)))))  # [K]
-    return (torch.stack(chunks) * sizes[:, None]).sum(0) / sizes.sum() / len(heads)
-
-
-# each distinct input -> (its matrix on the device, the input it is gathered from, its width)
-_Plan = dict[tuple[str, ...], tuple[torch.Tensor, tuple[str, ...], int]]
-
-
-def _inputs(cache: Cache, heads, device) -> tuple[dict[tuple[str, ...], torch.Tensor], _Plan]:
+def _inputs(cache: Cache, heads, device) -> tuple[dict[tuple[str, ...], torch.Tensor], Plan]:
     """Each distinct input of the heads, on the device once: heads reading the same features
     share one matrix (the four AES axes: 4x less), and an input that is the first columns of
     another (the audio head's audio inside the textual head's audio + text) is a column view
     of it, so a step gathers its rows once, for both heads."""
     shared: dict[tuple[str, ...], torch.Tensor] = {}
-    plan: _Plan = {}
+    plan: Plan = {}
     for h in sorted(heads, key=lambda h: -len(h.features)):
         if h.features in shared:
             continue
@@ -375,12 +285,3 @@ def _inputs(cache: Cache, heads, device) -> tuple[dict[tuple[str, ...], torch.Te
             plan[h.features] = (shared[h.features], h.features, shared[h.features].shape[-1])
     return shared, plan
 
-
-def _gather(plan: _Plan, idx: torch.Tensor) -> dict[tuple[str, ...], torch.Tensor]:
-    """Each distinct input's rows [.., B, D], gathered once however many heads read it;
-    prefix inputs are column views of the rows of the input they lie in."""
-    out = {f: x[idx] for f, (x, root, _) in plan.items() if root == f}
-    for f, (_, root, width) in plan.items():
-        if root != f:
-            out[f] = out[root][..., :width]
-    return out

@@ -1,0 +1,319 @@
+"""The device side of training: the members still training, as batched tensors updated in
+place, so one epoch is a fixed sequence of kernels (eager on CPU, captured once as a CUDA
+graph and replayed on GPU). An engine is built from a TrainState (state.py) for a subset of
+its members and writes back into it; the trainer rebuilds it without the members that
+stopped, so they cost nothing (trainer.py)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import LossConfig, Member, TrainConfig
+from ..errors import QamroError
+from .heads import BatchedMLP, HeadSpec, member_seed
+from .inputs import build_head
+from .losses import LabelTerms, label_terms, pair_hinge, regression
+from .state import HISTORY_COLUMNS, TrainState
+
+GRAPH_WARMUP = 3  # eager epochs before capture (lazy cuBLAS/autograd set-up must not be captured)
+
+# each distinct input -> (its matrix on the device, the input it is gathered from, its width)
+Plan = dict[tuple[str, ...], tuple[torch.Tensor, tuple[str, ...], int]]
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 (wrapping arithmetic; logical shifts by masking)."""
+    def shr(v, s):
+        return (v >> s) & ((1 << (64 - s)) - 1)
+    x = (x ^ shr(x, 30)) * -4658895280553007687  # 0xbf58476d1ce4e5b9 as signed
+    x = (x ^ shr(x, 27)) * -7723592293110705685  # 0x94d049bb133111eb as signed
+    return x ^ shr(x, 31)
+
+
+def member_permutations(seeds: torch.Tensor, epoch, n: int) -> torch.Tensor:
+    """[K] int64 seeds -> [K, n] permutations, identical on every device."""
+    idx = torch.arange(n, device=seeds.device, dtype=torch.int64)
+    keys = _mix(_mix(seeds[:, None] * 1_000_003 + epoch) + idx[None, :])
+    return torch.argsort(keys, dim=1, stable=True)
+
+
+@dataclass
+class Context:
+    """What every engine of one run shares: the data on the device and the settings."""
+
+    heads: tuple[HeadSpec, ...]
+    members: list[Member]  # all of the run's members; an engine holds a subset
+    plan: Plan
+    x_shapes: dict[str, tuple[int, ...]]  # head -> its input's shape
+    Y: dict[str, torch.Tensor]  # head -> [U] labels of every unit
+    train_rows: torch.Tensor  # unit rows trained on
+    val_rows: torch.Tensor  # unit rows validated on
+    stats: list[tuple[float, float]]  # per head (mean, std) its outputs are scaled by
+    label_range: tuple[float, float] | None
+    cfg: TrainConfig
+    device: torch.device
+
+    @property
+    def check_every(self) -> int:
+        """Epochs between host syncs: every epoch on the CPU, where a sync is free; on a GPU
+        fewer, since each one drains the queue of kernels."""
+        if self.cfg.check_every is not None:
+            return self.cfg.check_every
+        return 10 if self.device.type == "cuda" else 1
+
+
+class Losses:
+    """Per-member loss settings as [H*K] tensors, so one call scores every head of every
+    member: predictions of the H heads are stacked along the member axis."""
+
+    def __init__(self, members: list[Member], stats: list[tuple[float, float]],
+                 device: torch.device, label_range, kernel: str = "torch"):
+        n_heads = len(stats)
+        if kernel != "torch":
+            from .fused import available
+
+            problem = available(device)
+            if problem:
+                raise QamroError(problem)
+        self.kernel = kernel
+        first = members[0].loss
+        for m in members:
+            if (m.loss.norm, m.loss.regression, m.loss.huber_delta) != \
+                    (first.norm, first.regression, first.huber_delta):
+                raise QamroError("members of one run must share norm and regression loss")
+        self.k, self.n_heads = len(members), n_heads
+
+        def t(vals):
+            return torch.tensor(vals * n_heads, dtype=torch.float32, device=device)
+        self.alpha = t([m.loss.alpha if m.loss.kind == "qamro" else 0.0 for m in members])
+        self.beta = t([m.loss.beta if m.loss.kind == "qamro" else 1.0 for m in members])
+        self.margin = t([m.loss.margin if m.loss.kind == "mr" else 0.0 for m in members])
+        self.weight = t([0.0 if m.loss.kind == "none" else m.loss.rank_weight for m in members])
+        self.cfg: LossConfig = first
+        # head outputs are standardised scores where a head standardises: the regression term
+        # compares them with standardised labels, the ranking term sees the labels' own scale
+        self.scaled = any(st != (0.0, 1.0) for st in stats)
+        self.mean = torch.tensor([m for m, _ in stats], device=device).repeat_interleave(
+            self.k)[:, None]  # [H*K, 1]
+        self.std = torch.tensor([s for _, s in stats], device=device).repeat_interleave(
+            self.k)[:, None]
+        self.label_range = first.label_range or label_range
+        if first.norm == "range" and self.label_range is None:
+            raise QamroError("norm='range' needs a label range (the recipe's label_range)")
+
+    def terms(self, ys: list[torch.Tensor], bs: int) -> LabelTerms:
+        """Per head labels [K or 1, n], in the order the rows are visited, cut into chunks of
+        bs (the last padded with unknown labels) -> the label terms of every chunk at once,
+        fields [n_chunks, H*K, bs]: chunk c's are `.select((c, slice(None), slice(None, b)))`
+        with b its real size (padding is unknown: it changes no count)."""
+        n = ys[0].shape[-1]
+        chunks = -(-n // bs)
+        y = torch.cat([t.expand(self.k, n) for t in ys])  # [H*K, n]
+        y = F.pad(y, (0, chunks * bs - n), value=math.nan)
+        y = y.view(len(y), chunks, bs).transpose(0, 1).contiguous()
+        t = label_terms(y, self.beta, self.cfg.norm, self.label_range, self.mean[:, 0],
+                        self.std[:, 0])
+        return t._replace(q=t.q * self.weight[:, None])  # the ranking term's weight, folded in
+
+    def __call__(self, preds: list[torch.Tensor], t: LabelTerms) -> torch.Tensor:
+        """Per head [K, b] predictions and the stacked batch's label terms ([H*K, b]) ->
+        [2, K]: the regression and the ranking term, each summed over heads."""
+        pred = torch.cat(preds)  # [H*K, b]
+        raw = pred * self.std + self.mean if self.scaled else pred
+        reg = regression(pred, t, self.cfg.regression, self.cfg.huber_delta)
+        rank = pair_hinge(raw, t, self.alpha, self.margin, self.kernel)  # weight is in t.q
+        return torch.stack([reg, rank]).view(2, self.n_heads, self.k).sum(1)
+
+
+class Engine:
+    """One subset of a run's members on the device, their state as tensors updated in place."""
+
+    def __init__(self, ctx: Context, state: TrainState, subset: np.ndarray):
+        cfg, device = ctx.cfg, ctx.device
+        self.ctx, self.cfg, self.subset = ctx, cfg, np.asarray(subset)
+        members = [ctx.members[i] for i in self.subset]
+        k, rows = len(members), torch.from_numpy(self.subset)
+        seeds = [m.seed for m in members]
+        self.models: dict[str, BatchedMLP] = {}
+        for h in ctx.heads:
+            model = build_head(h, seeds, ctx.x_shapes[h.name], cfg, init=False).to(device)
+            with torch.no_grad():
+                model.flat.copy_(model.flat_of(state.weights[h.name][rows].to(device)))
+            self.models[h.name] = model
+        # what the optimiser updates in place: every parameter of every head, contiguous
+        # [K, ...] views of each head's buffer (detached: no autograd), buffers laid out alike
+        self.params = [v for h in ctx.heads for v in self._model(h).views(self._flat(h))]
+        self.buffers = {b: [self._model(h).flat_of(per_head[h.name][rows].to(device))
+                            for h in ctx.heads] for b, per_head in state.buffers.items()}
+        self.buffer_views = {b: [v for h, f in zip(ctx.heads, flats)
+                                 for v in self._model(h).views(f)]
+                             for b, flats in self.buffers.items()}
+        self.best = [state.best[h.name][rows].to(device) for h in ctx.heads]  # [K, P] per head
+        self.loss_fn = Losses(members, ctx.stats, device, ctx.label_range, cfg.pair_kernel)
+        self.perm_seeds = torch.tensor([member_seed(s, "shuffle") >> 1 for s in seeds],
+                                       device=device)
+        bs, nv = cfg.batch_size, len(ctx.val_rows)
+        self.val_sizes = torch.tensor([min(bs, nv - s) for s in range(0, nv, bs)],
+                                      dtype=torch.float32, device=device)
+        self.val_terms = self.loss_fn.terms([ctx.Y[h.name][ctx.val_rows][None]
+                                             for h in ctx.heads], bs)
+
+        def dev(t):
+            return t[rows].to(device)
+        self.epoch = torch.tensor(state.epoch, dtype=torch.int64, device=device)
+        self.steps = torch.tensor(state.steps, dtype=torch.int64, device=device)
+        self.active, self.finite = dev(state.active), dev(state.finite)
+        self.best_val, self.best_epoch = dev(state.best_val), dev(state.best_epoch)
+        self.stopped, self.bad = dev(state.stopped), dev(state.bad)
+        # per epoch, per member: HISTORY_COLUMNS, kept on the device until the next sync
+        self.hist = torch.zeros(ctx.check_every, len(HISTORY_COLUMNS), k, device=device)
+        self.acc = torch.zeros(2, k, device=device)  # the epoch's (reg, rank) training sums
+        self.graph = None
+        self.eager_epochs = 0
+
+    def _model(self, h: HeadSpec) -> BatchedMLP:
+        return self.models[h.name]
+
+    def _flat(self, h: HeadSpec) -> torch.Tensor:
+        return self.models[h.name].flat.detach()
+
+    # -- one epoch ------------------------------------------------------------------------
+    def run_epoch(self) -> None:
+        """Shuffled steps, then validation, early stopping and the history row, all on the
+        device. A member whose loss turns NaN or inf spoils only its own weights (every member
+        has its own rows of every matmul); validation sees it and stops it."""
+        ctx, cfg = self.ctx, self.cfg
+        self.epoch.add_(1)
+        n, bs = len(ctx.train_rows), cfg.batch_size
+        perm = ctx.train_rows[member_permutations(self.perm_seeds, self.epoch, n)]  # [K, n]
+        terms = self.loss_fn.terms([ctx.Y[h.name][perm] for h in ctx.heads], bs)
+        self.acc.zero_()
+        for step, start in enumerate(range(0, n, bs)):
+            idx = perm[:, start:start + bs]  # [K, b]
+            views = {h.name: self._model(h).views() for h in ctx.heads}
+            x = gather(ctx.plan, idx)
+            parts = self.loss_fn([self._model(h)(x[h.features], views[h.name])
+                                  for h in ctx.heads],
+                                 terms.select((step, slice(None), slice(None, idx.shape[1]))))
+            grads = torch.autograd.grad(parts.sum(), [v for h in ctx.heads
+                                                      for v in views[h.name]])
+            self.steps.add_(1)
+            _sgd(self.params, grads, self.buffer_views["momentum"], cfg)
+            self.acc.add_(parts.detach(), alpha=idx.shape[1])
+        with torch.no_grad():
+            val_parts = val_loss(self.models, ctx.heads, ctx.plan, ctx.val_rows, self.val_terms,
+                                 self.loss_fn, bs, self.val_sizes)  # [2, K]
+            val = val_parts.sum(0)
+            self._early_stopping(val)
+            train_parts = self.acc / (n * len(ctx.heads))  # per unit, mean over heads
+            row = torch.stack([train_parts.sum(0), val, train_parts[1], train_parts[0],
+                               val_parts[1], val_parts[0]])  # [C, K] in HISTORY_COLUMNS order
+            slot = torch.remainder(self.epoch - 1, len(self.hist)).view(1)
+            self.hist.index_copy_(0, slot, row[None])
+
+    def _early_stopping(self, val: torch.Tensor) -> None:
+        cfg = self.cfg
+        self.finite &= torch.isfinite(val) | ~self.active
+        self.active &= self.finite
+        improved = self.active & (val < self.best_val)
+        self.best_val.copy_(torch.where(improved, val, self.best_val))
+        self.best_epoch.copy_(torch.where(improved, self.epoch, self.best_epoch))
+        self.bad.copy_(torch.where(improved, 0, self.bad + 1))
+        for h, b in zip(self.ctx.heads, self.best):
+            model = self._model(h)
+            b.copy_(torch.where(improved[:, None], model.by_member(self._flat(h)), b))
+        newly = self.active & (self.bad >= cfg.patience)
+        first_failure = ~self.finite & (self.stopped == cfg.max_epochs)
+        self.stopped.copy_(torch.where(newly | first_failure, self.epoch, self.stopped))
+        self.active &= ~newly
+
+    def run(self, n: int) -> None:
+        """n epochs: eager, or on CUDA replays of one captured epoch after eager warm-up."""
+        for _ in range(n):
+            if self.ctx.device.type != "cuda" or not self.cfg.cuda_graph:
+                self.run_epoch()
+            elif self.graph is not None:
+                self.graph.replay()
+            elif self.eager_epochs < GRAPH_WARMUP:
+                self._warm_up()
+            else:
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):  # records, runs nothing
+                    self.run_epoch()
+                self.graph.replay()
+
+    def _warm_up(self) -> None:
+        """An eager epoch on a side stream (it counts): lazy set-up must not be captured."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.run_epoch()
+        torch.cuda.current_stream().wait_stream(side)
+        self.eager_epochs += 1
+
+    # -- back to the host -------------------------------------------------------------------
+    def sync(self, state: TrainState, epochs: int) -> None:
+        """The counters, flags and the last `epochs` history rows into `state` (small)."""
+        rows = torch.from_numpy(self.subset)
+        state.epoch, state.steps = int(self.epoch), int(self.steps)
+        for name in ("active", "finite", "best_val", "best_epoch", "stopped", "bad"):
+            getattr(state, name)[rows] = getattr(self, name).cpu()
+        hist = self.hist.cpu().numpy()  # [check_every, C, K]
+        first = state.epoch - epochs + 1
+        chunk = []
+        for e in range(first, state.epoch + 1):
+            vals = hist[(e - 1) % len(hist)].T  # [K, C]
+            chunk.append(np.column_stack([self.subset, np.full(len(self.subset), e), vals]))
+        if chunk:
+            state.history.append(np.concatenate(chunk))
+        state.member_epochs += epochs * len(self.subset)
+
+    def store(self, state: TrainState) -> None:
+        """Everything, weights and buffers included, into `state` (before this engine is
+        dropped, saved, or the run ends)."""
+        rows = torch.from_numpy(self.subset)
+        for i, h in enumerate(self.ctx.heads):
+            model = self._model(h)
+            state.weights[h.name][rows] = model.by_member(self._flat(h)).cpu()
+            state.best[h.name][rows] = self.best[i].cpu()
+            for b, flats in self.buffers.items():
+                state.buffers[b][h.name][rows] = model.by_member(flats[i]).cpu()
+
+
+def _sgd(params, grads, bufs, cfg: TrainConfig) -> None:
+    """SGD with momentum, torch's rule (dampening 0; a zero buffer makes the first step's
+    buffer the gradient, as torch.optim.SGD does), as torch.optim.SGD(fused=True) runs it:
+    one multi-tensor kernel reads parameter, gradient and momentum once and writes parameter
+    and momentum, for every parameter of every head (measured 0.93x the time of three
+    _foreach passes on an H200, docs/benchmarks.md)."""
+    with torch.no_grad():
+        torch._fused_sgd_(params, list(grads), bufs, weight_decay=0.0, momentum=cfg.momentum,
+                          lr=cfg.lr, dampening=0.0, nesterov=False, maximize=False,
+                          is_first_step=False)
+
+
+def val_loss(models, heads, plan, rows, terms: LabelTerms, loss_fn, bs, sizes) -> torch.Tensor:
+    """[2, K]: the regression and ranking terms on the validation rows, mean over heads, in
+    fixed chunks of the batch size (the ranking term is a mini-batch loss; chunks bound its
+    memory)."""
+    chunks = []
+    for c, s in enumerate(range(0, len(rows), bs)):
+        x = gather(plan, rows[s:s + bs])
+        b = len(rows[s:s + bs])
+        chunks.append(loss_fn([models[h.name](x[h.features]) for h in heads],
+                              terms.select((c, slice(None), slice(None, b)))))  # [2, K]
+    return (torch.stack(chunks) * sizes[:, None, None]).sum(0) / sizes.sum() / len(heads)
+
+
+def gather(plan: Plan, idx: torch.Tensor) -> dict[tuple[str, ...], torch.Tensor]:
+    """Each distinct input's rows [.., B, D], gathered once however many heads read it;
+    prefix inputs are column views of the rows of the input they lie in."""
+    out = {f: x[idx] for f, (x, root, _) in plan.items() if root == f}
+    for f, (_, root, width) in plan.items():
+        if root != f:
+            out[f] = out[root][..., :width]
+    return out
