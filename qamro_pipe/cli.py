@@ -78,6 +78,27 @@ def _train_overrides(**opts) -> dict[str, Any]:
     return {k: v for k, v in opts.items() if v is not None}
 
 
+def _watch(quiet: bool, desc: str):
+    """The training progress display (None with --quiet)."""
+    from .train.progress import TrainingProgress
+
+    return None if quiet else TrainingProgress(desc)
+
+
+def _cost(result) -> str:
+    """One line: what training cost."""
+    rate = result.member_epochs / max(result.seconds, 1e-9)
+    resumed = f", resumed from epoch {result.resumed_from}" if result.resumed_from else ""
+    return (f"{len(result.members)} member(s), {result.epochs_run} epochs, "
+            f"{result.member_epochs:,} member-epochs in {result.seconds:.1f} s on "
+            f"{result.device} ({rate:.1f} member-epochs/s{resumed})")
+
+
+QUIET = typer.Option(False, "--quiet", help="No progress display.")
+RESUME = typer.Option(False, "--resume", help="Continue an interrupted run from its saved "
+                      "state (rerunning the same command does too); an error if there is none.")
+
+
 @command()
 def train(
     recipe: Optional[str] = typer.Option(None, help="Recipe name (qamro_pipe/stages/) or a .toml path "
@@ -109,6 +130,8 @@ def train(
     pair_kernel: Optional[str] = typer.Option(
         None, help="torch (default) or triton: the pair loss as one fused CUDA kernel."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
+    quiet: bool = QUIET,
+    resume: bool = RESUME,
 ):
     """Train QAMRO heads on a cache and write a run folder."""
     from .train.experiment import recipe_configs, run_experiment
@@ -125,13 +148,17 @@ def train(
                          regression=regression))
     seed_list = [seed] if seed is not None else (seeds if seeds is not None else 1)
     members = expand_grid(lcfg, {"seeds": seed_list})
-    folder, metrics, result, data = run_experiment(r, members, tcfg, cache, out, force)
+    watch = _watch(quiet, "train")
+    try:
+        folder, metrics, result, data = run_experiment(r, members, tcfg, cache, out, force,
+                                                       progress=watch, resume=resume)
+    finally:
+        watch and watch.close()
     _warn_backbone(r, data)
     typer.echo(_table(metrics))
     for msg in {**result.warnings, **result.failures}.values():
         typer.echo(f"warning: {msg}", err=True)
-    typer.echo(f"run written to {folder}  ({result.seconds:.1f} s on {result.device}, "
-               f"{len(members)} member(s))")
+    typer.echo(f"run written to {folder}  ({_cost(result)})")
 
 
 @command()
@@ -158,6 +185,8 @@ def sweep(
     pair_kernel: Optional[str] = typer.Option(
         None, help="torch (default) or triton: the pair loss as one fused CUDA kernel."),
     force: bool = typer.Option(False, "--force", help="Replace an existing sweep folder."),
+    quiet: bool = QUIET,
+    resume: bool = RESUME,
 ):
     """Train a grid over (loss, alpha, beta, seed) as one batched model; table and plot."""
     from .train.experiment import recipe_configs, run_experiment
@@ -178,13 +207,18 @@ def sweep(
              "beta": parse_list(beta), "margin": parse_list(margin), "seeds": seeds}
     g.update({k: v for k, v in given.items() if v is not None})
     members = expand_grid(lcfg, g)
-    folder, metrics, result, data = run_experiment(r, members, tcfg, cache, out, force,
-                                                   kind="sweep")
+    watch = _watch(quiet, "sweep")
+    try:
+        folder, metrics, result, data = run_experiment(r, members, tcfg, cache, out, force,
+                                                       kind="sweep", progress=watch,
+                                                       resume=resume)
+    finally:
+        watch and watch.close()
     _warn_backbone(r, data)
     rows = sweep_rows(metrics)
     typer.echo(_sweep_table(rows))
-    typer.echo(f"{len(members)} members trained as one model in {result.seconds:.1f} s on "
-               f"{result.device}; wrote {folder / 'sweep.csv'} and {folder / 'sweep.png'}")
+    typer.echo(f"trained as one model: {_cost(result)}")
+    typer.echo(f"wrote {folder / 'sweep.csv'} and {folder / 'sweep.png'}")
 
 
 def _sweep_table(rows: list[dict[str, Any]]) -> str:
@@ -337,18 +371,24 @@ def table(
     max_epochs: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None),
     force: bool = typer.Option(False, "--force", help="Replace an existing table folder."),
+    quiet: bool = QUIET,
+    resume: bool = RESUME,
 ):
     """The paper's ablation rows as one batched job, printed in the paper's layout."""
     from .report.tables import run_table
 
-    res = run_table(recipe, model, cache, seeds, out, force,
-                    _train_overrides(max_epochs=max_epochs, device=device))
+    watch = _watch(quiet, "table")
+    try:
+        res = run_table(recipe, model, cache, seeds, out, force,
+                        _train_overrides(max_epochs=max_epochs, device=device), progress=watch,
+                        resume=resume)
+    finally:
+        watch and watch.close()
     typer.echo(res["title"])
     typer.echo(res["text"])
     if not res["reference_shown"]:
         typer.echo("(the paper's figures are shown only for its dataset and backbone)")
-    typer.echo(f"wrote {res['folder'] / 'table.md'} and table.csv "
-               f"({res['result'].seconds:.1f} s on {res['result'].device})")
+    typer.echo(f"wrote {res['folder'] / 'table.md'} and table.csv ({_cost(res['result'])})")
 
 
 @command(cache_app, "info")

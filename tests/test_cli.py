@@ -1,3 +1,4 @@
+import csv
 import json
 import os
 import subprocess
@@ -25,7 +26,7 @@ def test_train_writes_a_complete_run(synthetic_cache, tmp_path):
     assert r.exit_code == 0, r.output
     assert "system-level" in r.output and "overall" in r.output
     assert {p.name for p in out.iterdir()} == {"config.json", "metrics.json", "predictions.csv",
-                                                "heads.safetensors"}
+                                                "heads.safetensors", "history.csv"}
     metrics = json.loads((out / "metrics.json").read_text())
     sysm = metrics["heads"]["overall"]["system"]
     assert set(["mse", "lcc", "srcc", "ktau", "srcc_ci"]) <= set(sysm)
@@ -34,6 +35,19 @@ def test_train_writes_a_complete_run(synthetic_cache, tmp_path):
     assert config["validation"].startswith("holdout")
     assert config["members"][0]["loss"]["beta"] == 7.0
     assert config["versions"]["torch"]
+    # the loss of every epoch the member trained, and what the run cost
+    history = list(csv.DictReader(open(out / "history.csv")))
+    assert [int(r["epoch"]) for r in history] == list(range(1, config["epochs_run"] + 1))
+    assert list(history[0]) == ["member", "epoch", "train_loss", "val_loss", "train_rank",
+                                "train_reg", "val_rank", "val_reg"]
+    for r in history:
+        assert float(r["train_loss"]) == pytest.approx(float(r["train_rank"])
+                                                       + float(r["train_reg"]), rel=1e-4)
+    best = metrics["members"][0]["best_epoch"]
+    assert float(history[best - 1]["val_loss"]) == pytest.approx(
+        metrics["members"][0]["best_val_loss"], rel=1e-5)
+    assert config["cost"]["member_epochs"] == config["epochs_run"]
+    assert config["cost"]["members"] == 1 and config["cost"]["seconds"] > 0
     lines = (out / "predictions.csv").read_text().splitlines()
     assert lines[0] == "id,system,split,true_overall,pred_overall,true_textual,pred_textual"
     assert len(lines) == 241
@@ -88,7 +102,7 @@ def test_sweep_writes_table_csv_and_plot(synthetic_cache, tmp_path):
     r = invoke("sweep", "--cache", synthetic_cache, "--beta", "1,3,7", "--seeds", "2",
                "--out", out, *FAST)
     assert r.exit_code == 0, r.output
-    assert "6 members trained as one model" in r.output
+    assert "trained as one model: 6 member(s)" in r.output
     rows = (out / "sweep.csv").read_text().splitlines()
     assert rows[0].startswith("loss,alpha,beta,margin,seed,head,level,mse,lcc,srcc,ktau")
     assert len(rows) == 1 + 6 * 2 * 2  # points x heads x levels

@@ -112,7 +112,8 @@ def write_table(folder: Path, md: str, csv_rows: list[list[str]], title: str) ->
 
 def run_table(table: str | Path, model: str | None = None, cache: str | Path | None = None,
               seeds: int | None = None, out: str | Path | None = None, force: bool = False,
-              train: dict[str, Any] | None = None) -> dict[str, Any]:
+              train: dict[str, Any] | None = None, progress=None,
+              resume: bool = False) -> dict[str, Any]:
     """Train every row x seed as one batched run; write table.md and table.csv beside it."""
     from ..config import cache_root
     from ..train.experiment import recipe_configs, run_experiment
@@ -123,7 +124,8 @@ def run_table(table: str | Path, model: str | None = None, cache: str | Path | N
     tcfg, lcfg = recipe_configs(recipe, train)
     members, row_of = table_members(t, lcfg, seeds or t.seeds)
     out = Path(out) if out else cache_root() / "runs" / f"{t.name}-{recipe.name}"
-    folder, metrics, result, data = run_experiment(recipe, members, tcfg, cache, out, force)
+    folder, metrics, result, data = run_experiment(recipe, members, tcfg, cache, out, force,
+                                                   progress=progress, resume=resume)
     rows = aggregate(t, metrics, members, row_of)
     heads = [h.name for h in recipe.heads]
     real = (t.reference.get("dataset") == data.meta.dataset

@@ -8,7 +8,7 @@ from typing import Any
 from ..config import LossConfig, Member, TrainConfig, cache_root, override, to_jsonable
 from ..errors import QamroError
 from .recipes import Recipe, load_recipe
-from .runs import RUN_VERSION, clean_stale, save_run, summarise, versions
+from .runs import RUN_VERSION, check_out, clean_stale, save_run, summarise, versions
 from ..store.reader import Cache, read_cache
 
 
@@ -42,19 +42,38 @@ def default_out(recipe: Recipe, members: list[Member], kind: str = "run") -> Pat
 
 def run_experiment(recipe: Recipe | str, members: list[Member], tcfg: TrainConfig,
                    cache: str | Path | None = None, out: str | Path | None = None,
-                   force: bool = False, kind: str = "run", progress=None):
-    """Train, evaluate, and write the run folder. Returns (folder, metrics, result, cache)."""
+                   force: bool = False, kind: str = "run", progress=None, resume: bool = False):
+    """Train, evaluate, and write the run folder. Returns (folder, metrics, result, cache).
+    An interrupted run with the same settings resumes from its saved state (resume.py)."""
+    from .resume import discard, fingerprint, training_state
     from .trainer import train
 
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
     data = open_cache(recipe, cache)
     out = Path(out) if out else default_out(recipe, members, kind)
     clean_stale(out)  # what a killed run left: removed, or an interrupted --force finished
-    if out.exists() and not force:  # refuse before spending time training
-        raise QamroError(f"{out}: run folder exists; choose another --out or pass --force")
+    check_out(out, force, data.path)  # refuse before spending time training
     label_range = tuple(recipe.label_range) if recipe.label_range else None
-    result = train(data, recipe.heads, members, tcfg, label_range=label_range,
-                   progress=progress)
+    fp = fingerprint(data, recipe.heads, members, tcfg, label_range)
+    with training_state(out, fp, tcfg, force, resume) as checkpoint:
+        result = train(data, recipe.heads, members, tcfg, label_range=label_range,
+                       progress=progress, checkpoint=checkpoint)
+        folder, metrics = _write_run(recipe, data, members, tcfg, result, out, force, kind)
+        discard(out)
+    return folder, metrics, result, data
+
+
+def cost(result) -> dict[str, Any]:
+    """What a run cost: epochs, members, member-epochs computed, seconds."""
+    return {"epochs_run": result.epochs_run, "members": len(result.members),
+            "member_epochs": result.member_epochs, "seconds": round(result.seconds, 3),
+            "member_epochs_per_second": round(result.member_epochs / max(result.seconds, 1e-9),
+                                              3),
+            "resumed_from_epoch": result.resumed_from}
+
+
+def _write_run(recipe: Recipe, data: Cache, members: list[Member], tcfg: TrainConfig, result,
+               out: Path, force: bool, kind: str) -> tuple[Path, dict[str, Any]]:
     metrics = summarise(data, result, tcfg)
     config = {
         "qamro_run_version": RUN_VERSION, "recipe": recipe.name,
@@ -67,7 +86,7 @@ def run_experiment(recipe: Recipe | str, members: list[Member], tcfg: TrainConfi
         "rows": {"train": len(result.split.train), "validation": len(result.split.val),
                  "eval": len(result.split.eval)},
         "device": result.device, "seconds": round(result.seconds, 3),
-        "epochs_run": result.epochs_run, "versions": versions(),
+        "epochs_run": result.epochs_run, "cost": cost(result), "versions": versions(),
         "label_stats": {h: list(v) for h, v in result.label_stats.items()},
         "failures": {str(k): v for k, v in result.failures.items()},
         "warnings": {str(k): v for k, v in result.warnings.items()}}
@@ -81,4 +100,4 @@ def run_experiment(recipe: Recipe | str, members: list[Member], tcfg: TrainConfi
     extra = sweep_files if kind == "sweep" else None
     folder = save_run(out, config=config, metrics=metrics, cache=data, result=result,
                       force=force, extra=extra)
-    return folder, metrics, result, data
+    return folder, metrics

@@ -5,7 +5,8 @@ complete, so a folder named NAME is always a whole run; a killed run leaves only
 clearly named partial folder, which the next run to NAME removes (clean_stale). Nothing
 non-finite is written: metrics, predictions and heads are checked first. Contents:
 config.json, metrics.json, predictions.csv, heads.safetensors (read with safetensors, never
-pickle), and whatever `extra` adds (a sweep's table and plot)."""
+pickle), history.csv (the loss per member and epoch), and whatever `extra` adds (curves, a
+sweep's table and plot). --force replaces only a folder this tool wrote (check_out)."""
 from __future__ import annotations
 
 import csv
@@ -116,6 +117,55 @@ def write_predictions(path: Path, cache: Cache, heads, preds: dict[str, np.ndarr
             w.writerow(row)
 
 
+def write_history(path: Path, history: np.ndarray) -> None:
+    """history.csv: one row per member and epoch trained (member = index in config.json's
+    members), the objective and its parts, train and validation (state.HISTORY_COLUMNS)."""
+    from .state import HISTORY_COLUMNS
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["member", "epoch", *HISTORY_COLUMNS])
+        for row in history:
+            w.writerow([int(row[0]), int(row[1]), *(f"{v:.6g}" for v in row[2:])])
+
+
+def is_run_folder(path: Path) -> bool:
+    """Whether `path` is a folder this tool wrote: its config.json carries qamro_run_version."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(config, dict) and "qamro_run_version" in config
+
+
+def check_out(out: Path, force: bool, cache: Path | None = None) -> None:
+    """Refuse, before any work, a run folder `out` that would replace something the tool did
+    not make: the working directory, the input cache, a file, a folder of anything else. A run
+    folder the tool wrote is replaced only with --force; an empty folder is simply used."""
+    where = out.resolve()
+    here = Path.cwd().resolve()
+    if where == here or where in here.parents:
+        raise QamroError(f"--out {out}: that is the working directory or a folder holding it; "
+                         f"name a new folder for the run")
+    if cache is not None and where == Path(cache).resolve():
+        raise QamroError(f"--out {out}: that is the cache this run trains from; name a new "
+                         f"folder for the run")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir():
+        raise QamroError(f"--out {out}: a file is there, not a run folder; refusing to "
+                         f"replace it{' even with --force' if force else ''}")
+    if not any(out.iterdir()):
+        return
+    if not is_run_folder(out):
+        raise QamroError(f"--out {out}: a folder qamro-pipe did not write (no config.json with "
+                         f"qamro_run_version); refusing to replace it"
+                         f"{' even with --force' if force else ''}; choose another --out")
+    if not force:
+        raise QamroError(f"{out}: run folder exists; choose another --out or pass --force to "
+                         f"replace it")
+
+
 def _dumps(what: str, obj: Any) -> str:
     try:
         return json.dumps(obj, indent=2, allow_nan=False) + "\n"
@@ -171,9 +221,7 @@ def save_run(out: Path, *, config: dict[str, Any], metrics: dict[str, Any], cach
     sweep's sweep.csv and sweep.png) before the folder is renamed into place."""
     out = Path(out)
     clean_stale(out)
-    if out.exists() and not force:
-        raise QamroError(f"{out}: run folder exists; choose another --out or pass --force "
-                         f"to replace it")
+    check_out(out, force)
     tensors = {f"{h}/m{k}/{name}": t for h, states in result.states.items()
                for k, state in enumerate(states) if k not in result.failures
                for name, t in state.items()}
@@ -193,10 +241,13 @@ def save_run(out: Path, *, config: dict[str, Any], metrics: dict[str, Any], cach
                       else np.arange(len(cache.ids)), members=ok)
     save_file(tensors, str(tmp / "heads.safetensors"),
               metadata={"qamro_run_version": str(RUN_VERSION)})
+    write_history(tmp / "history.csv", result.history)
     if extra is not None:
         extra(tmp)
     for f in tmp.iterdir():  # on disk before the name says the run is whole
         fsync_path(f)
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()  # an empty folder the user made for the run
     if out.exists():  # --force: swap in the new run, then drop the old one
         old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
         os.replace(out, old)
@@ -217,6 +268,10 @@ def load_run(run: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if m:
         raise QamroError(f"{run}: an unfinished run folder left by process {m['pid']}, which was "
                          f"killed or failed; rerun training to {run.parent / m['name']}")
+    if run.name.startswith(".") and run.name.endswith(".partial"):
+        raise QamroError(f"{run}: the saved training state of an unfinished run; rerun its "
+                         f"command (or add --resume) to finish it into "
+                         f"{run.parent / run.name[1:-len('.partial')]}")
     if not run.exists():
         clean_stale(run)  # a kill in the middle of --force may have left the run aside
     if not run.is_dir():

@@ -98,8 +98,8 @@ class Progress:
     training: int  # members still training
     members: int
     best_val: float  # lowest best validation loss among all members so far
-    member_epochs: int
-    seconds: float  # this process's training time so far
+    member_epochs: int  # epochs computed so far, summed over members
+    rate: float  # member-epochs per second in this process
 
 
 @dataclass
@@ -183,7 +183,7 @@ def _fit(ctx: Context, state: TrainState, progress, checkpoint: Checkpoint | Non
     `checkpoint.every` seconds. A first Ctrl-C finishes the epoch, saves and stops."""
     cfg, check = ctx.cfg, ctx.check_every
     engine: Engine | None = None
-    t0, spent = time.perf_counter(), state.seconds
+    t0, spent, done0 = time.perf_counter(), state.seconds, state.member_epochs
     last_save = t0
     with _deferred_sigint() as stop:
         while state.epoch < cfg.max_epochs and bool(state.active.any()):
@@ -200,7 +200,7 @@ def _fit(ctx: Context, state: TrainState, progress, checkpoint: Checkpoint | Non
             if progress:
                 progress(Progress(state.epoch, cfg.max_epochs, int(state.active.sum()),
                                   state.k, float(state.best_val.min()), state.member_epochs,
-                                  now - t0))
+                                  (state.member_epochs - done0) / max(now - t0, 1e-9)))
             if checkpoint and (stop.is_set() or now - last_save >= checkpoint.every):
                 engine.store(state)
                 state.save(checkpoint.path, checkpoint.fingerprint)
@@ -212,6 +212,8 @@ def _fit(ctx: Context, state: TrainState, progress, checkpoint: Checkpoint | Non
                        f"same command to resume" if checkpoint else "nothing was saved"))
         if engine is not None:
             engine.store(state)
+        if checkpoint and engine is not None:  # trained: a kill while writing redoes nothing
+            state.save(checkpoint.path, checkpoint.fingerprint)
 
 
 def _members_to_run(ctx: Context, state: TrainState, engine: Engine | None) -> np.ndarray:

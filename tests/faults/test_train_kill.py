@@ -92,9 +92,15 @@ def test_killed_training_leaves_whole_or_no_run_and_reruns_cleanly(setup, tally)
     with pytest.raises(QamroError, match=f"unfinished run folder left by process {c.pid}"):
         load_run(runs / f".r.partial-{c.pid}")
 
-    # a rerun from scratch, with other members: whole, none of the killed run's members
+    # a rerun with other members is refused while the killed run's saved state is there (it
+    # would resume with the killed run's own command) ...
     c = tally.run([*base, "--seeds", "3", *SHORT])
+    assert c.proc.returncode == 1 and "pass --force to discard it" in c.stderr, c.stderr
+    assert (runs / ".r.partial").is_dir() and not out.exists()
+    # ... and with --force runs from scratch: whole, none of the killed run's members
+    c = tally.run([*base, "--seeds", "3", "--force", *SHORT])
     assert c.proc.returncode == 0, c.stderr
+    assert not (runs / ".r.partial").exists()  # a whole run keeps no training state
     assert_whole_run(out, 3)
     assert leftovers(runs) == []
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -142,3 +148,73 @@ def test_killed_sweep_leaves_whole_or_no_folder(setup, tally):
     assert c.proc.returncode == 0, c.stderr
     assert_whole_run(out, 4, sweep=True)
     assert leftovers(runs) == []
+
+
+RESUMABLE = RECIPE.replace("patience = 1000000  # never stop early: --max-epochs alone sets how long a run takes",
+                           "patience = 40  # members stop at different epochs: the batch shrinks").replace(
+    "check_every = 50", "lr = 0.05\ncheckpoint_seconds = 0.05  # save the state often")
+SWEEP = ["sweep", "--beta", "1,7", "--seeds", "2", "--max-epochs", "3000", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def resumable(tmp_path_factory):
+    """A recipe whose members stop at different epochs, and one uninterrupted sweep of it."""
+    tmp = tmp_path_factory.mktemp("resume")
+    recipe = tmp / "resumable.toml"
+    recipe.write_text(RESUMABLE)
+    cache = make_synthetic_cache(tmp / "synthetic.h5")
+    base = [*SWEEP, "--recipe", recipe, "--cache", cache]
+    from .kit import run
+
+    ref = tmp / "runs" / "reference"
+    c = run([*base, "--out", ref])
+    assert c.proc.returncode == 0, c.stderr
+    return base, ref, tmp / "runs"
+
+
+def assert_same_results(a: Path, b: Path) -> None:
+    """Value for value: weights, predictions, metrics, history and the sweep table."""
+    ha, hb = load_file(str(a / "heads.safetensors")), load_file(str(b / "heads.safetensors"))
+    assert ha.keys() == hb.keys()
+    for k in ha:
+        assert (ha[k] == hb[k]).all(), k
+    for name in ("predictions.csv", "metrics.json", "history.csv", "sweep.csv"):
+        assert (a / name).read_text() == (b / name).read_text(), name
+    stopped = [m["stopped_epoch"] for m in json.loads((a / "metrics.json").read_text())["members"]]
+    assert len(set(stopped)) > 1  # members left the batch during the run
+
+
+def test_killed_training_resumes_to_the_uninterrupted_numbers(resumable, tally):
+    tally.fault = "SIGKILL while training (3 times, some mid-save), rerun the same command"
+    base, ref, runs = resumable
+    out = runs / "killed"
+    rng = random.Random(7)
+    for attempt in range(3):
+        env = child_env(STATE=0.3) if attempt == 1 else child_env(STATE=0)  # 1: mid-save
+        c = tally.child([*base, "--out", out], env)
+        line = c.wait_line("qamro-fault: state", n=rng.randint(2, 6), timeout=120)
+        assert line is not None, c.stderr
+        time.sleep(rng.uniform(0.0, 0.1))
+        assert c.kill() == -signal.SIGKILL
+        assert not out.exists() and (runs / ".killed.partial").is_dir()
+    c = tally.run([*base, "--out", out])
+    assert c.proc.returncode == 0, c.stderr
+    assert "resumed from epoch" in c.stdout
+    assert_same_results(ref, out)
+    assert not (runs / ".killed.partial").exists() and leftovers(runs) == []
+
+
+def test_ctrl_c_saves_the_state_and_the_rerun_resumes(resumable, tally):
+    tally.fault = "Ctrl-C while training, rerun the same command"
+    base, ref, runs = resumable
+    out = runs / "interrupted"
+    c = tally.child([*base, "--out", out], child_env(STATE=0))
+    assert c.wait_line("qamro-fault: state", n=3, timeout=120) is not None, c.stderr
+    c.signal(signal.SIGINT)
+    assert c.finish() == 130, c.stderr
+    assert "rerun the same command to resume" in c.stderr
+    assert "Traceback" not in c.stderr
+    c = tally.run([*base, "--out", out, "--resume"])
+    assert c.proc.returncode == 0, c.stderr
+    assert "resumed from epoch" in c.stdout
+    assert_same_results(ref, out)

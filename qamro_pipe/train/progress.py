@@ -1,0 +1,56 @@
+"""Watching training: a tqdm bar over epochs on a terminal; elsewhere (a log file, a batch
+job's output) one plain line every `every` seconds and one at the end, since carriage-return
+redraws make a log unreadable. Fed by the trainer after each sync with the device."""
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+from .trainer import Progress
+
+
+class TrainingProgress:
+    """A callable for `train(progress=...)`; `close()` when training is over."""
+
+    def __init__(self, desc: str = "train", stream: TextIO | None = None,
+                 every: float = 30.0, terminal: bool | None = None):
+        self.desc, self.stream, self.every = desc, stream or sys.stderr, every
+        self.terminal = self.stream.isatty() if terminal is None else terminal
+        self.bar = None
+        self.last_line = time.monotonic()
+        self.last: Progress | None = None
+
+    def __call__(self, p: Progress) -> None:
+        if self.terminal:
+            self._bar(p)
+        elif time.monotonic() - self.last_line >= self.every:
+            self._line(p)
+        self.last = p
+
+    def _bar(self, p: Progress) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            done = p.epoch - (self.last.epoch if self.last else 0)
+            self.bar = tqdm(total=p.max_epochs, initial=p.epoch - done, unit="epoch",
+                            desc=self.desc, file=self.stream, dynamic_ncols=True, leave=False)
+        self.bar.set_postfix_str(self._state(p), refresh=False)
+        self.bar.update(p.epoch - self.bar.n)
+
+    @staticmethod
+    def _state(p: Progress) -> str:
+        return (f"{p.training}/{p.members} members training, best val "
+                f"{p.best_val:.4g}, {p.rate:.1f} member-epochs/s")
+
+    def _line(self, p: Progress) -> None:
+        print(f"{self.desc}: epoch {p.epoch}/{p.max_epochs}, {self._state(p)}",
+              file=self.stream, flush=True)
+        self.last_line = time.monotonic()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        elif self.last is not None and not self.terminal:
+            self._line(self.last)
