@@ -286,14 +286,21 @@ class Engine:
 
 def _sgd(params, grads, bufs, cfg: TrainConfig) -> None:
     """SGD with momentum, torch's rule (dampening 0; a zero buffer makes the first step's
-    buffer the gradient, as torch.optim.SGD does), as torch.optim.SGD(fused=True) runs it:
-    one multi-tensor kernel reads parameter, gradient and momentum once and writes parameter
-    and momentum, for every parameter of every head (measured 0.93x the time of three
-    _foreach passes on an H200, docs/benchmarks.md)."""
+    buffer the gradient, as torch.optim.SGD does), for every parameter of every head at once.
+    On a GPU as torch.optim.SGD(fused=True) runs it: one multi-tensor kernel reads parameter,
+    gradient and momentum once and writes parameter and momentum (0.93x the time of the three
+    _foreach passes on an H200). On the CPU the fused kernel is the slower one (1.7x the
+    _foreach passes here, single-threaded per tensor): there, the three passes
+    (docs/benchmarks.md)."""
     with torch.no_grad():
-        torch._fused_sgd_(params, list(grads), bufs, weight_decay=0.0, momentum=cfg.momentum,
-                          lr=cfg.lr, dampening=0.0, nesterov=False, maximize=False,
-                          is_first_step=False)
+        if params[0].is_cuda:
+            torch._fused_sgd_(params, list(grads), bufs, weight_decay=0.0,
+                              momentum=cfg.momentum, lr=cfg.lr, dampening=0.0, nesterov=False,
+                              maximize=False, is_first_step=False)
+            return
+        torch._foreach_mul_(bufs, cfg.momentum)
+        torch._foreach_add_(bufs, list(grads))
+        torch._foreach_add_(params, bufs, alpha=-cfg.lr)
 
 
 def val_loss(models, heads, plan, rows, terms: LabelTerms, loss_fn, bs, sizes) -> torch.Tensor:
