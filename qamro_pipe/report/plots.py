@@ -23,6 +23,9 @@ OWNER = {"alpha": "qamro", "beta": "qamro", "margin": "mr"}  # the loss kind a s
 BASELINE_COLOUR = "black"  # regression only: no palette colour, so it matches no sweep line
 CATEGORIES_FLAT = 4  # more categories than this get slanted tick labels
 KIND_ORDER = {"qamro": 0, "mr": 1, "none": 2}  # legends list QAMRO, then L_MR, then none
+DODGE = 0.012  # x shift between neighbouring lines, as a share of the grid's span
+NBSP = "\u00a0"  # joins "n = 3" so that wrapping the footnote never splits it
+EQ = f"{NBSP}={NBSP}"
 
 
 def new_figure(width: float, height: float):
@@ -128,21 +131,21 @@ def _count_text(n_systems, level: str) -> str | None:
     unit = "clips" if level == "utterance" else "systems"
     if isinstance(n_systems, Mapping):
         if len(set(n_systems.values())) == 1:
-            return f"n = {next(iter(n_systems.values()))} {unit} per head"
-        return "n = " + ", ".join(f"{n} {unit} ({h})" for h, n in n_systems.items())
-    return f"n = {n_systems} {unit}"
+            return f"n{EQ}{next(iter(n_systems.values()))}{NBSP}{unit} per head"
+        return f"n{EQ}" + ", ".join(f"{n}{NBSP}{unit} ({h})" for h, n in n_systems.items())
+    return f"n{EQ}{n_systems}{NBSP}{unit}"
 
 
 def sweep_note(seed_counts: set[int], clipped: bool, has_refs: bool, metric: str,
                level: str, n_systems=None, split: str | None = None) -> str:
     """The footnote: what a point and a bar are, and how much data they rest on."""
     lo, hi = min(seed_counts), max(seed_counts)
-    seeds = f"{lo} seeds" if lo == hi else f"{lo}-{hi} seeds"
+    seeds = f"{lo}{NBSP}seeds" if lo == hi else f"{lo}-{hi}{NBSP}seeds"
     if hi == 1:
-        spread = "Points: one seed per setting (n = 1 seed), so no spread is shown."
+        spread = f"Points: one seed per setting (n{EQ}1{NBSP}seed), so no spread is shown."
     else:
-        spread = (f"Points: mean over n = {seeds} per setting; bars"
-                  + (" and shaded bands" if has_refs else "") + ": ± 1 sd over seeds"
+        spread = (f"Points: mean over n{EQ}{seeds} per setting; bars"
+                  + (" and shaded bands" if has_refs else "") + f": ±{NBSP}1{NBSP}sd over seeds"
                   + (" (clipped at 1, the largest possible value)" if clipped else "") + ".")
     data = f"{level.capitalize()}-level {metric.upper()}"
     if split:
@@ -151,8 +154,21 @@ def sweep_note(seed_counts: set[int], clipped: bool, has_refs: bool, metric: str
     return f"{spread} {data}" + (f", {counts}." if counts else ".")
 
 
+def _dodges(lines: list[tuple], values: list[float], log: bool) -> dict[tuple, Any]:
+    """Per line, a small x shift, so that bars of several lines at one x stand side by side
+    rather than on top of each other. The ticks stay at the grid's values."""
+    if len(lines) < 2 or len(values) < 2:
+        return {}
+    span = math.log10(values[-1] / values[0]) if log else values[-1] - values[0]
+    out = {}
+    for i, series in enumerate(lines):
+        step = (i - (len(lines) - 1) / 2) * DODGE * span
+        out[series] = (lambda v, s=step: v * 10 ** s) if log else (lambda v, s=step: v + s)
+    return out
+
+
 def _draw_panel(ax, data: dict, x: str | None, metric: str, colour_of: dict,
-                categories: list) -> tuple[list, set, bool]:
+                categories: list, dodge: dict) -> tuple[list, set, bool]:
     """One head's panel. Returns (every bar end drawn, seed counts, clipped?)."""
     ends, counts, clipped = [], set(), False
     for series in sorted(data, key=_series_order):
@@ -170,12 +186,21 @@ def _draw_panel(ax, data: dict, x: str | None, metric: str, colour_of: dict,
             for edge in (lo[0], hi[0]):  # edges drawn, so overlapping bands stay apart
                 ax.axhline(edge, color=colour, linestyle=":", linewidth=0.8)
             continue
-        xs = [categories.index(series)] if role == "cat" else [xv for xv, _ in pts]
-        bars = ax.errorbar(xs, mean, yerr=[mean - lo, hi - mean], color=colour, marker="o",
-                           markersize=5, capsize=3, linewidth=1.8, label=label)
+        shift = dodge.get(series, lambda v: v)
+        xs = [categories.index(series)] if role == "cat" else [shift(xv) for xv, _ in pts]
+        bars = ax.errorbar(xs, mean, yerr=np.vstack([mean - lo, hi - mean]), color=colour,
+                           marker="o", markersize=5, capsize=3, linewidth=1.8, label=label)
         for artist in bars.get_children():  # a cap clipped at 1 sits on the frame: show it
             artist.set_clip_on(False)
     return ends, counts, clipped
+
+
+def grid_values(rows: list[dict[str, Any]], x: str) -> list[float]:
+    return sorted({r[x] for r in rows if r["loss"] == OWNER[x]})
+
+
+def log_x(values: list[float]) -> bool:
+    return values[0] > 0 and values[-1] / values[0] >= 20  # a grid spread over decades
 
 
 def _set_x_axis(ax, x: str | None, rows: list[dict[str, Any]], categories: list) -> None:
@@ -188,8 +213,8 @@ def _set_x_axis(ax, x: str | None, rows: list[dict[str, Any]], categories: list)
                       rotation=30 if many else 0, ha="right" if many else "center")
         ax.set_xlim(-0.6, len(categories) - 0.4)
         return
-    values = sorted({r[x] for r in rows if r["loss"] == OWNER[x]})
-    if values[0] > 0 and values[-1] / values[0] >= 20:  # a grid spread over decades
+    values = grid_values(rows, x)
+    if log_x(values):
         ax.set_xscale("log")
     ax.set_xticks(values, [f"{v:g}" for v in values])
     ax.xaxis.set_minor_locator(NullLocator())
@@ -232,9 +257,11 @@ def plot_sweep(path: Path | None, rows: list[dict[str, Any]], metric: str = "src
     axes = grid.ravel()[:n]
     for ax in grid.ravel()[n:]:
         ax.set_visible(False)
+    lines = [s for s in series if s[0] == "line"]
+    dodge = _dodges(lines, grid_values(rows, x), log_x(grid_values(rows, x))) if x else {}
     ends, counts, clipped = [], set(), False
     for ax, (head, data) in zip(axes, by_head.items()):
-        e, c, cl = _draw_panel(ax, data, x, metric, colour_of, categories)
+        e, c, cl = _draw_panel(ax, data, x, metric, colour_of, categories, dodge)
         ends, counts, clipped = ends + e, counts | c, clipped or cl
         _set_x_axis(ax, x, rows, categories)
         ax.set_title(head)
