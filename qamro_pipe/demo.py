@@ -16,7 +16,7 @@ def run_demo(progress: bool = True) -> dict[str, Any]:
     """The offline demo end to end: synthetic corpus -> melstats cache -> QAMRO run -> beta
     sweep. Everything lands under the cache root; rerunning reuses the corpus and cache."""
     recipe = load_recipe("demo")
-    records = load_dataset("demo", cache_root() / "demo-corpus")
+    records = load_dataset("demo", cache_root() / "demo-corpus", rewrite=True)
     ext = extract(records, ExtractConfig(backbone=recipe.backbone, device="cpu"),
                   recipe.default_cache(), progress=progress)
     tcfg, lcfg = recipe_configs(recipe)

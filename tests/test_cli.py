@@ -26,7 +26,8 @@ def test_train_writes_a_complete_run(synthetic_cache, tmp_path):
     assert r.exit_code == 0, r.output
     assert "system-level" in r.output and "overall" in r.output
     assert {p.name for p in out.iterdir()} == {"config.json", "metrics.json", "predictions.csv",
-                                                "heads.safetensors", "history.csv"}
+                                                "heads.safetensors", "history.csv",
+                                                "curves.png"}
     metrics = json.loads((out / "metrics.json").read_text())
     sysm = metrics["heads"]["overall"]["system"]
     assert set(["mse", "lcc", "srcc", "ktau", "srcc_ci"]) <= set(sysm)

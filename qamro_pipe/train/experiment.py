@@ -90,14 +90,19 @@ def _write_run(recipe: Recipe, data: Cache, members: list[Member], tcfg: TrainCo
         "label_stats": {h: list(v) for h, v in result.label_stats.items()},
         "failures": {str(k): v for k, v in result.failures.items()},
         "warnings": {str(k): v for k, v in result.warnings.items()}}
-    def sweep_files(folder: Path) -> None:  # joins the folder before it is renamed in
-        from .sweep import plot_sweep, sweep_rows, write_sweep_csv
+    def extra_files(folder: Path) -> None:  # join the folder before it is renamed in
+        from ..report.curves import write_curves
 
-        rows = sweep_rows(metrics)
-        write_sweep_csv(folder / "sweep.csv", rows)
-        plot_sweep(folder / "sweep.png", rows)
+        write_curves(folder, metrics["members"])  # from the history.csv save_run wrote
+        if kind == "sweep":
+            from ..report.plots import eval_counts, plot_sweep
+            from .sweep import sweep_rows, write_sweep_csv
 
-    extra = sweep_files if kind == "sweep" else None
+            rows = sweep_rows(metrics)
+            write_sweep_csv(folder / "sweep.csv", rows)
+            plot_sweep(folder / "sweep.png", rows, n_systems=eval_counts(metrics),
+                       split=metrics["eval_split"])
+
     folder = save_run(out, config=config, metrics=metrics, cache=data, result=result,
-                      force=force, extra=extra)
+                      force=force, extra=extra_files)
     return folder, metrics

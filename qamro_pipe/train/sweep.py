@@ -1,5 +1,6 @@
 """Sweeps as data: a grid over loss, alpha, beta and seed becomes the members of one batched
-run; results go to sweep.csv (one row per point, head and level) and sweep.png (Figure 1)."""
+run; results go to sweep.csv (one row per point, head and level); report/plots.py draws
+sweep.png (Figure 1) from the same rows."""
 from __future__ import annotations
 
 import csv
@@ -91,47 +92,3 @@ def write_sweep_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         w.writeheader()
         for r in rows:
             w.writerow({k: ("" if v is None else v) for k, v in r.items()})
-
-
-def plot_sweep(path: Path, rows: list[dict[str, Any]], metric: str = "srcc",
-               level: str = "system") -> None:
-    """Metric against beta per head: mean and spread over seeds, one line per (loss, alpha)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in rows if r.get("level") == level and r.get(metric) is not None]
-    heads = sorted({r["head"] for r in rows})
-    fig, axes = plt.subplots(1, max(1, len(heads)), figsize=(5 * max(1, len(heads)), 3.6),
-                             squeeze=False)
-    for ax, head in zip(axes[0], heads):
-        hr = [r for r in rows if r["head"] == head]
-        baselines = iter(("dimgrey", "darkorange", "darkgreen", "purple", "brown", "black"))
-        for (kind, alpha, margin), group in itertools.groupby(
-                sorted(hr, key=lambda r: (r["loss"], setting_order(r["alpha"]),
-                                          setting_order(r["margin"]))),
-                key=lambda r: (r["loss"], r["alpha"], r["margin"])):
-            group = list(group)
-            betas = sorted({r["beta"] for r in group}, key=setting_order)
-            vals = [[r[metric] for r in group if r["beta"] == b] for b in betas]
-            mean = np.array([np.mean(v) for v in vals])
-            std = np.array([np.std(v) for v in vals])
-            if kind == "qamro" and len(betas) > 1:
-                ax.errorbar(betas, mean, yerr=std, marker="o", capsize=3,
-                            label=f"qamro alpha={alpha:g}")
-            else:  # a flat reference line: L_MR per margin, no ranking term, a single beta
-                if kind == "qamro":
-                    label = f"qamro alpha={alpha:g} beta={betas[0]:g}"
-                else:
-                    label = f"mr margin={margin:g}" if kind == "mr" else "regression only"
-                ax.axhline(mean.mean(), linestyle="--", color=next(baselines, "grey"),
-                           label=label)
-        ax.set_title(f"{head}: {level} {metric.upper()}")
-        ax.set_xlabel("beta (quality preference)")
-        ax.set_ylabel(metric.upper())
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

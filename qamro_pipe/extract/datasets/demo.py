@@ -39,6 +39,9 @@ from . import musiceval as me
 from .base import DatasetRecords, load_dataset, register_dataset
 
 NAME = "demo"
+# 24 systems x 20 prompts = 480 clips: enough systems for system-level figures with usable
+# confidence intervals, and still about a minute for `make demo` on two cores
+N_SYSTEMS, N_PROMPTS = 24, 20
 MARKER_FILE = "demo_corpus.json"  # written last: its presence means a complete corpus
 FORMAT_VERSION = 1  # bump whenever the same options would write different bytes
 DEV_FRACTION = 0.2
@@ -76,9 +79,26 @@ SYSTEM_DESIGNS = (
                  lowpass_hz=2000.0),
     SystemDesign("soft tanh distortion, drive 6", 0.45, drive=6.0),
     SystemDesign("faint noise at 35 dB SNR", 0.1, noise_snr_db=35.0),
-    # Last, so the default 8 systems leave it out: telling it apart needs audio-text grounding,
-    # which the weightless melstats backbone does not have (CLAP does).
+    # Telling this one apart needs audio-text grounding, which the weightless melstats
+    # backbone does not have (CLAP does): with melstats its textual score stays a hard case.
     SystemDesign("ignores its prompt (renders another prompt's piece)", 0.15, off_prompt=True),
+    # the same kinds of damage at other strengths, so systems span the scale densely
+    SystemDesign("white noise at 30 dB SNR", 0.2, noise_snr_db=30.0),
+    SystemDesign("white noise at 12 dB SNR", 0.55, noise_snr_db=12.0),
+    SystemDesign("white noise at 6 dB SNR", 0.75, noise_snr_db=6.0),
+    SystemDesign("band-limited to 5 kHz", 0.15, lowpass_hz=5000.0),
+    SystemDesign("band-limited to 1.5 kHz", 0.6, lowpass_hz=1500.0),
+    SystemDesign("hard clipping at 50% of the peak", 0.3, clip_level=0.5),
+    SystemDesign("hard clipping at 8% of the peak", 0.9, clip_level=0.08),
+    SystemDesign("soft tanh distortion, drive 2", 0.2, drive=2.0),
+    SystemDesign("soft tanh distortion, drive 20", 0.7, drive=20.0),
+    SystemDesign("3 dropouts of 120 ms", 0.3, dropouts=3),
+    SystemDesign("16 dropouts of 120 ms", 0.85, dropouts=16),
+    SystemDesign("pitch wobble of 1% at 0.7 Hz", 0.25, wobble=0.01),
+    SystemDesign("noise at 20 dB SNR and clipping at 30%", 0.65, noise_snr_db=20.0,
+                 clip_level=0.3),
+    SystemDesign("band-limited to 2.5 kHz with 6 dropouts", 0.8, lowpass_hz=2500.0,
+                 dropouts=6),
 )
 
 
@@ -279,7 +299,8 @@ def _read_marker(root: Path) -> dict | None:
         return None
 
 
-def write_demo_corpus(root: Path, n_systems: int = 8, n_prompts: int = 24, seconds: float = 3.0,
+def write_demo_corpus(root: Path, n_systems: int = N_SYSTEMS, n_prompts: int = N_PROMPTS,
+                      seconds: float = 3.0,
                       sample_rate: int = 16000, seed: int = 0) -> Path:
     """Write the corpus at root (replacing an earlier demo corpus there) and return root.
 
@@ -352,17 +373,19 @@ def _write_lines(path: Path, lines: list[str]) -> None:
 
 
 @register_dataset(NAME)
-def load_demo(root: Path, n_systems: int = 8, n_prompts: int = 24, seconds: float = 3.0,
-              sample_rate: int = 16000, seed: int = 0, **musiceval_options) -> DatasetRecords:
+def load_demo(root: Path, n_systems: int = N_SYSTEMS, n_prompts: int = N_PROMPTS,
+              seconds: float = 3.0, sample_rate: int = 16000, seed: int = 0,
+              rewrite: bool = False, **musiceval_options) -> DatasetRecords:
     """The demo corpus at root, written first if root is missing or empty.
 
-    A demo corpus already at root is reused when its options match and refused when they
-    differ (the embeddings cached from it would no longer describe it).
+    A demo corpus already at root is reused when its options match; when they differ it is
+    refused (the embeddings cached from it would no longer describe it), or, with rewrite,
+    written anew (`make demo` does, after an upgrade changed the demo's size).
     """
     root = Path(root)
     opts = _options(n_systems, n_prompts, seconds, sample_rate, seed)
     found = _read_marker(root)
-    if found is None:
+    if found is None or (found != opts and rewrite):
         write_demo_corpus(root, n_systems, n_prompts, seconds, sample_rate, seed)
     elif found != opts:
         raise DataError(f"{root / MARKER_FILE}: demo corpus written with {found}, asked for "
