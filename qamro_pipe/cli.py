@@ -216,7 +216,7 @@ def _sweep_table(rows: list[dict[str, Any]]) -> str:
 def extract(
     dataset: Optional[str] = typer.Option(None, help="musiceval, aes-natural or demo."),
     root: Optional[Path] = typer.Option(None, help="The dataset's folder."),
-    manifest: Optional[Path] = typer.Option(None, help="A CSV/JSONL manifest instead."),
+    manifest: Optional[Path] = typer.Option(None, help="A CSV/TSV/JSONL manifest instead."),
     splits: Optional[str] = typer.Option(None, help="Splits to read, e.g. train,dev,eval "
                                          "(musiceval: also test)."),
     eval_dir: Optional[Path] = typer.Option(None, help="The eval-phase package's DATA folder "

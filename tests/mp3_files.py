@@ -15,7 +15,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
+
+# libsndfile reads and writes MP3 from 1.1 on (the soundfile wheels bundle 1.2)
+MP3_SUPPORT = "MP3" in sf.available_formats()
+needs_mp3 = pytest.mark.skipif(not MP3_SUPPORT, reason="this libsndfile has no MP3 support")
 
 # Layer III bit rates (kbit/s) for MPEG-1 and MPEG-2/2.5, ISO 11172-3 / 13818-3
 _KBPS = ((0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),

@@ -6,7 +6,7 @@ import soxr
 from qamro_pipe.extract.audio import (MIN_SECONDS, load_audio, probe, resampled_length, window_count,
                               windows)
 from qamro_pipe.errors import DataError
-from mp3_files import lame_mp3
+from mp3_files import lame_mp3, needs_mp3
 
 
 def tone(sr, seconds, freq=440.0, channels=1):
@@ -97,6 +97,7 @@ def _peak_hz(y, sr):
     return np.fft.rfftfreq(len(y), 1 / sr)[np.abs(np.fft.rfft(y)).argmax()]
 
 
+@needs_mp3
 @pytest.mark.parametrize("sr,seconds,channels", [(16000, 3.3, 1), (44100, 2.5, 2),
                                                  (22050, 0.5, 1)])
 def test_cbr_mp3_without_lame_tag_decodes_what_is_there(tmp_path, sr, seconds, channels):
@@ -119,6 +120,7 @@ def test_cbr_mp3_without_lame_tag_decodes_what_is_there(tmp_path, sr, seconds, c
     assert window_count(path, sr, window) == len(windows(y, int(round(sr * window)))) == 4
 
 
+@needs_mp3
 def test_mp3_with_lame_tag_has_its_exact_length_and_a_cut_one_is_refused(tmp_path):
     """MP3 as LAME writes it to a file (libsndfile's LAME writer, LAME tag frame first, see
     tests/mp3_files.py), CBR and VBR, with ID3 tags: the tag states the exact length, so the
@@ -134,6 +136,7 @@ def test_mp3_with_lame_tag_has_its_exact_length_and_a_cut_one_is_refused(tmp_pat
         load_audio(cut, 16000)
 
 
+@needs_mp3
 def test_vbr_mp3_without_lame_tag_is_refused_not_cut(tmp_path):
     """Variable-bit-rate MP3 without the LAME tag (tests/mp3_files.py): libsndfile estimates
     its length from the first frame's bit rate and stops reading there, far too early; the
