@@ -223,7 +223,8 @@ def test_musiceval_labelled_test_split(musiceval: Path):
     r = load_dataset("musiceval", musiceval)
     test = [c for c in r.clips if c.split == "test"]
     assert [(c.id, c.system, c.labels, c.text) for c in test] == [
-        (f"{PREFIX}S002_P004", "S002", (3.4, 3.8), "d"), (f"{PREFIX}S003_P004", "S003", (1.8, 2.2), "d")]
+        (f"{PREFIX}S002_P004", "S002", (3.4, 3.8), "d"),
+        (f"{PREFIX}S003_P004", "S003", (1.8, 2.2), "d")]
     assert test[0].path == musiceval / "wav" / f"{PREFIX}S002_P004.wav"
     assert [c.split for c in load_dataset("musiceval", musiceval, splits="test").clips] == [
         "test"] * 2
@@ -328,7 +329,8 @@ def test_aes_natural_as_published(aes: Path):
             assert c.labels == tuple(float(row[a]) for a in AXES) and c.system == ""
             assert len(c.ratings) == 4 and all(len(x) == 10 for x in c.ratings)
             assert [round(np.mean(x), 1) for x in c.ratings] == list(c.labels)
-    bass = by_id["audiomos2025-track2-music-MUSDB18_train_Jokers,_Jacks_&_Kings_-_Sea_Of_Leaves_bass"]
+    bass = by_id["audiomos2025-track2-music-MUSDB18_train_Jokers,_Jacks_&_Kings_-_Sea_Of_Leaves_"
+                 "bass"]
     assert bass.path == aes / "MUSDB18/train/Jokers, Jacks & Kings - Sea Of Leaves/bass.wav"
     ears = by_id["audiomos2025-track2-speech-EARS_p025_emo_cuteness_sentences"]
     assert ears.labels[1] == 0.9 and 0.0 in ears.ratings[1]  # single ratings reach 0
