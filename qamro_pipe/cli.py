@@ -250,8 +250,14 @@ def _sweep_table(rows: list[dict[str, Any]]) -> str:
 def extract(
     dataset: Optional[str] = typer.Option(None, help="musiceval, aes-natural or demo."),
     root: Optional[Path] = typer.Option(None, help="The dataset's folder."),
-    manifest: Optional[Path] = typer.Option(None, help="A CSV/JSONL manifest instead."),
-    splits: Optional[str] = typer.Option(None, help="MusicEval lists, e.g. train,dev,eval."),
+    manifest: Optional[Path] = typer.Option(None, help="A CSV/TSV/JSONL manifest instead."),
+    splits: Optional[str] = typer.Option(None, help="Splits to read, e.g. train,dev,eval "
+                                         "(musiceval: also test)."),
+    eval_dir: Optional[Path] = typer.Option(None, help="The eval-phase package's DATA folder "
+                                            "(default: found in or beside --root)."),
+    lists: Optional[Path] = typer.Option(None, help="aes-natural: folder with the published "
+                                         "lists, e.g. a clone of audiobox-aesthetics "
+                                         "(default: --root)."),
     backbone: Optional[str] = typer.Option(None, help="clap-music, aesthetics or melstats."),
     checkpoint: Optional[str] = typer.Option(None, help="Backbone weights file."),
     tokenizer_dir: Optional[str] = typer.Option(None, help="Tokenizer files (offline CLAP)."),
@@ -281,7 +287,9 @@ def extract(
                    batch_size=batch_size, workers=workers, offline=offline, skip_bad=skip_bad)
     from .extract.shards import extract_distributed, parse_shard, torchrun_rank
 
-    records = records_for(dataset, root, manifest, splits)
+    records = records_for(dataset, root, manifest, splits, eval_dir, lists)
+    for note in records.notes:
+        typer.echo(f"note: {note}", err=True)
     path = out or default_cache_path(records.name, cfg.backbone, cache_dir)
     if shard is None and torchrun_rank():
         rank, summary = extract_distributed(records, cfg, path, force, progress=not quiet)

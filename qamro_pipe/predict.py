@@ -11,8 +11,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .extract import audio
 from .config import ExtractConfig, override
 from .extract.datasets import Clip, DatasetRecords, load_dataset
@@ -39,14 +37,14 @@ def _records(files: list[str | Path], manifest: str | Path | None, text: str | N
 
 
 def _unusable(clip: Clip) -> str | None:
-    """Why a file cannot be scored (decoding, emptiness, length are checked by extraction;
-    silence is legal audio there, but a score of silence means nothing)."""
+    """Why a file cannot be scored: what extraction refuses (decoding, emptiness, length).
+    Silence is scored, as extraction embeds it: a system that outputs silence (a TTS model
+    that fails on a prompt) deserves its low score, and leaving the clip out would raise its
+    system's mean."""
     try:
-        x = audio.load_audio(clip.path, audio.probe(clip.path).sample_rate, clip.start, clip.end)
+        audio.load_audio(clip.path, audio.probe(clip.path).sample_rate, clip.start, clip.end)
     except DataError as e:
         return str(e)
-    if not np.any(x):
-        return f"{clip.path}: silent (every sample is zero); nothing to score"
     return None
 
 

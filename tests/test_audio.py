@@ -6,6 +6,7 @@ import soxr
 from qamro_pipe.extract.audio import (MIN_SECONDS, load_audio, probe, resampled_length, window_count,
                               windows)
 from qamro_pipe.errors import DataError
+from mp3_files import lame_mp3, needs_mp3
 
 
 def tone(sr, seconds, freq=440.0, channels=1):
@@ -90,6 +91,64 @@ def test_window_count_matches_windows(tmp_path, sr_file, sr, seconds, window, st
 def test_silence_is_legal(tmp_path):
     path = write(tmp_path / "silence.wav", np.zeros(16000, np.float32), 16000)
     assert not load_audio(path, 16000).any()
+
+
+def _peak_hz(y, sr):
+    return np.fft.rfftfreq(len(y), 1 / sr)[np.abs(np.fft.rfft(y)).argmax()]
+
+
+@needs_mp3
+@pytest.mark.parametrize("sr,seconds,channels", [(16000, 3.3, 1), (44100, 2.5, 2),
+                                                 (22050, 0.5, 1)])
+def test_cbr_mp3_without_lame_tag_decodes_what_is_there(tmp_path, sr, seconds, channels):
+    """Constant-bit-rate MP3 as `lame -t` writes it (LAME's frames, no LAME tag; built by
+    tests/mp3_files.py), wrapped in ID3v2 and ID3v1 tags as taggers add them. libsndfile can
+    only estimate its length (from the file size, tags included), so the frame count in its
+    header is wrong: this file used to be refused as "decoded N of the M frames the header
+    declares". What decodes is the clip, and the per-window count agrees with it."""
+    path = lame_mp3(tmp_path / "cbr.mp3", tone(sr, seconds, 1000.0, channels), sr,
+                    lame_tag=False, tags=True)
+    estimate = sf.info(str(path)).frames
+    info = probe(path)
+    assert info.frames < estimate  # the tags were counted as audio
+    y = load_audio(path, sr)
+    assert len(y) == info.frames  # LAME's delay and padding included: there is no tag to say
+    assert info.frames >= int(sr * seconds)
+    assert _peak_hz(y, sr) == pytest.approx(1000, abs=2)
+    # a window that divides the decoded length exactly: the estimate would count one more
+    window = info.frames / 4 / sr
+    assert window_count(path, sr, window) == len(windows(y, int(round(sr * window)))) == 4
+
+
+@needs_mp3
+def test_mp3_with_lame_tag_has_its_exact_length_and_a_cut_one_is_refused(tmp_path):
+    """MP3 as LAME writes it to a file (libsndfile's LAME writer, LAME tag frame first, see
+    tests/mp3_files.py), CBR and VBR, with ID3 tags: the tag states the exact length, so the
+    clip decodes to the samples written, and a file cut short is refused like a cut WAV."""
+    x = tone(16000, 2.0)
+    for constant in (True, False):
+        path = lame_mp3(tmp_path / "tagged.mp3", x, 16000, constant=constant, tags=True)
+        assert probe(path).frames == len(x) == len(load_audio(path, 16000))
+    data = path.read_bytes()
+    cut = tmp_path / "cut.mp3"
+    cut.write_bytes(data[:len(data) // 2])
+    with pytest.raises(DataError, match="cut.mp3.*truncated"):
+        load_audio(cut, 16000)
+
+
+@needs_mp3
+def test_vbr_mp3_without_lame_tag_is_refused_not_cut(tmp_path):
+    """Variable-bit-rate MP3 without the LAME tag (tests/mp3_files.py): libsndfile estimates
+    its length from the first frame's bit rate and stops reading there, far too early; the
+    file is refused instead of silently embedding a fraction of it."""
+    x = tone(48000, 10.0)
+    x[:48000] += np.random.default_rng(0).uniform(-0.5, 0.5, (48000, 1)).astype(np.float32)
+    # a noisy first second takes the highest bit rates, the pure tone after it the lowest
+    path = lame_mp3(tmp_path / "vbr.mp3", x, 48000, constant=False, lame_tag=False)
+    with sf.SoundFile(str(path)) as f:
+        assert f.frames < 0.8 * len(x)  # what libsndfile alone would decode
+    with pytest.raises(DataError, match="vbr.mp3: variable-bit-rate MP3 without"):
+        probe(path)
 
 
 def _bad_files(tmp_path):

@@ -1,18 +1,25 @@
 """Dataset loaders against tiny fixtures written in each published layout."""
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 
+from typer.testing import CliRunner
+
+from qamro_pipe.cli import app
 from qamro_pipe.extract.datasets import load_dataset
+from qamro_pipe.store import read_cache
 from qamro_pipe.extract.datasets.demo import SYSTEM_DESIGNS, designed_scores, write_demo_corpus
 from qamro_pipe.errors import DataError, QamroError
+from mp3_files import MP3_SUPPORT, lame_mp3
 
 SR = 16000
 PREFIX = "audiomos2025-track1-"
@@ -51,6 +58,12 @@ EVAL = ["S002_P003", "S003_P003"]
 
 @pytest.fixture
 def musiceval(tmp_path: Path) -> Path:
+    """The MusicEval layout as its publishers' and participants' code reads it: lists of
+    "audiomos2025-track1-S002_P044.wav,overall,textual" (NKU-HLT/MusicEval-baseline
+    code/mos_track1.py), prompt tables read by pandas with sep='\\t' and columns id, text
+    (code/utils.py), "S002,overall,textual" system MOS lines (code/predict.py), and the eval
+    package's DATA/wav and DATA/sets/eval_list.txt of ids without .wav (JethroWangSir/QAMRO
+    track1/evaluate.py), linked into the root as DATA/ (how it had to be placed before)."""
     root = tmp_path / "MusicEval-phase1"
     for lines, rel in ((TRAIN, "sets/train_mos_list.txt"), (DEV, "sets/dev_mos_list.txt")):
         out = []
@@ -138,10 +151,13 @@ def test_musiceval_missing_wavs(musiceval: Path):
     assert "dev_mos_list.txt, line 2" in msg
 
 
-def test_musiceval_unknown_system_in_system_mos(musiceval: Path):
-    write(musiceval / "system_mos/system_mos_phase1.csv", "S002,2.8,3.3\nS099,3.0,3.0\n")
-    msg = raises_at("system_mos_phase1.csv", 2, load_dataset, "musiceval", musiceval)
-    assert "S099" in msg and "unknown system" in msg
+def test_musiceval_system_mos_systems_without_clips_are_ignored_with_a_note(musiceval: Path):
+    write(musiceval / "system_mos/system_mos_phase1.csv", "S002,2.8,3.3\nS099,3.0,3.0\n"
+          "S003,3.2,2.5\nS100,1.0,1.0\n")
+    r = load_dataset("musiceval", musiceval)
+    assert r.system_mos == {"S002": (2.8, 3.3), "S003": (3.2, 2.5)}
+    assert len(r.notes) == 1 and "system_mos_phase1.csv: ignored 2 system(s) with no listed " \
+        "clip: S099 (line 2), S100 (line 4)" in r.notes[0]
 
 
 def test_musiceval_bad_system_mos_line(musiceval: Path):
@@ -165,64 +181,317 @@ def test_musiceval_eval_list_errors(musiceval: Path):
     write(musiceval / "DATA/sets/eval_list.txt", f"{PREFIX}S002_P003\nnot-a-clip-name\n")
     raises_at("eval_list.txt", 2, load_dataset, "musiceval", musiceval, splits=("eval",))
     with pytest.raises(DataError, match="unknown split"):
+        load_dataset("musiceval", musiceval, splits=("valid",))
+    with pytest.raises(DataError, match="test_mos_list.txt"):
         load_dataset("musiceval", musiceval, splits=("test",))
+
+
+def test_musiceval_eval_package_as_shipped(musiceval: Path, tmp_path: Path):
+    """The eval phase ships as its own audiomos2025-track1-eval-phase/DATA/ (the path
+    JethroWangSir/QAMRO track1/evaluate.py and other participants' code read): found beside
+    the root, or named with eval_dir; its own prompt tables come first."""
+    package = tmp_path / "audiomos2025-track1-eval-phase" / "DATA"
+    package.parent.mkdir()
+    (musiceval / "DATA").rename(package)
+    write(package / "prompt_info.txt", "id\ttext\nP003\teval-phase prompt\n")
+    r = load_dataset("musiceval", musiceval, splits=("eval",))
+    assert [c.path for c in r.clips] == [package / "wav" / f"{PREFIX}{n}.wav" for n in EVAL]
+    assert r.clips[0].text == "eval-phase prompt"
+    moved = shutil.move(str(package.parent), tmp_path / "elsewhere")
+    with pytest.raises(DataError, match="eval-phase package was not found.*--eval-dir"):
+        load_dataset("musiceval", musiceval, splits=("eval",))
+    r = load_dataset("musiceval", musiceval, splits=("eval",), eval_dir=Path(moved) / "DATA")
+    assert len(r.clips) == 2
+    raises_at("eval_list.txt", None, load_dataset, "musiceval", musiceval, splits=("eval",),
+              eval_dir=tmp_path)
+
+
+TEST = ["S002_P004,3.4,3.8", "S003_P004,1.8,2.2"]
+
+
+def test_musiceval_labelled_test_split(musiceval: Path):
+    """The later labelled release keeps sets/test_mos_list.txt in the train/dev line format
+    (as JethroWangSir/ASTAR-NTU-AUDIOMOS2025-TRACK1 run_best_single_model.sh passes it); it is
+    read as a `test` split, by default when present."""
+    write(musiceval / "prompt_info.txt", "id\ttext\nP001\ta\nP002\tb\nP003\tc\nP004\td\n")
+    lines = []
+    for line in TEST:
+        name, rest = line.split(",", 1)
+        wav(musiceval / "wav" / f"{PREFIX}{name}.wav")
+        lines.append(f"{PREFIX}{name}.wav,{rest}")
+    write(musiceval / "sets/test_mos_list.txt", "\n".join(lines) + "\n")
+    r = load_dataset("musiceval", musiceval)
+    test = [c for c in r.clips if c.split == "test"]
+    assert [(c.id, c.system, c.labels, c.text) for c in test] == [
+        (f"{PREFIX}S002_P004", "S002", (3.4, 3.8), "d"),
+        (f"{PREFIX}S003_P004", "S003", (1.8, 2.2), "d")]
+    assert test[0].path == musiceval / "wav" / f"{PREFIX}S002_P004.wav"
+    assert [c.split for c in load_dataset("musiceval", musiceval, splits="test").clips] == [
+        "test"] * 2
+
+
+def person_mos(lines: list[str]) -> str:
+    """person_mos/<split>_person_mos.txt as ASTAR-NTU's dataset/dataset_mos.py reads it:
+    no header, wavname,rater_id,overall,textual, one line per rating (no real file seen)."""
+    return "".join(f"{PREFIX}{line}\n" for line in lines)
+
+
+def test_musiceval_individual_ratings(musiceval: Path):
+    write(musiceval / "person_mos/train_person_mos.txt", person_mos([
+        "S002_P001.wav,R03,4,4", "S002_P001.wav,R07,3,5", "S002_P001.wav,R01,4,4",
+        "S002_P001.wav,R11,3,4", "S002_P001.wav,R02,4,4",  # means 3.6, 4.2: the list's MOS
+        "S006_P001.wav,R03,5,5", "S006_P001.wav,R07,5,4",  # means 5.0, 4.5: list 4.8, 4.6
+        "S009_P001.wav,R03,5,5"]))  # no such clip in the train list
+    r = load_dataset("musiceval", musiceval)
+    by_id = {c.id[len(PREFIX):]: c for c in r.clips}
+    assert by_id["S002_P001"].ratings == ((4, 3, 4, 3, 4), (4, 5, 4, 4, 4))
+    assert by_id["S002_P001"].raters == ("R03", "R07", "R01", "R11", "R02")
+    assert by_id["S002_P001"].labels == (3.6, 4.2)  # the label stays the list's MOS
+    assert by_id["S006_P001"].ratings == ((5, 5), (5, 4))
+    assert not by_id["S002_P002"].ratings and not by_id["S003_P001"].ratings  # dev: no file
+    notes = "\n".join(r.notes)
+    assert "ignored 1 line(s) naming clips not in the train list (first: " \
+        f"{PREFIX}S009_P001, line 8)" in notes
+    assert "no individual ratings for 2 of the 4 train clips" in notes
+    assert f"mean rating differs from the list's MOS by more than 0.05 (the list's MOS is the " \
+        f"label): {PREFIX}S006_P001 (means 5.00,4.50, list 4.8,4.6)" in notes
+    ratings, raters = r.ratings_arrays()
+    assert ratings["overall"].shape == (6, 5) and np.isnan(ratings["overall"][1]).all()
+    assert raters[0].tolist() == ["R03", "R07", "R01", "R11", "R02"] and raters[2, 2] == ""
+
+
+@pytest.mark.parametrize("line, fragment", [
+    ("S002_P001.wav,R03,4", "fields"), ("S002_P001.wav,R03,4,x", "not a number"),
+    ("S002_P001.wav,R03,4,6", "outside"),
+])
+def test_musiceval_bad_person_mos_line(musiceval: Path, line, fragment):
+    write(musiceval / "person_mos/dev_person_mos.txt", person_mos(["S003_P001.wav,R1,1,1", line]))
+    assert fragment in raises_at("dev_person_mos.txt", 2, load_dataset, "musiceval", musiceval)
 
 
 # ---------------------------------------------------------------- AES-Natural
 
-AES_HEADER = ("sample_id,data_path,Production_Quality,Production_Complexity,"
-              "Content_Enjoyment,Content_Usefulness")
+AES_REPO = Path(__file__).parent / "fixtures" / "audiobox-aesthetics"  # see its README.md
+TRACK2 = AES_REPO / "audiomos2025_track2"
+ANNOTATIONS = TRACK2 / "audiomos2025_track2_human_annotations.jsonl"
+AXES = ("Production_Quality", "Production_Complexity", "Content_Enjoyment", "Content_Usefulness")
+
+
+def aes_rows(split: str) -> list[dict[str, str]]:
+    with open(TRACK2 / f"audiomos2025-track2-{split}_list.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def audio_at(path: Path, seconds: float = 0.3) -> Path:
+    """A tone in the file's own format: flac and wav by libsndfile, mp3 by LAME."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    x = (0.1 * np.sin(2 * np.pi * 440 * np.arange(int(seconds * SR)) / SR)).astype(np.float32)
+    if path.suffix == ".mp3":
+        return lame_mp3(path, x, SR, lame_tag=False, tags=True)
+    sf.write(path, x, SR)
+    return path
 
 
 @pytest.fixture
 def aes(tmp_path: Path) -> Path:
-    root = tmp_path / "aes"
-    for name in ("a", "b", "c"):
-        wav(root / "audio" / f"{name}.wav")
-    write(root / "train.csv", f"{AES_HEADER}\na,audio/a.wav,7.5,3,6.25,8\n"
-          "b,audio/b.wav,2,4,5,6\n")
-    write(root / "dev.csv", f"{AES_HEADER}\nc,audio/c.wav,9,,1,10\n")
+    """The folder standing for the lists' /your_path/, holding audio at every path the real
+    list excerpts name (tests/fixtures/audiobox-aesthetics, copied from facebookresearch/
+    audiobox-aesthetics audiomos2025_track2/), and beside it the eval package laid out as
+    JethroWangSir/QAMRO track2/evaluate.py reads it: DATA/wav/<id>.wav, DATA/sets/eval_list.txt
+    with one id a line. Its ids are the annotation file's (no eval_list.txt was seen)."""
+    if not MP3_SUPPORT:
+        pytest.skip("this libsndfile has no MP3 support (the lists name Common Voice mp3s)")
+    root = tmp_path / "your_path"
+    for split in ("train", "dev"):
+        for row in aes_rows(split):
+            audio_at(root / row["data_path"].removeprefix("/your_path/"))
+    package = tmp_path / "audiomos2025-track2-eval-phase" / "DATA"
+    ids = [json.loads(line)["data_path"] for line in ANNOTATIONS.read_text().splitlines()]
+    for clip_id in ids:
+        audio_at(package / "wav" / f"{clip_id}.wav")
+    write(package / "sets/eval_list.txt", "".join(f"{i}\n" for i in ids))
     return root
 
 
-def test_aes_natural_records(aes: Path):
-    r = load_dataset("aes-natural", aes)
-    assert r.name == "aes-natural"
-    assert r.label_names == ("PQ", "PC", "CE", "CU") and r.label_range == (1.0, 10.0)
-    assert [(c.id, c.split, c.system, c.text) for c in r.clips] == [
-        ("a", "train", "", ""), ("b", "train", "", ""), ("c", "dev", "", "")]
-    assert r.clips[0].labels == (7.5, 3.0, 6.25, 8.0)
-    assert r.clips[0].path == aes / "audio/a.wav"
-    assert math.isnan(r.clips[2].labels[1])  # an empty cell is an unknown label
-    assert r.system_mos == {}
+def test_aes_natural_as_published(aes: Path):
+    """The published lists (quoted MUSDB18 rows, /your_path/ paths, flac/mp3/wav, means below
+    1), the eval annotations and the ratings behind the train/dev means, read from a copy of
+    the repository's folders (tests/fixtures/audiobox-aesthetics)."""
+    r = load_dataset("aes-natural", aes, lists=AES_REPO)
+    assert r.name == "aes-natural" and r.notes == ()
+    assert r.label_names == ("PQ", "PC", "CE", "CU") and r.label_range == (0.0, 10.0)
+    assert [c.split for c in r.clips] == ["train"] * 5 + ["dev"] * 4 + ["eval"] * 4
+    by_id = {c.id: c for c in r.clips}
+    for split in ("train", "dev"):
+        for row in aes_rows(split):
+            c = by_id[row["sample_id"]]
+            assert c.path == aes / row["data_path"].removeprefix("/your_path/")
+            assert c.labels == tuple(float(row[a]) for a in AXES) and c.system == ""
+            assert len(c.ratings) == 4 and all(len(x) == 10 for x in c.ratings)
+            assert [round(np.mean(x), 1) for x in c.ratings] == list(c.labels)
+    bass = by_id["audiomos2025-track2-music-MUSDB18_train_Jokers,_Jacks_&_Kings_-_Sea_Of_Leaves_"
+                 "bass"]
+    assert bass.path == aes / "MUSDB18/train/Jokers, Jacks & Kings - Sea Of Leaves/bass.wav"
+    ears = by_id["audiomos2025-track2-speech-EARS_p025_emo_cuteness_sentences"]
+    assert ears.labels[1] == 0.9 and 0.0 in ears.ratings[1]  # single ratings reach 0
+    vocals = by_id["audiomos2025-track2-music-MUSDB18_train_AvaLuna_-_Waterduct_vocals"]
+    assert vocals.split == "dev" and vocals.labels[2] == 0.7
+    assert any(c.path.suffix == ".mp3" for c in r.clips)
+
+    annotated = [json.loads(line) for line in ANNOTATIONS.read_text().splitlines()]
+    ev = [c for c in r.clips if c.split == "eval"]
+    assert [c.id for c in ev] == [a["data_path"] for a in annotated]
+    assert [c.system for c in ev] == ["sys0v1wm", "sys0v1wm", "sysw48qy", "sysw48qy"]
+    for c, a in zip(ev, annotated):
+        assert c.ratings == tuple(tuple(a[x]) for x in AXES)
+        assert c.labels == pytest.approx([np.mean(a[x]) for x in AXES])
+        assert c.path == aes.parent / "audiomos2025-track2-eval-phase/DATA/wav" / f"{c.id}.wav"
 
 
-def test_aes_natural_system_column_and_explicit_splits(aes: Path):
-    write(aes / "lists/mine.csv", f"{AES_HEADER},system\na,audio/a.wav,7,3,6,8,tts-1\n")
-    r = load_dataset("aes-natural", aes, splits={"eval": "lists/mine.csv"})
-    assert [(c.id, c.split, c.system) for c in r.clips] == [("a", "eval", "tts-1")]
-    raises_at("nothere.csv", None, load_dataset, "aes-natural", aes, splits={"dev": "nothere.csv"})
+def test_aes_natural_lists_in_the_root_and_without_ratings(aes: Path):
+    """The lists copied into --root (here without evaluation_data/): found there, no
+    individual ratings for train/dev; the eval package may be named explicitly."""
+    for name in ("audiomos2025-track2-train_list.csv", "audiomos2025-track2-dev_list.csv"):
+        shutil.copy(TRACK2 / name, aes / name)
+    package = aes.parent / "audiomos2025-track2-eval-phase/DATA"
+    r = load_dataset("aes-natural", aes, splits=("train", "dev", "eval"), eval_dir=package)
+    assert len(r.clips) == 13 and all(not c.ratings for c in r.clips if c.split != "eval")
+    ev = [c for c in r.clips if c.split == "eval"]  # no annotation file here: unlabelled
+    assert all(math.isnan(v) for c in ev for v in c.labels) and not ev[0].ratings
+    assert len(r.notes) == 1 and "4 of 4 eval clips have no labels" in r.notes[0]
+    assert [c.split for c in load_dataset("aes-natural", aes, splits="dev").clips] == ["dev"] * 4
+
+
+def test_aes_natural_paths_other_than_the_placeholder(aes: Path, tmp_path: Path):
+    """data_path under /your_path/ is read under --root; a relative one too; any other
+    absolute path is used as it is (lists edited to point at the files)."""
+    elsewhere = audio_at(tmp_path / "elsewhere" / "x.flac")
+    audio_at(aes / "mine" / "y.wav")
+    header = ",".join(["sample_id", "data_path", *AXES])
+    write(aes / "audiomos2025-track2-train_list.csv",
+          f"{header}\nx,{elsewhere},1,2,3,4\ny,mine/y.wav,5,6,7,8\n")
+    r = load_dataset("aes-natural", aes, splits="train")
+    assert [c.path for c in r.clips] == [elsewhere, aes / "mine" / "y.wav"]
+
+
+def _train_list_with(aes: Path, row: str) -> Path:
+    header = ",".join(["sample_id", "data_path", *AXES])
+    flac = "/your_path/unbalanced_train_segments/audio/-6FLs0P1KaQ_30000_40000.flac"
+    return write(aes / "audiomos2025-track2-train_list.csv",
+                 f"{header}\na,{flac},7.5,3,6.25,8\n{row}\n")
 
 
 @pytest.mark.parametrize("row, fragment", [
-    ("b,audio/b.wav,2,x,5,6", "not a number"),
-    ("b,audio/b.wav,2,4,5,11", "outside"),
-    ("b,audio/b.wav,2,4,5", "fields"),
-    ("a,audio/b.wav,2,4,5,6", "duplicate"),
-    ("b,audio/missing.wav,2,4,5,6", "missing"),
+    ("b,/your_path/musiccaps/0hw_BB4QN34.wav,2,x,5,6", "not a number"),
+    ("b,/your_path/musiccaps/0hw_BB4QN34.wav,2,4,5,10.5", "outside"),
+    ("b,/your_path/musiccaps/0hw_BB4QN34.wav,2,4,5", "fields"),
+    ("a,/your_path/musiccaps/0hw_BB4QN34.wav,2,4,5,6", "duplicate"),
+    ("b,/your_path/musiccaps/missing.wav,2,4,5,6", "missing"),
 ])
 def test_aes_natural_bad_rows(aes: Path, row, fragment):
-    write(aes / "train.csv", f"{AES_HEADER}\na,audio/a.wav,7.5,3,6.25,8\n{row}\n")
-    msg = raises_at("train.csv", 3, load_dataset, "aes-natural", aes)
+    _train_list_with(aes, row)
+    msg = raises_at("audiomos2025-track2-train_list.csv", 3, load_dataset, "aes-natural", aes,
+                    splits="train")
     assert fragment in msg
 
 
-def test_aes_natural_missing_column_and_files(aes: Path, tmp_path: Path):
-    write(aes / "dev.csv", "sample_id,data_path,Production_Quality\nc,audio/c.wav,9\n")
-    msg = raises_at("dev.csv", 1, load_dataset, "aes-natural", aes)
-    assert "Content_Usefulness" in msg
-    with pytest.raises(DataError, match="train.csv"):
+def test_aes_natural_ratings_that_do_not_match_the_list_are_refused(aes: Path, tmp_path: Path):
+    """A ratings file whose means disagree with the list (here one rating of the real
+    AES_natural_sound.jsonl changed) is not this list's: refused, naming file and line."""
+    repo = shutil.copytree(AES_REPO, tmp_path / "repo")
+    sound = repo / "evaluation_data" / "AES_natural_sound.jsonl"
+    lines = sound.read_text().splitlines()
+    rec = json.loads(lines[1])
+    rec["Production_Quality"][0] = 10 - rec["Production_Quality"][0]  # still on the scale
+    sound.write_text("\n".join([lines[0], json.dumps(rec), *lines[2:]]) + "\n")
+    msg = raises_at("AES_natural_sound.jsonl", 2, load_dataset, "aes-natural", aes, lists=repo)
+    assert "Production_Quality" in msg and "audiomos2025-track2-dev_list.csv, line 2" in msg
+
+
+def test_aes_natural_eval_errors(aes: Path, tmp_path: Path):
+    repo = shutil.copytree(AES_REPO, tmp_path / "repo")
+    package = aes.parent / "audiomos2025-track2-eval-phase" / "DATA"
+    ids = (package / "sets/eval_list.txt").read_text().splitlines()
+    write(package / "sets/eval_list.txt", "\n".join(ids[:3]) + "\n")  # one annotated clip fewer
+    msg = raises_at("human_annotations.jsonl", 4, load_dataset, "aes-natural", aes, lists=repo)
+    assert ids[3] in msg and "eval_list.txt" in msg
+    write(package / "sets/eval_list.txt", "\n".join([*ids, "audiomos2025-track2-nosystem"]))
+    raises_at("eval_list.txt", 5, load_dataset, "aes-natural", aes, lists=repo)
+    annotations = repo / "audiomos2025_track2" / ANNOTATIONS.name
+    write(package / "sets/eval_list.txt", "\n".join(ids) + "\n")
+    write(annotations, ANNOTATIONS.read_text().replace("[3.0,4.0,7.0", "[3.0,4.0,17.0", 1))
+    raises_at(ANNOTATIONS.name, 1, load_dataset, "aes-natural", aes, lists=repo)
+    shutil.rmtree(package.parent)
+    with pytest.raises(DataError, match="eval-phase package was not found.*--eval-dir"):
+        load_dataset("aes-natural", aes, lists=repo, splits=("eval",))
+    assert {c.split for c in load_dataset("aes-natural", aes, lists=repo).clips} == {
+        "train", "dev"}  # by default only what is there
+    with pytest.raises(DataError, match="audiomos2025-track2-train_list.csv.*--lists"):
         load_dataset("aes-natural", tmp_path / "empty")
+
+
+def test_aes_natural_explicit_csv_with_a_system_column(aes: Path):
+    header = ",".join(["sample_id", "data_path", *AXES, "system"])
+    write(aes / "lists/mine.csv", f"{header}\na,/your_path/musiccaps/0hw_BB4QN34.wav,7,3,6,8,"
+          "tts-1\n")
+    r = load_dataset("aes-natural", aes, splits={"eval": "lists/mine.csv"})
+    assert [(c.id, c.split, c.system) for c in r.clips] == [("a", "eval", "tts-1")]
+    raises_at("nothere.csv", None, load_dataset, "aes-natural", aes, splits={"dev": "nothere.csv"})
+    msg = raises_at("mine.csv", 1, load_dataset, "aes-natural", aes, splits={
+        "dev": write(aes / "lists/mine.csv", "sample_id,data_path,Production_Quality\n")})
+    assert "Content_Usefulness" in msg
+
+
+def _extract(*args: str):
+    return CliRunner().invoke(app, ["extract", *args, "--backbone", "melstats", "--workers",
+                                    "0", "--quiet"])
+
+
+def test_aes_natural_extracts_with_ratings_and_eval_systems(aes: Path, tmp_path: Path):
+    """From the published layout to a cache through the CLI: ratings and the eval systems
+    are kept, `cache info` shows them, and shards merge into the same thing."""
+    out = tmp_path / "aes.h5"
+    r = _extract("--dataset", "aes-natural", "--root", str(aes), "--lists", str(AES_REPO),
+                 "--out", str(out))
+    assert r.exit_code == 0, r.output
+    c = read_cache(out)
+    ratings, raters = load_dataset("aes-natural", aes, lists=AES_REPO).ratings_arrays()
+    assert set(c.ratings) == {"PQ", "PC", "CE", "CU"} and c.rater_ids is None is raters
+    for k, v in ratings.items():
+        np.testing.assert_array_equal(c.ratings[k], v)
+    assert sorted(set(c.systems[c.splits == "eval"])) == ["sys0v1wm", "sysw48qy"]
+    info = CliRunner().invoke(app, ["cache", "info", str(out)]).output
+    assert "ratings    PQ, PC, CE, CU: individual ratings for 13 clips, up to 10 each" in info
+    assert "splits     dev 4, eval 4, train 5" in info
+    parts = []
+    for k in range(2):
+        r = _extract("--dataset", "aes-natural", "--root", str(aes), "--lists", str(AES_REPO),
+                     "--out", str(tmp_path / "p.h5"), "--shard", f"{k}/2")
+        assert r.exit_code == 0, r.output
+        parts.append(str(tmp_path / f"p.part-{k}-of-2.h5"))
+    r = CliRunner().invoke(app, ["cache", "merge", *parts, "--out", str(tmp_path / "m.h5")])
+    assert r.exit_code == 0, r.output
+    merged = read_cache(tmp_path / "m.h5")
+    for k, v in ratings.items():
+        np.testing.assert_array_equal(merged.ratings[k], v)
+    r = _extract("--dataset", "musiceval", "--root", str(aes), "--lists", str(AES_REPO))
+    assert r.exit_code == 1 and "--lists applies to --dataset aes-natural" in r.output
+
+
+def test_musiceval_extract_prints_notes_and_keeps_raters(musiceval: Path, tmp_path: Path):
+    write(musiceval / "system_mos/system_mos_phase1.csv", "S002,2.8,3.3\nS099,3.0,3.0\n")
+    write(musiceval / "person_mos/dev_person_mos.txt", person_mos([
+        "S003_P001.wav,R1,1,1", "S003_P001.wav,R2,2,1", "S003_P002.wav,R1,5,4"]))
+    out = tmp_path / "me.h5"
+    r = _extract("--dataset", "musiceval", "--root", str(musiceval), "--out", str(out),
+                 "--splits", "train,dev,eval")
+    assert r.exit_code == 0, r.output
+    assert "note: " in r.output and "S099 (line 2)" in r.output
+    c = read_cache(out)
+    dev = list(c.ids).index(f"{PREFIX}S003_P001")
+    assert c.ratings["overall"][dev].tolist() == [1, 2] and c.rater_ids[dev].tolist() == [
+        "R1", "R2"]
+    assert np.isnan(c.ratings["textual"][c.splits == "train"]).all()
 
 
 # ---------------------------------------------------------------- manifest
@@ -248,6 +517,23 @@ def test_manifest_csv(clips_dir: Path):
         "x", clips_dir / "audio/x.wav", "sysA", "a prompt", "dev", 0.5, 1.5, (4.5, 3.0))
     assert y.split == "train" and y.start is None and y.end is None and y.text == ""
     assert math.isnan(y.labels[0]) and y.labels[1] == 2.0
+
+
+def test_manifest_tsv(clips_dir: Path):
+    """Tab-separated, by the .tsv ending: prompts keep their commas, quoting still works."""
+    m = write(clips_dir / "my_clips.tsv", "id\tpath\ttext\tmos\n"
+              "x\taudio/x.wav\tcalm piano, slow\t4.5\n"
+              'y\taudio/y.wav\t"a ""tab\there"" prompt"\t\n')
+    r = load_dataset("manifest", m)
+    assert r.name == "my_clips" and r.label_names == ("mos",)
+    assert [(c.id, c.text) for c in r.clips] == [("x", "calm piano, slow"),
+                                                  ("y", 'a "tab\there" prompt')]
+    assert r.clips[0].labels == (4.5,) and math.isnan(r.clips[1].labels[0])
+    raises_at("bad.tsv", 2, load_dataset, "manifest",
+              write(clips_dir / "bad.tsv", "id\tpath\tmos\nx\taudio/x.wav\n"))
+    msg = raises_at("tabs.csv", 1, load_dataset, "manifest",
+                    write(clips_dir / "tabs.csv", "id\tpath\tmos\nx\taudio/x.wav\t4\n"))
+    assert ".tsv" in msg
 
 
 def test_manifest_jsonl(clips_dir: Path):

@@ -83,14 +83,16 @@ def test_predict_many_formats_and_bad_files(demo_run, tmp_path):
     answer = tmp_path / "answer.txt"
     r = invoke("predict", run, *files, "--text", "calm piano", "--out", out, "--answer", answer)
     assert r.exit_code == 1  # some files failed
-    for bad in ("broken.wav", "empty.wav", "silent.wav", "short.wav"):
+    for bad in ("broken.wav", "empty.wav", "short.wav"):
         assert bad in r.output
-    assert "scored 4 file(s), 4 failed" in r.output
+    assert "silent.wav" not in r.output  # silence is audio: extract embeds it, predict scores it
+    assert "scored 5 file(s), 3 failed" in r.output
     scores = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [s["id"] for s in scores] == ["a", "b", "c", "d"]
-    assert all(1 <= s["overall"] <= 5.5 and np.isfinite(s["textual"]) for s in scores)
+    assert [s["id"] for s in scores] == ["a", "b", "c", "d", "silent"]
+    assert all(1 <= s["overall"] <= 5.5 and np.isfinite(s["textual"]) for s in scores[:4])
+    assert np.isfinite(scores[4]["overall"]) and np.isfinite(scores[4]["textual"])
     lines = answer.read_text().splitlines()
-    assert len(lines) == 4 and all(len(line.split(",")) == 3 for line in lines)
+    assert len(lines) == 5 and all(len(line.split(",")) == 3 for line in lines)
     assert lines[0].split(",")[0] == "a"
     # all good: exit 0, CSV to stdout
     r = invoke("predict", run, tmp_path / "a.wav")

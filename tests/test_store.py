@@ -116,3 +116,61 @@ def test_second_writer_is_refused(tmp_path):
 def test_duplicate_ids_refused(tmp_path):
     with pytest.raises(CacheError, match="not unique"):
         make_synthetic_cache(tmp_path / "d.h5", ids=["same"] * 240)
+
+
+def _ratings(n=3, r=4, seed=0):
+    rng = np.random.default_rng(seed)
+    values = rng.integers(0, 11, (n, r)).astype(np.float32)
+    values[1, 2:] = np.nan  # clip 1 has two ratings
+    return values
+
+
+def test_ratings_roundtrip_and_info(tmp_path):
+    """/ratings/<label> [N, R] NaN-padded and /rater_ids [N, R]: written, read, shown."""
+    q = _ratings()
+    ids = [["r1", "r2", "r3", "r4"], ["r2", "r5", "", ""], ["r1", "r2", "r3", "r4"]]
+    p = write_cache(tmp_path / "r.h5", ids=["a", "b", "c"], systems=["s"] * 3,
+                    splits=["train"] * 3, labels=np.nanmean(q, 1, keepdims=True),
+                    label_names=["q"], features={"audio": np.zeros((3, 2), np.float32)},
+                    backbone="x@1", dataset="d", ratings={"q": q}, rater_ids=ids)
+    c = read_cache(p)
+    assert list(c.ratings) == ["q"]
+    np.testing.assert_array_equal(c.ratings["q"], q)  # NaN where equal too
+    assert c.rater_ids.tolist() == ids
+    assert "ratings    q: individual ratings for 3 clips, up to 4 each, from 5 raters" \
+        in describe(p)
+    # a cache without them (every cache before ratings existed) reads as before
+    plain = make_synthetic_cache(tmp_path / "plain.h5")
+    assert read_cache(plain).ratings == {} and read_cache(plain).rater_ids is None
+    assert "\nratings " not in describe(plain)
+
+
+def test_ratings_are_checked(tmp_path):
+    common = dict(ids=["a", "b", "c"], systems=["s"] * 3, splits=["train"] * 3,
+                  labels=np.ones((3, 1)), label_names=["q"],
+                  features={"audio": np.zeros((3, 2), np.float32)}, backbone="x@1", dataset="d")
+    with pytest.raises(CacheError, match="unknown labels"):
+        write_cache(tmp_path / "a.h5", ratings={"other": _ratings()}, **common)
+    with pytest.raises(CacheError, match="one R"):
+        write_cache(tmp_path / "b.h5", ratings={"q": _ratings()}, rater_ids=[["x"]] * 3,
+                    **common)
+    inf = _ratings()
+    inf[0, 0] = np.inf
+    with pytest.raises(CacheError, match="inf"):
+        write_cache(tmp_path / "c.h5", ratings={"q": inf}, **common)
+    p = write_cache(tmp_path / "d.h5", ratings={"q": _ratings()}, **common)
+    with h5py.File(p, "r+") as f:
+        f["ratings/q"][0, 0] = np.inf
+    with pytest.raises(CacheError, match="ratings/q holds inf"):
+        read_cache(p)
+    with h5py.File(p, "r+") as f:
+        f["ratings/q"][0, 0] = 1
+        f["ratings/z"] = np.zeros((3, 4), np.float32)
+    with pytest.raises(CacheError, match="ratings/z is not one of the labels"):
+        read_cache(p)
+    with h5py.File(p, "r+") as f:
+        del f["ratings/z"]
+        f.create_dataset("rater_ids", data=np.array([["r"] * 5] * 3, dtype=object),
+                         dtype=h5py.string_dtype())
+    with pytest.raises(CacheError, match="one R"):
+        read_cache(p)

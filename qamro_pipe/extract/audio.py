@@ -3,6 +3,14 @@
 Every problem with a file is a `DataError` whose message starts with the file's path.
 `start` / `end` are in seconds of the source file; windows never overlap and are never
 cropped at random, so the same file always gives the same windows.
+
+Lengths: for WAV, FLAC, OGG and the like the header's frame count is exact, and a file that
+decodes to fewer frames is refused as truncated. An MP3 states its length only in a Xing/Info
+(or VBRI) frame, which LAME writes when it can seek back at the end; without one libsndfile
+estimates the length from the file size and the first frame's bit rate, counting ID3 tags as
+audio, and stops reading at its estimate. So a tagged MP3 is treated like a WAV; an untagged
+constant-bit-rate MP3 is measured by decoding it (what decodes is the clip); and an untagged
+variable-bit-rate MP3, whose estimate can be far too short, is refused rather than cut.
 """
 from __future__ import annotations
 
@@ -29,9 +37,17 @@ READABLE_SUFFIXES = frozenset({f".{f.lower()}" for f in sf.available_formats()}
                               | {".aif", ".wave", ".oga", ".opus"})
 
 
+# MPEG audio Layer III: kbit/s by bit-rate index (MPEG-1; MPEG-2 and 2.5) and Hz by sample-rate
+# index (MPEG-1, MPEG-2, MPEG-2.5), from the frame header layout (ISO 11172-3 / 13818-3)
+_L3_KBPS = ((0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
+            (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160))
+_MPEG_HZ = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
+_LENGTH_TAGS = (b"Xing", b"Info", b"VBRI")  # frames that state an MP3's exact length
+
+
 @dataclass(frozen=True)
 class AudioInfo:
-    frames: int  # samples per channel, as the header declares
+    frames: int  # samples per channel: the header's count (MP3 without a length tag: decoded)
     sample_rate: int
     channels: int
     duration: float  # seconds
@@ -62,8 +78,56 @@ def probe(path: str | Path) -> AudioInfo:
         # embedded as if it were whole
         raise DataError(f"{path}: truncated: the header declares {short[1]} bytes of audio, "
                         f"the file holds {short[2]} (cut off while being written?)")
-    return AudioInfo(frames=int(info.frames), sample_rate=int(info.samplerate),
-                     channels=int(info.channels), duration=info.frames / info.samplerate)
+    frames = int(info.frames)
+    if info.format == "MP3":
+        frames = _mp3_frames(path, frames)
+    return AudioInfo(frames=frames, sample_rate=int(info.samplerate),
+                     channels=int(info.channels), duration=frames / info.samplerate)
+
+
+def _mp3_frames(path, estimate: int) -> int:
+    """The frames an MP3 decodes to (see the module docstring)."""
+    tagged, bit_rates = _mpeg_scan(Path(path).read_bytes())
+    if tagged:
+        return estimate  # read from the length tag: exact
+    if len(bit_rates) > 1:
+        raise DataError(f"{path}: variable-bit-rate MP3 without a Xing/Info header: its length "
+                        f"cannot be known and libsndfile would cut it short; re-encode it "
+                        f"(e.g. ffmpeg -i IN OUT.flac)")
+    n = 0
+    try:
+        with sf.SoundFile(str(path)) as f:
+            while got := len(f.read(BLOCK_FRAMES, dtype="int16", always_2d=True)):
+                n += got
+    except Exception as e:
+        raise DataError(f"{path}: cannot decode audio ({_reason(e)})") from e
+    return n
+
+
+def _mpeg_scan(data: bytes) -> tuple[bool, set[int]]:
+    """(whether the first frame is a length tag, the bit rates of the Layer III frames) of an
+    MPEG audio stream, walking frame headers from the first one; stops at anything else (an
+    ID3v1 tag, junk, a format it does not walk), so the bit rates may be a prefix's."""
+    i = 0
+    if data[:3] == b"ID3" and len(data) >= 10:  # ID3v2: 10-byte header, sync-safe size
+        i = 10 + sum((b & 0x7F) << s for b, s in zip(data[6:10], (21, 14, 7, 0))) \
+            + (10 if data[5] & 0x10 else 0)
+    rates: set[int] = set()
+    first = True
+    while i + 4 <= len(data):
+        h = int.from_bytes(data[i:i + 4], "big")
+        version, layer, rate_i, hz_i = (h >> 19) & 3, (h >> 17) & 3, (h >> 12) & 15, (h >> 10) & 3
+        if h >> 21 != 0x7FF or version == 1 or layer != 1 or rate_i in (0, 15) or hz_i == 3:
+            break  # not a Layer III frame header with a known size
+        kbps = _L3_KBPS[version != 3][rate_i]
+        size = (144 if version == 3 else 72) * kbps * 1000 // _MPEG_HZ[version][hz_i] \
+            + ((h >> 9) & 1)
+        if first and any(t in data[i:i + size] for t in _LENGTH_TAGS):
+            return True, set()
+        first = False
+        rates.add(kbps)
+        i += size
+    return False, rates
 
 
 def resampled_length(n: int, sr_in: int, sr_out: int) -> int:
@@ -110,7 +174,7 @@ def _read_mono(path, first: int, stop: int) -> np.ndarray:
         raise
     except Exception as e:
         raise DataError(f"{path}: cannot decode audio ({_reason(e)})") from e
-    if got != len(out):  # window_count trusts the header: they must agree
+    if got != len(out):  # window_count trusts probe's length: they must agree
         raise DataError(f"{path}: decoded {got} of the {len(out)} frames the header declares "
                         f"(truncated or corrupt file)")
     return out
@@ -126,8 +190,8 @@ def windows(x: np.ndarray, window_samples: int) -> list[np.ndarray]:
 
 def window_count(path: str | Path, sample_rate: int, window_seconds: float,
                  start: float | None = None, end: float | None = None) -> int:
-    """len(windows(load_audio(...), ...)) from the header alone (exact when the header's
-    frame count is honest, as it is for WAV and FLAC)."""
+    """len(windows(load_audio(...), ...)) from probe's length: the header's where it is exact,
+    as for WAV and FLAC; what decodes for an MP3 that does not state its length."""
     info = probe(path)
     first, stop = _segment(path, info, start, end)
     n = resampled_length(stop - first, info.sample_rate, sample_rate)

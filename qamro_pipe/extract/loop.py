@@ -196,6 +196,7 @@ def _create(path: Path, records: DatasetRecords, bb: Backbone, cfg: ExtractConfi
                 counts.append(0)
     config = {"extract": to_jsonable(cfg), "provenance": bb.provenance(), "key": key,
               "label_range": records.label_range, **(extra or {})}
+    ratings, rater_ids = records.ratings_arrays()
     create_cache(path, ids=[c.id for c in records.clips],
                  systems=[c.system for c in records.clips],
                  splits=[c.split for c in records.clips],
@@ -203,7 +204,7 @@ def _create(path: Path, records: DatasetRecords, bb: Backbone, cfg: ExtractConfi
                  label_names=records.label_names, backbone=bb.key, dataset=records.name,
                  config=config, key=key, feature_shapes=clip_specs, window_shapes=win_specs,
                  window_counts=counts, texts=[c.text for c in records.clips],
-                 system_mos=records.system_mos or None)
+                 system_mos=records.system_mos or None, ratings=ratings, rater_ids=rater_ids)
     if bad:
         with CacheWriter(path) as w:
             w.skip(bad)
@@ -428,7 +429,8 @@ def _write(w: CacheWriter, bb: Backbone, clips: list[Clip], job: _Launched) -> i
 
 
 def records_for(dataset: str | None, root: str | Path | None, manifest: str | Path | None,
-                splits: str | None = None) -> DatasetRecords:
+                splits: str | None = None, eval_dir: str | Path | None = None,
+                lists: str | Path | None = None) -> DatasetRecords:
     """The CLI's dataset choice -> records."""
     from .datasets import load_dataset
 
@@ -440,7 +442,15 @@ def records_for(dataset: str | None, root: str | Path | None, manifest: str | Pa
         return load_dataset("demo", root or (cache_root() / "demo-corpus"))
     if root is None:
         raise QamroError(f"--dataset {dataset} needs --root (the dataset's folder)")
-    opts = {"splits": tuple(splits.split(","))} if splits and dataset == "musiceval" else {}
+    opts: dict[str, Any] = {}
+    for flag, name, value, takes in (("--splits", "splits", splits, ("musiceval", "aes-natural")),
+                                     ("--eval-dir", "eval_dir", eval_dir,
+                                      ("musiceval", "aes-natural")),
+                                     ("--lists", "lists", lists, ("aes-natural",))):
+        if value is not None and dataset not in takes:
+            raise QamroError(f"{flag} applies to --dataset {' or '.join(takes)}")
+        if value is not None:
+            opts[name] = tuple(value.split(",")) if name == "splits" else value
     return load_dataset(dataset, root, **opts)
 
 

@@ -85,7 +85,7 @@ def merge_parts(paths: list[str | Path], out: str | Path, force: bool = False) -
                      window_shapes={k: v.shape[1:] for k, v in p0.windows.items()} or None,
                      window_counts=counts,
                      texts=column(lambda c: c.texts) if p0.texts is not None else None,
-                     system_mos=p0.system_mos or None,
+                     system_mos=p0.system_mos or None, **_merged_ratings(parts, order),
                      feature_dtype=str(next(iter(p0.features.values())).dtype)
                      if p0.features else "float32")
         with CacheWriter(out) as w:
@@ -103,6 +103,24 @@ def merge_parts(paths: list[str | Path], out: str | Path, force: bool = False) -
                     w.skip(c.skipped)
             w.finish()
     return out
+
+
+def _merged_ratings(parts, order) -> dict:
+    """The parts' /ratings and /rater_ids in full row order, padded to the widest part."""
+    width = max((v.shape[1] for c in parts for v in c.ratings.values()), default=0)
+    width = max([width] + [c.rater_ids.shape[1] for c in parts if c.rater_ids is not None])
+    if width == 0:
+        return {}
+    names = list(dict.fromkeys(k for c in parts for k in c.ratings))
+    ratings = {k: np.full((len(order), width), np.nan, np.float32) for k in names}
+    ids = np.full((len(order), width), "", dtype=object)
+    for row, (p, i) in enumerate(order):
+        for k, v in parts[p].ratings.items():
+            ratings[k][row, :v.shape[1]] = v[i]
+        if parts[p].rater_ids is not None:
+            ids[row, :parts[p].rater_ids.shape[1]] = parts[p].rater_ids[i]
+    has_ids = any(c.rater_ids is not None for c in parts)
+    return {"ratings": ratings, "rater_ids": ids if has_ids else None}
 
 
 def torchrun_rank() -> tuple[int, int, int] | None:

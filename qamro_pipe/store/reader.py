@@ -6,6 +6,9 @@ Layout (documented for users in cache/README.md):
           reader or a resuming writer must match), created_by ("qamro-pipe X.Y.Z"), complete (bool)
   /ids [N] unique UTF-8; /systems [N]; /splits [N]; /texts [N] (optional)
   /labels [N, L] float32, NaN where unknown
+  /ratings/<label> [N, R] float32      the individual ratings behind a label, where the dataset
+                                       publishes them (optional; NaN-padded: clips have up to R)
+  /rater_ids [N, R] UTF-8              who gave rating column j ("" = unknown; optional)
   /features/<name> [N, ...] float32|float16            one row per clip
   /windows/offsets [N+1] int64, /windows/weight [M] float32, /windows/<name> [M, ...]
                                                         optional: rows per window (clip i owns
@@ -77,6 +80,9 @@ class Cache:
     window_weight: np.ndarray | None = None  # [M]
     windows: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [M, ...]
     system_mos: dict[str, np.ndarray] = field(default_factory=dict)  # system -> [L]
+    # label -> [N, R] individual ratings, NaN-padded (only labels that have them)
+    ratings: dict[str, np.ndarray] = field(default_factory=dict)
+    rater_ids: np.ndarray | None = None  # [N, R] str, "" where unknown
     skipped: dict[str, str] = field(default_factory=dict)  # id -> reason
     usable: np.ndarray | None = None  # [N] bool: written and not skipped
 
@@ -214,6 +220,7 @@ def read_cache(path: str | Path, require_complete: bool = True) -> Cache:
                 raise CacheError(f"{path}: /system_mos/values has {values.shape[1]} columns, "
                                  f"expected {len(meta.label_names)}")
             cache.system_mos = dict(zip(names, values.astype(np.float32)))
+        cache.ratings, cache.rater_ids = _read_ratings(f, path, n, meta.label_names)
         cache.skipped = _skipped_in_file(f)
         if not meta.complete:  # an extraction in progress keeps its skips in the journal
             cache.skipped.update(read_journal(path))
@@ -221,6 +228,24 @@ def read_cache(path: str | Path, require_complete: bool = True) -> Cache:
     cache.usable = done & ~np.isin(ids, list(cache.skipped))
     _check_finite(cache)
     return cache
+
+
+def _read_ratings(f: h5py.File, path: Path, n: int, label_names: tuple[str, ...]):
+    """The optional per-clip ratings, checked: known labels, [N, R] with one R, no inf."""
+    group = f["ratings"] if "ratings" in f else {}
+    for k in group:
+        if k not in label_names:
+            raise CacheError(f"{path}: /ratings/{k} is not one of the labels {label_names}")
+    ratings = {k: group[k][()].astype(np.float32) for k in label_names if k in group}
+    ids = f["rater_ids"].asstr()[()] if "rater_ids" in f else None
+    shapes = {v.shape for v in ratings.values()} | ({ids.shape} if ids is not None else set())
+    if len(shapes) > 1 or any(len(s) != 2 or s[0] != n for s in shapes):
+        raise CacheError(f"{path}: /ratings and /rater_ids must all be [{n}, R] with one R "
+                         f"(found {sorted(shapes)})")
+    for k, v in ratings.items():
+        if np.isinf(v).any():
+            raise CacheError(f"{path}: /ratings/{k} holds inf")
+    return ratings, ids
 
 
 def _check_finite(cache: Cache) -> None:
@@ -249,6 +274,13 @@ def describe(path: str | Path) -> str:
     lines.append(f"systems    {len(set(cache.systems))}"
                  + (f"  (published system MOS for {len(cache.system_mos)})"
                     if cache.system_mos else ""))
+    if cache.ratings:
+        some = next(iter(cache.ratings.values()))
+        counts = np.isfinite(some).sum(axis=1)
+        lines.append(f"ratings    {', '.join(cache.ratings)}: individual ratings for "
+                     f"{int((counts > 0).sum())} clips, up to {some.shape[1]} each"
+                     + (f", from {len(set(cache.rater_ids.ravel()) - {''})} raters"
+                        if cache.rater_ids is not None else ""))
     for name, v in cache.features.items():
         lines.append(f"feature    features/{name} {v.dtype} {list(v.shape)}")
     for name, v in cache.windows.items():

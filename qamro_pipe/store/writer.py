@@ -46,17 +46,21 @@ def create_cache(path: str | Path, *, ids: Sequence[str], systems: Sequence[str]
                  window_counts: Sequence[int] | None = None,
                  texts: Sequence[str] | None = None,
                  system_mos: Mapping[str, Sequence[float]] | None = None,
+                 ratings: Mapping[str, np.ndarray] | None = None,
+                 rater_ids: np.ndarray | Sequence[Sequence[str]] | None = None,
                  feature_dtype: str = "float32") -> Path:
     """Write a new, empty (nothing done) cache with all metadata and storage allocated.
 
     Written under a temporary name, its disk space reserved, and renamed, so a kill leaves no
     half-made file and a disk too small for it is reported now, not hours into a run. A
-    journal left by an earlier cache of the same path is removed: it described that file."""
+    journal left by an earlier cache of the same path is removed: it described that file.
+    ratings: label -> [N, R] individual ratings (NaN-padded), rater_ids [N, R] (optional)."""
     path = Path(path)
     n = len(ids)
     labels = np.asarray(labels, dtype=np.float32).reshape(n, len(label_names))
     if len(set(ids)) != n:
         raise CacheError(f"{path}: ids are not unique")
+    ratings, rater_ids = _check_ratings(path, n, label_names, ratings, rater_ids)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -73,6 +77,12 @@ def create_cache(path: str | Path, *, ids: Sequence[str], systems: Sequence[str]
             if texts is not None:
                 f.create_dataset("texts", data=_strings(texts), dtype=_STR)
             f.create_dataset("labels", data=labels)
+            if ratings:
+                r = f.create_group("ratings")
+                for name, values in ratings.items():
+                    r.create_dataset(name, data=values)
+            if rater_ids is not None:
+                f.create_dataset("rater_ids", data=rater_ids, dtype=_STR)
             g = f.create_group("features")
             for name, shape in feature_shapes.items():
                 _early(g, name, (n, *shape), feature_dtype)
@@ -101,6 +111,27 @@ def create_cache(path: str | Path, *, ids: Sequence[str], systems: Sequence[str]
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _check_ratings(path: Path, n: int, label_names: Sequence[str],
+                   ratings: Mapping[str, np.ndarray] | None, rater_ids) -> tuple[dict, Any]:
+    """Ratings as stored: float32 [N, R], one R for all labels, no inf; ids as strings."""
+    out = {k: np.asarray(v, dtype=np.float32) for k, v in (ratings or {}).items()}
+    widths = {v.shape[1] if v.ndim == 2 and v.shape[0] == n else -1 for v in out.values()}
+    if rater_ids is not None:
+        rater_ids = np.array([[str(x) for x in row] for row in rater_ids], dtype=object
+                             ).reshape(n, -1)
+        widths.add(rater_ids.shape[1])
+    unknown = [k for k in out if k not in label_names or "/" in k]
+    if unknown or len(widths) > 1 or -1 in widths:
+        raise CacheError(f"{path}: ratings must be [N={n}, R] arrays with one R, for known "
+                         f"labels (got {({k: v.shape for k, v in out.items()})}"
+                         + (f", rater_ids {rater_ids.shape}" if rater_ids is not None else "")
+                         + (f"; unknown labels {unknown}" if unknown else "") + ")")
+    for k, v in out.items():
+        if np.isinf(v).any():
+            raise CacheError(f"{path}: ratings/{k} holds inf (NaN marks a missing rating)")
+    return out, rater_ids
 
 
 def _reserve(path: Path) -> None:
@@ -261,8 +292,11 @@ def write_cache(path: str | Path, *, ids: Sequence[str], systems: Sequence[str],
                 system_mos: Mapping[str, Sequence[float]] | None = None,
                 windows: Mapping[str, np.ndarray] | None = None,
                 window_offsets: np.ndarray | None = None,
-                window_weight: np.ndarray | None = None) -> Path:
-    """Write a complete cache in one call: the public way to bring your own embeddings."""
+                window_weight: np.ndarray | None = None,
+                ratings: Mapping[str, np.ndarray] | None = None,
+                rater_ids: np.ndarray | Sequence[Sequence[str]] | None = None) -> Path:
+    """Write a complete cache in one call: the public way to bring your own embeddings.
+    ratings (optional): label -> [N, R] individual ratings, NaN-padded; rater_ids [N, R]."""
     n = len(ids)
     for name, v in features.items():
         if len(v) != n:
@@ -276,6 +310,7 @@ def write_cache(path: str | Path, *, ids: Sequence[str], systems: Sequence[str],
     create_cache(path, ids=ids, systems=systems, splits=splits, labels=labels,
                  label_names=label_names, backbone=backbone, dataset=dataset,
                  config=dict(config or {}), texts=texts, system_mos=system_mos,
+                 ratings=ratings, rater_ids=rater_ids,
                  feature_shapes={k: np.asarray(v).shape[1:] for k, v in features.items()},
                  window_shapes={k: np.asarray(v).shape[1:] for k, v in (windows or {}).items()},
                  window_counts=counts,

@@ -29,10 +29,10 @@ def _musiceval(case, corpus, root):
     if case == "list line with a wrong field count":
         _edit_line(root / TRAIN_LIST, 4, lambda l: l + ",5.0")
         return "train_mos_list.txt, line 4: expected 3 comma-separated field(s)"
-    if case == "unknown system in the system MOS file":
+    if case == "system twice in the system MOS file":
         with open(root / "system_mos/system_mos_phase1.csv", "a") as f:
-            f.write("S999,3.0,3.0\n")
-        return "system_mos_phase1.csv, line 5: unknown system 'S999'"
+            f.write("S001,3.0,3.0\n")  # (a system with no clip is ignored with a note)
+        return "system_mos_phase1.csv, line 5: system 'S001' appears twice (first on line 1)"
     if case == "listed wav file missing":
         sorted((root / "wav").iterdir())[0].unlink()
         return "1 audio file(s) missing:"
@@ -62,7 +62,7 @@ def _manifest(case, corpus, root):
 
 
 CASES = ["label outside the scale", "NaN label (MusicEval list)",
-         "list line with a wrong field count", "unknown system in the system MOS file",
+         "list line with a wrong field count", "system twice in the system MOS file",
          "listed wav file missing", "manifest: missing audio path", "manifest: duplicate id",
          "manifest: NaN label", "manifest: wrong field count"]
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from ...errors import DataError
 
 
@@ -21,6 +23,11 @@ class Clip:
     text: str = ""  # the prompt, "" when none
     start: float | None = None  # seconds into the file, None = from the start
     end: float | None = None  # seconds into the file, None = to the end
+    # the individual ratings behind the labels, where the dataset publishes them: () = none,
+    # else one tuple per label name, all of one length R (column j = the j-th rating as the
+    # source lists it; NaN where that rating has no score for this label)
+    ratings: tuple[tuple[float, ...], ...] = ()
+    raters: tuple[str, ...] = ()  # rater id of each rating column, where published; () = unknown
 
 
 @dataclass(frozen=True)
@@ -32,8 +39,12 @@ class DatasetRecords:
     clips: list[Clip]
     # published true system MOS: system -> one value per label name (NaN where unknown)
     system_mos: dict[str, tuple[float, ...]] = field(default_factory=dict)
-    # declared label scale (lo, hi), used to reject labels outside it; None = unchecked
+    # declared label scale (lo, hi), used to reject labels (and ratings) outside it; None =
+    # unchecked
     label_range: tuple[float, float] | None = None
+    # what the loader noticed and went on with (ignored lines, disagreements): one line each,
+    # for the CLI to print; never a reason to stop (those raise DataError)
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self):
         seen: set[str] = set()
@@ -44,12 +55,45 @@ class DatasetRecords:
             if len(c.labels) != len(self.label_names):
                 raise DataError(f"{self.name}: clip {c.id!r} has {len(c.labels)} labels, "
                                 f"expected {len(self.label_names)} ({', '.join(self.label_names)})")
-            if self.label_range is not None:
-                lo, hi = self.label_range
-                for name, v in zip(self.label_names, c.labels):
-                    if not math.isnan(v) and not lo <= v <= hi:
-                        raise DataError(f"{self.name}: clip {c.id!r} label {name}={v} is outside "
-                                        f"the declared scale [{lo}, {hi}]")
+            self._check_scale(c, "label", zip(self.label_names, c.labels))
+            if c.ratings:
+                self._check_ratings(c)
+
+    def _check_scale(self, c: Clip, what: str, values) -> None:
+        if self.label_range is None:
+            return
+        lo, hi = self.label_range
+        for name, v in values:
+            if not math.isnan(v) and not lo <= v <= hi:
+                raise DataError(f"{self.name}: clip {c.id!r} {what} {name}={v} is outside "
+                                f"the declared scale [{lo}, {hi}]")
+
+    def _check_ratings(self, c: Clip) -> None:
+        widths = {len(r) for r in c.ratings}
+        if len(c.ratings) != len(self.label_names) or len(widths) != 1:
+            raise DataError(f"{self.name}: clip {c.id!r} ratings must be one equally long tuple "
+                            f"per label ({', '.join(self.label_names)})")
+        if c.raters and len(c.raters) != widths.pop():
+            raise DataError(f"{self.name}: clip {c.id!r} has {len(c.raters)} rater ids for "
+                            f"{len(c.ratings[0])} ratings")
+        self._check_scale(c, "rating", ((n, v) for n, r in zip(self.label_names, c.ratings)
+                                        for v in r))
+
+    def ratings_arrays(self) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """The clips' ratings as the cache stores them: label -> [N, R] float32 (NaN-padded;
+        only labels with a rating), and rater ids [N, R] ("" where unknown) or None."""
+        width = max((len(c.ratings[0]) for c in self.clips if c.ratings), default=0)
+        if width == 0:
+            return {}, None
+        n = len(self.clips)
+        values = np.full((len(self.label_names), n, width), np.nan, dtype=np.float32)
+        raters = np.full((n, width), "", dtype=object)
+        for i, c in enumerate(self.clips):
+            if c.ratings:
+                values[:, i, :len(c.ratings[0])] = c.ratings
+            raters[i, :len(c.raters)] = c.raters
+        out = {name: v for name, v in zip(self.label_names, values) if not np.isnan(v).all()}
+        return out, raters if any(c.raters for c in self.clips) else None
 
 
 LOADERS: dict[str, Callable[..., DatasetRecords]] = {}

@@ -1,4 +1,9 @@
-"""A user's own clips: a CSV or JSONL manifest (by extension) naming audio files and scores.
+"""A user's own clips: a CSV, TSV or JSONL manifest naming audio files and scores.
+
+The file name's ending chooses the format: .csv is comma-separated, .tsv (or .tab) is
+tab-separated (both with a header line and CSV quoting: a field holding the separator is quoted
+"like, this"), .jsonl (or .ndjson) is one JSON object per line. A .csv whose header holds tabs
+and no commas is refused with a hint to name it .tsv.
 
 Columns (CSV header / JSONL keys; the reserved names match case-insensitively):
 
@@ -31,6 +36,7 @@ from .base import Clip, DatasetRecords, register_dataset
 RESERVED = ("id", "path", "system", "text", "split", "start", "end")
 DEFAULT_SPLIT = "train"
 CSV_SUFFIXES = (".csv",)
+TSV_SUFFIXES = (".tsv", ".tab")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 _SHOW_MISSING = 5  # how many missing files an error message lists by name
 
@@ -40,18 +46,18 @@ Row = tuple[int, dict[str, object]]  # (line the record starts on, column -> raw
 def read_table(path: Path) -> tuple[list[str], int | None, list[Row]]:
     """Columns (in file order), header line (None for JSONL) and rows of a CSV or JSONL file."""
     suffix = path.suffix.lower()
-    if suffix in CSV_SUFFIXES:
-        return _read_csv(path)
+    if suffix in CSV_SUFFIXES + TSV_SUFFIXES:
+        return _read_csv(path, "\t" if suffix in TSV_SUFFIXES else ",")
     if suffix in JSONL_SUFFIXES:
         columns, rows = _read_jsonl(path)
         return columns, None, rows
     raise DataError(f"{path}: unknown table format {path.suffix!r}; "
-                    f"expected one of {', '.join(CSV_SUFFIXES + JSONL_SUFFIXES)}")
+                    f"expected one of {', '.join(CSV_SUFFIXES + TSV_SUFFIXES + JSONL_SUFFIXES)}")
 
 
-def _read_csv(path: Path) -> tuple[list[str], int, list[Row]]:
+def _read_csv(path: Path, delimiter: str) -> tuple[list[str], int, list[Row]]:
     with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
+        reader = csv.reader(f, delimiter=delimiter)
         header, header_line, rows, last = None, 0, [], 0
         try:
             for fields in reader:
@@ -60,6 +66,9 @@ def _read_csv(path: Path) -> tuple[list[str], int, list[Row]]:
                     continue  # blank line
                 if header is None:
                     header, header_line = [x.strip() for x in fields], start
+                    if len(header) == 1 and "\t" in header[0]:
+                        raise DataError(f"{path}, line {start}: the header is tab-separated; "
+                                        f"name a tab-separated file .tsv")
                     _check_header(path, header_line, header)
                     continue
                 if len(fields) != len(header):
@@ -161,7 +170,7 @@ def load_manifest(root: Path, label_range: tuple[float, float] | None = None,
     path = Path(root)
     if path.is_dir():
         raise DataError(f"{path} is a folder; the manifest loader takes the manifest file "
-                        f"itself (.csv or .jsonl)")
+                        f"itself (.csv, .tsv or .jsonl)")
     if not path.is_file():
         raise DataError(f"{path}: manifest not found")
     if label_range is not None:

@@ -2,15 +2,27 @@
 
     <root>/wav/audiomos2025-track1-S002_P044.wav        system S002, prompt P044
     <root>/sets/train_mos_list.txt, dev_mos_list.txt    wavname,overall,textual  (no header)
+    <root>/sets/test_mos_list.txt                       the later labelled release: a `test`
+                                                        split, same line format, audio in wav/
     <root>/prompt_info.txt                              tab-separated, header with id, text
     <root>/demo_prompt_info.txt                         tab-separated, id = wav name, text
     <root>/system_mos/system_mos_phase1.csv             S002,overall,textual      (no header)
-    <root>/DATA/wav/, DATA/sets/eval_list.txt           eval phase: ids, no labels
+    <root>/person_mos/<split>_person_mos.txt            optional: one line per rating,
+                                                        wavname,rater_id,overall,textual
+    audiomos2025-track1-eval-phase/DATA/                the eval phase, shipped separately:
+        wav/, sets/eval_list.txt (ids, no labels), prompt_info.txt, demo_prompt_info.txt
 
 Clip id = wav name without ".wav". Systems in CLIP_PROMPT_SYSTEMS have per-clip prompts in
 demo_prompt_info.txt; their clips are looked up there first, then by prompt id in prompt_info.txt
-like every other system's. Eval-phase clips take prompts from DATA/ when it has its own prompt
-tables, else from the root's.
+like every other system's. Eval-phase clips take prompts from the eval package when it has its
+own prompt tables, else from the root's. The eval package is `eval_dir` when given, else the
+first of <root>/DATA, <root>/audiomos2025-track1-eval-phase/DATA and the same beside <root>.
+
+Systems in the system MOS file with no listed clip are ignored with a note (records.notes).
+Where person_mos/ is present, each clip's individual ratings (and rater ids) travel with it
+into the cache; the label stays the list's MOS, and a rating mean that disagrees with it is
+noted. The person_mos layout follows the ASTAR-NTU track 1 code (github.com/JethroWangSir/
+ASTAR-NTU-AUDIOMOS2025-TRACK1, dataset/dataset_mos.py); no file of it was seen.
 
     load_dataset("musiceval", root, splits=("train", "dev", "eval"))
 """
@@ -19,7 +31,7 @@ from __future__ import annotations
 import csv
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ...errors import DataError
@@ -32,15 +44,20 @@ LABEL_RANGE = (1.0, 5.0)  # MOS: the mean of 5 ratings on a 1-5 scale
 WAV_DIR = "wav"
 WAV_PREFIX = "audiomos2025-track1-"  # as published; the loader accepts any prefix
 LIST_FILES = {"train": "sets/train_mos_list.txt", "dev": "sets/dev_mos_list.txt"}
+TEST_SPLIT = "test"
+LABELLED_LISTS = {**LIST_FILES, TEST_SPLIT: "sets/test_mos_list.txt"}
+PERSON_MOS = "person_mos/{split}_person_mos.txt"
 PROMPT_FILE = "prompt_info.txt"
 CLIP_PROMPT_FILE = "demo_prompt_info.txt"
 # systems whose prompts are per clip (demo_prompt_info.txt), as the challenge baseline has them
 CLIP_PROMPT_SYSTEMS = frozenset({"S001", "S006", "S013", "S017", "S018", "S033"})
 SYSTEM_MOS_FILE = "system_mos/system_mos_phase1.csv"
-EVAL_DIR = "DATA"
+EVAL_PACKAGE = "audiomos2025-track1-eval-phase/DATA"
+EVAL_DIR = "DATA"  # where the eval package was linked into the root before it was searched for
 EVAL_LIST = "sets/eval_list.txt"
 EVAL_SPLIT = "eval"
-SPLITS = (*LIST_FILES, EVAL_SPLIT)
+SPLITS = (*LABELLED_LISTS, EVAL_SPLIT)
+MEAN_TOLERANCE = 0.05  # a rating mean further than this from the list's MOS is noted
 _WAV_NAME = re.compile(r"^.+-(S[0-9A-Za-z]+)_(P[0-9A-Za-z]+)$")
 _SHOW_MISSING = 5
 
@@ -68,28 +85,29 @@ class _Prompts:
 
 
 @register_dataset(NAME)
-def load_musiceval(root: Path, splits: tuple[str, ...] | str = ("train", "dev"),
-                   system_mos: bool = True, eval_dir: str | Path = EVAL_DIR) -> DatasetRecords:
-    """Clips of the chosen splits; system_mos=False skips the system MOS file (absent = {})."""
+def load_musiceval(root: Path, splits: tuple[str, ...] | str | None = None,
+                   system_mos: bool = True, eval_dir: str | Path | None = None) -> DatasetRecords:
+    """Clips of the chosen splits (default: the labelled lists present: train, dev and, in the
+    full release, test); system_mos=False skips the system MOS file (absent = {})."""
     root = Path(root)
-    splits = _check_splits(splits)
     if not root.is_dir():
         raise DataError(f"{root}: MusicEval root folder not found")
-    eval_root = root / eval_dir  # an absolute eval_dir replaces root
+    splits = _check_splits(splits, root)
+    eval_root = _eval_root(root, eval_dir) if EVAL_SPLIT in splits else None
 
     listed: list[_Listed] = []
-    for split, rel in LIST_FILES.items():
+    for split, rel in LABELLED_LISTS.items():
         # unselected lists are still read when present: their systems validate the system MOS
         if split in splits or (system_mos and (root / rel).is_file()):
             listed += _read_list(root / rel, split, len(LABEL_NAMES))
-    if EVAL_SPLIT in splits:
+    if eval_root is not None:
         listed += _read_list(eval_root / EVAL_LIST, EVAL_SPLIT, 0)
     _check_unique(listed)
     known_systems = {x.system for x in listed}
     chosen = [x for x in listed if x.split in splits]
 
     prompts = _load_prompts(root)
-    eval_prompts = _overlay(prompts, _load_prompts(eval_root)) if EVAL_SPLIT in splits else prompts
+    eval_prompts = _overlay(prompts, _load_prompts(eval_root)) if eval_root else prompts
     clips, no_prompt = [], []
     for x in chosen:
         wav_dir = (eval_root if x.split == EVAL_SPLIT else root) / WAV_DIR
@@ -102,18 +120,42 @@ def load_musiceval(root: Path, splits: tuple[str, ...] | str = ("train", "dev"),
         _raise_no_prompt(no_prompt, prompts, eval_prompts)
     require_files((c.path, x.origin) for c, x in zip(clips, chosen))
 
-    sys_mos = _read_system_mos(root / SYSTEM_MOS_FILE, known_systems) if system_mos else {}
+    clips, notes = _with_person_ratings(root, clips, splits)
+    sys_mos: dict[str, tuple[float, ...]] = {}
+    if system_mos:
+        sys_mos, sys_notes = _read_system_mos(root / SYSTEM_MOS_FILE, known_systems)
+        notes += sys_notes
     return DatasetRecords(name=NAME, label_names=LABEL_NAMES, clips=clips, system_mos=sys_mos,
-                          label_range=LABEL_RANGE)
+                          label_range=LABEL_RANGE, notes=tuple(notes))
 
 
-def _check_splits(splits: tuple[str, ...] | str) -> tuple[str, ...]:
+def _check_splits(splits: tuple[str, ...] | str | None, root: Path) -> tuple[str, ...]:
+    if splits is None:
+        return tuple(s for s, rel in LABELLED_LISTS.items()
+                     if s in LIST_FILES or (root / rel).is_file())
     splits = (splits,) if isinstance(splits, str) else tuple(splits)
     unknown = [s for s in splits if s not in SPLITS]
     if unknown or not splits:
         raise DataError(f"musiceval: unknown split(s) {', '.join(map(repr, unknown)) or '(none)'}; "
                         f"choose from {', '.join(SPLITS)}")
     return splits
+
+
+def _eval_root(root: Path, eval_dir: str | Path | None) -> Path:
+    """The eval package's DATA folder: eval_dir (relative to root), else the first found of
+    root/DATA, root/<package> and <package> beside root."""
+    if eval_dir is not None:
+        found = root / eval_dir  # an absolute eval_dir replaces root
+        if not (found / EVAL_LIST).is_file():
+            raise DataError(f"{found / EVAL_LIST}: eval list not found (the eval folder is the "
+                            f"eval package's DATA folder, {EVAL_PACKAGE})")
+        return found
+    tried = [root / EVAL_DIR, root / EVAL_PACKAGE, root.parent / EVAL_PACKAGE]
+    for folder in tried:
+        if (folder / EVAL_LIST).is_file():
+            return folder
+    raise DataError(f"musiceval: the eval-phase package was not found: no {EVAL_LIST} in "
+                    f"{', '.join(map(str, tried))}; name its DATA folder with --eval-dir")
 
 
 def _lines(path: Path):
@@ -146,6 +188,59 @@ def _read_list(path: Path, split: str, n_scores: int) -> list[_Listed]:
                            labels=labels or (math.nan,) * len(LABEL_NAMES), split=split,
                            origin=f"{path.name}, line {n}"))
     return out
+
+
+def _with_person_ratings(root: Path, clips: list[Clip], splits: tuple[str, ...]
+                         ) -> tuple[list[Clip], list[str]]:
+    """Clips with their individual ratings from person_mos/<split>_person_mos.txt where that
+    file exists, and notes on what did not match the lists."""
+    notes: list[str] = []
+    for split in splits:
+        path = root / PERSON_MOS.format(split=split)
+        if split == EVAL_SPLIT or not path.is_file():
+            continue
+        mine = {c.id: i for i, c in enumerate(clips) if c.split == split}
+        rated, unknown = _read_person_mos(path, set(mine))
+        far = []
+        for clip_id, rows in rated.items():
+            c = clips[mine[clip_id]]
+            ratings = tuple(tuple(r[k] for r in rows) for k in (1, 2))
+            means = [sum(r) / len(r) for r in ratings]
+            if any(abs(m - v) > MEAN_TOLERANCE for m, v in zip(means, c.labels)):
+                far.append(f"{clip_id} (means {means[0]:.2f},{means[1]:.2f}, list "
+                           f"{c.labels[0]:g},{c.labels[1]:g})")
+            clips[mine[clip_id]] = replace(c, ratings=ratings, raters=tuple(r[0] for r in rows))
+        if unknown:
+            notes.append(f"{path}: ignored {len(unknown)} line(s) naming clips not in the "
+                         f"{split} list (first: {unknown[0]})")
+        if len(rated) < len(mine):
+            notes.append(f"{path}: no individual ratings for {len(mine) - len(rated)} of the "
+                         f"{len(mine)} {split} clips")
+        if far:
+            notes.append(f"{path}: for {len(far)} clip(s) the mean rating differs from the "
+                         f"list's MOS by more than {MEAN_TOLERANCE} (the list's MOS is the "
+                         f"label): {'; '.join(far[:_SHOW_MISSING])}")
+    return clips, notes
+
+
+def _read_person_mos(path: Path, wanted: set[str]
+                     ) -> tuple[dict[str, list[tuple[str, float, float]]], list[str]]:
+    """clip id -> [(rater, overall, textual)] in file order, and lines of other clips."""
+    rated: dict[str, list[tuple[str, float, float]]] = {}
+    unknown: list[str] = []
+    for n, line in _lines(path):
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) != 2 + len(LABEL_NAMES):
+            raise DataError(f"{path}, line {n}: expected {2 + len(LABEL_NAMES)} comma-separated "
+                            f"fields (wavname,rater_id,overall,textual), found {len(fields)}")
+        clip_id = fields[0][:-4] if fields[0].lower().endswith(".wav") else fields[0]
+        scores = [parse_score(v, path, n, name, label_range=LABEL_RANGE)
+                  for v, name in zip(fields[2:], LABEL_NAMES)]
+        if clip_id not in wanted:
+            unknown.append(f"{clip_id}, line {n}")
+            continue
+        rated.setdefault(clip_id, []).append((fields[1], *scores))
+    return rated, unknown
 
 
 def _check_unique(listed: list[_Listed]) -> None:
@@ -218,24 +313,31 @@ def _raise_no_prompt(missing: list[_Listed], prompts: _Prompts, eval_prompts: _P
                     f"{', '.join(read) or f'nothing ({PROMPT_FILE} not found)'}")
 
 
-def _read_system_mos(path: Path, known_systems: set[str]) -> dict[str, tuple[float, ...]]:
+def _read_system_mos(path: Path, known_systems: set[str]
+                     ) -> tuple[dict[str, tuple[float, ...]], list[str]]:
+    """System -> published MOS, and a note naming systems that have no listed clip (the
+    phase-1 file may list systems whose clips are elsewhere: they are ignored)."""
     if not path.is_file():
-        return {}  # optional in the published layout
+        return {}, []  # optional in the published layout
     out: dict[str, tuple[float, ...]] = {}
     first_line: dict[str, int] = {}
+    ignored: list[str] = []
     for n, line in _lines(path):
         fields = [f.strip() for f in line.split(",")]
         if len(fields) != 1 + len(LABEL_NAMES):
             raise DataError(f"{path}, line {n}: expected {1 + len(LABEL_NAMES)} comma-separated "
                             f"fields (system,overall,textual), found {len(fields)}")
         system = fields[0]
-        if system in out:
+        if system in first_line:
             raise DataError(f"{path}, line {n}: system {system!r} appears twice "
                             f"(first on line {first_line[system]})")
-        if system not in known_systems:
-            raise DataError(f"{path}, line {n}: unknown system {system!r}: no listed clip is "
-                            f"from it")
-        out[system] = tuple(parse_score(v, path, n, name, label_range=LABEL_RANGE)
-                            for v, name in zip(fields[1:], LABEL_NAMES))
         first_line[system] = n
-    return out
+        values = tuple(parse_score(v, path, n, name, label_range=LABEL_RANGE)
+                       for v, name in zip(fields[1:], LABEL_NAMES))
+        if system in known_systems:
+            out[system] = values
+        else:
+            ignored.append(f"{system} (line {n})")
+    notes = [f"{path}: ignored {len(ignored)} system(s) with no listed clip: "
+             f"{', '.join(ignored)}"] if ignored else []
+    return out, notes
