@@ -9,6 +9,7 @@ from typing import Any
 from .errors import QamroError
 
 LOSS_KINDS = ("qamro", "mr", "none")
+OPTIMIZERS = ("sgd", "adamw")
 DEFAULT_RECIPE = "musiceval"  # what `train` and `sweep` do when told nothing
 
 
@@ -40,9 +41,15 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    lr: float = 5e-4  # SGD learning rate (paper)
-    momentum: float = 0.9  # published code adds momentum 0.9
+    optimizer: str = "sgd"  # "sgd" (paper; with momentum) or "adamw" (published track 2 code)
+    lr: float = 5e-4  # learning rate (paper: SGD 5e-4; published track 2: AdamW 1e-5)
+    momentum: float = 0.9  # SGD momentum (the published code adds 0.9)
+    weight_decay: float = 0.0  # decoupled weight decay of AdamW (published track 2: 0.01)
+    adam_betas: tuple[float, float] = (0.9, 0.999)  # AdamW's (beta1, beta2): torch's defaults
+    adam_eps: float = 1e-8  # AdamW's eps: torch's default
     batch_size: int = 256  # paper
+    val_batch_size: int | None = None  # chunks of the validation loss; None = batch_size
+    # (published code: 8; the ranking term is a mini-batch loss, so this changes its value)
     max_epochs: int = 1000  # paper
     patience: int = 20  # early stopping on validation loss (paper)
     val_split: str = "holdout"  # "holdout": a part of train; or a split name ("dev" = published code)
@@ -68,6 +75,8 @@ class TrainConfig:
             raise QamroError(f"unknown activation {self.activation!r}; use relu, gelu or none")
         if self.matmul_precision not in ("highest", "high", "medium"):
             raise QamroError(f"unknown matmul_precision {self.matmul_precision!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise QamroError(f"unknown optimizer {self.optimizer!r}; use {' or '.join(OPTIMIZERS)}")
         if self.pair_kernel not in ("torch", "triton"):
             raise QamroError(f"unknown pair_kernel {self.pair_kernel!r}; use torch or triton")
         if not 0 < self.val_fraction < 1:

@@ -43,7 +43,9 @@ def assert_same_run(a, b):
     assert np.array_equal(a.history, b.history)
 
 
-@pytest.mark.parametrize("cfg", [CFG, replace(CFG, check_every=4)], ids=["every-epoch", "every-4"])
+@pytest.mark.parametrize("cfg", [CFG, replace(CFG, check_every=4),
+                                 replace(CFG, optimizer="adamw", lr=0.002, weight_decay=0.01)],
+                         ids=["every-epoch", "every-4", "adamw"])
 @pytest.mark.parametrize("when", [0.15, 0.5, 0.9])
 def test_resumed_run_equals_the_uninterrupted_one(synthetic_cache, tmp_path, cfg, when):
     cache = read_cache(synthetic_cache)

@@ -163,3 +163,29 @@ def test_an_input_inside_another_is_gathered_once_as_its_first_columns(synthetic
         expected = torch.from_numpy(head_inputs(cache, h))[idx]
         assert torch.equal(rows[h.features], expected)
         assert torch.equal(shared[h.features], torch.from_numpy(head_inputs(cache, h)))
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_optimizer_steps_equal_torch_optim(name):
+    """The trainer's in-place update is torch.optim's own rule: SGD(momentum=0.9) and
+    AdamW(weight_decay=0.01), step for step, also after a restart from saved buffers."""
+    from qamro_pipe.train.engine import make_optimizer, optimizer_buffers
+
+    cfg = TrainConfig(optimizer=name, lr=0.01, weight_decay=0.01 if name == "adamw" else 0.0)
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(3, 4, 5, generator=g), torch.randn(3, 5, generator=g)]
+    ref = [p.clone().requires_grad_() for p in params]
+    opt = (torch.optim.SGD(ref, lr=cfg.lr, momentum=cfg.momentum) if name == "sgd" else
+           torch.optim.AdamW(ref, lr=cfg.lr, weight_decay=cfg.weight_decay))
+    buffers = {b: [torch.zeros_like(p) for p in params] for b in optimizer_buffers(cfg)}
+    step = make_optimizer(cfg, params, buffers, 0, torch.device("cpu"))
+    grads = [[torch.randn(p.shape, generator=g) for p in params] for _ in range(6)]
+    for i, gs in enumerate(grads):
+        if i == 3:  # a resumed run: the same buffers, and the number of steps taken
+            step = make_optimizer(cfg, params, buffers, 3, torch.device("cpu"))
+        step(gs)
+        for r, gr in zip(ref, gs):
+            r.grad = gr.clone()
+        opt.step()
+        for p, r in zip(params, ref):
+            torch.testing.assert_close(p, r.detach(), rtol=1e-6, atol=1e-7)

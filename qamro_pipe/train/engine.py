@@ -156,7 +156,7 @@ class Engine:
         self.loss_fn = Losses(members, ctx.stats, device, ctx.label_range, cfg.pair_kernel)
         self.perm_seeds = torch.tensor([member_seed(s, "shuffle") >> 1 for s in seeds],
                                        device=device)
-        bs, nv = cfg.batch_size, len(ctx.val_rows)
+        bs, nv = cfg.val_batch_size or cfg.batch_size, len(ctx.val_rows)
         self.val_sizes = torch.tensor([min(bs, nv - s) for s in range(0, nv, bs)],
                                       dtype=torch.float32, device=device)
         self.val_terms = self.loss_fn.terms([ctx.Y[h.name][ctx.val_rows][None]
@@ -166,6 +166,7 @@ class Engine:
             return t[rows].to(device)
         self.epoch = torch.tensor(state.epoch, dtype=torch.int64, device=device)
         self.steps = torch.tensor(state.steps, dtype=torch.int64, device=device)
+        self.step = make_optimizer(cfg, self.params, self.buffer_views, state.steps, device)
         self.active, self.finite = dev(state.active), dev(state.finite)
         self.best_val, self.best_epoch = dev(state.best_val), dev(state.best_epoch)
         self.stopped, self.bad = dev(state.stopped), dev(state.bad)
@@ -202,11 +203,11 @@ class Engine:
             grads = torch.autograd.grad(parts.sum(), [v for h in ctx.heads
                                                       for v in views[h.name]])
             self.steps.add_(1)
-            _sgd(self.params, grads, self.buffer_views["momentum"], cfg)
+            self.step(grads)
             self.acc.add_(parts.detach(), alpha=idx.shape[1])
         with torch.no_grad():
             val_parts = val_loss(self.models, ctx.heads, ctx.plan, ctx.val_rows, self.val_terms,
-                                 self.loss_fn, bs, self.val_sizes)  # [2, K]
+                                 self.loss_fn, cfg.val_batch_size or bs, self.val_sizes)
             val = val_parts.sum(0)
             self._early_stopping(val)
             train_parts = self.acc / (n * len(ctx.heads))  # per unit, mean over heads
@@ -282,6 +283,32 @@ class Engine:
             state.best[h.name][rows] = self.best[i].cpu()
             for b, flats in self.buffers.items():
                 state.buffers[b][h.name][rows] = model.by_member(flats[i]).cpu()
+
+
+def optimizer_buffers(cfg: TrainConfig) -> tuple[str, ...]:
+    """The per-parameter buffers the optimiser keeps (what TrainState saves)."""
+    return ("momentum",) if cfg.optimizer == "sgd" else ("exp_avg", "exp_avg_sq")
+
+
+def make_optimizer(cfg: TrainConfig, params, buffers: dict[str, list[torch.Tensor]],
+                   steps: int, device: torch.device):
+    """grads -> None, updating params and buffers in place: SGD with momentum, or AdamW as
+    torch.optim.AdamW computes it (its own functional form, foreach; capturable on a GPU, so
+    the step count lives on the device and a CUDA graph replays it)."""
+    if cfg.optimizer == "sgd":
+        return lambda grads: _sgd(params, grads, buffers["momentum"], cfg)
+    from torch.optim.adamw import adamw
+
+    cuda = device.type == "cuda"
+    counts = [torch.tensor(float(steps), device=device if cuda else "cpu") for _ in params]
+    beta1, beta2 = cfg.adam_betas
+
+    def step(grads):
+        with torch.no_grad():
+            adamw(params, list(grads), buffers["exp_avg"], buffers["exp_avg_sq"], [], counts,
+                  foreach=True, capturable=cuda, amsgrad=False, beta1=beta1, beta2=beta2,
+                  lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps, maximize=False)
+    return step
 
 
 def _sgd(params, grads, bufs, cfg: TrainConfig) -> None:

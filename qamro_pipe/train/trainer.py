@@ -21,7 +21,7 @@ import torch
 from ..config import Member, TrainConfig
 from ..errors import Interrupted, QamroError
 from ..store.reader import Cache
-from .engine import Context, Engine, Plan
+from .engine import Context, Engine, Plan, optimizer_buffers
 from .heads import HeadSpec
 from .inputs import build_head, head_inputs, label_col, label_stats, predict_units, units_for
 from .state import TrainState
@@ -140,7 +140,8 @@ def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
         stats=[stats[h.name] for h in heads], label_range=label_range, cfg=cfg, device=device)
     models = {h.name: build_head(h, seeds, ctx.x_shapes[h.name], cfg) for h in heads}
     state = checkpoint.resume if checkpoint and checkpoint.resume else TrainState.fresh(
-        {h: m.by_member().detach() for h, m in models.items()}, ("momentum",), cfg.max_epochs)
+        {h: m.by_member().detach() for h, m in models.items()}, optimizer_buffers(cfg),
+        cfg.max_epochs)
     resumed_from, spent = state.epoch, state.seconds
     with _matmul_precision(cfg.matmul_precision):
         _fit(ctx, state, progress, checkpoint)
