@@ -459,3 +459,30 @@ def test_a_cache_without_per_clip_identities_is_refused_not_trusted(demo_records
     assert read_cache(p).usable.all()  # training still reads it
     assert extract(demo_records, CFG, p, force=True, progress=False).written == 24
     assert read_cache(p).sources is not None
+
+
+def test_an_interrupted_rebuild_resumes_without_force_and_an_empty_start_leaves_nothing(
+        demo_records, tmp_path, monkeypatch):
+    import qamro_pipe.extract.loop as ex
+    from qamro_pipe.errors import Interrupted
+
+    p = tmp_path / "c.h5"
+    extract(demo_records, CFG, p, progress=False)
+    real, calls = ex._launch, []
+
+    def launch(*a, **k):
+        calls.append(1)
+        if len(calls) in (3, 4):  # the 3rd batch of the --force run, the 1st of the next
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(ex, "_launch", launch)
+    with pytest.raises(Interrupted, match=r"8/24 clips are safely in .*c.h5; rerun the same "
+                                          r"command without --force to resume"):
+        extract(demo_records, CFG, p, force=True, progress=False)
+    with pytest.raises(Interrupted, match="before any clip was embedded; no cache was kept"):
+        extract(demo_records, CFG, tmp_path / "new.h5", progress=False)
+    assert not (tmp_path / "new.h5").exists()
+    monkeypatch.setattr(ex, "_launch", real)
+    s = extract(demo_records, CFG, p, progress=False)
+    assert s.done_before == 8 and s.written == 16

@@ -374,6 +374,10 @@ def describe(path: str | Path) -> str:
         lines.append(f"windows    windows/{name} {v.dtype} {list(v.shape)}")
     if cache.skipped:
         lines.append(f"skipped    {len(cache.skipped)} clips (see /skipped)")
+    lines.append(f"audio      {len(set(cache.sources))} files, identity (path, size, mtime) per "
+                 f"clip in /sources, /source_stat" if cache.sources is not None else
+                 "audio      no per-clip identity (written before they were recorded, or by "
+                 "write_cache)")
     for k, v in sorted(m.config.items()):
         lines.append(f"config     {k} = {json.dumps(v)}")
     return "\n".join(lines)

@@ -86,6 +86,13 @@ def create_cache(path: str | Path, *, ids: Sequence[str], systems: Sequence[str]
             f.create_dataset("splits", data=_strings(splits), dtype=_STR)
             if texts is not None:
                 f.create_dataset("texts", data=_strings(texts), dtype=_STR)
+            # written before the big datasets' space is allocated, so their bytes lie near
+            # the start: a disk too small fails in _reserve, not in HDF5 (which then cannot
+            # close the file)
+            if sources is not None:
+                f.create_dataset("sources", data=_strings(sources), dtype=_STR)
+            if skipped:
+                _write_skipped(f, skipped)
             f.create_dataset("labels", data=labels)
             g = f.create_group("features")
             for name, shape in feature_shapes.items():
@@ -100,18 +107,17 @@ def create_cache(path: str | Path, *, ids: Sequence[str], systems: Sequence[str]
                     _early(w, name, (int(offsets[-1]), *shape), feature_dtype)
             _early(f, "done", (n,), "uint8")
             if sources is not None:
-                f.create_dataset("sources", data=_strings(sources), dtype=_STR)
                 _early(f, "source_stat", (n, 2), "int64")  # rewritten in place with each row
-                f["source_stat"][:] = np.asarray(source_stat, np.int64).reshape(n, 2)
-            if skipped:
-                _write_skipped(f, skipped)
             if system_mos:
                 s = f.create_group("system_mos")
                 names = sorted(system_mos)
                 s.create_dataset("names", data=_strings(names), dtype=_STR)
                 s.create_dataset("values", data=np.array(
                     [system_mos[k] for k in names], dtype=np.float32).reshape(len(names), -1))
-        _reserve(tmp)
+        _reserve(tmp)  # before the rows' data is written: a disk too small fails here
+        if sources is not None:
+            with h5py.File(tmp, "r+", locking=False) as f:
+                f["source_stat"][:] = np.asarray(source_stat, np.int64).reshape(n, 2)
         if copy_from is not None:
             copy_from.into(tmp)
         fault_point("CREATE", str(path))
