@@ -191,3 +191,37 @@ def test_torchrun_two_cpu_ranks_on_gloo(corpus, tmp_path):
     assert_same_cache(single, out)
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0 and "nothing to do" in again.stdout
+
+
+def test_torchrun_over_a_changed_dataset_redoes_only_what_changed(corpus, tmp_path):
+    """Labels alone changed: rank 0 rewrites them, nothing is embedded. Audio changed: each
+    rank's part keeps the rows of the whole cache that still hold."""
+    import shutil
+
+    root = tmp_path / "corpus"
+    shutil.copytree(corpus, root)
+    out = tmp_path / "dist.h5"
+    extract(load_dataset("musiceval", root), CFG, out, progress=False)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "qamro_pipe",
+           "extract", "--dataset", "musiceval", "--root", str(root), "--backbone", "melstats",
+           "--workers", "0", "--batch-size", "4", "--device", "cpu", "--quiet", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    lines = (root / "sets" / "dev_mos_list.txt").read_text().splitlines()
+    name, _, textual = lines[0].split(",")
+    (root / "sets" / "dev_mos_list.txt").write_text(
+        "\n".join([f"{name},2.2,{textual}", *lines[1:]]) + "\n")
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "nothing to embed (15 clips); kept 15 clips of the earlier cache; metadata " \
+           "rewritten without re-embedding: labels of 1 clip" in p.stdout, p.stdout
+    recs = load_dataset("musiceval", root)
+    extract(recs, CFG, tmp_path / "single.h5", progress=False)
+    assert_same_cache(tmp_path / "single.h5", out)
+    x, sr = sf.read(recs.clips[6].path)
+    sf.write(recs.clips[6].path, (0.5 * x).astype(np.float32), sr)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "kept 7 clips of the earlier cache" in p.stdout, p.stdout  # rank 0: 8 rows, 1 new
+    extract(recs, CFG, tmp_path / "single2.h5", progress=False)
+    assert_same_cache(tmp_path / "single2.h5", out)
