@@ -144,6 +144,7 @@ def test_extract_cli_and_cache_info(tmp_path, monkeypatch):
     assert "24 clips extracted" in r.output and path.exists()
     r = CliRunner().invoke(app, ["cache", "info", str(path)])
     assert "backbone   melstats@1" in r.output and "features/audio float32 [24, 134]" in r.output
+    assert "audio      24 files, identity (path, size, mtime) per clip" in r.output
     r = CliRunner().invoke(app, ["extract", "--dataset", "musiceval"])
     assert r.exit_code == 1 and "needs --root" in r.output
 

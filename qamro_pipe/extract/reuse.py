@@ -152,7 +152,11 @@ def make_plan(path: Path, records: DatasetRecords, key: dict[str, Any],
                              f"audio each clip was embedded from, so its rows cannot be checked "
                              f"against the files now; pass --force to re-embed it (training "
                              f"reads it as it is)")
+        if seeded:  # the other shards' rows and the shard's own place are no change
+            level = {**level, "shard": _stored_level(old)["shard"]}
         keep = _match(plan, old, records, layout, level, embeds_text, window is not None)
+        if seeded:
+            plan.changes = [c for c in plan.changes if not c.endswith(" removed")]
         if keep is None:
             return plan  # a plain resume in place
         if len(keep[0]):
