@@ -274,7 +274,8 @@ def extract(
                                             "cache and go on instead of stopping."),
     shard: Optional[str] = typer.Option(None, help="K/N: extract clips K, K+N, ... into "
                                         "NAME.part-K-of-N.h5 (join with `cache merge`)."),
-    force: bool = typer.Option(False, "--force", help="Replace a cache made differently."),
+    force: bool = typer.Option(False, "--force", help="Re-embed every clip, replacing a "
+                               "qamro-pipe cache (never anything else)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ):
     """Embed a dataset with a frozen backbone into one HDF5 cache (resumable). Under
@@ -411,7 +412,8 @@ def cache_info(path: Path = typer.Argument(..., help="A cache .h5 file.")):
 def cache_merge(
     parts: list[Path] = typer.Argument(..., help="NAME.part-K-of-N.h5 files, all N of them."),
     out: Path = typer.Option(..., help="The merged cache file."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing file."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing qamro-pipe cache "
+                               "(never anything else)."),
 ):
     """Join the shards of an extraction into the cache one process would have written."""
     from .extract.shards import merge_parts

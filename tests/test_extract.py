@@ -144,6 +144,7 @@ def test_extract_cli_and_cache_info(tmp_path, monkeypatch):
     assert "24 clips extracted" in r.output and path.exists()
     r = CliRunner().invoke(app, ["cache", "info", str(path)])
     assert "backbone   melstats@1" in r.output and "features/audio float32 [24, 134]" in r.output
+    assert "audio      24 files, identity (path, size, mtime) per clip" in r.output
     r = CliRunner().invoke(app, ["extract", "--dataset", "musiceval"])
     assert r.exit_code == 1 and "needs --root" in r.output
 
@@ -205,3 +206,284 @@ def test_decoder_shared_memory_gives_the_pickled_audio(tmp_path):
                 assert got[row] == x
             else:
                 assert np.array_equal(got[row], x), (share, hold, row)
+
+
+# -- issue 12: --force replaces only a cache, a cache never serves stale contents, a failed
+# -- start does not block its fix
+
+def _write_clips(folder, n=8, seed=0):
+    """n one-second clips (tones in noise), each different."""
+    import soundfile as sf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    t = np.arange(16000) / 16000
+    for i in range(n):
+        x = 0.3 * np.sin(2 * np.pi * (220 + 40 * i) * t) + 0.02 * rng.normal(size=t.size)
+        sf.write(folder / f"c{i}.wav", x.astype(np.float32), 16000)
+
+
+def _manifest(folder, rows=None, n=8):
+    """Our own manifest format (qamro_pipe/extract/datasets/manifest.py): id, path, system,
+    split, text, one score column. rows: {i: {column: value}} overrides; "drop" leaves the
+    row out."""
+    lines = ["id,path,system,split,text,mos"]
+    for i in range(n):
+        r = {"id": f"c{i}", "path": f"c{i}.wav", "system": f"S{i % 3}",
+             "split": "dev" if i % 4 == 3 else "train", "text": f"tone {i}",
+             "mos": f"{1 + (i % 5) * 0.5}"}
+        r.update((rows or {}).get(i, {}))
+        if not r.get("drop"):
+            lines.append(",".join(r[k] for k in ("id", "path", "system", "split", "text",
+                                                 "mos")))
+    p = folder / "clips.csv"
+    p.write_text("\n".join(lines) + "\n")
+    return load_dataset("manifest", p)
+
+
+def _count_launches(monkeypatch) -> list:
+    import qamro_pipe.extract.loop as ex
+
+    real, rows = ex._launch, []
+
+    def launch(bb, clips, batch, batch_size):
+        rows.extend(r for r, _ in batch)
+        return real(bb, clips, batch, batch_size)
+
+    monkeypatch.setattr(ex, "_launch", launch)
+    return rows
+
+
+def _equal_files(a, b):
+    """Every attribute and dataset of two caches equal (the fault suite's exact compare)."""
+    from faults.kit import assert_same_file
+
+    assert_same_file(a, b)
+
+
+def test_changed_labels_systems_splits_are_rewritten_not_served(tmp_path, monkeypatch):
+    """Before: "already complete; nothing to do" kept the old values, --force too."""
+    from qamro_pipe.extract.loop import summary_text
+
+    _write_clips(tmp_path / "d")
+    p = tmp_path / "c.h5"
+    extract(_manifest(tmp_path / "d"), CFG, p, progress=False)
+    before = read_cache(p)
+    recs = _manifest(tmp_path / "d", {1: {"mos": "4.5"}, 2: {"system": "S9"},
+                                      5: {"split": "dev"}})
+    embedded = _count_launches(monkeypatch)
+    s = extract(recs, CFG, p, progress=False)
+    assert embedded == [] and s.status == "rewritten" and s.written == 0
+    text = summary_text(s)
+    assert ("kept 8 clips of the earlier cache; metadata rewritten without re-embedding: "
+            "systems of 1 clip, splits of 1 clip, labels of 1 clip") in text, text
+    after = read_cache(p)
+    assert after.labels[1, 0] == 4.5 and after.systems[2] == "S9" and after.splits[5] == "dev"
+    for k in before.features:  # the very rows, not re-embedded
+        assert np.array_equal(before.features[k], after.features[k]), k
+    extract(recs, CFG, tmp_path / "fresh.h5", progress=False)
+    _equal_files(p, tmp_path / "fresh.h5")
+    assert extract(recs, CFG, p, progress=False).status == "nothing to do"
+    embedded.clear()
+    s = extract(recs, CFG, p, force=True, progress=False)  # --force always rebuilds
+    assert s.written == 8 and sorted(embedded) == list(range(8))
+    _equal_files(p, tmp_path / "fresh.h5")
+
+
+def test_changed_audio_under_the_same_name_is_re_embedded(tmp_path, monkeypatch):
+    """Before: the old embeddings were served for a replaced file, and for the same manifest
+    in another folder holding other audio."""
+    import soundfile as sf
+
+    _write_clips(tmp_path / "d")
+    p = tmp_path / "c.h5"
+    recs = _manifest(tmp_path / "d")
+    extract(recs, CFG, p, progress=False)
+    x, sr = sf.read(tmp_path / "d" / "c4.wav")
+    sf.write(tmp_path / "d" / "c4.wav", (0.5 * x).astype(np.float32), sr)  # replaced
+    embedded = _count_launches(monkeypatch)
+    s = extract(recs, CFG, p, progress=False)
+    assert embedded == [4] and s.kept == 7 and "1 re-embedded (audio changed)" in s.changes
+    extract(recs, CFG, tmp_path / "fresh.h5", progress=False)
+    _equal_files(p, tmp_path / "fresh.h5")
+    # the same manifest in another folder, whose files hold other audio
+    _write_clips(tmp_path / "e", seed=1)
+    other = _manifest(tmp_path / "e")
+    embedded.clear()
+    s = extract(other, CFG, p, progress=False)
+    assert sorted(embedded) == list(range(8)) and s.kept == 0
+    extract(other, CFG, tmp_path / "fresh-e.h5", progress=False)
+    _equal_files(p, tmp_path / "fresh-e.h5")
+    assert read_cache(p).sources[0] == str((tmp_path / "e" / "c0.wav").resolve())
+
+
+def test_changed_text_is_re_embedded_by_a_backbone_that_reads_text(tmp_path, monkeypatch):
+    _write_clips(tmp_path / "d")
+    p = tmp_path / "c.h5"
+    extract(_manifest(tmp_path / "d"), CFG, p, progress=False)
+    embedded = _count_launches(monkeypatch)
+    recs = _manifest(tmp_path / "d", {6: {"text": "a new prompt"}})
+    s = extract(recs, CFG, p, progress=False)  # melstats embeds the text too
+    assert embedded == [6] and "1 re-embedded (text changed)" in s.changes
+    extract(recs, CFG, tmp_path / "fresh.h5", progress=False)
+    _equal_files(p, tmp_path / "fresh.h5")
+
+
+def test_rows_added_and_removed_keep_the_clips_already_embedded(tmp_path, monkeypatch):
+    """Before: any change of the clip list demanded --force, which re-extracted everything."""
+    _write_clips(tmp_path / "d", n=10)
+    p = tmp_path / "c.h5"
+    extract(_manifest(tmp_path / "d", {8: {"drop": "1"}, 9: {"drop": "1"}}, n=10), CFG, p,
+            progress=False)
+    embedded = _count_launches(monkeypatch)
+    recs = _manifest(tmp_path / "d", {2: {"drop": "1"}}, n=10)  # c2 out, c8 and c9 in
+    s = extract(recs, CFG, p, progress=False)
+    assert [recs.clips[r].id for r in embedded] == ["c8", "c9"]
+    assert s.kept == 7 and s.changes == ["2 new", "1 removed"]
+    extract(recs, CFG, tmp_path / "fresh.h5", progress=False)
+    _equal_files(p, tmp_path / "fresh.h5")
+
+
+def test_fix_or_remove_the_bad_file_and_rerun_works(tmp_path, monkeypatch):
+    """The advice after a bad file: both of its ways now end in a finished cache."""
+    _write_clips(tmp_path / "d")
+    good = (tmp_path / "d" / "c5.wav").read_bytes()
+    (tmp_path / "d" / "c5.wav").write_bytes(b"RIFF\x00\x00garbage")
+    p = tmp_path / "c.h5"
+    with pytest.raises(DataError, match=r"c5.wav.*stopped with 4/8 clips safely") as stop:
+        extract(_manifest(tmp_path / "d"), CFG, p, progress=False)
+    # drop its row: the clips done are kept (before: refused, "pass --force")
+    embedded = _count_launches(monkeypatch)
+    recs = _manifest(tmp_path / "d", {5: {"drop": "1"}})
+    s = extract(recs, CFG, p, progress=False)
+    assert s.kept == 4 and [recs.clips[r].id for r in embedded] == ["c4", "c6", "c7"]
+    assert "fix the file (or drop its row from the dataset's list) and rerun" in str(stop.value)
+    # or fix the file: a clip skipped as bad is retried once its file changed
+    cfg = replace_cfg(skip_bad=True)
+    s = extract(_manifest(tmp_path / "d"), cfg, p, progress=False)
+    assert list(s.skipped) == ["c5"]
+    (tmp_path / "d" / "c5.wav").write_bytes(good)
+    embedded.clear()
+    s = extract(_manifest(tmp_path / "d"), cfg, p, progress=False)
+    assert embedded == [5] and not s.skipped and "1 retried (skipped before; file changed)" \
+        in s.changes
+    extract(_manifest(tmp_path / "d"), CFG, tmp_path / "fresh.h5", progress=False)
+    _same(p, tmp_path / "fresh.h5")
+
+
+def replace_cfg(**kw):
+    from dataclasses import replace
+
+    return replace(CFG, **kw)
+
+
+def test_force_replaces_only_a_cache_the_tool_made(demo_records, tmp_path):
+    """Before: `extract --out DIR --force` gave IsADirectoryError; a text file was deleted."""
+    import h5py
+
+    folder = tmp_path / "runs"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "notes.txt").write_text("mine")
+    text = tmp_path / "notes.h5"
+    text.write_text("not a cache")
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["x"] = np.arange(3)
+    empty = tmp_path / "empty.h5"
+    empty.write_bytes(b"")
+    for path, what in ((folder, "a folder"), (text, "a file that is not HDF5"),
+                       (other, "an HDF5 file that is not a qamro-pipe cache"),
+                       (empty, "an empty file")):
+        before = sorted((q.name, q.read_bytes() if q.is_file() else b"")
+                        for q in [path, *path.rglob("*")])
+        for force in (False, True):
+            with pytest.raises(CacheError, match=rf"{path.name}: {what}, not a cache "
+                                                 r"qamro-pipe wrote, so it is left alone"):
+                extract(demo_records, CFG, path, force=force, progress=False)
+        assert sorted((q.name, q.read_bytes() if q.is_file() else b"")
+                      for q in [path, *path.rglob("*")]) == before
+    assert not list(tmp_path.glob("*.lock"))  # refused before anything was written
+    _write_clips(tmp_path / "d")
+    _manifest(tmp_path / "d")
+    r = CliRunner().invoke(app, ["extract", "--manifest", str(tmp_path / "d" / "clips.csv"),
+                                 "--backbone", "melstats", "--quiet", "--out", str(folder),
+                                 "--force"])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "a folder, not a cache qamro-pipe wrote" in r.output
+
+
+def test_a_cache_with_no_clip_yet_pins_no_configuration(demo_records, tmp_path):
+    """Before: a start that failed left an empty cache, and the rerun with the fix was
+    refused: "made under a different configuration... pass --force"."""
+    from qamro_pipe.extract.loop import cache_key
+    from qamro_pipe.extract.backbones import get_backbone
+    from qamro_pipe.store.writer import create_cache
+
+    p = tmp_path / "c.h5"
+    n = len(demo_records.clips)
+    bb = get_backbone("melstats", precision="bf16")  # made under another precision
+    create_cache(p, ids=[c.id for c in demo_records.clips], systems=[""] * n,
+                 splits=["train"] * n, labels=np.zeros((n, 2)), label_names=["a", "b"],
+                 backbone=bb.key, dataset="demo", config={}, key=cache_key(demo_records, bb),
+                 feature_shapes={"audio": (3,)})
+    s = extract(demo_records, CFG, p, progress=False)
+    assert s.written == n and "replaced a cache that held no clip yet" in s.changes[0]
+    _same(p, _fresh_demo(demo_records, tmp_path))
+
+
+def _fresh_demo(records, tmp_path):
+    extract(records, CFG, tmp_path / "fresh.h5", progress=False)
+    return tmp_path / "fresh.h5"
+
+
+def test_a_start_without_weights_leaves_no_cache_and_names_melstats(demo_records, tmp_path,
+                                                                    monkeypatch):
+    """Before: the failed start left an empty cache reserving its full size."""
+    monkeypatch.setenv("QAMRO_HOME", str(tmp_path / "weights"))  # nothing downloaded here
+    cfg = ExtractConfig(backbone="clap-music", device="cpu", workers=0, offline=True)
+    with pytest.raises(QamroError, match="pass --checkpoint PATH.*--backbone melstats"):
+        extract(demo_records, cfg, tmp_path / "c.h5", progress=False)
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["c.h5.lock", "corpus"]
+
+
+def test_a_cache_without_per_clip_identities_is_refused_not_trusted(demo_records, tmp_path):
+    """A cache written before /sources existed cannot show which audio its rows came from:
+    it is not served as current; --force re-embeds it."""
+    import h5py
+
+    p = tmp_path / "c.h5"
+    extract(demo_records, CFG, p, progress=False)
+    with h5py.File(p, "r+") as f:  # what earlier versions wrote: no identities
+        del f["sources"], f["source_stat"]
+    with pytest.raises(CacheError, match="did not record which audio.*pass --force"):
+        extract(demo_records, CFG, p, progress=False)
+    assert read_cache(p).usable.all()  # training still reads it
+    assert extract(demo_records, CFG, p, force=True, progress=False).written == 24
+    assert read_cache(p).sources is not None
+
+
+def test_an_interrupted_rebuild_resumes_without_force_and_an_empty_start_leaves_nothing(
+        demo_records, tmp_path, monkeypatch):
+    import qamro_pipe.extract.loop as ex
+    from qamro_pipe.errors import Interrupted
+
+    p = tmp_path / "c.h5"
+    extract(demo_records, CFG, p, progress=False)
+    real, calls = ex._launch, []
+
+    def launch(*a, **k):
+        calls.append(1)
+        if len(calls) in (3, 4):  # the 3rd batch of the --force run, the 1st of the next
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(ex, "_launch", launch)
+    with pytest.raises(Interrupted, match=r"8/24 clips are safely in .*c.h5; rerun the same "
+                                          r"command without --force to resume"):
+        extract(demo_records, CFG, p, force=True, progress=False)
+    with pytest.raises(Interrupted, match="before any clip was embedded; no cache was kept"):
+        extract(demo_records, CFG, tmp_path / "new.h5", progress=False)
+    assert not (tmp_path / "new.h5").exists()
+    monkeypatch.setattr(ex, "_launch", real)
+    s = extract(demo_records, CFG, p, progress=False)
+    assert s.done_before == 8 and s.written == 16

@@ -174,3 +174,81 @@ def test_ratings_are_checked(tmp_path):
                          dtype=h5py.string_dtype())
     with pytest.raises(CacheError, match="one R"):
         read_cache(p)
+
+
+def test_foreign_tells_what_is_there(synthetic_cache, tmp_path):
+    """--force may replace only a cache qamro-pipe wrote: everything else is named."""
+    from qamro_pipe.store.reader import foreign
+
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "text.h5").write_text("id,path\n")
+    (tmp_path / "empty.h5").write_bytes(b"")
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = np.zeros(3)
+    cut = tmp_path / "cut.h5"  # a damaged cache of ours still counts as ours
+    cut.write_bytes(synthetic_cache.read_bytes()[:len(synthetic_cache.read_bytes()) // 3])
+    (tmp_path / "link.h5").symlink_to(tmp_path / "gone.h5")
+    assert foreign(tmp_path / "dir") == "a folder"
+    assert foreign(tmp_path / "text.h5") == "a file that is not HDF5"
+    assert foreign(tmp_path / "empty.h5") == "an empty file"
+    assert foreign(tmp_path / "other.h5") == "an HDF5 file that is not a qamro-pipe cache"
+    assert foreign(tmp_path / "link.h5") == "a symbolic link to nothing"
+    inside = foreign(tmp_path / "text.h5" / "x.h5")
+    assert inside == f"inside {tmp_path / 'text.h5'}, which is a file"
+    assert foreign(cut) is None and foreign(synthetic_cache) is None
+    assert foreign(tmp_path / "new" / "x.h5") is None
+
+
+def _small_cache(path, ids, counts=None, values=None, **kw):
+    n = len(ids)
+    windows = {"layers": (2,)} if counts is not None else None
+    p = create_cache(path, ids=ids, systems=["s"] * n, splits=["train"] * n,
+                     labels=np.zeros((n, 1)), label_names=["q"], backbone="x@1", dataset="d",
+                     config={}, feature_shapes={"audio": (3,)}, window_shapes=windows,
+                     window_counts=counts, sources=[f"/a/{i}.wav" for i in ids],
+                     source_stat=np.arange(2 * n).reshape(n, 2), **kw)
+    return p
+
+
+def test_row_copy_carries_rows_into_a_new_cache(tmp_path):
+    """Kept rows land in their new places with their window rows, marked done; nothing else
+    is done; runs of consecutive rows are copied together."""
+    from qamro_pipe.store.writer import RowCopy
+
+    old = _small_cache(tmp_path / "old.h5", ["a", "b", "c", "d", "e"], counts=[1, 2, 0, 3, 1])
+    rng = np.random.default_rng(0)
+    audio, layers = rng.normal(size=(5, 3)), rng.normal(size=(7, 2))
+    off = [0, 1, 3, 3, 6, 7]
+    with CacheWriter(old) as w:
+        w.write(range(5), {"audio": audio},
+                {"layers": [layers[off[i]:off[i + 1]] for i in range(5)]},
+                [np.arange(off[i], off[i + 1], dtype=np.float32) for i in range(5)],
+                stats=np.full((5, 2), 7))
+        assert w.f["source_stat"][()].tolist() == [[7, 7]] * 5
+    # new order: x (new), a, b, d, e; c was removed
+    copy = RowCopy(old, np.array([0, 1, 3, 4]), np.array([1, 2, 3, 4]))
+    assert list(copy.runs()) == [(0, 2, 1), (3, 5, 3)]
+    new = _small_cache(tmp_path / "new.h5", ["x", "a", "b", "d", "e"], counts=[2, 1, 2, 3, 1],
+                       copy_from=copy)
+    c = read_cache(new, require_complete=False)
+    assert c.usable.tolist() == [False, True, True, True, True]
+    assert np.allclose(c.features["audio"][1:], audio[[0, 1, 3, 4]].astype(np.float32))
+    new_off = c.window_offsets
+    for new_row, old_row in ((1, 0), (2, 1), (3, 3), (4, 4)):
+        got = c.windows["layers"][new_off[new_row]:new_off[new_row + 1]]
+        assert np.allclose(got, layers[off[old_row]:off[old_row + 1]].astype(np.float32))
+        assert np.array_equal(c.window_weight[new_off[new_row]:new_off[new_row + 1]],
+                              np.arange(off[old_row], off[old_row + 1]))
+    # a kept clip must own as many window rows in both files
+    with pytest.raises(CacheError, match="other window counts"):
+        _small_cache(tmp_path / "bad.h5", ["x", "a", "b", "d", "e"], counts=[2, 1, 1, 3, 1],
+                     copy_from=copy)
+    assert not (tmp_path / "bad.h5").exists() and not list(tmp_path.glob(".bad.h5.tmp-*"))
+
+
+def test_a_skip_records_the_audio_it_failed_on(tmp_path):
+    p = _small_cache(tmp_path / "c.h5", ["a", "b"])
+    with CacheWriter(p) as w:
+        w.skip({"b": "broken"}, {"b": (5, 9)})
+    c = read_cache(p, require_complete=False)
+    assert c.skipped == {"b": "broken"} and c.source_stat.tolist() == [[0, 1], [5, 9]]

@@ -6,7 +6,6 @@ are written and marked done batch by batch, so an interrupted run resumes where 
 and a finished one does nothing."""
 from __future__ import annotations
 
-import hashlib
 import itertools
 import mmap
 import multiprocessing as mp
@@ -26,10 +25,11 @@ from .backbones import Backbone, get_backbone
 from .backbones.base import RANDOM_WEIGHTS, sha256_file
 from ..config import ExtractConfig, cache_root, to_jsonable
 from .datasets import Clip, DatasetRecords
-from ..errors import CacheError, DataError, Interrupted, QamroError
-from ..store.files import writer_lock
+from ..errors import DataError, Interrupted, QamroError
+from ..store.files import journal_path, writer_lock
 from ..store.writer import CacheWriter, create_cache
-from ..store.reader import check_key, read_meta
+from ..store.reader import read_meta, refuse_foreign
+from .reuse import Plan, clip_columns, clips_digest, dataset_level, make_plan
 
 @dataclass
 class ExtractSummary:
@@ -40,7 +40,9 @@ class ExtractSummary:
     skipped: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0  # decoding, model and writing, after the model has loaded
     load_seconds: float = 0.0  # loading the backbone
-    status: str = "complete"  # "complete", "nothing to do"
+    status: str = "complete"  # "complete", "nothing to do", "rewritten" (nothing embedded)
+    kept: int = 0  # rows carried over from the earlier cache into a new one
+    changes: list[str] = field(default_factory=list)  # what differed from the earlier cache
 
 
 def default_cache_path(dataset: str, backbone: str, cache_dir: str | Path | None = None) -> Path:
@@ -48,7 +50,8 @@ def default_cache_path(dataset: str, backbone: str, cache_dir: str | Path | None
 
 
 def cache_key(records: DatasetRecords, bb: Backbone) -> dict[str, Any]:
-    """What must match for an existing cache to be resumed or reused."""
+    """What must match for an existing cache's rows to be kept at all: what made the numbers,
+    and the dataset they belong to. Which rows are kept is decided clip by clip (reuse.py)."""
     ckpt = bb.checkpoint
     if ckpt is None:
         weights = "release"  # the downloaded release file; its sha256 lands in provenance
@@ -58,12 +61,10 @@ def cache_key(records: DatasetRecords, bb: Backbone) -> dict[str, Any]:
         if not Path(ckpt).is_file():
             raise QamroError(f"--checkpoint {ckpt}: no such file")
         weights = f"sha256:{sha256_file(ckpt)}"
-    ids = "\n".join(f"{c.id}\t{c.path.name}\t{c.start}\t{c.end}" for c in records.clips)
     return {"backbone": bb.key, "weights": weights, "sample_rate": bb.sample_rate,
             "window_seconds": bb.window_seconds, "precision": bb.precision,
             "resampler": f"soxr {audio.RESAMPLE_QUALITY}", "downmix": "mean",
-            "dataset": records.name, "label_names": list(records.label_names),
-            "clips_sha256": hashlib.sha256(ids.encode()).hexdigest()}
+            "dataset": records.name}
 
 
 _SHARED: np.ndarray | None = None  # in a decoding worker: the slots it writes clips into
@@ -112,9 +113,50 @@ def part_path(path: str | Path, index: int, count: int) -> Path:
 def extract(records: DatasetRecords, cfg: ExtractConfig = ExtractConfig(),
             cache_path: str | Path | None = None, force: bool = False,
             progress: bool = True, shard: tuple[int, int] | None = None) -> ExtractSummary:
-    """Embed `records` into the cache at `cache_path`. With shard=(k, n), only clips k, k+n,
-    k+2n, ... go into NAME.part-k-of-n.h5, which `shards.merge_parts` joins with the others
-    into the cache a single process would have written."""
+    """Embed `records` into the cache at `cache_path`, keeping every row of an existing cache
+    there that still holds (reuse.py). With shard=(k, n), only clips k, k+n, k+2n, ... go
+    into NAME.part-k-of-n.h5, which `shards.merge_parts` joins with the others into the
+    cache a single process would have written."""
+    run = _setup(records, cfg, cache_path, shard)
+    with writer_lock(run.path):
+        plan = run.plan(force)
+        if plan.nothing_to_do:
+            n = len(run.records.clips)
+            return ExtractSummary(run.path, n, n, status="nothing to do")
+        make = None
+        if plan.new_file:
+            def make() -> None:
+                _create(run.path, run.records, run.bb, run.cfg, run.key, run.extra, plan)
+        return _fill(run.path, run.records, run.bb, run.cfg, progress, plan, make, force)
+
+
+def plan_only(records: DatasetRecords, cfg: ExtractConfig, cache_path: str | Path,
+              force: bool = False) -> Plan:
+    """What `extract` would do with the cache at `cache_path`, writing nothing."""
+    return _setup(records, cfg, cache_path, None).plan(force)
+
+
+@dataclass
+class _Run:
+    """An extraction with every setting checked and its target known; nothing written yet."""
+    cfg: ExtractConfig  # batch size and workers resolved
+    bb: Backbone
+    path: Path
+    records: DatasetRecords  # the shard's clips under --shard
+    key: dict[str, Any]
+    extra: dict[str, Any]  # more config: the shard's place in the whole
+    seed: Path | None  # under --shard, the whole dataset's cache, whose rows a part may keep
+
+    def plan(self, force: bool) -> Plan:
+        clip_specs, win_specs = _specs(self.bb)
+        window = (self.bb.sample_rate, self.bb.window_seconds) if win_specs else None
+        return make_plan(self.path, self.records, self.key, _layout(clip_specs, win_specs),
+                         dataset_level(self.records, self.extra), force, self.cfg.skip_bad,
+                         self.bb.uses_text, window, self.seed)
+
+
+def _setup(records: DatasetRecords, cfg: ExtractConfig, cache_path: str | Path | None,
+           shard: tuple[int, int] | None) -> _Run:
     for what, value, least in (("--batch-size", cfg.batch_size, 1), ("--workers", cfg.workers, 0)):
         if value is not None and value < least:
             raise QamroError(f"{what} {value}: must be at least {least}")
@@ -126,34 +168,25 @@ def extract(records: DatasetRecords, cfg: ExtractConfig = ExtractConfig(),
                       precision=cfg.precision, offline=cfg.offline,
                       tokenizer_dir=cfg.tokenizer_dir)
     path = Path(cache_path) if cache_path else default_cache_path(records.name, bb.name)
+    if path.is_symlink() and path.exists():
+        path = path.resolve()  # write the cache the link names; the link stays
     if not records.clips:
         raise DataError(f"{records.name}: the dataset has no clips")
-    key = cache_key(records, bb)
-    extra: dict[str, Any] = {}
+    full, seed = records, None
     if shard is not None:
         k, n = shard
         if not 0 <= k < n:
             raise QamroError(f"--shard {k}/{n}: the index must be in 0..{n - 1}")
-        extra["shard"] = {"index": k, "count": n, "full_key": key}
         records = replace(records, clips=records.clips[k::n])
-        key = {**cache_key(records, bb), "shard": f"{k}/{n}"}
-        path = part_path(path, k, n)
-    with writer_lock(path):
-        if path.exists():
-            try:
-                meta = read_meta(path)
-                check_key(meta, key, "this extract")
-            except CacheError as e:
-                if not force:
-                    raise CacheError(f"{e}; pass --force to replace it") from None
-                path.unlink()
-            else:
-                if meta.complete:
-                    return ExtractSummary(path, len(records.clips), len(records.clips),
-                                          status="nothing to do")
-        if not path.exists():
-            _create(path, records, bb, cfg, key, extra)
-        return _fill(path, records, bb, cfg, progress)
+        path, seed = part_path(path, k, n), path
+    refuse_foreign(path)
+    key = cache_key(full, bb)
+    extra: dict[str, Any] = {}
+    if shard is not None:
+        extra["shard"] = {"index": k, "count": n, "full_key": key,
+                          "clips_sha256": clips_digest(full)}
+        key = {**key, "shard": f"{k}/{n}"}
+    return _Run(cfg, bb, path, records, key, extra, seed)
 
 
 def auto_workers(gpu: bool) -> int:
@@ -176,122 +209,177 @@ def _device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _create(path: Path, records: DatasetRecords, bb: Backbone, cfg: ExtractConfig,
-            key: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+def _specs(bb: Backbone) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """(per-clip, per-window) feature shapes of the cache this backbone writes."""
     specs = bb.feature_specs()
-    clip_specs = {k: s.shape for k, s in specs.items() if not s.per_window}
-    win_specs = {k: s.shape for k, s in specs.items() if s.per_window}
-    counts = None
-    bad: dict[str, str] = {}
-    if win_specs:  # window rows are allocated up front: count them from the headers
-        counts = []
-        for c in records.clips:
-            try:
-                counts.append(audio.window_count(c.path, bb.sample_rate, bb.window_seconds,
-                                                 c.start, c.end))
-            except DataError as e:
-                if not cfg.skip_bad:
-                    raise
-                bad[c.id] = str(e)
-                counts.append(0)
-    config = {"extract": to_jsonable(cfg), "provenance": bb.provenance(), "key": key,
-              "label_range": records.label_range, **(extra or {})}
+    return ({k: s.shape for k, s in specs.items() if not s.per_window},
+            {k: s.shape for k, s in specs.items() if s.per_window})
+
+
+def _layout(clip_specs, win_specs) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The datasets of features a cache holds: name -> (row shape, dtype)."""
+    out = {f"features/{k}": (tuple(v), "float32") for k, v in clip_specs.items()}
+    if win_specs:
+        out["windows/weight"] = ((), "float32")
+        out.update({f"windows/{k}": (tuple(v), "float32") for k, v in win_specs.items()})
+    return out
+
+
+def _create(path: Path, records: DatasetRecords, bb: Backbone, cfg: ExtractConfig,
+            key: dict[str, Any], extra: dict[str, Any], plan: Plan) -> None:
+    """Put the new cache the plan asks for in place: every row allocated, kept rows copied
+    from the old cache, skips carried over."""
+    clip_specs, win_specs = _specs(bb)
+    provenance = bb.provenance()
+    if not bb.loaded and plan.copy is not None:  # every row is kept: they say what made them
+        provenance = read_meta(plan.copy.src).config.get("provenance", provenance)
+    config = {"extract": to_jsonable(cfg), "provenance": provenance, "key": key,
+              "label_range": records.label_range, **extra}
+    cols = clip_columns(records)
     ratings, rater_ids = records.ratings_arrays()
-    create_cache(path, ids=[c.id for c in records.clips],
-                 systems=[c.system for c in records.clips],
-                 splits=[c.split for c in records.clips],
-                 labels=np.array([c.labels for c in records.clips], dtype=np.float32),
+    create_cache(path, ids=[c.id for c in records.clips], systems=cols["systems"],
+                 splits=cols["splits"], labels=cols["labels"], texts=cols["texts"],
                  label_names=records.label_names, backbone=bb.key, dataset=records.name,
                  config=config, key=key, feature_shapes=clip_specs, window_shapes=win_specs,
-                 window_counts=counts, texts=[c.text for c in records.clips],
-                 system_mos=records.system_mos or None, ratings=ratings, rater_ids=rater_ids)
-    if bad:
-        with CacheWriter(path) as w:
-            w.skip(bad)
+                 window_counts=plan.counts, system_mos=records.system_mos or None,
+                 ratings=ratings, rater_ids=rater_ids, sources=plan.sources,
+                 source_stat=plan.stats, skipped=plan.skipped, copy_from=plan.copy)
 
 
 def _fill(path: Path, records: DatasetRecords, bb: Backbone, cfg: ExtractConfig,
-          progress: bool) -> ExtractSummary:
+          progress: bool, plan: Plan, make, force: bool) -> ExtractSummary:
+    """Embed the plan's rows. The decoding workers start first (forked before the model
+    loads), then the model loads, and only then does `make` put a new cache in place: a
+    start that fails (no weights, say) leaves the earlier cache, or none, as it was."""
     from tqdm import tqdm
 
     clips = records.clips
-    with CacheWriter(path) as w:
-        todo = [int(r) for r in w.pending() if clips[r].id not in w.skipped]
-        summary = ExtractSummary(path, len(clips), len(clips) - len(todo))
-        tasks = [(r, str(clips[r].path), bb.sample_rate, clips[r].start, clips[r].end)
-                 for r in todo]
-        bar = tqdm(total=len(clips), initial=summary.done_before, unit="clip",
-                   desc=f"extract {bb.name}", disable=not progress, dynamic_ncols=True)
-        # a whole batch may be decoding while the model has the last one: workers that wait
-        # for the consumer to take finished clips would leave a fast GPU waiting in turn
-        decoded = _Decoder(tasks, cfg.workers, bb.window_samples,
-                           ahead=max(8, 4 * cfg.workers, cfg.batch_size), held=cfg.batch_size)
-        pending: list[_Launched] = []  # at most one batch computing while the next forms
+    summary = ExtractSummary(path, len(clips), len(clips) - len(plan.todo), kept=plan.kept,
+                             changes=list(plan.changes))
+    tasks = [(r, str(clips[r].path), bb.sample_rate, clips[r].start, clips[r].end)
+             for r in plan.todo]
+    bar = tqdm(total=len(clips), initial=summary.done_before, unit="clip",
+               desc=f"extract {bb.name}", disable=not progress, dynamic_ncols=True)
+    # a whole batch may be decoding while the model has the last one: workers that wait
+    # for the consumer to take finished clips would leave a fast GPU waiting in turn
+    decoded = _Decoder(tasks, cfg.workers, bb.window_samples,
+                       ahead=max(8, 4 * cfg.workers, cfg.batch_size), held=cfg.batch_size)
+    w: CacheWriter | None = None
+    try:
+        first = next(decoded, None)  # forks the decoding workers before the model loads
+        t_load = time.perf_counter()
+        if tasks and not bb.loaded:  # a resumed run with nothing left only finishes
+            import torch  # noqa: F401  (every backbone runs under it: start-up, not work)
 
-        def write_pending() -> None:
-            while pending:
-                job = pending.pop()  # taken first: a batch that fails is not retried
-                summary.written += _write(w, bb, clips, job)
-                bar.update(len(job.rows))
-
-        def launch(batch) -> None:
-            """Batch N+1 starts before batch N is collected and written, so on a GPU the
-            host prepares and writes while the device computes."""
-            try:
-                job = _launch(bb, clips, batch, cfg.batch_size)
-            finally:
-                decoded.release([r for r, _ in batch])  # their audio was copied
-                write_pending()  # also when launching failed: finished work is kept
-            pending.append(job)
-
-        try:
-            first = next(decoded, None)  # forks the decoding workers before the model loads
-            t_load = time.perf_counter()
-            if tasks and not bb.loaded:  # a resumed run with nothing left only finishes
-                import torch  # noqa: F401  (every backbone runs under it: start-up, not work)
-
-                bb.load()
-                bb.loaded = True
-            summary.load_seconds = time.perf_counter() - t_load
-            t_run = time.perf_counter()
-            batch: list[tuple[int, list[np.ndarray]]] = []
-            n_windows = 0
-            for row, wins, err in itertools.chain([first] if first else [], decoded):
-                if err is not None:
-                    decoded.release([row])
-                    if not cfg.skip_bad:
-                        write_pending()
-                        raise DataError(
-                            f"{err}; stopped with {int(w.done.sum())}/{len(clips)} clips safely "
-                            f"in {path}: fix or remove the file and rerun, or rerun with "
-                            f"--skip-bad to list bad files in the cache and go on")
-                    w.skip({clips[row].id: err})
-                    summary.skipped[clips[row].id] = err
-                    bar.update(1)
-                    continue
-                batch.append((row, wins))
-                n_windows += len(wins)
-                if n_windows >= cfg.batch_size:
-                    launch(batch)
-                    batch, n_windows = [], 0
-            if batch:
-                launch(batch)
-            write_pending()
-        except BaseException as e:
-            write_pending()  # whatever stopped the run, the batch already computed is kept
-            bar.close()
-            if isinstance(e, KeyboardInterrupt):
-                done = int(w.done.sum())
-                raise Interrupted(f"interrupted: {done}/{len(clips)} clips are safely in "
-                                  f"{path}; rerun the same command to resume") from None
-            raise
-        finally:
-            bar.close()
-            decoded.close()  # stops the decoding workers now, not at garbage collection
+            bb.load()
+            bb.loaded = True
+        summary.load_seconds = time.perf_counter() - t_load
+        if make is not None:
+            make()
+        w = CacheWriter(path)
+        t_run = time.perf_counter()
+        _embed(w, bb, records, cfg, plan, decoded, first, bar, summary)
+        summary.seconds = time.perf_counter() - t_run
         summary.skipped = dict(w.skipped)  # this run's and earlier runs'
         w.finish()
-    summary.seconds = time.perf_counter() - t_run
+    except BaseException as e:
+        raise _stopped(e, w, path, len(clips), make is not None, force) from None
+    finally:
+        bar.close()
+        decoded.close()  # stops the decoding workers now, not at garbage collection
+        if w is not None:
+            w.close()
+    if plan.copy is not None and not tasks:
+        summary.status = "rewritten"
     return summary
+
+
+def _stopped(e: BaseException, w: "CacheWriter | None", path: Path, total: int, made: bool,
+             force: bool) -> BaseException:
+    """The error to raise when a run stops early. A cache this run put in place that holds
+    no clip yet is removed: a failed start leaves no file behind."""
+    done = 0 if w is None else int(w.done.sum())
+    if made and w is not None and done == 0 and not w.skipped:
+        w.close()
+        path.unlink(missing_ok=True)
+        journal_path(path).unlink(missing_ok=True)
+        if isinstance(e, _BadFile):
+            return DataError(f"{e.reason}; stopped before any clip was embedded, so no cache "
+                             f"was kept: {_FIX}")
+        if isinstance(e, KeyboardInterrupt):
+            return Interrupted("interrupted before any clip was embedded; no cache was kept")
+        return e
+    if isinstance(e, _BadFile):
+        return DataError(f"{e.reason}; stopped with {done}/{total} clips safely in {path}: "
+                         f"{_FIX}")
+    if isinstance(e, KeyboardInterrupt):
+        if w is None:
+            return Interrupted(f"interrupted before extraction began; {path} is as it was"
+                               if path.exists() else "interrupted before extraction began")
+        again = "the same command without --force" if force else "the same command"
+        return Interrupted(f"interrupted: {done}/{total} clips are safely in {path}; rerun "
+                           f"{again} to resume")
+    return e
+
+
+_FIX = ("fix the file (or drop its row from the dataset's list) and rerun, or rerun with "
+        "--skip-bad to list bad files in the cache and go on")
+
+
+class _BadFile(Exception):
+    """A clip that cannot be decoded, without --skip-bad: stops the run (see _stopped)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _embed(w: CacheWriter, bb: Backbone, records: DatasetRecords, cfg: ExtractConfig,
+           plan: Plan, decoded: "_Decoder", first, bar, summary: ExtractSummary) -> None:
+    """Decode, embed and write the plan's rows, batch by batch; launching batch N+1 before
+    batch N is collected and written."""
+    clips = records.clips
+    pending: list[_Launched] = []  # at most one batch computing while the next forms
+
+    def write_pending() -> None:
+        while pending:
+            job = pending.pop()  # taken first: a batch that fails is not retried
+            summary.written += _write(w, bb, clips, job, plan.stats)
+            bar.update(len(job.rows))
+
+    def launch(batch) -> None:
+        """Batch N+1 starts before batch N is collected and written, so on a GPU the
+        host prepares and writes while the device computes."""
+        try:
+            job = _launch(bb, clips, batch, cfg.batch_size)
+        finally:
+            decoded.release([r for r, _ in batch])  # their audio was copied
+            write_pending()  # also when launching failed: finished work is kept
+        pending.append(job)
+
+    try:
+        batch: list[tuple[int, list[np.ndarray]]] = []
+        n_windows = 0
+        for row, wins, err in itertools.chain([first] if first else [], decoded):
+            if err is not None:
+                decoded.release([row])
+                if not cfg.skip_bad:
+                    raise _BadFile(err)
+                w.skip({clips[row].id: err}, {clips[row].id: plan.stats[row]})
+                summary.skipped[clips[row].id] = err
+                bar.update(1)
+                continue
+            batch.append((row, wins))
+            n_windows += len(wins)
+            if n_windows >= cfg.batch_size:
+                launch(batch)
+                batch, n_windows = [], 0
+        if batch:
+            launch(batch)
+        write_pending()
+    except BaseException:
+        write_pending()  # whatever stopped the run, the batch already computed is kept
+        raise
 
 
 class _Decoder:
@@ -394,7 +482,8 @@ def _launch(bb: Backbone, clips: list[Clip], batch: list[tuple[int, list[np.ndar
                      np.array([len(x) for x in flat], dtype=np.float32), parts, text)
 
 
-def _write(w: CacheWriter, bb: Backbone, clips: list[Clip], job: _Launched) -> int:
+def _write(w: CacheWriter, bb: Backbone, clips: list[Clip], job: _Launched,
+           stats: np.ndarray) -> int:
     """Wait for a launched batch's features, pool them per clip, check them, write them."""
     results = [p.result() for p in job.parts]
     feats = {k: np.concatenate([r[k] for r in results]) for k in results[0]}  # [W_total, ...]
@@ -424,7 +513,8 @@ def _write(w: CacheWriter, bb: Backbone, clips: list[Clip], job: _Launched) -> i
         if not np.isfinite(v).all():
             bad = clips[job.rows[int(np.argmax(~np.isfinite(v.reshape(len(v), -1)).all(1)))]]
             raise DataError(f"{bad.path}: the backbone produced NaN or inf features ({k})")
-    w.write(job.rows, out, win_feats or None, weights if win_feats else None)
+    w.write(job.rows, out, win_feats or None, weights if win_feats else None,
+            stats[job.rows])
     return len(job.rows)
 
 
@@ -457,10 +547,16 @@ def records_for(dataset: str | None, root: str | Path | None, manifest: str | Pa
 def summary_text(s: ExtractSummary) -> str:
     if s.status == "nothing to do":
         return f"{s.path}: already complete ({s.total} clips); nothing to do"
-    rate = s.written / s.seconds if s.seconds else 0.0
-    text = (f"{s.path}: {s.written} clips extracted in {s.seconds:.1f} s ({rate:.1f} clips/s; "
-            f"model load {s.load_seconds:.1f} s)"
-            + (f", {s.done_before} were already done" if s.done_before else ""))
+    update = "; ".join(([f"kept {s.kept} clips of the earlier cache"] if s.kept else [])
+                       + s.changes)
+    if s.status == "rewritten":
+        text = f"{s.path}: nothing to embed ({s.total} clips); {update}"
+    else:
+        rate = s.written / s.seconds if s.seconds else 0.0
+        text = (f"{s.path}: {s.written} clips extracted in {s.seconds:.1f} s ({rate:.1f} "
+                f"clips/s; model load {s.load_seconds:.1f} s)"
+                + (f", {s.done_before} were already done" if s.done_before else "")
+                + (f"\n{update}" if update else ""))
     if s.skipped:
         text += f"\nskipped {len(s.skipped)} bad file(s):\n" + "\n".join(
             f"  {v}" for v in s.skipped.values())

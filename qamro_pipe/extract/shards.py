@@ -15,7 +15,7 @@ import numpy as np
 from ..store.files import writer_lock
 from ..store.writer import CacheWriter, create_cache
 from ..errors import CacheError, QamroError
-from ..store.reader import Cache, read_cache
+from ..store.reader import Cache, read_cache, refuse_foreign
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -44,15 +44,23 @@ def _check_parts(parts: list[Cache]) -> tuple[int, dict[str, Any]]:
     for c in parts[1:]:
         same = (c.meta.backbone, c.meta.dataset, c.meta.label_names) == \
             (first.backbone, first.dataset, first.label_names)
-        if not same or c.meta.config["shard"]["full_key"] != infos[0]["full_key"]:
+        info = c.meta.config["shard"]
+        if not same or any(info.get(k) != infos[0].get(k) for k in ("full_key", "clips_sha256")):
             raise CacheError(f"{c.path}: not a shard of the same extraction as "
                              f"{parts[0].path} (backbone, dataset, clips or settings differ)")
     return n, infos[0]["full_key"]
 
 
 def merge_parts(paths: list[str | Path], out: str | Path, force: bool = False) -> Path:
-    """Join finished shards into one cache, in the dataset's row order."""
+    """Join finished shards into one cache, in the dataset's row order. `force` replaces a
+    cache at `out`, never anything else."""
     out = Path(out)
+    refuse_foreign(out)
+    if out.exists() and not force:
+        raise QamroError(f"{out}: exists; pass --force to replace it")
+    for p in paths:
+        if Path(p).exists() and out.exists() and Path(p).samefile(out):
+            raise QamroError(f"--out {out} is one of the shards being merged; choose another")
     parts = sorted((read_cache(p) for p in paths), key=lambda c: c.meta.config["shard"]["index"]
                    if c.meta.config.get("shard") else -1)
     n, full_key = _check_parts(parts)
@@ -71,11 +79,9 @@ def merge_parts(paths: list[str | Path], out: str | Path, force: bool = False) -
     counts = None
     if p0.window_offsets is not None:
         counts = column(lambda c: np.diff(c.window_offsets))
+    sourced = all(c.sources is not None for c in parts)
     with writer_lock(out):
-        if out.exists():
-            if not force:
-                raise QamroError(f"{out}: exists; pass --force to replace it")
-            out.unlink()
+        refuse_foreign(out)  # (checked again now that no other writer can be at work)
         create_cache(out, ids=column(lambda c: c.ids), systems=column(lambda c: c.systems),
                      splits=column(lambda c: c.splits),
                      labels=np.array(column(lambda c: c.labels), dtype=np.float32),
@@ -87,7 +93,9 @@ def merge_parts(paths: list[str | Path], out: str | Path, force: bool = False) -
                      texts=column(lambda c: c.texts) if p0.texts is not None else None,
                      system_mos=p0.system_mos or None, **_merged_ratings(parts, order),
                      feature_dtype=str(next(iter(p0.features.values())).dtype)
-                     if p0.features else "float32")
+                     if p0.features else "float32",
+                     sources=column(lambda c: c.sources) if sourced else None,
+                     source_stat=np.array(column(lambda c: c.source_stat)) if sourced else None)
         with CacheWriter(out) as w:
             for k, c in enumerate(parts):
                 rows = np.flatnonzero(c.usable)
@@ -140,21 +148,16 @@ def extract_distributed(records, cfg, path: str | Path, force: bool = False,
     import torch.distributed as dist
 
     from ..config import override
-    from .loop import extract, part_path
-
-    from .backbones import get_backbone
-    from .loop import ExtractSummary, cache_key
-    from ..store.reader import check_key, read_meta
+    from .loop import ExtractSummary, extract, part_path, plan_only
 
     rank, world, local = torchrun_rank()
-    if Path(path).exists() and not force:  # a finished merge: nothing to do on any rank
-        bb = get_backbone(cfg.backbone, checkpoint=cfg.checkpoint, precision=cfg.precision,
-                          offline=cfg.offline, tokenizer_dir=cfg.tokenizer_dir)
-        meta = read_meta(path)
-        check_key(meta, cache_key(records, bb), "this extract")
-        if meta.complete:
-            n = len(records.clips)
-            return rank, ExtractSummary(Path(path), n, n, status="nothing to do")
+    refuse_foreign(path)
+    if Path(path).exists() and not force and not plan_only(records, cfg, path).todo:
+        # nothing to embed: rank 0 alone rewrites what changed (if anything), in place
+        if rank == 0:
+            return rank, extract(records, cfg, path, progress=progress)
+        n = len(records.clips)
+        return rank, ExtractSummary(Path(path), n, n, status="nothing to do")
     if cfg.device == "auto" and torch.cuda.is_available():
         cfg = override(cfg, device=f"cuda:{local % torch.cuda.device_count()}")
     dist.init_process_group("gloo", timeout=timedelta(days=7))  # ranks may finish hours apart

@@ -14,6 +14,7 @@ def fault_point(where: str, detail: str = "") -> None:
     """Test hook for tests/faults, inert unless $QAMRO_FAULT_SLEEP_IN_<WHERE> is set to a
     number of seconds: then say `qamro-fault: <where> <detail>` on stderr and sleep, so a test
     can kill the process at exactly this point. WHERE: CREATE (new cache written, not yet
+    renamed), MIGRATE (a run of rows copied from an earlier cache into a new one, not yet
     renamed), WRITE (a batch's rows on disk, /done not yet flipped), FINISH (every row done,
     not yet marked complete), SAVE (run folder half written), SWAP (--force: old run moved
     aside, new one not yet in place)."""

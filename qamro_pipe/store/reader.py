@@ -9,6 +9,10 @@ Layout (documented for users in cache/README.md):
   /ratings/<label> [N, R] float32      the individual ratings behind a label, where the dataset
                                        publishes them (optional; NaN-padded: clips have up to R)
   /rater_ids [N, R] UTF-8              who gave rating column j ("" = unknown; optional)
+  /sources [N] UTF-8     where each clip's audio comes from: resolved path, "#t=start,end"
+                         for a part of a file (optional: absent before per-clip identities)
+  /source_stat [N, 2] int64   (size in bytes, mtime in ns) of that file when the clip was
+                         embedded; with /sources, the identity extraction reuses a row by
   /features/<name> [N, ...] float32|float16            one row per clip
   /windows/offsets [N+1] int64, /windows/weight [M] float32, /windows/<name> [M, ...]
                                                         optional: rows per window (clip i owns
@@ -25,8 +29,12 @@ and never leaves an unreadable file; docs/guarantees.md):
     batch's rows are written and fsync'ed, then its /done entries flipped. HDF5's own metadata
     (object headers, B-trees, heaps, superblock) is never touched mid-run, so there is nothing
     a kill can tear. (Checked byte by byte in tests/faults.)
+  - /source_stat rows are raw bytes too, written with their clip's features (or its skip);
   - skipped clips go to a sidecar journal, CACHE.journal (one JSON line each, fsync'ed), not
     into the file: creating HDF5 objects rewrites metadata in many places at once;
+  - reusing a cache for a changed dataset (extract: rows added or removed, labels, audio or
+    texts changed) builds the new cache whole under a temporary name, copies the rows that
+    are still valid into it and renames it into place: a kill leaves the old file or the new;
   - finishing changes metadata once: with no skipped clips, the `complete` attribute is
     overwritten in place (one byte); with some, a copy gets /skipped and `complete` and is
     renamed over the file. Either way a kill leaves the old file or the new one, never a mix.
@@ -39,7 +47,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import h5py
 import numpy as np
@@ -85,6 +93,8 @@ class Cache:
     rater_ids: np.ndarray | None = None  # [N, R] str, "" where unknown
     skipped: dict[str, str] = field(default_factory=dict)  # id -> reason
     usable: np.ndarray | None = None  # [N] bool: written and not skipped
+    sources: np.ndarray | None = None  # [N] str: where each clip's audio comes from
+    source_stat: np.ndarray | None = None  # [N, 2] int64: that file's (size, mtime_ns)
 
     @property
     def path(self) -> Path:
@@ -213,14 +223,13 @@ def read_cache(path: str | Path, require_complete: bool = True) -> Cache:
             for k, v in cache.windows.items():
                 if len(v) != off[-1]:
                     raise CacheError(f"{path}: windows/{k} has {len(v)} rows, expected {off[-1]}")
-        if "system_mos" in f:
-            names = f["system_mos/names"].asstr()[()]
-            values = f["system_mos/values"][()].reshape(len(names), -1)
-            if values.shape[1] != len(meta.label_names):
-                raise CacheError(f"{path}: /system_mos/values has {values.shape[1]} columns, "
+        cache.system_mos = _system_mos(f)
+        for name, values in cache.system_mos.items():
+            if len(values) != len(meta.label_names):
+                raise CacheError(f"{path}: /system_mos/values has {len(values)} columns, "
                                  f"expected {len(meta.label_names)}")
-            cache.system_mos = dict(zip(names, values.astype(np.float32)))
         cache.ratings, cache.rater_ids = _read_ratings(f, path, n, meta.label_names)
+        cache.sources, cache.source_stat = _sources(f, path, n)
         cache.skipped = _skipped_in_file(f)
         if not meta.complete:  # an extraction in progress keeps its skips in the journal
             cache.skipped.update(read_journal(path))
@@ -248,6 +257,25 @@ def _read_ratings(f: h5py.File, path: Path, n: int, label_names: tuple[str, ...]
     return ratings, ids
 
 
+def _system_mos(f: h5py.File) -> dict[str, np.ndarray]:
+    if "system_mos" not in f:
+        return {}
+    names = f["system_mos/names"].asstr()[()]
+    values = f["system_mos/values"][()].reshape(len(names), -1)
+    return dict(zip(names, values.astype(np.float32)))
+
+
+def _sources(f: h5py.File, path: Path, n: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """/sources and /source_stat, or (None, None) in a cache made without them."""
+    if "sources" not in f or "source_stat" not in f:
+        return None, None
+    sources, stat = f["sources"].asstr()[()], f["source_stat"][()]
+    if len(sources) != n or stat.shape != (n, 2):
+        raise CacheError(f"{path}: /sources {sources.shape} and /source_stat {stat.shape} "
+                         f"must have {n} rows (and 2 columns)")
+    return sources, stat
+
+
 def _check_finite(cache: Cache) -> None:
     rows = cache.usable
     for name, v in cache.features.items():
@@ -258,6 +286,97 @@ def _check_finite(cache: Cache) -> None:
             first = cache.ids[np.flatnonzero(rows)[np.argmax(bad)]]
             raise CacheError(f"{cache.path}: features/{name} has NaN or inf in {int(bad.sum())} "
                              f"rows (first: {first})")
+
+
+# -- what extraction reads before reusing a cache ---------------------------------------------
+@dataclass
+class CacheIndex:
+    """Everything in a cache but its features' values: what extraction needs to decide which
+    rows it may keep."""
+
+    meta: CacheMeta
+    ids: np.ndarray  # [N] str
+    done: np.ndarray  # [N] bool
+    skipped: dict[str, str]  # id -> reason, from the file and the journal
+    sources: np.ndarray | None  # [N] str, None in a cache made without per-clip identities
+    source_stat: np.ndarray | None  # [N, 2] int64
+    columns: dict[str, np.ndarray]  # per-clip metadata by dataset name: those asked, if present
+    system_mos: dict[str, np.ndarray]
+    layout: dict[str, tuple[tuple[int, ...], str]]  # "features/audio" -> (row shape, dtype)
+    window_counts: np.ndarray | None  # [N] windows per clip
+
+    @property
+    def holds_clips(self) -> bool:
+        """Whether any clip was embedded or listed as skipped yet."""
+        return bool(self.done.any() or self.skipped)
+
+
+def read_index(path: str | Path, columns: Iterable[str] = ()) -> CacheIndex:
+    path = Path(path)
+    with _open(path) as f:
+        meta = _meta(f, path)
+        try:
+            ids = f["ids"].asstr()[()]
+            done = f["done"][()].astype(bool) if "done" in f else np.ones(len(ids), bool)
+            cols = {name: (f[name].asstr()[()] if h5py.check_string_dtype(f[name].dtype)
+                           else f[name][()]) for name in columns if name in f}
+            layout = {f"features/{k}": (ds.shape[1:], str(ds.dtype))
+                      for k, ds in f["features"].items()}
+            counts = None
+            if "windows" in f:
+                counts = np.diff(f["windows/offsets"][()])
+                layout.update({f"windows/{k}": (ds.shape[1:], str(ds.dtype))
+                               for k, ds in f["windows"].items() if k != "offsets"})
+            system_mos = _system_mos(f)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CacheError(f"{path}: damaged cache ({e})") from None
+        sources, stat = _sources(f, path, len(ids))
+        skipped = _skipped_in_file(f)
+    if not meta.complete:
+        skipped.update(read_journal(path))
+    return CacheIndex(meta, ids, done, skipped, sources, stat, cols, system_mos, layout, counts)
+
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # at offset 0 of every file h5py writes without a user block
+_OURS = b"qamro_cache_version"  # the root attribute's name, stored near the start of the file
+
+
+def foreign(path: str | Path) -> str | None:
+    """What is at `path` when it is something qamro-pipe did not write, in a few words ("a
+    folder", "a file that is not HDF5", ...); None when nothing is there or a qamro-pipe cache
+    (a damaged one included: a file with HDF5's signature whose first megabyte names our
+    attribute), the only thing --force may replace."""
+    path = Path(path)
+    if not path.exists():
+        if path.is_symlink():
+            return "a symbolic link to nothing"
+        above = next(p for p in path.parents if p.exists() or p == p.parent)
+        return f"inside {above}, which is a file" if above.is_file() else None
+    if path.is_dir():
+        return "a folder"
+    if not path.is_file():
+        return "not a regular file"
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 20)
+    if not head.startswith(HDF5_SIGNATURE):
+        return "an empty file" if not head else "a file that is not HDF5"
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            ours = "qamro_cache_version" in f.attrs
+    except OSError:
+        ours = _OURS in head
+    return None if ours else "an HDF5 file that is not a qamro-pipe cache"
+
+
+def refuse_foreign(path: str | Path, option: str = "--out") -> None:
+    """Refuse, before any work, to write where something qamro-pipe did not make is."""
+    what = foreign(path)
+    if what and what.startswith("inside"):
+        raise CacheError(f"{path}: cannot be made {what}: choose another {option}")
+    if what:
+        raise CacheError(f"{path}: {what}, not a cache qamro-pipe wrote, so it is left alone "
+                         f"(--force replaces only qamro-pipe caches): choose another {option} "
+                         f"or move it away")
 
 
 def describe(path: str | Path) -> str:
@@ -287,6 +406,10 @@ def describe(path: str | Path) -> str:
         lines.append(f"windows    windows/{name} {v.dtype} {list(v.shape)}")
     if cache.skipped:
         lines.append(f"skipped    {len(cache.skipped)} clips (see /skipped)")
+    lines.append(f"audio      {len(set(cache.sources))} files, identity (path, size, mtime) per "
+                 f"clip in /sources, /source_stat" if cache.sources is not None else
+                 "audio      no per-clip identity (written before they were recorded, or by "
+                 "write_cache)")
     for k, v in sorted(m.config.items()):
         lines.append(f"config     {k} = {json.dumps(v)}")
     return "\n".join(lines)

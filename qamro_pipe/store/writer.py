@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -37,6 +38,12 @@ def _strings(values: Sequence[str]) -> np.ndarray:
     return np.array([str(v) for v in values], dtype=object)
 
 
+def _write_skipped(f: h5py.File, skipped: Mapping[str, str]) -> None:
+    g = f.create_group("skipped")
+    g.create_dataset("ids", data=_strings(list(skipped)), dtype=_STR)
+    g.create_dataset("reasons", data=_strings(list(skipped.values())), dtype=_STR)
+
+
 def create_cache(path: str | Path, *, ids: Sequence[str], systems: Sequence[str],
                  splits: Sequence[str], labels: np.ndarray, label_names: Sequence[str],
                  backbone: str, dataset: str, config: Mapping[str, Any],
@@ -48,13 +55,20 @@ def create_cache(path: str | Path, *, ids: Sequence[str], systems: Sequence[str]
                  system_mos: Mapping[str, Sequence[float]] | None = None,
                  ratings: Mapping[str, np.ndarray] | None = None,
                  rater_ids: np.ndarray | Sequence[Sequence[str]] | None = None,
-                 feature_dtype: str = "float32") -> Path:
-    """Write a new, empty (nothing done) cache with all metadata and storage allocated.
+                 feature_dtype: str = "float32",
+                 sources: Sequence[str] | None = None,
+                 source_stat: np.ndarray | None = None,
+                 skipped: Mapping[str, str] | None = None,
+                 copy_from: "RowCopy | None" = None) -> Path:
+    """Write a new cache with all metadata and storage allocated, nothing done but the rows
+    `copy_from` copies from an earlier cache (and the clips `skipped` lists).
 
-    Written under a temporary name, its disk space reserved, and renamed, so a kill leaves no
-    half-made file and a disk too small for it is reported now, not hours into a run. A
-    journal left by an earlier cache of the same path is removed: it described that file.
-    ratings: label -> [N, R] individual ratings (NaN-padded), rater_ids [N, R] (optional)."""
+    Written under a temporary name, its disk space reserved, rows copied, and renamed, so a
+    kill leaves the old file or the new one, never a half-made one, and a disk too small for
+    it is reported now, not hours into a run. A journal left by an earlier cache of the same
+    path is removed: it described that file. `sources` [N] and `source_stat` [N, 2] (size,
+    mtime_ns) say which audio each row comes from (see reader.py). ratings: label -> [N, R]
+    individual ratings (NaN-padded), rater_ids [N, R] (optional)."""
     path = Path(path)
     n = len(ids)
     labels = np.asarray(labels, dtype=np.float32).reshape(n, len(label_names))
@@ -76,6 +90,13 @@ def create_cache(path: str | Path, *, ids: Sequence[str], systems: Sequence[str]
             f.create_dataset("splits", data=_strings(splits), dtype=_STR)
             if texts is not None:
                 f.create_dataset("texts", data=_strings(texts), dtype=_STR)
+            # written before the big datasets' space is allocated, so their bytes lie near
+            # the start: a disk too small fails in _reserve, not in HDF5 (which then cannot
+            # close the file)
+            if sources is not None:
+                f.create_dataset("sources", data=_strings(sources), dtype=_STR)
+            if skipped:
+                _write_skipped(f, skipped)
             f.create_dataset("labels", data=labels)
             if ratings:
                 r = f.create_group("ratings")
@@ -95,16 +116,24 @@ def create_cache(path: str | Path, *, ids: Sequence[str], systems: Sequence[str]
                 for name, shape in window_shapes.items():
                     _early(w, name, (int(offsets[-1]), *shape), feature_dtype)
             _early(f, "done", (n,), "uint8")
+            if sources is not None:
+                _early(f, "source_stat", (n, 2), "int64")  # rewritten in place with each row
             if system_mos:
                 s = f.create_group("system_mos")
                 names = sorted(system_mos)
                 s.create_dataset("names", data=_strings(names), dtype=_STR)
                 s.create_dataset("values", data=np.array(
                     [system_mos[k] for k in names], dtype=np.float32).reshape(len(names), -1))
-        _reserve(tmp)
+        _reserve(tmp)  # before the rows' data is written: a disk too small fails here
+        if sources is not None:
+            with h5py.File(tmp, "r+", locking=False) as f:
+                f["source_stat"][:] = np.asarray(source_stat, np.int64).reshape(n, 2)
+        if copy_from is not None:
+            copy_from.into(tmp)
         fault_point("CREATE", str(path))
         journal_path(path).unlink(missing_ok=True)
         os.replace(tmp, path)
+        fsync_path(path.parent)
     except OSError as e:
         raise CacheError(f"{path}: could not create the cache ({_why(e)}); is the disk "
                          f"full?") from None
@@ -152,6 +181,62 @@ def _reserve(path: Path) -> None:
         os.close(fd)
 
 
+COPY_BYTES = 64 << 20  # at most this much of a dataset in memory at once while copying rows
+COPY_ROWS = 4096  # clips per run of copied rows: a kill test can stop between two runs
+
+
+@dataclass(frozen=True)
+class RowCopy:
+    """Finished rows to carry from the cache at `src` into a new cache: old row i -> new row
+    j for each (i, j) of zip(old, new). Their features, window rows and window weights are
+    copied and marked done; each clip must own as many window rows in both files."""
+
+    src: Path
+    old: np.ndarray  # [R] int64
+    new: np.ndarray  # [R] int64, increasing
+
+    def into(self, dst_path: Path) -> None:
+        with _open(self.src) as src, h5py.File(dst_path, "r+", locking=False) as dst:
+            windowed = "windows" in dst
+            src_off = src["windows/offsets"][()] if windowed else None
+            dst_off = dst["windows/offsets"][()] if windowed else None
+            for a, b, c in self.runs():  # old rows a:b -> new rows c:c + b - a
+                for name, ds in dst["features"].items():
+                    _copy(src["features"][name], ds, a, b, c)
+                if windowed:
+                    if not np.array_equal(np.diff(src_off[a:b + 1]),
+                                          np.diff(dst_off[c:c + b - a + 1])):
+                        raise CacheError(f"{self.src}: rows {a}-{b - 1} own other window "
+                                         f"counts than in the new cache")
+                    for name, ds in dst["windows"].items():
+                        if name != "offsets":
+                            _copy(src["windows"][name], ds, int(src_off[a]), int(src_off[b]),
+                                  int(dst_off[c]))
+                dst["done"][c:c + b - a] = 1
+                fault_point("MIGRATE", f"rows {c}-{c + b - a - 1}")
+            dst.flush()
+        fsync_path(dst_path)
+
+    def runs(self):
+        """(a, b, c): old rows a:b go to new rows c:c + b - a, in runs of consecutive rows."""
+        old, new = np.asarray(self.old, np.int64), np.asarray(self.new, np.int64)
+        start = 0
+        for i in range(1, len(old) + 1):
+            if (i == len(old) or old[i] != old[i - 1] + 1 or new[i] != new[i - 1] + 1
+                    or i - start >= COPY_ROWS):
+                yield int(old[start]), int(old[i - 1]) + 1, int(new[start])
+                start = i
+
+
+def _copy(src: h5py.Dataset, dst: h5py.Dataset, a: int, b: int, c: int) -> None:
+    """src[a:b] -> dst[c:c + b - a], a bounded slice at a time."""
+    row = max(1, int(np.prod(src.shape[1:])) * src.dtype.itemsize)
+    step = max(1, COPY_BYTES // row)
+    for i in range(a, b, step):
+        j = min(b, i + step)
+        dst[c + i - a:c + j - a] = src[i:j]
+
+
 class CacheWriter:
     """Fills an existing cache row by row. Only raw bytes of preallocated datasets change until
     finish(): a batch's rows are written and fsync'ed before its `done` entries flip, and
@@ -185,8 +270,10 @@ class CacheWriter:
 
     def write(self, rows: Sequence[int], features: Mapping[str, np.ndarray],
               windows: Mapping[str, list[np.ndarray]] | None = None,
-              window_weights: list[np.ndarray] | None = None) -> None:
-        """Write clip rows (features [len(rows), ...]) and, per clip, its window rows.
+              window_weights: list[np.ndarray] | None = None,
+              stats: np.ndarray | None = None) -> None:
+        """Write clip rows (features [len(rows), ...]) and, per clip, its window rows, and
+        with `stats` [len(rows), 2] the (size, mtime_ns) of the audio they were made from.
         Refuses NaN or inf (also what overflows float16 on the way in)."""
         rows = np.asarray(rows, dtype=np.int64)
         order = np.argsort(rows)  # h5py fancy indexing wants increasing indices
@@ -203,6 +290,7 @@ class CacheWriter:
         try:
             for name, values in feats.items():
                 self.f["features"][name][rows[order]] = values[order]
+            self._write_stats(rows, stats)
             for i, row in enumerate(rows):
                 if not wins:
                     break
@@ -231,11 +319,27 @@ class CacheWriter:
         self.f.flush()
         os.fsync(self.f.id.get_vfd_handle())
 
-    def skip(self, reasons: Mapping[str, str]) -> None:
+    def _write_stats(self, rows: np.ndarray, stats: np.ndarray | None) -> None:
+        if stats is not None and "source_stat" in self.f:
+            order = np.argsort(rows)
+            self.f["source_stat"][rows[order]] = np.asarray(stats, np.int64)[order]
+
+    def skip(self, reasons: Mapping[str, str], stats: Mapping[str, Sequence[int]] | None = None,
+             ) -> None:
         """Record clips left out (id -> reason); they stay not done and are never trained on.
-        Appended to the journal, fsync'ed; finish() moves them into /skipped."""
+        Appended to the journal, fsync'ed; finish() moves them into /skipped. `stats` (id ->
+        (size, mtime_ns)) records which audio failed, so a fixed file is retried."""
         if not reasons:
             return
+        if stats:
+            row_of = {cid: i for i, cid in enumerate(self.ids)}
+            rows = np.array([row_of[k] for k in stats], np.int64)
+            try:
+                self._write_stats(rows, np.array(list(stats.values()), np.int64))
+                self._sync()
+            except OSError as e:
+                raise CacheError(f"{self.path}: writing failed ({_why(e)}); is the disk "
+                                 f"full?") from None
         lines = "".join(json.dumps({"skip": str(k), "reason": str(v)}) + "\n"
                         for k, v in reasons.items())
         with open(journal_path(self.path), "a", encoding="utf-8") as j:
@@ -268,10 +372,7 @@ class CacheWriter:
             with h5py.File(tmp, "r+", locking=False) as f:
                 if "skipped" in f:
                     del f["skipped"]
-                g = f.create_group("skipped")
-                g.create_dataset("ids", data=_strings(list(self.skipped)), dtype=_STR)
-                g.create_dataset("reasons", data=_strings(list(self.skipped.values())),
-                                 dtype=_STR)
+                _write_skipped(f, self.skipped)
                 f.attrs.modify("complete", True)
             fsync_path(tmp)
             os.replace(tmp, self.path)

@@ -184,18 +184,22 @@ def test_extraction_changes_only_raw_bytes_so_a_kill_cannot_tear_hdf5(tmp_path, 
     create_cache(p, ids=[f"c{i}" for i in range(n)], systems=["s"] * n, splits=["train"] * n,
                  labels=np.ones((n, 1)), label_names=["q"], backbone="b@1", dataset="d",
                  config={}, feature_shapes={"audio": (4,)}, window_shapes={"layers": (2, 3)},
-                 window_counts=[1, 2, 1, 1, 3, 1])
+                 window_counts=[1, 2, 1, 1, 3, 1], sources=[f"/a/c{i}.wav" for i in range(n)],
+                 source_stat=np.zeros((n, 2)))
     spans = _raw_extents(p)
     start = p.read_bytes()
-    with CacheWriter(p) as w:
+    with CacheWriter(p) as w:  # rows, their audio's (size, mtime) and a skip's
         w.write([3, 0], {"audio": np.ones((2, 4))},
-                {"layers": [np.ones((1, 2, 3)), np.ones((1, 2, 3))]}, [np.ones(1), np.ones(1)])
-        w.skip({"c5": "bad file"})  # goes to the journal, not into the file
+                {"layers": [np.ones((1, 2, 3)), np.ones((1, 2, 3))]}, [np.ones(1), np.ones(1)],
+                stats=np.array([[10, 11], [12, 13]]))
+        w.skip({"c5": "bad file"}, {"c5": (14, 15)})  # the reason goes to the journal
     mid = p.read_bytes()
     changed = _changed(start, mid)
     assert len(changed) > 0
     assert all(any(o <= i < o + s for o, s in spans) for i in changed), \
         "bytes outside the datasets' raw data changed"
+    assert read_cache(p, require_complete=False).source_stat[[0, 3, 5]].tolist() == [
+        [12, 13], [10, 11], [14, 15]]
     assert journal_path(p).exists()
     with CacheWriter(p) as w:
         w.write([1, 2, 4], {"audio": np.ones((3, 4))},

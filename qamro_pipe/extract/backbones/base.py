@@ -158,7 +158,8 @@ class Backbone:
             raise QamroError(
                 f"{self.name}: no checkpoint and downloads are off (offline). Fetch "
                 f"https://huggingface.co/{repo_id}/resolve/main/{filename} and pass "
-                f"--checkpoint PATH, or put the file at {cached}")
+                f"--checkpoint PATH, or put the file at {cached}; or start without "
+                f"downloads with --backbone melstats")
         else:
             from huggingface_hub import hf_hub_download
 
