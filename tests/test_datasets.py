@@ -650,3 +650,30 @@ def test_demo_loader_idempotent_and_guarded(tmp_path: Path):
         load_dataset("demo", tmp_path / "real")
     with pytest.raises(QamroError, match="n_systems"):
         write_demo_corpus(tmp_path / "x", n_systems=99)
+
+
+def test_changed_ratings_rewrite_the_cache_without_re_embedding(musiceval: Path, tmp_path):
+    """Individual ratings are per-clip metadata like the labels: adding, changing or removing
+    a person_mos file rewrites them in the cache, keeps every embedded row, and never serves
+    the old ratings."""
+    from qamro_pipe.config import ExtractConfig
+    from qamro_pipe.extract.loop import extract
+
+    cfg = ExtractConfig(backbone="melstats", device="cpu", workers=0)
+    out = tmp_path / "c.h5"
+    extract(load_dataset("musiceval", musiceval), cfg, out, progress=False)
+    assert read_cache(out).ratings == {}
+    ratings = musiceval / "person_mos/train_person_mos.txt"
+    write(ratings, person_mos(["S002_P001.wav,R03,4,4", "S002_P001.wav,R07,3,5"]))
+    s = extract(load_dataset("musiceval", musiceval), cfg, out, progress=False)
+    assert s.written == 0 and "ratings/overall added" in "; ".join(s.changes)
+    first = read_cache(out)
+    row = list(first.ids).index(f"{PREFIX}S002_P001")
+    assert first.ratings["overall"][row].tolist() == [4, 3]
+    write(ratings, person_mos(["S002_P001.wav,R03,2,4", "S002_P001.wav,R07,3,5"]))
+    s = extract(load_dataset("musiceval", musiceval), cfg, out, progress=False)
+    assert s.written == 0 and read_cache(out).ratings["overall"][row].tolist() == [2, 3]
+    ratings.unlink()
+    s = extract(load_dataset("musiceval", musiceval), cfg, out, progress=False)
+    assert s.written == 0 and read_cache(out).ratings == {}
+    assert np.array_equal(read_cache(out).features["audio"], first.features["audio"])
