@@ -1,11 +1,15 @@
 """One training job from a recipe, a cache and a list of members to a finished run folder."""
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..config import LossConfig, Member, TrainConfig, cache_root, override, to_jsonable
+import numpy as np
+
+from ..config import (LossConfig, Member, TrainConfig, cache_root, check_used, override,
+                      to_jsonable)
 from ..errors import QamroError
 from .recipes import Recipe, load_recipe
 from .runs import RUN_VERSION, clean_stale, save_run, summarise, versions
@@ -13,14 +17,29 @@ from ..store.reader import Cache, read_cache
 
 
 def recipe_configs(recipe: Recipe, train: dict[str, Any] | None = None,
-                   loss: dict[str, Any] | None = None) -> tuple[TrainConfig, LossConfig]:
-    """Defaults (config.py) < recipe overrides < the user's options (None = not given)."""
-    tcfg = override(TrainConfig(), **{k: tuple(v) if isinstance(v, list) else v
-                                      for k, v in recipe.train.items()})
-    lcfg = override(LossConfig(), **recipe.loss)
-    if lcfg.label_range is None and recipe.label_range is not None:
-        lcfg = replace(lcfg, label_range=tuple(recipe.label_range))
-    return override(tcfg, **(train or {})), override(lcfg, **(loss or {}))
+                   loss: dict[str, Any] | None = None,
+                   kinds: list[str] | None = None) -> tuple[TrainConfig, LossConfig]:
+    """Defaults (config.py) < recipe overrides < the user's options (None = not given).
+
+    Every setting is checked here, before any work: the recipe's (errors name its file),
+    then the user's, and a loss setting that none of the loss kinds to be trained (`kinds`,
+    default the resolved kind) reads is refused."""
+    try:
+        tcfg = override(TrainConfig(), **{k: tuple(v) if isinstance(v, list) else v
+                                          for k, v in recipe.train.items()})
+        lcfg = override(LossConfig(), **{k: tuple(v) if isinstance(v, list) else v
+                                         for k, v in recipe.loss.items()})
+        if lcfg.label_range is None and recipe.label_range is not None:
+            lcfg = replace(lcfg, label_range=tuple(recipe.label_range))
+    except (QamroError, TypeError) as e:
+        raise QamroError(f"{recipe.where()}: {e}") from None
+    tcfg, lcfg = override(tcfg, **(train or {})), override(lcfg, **(loss or {}))
+    given = [k for k, v in (loss or {}).items() if v is not None and k != "kind"]
+    check_used(kinds if kinds is not None else [lcfg.kind], given)
+    if lcfg.norm == "range" and lcfg.label_range is None:
+        raise QamroError(f"--norm range needs the labels' scale: {recipe.where()} declares no "
+                         f"label_range")
+    return tcfg, lcfg
 
 
 def open_cache(recipe: Recipe, cache: str | Path | None) -> Cache:
@@ -49,6 +68,8 @@ def run_experiment(recipe: Recipe | str, members: list[Member], tcfg: TrainConfi
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
     data = open_cache(recipe, cache)
     out = Path(out) if out else default_out(recipe, members, kind)
+    check_out(out, data.path)
+    system_note = system_level_note(data, recipe.heads, tcfg)  # before, not after, training
     clean_stale(out)  # what a killed run left: removed, or an interrupted --force finished
     if out.exists() and not force:  # refuse before spending time training
         raise QamroError(f"{out}: run folder exists; choose another --out or pass --force")
@@ -56,9 +77,11 @@ def run_experiment(recipe: Recipe | str, members: list[Member], tcfg: TrainConfi
     result = train(data, recipe.heads, members, tcfg, label_range=label_range,
                    progress=progress)
     metrics = summarise(data, result, tcfg)
+    mark_system_level(metrics, system_note)
     config = {
         "qamro_run_version": RUN_VERSION, "recipe": recipe.name,
         "recipe_path": str(recipe.path) if recipe.path else None,
+        "recipe_derived": recipe.derived,
         "cache": str(data.path), "backbone": data.meta.backbone, "dataset": data.meta.dataset,
         "cache_key": data.meta.key, "cache_config": data.meta.config,
         "label_names": list(data.label_names),
@@ -76,9 +99,52 @@ def run_experiment(recipe: Recipe | str, members: list[Member], tcfg: TrainConfi
 
         rows = sweep_rows(metrics)
         write_sweep_csv(folder / "sweep.csv", rows)
-        plot_sweep(folder / "sweep.png", rows)
+        plot_sweep(folder / "sweep.png", rows, level="utterance" if system_note else "system")
 
     extra = sweep_files if kind == "sweep" else None
     folder = save_run(out, config=config, metrics=metrics, cache=data, result=result,
                       force=force, extra=extra)
     return folder, metrics, result, data
+
+
+def check_out(out: Path, cache: Path) -> None:
+    """Where a run may be written, checked before training: a new or run folder of its own,
+    not the working directory or a folder holding it, not the input cache, and under a
+    folder that can be written to."""
+    target, here = out.resolve(), Path.cwd().resolve()
+    if target == here or target in here.parents:
+        raise QamroError(f"--out {out}: that is the working directory or a folder holding it; "
+                         f"name a new folder for the run")
+    if target == Path(cache).resolve():
+        raise QamroError(f"--out {out}: that is the cache being trained from; name a new "
+                         f"folder for the run")
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise QamroError(f"--out {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise QamroError(f"--out {out}: cannot write in {parent} (permission denied)")
+
+
+def system_level_note(cache: Cache, heads, tcfg: TrainConfig) -> str | None:
+    """Why the eval split gives no system-level figures (fewer than 2 systems among the
+    labelled rows of some head), or None; training then reports utterance level only."""
+    from ..report.metrics import system_level_problem
+    from .inputs import label_col
+
+    rows = cache.rows(tcfg.eval_split)
+    for h in heads:
+        labelled = rows[np.isfinite(cache.labels[rows, label_col(cache, h)])]
+        problem = system_level_problem(cache.systems[labelled])
+        if problem and len(labelled):
+            return f"eval split {tcfg.eval_split!r}: {problem}"
+    return None
+
+
+def mark_system_level(metrics: dict[str, Any], note: str | None) -> None:
+    """Say in metrics.json whether system-level figures exist, and why not."""
+    metrics["system_level"] = {"computable": note is None, "why": note}
+    if note:
+        for levels in metrics["heads"].values():
+            levels["system"]["not_computable"] = note
