@@ -13,6 +13,7 @@ import numpy as np
 
 from ..config import LossConfig, Member, check_seeds, check_used, override
 from ..errors import QamroError
+from .metrics import FIGURES
 from ..train.recipes import find_recipe
 
 
@@ -21,9 +22,9 @@ class TableRecipe:
     name: str
     model: str  # the model recipe whose heads, dataset and backbone every row trains
     rows: tuple[tuple[str, dict[str, Any]], ...]  # (row name, LossConfig settings)
-    seeds: int = 5
-    level: str = "system"
-    figures: tuple[str, ...] = ("mse", "lcc", "srcc", "ktau")
+    seeds: int = 5  # seeds per row (the paper's tables average 5 runs)
+    level: str = "system"  # the level the figures are read at (utterance without systems)
+    figures: tuple[str, ...] = FIGURES  # the columns of each head
     reference: dict[str, Any] = field(default_factory=dict)  # published figures
     path: Path | None = None
 
@@ -33,12 +34,18 @@ def load_table(name_or_path: str | Path) -> TableRecipe:
     try:
         data = tomllib.loads(path.read_text())
         rows = tuple((r.pop("name"), r) for r in (dict(r) for r in data["rows"]))
-        return TableRecipe(name=data.get("name", path.stem), model=data["model"], rows=rows,
-                           seeds=int(data.get("seeds", 5)), level=data.get("level", "system"),
-                           figures=tuple(data.get("figures", ("mse", "lcc", "srcc", "ktau"))),
-                           reference=data.get("reference", {}), path=path)
+        given = {k: data[k] for k in ("seeds", "level", "reference") if k in data}
+        if "figures" in data:
+            given["figures"] = tuple(data["figures"])
+        table = TableRecipe(name=data.get("name", path.stem), model=data["model"], rows=rows,
+                            path=path, **given)
     except (KeyError, TypeError, tomllib.TOMLDecodeError) as e:
         raise QamroError(f"{path}: not a table recipe ({e})") from None
+    if table.level not in ("system", "utterance") or not set(table.figures) <= set(FIGURES):
+        raise QamroError(f"{path}: level must be system or utterance, figures among "
+                         f"{', '.join(FIGURES)}")
+    check_seeds(table.seeds)
+    return table
 
 
 def table_members(table: TableRecipe, base: LossConfig, seeds: int) -> tuple[list[Member], dict]:
@@ -130,10 +137,11 @@ def run_table(table: str | Path, model: str | None = None, cache: str | Path | N
     from ..train.recipes import select_recipe
 
     t = load_table(table)
+    seeds = t.seeds if seeds is None else seeds  # 0 is refused, not read as "not given"
     recipe = select_recipe(model, cache=cache, default=t.model)
     kinds = sorted({r.get("loss", recipe.loss.get("kind", LossConfig.kind)) for _, r in t.rows})
     tcfg, lcfg = recipe_configs(recipe, train, loss, kinds=kinds)
-    members, row_of = table_members(t, lcfg, seeds or t.seeds)
+    members, row_of = table_members(t, lcfg, seeds)
     out = Path(out) if out else cache_root() / "runs" / f"{t.name}-{recipe.name}"
     folder, metrics, result, data = run_experiment(recipe, members, tcfg, cache, out, force)
     level = t.level if metrics["system_level"]["computable"] else "utterance"
@@ -143,7 +151,7 @@ def run_table(table: str | Path, model: str | None = None, cache: str | Path | N
             and data.meta.backbone.split("@")[0] == recipe.backbone)  # the paper's setting
     text, md, csv_rows = render(t, heads, rows, show_reference=real and level == t.level)
     title = (f"{t.name}: {recipe.name}, {level}-level on {metrics['eval_split']!r}, "
-             f"mean ± sd over {seeds or t.seeds} seeds (validation: {metrics['validation']})")
+             f"mean ± sd over {seeds} seeds (validation: {metrics['validation']})")
     write_table(folder, md, csv_rows, title)
     return {"folder": folder, "title": title, "text": text, "result": result,
             "reference_shown": real, "metrics": metrics, "recipe": recipe}
