@@ -365,3 +365,27 @@ def test_a_manifest_cache_trains_without_a_recipe(tmp_path, with_text, features)
     assert json.loads((out / "metrics.json").read_text())["heads"]["clarity"]["system"]["srcc"]
     r = invoke("evaluate", out)
     assert r.exit_code == 0, r.output
+
+
+def test_the_documented_recipe_example_trains(tmp_path):
+    """docs/recipes.md's complete example is a working recipe (its TOML block, as is)."""
+    import re
+
+    from qamro_pipe.train.recipes import load_recipe
+
+    doc = (Path(__file__).parents[1] / "docs" / "recipes.md").read_text()
+    block = re.search(r"```toml\n(.*?)```", doc, re.S)[1]
+    path = tmp_path / "tts.toml"
+    path.write_text(block)
+    r = load_recipe(path)
+    assert [(h.name, h.features) for h in r.heads] == [("naturalness", ("audio",)),
+                                                       ("clarity", ("audio", "text"))]
+    cache = _manifest_cache(tmp_path, with_text=True)
+    out = tmp_path / "run"
+    res = invoke("sweep", "--recipe", path, "--grid", "ablation", "--seeds", "1", "--cache",
+                 cache, "--out", out, *FAST)
+    assert res.exit_code == 0, res.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["batch_size"] == 64 and config["train"]["patience"] == 30
+    assert {m["loss"]["regression"] for m in config["members"]} == {"mse"}
+    assert len(config["members"]) == 4  # none, qamro b=1, qamro b=7, mr
