@@ -59,8 +59,8 @@ def command(group: typer.Typer = app, name: str | None = None,
             except KeyboardInterrupt:
                 typer.echo("interrupted", err=True)
                 raise typer.Exit(130) from None
-        return group.command(name, rich_help_panel=panel)(with_options(guarded, shared or {},
-                                                "opts" if shared else None, _debug_switch))
+        typed = with_options(guarded, shared or {}, "opts" if shared else None, _debug_switch)
+        return group.command(name, rich_help_panel=panel)(typed)
     return deco
 
 
@@ -267,7 +267,7 @@ def sweep(
     """Train a grid of loss settings x seeds as one batched model.
 
     Writes the run folder with sweep.csv and sweep.png. Takes every option train takes."""
-    from .report.screen import sweep_table
+    from .report.screen import sweep_table, system_level_line
     from .train.experiment import recipe_configs, run_experiment
     from .train.recipes import select_recipe
     from .train.sweep import expand_grid, named_grid, parse_list, sweep_rows
@@ -285,8 +285,6 @@ def sweep(
                                                    kind="sweep")
     _warn_backbone(r, data)
     typer.echo(sweep_table(sweep_rows(metrics)))
-    from .report.screen import system_level_line
-
     _note(system_level_line(metrics))
     typer.echo(f"{len(members)} members trained as one model in {result.seconds:.1f} s on "
                f"{result.device}; wrote {folder / 'sweep.csv'} and {folder / 'sweep.png'}")

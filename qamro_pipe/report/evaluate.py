@@ -34,7 +34,11 @@ class TrainedRun:
                                        for k, v in h.items()}) for h in self.config["heads"])
         train_cfg = {k: tuple(v) if isinstance(v, list) else v
                      for k, v in self.config["train"].items()}
-        self.train_cfg = TrainConfig(**train_cfg)
+        try:
+            self.train_cfg = TrainConfig(**train_cfg)
+        except (QamroError, TypeError) as e:  # a run of another version, or edited by hand
+            raise QamroError(f"{self.path / 'config.json'}: train settings not readable: "
+                             f"{e}") from None
         self.stats = {h: tuple(v) for h, v in self.config.get("label_stats", {}).items()}
         self.members = sorted({int(k.split("/")[1][1:]) for k in tensors})
         self.models: dict[str, BatchedMLP] = {}
