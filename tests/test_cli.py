@@ -389,3 +389,24 @@ def test_the_documented_recipe_example_trains(tmp_path):
     assert config["train"]["batch_size"] == 64 and config["train"]["patience"] == 30
     assert {m["loss"]["regression"] for m in config["members"]} == {"mse"}
     assert len(config["members"]) == 4  # none, qamro b=1, qamro b=7, mr
+
+
+def test_system_level_is_reported_for_every_head_that_has_it(tmp_path):
+    """One head's labelled eval rows all from one system, the other's from twelve."""
+    import h5py
+
+    cache = make_synthetic_cache(tmp_path / "c.h5", system_mos=False)
+    with h5py.File(cache, "r+") as f:
+        labels, systems = f["labels"][()], f["systems"].asstr()[()]
+        dev = f["splits"].asstr()[()] == "dev"
+        labels[dev & (systems != "S000"), 1] = np.nan
+        f["labels"][...] = labels
+    out = tmp_path / "r"
+    r = invoke("train", "--cache", cache, "--out", out, *FAST)
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["heads"]["overall"]["system"]["srcc"] is not None
+    assert "not_computable" not in m["heads"]["overall"]["system"]
+    assert m["heads"]["textual"]["system"]["srcc"] is None
+    assert "1 ('S000')" in m["heads"]["textual"]["system"]["not_computable"]
+    assert m["system_level"]["why"].startswith("heads textual: eval split 'dev'")

@@ -127,11 +127,12 @@ def write_table(folder: Path, md: str, csv_rows: list[list[str]], title: str) ->
 
 def run_table(table: str | Path, model: str | None = None, cache: str | Path | None = None,
               seeds: int | None = None, out: str | Path | None = None, force: bool = False,
-              train: dict[str, Any] | None = None,
-              loss: dict[str, Any] | None = None) -> dict[str, Any]:
+              train: dict[str, Any] | None = None, loss: dict[str, Any] | None = None,
+              **run_opts) -> dict[str, Any]:
     """Train every row x seed as one batched run; write table.md and table.csv beside it.
     `train` and `loss` override the model recipe's settings for every row (loss: norm and
-    regression, which all rows share). Without a system column the table is utterance-level."""
+    regression, which all rows share); `run_opts` go to run_experiment as they are. Without a
+    system column the table is utterance-level."""
     from ..config import cache_root
     from ..train.experiment import recipe_configs, run_experiment
     from ..train.recipes import select_recipe
@@ -143,7 +144,8 @@ def run_table(table: str | Path, model: str | None = None, cache: str | Path | N
     tcfg, lcfg = recipe_configs(recipe, train, loss, kinds=kinds)
     members, row_of = table_members(t, lcfg, seeds)
     out = Path(out) if out else cache_root() / "runs" / f"{t.name}-{recipe.name}"
-    folder, metrics, result, data = run_experiment(recipe, members, tcfg, cache, out, force)
+    folder, metrics, result, data = run_experiment(recipe, members, tcfg, cache, out, force,
+                                                   **run_opts)
     level = t.level if metrics["system_level"]["computable"] else "utterance"
     rows = aggregate(t, metrics, members, row_of, level)
     heads = [h.name for h in recipe.heads]

@@ -127,24 +127,27 @@ def check_out(out: Path, cache: Path) -> None:
         raise QamroError(f"--out {out}: cannot write in {parent} (permission denied)")
 
 
-def system_level_note(cache: Cache, heads, tcfg: TrainConfig) -> str | None:
-    """Why the eval split gives no system-level figures (fewer than 2 systems among the
-    labelled rows of some head), or None; training then reports utterance level only."""
+def system_level_note(cache: Cache, heads, tcfg: TrainConfig) -> dict[str, str]:
+    """head -> why the eval split gives it no system-level figures (fewer than 2 systems
+    among its labelled rows); heads left out have them. Decided before training."""
     from ..report.metrics import system_level_problem
     from .inputs import label_col
 
     rows = cache.rows(tcfg.eval_split)
+    notes = {}
     for h in heads:
         labelled = rows[np.isfinite(cache.labels[rows, label_col(cache, h)])]
         problem = system_level_problem(cache.systems[labelled])
         if problem and len(labelled):
-            return f"eval split {tcfg.eval_split!r}: {problem}"
-    return None
+            notes[h.name] = f"eval split {tcfg.eval_split!r}: {problem}"
+    return notes
 
 
-def mark_system_level(metrics: dict[str, Any], note: str | None) -> None:
-    """Say in metrics.json whether system-level figures exist, and why not."""
-    metrics["system_level"] = {"computable": note is None, "why": note}
-    if note:
-        for levels in metrics["heads"].values():
-            levels["system"]["not_computable"] = note
+def mark_system_level(metrics: dict[str, Any], notes: dict[str, str]) -> None:
+    """Say in metrics.json whether system-level figures exist, and for which heads not."""
+    why = "; ".join(dict.fromkeys(notes.values())) or None
+    if why and len(notes) < len(metrics["heads"]):
+        why = f"heads {', '.join(notes)}: {why}"
+    metrics["system_level"] = {"computable": not notes, "why": why}
+    for head, note in notes.items():
+        metrics["heads"][head]["system"]["not_computable"] = note
