@@ -1,30 +1,55 @@
 """The `qamro-pipe` command: parse options, call one library function, print.
 
-Options default to None, meaning "not given": defaults live in config.py and recipes only."""
+Options default to None, meaning "not given": defaults live in config.py and recipes only;
+--help shows them (cli_options.py reads them from the dataclasses). Settings are checked by
+the library (config.py's dataclasses) before any work; this module only reports."""
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-from .config import DEFAULT_RECIPE
+from . import __version__
+from .cli_options import (DATA, LOSS, MODEL, OUTPUT, RUN_OPTIONS, cfg_opt, default_of, opt,
+                          run_args, train_settings, with_options)
+from .config import (DEFAULT_RECIPE, DEFAULT_TABLE, DEVICE_HELP, EXTRACT_BATCH, ExtractConfig,
+                     LossConfig)
 from .errors import Interrupted, QamroError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="QAMRO MOS prediction: extract embeddings once, train heads in seconds.")
-cache_app = typer.Typer(no_args_is_help=True, help="Inspect and manage cache files.")
-app.add_typer(cache_app, name="cache")
+HELP = ("QAMRO MOS prediction: extract embeddings once, train heads in seconds.\n\n"
+        "Start here: `qamro-pipe extract` embeds a dataset into a cache; `qamro-pipe train` "
+        "learns heads on it; `evaluate` and `predict` use the run. `make demo` does all of it "
+        "offline.\n\nDefaults shown come from qamro_pipe/config.py and the recipe; "
+        "`COMMAND -h` lists a command's options.")
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP,
+                  rich_markup_mode="markdown",  # paragraphs reflow to the terminal
+                  context_settings={"help_option_names": ["-h", "--help"]})
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect and join cache files.")
 
 _state = {"debug": False}
 
 
-def command(group: typer.Typer = app, name: str | None = None):
-    """Register a command whose QamroError becomes one line on stderr and exit code 1."""
+def _debug_switch(kw: dict[str, Any]) -> None:
+    if kw.get("debug"):
+        _state["debug"] = True
+
+
+# commands are listed as a user meets them: panels in this order, commands in theirs
+EMBED, TRAIN, USE, DEMO = ("1. Embed audio (start here)", "2. Train heads",
+                           "3. Use a trained run", "Offline demo")
+
+
+def command(group: typer.Typer = app, name: str | None = None,
+            shared: dict[str, tuple[Any, Any]] | None = None, panel: str | None = None):
+    """Register a command whose QamroError becomes one line on stderr and exit code 1. It
+    takes --debug after its name too, and the `shared` options as one dict `opts`."""
     def deco(fn):
         @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
+        def guarded(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
             except QamroError as e:
@@ -35,35 +60,27 @@ def command(group: typer.Typer = app, name: str | None = None):
             except KeyboardInterrupt:
                 typer.echo("interrupted", err=True)
                 raise typer.Exit(130) from None
-        return group.command(name)(wrapper)
+        typed = with_options(guarded, shared or {}, "opts" if shared else None, _debug_switch)
+        return group.command(name, rich_help_panel=panel)(typed)
     return deco
 
 
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"qamro-pipe {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")):
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+          version: Optional[bool] = typer.Option(None, "--version", callback=_version,
+                                                 is_eager=True, help="Print the version.")):
     _state["debug"] = debug
 
 
-def _table(metrics: dict[str, Any], level: str = "system") -> str:
-    figs = ("mse", "lcc", "srcc", "ktau")
-    lines = [f"{level}-level on {metrics['eval_split']!r} (validation: {metrics['validation']})",
-             f"{'head':<12}" + "".join(f"{f.upper():>21}" for f in figs)]
-    for head, levels in metrics["heads"].items():
-        m = levels[level]
-        cells = []
-        for f in figs:
-            v = m.get(f)
-            if v is None:
-                cells.append(f"{'-':>21}")
-            elif m.get(f"{f}_std") is not None:
-                cells.append(f"{v:.3f} ± {m[f'{f}_std']:.3f}".rjust(21))
-            elif m.get(f"{f}_ci"):
-                lo, hi = m[f"{f}_ci"]
-                cells.append(f"{v:.3f} [{lo:.3f},{hi:.3f}]".rjust(21))
-            else:
-                cells.append(f"{v:>21.3f}")
-        lines.append(f"{head:<12}" + "".join(cells))
-    return "\n".join(lines)
+def _note(text: str | None) -> None:
+    if text:
+        typer.echo(text, err=True)
 
 
 def _warn_backbone(recipe, data) -> None:
@@ -74,15 +91,27 @@ def _warn_backbone(recipe, data) -> None:
                    f"{data.path} holds {data.meta.backbone}", err=True)
 
 
-def _train_overrides(**opts) -> dict[str, Any]:
-    return {k: v for k, v in opts.items() if v is not None}
+def _report_run(recipe, metrics, result, data) -> None:
+    from .report.screen import metrics_table, system_level_line
+
+    _warn_backbone(recipe, data)
+    typer.echo(metrics_table(metrics))
+    _note(system_level_line(metrics))
+    for msg in {**result.warnings, **result.failures}.values():
+        typer.echo(f"warning: {msg}", err=True)
 
 
-def _watch(quiet: bool, desc: str):
-    """The training progress display (None with --quiet)."""
+@contextlib.contextmanager
+def _watch(opts: dict[str, Any], desc: str):
+    """The training progress display for the run (None with --quiet), closed after it."""
     from .train.progress import TrainingProgress
 
-    return None if quiet else TrainingProgress(desc)
+    display = None if opts["quiet"] else TrainingProgress(desc)
+    try:
+        yield display
+    finally:
+        if display is not None:
+            display.close()
 
 
 def _cost(result) -> str:
@@ -94,310 +123,87 @@ def _cost(result) -> str:
             f"{result.device} ({rate:.1f} member-epochs/s{resumed})")
 
 
-QUIET = typer.Option(False, "--quiet", help="No progress display.")
-RESUME = typer.Option(False, "--resume", help="Continue an interrupted run from its saved "
-                      "state (rerunning the same command does too); an error if there is none.")
+_RECIPE_HELP = "Model recipe: a name in qamro_pipe/stages/ or a .toml path (docs/recipes.md)."
+_RECIPE_DEFAULT = (f"{DEFAULT_RECIPE}; a --cache of another dataset gets that dataset's recipe "
+                   f"or one derived from the cache")
 
 
-@command()
-def train(
-    recipe: Optional[str] = typer.Option(None, help="Recipe name (qamro_pipe/stages/) or a .toml path "
-                                         f"(default: {DEFAULT_RECIPE})."),
-    dataset: Optional[str] = typer.Option(None, help="Use this dataset's recipe."),
-    backbone: Optional[str] = typer.Option(None, help="Read cache/<dataset>/<backbone>.h5."),
-    cache: Optional[Path] = typer.Option(None, help="Cache file (default: the recipe's)."),
-    out: Optional[Path] = typer.Option(None, help="Run folder (default: under the cache root)."),
-    loss: Optional[str] = typer.Option(None, help="Ranking term: qamro, mr or none."),
-    alpha: Optional[float] = typer.Option(None, help="QAMRO margin scale."),
-    beta: Optional[float] = typer.Option(None, help="QAMRO quality preference (1 = off)."),
-    margin: Optional[float] = typer.Option(None, help="Fixed margin of --loss mr."),
-    norm: Optional[str] = typer.Option(None, help="Label normalisation for q: batch or range."),
-    regression: Optional[str] = typer.Option(None, help="huber, mse or mse+mae."),
-    seeds: Optional[int] = typer.Option(None, help="Train seeds 0..N-1 as batched members."),
-    seed: Optional[int] = typer.Option(None, help="A single seed (instead of --seeds)."),
-    val_split: Optional[str] = typer.Option(None, help="'holdout' or a split name ('dev' = "
-                                            "the published code's protocol)."),
-    eval_split: Optional[str] = typer.Option(None, help="Split the metrics are reported on."),
-    max_epochs: Optional[int] = typer.Option(None),
-    patience: Optional[int] = typer.Option(None),
-    lr: Optional[float] = typer.Option(None),
-    batch_size: Optional[int] = typer.Option(None),
-    activation: Optional[str] = typer.Option(None, help="relu, gelu or none (published)."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1 ..."),
-    matmul_precision: Optional[str] = typer.Option(
-        None, help="highest (fp32, default) or high (TF32 on GPUs that have it: faster, "
-        "predictions move by ~1e-2; see docs/benchmarks.md)."),
-    pair_kernel: Optional[str] = typer.Option(
-        None, help="torch (default) or triton: the pair loss as one fused CUDA kernel."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
-    quiet: bool = QUIET,
-    resume: bool = RESUME,
-):
-    """Train QAMRO heads on a cache and write a run folder."""
-    from .train.experiment import recipe_configs, run_experiment
-    from .train.recipes import select_recipe
-    from .train.sweep import expand_grid
-
-    r = select_recipe(recipe, dataset, backbone)
-    tcfg, lcfg = recipe_configs(
-        r, _train_overrides(val_split=val_split, eval_split=eval_split, max_epochs=max_epochs,
-                            patience=patience, lr=lr, batch_size=batch_size,
-                            activation=activation, device=device,
-                            matmul_precision=matmul_precision, pair_kernel=pair_kernel),
-        _train_overrides(kind=loss, alpha=alpha, beta=beta, margin=margin, norm=norm,
-                         regression=regression))
-    seed_list = [seed] if seed is not None else (seeds if seeds is not None else 1)
-    members = expand_grid(lcfg, {"seeds": seed_list})
-    watch = _watch(quiet, "train")
-    try:
-        folder, metrics, result, data = run_experiment(r, members, tcfg, cache, out, force,
-                                                       progress=watch, resume=resume)
-    finally:
-        watch and watch.close()
-    _warn_backbone(r, data)
-    typer.echo(_table(metrics))
-    for msg in {**result.warnings, **result.failures}.values():
-        typer.echo(f"warning: {msg}", err=True)
-    typer.echo(f"run written to {folder}  ({_cost(result)})")
-
-
-@command()
-def sweep(
-    recipe: Optional[str] = typer.Option(None, help="Recipe name (qamro_pipe/stages/) or a .toml path "
-                                         f"(default: {DEFAULT_RECIPE})."),
-    dataset: Optional[str] = typer.Option(None, help="Use this dataset's recipe."),
-    backbone: Optional[str] = typer.Option(None, help="Read cache/<dataset>/<backbone>.h5."),
-    grid: Optional[str] = typer.Option(None, help="A named grid of the recipe (e.g. beta)."),
-    cache: Optional[Path] = typer.Option(None, help="Cache file (default: the recipe's)."),
-    out: Optional[Path] = typer.Option(None, help="Sweep folder (default: under cache root)."),
-    loss: Optional[str] = typer.Option(None, help="Comma list of qamro, mr, none."),
-    alpha: Optional[str] = typer.Option(None, help="Comma list, e.g. 0.1,0.2."),
-    beta: Optional[str] = typer.Option(None, help="Comma list, e.g. 1,3,5,7,9,11."),
-    margin: Optional[str] = typer.Option(None, help="Comma list of fixed margins for mr."),
-    seeds: Optional[int] = typer.Option(None, help="Seeds 0..N-1 per point."),
-    val_split: Optional[str] = typer.Option(None),
-    eval_split: Optional[str] = typer.Option(None),
-    max_epochs: Optional[int] = typer.Option(None),
-    device: Optional[str] = typer.Option(None),
-    matmul_precision: Optional[str] = typer.Option(
-        None, help="highest (fp32, default) or high (TF32 on GPUs that have it: faster, "
-        "predictions move by ~1e-2; see docs/benchmarks.md)."),
-    pair_kernel: Optional[str] = typer.Option(
-        None, help="torch (default) or triton: the pair loss as one fused CUDA kernel."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing sweep folder."),
-    quiet: bool = QUIET,
-    resume: bool = RESUME,
-):
-    """Train a grid over (loss, alpha, beta, seed) as one batched model; table and plot."""
-    from .train.experiment import recipe_configs, run_experiment
-    from .train.recipes import select_recipe
-    from .train.sweep import expand_grid, parse_list, sweep_rows
-
-    r = select_recipe(recipe, dataset, backbone)
-    tcfg, lcfg = recipe_configs(r, _train_overrides(
-        val_split=val_split, eval_split=eval_split, max_epochs=max_epochs, device=device,
-        matmul_precision=matmul_precision, pair_kernel=pair_kernel))
-    g: dict[str, Any] = {}
-    if grid:
-        if grid not in r.grids:
-            raise QamroError(f"recipe {r.name!r} has no grid {grid!r} "
-                             f"(it has: {', '.join(r.grids) or 'none'})")
-        g.update(r.grids[grid])
-    given = {"loss": parse_list(loss, str), "alpha": parse_list(alpha),
-             "beta": parse_list(beta), "margin": parse_list(margin), "seeds": seeds}
-    g.update({k: v for k, v in given.items() if v is not None})
-    members = expand_grid(lcfg, g)
-    watch = _watch(quiet, "sweep")
-    try:
-        folder, metrics, result, data = run_experiment(r, members, tcfg, cache, out, force,
-                                                       kind="sweep", progress=watch,
-                                                       resume=resume)
-    finally:
-        watch and watch.close()
-    _warn_backbone(r, data)
-    rows = sweep_rows(metrics)
-    typer.echo(_sweep_table(rows))
-    typer.echo(f"trained as one model: {_cost(result)}")
-    typer.echo(f"wrote {folder / 'sweep.csv'} and {folder / 'sweep.png'}")
-
-
-def _sweep_table(rows: list[dict[str, Any]]) -> str:
-    import numpy as np
-
-    from .train.sweep import setting_order
-
-    pts: dict[tuple, list] = {}
-    for r in rows:
-        if r.get("level") == "system" and r.get("srcc") is not None:
-            pts.setdefault((r["loss"], r["alpha"], r["beta"], r["margin"], r["head"]),
-                           []).append(r["srcc"])
-    lines = [f"{'loss':<6}{'alpha':>7}{'beta':>6}{'margin':>8}  {'head':<10}"
-             f"{'system SRCC (mean ± sd over seeds)':>36}"]
-    def num(x):
-        return "-" if x is None else f"{x:g}"
-
-    def order(item):
-        kind, a, b, m, head = item[0]
-        return kind, *(setting_order(x) for x in (a, b, m)), head
-    for (kind, a, b, m, head), v in sorted(pts.items(), key=order):
-        sd = f" ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else ""
-        lines.append(f"{kind:<6}{num(a):>7}{num(b):>6}{num(m):>8}  {head:<10}"
-                     f"{np.mean(v):>28.3f}{sd} (n={len(v)})")
-    return "\n".join(lines)
-
-
-@command()
+# -- stage 1 --------------------------------------------------------------------------------
+@command(panel=EMBED)
 def extract(
-    dataset: Optional[str] = typer.Option(None, help="musiceval, aes-natural or demo."),
-    root: Optional[Path] = typer.Option(None, help="The dataset's folder."),
-    manifest: Optional[Path] = typer.Option(None, help="A CSV/TSV/JSONL manifest instead."),
-    splits: Optional[str] = typer.Option(None, help="Splits to read, e.g. train,dev,eval "
-                                         "(musiceval: also test)."),
-    eval_dir: Optional[Path] = typer.Option(None, help="The eval-phase package's DATA folder "
-                                            "(default: found in or beside --root)."),
-    lists: Optional[Path] = typer.Option(None, help="aes-natural: folder with the published "
-                                         "lists, e.g. a clone of audiobox-aesthetics "
-                                         "(default: --root)."),
-    backbone: Optional[str] = typer.Option(None, help="clap-music, aesthetics or melstats."),
-    checkpoint: Optional[str] = typer.Option(None, help="Backbone weights file."),
-    tokenizer_dir: Optional[str] = typer.Option(None, help="Tokenizer files (offline CLAP)."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Cache root (default: $QAMRO_CACHE_DIR "
-                                             "or ./cache)."),
-    out: Optional[Path] = typer.Option(None, help="Exact cache file path."),
-    device: Optional[str] = typer.Option(None),
-    precision: Optional[str] = typer.Option(None, help="fp32, bf16 or fp16."),
-    batch_size: Optional[int] = typer.Option(None, help="Windows per forward pass."),
-    workers: Optional[int] = typer.Option(None, help="Decoding processes (0 = in-process)."),
-    offline: Optional[bool] = typer.Option(None, "--offline/--online",
-                                           help="Never touch the network."),
-    skip_bad: Optional[bool] = typer.Option(None, "--skip-bad", help="List bad files in the "
-                                            "cache and go on instead of stopping."),
-    shard: Optional[str] = typer.Option(None, help="K/N: extract clips K, K+N, ... into "
-                                        "NAME.part-K-of-N.h5 (join with `cache merge`)."),
+    dataset: Optional[str] = opt("Dataset layout: musiceval, aes-natural or demo (with --root); "
+                                 "for your own clips use --manifest.", rich_help_panel=DATA),
+    root: Optional[Path] = opt("The dataset's folder.", "CACHE_ROOT/demo-corpus for demo",
+                               rich_help_panel=DATA),
+    manifest: Optional[Path] = opt("A CSV/TSV/JSONL manifest (id, path; optional system, text, "
+                                   "split, start, end; other columns are scores).",
+                                   rich_help_panel=DATA),
+    splits: Optional[str] = opt("Splits to read, comma-separated, e.g. train,dev,eval "
+                                "(musiceval: also test).", "the dataset's, those present",
+                                rich_help_panel=DATA),
+    eval_dir: Optional[Path] = opt("The eval-phase package's DATA folder.",
+                                   "found in or beside --root", rich_help_panel=DATA),
+    lists: Optional[Path] = opt("aes-natural: the folder with the published lists, e.g. a "
+                                "clone of audiobox-aesthetics.", "--root", rich_help_panel=DATA),
+    backbone: Optional[str] = cfg_opt(ExtractConfig, "backbone", "Frozen model: clap-music, "
+                                      "aesthetics or melstats (no download).", recipe=False,
+                                      rich_help_panel=MODEL),
+    checkpoint: Optional[str] = opt("Backbone weights file.", "the release file, downloaded "
+                                    "once into ~/.cache/qamro-pipe", rich_help_panel=MODEL),
+    tokenizer_dir: Optional[str] = opt("roberta-base tokenizer files (CLAP text, offline).",
+                                       "downloaded when online", rich_help_panel=MODEL),
+    cache_dir: Optional[Path] = opt("Cache root.", "$QAMRO_CACHE_DIR or ./cache",
+                                    rich_help_panel=OUTPUT),
+    out: Optional[Path] = opt("Exact cache file path.", "CACHE_ROOT/DATASET/BACKBONE.h5",
+                              rich_help_panel=OUTPUT),
+    device: Optional[str] = cfg_opt(ExtractConfig, "device", f"{DEVICE_HELP}.", recipe=False,
+                                    rich_help_panel=MODEL),
+    precision: Optional[str] = cfg_opt(ExtractConfig, "precision", "fp32, bf16 or fp16 "
+                                       "(recorded in the cache).", recipe=False,
+                                       rich_help_panel=MODEL),
+    batch_size: Optional[int] = opt("Windows per forward pass (>= 1).", ", ".join(
+        f"{n} on {d}" for d, n in EXTRACT_BATCH.items()), rich_help_panel=MODEL),
+    workers: Optional[int] = opt("Decoding processes (0 = in this process).",
+                                 "2 on a CPU, more on a GPU (extract.loop.auto_workers)",
+                                 rich_help_panel=MODEL),
+    offline: Optional[bool] = opt("Never touch the network.", "HF_HUB_OFFLINE or QAMRO_OFFLINE",
+                                  "--offline/--online", rich_help_panel=MODEL),
+    skip_bad: Optional[bool] = opt("List bad files in the cache and go on instead of stopping.",
+                                   "stop at the first", "--skip-bad", rich_help_panel=MODEL),
+    shard: Optional[str] = opt("K/N, numbered from 0 (0/4 .. 3/4): extract clips K, K+N, ... "
+                               "into NAME.part-K-of-N.h5; join them with `cache merge`.",
+                               rich_help_panel=OUTPUT),
     force: bool = typer.Option(False, "--force", help="Re-embed every clip, replacing a "
-                               "qamro-pipe cache (never anything else)."),
+                               "qamro-pipe cache (never anything else).",
+                               rich_help_panel=OUTPUT),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ):
-    """Embed a dataset with a frozen backbone into one HDF5 cache (resumable). Under
-    torchrun, each rank extracts a shard and rank 0 merges them."""
-    from .config import ExtractConfig, override
+    """Start here: embed a dataset with a frozen backbone into one HDF5 cache.
+
+    Resumable: rerun the same command after an interruption. Under torchrun, each rank
+    extracts a shard and rank 0 merges them."""
+    from .config import override
     from .extract.loop import default_cache_path, extract as run_extract, records_for, summary_text
+    from .extract.shards import extract_distributed, parse_shard, torchrun_rank
 
     cfg = override(ExtractConfig(), backbone=backbone, checkpoint=checkpoint,
                    tokenizer_dir=tokenizer_dir, device=device, precision=precision,
                    batch_size=batch_size, workers=workers, offline=offline, skip_bad=skip_bad)
-    from .extract.shards import extract_distributed, parse_shard, torchrun_rank
-
+    part = parse_shard(shard) if shard else None
     records = records_for(dataset, root, manifest, splits, eval_dir, lists)
     for note in records.notes:
-        typer.echo(f"note: {note}", err=True)
+        _note(f"note: {note}")
     path = out or default_cache_path(records.name, cfg.backbone, cache_dir)
     if shard is None and torchrun_rank():
         rank, summary = extract_distributed(records, cfg, path, force, progress=not quiet)
         if rank == 0:
             typer.echo(summary_text(summary) + f"\nmerged all shards into {path}")
         return
-    summary = run_extract(records, cfg, path, force=force, progress=not quiet,
-                          shard=parse_shard(shard) if shard else None)
+    summary = run_extract(records, cfg, path, force=force, progress=not quiet, shard=part)
     typer.echo(summary_text(summary))
 
 
-@command()
-def demo(quiet: bool = typer.Option(False, "--quiet", help="No progress bar.")):
-    """Offline demo: synthetic corpus -> melstats cache -> QAMRO run -> beta sweep."""
-    from .demo import run_demo
-    from .extract.loop import summary_text
-
-    out = run_demo(progress=not quiet)
-    typer.echo(summary_text(out["extract"]))
-    folder, metrics, result, _ = out["run"]
-    typer.echo(_table(metrics))
-    typer.echo(f"run written to {folder}  ({result.seconds:.1f} s)")
-    typer.echo(_sweep_table(out["sweep_rows"]))
-    typer.echo(f"sweep written to {out['sweep'][0]} (sweep.csv, sweep.png)")
-    typer.echo("note: the demo corpus and its scores are synthetic (designed degradations "
-               "plus simulated raters), not human ratings.")
-
-
-@command()
-def evaluate(
-    run: Path = typer.Argument(..., help="A run folder."),
-    split: Optional[str] = typer.Option(None, help="Split to score (default: the run's "
-                                        "eval split)."),
-    cache: Optional[Path] = typer.Option(None, help="Cache (default: the run's own)."),
-):
-    """Re-score a trained run on a cache split: utterance and system level, 95% CIs."""
-    from .report.evaluate import TrainedRun, evaluate_run
-
-    split = split or TrainedRun(run).train_cfg.eval_split
-    folder, metrics = evaluate_run(run, split, cache)
-    for level in ("utterance", "system"):
-        typer.echo(_table({**metrics, "heads": {h: {level: m[level]}
-                                                for h, m in metrics["heads"].items()}}, level))
-    typer.echo(f"wrote {folder / 'metrics.json'}")
-
-
-@command()
-def predict(
-    run: Path = typer.Argument(..., help="A run folder."),
-    audio: Optional[list[Path]] = typer.Argument(None, help="Audio files to score."),
-    manifest: Optional[Path] = typer.Option(None, help="CSV/JSONL manifest (id, path, text)."),
-    text: Optional[str] = typer.Option(None, help="Prompt for every file (textual heads)."),
-    out: Optional[Path] = typer.Option(None, help="Write scores to .csv or .jsonl."),
-    answer: Optional[Path] = typer.Option(None, help="Write the AudioMOS submission format."),
-    checkpoint: Optional[str] = typer.Option(None, help="Backbone weights (default: the "
-                                             "run's)."),
-    tokenizer_dir: Optional[str] = typer.Option(None),
-    device: Optional[str] = typer.Option(None),
-):
-    """Score new audio end to end with a run's backbone and heads."""
-    from .predict import predict as run_predict, write_answer, write_scores
-
-    heads, rows, failures = run_predict(run, audio, manifest, text, checkpoint=checkpoint,
-                                        tokenizer_dir=tokenizer_dir, device=device)
-    for why in failures.values():
-        typer.echo(f"error: {why}", err=True)
-    if out:
-        write_scores(out, heads, rows)
-    if answer:
-        write_answer(answer, heads, rows)
-    if not out and not answer:
-        typer.echo(",".join(["id", *heads]))
-        for r in rows:
-            typer.echo(",".join([r["id"], *(f"{r[h]:.4f}" for h in heads)]))
-    typer.echo(f"scored {len(rows)} file(s), {len(failures)} failed", err=True)
-    if failures:
-        raise typer.Exit(1)
-
-
-@command()
-def table(
-    recipe: str = typer.Option("table1", help="A table recipe name (table1, table2) or .toml path."),
-    model: Optional[str] = typer.Option(None, help="Model recipe (default: the table's)."),
-    cache: Optional[Path] = typer.Option(None),
-    seeds: Optional[int] = typer.Option(None, help="Seeds per row (default: the table's)."),
-    out: Optional[Path] = typer.Option(None),
-    max_epochs: Optional[int] = typer.Option(None),
-    device: Optional[str] = typer.Option(None),
-    force: bool = typer.Option(False, "--force", help="Replace an existing table folder."),
-    quiet: bool = QUIET,
-    resume: bool = RESUME,
-):
-    """The paper's ablation rows as one batched job, printed in the paper's layout."""
-    from .report.tables import run_table
-
-    watch = _watch(quiet, "table")
-    try:
-        res = run_table(recipe, model, cache, seeds, out, force,
-                        _train_overrides(max_epochs=max_epochs, device=device), progress=watch,
-                        resume=resume)
-    finally:
-        watch and watch.close()
-    typer.echo(res["title"])
-    typer.echo(res["text"])
-    if not res["reference_shown"]:
-        typer.echo("(the paper's figures are shown only for its dataset and backbone)")
-    typer.echo(f"wrote {res['folder'] / 'table.md'} and table.csv ({_cost(res['result'])})")
+app.add_typer(cache_app, name="cache", rich_help_panel=EMBED)
 
 
 @command(cache_app, "info")
@@ -419,6 +225,222 @@ def cache_merge(
     from .extract.shards import merge_parts
 
     typer.echo(f"merged {len(parts)} shards into {merge_parts(parts, out, force)}")
+
+
+# -- stage 2 --------------------------------------------------------------------------------
+@command(shared=RUN_OPTIONS, panel=TRAIN)
+def train(
+    recipe: Optional[str] = opt(_RECIPE_HELP, _RECIPE_DEFAULT, rich_help_panel=DATA),
+    dataset: Optional[str] = opt("Use the recipe named after this dataset.", rich_help_panel=DATA),
+    backbone: Optional[str] = opt("Read CACHE_ROOT/DATASET/BACKBONE.h5 instead of the "
+                                  "recipe's backbone's cache.", rich_help_panel=DATA),
+    loss: Optional[str] = cfg_opt(LossConfig, "kind", "Ranking term: qamro (the paper), mr "
+                                  "(fixed margin) or none (regression only).",
+                                  rich_help_panel=LOSS),
+    alpha: Optional[float] = cfg_opt(LossConfig, "alpha", "QAMRO margin scale: margin = alpha "
+                                     "|y_i - y_j| (>= 0).", rich_help_panel=LOSS),
+    beta: Optional[float] = cfg_opt(LossConfig, "beta", "QAMRO quality preference: q_ij = 1 + "
+                                    "(beta-1) max(ny_i, ny_j); 1 = no weighting (> 0).",
+                                    rich_help_panel=LOSS),
+    margin: Optional[float] = cfg_opt(LossConfig, "margin", "Fixed margin of --loss mr (>= 0).",
+                                      rich_help_panel=LOSS),
+    seed: Optional[int] = opt("Train this one seed instead of seeds 0..N-1 (not with --seeds).",
+                              rich_help_panel=LOSS),
+    opts: dict = None,
+):
+    """Train QAMRO heads on a cache and write a run folder.
+
+    The folder holds config.json, metrics.json, predictions.csv and heads.safetensors. Without
+    --recipe, a cache of a dataset with no recipe gets one head per label column."""
+    from .train.experiment import recipe_configs, run_experiment
+    from .train.recipes import select_recipe
+    from .train.sweep import expand_grid
+
+    if seed is not None and opts["seeds"] is not None:
+        raise QamroError("--seed and --seeds: give one (--seed S trains seed S alone, "
+                         "--seeds N trains seeds 0..N-1)")
+    r = select_recipe(recipe, dataset, backbone, opts["cache"])
+    _note(r.derived and f"note: {r.derived}")
+    tsettings, lsettings = train_settings(opts)
+    given = {k: v for k, v in dict(kind=loss, alpha=alpha, beta=beta, margin=margin).items()
+             if v is not None}
+    tcfg, lcfg = recipe_configs(r, tsettings, {**given, **lsettings})
+    seeds = [seed] if seed is not None else opts["seeds"]
+    members = expand_grid(lcfg, {} if seeds is None else {"seeds": seeds})
+    with _watch(opts, "train") as watch:
+        folder, metrics, result, data = run_experiment(r, members, tcfg, progress=watch,
+                                                       **run_args(opts))
+    _report_run(r, metrics, result, data)
+    typer.echo(f"run written to {folder}  ({_cost(result)})")
+
+
+@command(shared=RUN_OPTIONS, panel=TRAIN)
+def sweep(
+    recipe: Optional[str] = opt(_RECIPE_HELP, _RECIPE_DEFAULT, rich_help_panel=DATA),
+    dataset: Optional[str] = opt("Use the recipe named after this dataset.", rich_help_panel=DATA),
+    backbone: Optional[str] = opt("Read CACHE_ROOT/DATASET/BACKBONE.h5 instead of the "
+                                  "recipe's backbone's cache.", rich_help_panel=DATA),
+    grid: Optional[str] = opt("A named grid of the recipe (its grids.NAME table; beta = Figure 1); "
+                              "the lists given below replace its entries.",
+                              rich_help_panel=LOSS),
+    loss: Optional[str] = opt("Comma list of loss kinds: qamro, mr, none.",
+                              f"{default_of(LossConfig, 'kind')}, or the grid's",
+                              rich_help_panel=LOSS),
+    alpha: Optional[str] = opt("Comma list of QAMRO margin scales, e.g. 0.1,0.2.",
+                               f"{default_of(LossConfig, 'alpha'):g}, or the grid's",
+                               rich_help_panel=LOSS),
+    beta: Optional[str] = opt("Comma list of QAMRO quality preferences, e.g. 1,3,5,7,9,11.",
+                              f"{default_of(LossConfig, 'beta'):g}, or the grid's",
+                              rich_help_panel=LOSS),
+    margin: Optional[str] = opt("Comma list of fixed margins for --loss mr.",
+                                f"{default_of(LossConfig, 'margin'):g}, or the grid's",
+                                rich_help_panel=LOSS),
+    opts: dict = None,
+):
+    """Train a grid of loss settings x seeds as one batched model.
+
+    Writes the run folder with sweep.csv and sweep.png. Takes every option train takes."""
+    from .report.screen import sweep_table, system_level_line
+    from .train.experiment import recipe_configs, run_experiment
+    from .train.recipes import select_recipe
+    from .train.sweep import expand_grid, named_grid, parse_list, sweep_rows
+
+    r = select_recipe(recipe, dataset, backbone, opts["cache"])
+    _note(r.derived and f"note: {r.derived}")
+    g = named_grid(r, grid)
+    given = {"loss": parse_list(loss, str), "alpha": parse_list(alpha),
+             "beta": parse_list(beta), "margin": parse_list(margin), "seeds": opts["seeds"]}
+    g.update({k: v for k, v in given.items() if v is not None})
+    tsettings, lsettings = train_settings(opts)
+    tcfg, lcfg = recipe_configs(r, tsettings, lsettings, kinds=g.get("loss"))
+    members = expand_grid(lcfg, g)
+    with _watch(opts, "sweep") as watch:
+        folder, metrics, result, data = run_experiment(r, members, tcfg, **run_args(opts),
+                                                       kind="sweep", progress=watch)
+    _warn_backbone(r, data)
+    typer.echo(sweep_table(sweep_rows(metrics)))
+    _note(system_level_line(metrics))
+    typer.echo(f"trained as one model: {_cost(result)}")
+    typer.echo(f"wrote {folder / 'sweep.csv'} and {folder / 'sweep.png'}")
+
+
+@command(shared=RUN_OPTIONS, panel=TRAIN)
+def table(
+    recipe: Optional[str] = opt("A table recipe (a name in qamro_pipe/stages/, e.g. table1 or "
+                                "table2, or a .toml path).", DEFAULT_TABLE, rich_help_panel=DATA),
+    model: Optional[str] = opt("Model recipe every row trains.", "the table's",
+                               rich_help_panel=DATA),
+    opts: dict = None,
+):
+    """The paper's ablation rows (Table I, II) as one batched job.
+
+    Rows differ in the loss alone; printed in the paper's layout, as table.md and table.csv."""
+    from .report.screen import system_level_line
+    from .report.tables import run_table
+
+    tsettings, lsettings = train_settings(opts)
+    with _watch(opts, "table") as watch:
+        res = run_table(recipe or DEFAULT_TABLE, model, seeds=opts["seeds"], train=tsettings,
+                        loss=lsettings, progress=watch, **run_args(opts))
+    _note(res["recipe"].derived and f"note: {res['recipe'].derived}")
+    typer.echo(res["title"])
+    typer.echo(res["text"])
+    _note(system_level_line(res["metrics"]))
+    if not res["reference_shown"]:
+        typer.echo("(the paper's figures are shown only for its dataset and backbone)")
+    typer.echo(f"wrote {res['folder'] / 'table.md'} and table.csv ({_cost(res['result'])})")
+
+
+# -- using a run ----------------------------------------------------------------------------
+@command(panel=USE)
+def evaluate(
+    run: Path = typer.Argument(..., help="A run folder."),
+    split: Optional[str] = opt("Split to score.", "the run's eval split"),
+    cache: Optional[Path] = opt("Cache to score (made with the run's backbone).",
+                                "the run's own"),
+    members: Optional[str] = opt("Score only the members matching key=value,... over loss, "
+                                 "alpha, beta, margin, seed (e.g. beta=7 for one setting of a "
+                                 "sweep).", "all: the mean of every member's predictions"),
+):
+    """Re-score a trained run on a cache split: utterance and system level, 95% CIs.
+
+    It scores the mean of the members' predictions (for a sweep: over all its settings,
+    unless --members picks some). RUN/evaluations/CACHE-DIGEST-SPLIT/ holds the
+    result."""
+    from .report.evaluate import evaluate_run
+    from .report.screen import metrics_table, system_level_line
+
+    folder, metrics = evaluate_run(run, split, cache, members=members)
+    typer.echo(f"scoring {metrics['scored']['text']}")
+    for w in metrics["warnings"]:
+        typer.echo(f"warning: {w}", err=True)
+    for level in ("utterance", "system"):
+        if level == "system" and not metrics["system_level"]["computable"]:
+            continue
+        typer.echo(metrics_table({**metrics, "heads": {h: {level: m[level]}
+                                                       for h, m in metrics["heads"].items()}},
+                                 level))
+    _note(system_level_line(metrics))
+    typer.echo(f"wrote {folder / 'metrics.json'}")
+
+
+@command(panel=USE)
+def predict(
+    run: Path = typer.Argument(..., help="A run folder."),
+    audio: Optional[list[Path]] = typer.Argument(None, help="Audio files to score."),
+    manifest: Optional[Path] = opt("CSV/JSONL manifest of the clips (id, path, text)."),
+    text: Optional[str] = opt("Prompt for every file (textual heads).", "the manifest's, else "
+                              "none"),
+    out: Optional[Path] = opt("Write scores to .csv or .jsonl (folders are created).",
+                              "print CSV", rich_help_panel=OUTPUT),
+    answer: Optional[Path] = opt("Write the AudioMOS submission format (id,score,... in the "
+                                 "heads' order, no header).", rich_help_panel=OUTPUT),
+    checkpoint: Optional[str] = opt("Backbone weights file.", "the run's cache's"),
+    tokenizer_dir: Optional[str] = opt("roberta-base tokenizer files (CLAP text, offline).",
+                                       "the run's cache's"),
+    device: Optional[str] = cfg_opt(ExtractConfig, "device", f"{DEVICE_HELP}.", recipe=False),
+    force: bool = typer.Option(False, "--force", help="Replace existing --out/--answer files.",
+                               rich_help_panel=OUTPUT),
+):
+    """Score new audio end to end with a run's backbone and heads.
+
+    A file's score is the mean of the run's members' predictions."""
+    from .predict import check_outputs, predict as run_predict, write_answer, write_scores
+
+    check_outputs(out, answer, force=force)  # before scoring: no scores lost to a bad path
+    heads, rows, failures = run_predict(run, audio, manifest, text, checkpoint=checkpoint,
+                                        tokenizer_dir=tokenizer_dir, device=device)
+    for why in failures.values():
+        typer.echo(f"error: {why}", err=True)
+    if out:
+        write_scores(out, heads, rows)
+    if answer:
+        write_answer(answer, heads, rows)
+    if not out and not answer:
+        typer.echo(",".join(["id", *heads]))
+        for r in rows:
+            typer.echo(",".join([r["id"], *(f"{r[h]:.4f}" for h in heads)]))
+    typer.echo(f"scored {len(rows)} file(s), {len(failures)} failed", err=True)
+    if failures:
+        raise typer.Exit(1)
+
+
+@command(panel=DEMO)
+def demo(quiet: bool = typer.Option(False, "--quiet", help="No progress bar.")):
+    """Offline demo: synthetic corpus -> melstats cache -> QAMRO run -> beta sweep."""
+    from .demo import run_demo
+    from .extract.loop import summary_text
+    from .report.screen import metrics_table, sweep_table
+
+    out = run_demo(progress=not quiet)
+    typer.echo(summary_text(out["extract"]))
+    folder, metrics, result, _ = out["run"]
+    typer.echo(metrics_table(metrics))
+    typer.echo(f"run written to {folder}  ({result.seconds:.1f} s)")
+    typer.echo(sweep_table(out["sweep_rows"]))
+    typer.echo(f"sweep written to {out['sweep'][0]} (sweep.csv, sweep.png)")
+    typer.echo("note: the demo corpus and its scores are synthetic (designed degradations "
+               "plus simulated raters), not human ratings.")
 
 
 def main() -> None:

@@ -1,7 +1,9 @@
 """Every default of the project, once. The CLI reads these; it never restates one."""
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -10,7 +12,14 @@ from .errors import QamroError
 
 LOSS_KINDS = ("qamro", "mr", "none")
 OPTIMIZERS = ("sgd", "adamw")
+# the settings each loss kind reads; giving one its kind ignores is refused (`check_used`)
+USED_SETTINGS = {"qamro": ("alpha", "beta", "norm"), "mr": ("margin",), "none": ()}
 DEFAULT_RECIPE = "musiceval"  # what `train` and `sweep` do when told nothing
+DEFAULT_TABLE = "table1"  # what `table` builds when told nothing
+DEFAULT_SEEDS = 1  # seeds per setting when neither the command nor a grid or table says
+EXTRACT_BATCH = {"cuda": 64, "cpu": 16}  # windows per forward pass when none is asked for
+DEVICE_HELP = "auto, cpu, cuda or cuda:N"  # the device names every stage accepts
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def cache_root() -> Path:
@@ -31,12 +40,15 @@ class LossConfig:
     rank_weight: float = 1.0  # weight of the ranking term (published: 1)
 
     def __post_init__(self):
-        if self.kind not in LOSS_KINDS:
-            raise QamroError(f"unknown loss {self.kind!r}; use one of {', '.join(LOSS_KINDS)}")
-        if self.norm not in ("batch", "range"):
-            raise QamroError(f"unknown norm {self.norm!r}; use batch or range")
-        if self.regression not in ("huber", "mse", "mse+mae"):
-            raise QamroError(f"unknown regression loss {self.regression!r}")
+        _choice("loss", self.kind, LOSS_KINDS)
+        _choice("norm", self.norm, ("batch", "range"))
+        _choice("regression", self.regression, ("huber", "mse", "mse+mae"))
+        _at_least("alpha", self.alpha, 0)
+        _at_least("margin", self.margin, 0)
+        _above("beta", self.beta, 0)
+        _above("huber_delta", self.huber_delta, 0)
+        _at_least("rank_weight", self.rank_weight, 0)
+        check_label_range(self.label_range)
 
 
 @dataclass(frozen=True)
@@ -71,16 +83,35 @@ class TrainConfig:
     # until measured faster on a GPU, see docs/benchmarks.md)
 
     def __post_init__(self):
-        if self.activation not in ("relu", "gelu", "none"):
-            raise QamroError(f"unknown activation {self.activation!r}; use relu, gelu or none")
-        if self.matmul_precision not in ("highest", "high", "medium"):
-            raise QamroError(f"unknown matmul_precision {self.matmul_precision!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise QamroError(f"unknown optimizer {self.optimizer!r}; use {' or '.join(OPTIMIZERS)}")
-        if self.pair_kernel not in ("torch", "triton"):
-            raise QamroError(f"unknown pair_kernel {self.pair_kernel!r}; use torch or triton")
+        _choice("activation", self.activation, ("relu", "gelu", "none"))
+        _choice("matmul_precision", self.matmul_precision, ("highest", "high", "medium"))
+        _choice("pair_kernel", self.pair_kernel, ("torch", "triton"))
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_device(self.device)
+        _above("lr", self.lr, 0)
+        if not 0 <= self.momentum < 1:
+            raise QamroError(f"momentum {self.momentum:g}: must be in [0, 1)")
+        _at_least("batch_size", self.batch_size, 2)  # a ranking loss needs a pair
+        for name in ("max_epochs", "patience"):
+            _at_least(name, getattr(self, name), 1)
+        if self.check_every is not None:
+            _at_least("check_every", self.check_every, 1)
+        if self.val_batch_size is not None:
+            _at_least("val_batch_size", self.val_batch_size, 2)
+        if not self.weight_decay >= 0 or not self.checkpoint_seconds >= 0:
+            raise QamroError(f"weight_decay {self.weight_decay:g} and checkpoint_seconds "
+                             f"{self.checkpoint_seconds:g}: must be at least 0")
+        if not (all(0 <= b < 1 for b in self.adam_betas) and self.adam_eps > 0):
+            raise QamroError(f"adam_betas {self.adam_betas} must be in [0, 1) and adam_eps "
+                             f"{self.adam_eps:g} above 0")
+        _at_least("bootstrap", self.bootstrap, 0)
         if not 0 < self.val_fraction < 1:
-            raise QamroError("val_fraction must be in (0, 1)")
+            raise QamroError(f"val_fraction {self.val_fraction:g}: must be in (0, 1)")
+        if not self.hidden or any(int(w) != w or w < 1 for w in self.hidden):
+            raise QamroError(f"hidden {list(self.hidden)}: layer widths must be whole numbers >= 1")
+        for name in ("val_split", "eval_split"):
+            if not getattr(self, name):
+                raise QamroError(f"{_option(name)} is empty: name a split")
 
 
 @dataclass(frozen=True)
@@ -106,11 +137,92 @@ class ExtractConfig:
     tokenizer_dir: str | None = None  # text tokenizer files for offline CLAP text embeddings
     device: str = "auto"  # "auto" = cuda when present, else cpu
     precision: str = "fp32"  # "fp32", or "bf16"/"fp16" on request (recorded in the cache)
-    batch_size: int | None = None  # windows per forward pass; None = 64 on a GPU, 16 on CPU
+    batch_size: int | None = None  # windows per forward pass; None = EXTRACT_BATCH by device
     workers: int | None = None  # processes decoding and resampling audio; None = by device
     # (extract.auto_workers); 0 = decode in the main process
     offline: bool | None = None  # None = from HF_HUB_OFFLINE / QAMRO_OFFLINE
     skip_bad: bool = False  # list undecodable files in /skipped instead of stopping
+
+    def __post_init__(self):
+        check_device(self.device)
+        _choice("precision", self.precision, ("fp32", "bf16", "fp16"))
+        if self.batch_size is not None:
+            _at_least("batch_size", self.batch_size, 1)
+        if self.workers is not None:
+            _at_least("workers", self.workers, 0)
+
+
+# -- the checks behind every dataclass above: one line naming the setting and its rule ------
+_NO_OPTION = ("momentum", "val_fraction", "check_every", "bootstrap", "huber_delta",
+              "rank_weight")  # settings only a recipe or library call sets
+
+
+def _option(name: str) -> str:
+    """How a user sets it: batch_size -> --batch-size; a recipe-only setting by its name."""
+    return name if name in _NO_OPTION else "--" + name.replace("_", "-")
+
+
+def _number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
+            or math.isinf(value):
+        raise QamroError(f"{_option(name)} {value!r}: must be a finite number")
+    return value
+
+
+def _at_least(name: str, value, least) -> None:
+    if _number(name, value) < least:
+        raise QamroError(f"{_option(name)} {value:g}: must be at least {least:g}")
+
+
+def _above(name: str, value, bound) -> None:
+    if _number(name, value) <= bound:
+        raise QamroError(f"{_option(name)} {value:g}: must be greater than {bound:g}")
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise QamroError(f"unknown {name} {value!r}; use {', '.join(allowed)}")
+
+
+def check_device(device: str) -> None:
+    if not isinstance(device, str) or not _DEVICE.fullmatch(device):
+        raise QamroError(f"unknown device {device!r}; use {DEVICE_HELP}")
+
+
+def check_label_range(label_range, where: str = "label_range") -> None:
+    """A declared label scale (lo, hi): two finite numbers, lo < hi; None = not declared."""
+    if label_range is None:
+        return
+    try:
+        lo, hi = (float(v) for v in label_range)
+    except (TypeError, ValueError):
+        raise QamroError(f"{where} {label_range!r}: must be two numbers [lo, hi]") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise QamroError(f"{where} [{lo:g}, {hi:g}]: must be finite with lo < hi")
+
+
+def check_used(kinds, given) -> None:
+    """Refuse loss settings that none of the chosen loss kinds reads (`--loss mr --beta 7`
+    would silently train without beta). `given` names the settings the user gave."""
+    kinds = [k for k in kinds if k in USED_SETTINGS]
+    for name in given:
+        users = [k for k, used in USED_SETTINGS.items() if name in used]
+        if users and not any(k in users for k in kinds):
+            raise QamroError(f"{_option(name)} is not used by --loss {','.join(kinds)}; it "
+                             f"applies to --loss {' or '.join(users)} only")
+
+
+def check_seeds(seeds) -> None:
+    """A seed count (>= 1) or an explicit list of seeds (at least one, no repeats)."""
+    if isinstance(seeds, bool):
+        raise QamroError(f"--seeds {seeds!r}: give a count or a list of seeds")
+    if isinstance(seeds, int):
+        _at_least("seeds", seeds, 1)
+        return
+    seeds = list(seeds)
+    if not seeds or len(set(seeds)) != len(seeds) or \
+            any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
+        raise QamroError(f"--seeds {seeds!r}: give a count or a list of distinct whole numbers")
 
 
 def to_jsonable(obj: Any) -> Any:

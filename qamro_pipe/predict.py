@@ -4,8 +4,10 @@ one and the others still scored."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import os
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -51,6 +53,7 @@ def _unusable(clip: Clip) -> str | None:
 def predict(run: str | Path, files: list[str | Path] | None = None,
             manifest: str | Path | None = None, text: str | None = None, **extract_opts):
     """-> (head names, rows [{"id", head: score, ...}], failures {id: reason})."""
+    override(ExtractConfig(), **extract_opts)  # the settings, checked before any work
     tr = TrainedRun(run)
     recs = _records(list(files or []), manifest, text)
     failures = {c.id: why for c in recs.clips if (why := _unusable(c))}
@@ -88,21 +91,54 @@ def predict(run: str | Path, files: list[str | Path] | None = None,
     return heads, rows, failures
 
 
+def check_outputs(*paths: str | Path | None, force: bool = False) -> None:
+    """Before any scoring: each output file can be written where it is named. Missing
+    folders are created; a folder, an existing file (without force) or the same file named
+    twice is refused, so no scores are computed only to be lost."""
+    given = [Path(p) for p in paths if p is not None]
+    if len({p.resolve() for p in given}) != len(given):
+        raise QamroError("--out and --answer name the same file; give two files")
+    for path in given:
+        if path.is_dir():
+            raise QamroError(f"{path}: is a folder; name a file to write the scores to")
+        if path.exists() and not force:
+            raise QamroError(f"{path}: exists; choose another file or pass --force to "
+                             f"replace it")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise QamroError(f"{path}: cannot create its folder ({e.strerror or e})") from None
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            raise QamroError(f"{path}: cannot write in {path.parent} (permission denied)")
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Whole or not at all: an existing file is replaced only once the new one is written."""
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise QamroError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
 def write_scores(path: str | Path, heads: list[str], rows: list[dict[str, Any]]) -> None:
     """CSV (header id,<heads>) or JSON lines, by the file's extension."""
     path = Path(path)
     if path.suffix in (".jsonl", ".ndjson", ".json"):
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        _write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
         return
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id", *heads])
-        for r in rows:
-            w.writerow([r["id"], *(f"{r[h]:.6f}" for h in heads)])
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["id", *heads])
+    for r in rows:
+        w.writerow([r["id"], *(f"{r[h]:.6f}" for h in heads)])
+    _write_text(path, buf.getvalue())
 
 
 def write_answer(path: str | Path, heads: list[str], rows: list[dict[str, Any]]) -> None:
     """The AudioMOS 2025 submission format: one line per clip, `id,score,...` in the recipe's
     head order (track 1: id,overall,textual; track 2: id,PQ,PC,CE,CU), no header."""
-    Path(path).write_text("".join(",".join([r["id"], *(f"{r[h]:.6f}" for h in heads)]) + "\n"
-                                  for r in rows))
+    _write_text(Path(path), "".join(",".join([r["id"], *(f"{r[h]:.6f}" for h in heads)])
+                                    + "\n" for r in rows))

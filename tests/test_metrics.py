@@ -46,9 +46,18 @@ def test_system_level_uses_published_mos_and_means():
     assert res["system"]["srcc"] == pytest.approx(-1.0)
 
 
-def test_fewer_than_two_systems_is_an_error():
-    with pytest.raises(QamroError, match="at least 2 systems"):
-        evaluate(np.array([1.0, 2.0]), np.array([1.0, 2.0]), np.array(["A", "A"]), what="x.h5")
+def test_fewer_than_two_systems_gives_utterance_level_and_says_why():
+    """AES-Natural's lists and a manifest without a system column give every clip one
+    system (""): utterance level is reported, system level is marked not computable."""
+    true, pred = np.array([1.0, 2.0, 3.5]), np.array([1.2, 2.5, 3.0])
+    for systems in (np.array(["A", "A", "A"]), np.array(["", "", ""])):
+        res = evaluate(true, pred, systems, n_boot=10, what="x.h5")
+        assert res["utterance"]["srcc"] == pytest.approx(1.0) and res["utterance"]["n"] == 3
+        assert all(res["system"][f] is None for f in ("mse", "lcc", "srcc", "ktau"))
+        assert "at least 2 systems" in res["system"]["not_computable"]
+        assert res["system"]["n"] == 1
+    two = evaluate(true, pred, np.array(["A", "A", "B"]), n_boot=10)
+    assert "not_computable" not in two["system"] and two["system"]["mse"] is not None
 
 
 def test_nan_predictions_never_reach_metrics():

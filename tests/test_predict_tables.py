@@ -37,7 +37,10 @@ def test_evaluate_reproduces_training_metrics(demo_run):
     r = invoke("evaluate", run)
     assert r.exit_code == 0, r.output
     assert "utterance-level" in r.output and "system-level" in r.output
-    ev = json.loads((run / "evaluations" / "melstats-dev" / "metrics.json").read_text())
+    ev_dir = only(run.glob("evaluations/melstats-*-dev"))
+    ev = json.loads((ev_dir / "metrics.json").read_text())
+    assert ev["scored"]["text"] == "the predictions of its one member (qamro a=0.2 b=7 seed=0)"
+    assert "scoring the predictions of its one member" in r.output
     tr = json.loads((run / "metrics.json").read_text())
     for head in ("overall", "textual"):
         for fig in ("mse", "lcc", "srcc", "ktau"):
@@ -45,7 +48,30 @@ def test_evaluate_reproduces_training_metrics(demo_run):
                 tr["heads"][head]["system"][fig], abs=1e-6)
         assert ev["heads"][head]["system"]["srcc_ci"] is not None
     r = invoke("evaluate", run, "--split", "train")
-    assert r.exit_code == 0 and (run / "evaluations" / "melstats-train").is_dir()
+    assert r.exit_code == 0 and only(run.glob("evaluations/melstats-*-train")).is_dir()
+
+
+def only(paths):
+    paths = list(paths)
+    assert len(paths) == 1, paths
+    return paths[0]
+
+
+def test_evaluations_of_caches_with_the_same_name_do_not_collide(demo_run, tmp_path):
+    """Before: `evaluate --cache other/melstats.h5` overwrote the evaluation of the run's
+    own cache/demo/melstats.h5 (same file name)."""
+    import shutil
+
+    root, cache, run = demo_run
+    other = tmp_path / "other" / "melstats.h5"
+    other.parent.mkdir()
+    shutil.copy(cache, other)
+    for c in (cache, other):
+        r = invoke("evaluate", run, "--cache", c)
+        assert r.exit_code == 0, r.output
+    found = {json.loads((p / "metrics.json").read_text())["cache"]: p
+             for p in run.glob("evaluations/melstats-*-dev")}
+    assert set(found) == {str(cache), str(other)} and len(set(found.values())) == 2
 
 
 def test_evaluate_refuses_other_backbone_and_old_runs(demo_run, tmp_path):
@@ -133,6 +159,75 @@ def test_table_on_demo_with_two_seeds(demo_run, tmp_path):
                 "w/o adaptive margin"):
         assert row in r.output
     assert "overall SRCC" in r.output and "[paper]" not in r.output  # demo is not MusicEval
+    # rows differ in the loss alone, and the run's config says so
+    members = json.loads((out / "config.json").read_text())["members"]
+    losses = {(m["loss"]["kind"], m["loss"]["alpha"] if m["loss"]["kind"] == "qamro" else None,
+               m["loss"]["beta"] if m["loss"]["kind"] == "qamro" else None,
+               m["loss"]["margin"] if m["loss"]["kind"] == "mr" else None) for m in members}
+    assert losses == {("none", None, None, None), ("qamro", 0.2, 7.0, None),
+                      ("qamro", 0.2, 1.0, None), ("mr", None, None, 0.1)}
+    assert len({json.dumps({k: v for k, v in m["loss"].items()
+                            if k not in ("kind", "alpha", "beta", "margin")}, sort_keys=True)
+                for m in members}) == 1
     md = (out / "table.md").read_text()
     assert md.count("\n|") >= 5 and " ± " in md
     assert (out / "table.csv").read_text().startswith("model,overall MSE")
+
+
+def test_answer_file_holds_every_score_in_head_order(demo_run, tmp_path):
+    """--answer (AudioMOS 2025 submission: `id,overall,textual`, no header): every value
+    equals the score it came from, in the recipe's head order; and the end-to-end scores
+    equal the run's own predictions of the same clips."""
+    import csv
+
+    root, cache, run = demo_run
+    recs = load_dataset("musiceval", root / "corpus")
+    dev = [c for c in recs.clips if c.split == "dev"][:6]
+    manifest = tmp_path / "m.csv"
+    with open(manifest, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "path", "text"])
+        for c in dev:
+            w.writerow([c.id, str(c.path), c.text])
+    out, answer = tmp_path / "s.jsonl", tmp_path / "answer.txt"
+    r = invoke("predict", run, "--manifest", manifest, "--out", out, "--answer", answer)
+    assert r.exit_code == 0, r.output
+    scores = {s["id"]: s for s in map(json.loads, out.read_text().splitlines())}
+    pred = {row["id"]: row for row in csv.DictReader(open(run / "predictions.csv"))}
+    lines = answer.read_text().splitlines()
+    assert [line.split(",")[0] for line in lines] == [c.id for c in dev]
+    heads = json.loads((run / "config.json").read_text())["heads"]
+    assert [h["name"] for h in heads] == ["overall", "textual"]
+    for line in lines:
+        cid, *values = line.split(",")
+        assert len(values) == len(heads)
+        for h, v in zip(heads, values):
+            assert float(v) == pytest.approx(scores[cid][h["name"]], abs=5e-7)
+            assert float(v) == pytest.approx(float(pred[cid][f"pred_{h['name']}"]), abs=1e-4)
+    assert len({line.split(",")[1] for line in lines}) > 1  # not one constant
+
+
+def test_predict_outputs_are_checked_before_scoring(demo_run, tmp_path):
+    """Before: `--out out/pred.csv` into a missing folder failed after scoring every file."""
+    root, cache, run = demo_run
+    wav = tmp_path / "a.wav"
+    sf.write(wav, _tone(16000, 1.5, noise=0.05), 16000)
+    out = tmp_path / "new" / "deeper" / "pred.csv"
+    answer = tmp_path / "other" / "answer.txt"
+    r = invoke("predict", run, wav, "--out", out, "--answer", answer)
+    assert r.exit_code == 0, r.output
+    assert out.read_text().startswith("id,overall,textual") and answer.read_text().count(",") == 2
+    before = out.read_bytes()
+    for args, msg in [(["--out", out], "exists; choose another file or pass --force"),
+                      (["--out", tmp_path], "is a folder; name a file"),
+                      (["--out", tmp_path / "x.csv", "--answer", tmp_path / "x.csv"],
+                       "name the same file"),
+                      (["--out", tmp_path / "x.csv", "--device", "gpu"], "unknown device 'gpu'"),
+                      (["--answer", wav / "answer.txt"], "cannot create its folder")]:
+        r = invoke("predict", run, wav, *args)
+        assert r.exit_code == 1 and msg in r.output, r.output
+        assert "scored" not in r.output and "Traceback" not in r.output  # refused first
+    assert out.read_bytes() == before and not (tmp_path / "x.csv").exists()
+    r = invoke("predict", run, wav, "--out", out, "--force")
+    assert r.exit_code == 0 and out.read_text().startswith("id,overall,textual")
+    assert not list(out.parent.glob(".*partial*"))

@@ -23,7 +23,7 @@ import numpy as np
 from . import audio
 from .backbones import Backbone, get_backbone
 from .backbones.base import RANDOM_WEIGHTS, sha256_file
-from ..config import ExtractConfig, cache_root, to_jsonable
+from ..config import EXTRACT_BATCH, ExtractConfig, cache_root, to_jsonable
 from .datasets import Clip, DatasetRecords
 from ..errors import DataError, Interrupted, QamroError
 from ..store.files import journal_path, writer_lock
@@ -162,7 +162,7 @@ def _setup(records: DatasetRecords, cfg: ExtractConfig, cache_path: str | Path |
             raise QamroError(f"{what} {value}: must be at least {least}")
     device = _device(cfg.device)
     gpu = device.startswith("cuda")
-    cfg = replace(cfg, batch_size=cfg.batch_size or (64 if gpu else 16),
+    cfg = replace(cfg, batch_size=cfg.batch_size or EXTRACT_BATCH["cuda" if gpu else "cpu"],
                   workers=auto_workers(gpu) if cfg.workers is None else cfg.workers)
     bb = get_backbone(cfg.backbone, checkpoint=cfg.checkpoint, device=device,
                       precision=cfg.precision, offline=cfg.offline,

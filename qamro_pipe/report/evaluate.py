@@ -1,8 +1,10 @@
 """Re-score a finished run on a cache: its saved heads, any split, metrics with CIs."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -10,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import TrainConfig, to_jsonable
+from ..config import USED_SETTINGS, TrainConfig, to_jsonable
 from ..errors import CacheError, QamroError
 from ..train.heads import BatchedMLP, HeadSpec
 from ..train.inputs import build_head, head_inputs, predict_units, units_for
@@ -32,7 +34,11 @@ class TrainedRun:
                                        for k, v in h.items()}) for h in self.config["heads"])
         train_cfg = {k: tuple(v) if isinstance(v, list) else v
                      for k, v in self.config["train"].items()}
-        self.train_cfg = TrainConfig(**train_cfg)
+        try:
+            self.train_cfg = TrainConfig(**train_cfg)
+        except (QamroError, TypeError) as e:  # a run of another version, or edited by hand
+            raise QamroError(f"{self.path / 'config.json'}: train settings not readable: "
+                             f"{e}") from None
         self.stats = {h: tuple(v) for h, v in self.config.get("label_stats", {}).items()}
         self.members = sorted({int(k.split("/")[1][1:]) for k in tensors})
         self.models: dict[str, BatchedMLP] = {}
@@ -76,32 +82,124 @@ class TrainedRun:
         return out
 
 
-def evaluate_run(run: str | Path, split: str = "dev", cache: str | Path | None = None,
-                 n_boot: int = 1000) -> tuple[Path, dict[str, Any]]:
-    """Score a run's heads on `split` of a cache (default: the one it trained on); writes
-    RUN/evaluations/<cache>-<split>/metrics.json and predictions.csv."""
+def select_members(config: dict[str, Any], present: list[int], selection: str | None):
+    """Indices (into `present`, the members a run kept) chosen by "key=value,..." over the
+    loss settings and seed: `beta=7`, `loss=mr`, `alpha=0.2,seed=0`. A member matches a
+    setting only if its loss kind uses it (an L_MR member has no beta). -> (positions,
+    normalised selection)."""
+    if not selection:
+        return list(range(len(present))), None
+    wanted: dict[str, str] = {}
+    for part in selection.split(","):
+        key, sep, value = (x.strip() for x in part.partition("="))
+        key = "kind" if key == "loss" else key
+        if not sep or key not in ("kind", "alpha", "beta", "margin", "seed") or not value:
+            raise QamroError(f"--members {selection!r}: use key=value pairs separated by commas, "
+                             f"keys loss, alpha, beta, margin, seed (e.g. beta=7,seed=0)")
+        wanted[key] = value
+
+    def matches(member: dict[str, Any]) -> bool:
+        loss = member["loss"]
+        for key, value in wanted.items():
+            if key == "kind":
+                if loss["kind"] != value:
+                    return False
+                continue
+            have = member["seed"] if key == "seed" else loss[key]
+            if key != "seed" and key not in USED_SETTINGS[loss["kind"]]:
+                return False
+            try:
+                if float(have) != float(value):
+                    return False
+            except ValueError:
+                raise QamroError(f"--members {selection!r}: {value!r} is not a number") from None
+        return True
+
+    picked = [i for i, k in enumerate(present) if matches(config["members"][k])]
+    if not picked:
+        raise QamroError(f"--members {selection!r}: no member of this run matches (it has: "
+                         f"{'; '.join(_member_label(config['members'][k]) for k in present)})")
+    norm = ",".join(f"{'loss' if k == 'kind' else k}={v}" for k, v in sorted(wanted.items()))
+    return picked, norm
+
+
+def _member_label(member: dict[str, Any]) -> str:
+    from ..config import LossConfig, Member
+
+    loss = {k: tuple(v) if isinstance(v, list) else v for k, v in member["loss"].items()}
+    return Member(LossConfig(**loss), member["seed"]).label()
+
+
+def scoring_rule(config: dict[str, Any], members: list[int]) -> dict[str, Any]:
+    """What `evaluate` scores, in words and as data: the mean of these members' predictions."""
+    labels = [_member_label(config["members"][k]) for k in members]
+    settings = sorted({label.rsplit(" seed=", 1)[0] for label in labels})
+    if len(members) == 1:
+        text = f"the predictions of its one member ({labels[0]})"
+    else:
+        text = (f"the mean of the predictions of {len(members)} members over "
+                f"{len(settings)} setting(s): {'; '.join(settings)}")
+    return {"text": text, "members": labels, "settings": settings}
+
+
+def _split_warning(tr: TrainedRun, data: Cache, split: str) -> str | None:
+    """The run saw `split` while training (the same dataset's split of that name)."""
+    if data.meta.dataset != tr.config.get("dataset"):
+        return None
+    val = tr.train_cfg.val_split
+    if split == "train":
+        how = ("trained on it" + (" and early-stopped on a holdout part of it"
+                                  if val == "holdout" else ""))
+    elif split == val:
+        how = "early-stopped on it (--val-split)"
+    else:
+        return None
+    return (f"split {split!r} is one this run {how}: these figures are not a held-out "
+            f"estimate")
+
+
+def evaluation_name(cache: Path, split: str, selection: str | None) -> str:
+    """<cache stem>-<digest of the cache's full path>-<split>[-<selection>]: evaluations of
+    different caches with the same file name, or of other members, never share a folder."""
+    digest = hashlib.sha256(str(Path(cache).resolve()).encode()).hexdigest()[:8]
+    name = f"{Path(cache).stem}-{digest}-{split}"
+    return name + (f"-{re.sub(r'[^A-Za-z0-9.=,_-]', '_', selection)}" if selection else "")
+
+
+def evaluate_run(run: str | Path, split: str | None = None, cache: str | Path | None = None,
+                 n_boot: int = 1000, members: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """Score a run's heads on `split` (default: the run's eval split) of a cache (default:
+    the one it trained on): the mean of its members' predictions, or of those `members`
+    selects (`select_members`). Writes RUN/evaluations/<evaluation_name>/metrics.json and
+    predictions.csv; metrics.json says what was scored, and warns when the run saw the split."""
     tr = TrainedRun(run)
+    split = split or tr.train_cfg.eval_split
+    picked, selection = select_members(tr.config, tr.members, members)
     data = read_cache(cache or tr.config["cache"])
-    preds = tr.predict(data)
     rows = data.rows(split)
     if len(rows) == 0:
         raise QamroError(f"{data.path}: split {split!r} has no usable rows (splits here: "
                          f"{', '.join(sorted(set(data.splits)))})")
+    preds = {h: p[picked] for h, p in tr.predict(data).items()}
     means = {h: p.mean(0) for h, p in preds.items()}  # the run's score: mean over members
     heads = head_metrics(data, tr.heads, means, rows, n_boot, what=f" split {split!r}")
+    warning = _split_warning(tr, data, split)
     metrics = {"run": str(tr.path), "cache": str(data.path), "eval_split": split,
-               "validation": tr.config.get("validation"), "members": len(tr.members),
-               "prediction": "mean over members" if len(tr.members) > 1 else "single member",
-               "heads": heads}
-    out = tr.path / "evaluations" / f"{data.path.stem}-{split}"
+               "validation": tr.config.get("validation"),
+               "members": len(picked), "selection": selection,
+               "scored": scoring_rule(tr.config, [tr.members[i] for i in picked]),
+               "warnings": [warning] if warning else [], "heads": heads}
+    problem = next((m["system"]["not_computable"] for m in heads.values()
+                    if m["system"].get("not_computable")), None)
+    metrics["system_level"] = {"computable": problem is None, "why": problem}
+    out = tr.path / "evaluations" / evaluation_name(data.path, split, selection)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     (tmp / "metrics.json").write_text(json.dumps(to_jsonable(metrics), indent=2) + "\n")
     write_predictions(tmp / "predictions.csv", data, tr.heads,
                       {h: m[None] for h, m in means.items()}, rows)
-    if out.exists():
+    if out.exists():  # this run's own earlier evaluation of the same cache, split, members
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out, metrics
-

@@ -84,10 +84,22 @@ def system_scores(systems: np.ndarray, true: np.ndarray, pred: np.ndarray,
     return names, mean_true, mean_pred, ("published system MOS" if published else "mean label")
 
 
+def system_level_problem(systems: np.ndarray) -> str | None:
+    """Why system-level figures cannot be computed over these rows' systems, or None."""
+    names = np.unique(np.asarray(systems))
+    if len(names) >= 2:
+        return None
+    shown = ", ".join(repr(str(s)) for s in names) or "none"
+    return (f"system-level figures need clips of at least 2 systems; these rows have "
+            f"{len(names)} ({shown}), so only utterance-level figures are reported "
+            f"(give clips a system to get them)")
+
+
 def evaluate(true: np.ndarray, pred: np.ndarray, systems: np.ndarray,
              system_mos: Mapping[str, float] | None = None, n_boot: int = 1000,
              what: str = "") -> dict[str, dict]:
-    """{"utterance": {...}, "system": {..., "<fig>_ci": [lo, hi]}} over rows with a label."""
+    """{"utterance": {...}, "system": {..., "<fig>_ci": [lo, hi]}} over rows with a label.
+    With fewer than 2 systems the system figures are None and "not_computable" says why."""
     true, pred = np.asarray(true, np.float64), np.asarray(pred, np.float64)
     systems = np.asarray(systems)
     known = np.isfinite(true)
@@ -97,10 +109,12 @@ def evaluate(true: np.ndarray, pred: np.ndarray, systems: np.ndarray,
         raise QamroError(f"{what}: predictions contain NaN or inf; not writing metrics")
     true, pred, systems = true[known], pred[known], systems[known]
     out = {"utterance": point_metrics(true, pred)}
+    problem = system_level_problem(systems)
+    if problem:
+        out["system"] = {**{f: None for f in FIGURES}, **{f"{f}_ci": None for f in FIGURES},
+                         "n": len(np.unique(systems)), "not_computable": problem}
+        return out
     names, st, sp, source = system_scores(systems, true, pred, system_mos)
-    if len(names) < 2:
-        raise QamroError(f"{what}: system-level metrics need at least 2 systems, found "
-                         f"{len(names)} ({', '.join(map(repr, names))}); give clips a system")
     sys_m = point_metrics(st, sp)
     for fig, ci in bootstrap_ci(st, sp, n_boot).items():
         sys_m[f"{fig}_ci"] = ci

@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from ..config import LossConfig, Member, override
+from ..config import LossConfig, Member, check_seeds, check_used, override
 from ..errors import QamroError
+from .metrics import FIGURES
 from ..train.recipes import find_recipe
 
 
@@ -21,9 +22,9 @@ class TableRecipe:
     name: str
     model: str  # the model recipe whose heads, dataset and backbone every row trains
     rows: tuple[tuple[str, dict[str, Any]], ...]  # (row name, LossConfig settings)
-    seeds: int = 5
-    level: str = "system"
-    figures: tuple[str, ...] = ("mse", "lcc", "srcc", "ktau")
+    seeds: int = 5  # seeds per row (the paper's tables average 5 runs)
+    level: str = "system"  # the level the figures are read at (utterance without systems)
+    figures: tuple[str, ...] = FIGURES  # the columns of each head
     reference: dict[str, Any] = field(default_factory=dict)  # published figures
     path: Path | None = None
 
@@ -33,21 +34,34 @@ def load_table(name_or_path: str | Path) -> TableRecipe:
     try:
         data = tomllib.loads(path.read_text())
         rows = tuple((r.pop("name"), r) for r in (dict(r) for r in data["rows"]))
-        return TableRecipe(name=data.get("name", path.stem), model=data["model"], rows=rows,
-                           seeds=int(data.get("seeds", 5)), level=data.get("level", "system"),
-                           figures=tuple(data.get("figures", ("mse", "lcc", "srcc", "ktau"))),
-                           reference=data.get("reference", {}), path=path)
+        given = {k: data[k] for k in ("seeds", "level", "reference") if k in data}
+        if "figures" in data:
+            given["figures"] = tuple(data["figures"])
+        table = TableRecipe(name=data.get("name", path.stem), model=data["model"], rows=rows,
+                            path=path, **given)
     except (KeyError, TypeError, tomllib.TOMLDecodeError) as e:
         raise QamroError(f"{path}: not a table recipe ({e})") from None
+    if table.level not in ("system", "utterance") or not set(table.figures) <= set(FIGURES):
+        raise QamroError(f"{path}: level must be system or utterance, figures among "
+                         f"{', '.join(FIGURES)}")
+    check_seeds(table.seeds)
+    return table
 
 
 def table_members(table: TableRecipe, base: LossConfig, seeds: int) -> tuple[list[Member], dict]:
+    """Every row x seeds 0..N-1. A row that sets what its loss kind does not use is refused:
+    rows must differ in the loss alone, and say so in their settings."""
+    check_seeds(seeds)
     members, row_of = [], {}
     for row, settings in table.rows:
         settings = dict(settings)
         if "loss" in settings:  # the recipe's word for LossConfig.kind
             settings["kind"] = settings.pop("loss")
-        loss = override(base, **settings)
+        try:
+            check_used([settings.get("kind", base.kind)], [k for k in settings if k != "kind"])
+            loss = override(base, **settings)
+        except QamroError as e:
+            raise QamroError(f"{table.path}: row {row!r}: {e}") from None
         for s in range(seeds):
             m = Member(loss, s)
             if m in row_of:
@@ -58,8 +72,9 @@ def table_members(table: TableRecipe, base: LossConfig, seeds: int) -> tuple[lis
 
 
 def aggregate(table: TableRecipe, metrics: dict[str, Any], members: list[Member],
-              row_of: dict[Member, str]) -> list[dict[str, Any]]:
-    """One dict per row: {"row", "n", (head, figure): (mean, sd)}."""
+              row_of: dict[Member, str], level: str | None = None) -> list[dict[str, Any]]:
+    """One dict per row: {"row", "n", (head, figure): (mean, sd)} at `level` (the table's)."""
+    level = level or table.level
     out = []
     for row, _ in table.rows:
         entries = [e for m, e in zip(members, metrics["members"])
@@ -68,7 +83,7 @@ def aggregate(table: TableRecipe, metrics: dict[str, Any], members: list[Member]
         heads = list(metrics["heads"])
         for h in heads:
             for fig in table.figures:
-                vals = [e["heads"][h][table.level].get(fig) for e in entries]
+                vals = [e["heads"][h][level].get(fig) for e in entries]
                 vals = [v for v in vals if v is not None]
                 rec[(h, fig)] = (float(np.mean(vals)) if vals else None,
                                  float(np.std(vals, ddof=1)) if len(vals) > 1 else None)
@@ -112,27 +127,33 @@ def write_table(folder: Path, md: str, csv_rows: list[list[str]], title: str) ->
 
 def run_table(table: str | Path, model: str | None = None, cache: str | Path | None = None,
               seeds: int | None = None, out: str | Path | None = None, force: bool = False,
-              train: dict[str, Any] | None = None, progress=None,
-              resume: bool = False) -> dict[str, Any]:
-    """Train every row x seed as one batched run; write table.md and table.csv beside it."""
+              train: dict[str, Any] | None = None, loss: dict[str, Any] | None = None,
+              **run_opts) -> dict[str, Any]:
+    """Train every row x seed as one batched run; write table.md and table.csv beside it.
+    `train` and `loss` override the model recipe's settings for every row (loss: norm and
+    regression, which all rows share); `run_opts` go to run_experiment as they are. Without a
+    system column the table is utterance-level."""
     from ..config import cache_root
     from ..train.experiment import recipe_configs, run_experiment
-    from ..train.recipes import load_recipe
+    from ..train.recipes import select_recipe
 
     t = load_table(table)
-    recipe = load_recipe(model or t.model)
-    tcfg, lcfg = recipe_configs(recipe, train)
-    members, row_of = table_members(t, lcfg, seeds or t.seeds)
+    seeds = t.seeds if seeds is None else seeds  # 0 is refused, not read as "not given"
+    recipe = select_recipe(model, cache=cache, default=t.model)
+    kinds = sorted({r.get("loss", recipe.loss.get("kind", LossConfig.kind)) for _, r in t.rows})
+    tcfg, lcfg = recipe_configs(recipe, train, loss, kinds=kinds)
+    members, row_of = table_members(t, lcfg, seeds)
     out = Path(out) if out else cache_root() / "runs" / f"{t.name}-{recipe.name}"
     folder, metrics, result, data = run_experiment(recipe, members, tcfg, cache, out, force,
-                                                   progress=progress, resume=resume)
-    rows = aggregate(t, metrics, members, row_of)
+                                                   **run_opts)
+    level = t.level if metrics["system_level"]["computable"] else "utterance"
+    rows = aggregate(t, metrics, members, row_of, level)
     heads = [h.name for h in recipe.heads]
     real = (t.reference.get("dataset") == data.meta.dataset
             and data.meta.backbone.split("@")[0] == recipe.backbone)  # the paper's setting
-    text, md, csv_rows = render(t, heads, rows, show_reference=real)
-    title = (f"{t.name}: {recipe.name}, {t.level}-level on {metrics['eval_split']!r}, "
-             f"mean ± sd over {seeds or t.seeds} seeds (validation: {metrics['validation']})")
+    text, md, csv_rows = render(t, heads, rows, show_reference=real and level == t.level)
+    title = (f"{t.name}: {recipe.name}, {level}-level on {metrics['eval_split']!r}, "
+             f"mean ± sd over {seeds} seeds (validation: {metrics['validation']})")
     write_table(folder, md, csv_rows, title)
     return {"folder": folder, "title": title, "text": text, "result": result,
-            "reference_shown": real}
+            "reference_shown": real, "metrics": metrics, "recipe": recipe}

@@ -144,10 +144,24 @@ def _json_attr(f: h5py.File, path: Path, name: str):
         raise CacheError(f"{path}: attribute {name!r} is missing or not valid JSON") from None
 
 
+def _damaged(path: Path, e: Exception) -> CacheError:
+    """h5py meets damaged metadata bytes as OSError, RuntimeError, KeyError or a decoding
+    error, depending on which structure the damage hit: all mean the same to a user."""
+    return CacheError(f"{path}: damaged cache file, it cannot be read "
+                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r}); "
+                      f"re-extract it (extract --force)")
+
+
+_DAMAGE = (OSError, RuntimeError, KeyError, ValueError, TypeError)  # UnicodeError is a ValueError
+
+
 def read_meta(path: str | Path) -> CacheMeta:
     path = Path(path)
     with _open(path) as f:
-        return _meta(f, path)
+        try:
+            return _meta(f, path)
+        except _DAMAGE as e:
+            raise _damaged(path, e) from None
 
 
 def _meta(f: h5py.File, path: Path) -> CacheMeta:
@@ -180,6 +194,13 @@ def check_key(meta: CacheMeta, key: Mapping[str, Any], what: str = "this run") -
 
 def read_cache(path: str | Path, require_complete: bool = True) -> Cache:
     path = Path(path)
+    try:
+        return _read_cache(path, require_complete)
+    except _DAMAGE as e:
+        raise _damaged(path, e) from None
+
+
+def _read_cache(path: Path, require_complete: bool) -> Cache:
     with _open(path) as f:
         meta = _meta(f, path)
         if require_complete and not meta.complete:

@@ -5,7 +5,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..config import LossConfig, Member, TrainConfig, cache_root, override, to_jsonable
+import numpy as np
+
+from ..config import (LossConfig, Member, TrainConfig, cache_root, check_used, override,
+                      to_jsonable)
 from ..errors import QamroError
 from .recipes import Recipe, load_recipe
 from .runs import RUN_VERSION, check_out, clean_stale, save_run, summarise, versions
@@ -13,14 +16,29 @@ from ..store.reader import Cache, read_cache
 
 
 def recipe_configs(recipe: Recipe, train: dict[str, Any] | None = None,
-                   loss: dict[str, Any] | None = None) -> tuple[TrainConfig, LossConfig]:
-    """Defaults (config.py) < recipe overrides < the user's options (None = not given)."""
-    tcfg = override(TrainConfig(), **{k: tuple(v) if isinstance(v, list) else v
-                                      for k, v in recipe.train.items()})
-    lcfg = override(LossConfig(), **recipe.loss)
-    if lcfg.label_range is None and recipe.label_range is not None:
-        lcfg = replace(lcfg, label_range=tuple(recipe.label_range))
-    return override(tcfg, **(train or {})), override(lcfg, **(loss or {}))
+                   loss: dict[str, Any] | None = None,
+                   kinds: list[str] | None = None) -> tuple[TrainConfig, LossConfig]:
+    """Defaults (config.py) < recipe overrides < the user's options (None = not given).
+
+    Every setting is checked here, before any work: the recipe's (errors name its file),
+    then the user's, and a loss setting that none of the loss kinds to be trained (`kinds`,
+    default the resolved kind) reads is refused."""
+    try:
+        tcfg = override(TrainConfig(), **{k: tuple(v) if isinstance(v, list) else v
+                                          for k, v in recipe.train.items()})
+        lcfg = override(LossConfig(), **{k: tuple(v) if isinstance(v, list) else v
+                                         for k, v in recipe.loss.items()})
+        if lcfg.label_range is None and recipe.label_range is not None:
+            lcfg = replace(lcfg, label_range=tuple(recipe.label_range))
+    except (QamroError, TypeError) as e:
+        raise QamroError(f"{recipe.where()}: {e}") from None
+    tcfg, lcfg = override(tcfg, **(train or {})), override(lcfg, **(loss or {}))
+    given = [k for k, v in (loss or {}).items() if v is not None and k != "kind"]
+    check_used(kinds if kinds is not None else [lcfg.kind], given)
+    if lcfg.norm == "range" and lcfg.label_range is None:
+        raise QamroError(f"--norm range needs the labels' scale: {recipe.where()} declares no "
+                         f"label_range")
+    return tcfg, lcfg
 
 
 def open_cache(recipe: Recipe, cache: str | Path | None) -> Cache:
@@ -53,12 +71,14 @@ def run_experiment(recipe: Recipe | str, members: list[Member], tcfg: TrainConfi
     out = Path(out) if out else default_out(recipe, members, kind)
     clean_stale(out)  # what a killed run left: removed, or an interrupted --force finished
     check_out(out, force, data.path)  # refuse before spending time training
+    system_note = system_level_note(data, recipe.heads, tcfg)  # before, not after, training
     label_range = tuple(recipe.label_range) if recipe.label_range else None
     fp = fingerprint(data, recipe.heads, members, tcfg, label_range)
     with training_state(out, fp, tcfg, force, resume) as checkpoint:
         result = train(data, recipe.heads, members, tcfg, label_range=label_range,
                        progress=progress, checkpoint=checkpoint)
-        folder, metrics = _write_run(recipe, data, members, tcfg, result, out, force, kind)
+        folder, metrics = _write_run(recipe, data, members, tcfg, result, out, force, kind,
+                                     system_note)
         discard(out)
     return folder, metrics, result, data
 
@@ -73,11 +93,14 @@ def cost(result) -> dict[str, Any]:
 
 
 def _write_run(recipe: Recipe, data: Cache, members: list[Member], tcfg: TrainConfig, result,
-               out: Path, force: bool, kind: str) -> tuple[Path, dict[str, Any]]:
+               out: Path, force: bool, kind: str,
+               system_note: dict[str, str]) -> tuple[Path, dict[str, Any]]:
     metrics = summarise(data, result, tcfg)
+    mark_system_level(metrics, system_note)
     config = {
         "qamro_run_version": RUN_VERSION, "recipe": recipe.name,
         "recipe_path": str(recipe.path) if recipe.path else None,
+        "recipe_derived": recipe.derived,
         "cache": str(data.path), "backbone": data.meta.backbone, "dataset": data.meta.dataset,
         "cache_key": data.meta.key, "cache_config": data.meta.config,
         "label_names": list(data.label_names),
@@ -101,8 +124,35 @@ def _write_run(recipe: Recipe, data: Cache, members: list[Member], tcfg: TrainCo
             rows = sweep_rows(metrics)
             write_sweep_csv(folder / "sweep.csv", rows)
             plot_sweep(folder / "sweep.png", rows, n_systems=eval_counts(metrics),
-                       split=metrics["eval_split"])
+                       split=metrics["eval_split"],
+                       level="utterance" if system_note else "system")
 
     folder = save_run(out, config=config, metrics=metrics, cache=data, result=result,
                       force=force, extra=extra_files)
     return folder, metrics
+
+
+def system_level_note(cache: Cache, heads, tcfg: TrainConfig) -> dict[str, str]:
+    """head -> why the eval split gives it no system-level figures (fewer than 2 systems
+    among its labelled rows); heads left out have them. Decided before training."""
+    from ..report.metrics import system_level_problem
+    from .inputs import label_col
+
+    rows = cache.rows(tcfg.eval_split)
+    notes = {}
+    for h in heads:
+        labelled = rows[np.isfinite(cache.labels[rows, label_col(cache, h)])]
+        problem = system_level_problem(cache.systems[labelled])
+        if problem and len(labelled):
+            notes[h.name] = f"eval split {tcfg.eval_split!r}: {problem}"
+    return notes
+
+
+def mark_system_level(metrics: dict[str, Any], notes: dict[str, str]) -> None:
+    """Say in metrics.json whether system-level figures exist, and for which heads not."""
+    why = "; ".join(dict.fromkeys(notes.values())) or None
+    if why and len(notes) < len(metrics["heads"]):
+        why = f"heads {', '.join(notes)}: {why}"
+    metrics["system_level"] = {"computable": not notes, "why": why}
+    for head, note in notes.items():
+        metrics["heads"][head]["system"]["not_computable"] = note

@@ -1,6 +1,8 @@
 """Experiments as data: a recipe (stages/NAME.toml) names the dataset, backbone and heads.
 
-The paper's hyper-parameters live in config.py; a recipe only overrides what its dataset needs."""
+The paper's hyper-parameters live in config.py; a recipe only overrides what its dataset needs.
+The format is documented in docs/recipes.md. A cache of a dataset no recipe is written for
+(a user's manifest) trains without one: `recipe_from_cache` gives one head per label."""
 from __future__ import annotations
 
 import tomllib
@@ -8,11 +10,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..config import DEFAULT_RECIPE, cache_root
+from ..config import DEFAULT_RECIPE, cache_root, check_label_range
 from ..errors import QamroError
-from .heads import HeadSpec
+from .heads import ACTIVATIONS, HeadSpec
 
 STAGES_DIR = Path(__file__).resolve().parents[1] / "stages"
+_KEYS = {"name", "dataset", "backbone", "label_range", "heads", "train", "loss", "grids",
+         "reference"}
 
 
 @dataclass(frozen=True)
@@ -27,9 +31,13 @@ class Recipe:
     grids: dict[str, dict[str, Any]] = field(default_factory=dict)  # named sweep grids
     reference: dict[str, Any] = field(default_factory=dict)  # published figures
     path: Path | None = None
+    derived: str | None = None  # how the heads were chosen when no recipe file was named
 
     def default_cache(self) -> Path:
         return cache_root() / self.dataset / f"{self.backbone}.h5"
+
+    def where(self) -> str:
+        return str(self.path) if self.path else f"recipe {self.name!r}"
 
 
 def find_recipe(name_or_path: str | Path) -> Path:
@@ -42,11 +50,19 @@ def find_recipe(name_or_path: str | Path) -> Path:
                      f"{', '.join(known) or 'none found'})")
 
 
-def _head(h: dict[str, Any]) -> HeadSpec:
+def _head(h: dict[str, Any], path: Path) -> HeadSpec:
     extra = {k: (tuple(v) if isinstance(v, list) else v) for k, v in h.items()
              if k not in ("name", "label", "features")}
-    return HeadSpec(name=h["name"], label=h.get("label", h["name"]),
+    spec = HeadSpec(name=h["name"], label=h.get("label", h["name"]),
                     features=tuple(h["features"]), **extra)
+    if not spec.features:
+        raise QamroError(f"{path}: head {spec.name!r} reads no features")
+    if spec.activation is not None and spec.activation not in ACTIVATIONS:
+        raise QamroError(f"{path}: head {spec.name!r}: unknown activation {spec.activation!r}; "
+                         f"use {', '.join(ACTIVATIONS)}")
+    if spec.hidden is not None and any(not isinstance(w, int) or w < 1 for w in spec.hidden):
+        raise QamroError(f"{path}: head {spec.name!r}: hidden widths must be whole numbers >= 1")
+    return spec
 
 
 def load_recipe(name_or_path: str | Path) -> Recipe:
@@ -55,23 +71,98 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise QamroError(f"{path}: not valid TOML: {e}") from None
+    unknown = set(data) - _KEYS
+    if unknown:
+        raise QamroError(f"{path}: unknown recipe key(s) {', '.join(sorted(unknown))} "
+                         f"(see docs/recipes.md)")
     try:
-        heads = tuple(_head(h) for h in data["heads"])
+        heads = tuple(_head(h, path) for h in data["heads"])
         lr = data.get("label_range")
-        return Recipe(name=data.get("name", path.stem), dataset=data["dataset"],
-                      backbone=data["backbone"], heads=heads,
-                      label_range=tuple(lr) if lr else None, train=data.get("train", {}),
-                      loss=data.get("loss", {}), grids=data.get("grids", {}),
-                      reference=data.get("reference", {}), path=path)
+        check_label_range(lr, f"{path}: label_range")
+        recipe = Recipe(name=data.get("name", path.stem), dataset=data["dataset"],
+                        backbone=data["backbone"], heads=heads,
+                        label_range=tuple(float(v) for v in lr) if lr else None,
+                        train=data.get("train", {}), loss=data.get("loss", {}),
+                        grids=data.get("grids", {}), reference=data.get("reference", {}),
+                        path=path)
     except (KeyError, TypeError) as e:  # a missing key, or an unknown head setting
         raise QamroError(f"{path}: recipe is missing or mistypes {e}") from None
+    if not heads:
+        raise QamroError(f"{path}: a recipe needs at least one [[heads]] entry")
+    names = [h.name for h in heads]
+    if len(set(names)) != len(names):
+        raise QamroError(f"{path}: head names must be unique ({', '.join(names)})")
+    return recipe
+
+
+def shipped_recipes() -> list[Recipe]:
+    """The model recipes in stages/ (table recipes, which have no heads, are left out)."""
+    out = []
+    for p in sorted(STAGES_DIR.glob("*.toml")):
+        try:
+            out.append(load_recipe(p))
+        except QamroError:
+            continue
+    return out
+
+
+def recipe_from_cache(cache) -> Recipe:
+    """A recipe for a cache no recipe is written for (a user's manifest): one head per label
+    column. The head's shape (features, layers, widths) is the one a shipped recipe gives the
+    same backbone: MusicEval's [audio ; text] head where the cache has texts, else its audio
+    head; Audiobox-Aesthetics' per-layer head on per-window features. Without a shipped
+    recipe for the backbone: an MLP on the clip features (audio, plus text where the cache
+    has texts)."""
+    backbone = cache.meta.backbone.split("@")[0]
+    has_text = "text" in cache.features and cache.texts is not None and any(cache.texts)
+    have = set(cache.windows) | (set(cache.features) - ({"text"} if not has_text else set()))
+    template, source = None, None
+    for r in shipped_recipes():
+        if r.backbone != backbone:
+            continue
+        fits = [h for h in r.heads if set(h.features) <= have]
+        if fits:
+            template = max(fits, key=lambda h: len(h.features))
+            source = f"the {r.name!r} recipe's {template.name!r} head"
+            break
+    if template is None:
+        clip = [f for f in ("audio", *sorted(cache.features))
+                if f in have and f not in cache.windows]
+        feats = tuple(dict.fromkeys(clip)) or tuple(sorted(cache.windows))[:1]
+        if not feats:
+            raise QamroError(f"{cache.path}: the cache holds no features to train on")
+        template = HeadSpec(name="", label="", features=feats,
+                            layer_weights=any(cache.windows[f].ndim == 3
+                                              for f in feats if f in cache.windows))
+        source = "an MLP with config.py's widths"
+    heads = tuple(replace(template, name=label, label=label) for label in cache.label_names)
+    lr = cache.meta.config.get("label_range")
+    why = (f"no recipe for dataset {cache.meta.dataset!r}: one head per label "
+           f"({', '.join(cache.label_names)}) on {' + '.join(template.features)}, shaped like "
+           f"{source}")
+    return Recipe(name=cache.meta.dataset, dataset=cache.meta.dataset, backbone=backbone,
+                  heads=heads, label_range=tuple(lr) if lr else None, derived=why)
 
 
 def select_recipe(recipe: str | None = None, dataset: str | None = None,
-                  backbone: str | None = None) -> Recipe:
+                  backbone: str | None = None, cache: str | Path | None = None,
+                  default: str = DEFAULT_RECIPE) -> Recipe:
     """The CLI's choice: --recipe NAME|PATH, or --dataset NAME (its recipe has that name), and
-    --backbone to read that backbone's cache of the dataset instead of the recipe's."""
-    r = load_recipe(recipe or dataset or DEFAULT_RECIPE)
+    --backbone to read that backbone's cache of the dataset instead of the recipe's. With
+    neither, a --cache of another dataset than the default recipe's gets the shipped recipe
+    for its dataset, or else one derived from the cache (`recipe_from_cache`)."""
+    if recipe is None and dataset is None and cache is not None:
+        from ..store.reader import read_cache, read_meta
+
+        meta = read_meta(cache)
+        r = load_recipe(default)
+        if meta.dataset == r.dataset:
+            return replace(r, backbone=backbone) if backbone else r
+        for r in shipped_recipes():
+            if r.dataset == meta.dataset:
+                return replace(r, backbone=backbone) if backbone else r
+        return recipe_from_cache(read_cache(cache))
+    r = load_recipe(recipe or dataset or default)
     if dataset and r.dataset != dataset:
         raise QamroError(f"recipe {r.name!r} is for dataset {r.dataset!r}, not {dataset!r}")
     return replace(r, backbone=backbone) if backbone else r

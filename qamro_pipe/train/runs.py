@@ -150,6 +150,13 @@ def check_out(out: Path, force: bool, cache: Path | None = None) -> None:
     if cache is not None and where == Path(cache).resolve():
         raise QamroError(f"--out {out}: that is the cache this run trains from; name a new "
                          f"folder for the run")
+    parent = where.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise QamroError(f"--out {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise QamroError(f"--out {out}: cannot write in {parent} (permission denied)")
     if not out.exists() and not out.is_symlink():
         return
     if not out.is_dir():

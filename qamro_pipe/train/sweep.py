@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from ..config import LossConfig, Member, override
+from ..config import (DEFAULT_SEEDS, USED_SETTINGS, LossConfig, Member, check_seeds,
+                      check_used, override)
 from ..errors import QamroError
 
 
@@ -28,18 +29,41 @@ def seeds_of(seeds: int | list[int]) -> list[int]:
     return list(range(seeds)) if isinstance(seeds, int) else list(seeds)
 
 
+GRID_KEYS = ("loss", "alpha", "beta", "margin", "seeds")
+
+
+def named_grid(recipe, name: str | None) -> dict[str, Any]:
+    """A copy of the recipe's grid `name` ({} for None), refused if the recipe has none."""
+    if name is None:
+        return {}
+    if name not in recipe.grids:
+        raise QamroError(f"recipe {recipe.name!r} has no grid {name!r} "
+                         f"(it has: {', '.join(recipe.grids) or 'none'})")
+    return dict(recipe.grids[name])
+
+
 def expand_grid(base: LossConfig, grid: dict[str, Any]) -> list[Member]:
     """{"loss": [...], "alpha": [...], "beta": [...], "margin": [...], "seeds": 3} -> members.
 
-    Options a loss kind ignores (beta for "mr", all for "none") do not multiply its points."""
-    unknown = set(grid) - {"loss", "alpha", "beta", "margin", "seeds"}
+    Options a loss kind ignores (beta for "mr", all for "none") do not multiply its points;
+    a setting that no kind of the grid reads is refused (it would change nothing)."""
+    unknown = set(grid) - set(GRID_KEYS)
     if unknown:
-        raise QamroError(f"unknown sweep grid keys: {', '.join(sorted(unknown))}")
-    kinds = grid.get("loss") or [base.kind]
+        raise QamroError(f"unknown sweep grid keys: {', '.join(sorted(unknown))} "
+                         f"(a grid has {', '.join(GRID_KEYS)})")
+    for key in ("loss", "alpha", "beta", "margin"):
+        if key in grid and (not isinstance(grid[key], (list, tuple)) or not grid[key]):
+            raise QamroError(f"--{key} {grid[key]!r}: give a non-empty list of values")
+        if key != "loss" and key in grid and any(
+                isinstance(v, bool) or not isinstance(v, (int, float)) for v in grid[key]):
+            raise QamroError(f"--{key} {grid[key]!r}: the values must be numbers")
+    kinds = list(grid.get("loss") or [base.kind])
+    check_used(kinds, [k for k in ("alpha", "beta", "margin") if k in grid])
     alphas = grid.get("alpha") or [base.alpha]
     betas = grid.get("beta") or [base.beta]
     margins = grid.get("margin") or [base.margin]
-    seeds = seeds_of(grid.get("seeds", 1))
+    check_seeds(grid.get("seeds", DEFAULT_SEEDS))
+    seeds = seeds_of(grid.get("seeds", DEFAULT_SEEDS))
     members, seen = [], set()
     for kind in kinds:
         if kind == "qamro":
@@ -55,9 +79,6 @@ def expand_grid(base: LossConfig, grid: dict[str, Any]) -> list[Member]:
                 seen.add(m)
                 members.append(m)
     return members
-
-
-USED_SETTINGS = {"qamro": ("alpha", "beta"), "mr": ("margin",), "none": ()}
 
 
 def setting_order(x) -> float:

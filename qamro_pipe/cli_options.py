@@ -1,0 +1,157 @@
+"""The command line's options that several commands share, each defined once, and the help
+text's defaults, read from config.py (an option is None when not given: the library applies
+the default, the help only shows it).
+
+`train`, `sweep` and `table` take RUN_OPTIONS; to give all three a new option, add it here
+and read it in `run_args` or `train_settings`."""
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from .config import DEFAULT_SEEDS, DEVICE_HELP, LossConfig, TrainConfig
+
+DATA, LOSS, TRAINING, OUTPUT = "Recipe and data", "Loss", "Training", "Output"
+MODEL = "Backbone and device"
+
+
+def default_of(cls, name: str) -> Any:
+    return next(f.default for f in fields(cls) if f.name == name)
+
+
+def shown(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def opt(help: str, default: str | None = None, *decls: str, **kw) -> Any:
+    """An option that is None when not given; `default` is what that resolves to, shown in
+    --help only."""
+    return typer.Option(None, *decls, help=help,
+                        show_default=default if default is not None else False, **kw)
+
+
+def cfg_opt(cls, name: str, help: str, recipe: bool = True, **kw) -> Any:
+    """An option for a config.py setting, its default shown from the dataclass."""
+    value = shown(default_of(cls, name))
+    return opt(help, f"{value}, or the recipe's" if recipe else value, **kw)
+
+
+T, L = TrainConfig, LossConfig
+TRAIN_SETTINGS = ("val_split", "eval_split", "max_epochs", "patience", "optimizer", "lr",
+                  "weight_decay", "batch_size", "val_batch_size", "activation", "device",
+                  "matmul_precision", "pair_kernel")
+LOSS_SETTINGS = ("norm", "regression")  # shared by every member of one run
+
+# name -> (type, option): what train, sweep and table all take
+RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "cache": (Optional[Path], opt(
+        "Cache file to train from.", "the recipe's, CACHE_ROOT/DATASET/BACKBONE.h5",
+        rich_help_panel=DATA)),
+    "seeds": (Optional[int], opt(
+        "Train seeds 0..N-1 of every setting as batched members (>= 1).",
+        f"{DEFAULT_SEEDS}, or the grid's or table's", rich_help_panel=LOSS)),
+    "norm": (Optional[str], cfg_opt(
+        L, "norm", "How q_ij scales labels to [0, 1]: batch (the batch's min and max, as the "
+        "published code) or range (the recipe's label_range). QAMRO only.",
+        rich_help_panel=LOSS)),
+    "regression": (Optional[str], cfg_opt(
+        L, "regression", "Regression term: huber, mse or mse+mae (on standardised labels "
+        "where a head standardises).", rich_help_panel=LOSS)),
+    "val_split": (Optional[str], cfg_opt(
+        T, "val_split", "Early-stopping split: holdout (a share of train, never the reported "
+        "split) or a split name (dev = the published code's protocol).",
+        rich_help_panel=TRAINING)),
+    "eval_split": (Optional[str], cfg_opt(
+        T, "eval_split", "Split the metrics are reported on.", rich_help_panel=TRAINING)),
+    "max_epochs": (Optional[int], cfg_opt(
+        T, "max_epochs", "Most epochs per member (>= 1).", rich_help_panel=TRAINING)),
+    "patience": (Optional[int], cfg_opt(
+        T, "patience", "Stop a member after this many epochs without a better validation "
+        "loss (>= 1).", rich_help_panel=TRAINING)),
+    "optimizer": (Optional[str], cfg_opt(
+        T, "optimizer", "sgd (the paper; momentum as config.py) or adamw (the published "
+        "track 2 code).", rich_help_panel=TRAINING)),
+    "lr": (Optional[float], cfg_opt(
+        T, "lr", "Learning rate (> 0).", rich_help_panel=TRAINING)),
+    "weight_decay": (Optional[float], cfg_opt(
+        T, "weight_decay", "AdamW's decoupled weight decay (>= 0).", rich_help_panel=TRAINING)),
+    "batch_size": (Optional[int], cfg_opt(
+        T, "batch_size", "Clips per step and per ranking batch (>= 2).",
+        rich_help_panel=TRAINING)),
+    "val_batch_size": (Optional[int], opt(
+        "Clips per validation batch: the ranking term is a mini-batch loss, so this shapes "
+        "the early-stopping signal (the published code: 8).", "--batch-size",
+        rich_help_panel=TRAINING)),
+    "activation": (Optional[str], cfg_opt(
+        T, "activation", "Between the heads' layers: relu, gelu or none (the published track "
+        "1 code has none).", rich_help_panel=TRAINING)),
+    "device": (Optional[str], cfg_opt(
+        T, "device", f"Where to train: {DEVICE_HELP} (auto = cuda when present).",
+        rich_help_panel=TRAINING)),
+    "matmul_precision": (Optional[str], cfg_opt(
+        T, "matmul_precision", "highest (fp32), high (TF32 on GPUs that have it) or medium "
+        "(bf16 matmuls): faster, predictions move by ~1e-2; see docs/benchmarks.md.",
+        rich_help_panel=TRAINING)),
+    "pair_kernel": (Optional[str], cfg_opt(
+        T, "pair_kernel", "torch, or triton: the pair loss as one fused CUDA kernel.",
+        rich_help_panel=TRAINING)),
+    "out": (Optional[Path], opt(
+        "Folder to write the run (sweep, table) to.", "CACHE_ROOT/runs/NAME (from recipe and loss)",
+        rich_help_panel=OUTPUT)),
+    "force": (bool, typer.Option(
+        False, "--force", help="Replace a run folder qamro-pipe wrote (never anything else), "
+        "or discard the saved state of a different interrupted run there.",
+        rich_help_panel=OUTPUT)),
+    "resume": (bool, typer.Option(
+        False, "--resume", help="Continue an interrupted run from its saved state (rerunning "
+        "the same command does too); an error if there is none.", rich_help_panel=OUTPUT)),
+    "quiet": (bool, typer.Option(
+        False, "--quiet", help="No progress display (on a terminal a bar; in a log a line "
+        "every 30 s).", rich_help_panel=OUTPUT)),
+}
+
+
+def train_settings(opts: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """RUN_OPTIONS -> (TrainConfig overrides, LossConfig overrides), None = not given."""
+    return ({k: opts[k] for k in TRAIN_SETTINGS if opts[k] is not None},
+            {k: opts[k] for k in LOSS_SETTINGS if opts[k] is not None})
+
+
+def run_args(opts: dict[str, Any]) -> dict[str, Any]:
+    """RUN_OPTIONS -> run_experiment's keyword arguments."""
+    return {"cache": opts["cache"], "out": opts["out"], "force": opts["force"],
+            "resume": opts["resume"]}
+
+
+DEBUG = typer.Option(False, "--debug", help="Show tracebacks on errors.")
+
+
+def with_options(fn: Callable, shared: dict[str, tuple[Any, Any]], collect: str | None,
+                 before: Callable[[dict[str, Any]], None]) -> Callable:
+    """`fn` with the `shared` options (and --debug) added to its signature, for typer to
+    read; their values reach `fn` as one dict in its parameter `collect`. `before(kw)` sees
+    every value first (the --debug switch)."""
+    sig = inspect.signature(fn)
+    own = [p for p in sig.parameters.values() if p.name != collect]
+    extra = {**shared, "debug": (bool, DEBUG)}
+    added = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=t)
+             for n, (t, info) in extra.items()]
+
+    @functools.wraps(fn)
+    def wrapper(**kw):
+        before(kw)
+        kw.pop("debug", None)
+        opts = {n: kw.pop(n) for n in shared}
+        if collect:
+            kw[collect] = opts
+        return fn(**kw)
+
+    wrapper.__signature__ = sig.replace(parameters=[*own, *added])
+    wrapper.__annotations__ = {**{k: v for k, v in fn.__annotations__.items() if k != collect},
+                               **{n: t for n, (t, _) in extra.items()}}
+    return wrapper

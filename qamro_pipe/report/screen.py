@@ -1,0 +1,70 @@
+"""What the commands print: metrics and sweep tables as plain text (the CLI only echoes)."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .metrics import FIGURES
+
+
+def shown_level(metrics: dict[str, Any]) -> str:
+    """System level, the headline, where it was computable; else utterance level."""
+    return "system" if metrics.get("system_level", {}).get("computable", True) else "utterance"
+
+
+def metrics_table(metrics: dict[str, Any], level: str | None = None) -> str:
+    """One line per head: MSE, LCC, SRCC, KTAU at `level` (mean ± sd over members, or the
+    figure with its 95% CI), headed by the split and the validation source."""
+    level = level or shown_level(metrics)
+    lines = [f"{level}-level on {metrics['eval_split']!r} (validation: {metrics['validation']})",
+             f"{'head':<12}" + "".join(f"{f.upper():>21}" for f in FIGURES)]
+    for head, levels in metrics["heads"].items():
+        m = levels[level]
+        cells = []
+        for f in FIGURES:
+            v = m.get(f)
+            if v is None:
+                cells.append(f"{'-':>21}")
+            elif m.get(f"{f}_std") is not None:
+                cells.append(f"{v:.3f} ± {m[f'{f}_std']:.3f}".rjust(21))
+            elif m.get(f"{f}_ci"):
+                lo, hi = m[f"{f}_ci"]
+                cells.append(f"{v:.3f} [{lo:.3f},{hi:.3f}]".rjust(21))
+            else:
+                cells.append(f"{v:>21.3f}")
+        lines.append(f"{head:<12}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def system_level_line(metrics: dict[str, Any]) -> str | None:
+    why = metrics.get("system_level", {}).get("why")
+    return f"note: system level not computable: {why}" if why else None
+
+
+def sweep_table(rows: list[dict[str, Any]]) -> str:
+    """Mean ± sd over seeds of SRCC per setting and head: system level where any row has
+    it, else utterance level."""
+    from ..train.sweep import setting_order
+
+    level = "system" if any(r.get("level") == "system" and r.get("srcc") is not None
+                            for r in rows) else "utterance"
+    pts: dict[tuple, list] = {}
+    for r in rows:
+        if r.get("level") == level and r.get("srcc") is not None:
+            pts.setdefault((r["loss"], r["alpha"], r["beta"], r["margin"], r["head"]),
+                           []).append(r["srcc"])
+    lines = [f"{'loss':<6}{'alpha':>7}{'beta':>6}{'margin':>8}  {'head':<10}"
+             f"{level + ' SRCC (mean ± sd over seeds)':>36}"]
+
+    def num(x):
+        return "-" if x is None else f"{x:g}"
+
+    def order(item):
+        kind, a, b, m, head = item[0]
+        return kind, *(setting_order(x) for x in (a, b, m)), head
+    for (kind, a, b, m, head), v in sorted(pts.items(), key=order):
+        sd = f" ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else ""
+        lines.append(f"{kind:<6}{num(a):>7}{num(b):>6}{num(m):>8}  {head:<10}"
+                     f"{np.mean(v):>28.3f}{sd} (n={len(v)})")
+    return "\n".join(lines)
