@@ -23,7 +23,6 @@ import numpy as np
 
 from . import audio
 from .backbones import Backbone, get_backbone
-from .backbones.base import RANDOM_WEIGHTS, sha256_file
 from ..config import ExtractConfig, cache_root, to_jsonable
 from .datasets import Clip, DatasetRecords
 from ..errors import CacheError, DataError, Interrupted, QamroError
@@ -47,19 +46,21 @@ def default_cache_path(dataset: str, backbone: str, cache_dir: str | Path | None
     return Path(cache_dir or cache_root()) / dataset / f"{backbone}.h5"
 
 
-def cache_key(records: DatasetRecords, bb: Backbone) -> dict[str, Any]:
-    """What must match for an existing cache to be resumed or reused."""
-    ckpt = bb.checkpoint
-    if ckpt is None:
-        weights = "release"  # the downloaded release file; its sha256 lands in provenance
-    elif ckpt == RANDOM_WEIGHTS:
-        weights = RANDOM_WEIGHTS
-    else:
-        if not Path(ckpt).is_file():
-            raise QamroError(f"--checkpoint {ckpt}: no such file")
-        weights = f"sha256:{sha256_file(ckpt)}"
+def embeds_texts(records: DatasetRecords, bb: Backbone, texts: bool | None = None) -> bool:
+    """Whether text features are made: when the backbone reads text and a clip has some
+    (a clip without text has ""), or when the caller asks (`texts`). Audio-only extraction
+    then needs nothing for text, such as CLAP's tokenizer files."""
+    return bb.uses_text and (any(c.text for c in records.clips) if texts is None else texts)
+
+
+def cache_key(records: DatasetRecords, bb: Backbone, texts: bool | None = None) -> dict[str, Any]:
+    """What must match for an existing cache to be resumed or reused. The weights are named
+    by their file's sha256, a downloaded release file's too (resolved, downloaded if need be,
+    by bb.identity), and the files behind text features likewise."""
+    texts = embeds_texts(records, bb, texts)
     ids = "\n".join(f"{c.id}\t{c.path.name}\t{c.start}\t{c.end}" for c in records.clips)
-    return {"backbone": bb.key, "weights": weights, "sample_rate": bb.sample_rate,
+    return {"backbone": bb.key, **bb.identity(texts), "text_features": texts,
+            "sample_rate": bb.sample_rate,
             "window_seconds": bb.window_seconds, "precision": bb.precision,
             "resampler": f"soxr {audio.RESAMPLE_QUALITY}", "downmix": "mean",
             "dataset": records.name, "label_names": list(records.label_names),
@@ -111,10 +112,12 @@ def part_path(path: str | Path, index: int, count: int) -> Path:
 
 def extract(records: DatasetRecords, cfg: ExtractConfig = ExtractConfig(),
             cache_path: str | Path | None = None, force: bool = False,
-            progress: bool = True, shard: tuple[int, int] | None = None) -> ExtractSummary:
+            progress: bool = True, shard: tuple[int, int] | None = None,
+            texts: bool | None = None) -> ExtractSummary:
     """Embed `records` into the cache at `cache_path`. With shard=(k, n), only clips k, k+n,
     k+2n, ... go into NAME.part-k-of-n.h5, which `shards.merge_parts` joins with the others
-    into the cache a single process would have written."""
+    into the cache a single process would have written. Text features are made when a clip
+    has text, or when `texts` says so (embeds_texts)."""
     for what, value, least in (("--batch-size", cfg.batch_size, 1), ("--workers", cfg.workers, 0)):
         if value is not None and value < least:
             raise QamroError(f"{what} {value}: must be at least {least}")
@@ -128,7 +131,8 @@ def extract(records: DatasetRecords, cfg: ExtractConfig = ExtractConfig(),
     path = Path(cache_path) if cache_path else default_cache_path(records.name, bb.name)
     if not records.clips:
         raise DataError(f"{records.name}: the dataset has no clips")
-    key = cache_key(records, bb)
+    texts = embeds_texts(records, bb, texts)  # for the whole set: shards must agree
+    key = cache_key(records, bb, texts)
     extra: dict[str, Any] = {}
     if shard is not None:
         k, n = shard
@@ -136,7 +140,7 @@ def extract(records: DatasetRecords, cfg: ExtractConfig = ExtractConfig(),
             raise QamroError(f"--shard {k}/{n}: the index must be in 0..{n - 1}")
         extra["shard"] = {"index": k, "count": n, "full_key": key}
         records = replace(records, clips=records.clips[k::n])
-        key = {**cache_key(records, bb), "shard": f"{k}/{n}"}
+        key = {**cache_key(records, bb, texts), "shard": f"{k}/{n}"}
         path = part_path(path, k, n)
     with writer_lock(path):
         if path.exists():
@@ -152,8 +156,8 @@ def extract(records: DatasetRecords, cfg: ExtractConfig = ExtractConfig(),
                     return ExtractSummary(path, len(records.clips), len(records.clips),
                                           status="nothing to do")
         if not path.exists():
-            _create(path, records, bb, cfg, key, extra)
-        return _fill(path, records, bb, cfg, progress)
+            _create(path, records, bb, cfg, key, extra, texts)
+        return _fill(path, records, bb, cfg, progress, texts)
 
 
 def auto_workers(gpu: bool) -> int:
@@ -177,8 +181,9 @@ def _device(device: str) -> str:
 
 
 def _create(path: Path, records: DatasetRecords, bb: Backbone, cfg: ExtractConfig,
-            key: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
-    specs = bb.feature_specs()
+            key: dict[str, Any], extra: dict[str, Any] | None = None,
+            texts: bool = True) -> None:
+    specs = {k: s for k, s in bb.feature_specs().items() if texts or not s.text}
     clip_specs = {k: s.shape for k, s in specs.items() if not s.per_window}
     win_specs = {k: s.shape for k, s in specs.items() if s.per_window}
     counts = None
@@ -210,7 +215,7 @@ def _create(path: Path, records: DatasetRecords, bb: Backbone, cfg: ExtractConfi
 
 
 def _fill(path: Path, records: DatasetRecords, bb: Backbone, cfg: ExtractConfig,
-          progress: bool) -> ExtractSummary:
+          progress: bool, texts: bool = True) -> ExtractSummary:
     from tqdm import tqdm
 
     clips = records.clips
@@ -237,7 +242,7 @@ def _fill(path: Path, records: DatasetRecords, bb: Backbone, cfg: ExtractConfig,
             """Batch N+1 starts before batch N is collected and written, so on a GPU the
             host prepares and writes while the device computes."""
             try:
-                job = _launch(bb, clips, batch, cfg.batch_size)
+                job = _launch(bb, clips, batch, cfg.batch_size, texts)
             finally:
                 decoded.release([r for r, _ in batch])  # their audio was copied
                 write_pending()  # also when launching failed: finished work is kept
@@ -373,7 +378,7 @@ class _Launched:
 
 
 def _launch(bb: Backbone, clips: list[Clip], batch: list[tuple[int, list[np.ndarray]]],
-            batch_size: int) -> _Launched:
+            batch_size: int, texts: bool = True) -> _Launched:
     """Start the backbone on a batch of clips. On a GPU this returns once the work is queued:
     the windows are copied into the model's input, and the host can go on.
 
@@ -387,7 +392,7 @@ def _launch(bb: Backbone, clips: list[Clip], batch: list[tuple[int, list[np.ndar
     # must not become one giant batch
     chunks = [flat[i:i + batch_size] for i in range(0, len(flat), batch_size)]
     first = bb.prepare_windows(chunks[0])
-    text = bb.embed_texts_async([clips[r].text for r in rows]) if bb.uses_text else None
+    text = bb.embed_texts_async([clips[r].text for r in rows]) if texts else None
     parts = [bb.forward_prepared(first)] + [bb.embed_windows_async(c) for c in chunks[1:]]
     return _Launched(rows, [len(wins) for _, wins in batch],
                      np.array([len(x) for x in flat], dtype=np.float32), parts, text)
