@@ -164,7 +164,21 @@ def test_pool_is_a_length_weighted_mean():
     np.testing.assert_allclose(b.pool(rows, np.array([3, 1])), [1.75, 3.5])
 
 
-# -- shared by the neural backbones' tests (test_clap.py, test_gpu.py) ------------------
+# -- shared by the neural backbones' tests (test_clap.py, test_gpu.py, benchmarks) -------
+def write_roberta_style_tokenizer(folder):
+    """A byte-level BPE tokenizer laid out like roberta-base's (50,265 ids, specials where
+    roberta-base has them) with made-up merges: the real files cannot be fetched offline."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+          *range(ord("®"), ord("ÿ") + 1)]
+    byte_chars = [chr(b) for b in bs] + [chr(256 + i) for i in range(256 - len(bs))]
+    tokens = ["<s>", "<pad>", "</s>", "<unk>", *byte_chars, "Ġs", "on", "Ġson", "Ġa"]
+    tokens += [f"filler{i}" for i in range(50264 - len(tokens))] + ["<mask>"]
+    folder.mkdir(parents=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\nĠ s\no n\nĠs on\nĠ a\n")
+    return folder
+
+
 def check_launched_batches(bb, sizes, n_batches, atol, seed=3):
     """Extraction launches batch N+1 before collecting batch N and lets the decoder reuse a
     batch's audio as soon as it is launched: batches in flight must give what one batch at a

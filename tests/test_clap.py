@@ -18,23 +18,10 @@ import pytest  # noqa: E402
 from qamro_pipe.errors import QamroError  # noqa: E402
 from qamro_pipe.extract.backbones import get_backbone  # noqa: E402
 from qamro_pipe.extract.backbones.base import RANDOM_WEIGHTS, sha256_file  # noqa: E402
-from test_backbones import check_launched_batches, cosine_distance, tone_mix  # noqa: E402
+from test_backbones import (check_launched_batches, cosine_distance, tone_mix,  # noqa: E402
+                            write_roberta_style_tokenizer)
 
 FIXTURES = Path(__file__).parent / "fixtures"
-
-
-def write_roberta_style_tokenizer(folder):
-    """A byte-level BPE tokenizer laid out like roberta-base's (50,265 ids, specials where
-    roberta-base has them) with made-up merges: the real files cannot be fetched offline."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-          *range(ord("®"), ord("ÿ") + 1)]
-    byte_chars = [chr(b) for b in bs] + [chr(256 + i) for i in range(256 - len(bs))]
-    tokens = ["<s>", "<pad>", "</s>", "<unk>", *byte_chars, "Ġs", "on", "Ġson", "Ġa"]
-    tokens += [f"filler{i}" for i in range(50264 - len(tokens))] + ["<mask>"]
-    folder.mkdir(parents=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\nĠ s\no n\nĠs on\nĠ a\n")
-    return folder
 
 
 @pytest.fixture

@@ -176,7 +176,6 @@ def numpy_scalar_globals() -> list[Any]:
 def read_checkpoint(path: Path, who: str) -> Any:
     """A checkpoint's contents, unpickling tensors, plain containers and numpy float64
     scalars only; one error line naming the file and the problem otherwise."""
-    import pickle
     import warnings
 
     import torch
@@ -187,21 +186,27 @@ def read_checkpoint(path: Path, who: str) -> Any:
                 warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Detected pickle protocol")  # a raw pickle's
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        refused = refused_globals(path, str(e))
-        if refused is None:
-            raise QamroError(f"{who}: checkpoint {path}: not a PyTorch checkpoint (a pickle "
-                             f"that torch.save did not write: {_first_line(e)})") from None
-        raise QamroError(f"{who}: cannot read checkpoint {path} as plain weights: it holds "
-                         f"pickled {refused} (refused for safety: only tensors, containers and "
-                         f"numpy float64 scalars are unpickled; nothing in the file was run)"
-                         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        if "magic number" in str(e):  # a pickle, but not torch's legacy format
-            raise QamroError(f"{who}: checkpoint {path}: not a PyTorch checkpoint (a pickle "
-                             f"that torch.save did not write)") from None
-        raise QamroError(f"{who}: checkpoint {path}: not a readable PyTorch checkpoint "
-                         f"({_first_line(e)}); truncated or damaged? Fetch it again") from None
+    except Exception as e:  # UnpicklingError, RuntimeError, EOFError, ... by case
+        raise _load_problem(path, who, e) from None
+
+
+def _load_problem(path: Path, who: str, e: Exception) -> QamroError:
+    """torch.load's failure as one line: a refusal names what was refused."""
+    text = str(e)
+    if "Weights only load failed" in text or "WeightsUnpickler" in text:
+        refused = refused_globals(path, text)
+        if refused is not None:
+            return QamroError(f"{who}: cannot read checkpoint {path} as plain weights: it "
+                              f"holds pickled {refused} (refused for safety: only tensors, "
+                              f"containers and numpy float64 scalars are unpickled; nothing "
+                              f"in the file was run)")
+        return QamroError(f"{who}: checkpoint {path}: not a PyTorch checkpoint (a pickle that "
+                          f"torch.save did not write: {_first_line(e)})")
+    if "magic number" in text:  # a pickle, but not torch's legacy format
+        return QamroError(f"{who}: checkpoint {path}: not a PyTorch checkpoint (a pickle that "
+                          f"torch.save did not write)")
+    return QamroError(f"{who}: checkpoint {path}: not a readable PyTorch checkpoint "
+                      f"({_first_line(e)}); truncated or damaged? Fetch it again")
 
 
 def refused_globals(path: Path, message: str) -> str | None:
@@ -218,7 +223,7 @@ def refused_globals(path: Path, message: str) -> str | None:
     except Exception:  # a legacy-format or unreadable file: only the message is left
         unsafe = []
     if unsafe:
-        return ", ".join(unsafe)
+        return ", ".join(sorted(set(unsafe)))
     m = (re.search(r"Unsupported global: GLOBAL (\S+)", message)
          or re.search(r"but got <class '([^']+)'>", message)
          or re.search(r"Unsupported class (\S+)", message))
