@@ -81,7 +81,9 @@ def test_checkpoint_identity_is_the_resolved_file_s_sha256(tmp_path, monkeypatch
     assert released.identity() != b.identity()
     assert get_backbone("aesthetics", checkpoint=RANDOM_WEIGHTS).identity() == {
         "weights": RANDOM_WEIGHTS}
-    assert get_backbone("melstats", checkpoint=str(ckpt)).identity() == {"weights": "none"}
+    assert get_backbone("melstats").identity() == {"weights": "none"}
+    with pytest.raises(QamroError, match="melstats has no weights: --checkpoint .* does not"):
+        get_backbone("melstats", checkpoint=str(ckpt)).identity()
 
 
 # -- melstats ---------------------------------------------------------------------------------

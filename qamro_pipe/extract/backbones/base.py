@@ -19,9 +19,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ...errors import QamroError
-from .weights import (RANDOM_WEIGHTS, Release, check_checkpoint_file, hub_endpoint,  # noqa: F401
-                      hub_reachable, offline_mode, sha256_file, weights_dir,
-                      NETWORK_PROBE_SECONDS)
+from .weights import (NETWORK_PROBE_SECONDS, RANDOM_WEIGHTS, Release, check_checkpoint_file,
+                      hub_endpoint, hub_reachable, offline_mode, sha256_file)
 
 REGISTRY: dict[str, type["Backbone"]] = {}
 
@@ -119,6 +118,9 @@ class Backbone:
         "random" for RANDOM_WEIGHTS, "none" for a backbone without weights. Backbones that
         read other files for text features add theirs when `texts`."""
         if self.release is None:
+            if self.checkpoint not in (None, RANDOM_WEIGHTS):
+                raise QamroError(f"{self.name} has no weights: --checkpoint "
+                                 f"{self.checkpoint} does not apply to it")
             return {"weights": "none"}
         path = self.weights_path()
         return {"weights": RANDOM_WEIGHTS if path is None
@@ -236,19 +238,25 @@ def exact_fp32():
     """TF32 off for matmuls and cuDNN convolutions and RNNs in the block (torch allows TF32 for
     cuDNN by default: an fp32 aesthetics cache moved by up to 1.3e-3 on an H200), the caller's
     settings restored after. The flags are read at launch on the host, so the block need only
-    cover the launches. Through the per-operator `fp32_precision` flags: unlike the legacy
-    `allow_tf32` getters, they can be read whatever mix of APIs the caller used."""
+    cover the launches. Through the per-operator `fp32_precision` flags where torch has them
+    (2.9+): unlike the legacy `allow_tf32` getters, which raise after a mix of the two APIs,
+    they can always be read; older torch has the legacy flags only."""
     import torch
 
-    flags = [getattr(getattr(torch.backends, a), b) for a, b in FP32_FLAGS]
-    saved = [f.fp32_precision for f in flags]
+    if hasattr(torch.backends.cudnn, "conv"):
+        switches = [(getattr(getattr(torch.backends, a), b), "fp32_precision", "ieee")
+                    for a, b in FP32_FLAGS]
+    else:
+        switches = [(torch.backends.cuda.matmul, "allow_tf32", False),
+                    (torch.backends.cudnn, "allow_tf32", False)]
+    saved = [getattr(obj, attr) for obj, attr, _ in switches]
     try:
-        for f in flags:
-            f.fp32_precision = "ieee"
+        for obj, attr, off in switches:
+            setattr(obj, attr, off)
         yield
     finally:
-        for f, v in zip(flags, saved):
-            f.fp32_precision = v
+        for (obj, attr, _), value in zip(switches, saved):
+            setattr(obj, attr, value)
 
 
 class Pending:

@@ -159,18 +159,19 @@ def _looks_like_text(head: bytes) -> bool:
 
 
 def numpy_scalar_globals() -> list[Any]:
-    """What unpickling a numpy float64 scalar needs: `scalar` under both of its module names
-    (numpy 1 pickles it as numpy.core.multiarray.scalar, numpy 2 as numpy._core...; the
-    released checkpoints were written by numpy 1), `numpy.dtype`, and the dtype's class,
-    which the unpickler must be allowed to `__setstate__` (numpy.dtypes.Float64DType)."""
+    """What unpickling a numpy float64 scalar needs: `scalar`, `numpy.dtype`, and the dtype's
+    class, which the unpickler must be allowed to `__setstate__` (numpy.dtypes.Float64DType).
+    Under numpy 2 `scalar` lives in numpy._core and is also allowed under the name numpy 1
+    pickled it by (numpy.core.multiarray.scalar), which the released checkpoints carry."""
     import numpy as np
 
     try:
         from numpy._core.multiarray import scalar  # numpy >= 2
     except ImportError:
         from numpy.core.multiarray import scalar
-    return [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"),
-            np.dtype, type(np.dtype(np.float64))]
+        return [scalar, np.dtype, type(np.dtype(np.float64))]
+    return [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype,
+            type(np.dtype(np.float64))]
 
 
 def read_checkpoint(path: Path, who: str) -> Any:
@@ -181,6 +182,9 @@ def read_checkpoint(path: Path, who: str) -> Any:
     import torch
 
     check_checkpoint_file(path, who)
+    if not hasattr(torch.serialization, "safe_globals"):
+        raise QamroError(f"{who}: reading checkpoint {path} safely needs torch >= 2.5 "
+                         f"(installed: {torch.__version__})")
     try:
         with torch.serialization.safe_globals(numpy_scalar_globals()), \
                 warnings.catch_warnings():
