@@ -71,7 +71,9 @@ def predict(run: str | Path, files: list[str | Path] | None = None,
     from .extract.loop import extract
 
     with tempfile.TemporaryDirectory(prefix="qamro-predict-") as tmp:
-        summary = extract(recs, cfg, Path(tmp) / "predict.h5", progress=False)
+        # text features when a head reads them, even for clips without text ("")
+        texts = any("text" in h.features for h in tr.heads)
+        summary = extract(recs, cfg, Path(tmp) / "predict.h5", progress=False, texts=texts)
         failures.update(summary.skipped)
         cache = read_cache(Path(tmp) / "predict.h5")
         scores = tr.predict(cache)

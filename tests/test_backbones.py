@@ -4,7 +4,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import copy  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -58,20 +57,33 @@ def test_offline_without_checkpoint_is_one_clear_error(tmp_path, monkeypatch, na
         get_backbone(name, checkpoint=str(tmp_path / "nope.pt")).load()
 
 
-def test_checkpoint_provenance_is_name_and_sha256(tmp_path, monkeypatch):
+def test_checkpoint_identity_is_the_resolved_file_s_sha256(tmp_path, monkeypatch):
+    """The cache key names the weights by the sha256 of the file actually loaded: a file
+    given with --checkpoint, and a release file found where downloads land, alike; two
+    different files never share a key."""
+    import torch
+
     ckpt = tmp_path / "weights.pt"
-    ckpt.write_bytes(b"not really weights")
+    torch.save({"state_dict": {"w": torch.ones(3)}}, ckpt)
     b = get_backbone("aesthetics", checkpoint=str(ckpt))
-    assert b._resolve_checkpoint("facebook/audiobox-aesthetics", "checkpoint.pt") == ckpt
+    assert b.weights_path() == ckpt
+    assert b.identity() == {"weights": f"sha256:{sha256_file(ckpt)}"}
     assert b.provenance()["checkpoint"] == "weights.pt"
     assert b.provenance()["checkpoint_sha256"] == sha256_file(ckpt)
-    # an earlier download in the user cache is found offline
+    # no --checkpoint: the release file where a download (or the user) put it, found offline
     monkeypatch.setenv("QAMRO_HOME", str(tmp_path))
     cached = tmp_path / "facebook--audiobox-aesthetics" / "checkpoint.pt"
     cached.parent.mkdir()
-    cached.write_bytes(b"x")
-    assert get_backbone("aesthetics", offline=True)._resolve_checkpoint(
-        "facebook/audiobox-aesthetics", "checkpoint.pt") == cached
+    torch.save({"state_dict": {"w": torch.zeros(3)}}, cached)
+    released = get_backbone("aesthetics", offline=True)
+    assert released.weights_path() == cached
+    assert released.identity() == {"weights": f"sha256:{sha256_file(cached)}"}
+    assert released.identity() != b.identity()
+    assert get_backbone("aesthetics", checkpoint=RANDOM_WEIGHTS).identity() == {
+        "weights": RANDOM_WEIGHTS}
+    assert get_backbone("melstats").identity() == {"weights": "none"}
+    with pytest.raises(QamroError, match="melstats has no weights: --checkpoint .* does not"):
+        get_backbone("melstats", checkpoint=str(ckpt)).identity()
 
 
 # -- melstats ---------------------------------------------------------------------------------
@@ -154,7 +166,7 @@ def test_pool_is_a_length_weighted_mean():
     np.testing.assert_allclose(b.pool(rows, np.array([3, 1])), [1.75, 3.5])
 
 
-# -- clap-music ---------------------------------------------------------------------------------
+# -- shared by the neural backbones' tests (test_clap.py, test_gpu.py, benchmarks) -------
 def write_roberta_style_tokenizer(folder):
     """A byte-level BPE tokenizer laid out like roberta-base's (50,265 ids, specials where
     roberta-base has them) with made-up merges: the real files cannot be fetched offline."""
@@ -163,78 +175,10 @@ def write_roberta_style_tokenizer(folder):
     byte_chars = [chr(b) for b in bs] + [chr(256 + i) for i in range(256 - len(bs))]
     tokens = ["<s>", "<pad>", "</s>", "<unk>", *byte_chars, "Ġs", "on", "Ġson", "Ġa"]
     tokens += [f"filler{i}" for i in range(50264 - len(tokens))] + ["<mask>"]
-    folder.mkdir()
+    folder.mkdir(parents=True)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
     (folder / "merges.txt").write_text("#version: 0.2\nĠ s\no n\nĠs on\nĠ a\n")
     return folder
-
-
-@pytest.fixture(scope="module")
-def clap(tmp_path_factory):
-    tok = write_roberta_style_tokenizer(tmp_path_factory.mktemp("tok") / "roberta")
-    b = get_backbone("clap-music", checkpoint=RANDOM_WEIGHTS, offline=True,
-                     tokenizer_dir=str(tok))
-    b.load()
-    b.loaded = True
-    return b
-
-
-def reference_clap_module(backbone):
-    """laion_clap's own CLAP_Module around our model: its __init__ would download
-    roberta-base, so it is set up by hand with the attributes its methods read."""
-    import torch
-    from laion_clap import CLAP_Module
-
-    m = CLAP_Module.__new__(CLAP_Module)
-    torch.nn.Module.__init__(m)
-    m.enable_fusion = False
-    m.model = backbone.model
-    m.model_cfg = backbone.model_cfg
-    m.tokenize = backbone.tokenizer
-    return m
-
-
-def test_clap_audio_matches_laion_clap(clap):
-    import torch
-
-    rng = np.random.default_rng(1)
-    sr = clap.sample_rate
-    clips = [tone_mix(sr, 3.0) + 0.01 * rng.standard_normal(3 * sr).astype(np.float32),
-             0.3 * rng.standard_normal(10 * sr).astype(np.float32)]
-    ours = clap.embed_windows(clips)["audio"]
-    assert ours.shape == (2, 512)
-    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1, rtol=1e-5)
-    ref = reference_clap_module(clap)
-    for clip, row in zip(clips, ours):
-        with torch.no_grad():
-            expected = ref.get_audio_embedding_from_data(x=[clip], use_tensor=False)[0]
-        np.testing.assert_allclose(row, expected, atol=1e-5)
-    assert cosine_distance(ours[0], ours[1]) > 1e-3  # the audio reaches the output
-
-
-def test_clap_window_preparation_is_laion_clap_s_bit_for_bit(clap):
-    """Our torch quantise-and-pad equals laion_clap's numpy int16 round trip followed by its
-    own repeatpad filling, exactly, for every int16 level and for short and full windows."""
-    import torch
-    from laion_clap.training.data import (float32_to_int16, get_audio_features,
-                                          int16_to_float32)
-
-    from qamro_pipe.extract.backbones.clap import quantize_int16, stack_windows
-
-    rng = np.random.default_rng(2)
-    n = clap.window_samples
-    levels = np.arange(-32768, 32768, dtype=np.float32) / 32767.0  # every level, and -1 - 1 ulp
-    windows = [np.concatenate([levels, rng.uniform(-1.5, 1.5, n - len(levels))]).astype(
-                   np.float32),
-               rng.uniform(-1.2, 1.2, 7001).astype(np.float32),  # repeats, then zeros
-               rng.standard_normal(n // 2).astype(np.float32)]  # exactly two repeats
-    ours = quantize_int16(stack_windows(windows, n, "cpu")).numpy()
-    for w, row in zip(windows, ours):
-        q = torch.from_numpy(int16_to_float32(float32_to_int16(w))).float()
-        ref = get_audio_features({}, q, n, data_truncating="rand_trunc",
-                                 data_filling="repeatpad", audio_cfg=clap.model_cfg["audio_cfg"],
-                                 require_grad=False)["waveform"].numpy()
-        assert np.array_equal(row.view(np.int32), ref.view(np.int32))
 
 
 def check_launched_batches(bb, sizes, n_batches, atol, seed=3):
@@ -253,62 +197,6 @@ def check_launched_batches(bb, sizes, n_batches, atol, seed=3):
     for p, e in zip(pending, expected):
         np.testing.assert_allclose(p.result()["audio"], e, atol=atol)
     return originals, expected
-
-
-def test_launched_batches_copy_their_windows_and_equal_one_at_a_time(clap):
-    originals, expected = check_launched_batches(clap, (9000, 48000), 2, atol=1e-6)
-    prepared = clap.prepare_windows(originals[1])  # what benchmarks time as the forward alone
-    assert tuple(prepared.shape) == (2, clap.window_samples)
-    np.testing.assert_allclose(clap.forward_prepared(prepared).result()["audio"], expected[1],
-                               atol=1e-6)
-
-
-def test_clap_text_matches_laion_clap(clap):
-    import torch
-
-    texts = ["a song", "a calm piano piece with soft strings " * 20]  # second one truncates
-    ours = clap.embed_texts(texts)["text"]
-    assert ours.shape == (2, 512)
-    with torch.no_grad():
-        expected = reference_clap_module(clap).get_text_embedding(texts)
-    np.testing.assert_allclose(ours, expected, atol=1e-5)
-    assert clap.provenance()["checkpoint"] == RANDOM_WEIGHTS
-    assert len(clap.provenance()["tokenizer_vocab_sha256"]) == 64
-
-
-def test_clap_without_tokenizer_still_embeds_audio(clap, tmp_path):
-    b = copy.copy(clap)
-    b.tokenizer_dir = None
-    b._provenance = {}
-    b.tokenizer, b._tokenizer_problem = b._load_tokenizer()
-    if b.tokenizer is not None:
-        pytest.skip("a roberta-base tokenizer is cached on this machine")
-    with pytest.raises(QamroError, match="--tokenizer-dir DIR"):
-        b.embed_texts(["a song"])
-    assert b.embed_windows([tone_mix(b.sample_rate, 1.0)])["audio"].shape == (1, 512)
-    empty = tmp_path / "empty_tokenizer"
-    empty.mkdir()
-    b.tokenizer_dir = str(empty)
-    with pytest.raises(QamroError, match="5 tokens instead of 50265"):
-        b._load_tokenizer()
-
-
-def test_clap_checkpoint_keys_are_read_tolerantly(tmp_path):
-    import torch
-
-    from qamro_pipe.extract.backbones.clap import load_clap_weights
-
-    model = torch.nn.ModuleDict({"text_branch": torch.nn.ModuleDict(
-        {"embeddings": torch.nn.Linear(2, 2)})})
-    state = {f"module.{k}": torch.full_like(v, 3.0) for k, v in model.state_dict().items()}
-    state["module.text_branch.embeddings.position_ids"] = torch.arange(514)[None]
-    torch.save({"epoch": 15, "name": "music", "state_dict": state}, tmp_path / "ok.pt")
-    load_clap_weights(model, tmp_path / "ok.pt")
-    assert (model.text_branch.embeddings.weight == 3).all()
-    del state["module.text_branch.embeddings.bias"]
-    torch.save({"state_dict": state}, tmp_path / "partial.pt")
-    with pytest.raises(QamroError, match="missing"):
-        load_clap_weights(model, tmp_path / "partial.pt")
 
 
 # -- aesthetics -------------------------------------------------------------------------------

@@ -246,9 +246,9 @@ def _count_launches(monkeypatch) -> list:
 
     real, rows = ex._launch, []
 
-    def launch(bb, clips, batch, batch_size):
+    def launch(bb, clips, batch, *rest):
         rows.extend(r for r, _ in batch)
-        return real(bb, clips, batch, batch_size)
+        return real(bb, clips, batch, *rest)
 
     monkeypatch.setattr(ex, "_launch", launch)
     return rows
@@ -424,7 +424,7 @@ def test_a_cache_with_no_clip_yet_pins_no_configuration(demo_records, tmp_path):
     bb = get_backbone("melstats", precision="bf16")  # made under another precision
     create_cache(p, ids=[c.id for c in demo_records.clips], systems=[""] * n,
                  splits=["train"] * n, labels=np.zeros((n, 2)), label_names=["a", "b"],
-                 backbone=bb.key, dataset="demo", config={}, key=cache_key(demo_records, bb),
+                 backbone=bb.key, dataset="demo", config={}, key=cache_key(demo_records, bb, True),
                  feature_shapes={"audio": (3,)})
     s = extract(demo_records, CFG, p, progress=False)
     assert s.written == n and "replaced a cache that held no clip yet" in s.changes[0]
@@ -443,7 +443,7 @@ def test_a_start_without_weights_leaves_no_cache_and_names_melstats(demo_records
     cfg = ExtractConfig(backbone="clap-music", device="cpu", workers=0, offline=True)
     with pytest.raises(QamroError, match="pass --checkpoint PATH.*--backbone melstats"):
         extract(demo_records, cfg, tmp_path / "c.h5", progress=False)
-    assert sorted(q.name for q in tmp_path.iterdir()) == ["c.h5.lock", "corpus"]
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["corpus"]  # not even a lock file
 
 
 def test_a_cache_without_per_clip_identities_is_refused_not_trusted(demo_records, tmp_path):

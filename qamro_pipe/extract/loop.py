@@ -22,7 +22,6 @@ import numpy as np
 
 from . import audio
 from .backbones import Backbone, get_backbone
-from .backbones.base import RANDOM_WEIGHTS, sha256_file
 from ..config import EXTRACT_BATCH, ExtractConfig, cache_root, to_jsonable
 from .datasets import Clip, DatasetRecords
 from ..errors import DataError, Interrupted, QamroError
@@ -49,19 +48,20 @@ def default_cache_path(dataset: str, backbone: str, cache_dir: str | Path | None
     return Path(cache_dir or cache_root()) / dataset / f"{backbone}.h5"
 
 
-def cache_key(records: DatasetRecords, bb: Backbone) -> dict[str, Any]:
-    """What must match for an existing cache's rows to be kept at all: what made the numbers,
-    and the dataset they belong to. Which rows are kept is decided clip by clip (reuse.py)."""
-    ckpt = bb.checkpoint
-    if ckpt is None:
-        weights = "release"  # the downloaded release file; its sha256 lands in provenance
-    elif ckpt == RANDOM_WEIGHTS:
-        weights = RANDOM_WEIGHTS
-    else:
-        if not Path(ckpt).is_file():
-            raise QamroError(f"--checkpoint {ckpt}: no such file")
-        weights = f"sha256:{sha256_file(ckpt)}"
-    return {"backbone": bb.key, "weights": weights, "sample_rate": bb.sample_rate,
+def embeds_texts(records: DatasetRecords, bb: Backbone, texts: bool | None = None) -> bool:
+    """Whether text features are made: when the backbone reads text and a clip has some
+    (a clip without text has ""), or when the caller asks (`texts`). Audio-only extraction
+    then needs nothing for text, such as CLAP's tokenizer files."""
+    return bb.uses_text and (any(c.text for c in records.clips) if texts is None else texts)
+
+
+def cache_key(records: DatasetRecords, bb: Backbone, texts: bool) -> dict[str, Any]:
+    """What must match for an existing cache's rows to be kept at all: what made the numbers
+    (the weights and, when texts are embedded, the tokenizer files, by their sha256: a
+    downloaded release file too, resolved by bb.identity) and the dataset they belong to.
+    Which rows are kept is decided clip by clip (reuse.py); whether text features are made
+    is part of the cache's layout, which reuse.py compares."""
+    return {"backbone": bb.key, **bb.identity(texts), "sample_rate": bb.sample_rate,
             "window_seconds": bb.window_seconds, "precision": bb.precision,
             "resampler": f"soxr {audio.RESAMPLE_QUALITY}", "downmix": "mean",
             "dataset": records.name}
@@ -112,12 +112,14 @@ def part_path(path: str | Path, index: int, count: int) -> Path:
 
 def extract(records: DatasetRecords, cfg: ExtractConfig = ExtractConfig(),
             cache_path: str | Path | None = None, force: bool = False,
-            progress: bool = True, shard: tuple[int, int] | None = None) -> ExtractSummary:
+            progress: bool = True, shard: tuple[int, int] | None = None,
+            texts: bool | None = None) -> ExtractSummary:
     """Embed `records` into the cache at `cache_path`, keeping every row of an existing cache
     there that still holds (reuse.py). With shard=(k, n), only clips k, k+n, k+2n, ... go
     into NAME.part-k-of-n.h5, which `shards.merge_parts` joins with the others into the
-    cache a single process would have written."""
-    run = _setup(records, cfg, cache_path, shard)
+    cache a single process would have written. Text features are made when a clip has
+    text, or when `texts` says so (embeds_texts)."""
+    run = _setup(records, cfg, cache_path, shard, texts)
     with writer_lock(run.path):
         plan = run.plan(force)
         if plan.nothing_to_do:
@@ -126,14 +128,16 @@ def extract(records: DatasetRecords, cfg: ExtractConfig = ExtractConfig(),
         make = None
         if plan.new_file:
             def make() -> None:
-                _create(run.path, run.records, run.bb, run.cfg, run.key, run.extra, plan)
-        return _fill(run.path, run.records, run.bb, run.cfg, progress, plan, make, force)
+                _create(run.path, run.records, run.bb, run.cfg, run.key, run.extra, plan,
+                        run.texts)
+        return _fill(run.path, run.records, run.bb, run.cfg, progress, plan, make, force,
+                     run.texts)
 
 
 def plan_only(records: DatasetRecords, cfg: ExtractConfig, cache_path: str | Path,
               force: bool = False) -> Plan:
     """What `extract` would do with the cache at `cache_path`, writing nothing."""
-    return _setup(records, cfg, cache_path, None).plan(force)
+    return _setup(records, cfg, cache_path, None, None).plan(force)
 
 
 @dataclass
@@ -146,17 +150,18 @@ class _Run:
     key: dict[str, Any]
     extra: dict[str, Any]  # more config: the shard's place in the whole
     seed: Path | None  # under --shard, the whole dataset's cache, whose rows a part may keep
+    texts: bool  # whether text features are made (embeds_texts, for the whole dataset)
 
     def plan(self, force: bool) -> Plan:
-        clip_specs, win_specs = _specs(self.bb)
+        clip_specs, win_specs = _specs(self.bb, self.texts)
         window = (self.bb.sample_rate, self.bb.window_seconds) if win_specs else None
         return make_plan(self.path, self.records, self.key, _layout(clip_specs, win_specs),
                          dataset_level(self.records, self.extra), force, self.cfg.skip_bad,
-                         self.bb.uses_text, window, self.seed)
+                         self.texts, window, self.seed)
 
 
 def _setup(records: DatasetRecords, cfg: ExtractConfig, cache_path: str | Path | None,
-           shard: tuple[int, int] | None) -> _Run:
+           shard: tuple[int, int] | None, texts: bool | None) -> _Run:
     for what, value, least in (("--batch-size", cfg.batch_size, 1), ("--workers", cfg.workers, 0)):
         if value is not None and value < least:
             raise QamroError(f"{what} {value}: must be at least {least}")
@@ -180,13 +185,14 @@ def _setup(records: DatasetRecords, cfg: ExtractConfig, cache_path: str | Path |
         records = replace(records, clips=records.clips[k::n])
         path, seed = part_path(path, k, n), path
     refuse_foreign(path)
-    key = cache_key(full, bb)
+    texts = embeds_texts(full, bb, texts)  # for the whole dataset: its shards must agree
+    key = cache_key(full, bb, texts)
     extra: dict[str, Any] = {}
     if shard is not None:
         extra["shard"] = {"index": k, "count": n, "full_key": key,
                           "clips_sha256": clips_digest(full)}
         key = {**key, "shard": f"{k}/{n}"}
-    return _Run(cfg, bb, path, records, key, extra, seed)
+    return _Run(cfg, bb, path, records, key, extra, seed, texts)
 
 
 def auto_workers(gpu: bool) -> int:
@@ -209,9 +215,11 @@ def _device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _specs(bb: Backbone) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
-    """(per-clip, per-window) feature shapes of the cache this backbone writes."""
-    specs = bb.feature_specs()
+def _specs(bb: Backbone, texts: bool) -> tuple[dict[str, tuple[int, ...]],
+                                                dict[str, tuple[int, ...]]]:
+    """(per-clip, per-window) feature shapes of the cache this backbone writes (text
+    features only when texts are embedded)."""
+    specs = {k: s for k, s in bb.feature_specs().items() if texts or not s.text}
     return ({k: s.shape for k, s in specs.items() if not s.per_window},
             {k: s.shape for k, s in specs.items() if s.per_window})
 
@@ -226,10 +234,10 @@ def _layout(clip_specs, win_specs) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 def _create(path: Path, records: DatasetRecords, bb: Backbone, cfg: ExtractConfig,
-            key: dict[str, Any], extra: dict[str, Any], plan: Plan) -> None:
+            key: dict[str, Any], extra: dict[str, Any], plan: Plan, texts: bool) -> None:
     """Put the new cache the plan asks for in place: every row allocated, kept rows copied
     from the old cache, skips carried over."""
-    clip_specs, win_specs = _specs(bb)
+    clip_specs, win_specs = _specs(bb, texts)
     provenance = bb.provenance()
     if not bb.loaded and plan.copy is not None:  # every row is kept: they say what made them
         provenance = read_meta(plan.copy.src).config.get("provenance", provenance)
@@ -247,7 +255,7 @@ def _create(path: Path, records: DatasetRecords, bb: Backbone, cfg: ExtractConfi
 
 
 def _fill(path: Path, records: DatasetRecords, bb: Backbone, cfg: ExtractConfig,
-          progress: bool, plan: Plan, make, force: bool) -> ExtractSummary:
+          progress: bool, plan: Plan, make, force: bool, texts: bool) -> ExtractSummary:
     """Embed the plan's rows. The decoding workers start first (forked before the model
     loads), then the model loads, and only then does `make` put a new cache in place: a
     start that fails (no weights, say) leaves the earlier cache, or none, as it was."""
@@ -278,7 +286,7 @@ def _fill(path: Path, records: DatasetRecords, bb: Backbone, cfg: ExtractConfig,
             make()
         w = CacheWriter(path)
         t_run = time.perf_counter()
-        _embed(w, bb, records, cfg, plan, decoded, first, bar, summary)
+        _embed(w, bb, records, cfg, plan, decoded, first, bar, summary, texts)
         summary.seconds = time.perf_counter() - t_run
         summary.skipped = dict(w.skipped)  # this run's and earlier runs'
         w.finish()
@@ -335,7 +343,8 @@ class _BadFile(Exception):
 
 
 def _embed(w: CacheWriter, bb: Backbone, records: DatasetRecords, cfg: ExtractConfig,
-           plan: Plan, decoded: "_Decoder", first, bar, summary: ExtractSummary) -> None:
+           plan: Plan, decoded: "_Decoder", first, bar, summary: ExtractSummary,
+           texts: bool) -> None:
     """Decode, embed and write the plan's rows, batch by batch; launching batch N+1 before
     batch N is collected and written."""
     clips = records.clips
@@ -351,7 +360,7 @@ def _embed(w: CacheWriter, bb: Backbone, records: DatasetRecords, cfg: ExtractCo
         """Batch N+1 starts before batch N is collected and written, so on a GPU the
         host prepares and writes while the device computes."""
         try:
-            job = _launch(bb, clips, batch, cfg.batch_size)
+            job = _launch(bb, clips, batch, cfg.batch_size, texts)
         finally:
             decoded.release([r for r, _ in batch])  # their audio was copied
             write_pending()  # also when launching failed: finished work is kept
@@ -462,7 +471,7 @@ class _Launched:
 
 
 def _launch(bb: Backbone, clips: list[Clip], batch: list[tuple[int, list[np.ndarray]]],
-            batch_size: int) -> _Launched:
+            batch_size: int, texts: bool) -> _Launched:
     """Start the backbone on a batch of clips. On a GPU this returns once the work is queued:
     the windows are copied into the model's input, and the host can go on.
 
@@ -476,7 +485,7 @@ def _launch(bb: Backbone, clips: list[Clip], batch: list[tuple[int, list[np.ndar
     # must not become one giant batch
     chunks = [flat[i:i + batch_size] for i in range(0, len(flat), batch_size)]
     first = bb.prepare_windows(chunks[0])
-    text = bb.embed_texts_async([clips[r].text for r in rows]) if bb.uses_text else None
+    text = bb.embed_texts_async([clips[r].text for r in rows]) if texts else None
     parts = [bb.forward_prepared(first)] + [bb.embed_windows_async(c) for c in chunks[1:]]
     return _Launched(rows, [len(wins) for _, wins in batch],
                      np.array([len(x) for x in flat], dtype=np.float32), parts, text)

@@ -20,8 +20,8 @@ from ..train.runs import head_metrics, load_run, write_predictions
 from ..store.reader import Cache, read_cache
 
 # key fields of the cache that decide what the features mean (not which clips are in it)
-FEATURE_KEY = ("backbone", "weights", "sample_rate", "window_seconds", "precision",
-               "resampler", "downmix")
+FEATURE_KEY = ("backbone", "weights", "tokenizer", "sample_rate", "window_seconds",
+               "precision", "resampler", "downmix")
 
 
 class TrainedRun:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 
 import h5py
+import torch
 
 from .kit import assert_same_file, child_env, extract_args
 
@@ -106,10 +107,10 @@ def _misuse(kind, path):
 
 
 MISUSE = {  # (backbone, options) on a cache made with melstats defaults -> the error
-    "another backbone": ("aesthetics", [],
+    "another backbone": ("aesthetics", ["--checkpoint", "random"],
                          "backbone: cache has 'melstats@1', this extract has 'aesthetics@1'"),
-    "another checkpoint": ("melstats", ["--checkpoint", "CKPT"],
-                           "weights: cache has 'release', this extract has 'sha256:"),
+    "another checkpoint": ("aesthetics", ["--checkpoint", "CKPT"],
+                           "weights: cache has 'none', this extract has 'sha256:"),
     "another precision": ("melstats", ["--precision", "bf16"],
                           "precision: cache has 'fp32', this extract has 'bf16'"),
 }
@@ -121,8 +122,8 @@ FOREIGN = "a file that is not HDF5, not a cache qamro-pipe wrote, so it is left 
 def test_cache_misuse_is_refused_and_leaves_the_file_alone(corpus, reference, tmp_path, tally):
     tally.fault = "cache misuse: other backbone/checkpoint/precision/schema, truncated, " \
                   "not HDF5 (extract and train)"
-    ckpt = tmp_path / "weights.bin"
-    ckpt.write_bytes(b"not the release weights")
+    ckpt = tmp_path / "weights.pt"  # weights are keyed by content: any readable file will do
+    torch.save({"state_dict": {"w": torch.ones(3)}}, ckpt)
     children = []
     for i, (kind, (backbone, opts, expect)) in enumerate(MISUSE.items()):
         path = tmp_path / f"m{i}.h5"

@@ -19,9 +19,12 @@ import numpy as np
 
 from ...errors import QamroError
 from .base import Backbone, FeatureSpec, register_backbone, seeded_init
+from .weights import Release, read_checkpoint
 
-CHECKPOINT_REPO = "facebook/audiobox-aesthetics"
-CHECKPOINT_NAME = "checkpoint.pt"
+# the file audiobox_aesthetics.utils.load_model downloads (DEFAULT_HF_REPO, DEFAULT_CKPT_FNAME),
+# at the repository's commit 9b1dd8e5 (the head of main in the snapshots users pinned in 2025-26)
+RELEASE = Release("facebook/audiobox-aesthetics", "9b1dd8e5df9af7216e836a98974fe3b82c56ded6",
+                  "checkpoint.pt")
 N_LAYERS = 13  # WavLM-base: the pre-transformer features and 12 transformer layers
 WIDTH = 768
 # AesMultiOutput arguments that the release checkpoint's model_cfg carries (read as infer.py
@@ -39,13 +42,13 @@ class Aesthetics(Backbone):
     version = 1
     sample_rate = 16000
     window_seconds = 10.0
+    release = RELEASE
 
     def feature_specs(self) -> dict[str, FeatureSpec]:
         return {"layers": FeatureSpec((N_LAYERS, WIDTH), per_window=True)}
 
     def load(self) -> None:
-        self._set_offline_env()
-        path = self._resolve_checkpoint(CHECKPOINT_REPO, CHECKPOINT_NAME)
+        path = self.weights_path()
         if path is None:
             self.model = build_aes(RELEASE_HEAD_CFG, target_transform=None)
         else:
@@ -112,17 +115,11 @@ def build_aes(head_cfg: dict, target_transform):
 
 
 def read_aes_checkpoint(path) -> tuple[dict, Any, dict]:
-    """(model_cfg, target_transform, state_dict) of a release-format checkpoint.pt,
-    unpickling tensors and plain containers only (weights_only=True)."""
-    import torch
+    """(model_cfg, target_transform, state_dict) of a release-format checkpoint.pt, read as
+    data only (weights.read_checkpoint)."""
+    from pathlib import Path
 
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise QamroError(
-            f"aesthetics: cannot read checkpoint {path} as plain weights; it holds pickled "
-            f"objects that are not tensors or containers, which are refused for safety "
-            f"({str(e).splitlines()[0]})") from e
+    ckpt = read_checkpoint(Path(path), "aesthetics")
     if not isinstance(ckpt, dict) or not {"model_cfg", "state_dict"} <= set(ckpt):
         raise QamroError(f"aesthetics: {path} is not an Audiobox-Aesthetics checkpoint "
                          f"(expected keys model_cfg and state_dict)")

@@ -12,8 +12,6 @@ blocking the host until they are needed.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,10 +19,10 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ...errors import QamroError
+from .weights import (NETWORK_PROBE_SECONDS, RANDOM_WEIGHTS, Release, check_checkpoint_file,
+                      hub_endpoint, hub_reachable, offline_mode, sha256_file)
 
 REGISTRY: dict[str, type["Backbone"]] = {}
-# checkpoint value that builds the real architecture with untrained weights: for tests only
-RANDOM_WEIGHTS = "random"
 
 
 def register_backbone(cls: type["Backbone"]) -> type["Backbone"]:
@@ -43,28 +41,6 @@ def get_backbone(name: str, **options: Any) -> "Backbone":
     return REGISTRY[name](**options)
 
 
-def offline_mode(offline: bool | None = None) -> bool:
-    """Declared offline (flag) or set in the environment (HF_HUB_OFFLINE / QAMRO_OFFLINE)."""
-    if offline is not None:
-        return offline
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes")
-               for v in ("HF_HUB_OFFLINE", "QAMRO_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def weights_dir() -> Path:
-    """Where downloaded checkpoints live: $QAMRO_HOME, else ~/.cache/qamro-pipe; never the
-    package directory."""
-    return Path(os.environ.get("QAMRO_HOME") or Path.home() / ".cache" / "qamro-pipe").expanduser()
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @contextlib.contextmanager
 def seeded_init(seed: int = 0):
     """Build models under a fixed seed without touching the caller's torch RNG: random
@@ -80,6 +56,7 @@ def seeded_init(seed: int = 0):
 class FeatureSpec:
     shape: tuple[int, ...]  # shape of one row
     per_window: bool = False  # True: one row per window (/windows/...); False: one per clip
+    text: bool = False  # made by embed_texts from the clips' texts, not from their audio
 
 
 class Backbone:
@@ -88,6 +65,7 @@ class Backbone:
     sample_rate: ClassVar[int]  # audio is resampled to this before embed
     window_seconds: ClassVar[float]  # long clips are cut into windows of this length
     uses_text: ClassVar[bool] = False  # whether embed_texts produces features
+    release: ClassVar[Release | None] = None  # the published weights; None: no weights
 
     def __init__(self, checkpoint: str | None = None, device: str = "cpu",
                  precision: str = "fp32", offline: bool | None = None,
@@ -101,6 +79,7 @@ class Backbone:
         self.tokenizer_dir = tokenizer_dir
         self.loaded = False
         self._provenance: dict[str, Any] = {}
+        self._weights: tuple[Path | None] | None = None  # resolved once: (path or None,)
 
     @property
     def key(self) -> str:
@@ -133,50 +112,74 @@ class Backbone:
                 "window_seconds": self.window_seconds, "precision": self.precision,
                 **self._provenance}
 
-    # -- shared plumbing -------------------------------------------------------------
-    def _set_offline_env(self) -> None:
-        """Hugging Face libraries read these once, at import: set them before importing."""
-        if self.offline:
-            os.environ["HF_HUB_OFFLINE"] = "1"
-            os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    def identity(self, texts: bool = False) -> dict[str, str]:
+        """What, besides the code, decides the numbers: {"weights": "sha256:<file's>"} for a
+        checkpoint (a release file is resolved, downloaded if need be, and hashed first),
+        "random" for RANDOM_WEIGHTS, "none" for a backbone without weights. Backbones that
+        read other files for text features add theirs when `texts`."""
+        if self.release is None:
+            if self.checkpoint not in (None, RANDOM_WEIGHTS):
+                raise QamroError(f"{self.name} has no weights: --checkpoint "
+                                 f"{self.checkpoint} does not apply to it")
+            return {"weights": "none"}
+        path = self.weights_path()
+        return {"weights": RANDOM_WEIGHTS if path is None
+                else f"sha256:{self._provenance['checkpoint_sha256']}"}
 
-    def _resolve_checkpoint(self, repo_id: str, filename: str) -> Path | None:
-        """The checkpoint file to load: `self.checkpoint`, else an earlier download in
-        weights_dir(), else (online) a download from the Hugging Face repo; None for
-        RANDOM_WEIGHTS. Records the file name and sha256 in the provenance."""
+    # -- shared plumbing -------------------------------------------------------------
+    def weights_path(self) -> Path | None:
+        """The checkpoint file to load (None for RANDOM_WEIGHTS), resolved once: its name and
+        sha256 go into the provenance, and cheap checks refuse the usual wrong files."""
+        if self._weights is None:
+            path = self._resolve_checkpoint()
+            if path is None:
+                self._provenance.update(checkpoint=RANDOM_WEIGHTS, checkpoint_sha256=None)
+            else:
+                check_checkpoint_file(path, self.name)
+                self._provenance.update(checkpoint=path.name, checkpoint_sha256=sha256_file(path))
+            self._weights = (path,)
+        return self._weights[0]
+
+    def _resolve_checkpoint(self) -> Path | None:
+        """`self.checkpoint`, else the release file where an earlier download (or the user)
+        put it, else a download of it at the pinned revision; never a wait on a network that
+        is not there (the endpoint is asked once, briefly, before downloading)."""
         if self.checkpoint == RANDOM_WEIGHTS:
-            self._provenance.update(checkpoint=RANDOM_WEIGHTS, checkpoint_sha256=None)
             return None
-        cached = weights_dir() / repo_id.replace("/", "--") / filename
         if self.checkpoint:
             path = Path(self.checkpoint).expanduser()
             if not path.is_file():
                 raise QamroError(f"{self.name}: checkpoint {path} does not exist")
-        elif cached.is_file():
-            path = cached
-        elif self.offline:
-            raise QamroError(
-                f"{self.name}: no checkpoint and downloads are off (offline). Fetch "
-                f"https://huggingface.co/{repo_id}/resolve/main/{filename} and pass "
-                f"--checkpoint PATH, or put the file at {cached}; or start without "
-                f"downloads with --backbone melstats")
-        else:
-            from huggingface_hub import hf_hub_download
+            return path
+        rel = self.release
+        cached = rel.local_path
+        if cached.is_file():
+            return cached
+        fetch = (f"Fetch {rel.url} and pass --checkpoint PATH, or put the file at {cached}; "
+                 f"`--backbone melstats` starts without downloads")
+        if self.offline:
+            raise QamroError(f"{self.name}: no checkpoint and downloads are off (offline). "
+                             f"{fetch}")
+        if not hub_reachable():
+            raise QamroError(f"{self.name}: no checkpoint, and {hub_endpoint()} did not answer "
+                             f"within {NETWORK_PROBE_SECONDS:g} s (no network?). {fetch}")
+        from huggingface_hub import hf_hub_download
 
-            try:
-                path = Path(hf_hub_download(repo_id, filename, local_dir=cached.parent))
-            except Exception as e:
-                raise QamroError(f"{self.name}: could not download {filename} from "
-                                 f"huggingface.co/{repo_id} ({e}); fetch it yourself and "
-                                 f"pass --checkpoint PATH") from e
-        self._provenance.update(checkpoint=path.name, checkpoint_sha256=sha256_file(path))
-        return path
+        try:
+            return Path(hf_hub_download(rel.repo, rel.filename, revision=rel.revision,
+                                        local_dir=cached.parent))
+        except Exception as e:  # huggingface_hub raises a dozen types, by case
+            raise QamroError(f"{self.name}: could not download {rel.filename} from "
+                             f"huggingface.co/{rel.repo} ({str(e).splitlines()[0]}). "
+                             f"{fetch}") from e
 
-    def _autocast(self):
+    def _precision(self):
+        """The forward's numeric context: autocast for bf16/fp16; for fp32, fp32 for real
+        (TF32 off, see exact_fp32), since the cache records "fp32"."""
         import torch
 
         if self.precision == "fp32":
-            return contextlib.nullcontext()
+            return exact_fp32()
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type=str(self.device).split(":")[0], dtype=dtype)
 
@@ -189,7 +192,7 @@ class Backbone:
         import torch
 
         self._ensure_loaded()
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self._precision():
             return Pending(self.key, self.precision, fn(arg))
 
     def embed_windows_async(self, windows: list[np.ndarray]) -> "Pending":
@@ -224,6 +227,36 @@ class Backbone:
         """One clip's per-window rows [W, ...] -> one row: mean weighted by window length."""
         w = weights.astype(np.float64) / weights.sum()
         return np.tensordot(w, feats.astype(np.float64), axes=1).astype(np.float32)
+
+
+# the per-operator float32 settings through which an fp32 forward may round via TF32 on a GPU
+FP32_FLAGS = (("cuda", "matmul"), ("cudnn", "conv"), ("cudnn", "rnn"))
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """TF32 off for matmuls and cuDNN convolutions and RNNs in the block (torch allows TF32 for
+    cuDNN by default: an fp32 aesthetics cache moved by up to 1.3e-3 on an H200), the caller's
+    settings restored after. The flags are read at launch on the host, so the block need only
+    cover the launches. Through the per-operator `fp32_precision` flags where torch has them
+    (2.9+): unlike the legacy `allow_tf32` getters, which raise after a mix of the two APIs,
+    they can always be read; older torch has the legacy flags only."""
+    import torch
+
+    if hasattr(torch.backends.cudnn, "conv"):
+        switches = [(getattr(getattr(torch.backends, a), b), "fp32_precision", "ieee")
+                    for a, b in FP32_FLAGS]
+    else:
+        switches = [(torch.backends.cuda.matmul, "allow_tf32", False),
+                    (torch.backends.cudnn, "allow_tf32", False)]
+    saved = [getattr(obj, attr) for obj, attr, _ in switches]
+    try:
+        for obj, attr, off in switches:
+            setattr(obj, attr, off)
+        yield
+    finally:
+        for (obj, attr, _), value in zip(switches, saved):
+            setattr(obj, attr, value)
 
 
 class Pending:

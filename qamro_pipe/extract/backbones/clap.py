@@ -12,26 +12,31 @@ to 10 s, the audio tower, projection and L2 normalisation; here windows go in ba
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
-import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ...errors import QamroError
 from .base import Backbone, FeatureSpec, register_backbone, seeded_init
+from .roberta_tokenizer import (VOCAB_SIZE, files_digest, find_tokenizer, load_tokenizer,
+                                missing_tokenizer, tokenizer_files)
+from .weights import Release, hub_offline, read_checkpoint
 
-CHECKPOINT_REPO = "lukewys/laion_clap"
-CHECKPOINT_NAME = "music_audioset_epoch_15_esc_90.14.pt"
+# the file laion_clap's README names for music, at the repository's commit b3708341 (the one
+# the Hugging Face cache snapshots of this file carry)
+RELEASE = Release("lukewys/laion_clap", "b3708341862f581175dba5c356a4ebf74a9b6651",
+                  "music_audioset_epoch_15_esc_90.14.pt")
 AUDIO_MODEL = "HTSAT-base"  # the audio tower the music checkpoints were trained with
 TEXT_MODEL = "roberta"
-TOKENIZER_NAME = "roberta-base"
+TEXT_MODEL_NAME = "roberta-base"  # what laion_clap asks transformers for
 TEXT_MAX_TOKENS = 77  # CLAP_Module.tokenizer's max_length
 EMBED_DIM = 512
-# roberta-base's architecture; transformers' RobertaConfig() defaults differ from it
-# (512 positions, 2 token types, layer_norm_eps 1e-12)
-ROBERTA_BASE = dict(vocab_size=50265, hidden_size=768, num_hidden_layers=12,
+# roberta-base's architecture (its published config.json; tests hold the two equal);
+# transformers' RobertaConfig() defaults differ from it (512 positions, 2 token types,
+# layer_norm_eps 1e-12), and a wrong one would still pass a strict state-dict load
+ROBERTA_BASE = dict(vocab_size=VOCAB_SIZE, hidden_size=768, num_hidden_layers=12,
                     num_attention_heads=12, intermediate_size=3072, hidden_act="gelu",
                     max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5,
                     pad_token_id=1, bos_token_id=0, eos_token_id=2)
@@ -46,40 +51,43 @@ class ClapMusic(Backbone):
     sample_rate = 48000
     window_seconds = 10.0
     uses_text = True
+    release = RELEASE
+    tokenizer: Any = None  # loaded with the first text (or identity(texts=True))
+    _tokenizer_at: tuple[Path | None, str | None] | None = None  # (folder, why not), once
 
     def feature_specs(self) -> dict[str, FeatureSpec]:
-        return {"audio": FeatureSpec((EMBED_DIM,)), "text": FeatureSpec((EMBED_DIM,))}
+        return {"audio": FeatureSpec((EMBED_DIM,)),
+                "text": FeatureSpec((EMBED_DIM,), text=True)}
 
     def load(self) -> None:
-        self._set_offline_env()  # before anything imports huggingface_hub / transformers
-        path = self._resolve_checkpoint(CHECKPOINT_REPO, CHECKPOINT_NAME)
-        state = read_clap_state(path) if path is not None else None
+        path = self.weights_path()
+        state = read_clap_state(path) if path is not None else None  # refused before building
         self.model, self.model_cfg = build_clap(AUDIO_MODEL)
         if path is not None:
             load_clap_weights(self.model, path, state)
         self.model.to(self.device).eval()
-        self.tokenizer, self._tokenizer_problem = self._load_tokenizer()
 
-    def _load_tokenizer(self) -> tuple[Any, str | None]:
-        """(tokenizer, None), or (None, why) when none is available: audio-only extraction
-        must work offline without tokenizer files, so the error waits for the first text."""
-        from transformers import RobertaTokenizer
+    def identity(self, texts: bool = False) -> dict[str, str]:
+        """The checkpoint's, and with texts the tokenizer files' (loaded and checked now, so
+        a missing tokenizer stops the run before anything is written)."""
+        out = super().identity(texts)
+        if texts:
+            self.ensure_tokenizer()
+            out["tokenizer"] = f"sha256:{files_digest(self._provenance['tokenizer_files'])}"
+        return out
 
-        source = self.tokenizer_dir or TOKENIZER_NAME
-        try:
-            tok = RobertaTokenizer.from_pretrained(source, local_files_only=self.offline)
-            problem = roberta_vocab_problem(tok.get_vocab())
-        except Exception as e:  # transformers raises OSError/ValueError/... by case
-            problem = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if problem and self.tokenizer_dir:
-            raise QamroError(f"clap-music: no usable {TOKENIZER_NAME} tokenizer in "
-                             f"{self.tokenizer_dir} ({problem}); the folder needs its "
-                             f"vocab.json and merges.txt (or tokenizer.json)")
-        if problem:
-            return None, problem
-        vocab = json.dumps(sorted(tok.get_vocab().items())).encode()
-        self._provenance["tokenizer_vocab_sha256"] = hashlib.sha256(vocab).hexdigest()
-        return tok, None
+    def ensure_tokenizer(self) -> Any:
+        """The roberta-base tokenizer; one clear error when none is available. Audio-only
+        extraction never calls this, so it needs no tokenizer files."""
+        if self.tokenizer is None:
+            if self._tokenizer_at is None:
+                self._tokenizer_at = find_tokenizer(self.tokenizer_dir, self.offline)
+            folder, why = self._tokenizer_at
+            if folder is None:
+                raise missing_tokenizer(why)
+            self.tokenizer = load_tokenizer(folder)
+            self._provenance.update(tokenizer_files=tokenizer_files(folder))
+        return self.tokenizer
 
     def _prepare(self, windows: list[np.ndarray]):
         return quantize_int16(stack_windows(windows, self.window_samples, self.device))
@@ -96,14 +104,8 @@ class ClapMusic(Backbone):
             [{"waveform": row, "longer": longer} for row in x])}
 
     def _embed_texts(self, texts: list[str]) -> dict[str, Any]:
-        if self.tokenizer is None:
-            raise QamroError(
-                f"clap-music: text features need the {TOKENIZER_NAME} tokenizer, which is "
-                f"not available ({self._tokenizer_problem}). Download vocab.json and "
-                f"merges.txt from https://huggingface.co/{TOKENIZER_NAME} into a folder and "
-                f"pass --tokenizer-dir DIR, or run once online.")
-        tokens = self.tokenizer(list(texts), padding="max_length", truncation=True,
-                                max_length=TEXT_MAX_TOKENS, return_tensors="pt")
+        tokens = self.ensure_tokenizer()(list(texts), padding="max_length", truncation=True,
+                                         max_length=TEXT_MAX_TOKENS, return_tensors="pt")
         import torch
 
         cuda = torch.device(self.device).type == "cuda"
@@ -113,18 +115,6 @@ class ClapMusic(Backbone):
                                                                      non_blocking=cuda)
                 for k in ("input_ids", "attention_mask")}
         return {"text": self.model.get_text_embedding(data)}  # [N, 512], unit norm
-
-
-def roberta_vocab_problem(vocab: dict[str, int]) -> str | None:
-    """What is wrong with a tokenizer's vocabulary for roberta-base, or None. Needed because
-    transformers 5 builds a 5-token tokenizer, silently, when the vocabulary files are
-    missing; every word would become <unk>."""
-    expected = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3,
-                "<mask>": ROBERTA_BASE["vocab_size"] - 1}
-    if len(vocab) != ROBERTA_BASE["vocab_size"]:
-        return f"{len(vocab)} tokens instead of {ROBERTA_BASE['vocab_size']}"
-    wrong = {k: vocab.get(k) for k, v in expected.items() if vocab.get(k) != v}
-    return f"special tokens at other ids: {wrong}" if wrong else None
 
 
 def quantize_int16(x):
@@ -159,9 +149,13 @@ def stack_windows(windows: list[np.ndarray], max_len: int, device):
 
 def build_clap(amodel: str):
     """(CLAP model, model_cfg) from laion_clap's factory, with untrained, seeded weights and
-    no network access."""
-    import laion_clap.hook as hook  # puts laion_clap's `clap_module` package on sys.path
+    no network access. Importing laion_clap loads three tokenizers it never uses here
+    (training/data.py, at import), so Hugging Face stays offline meanwhile: online without
+    a network, their retries took 712 s."""
     from transformers import RobertaConfig, RobertaModel
+
+    with hub_offline():
+        import laion_clap.hook as hook  # puts laion_clap's `clap_module` package on sys.path
 
     factory = importlib.import_module(hook.create_model.__module__)
     model_module = importlib.import_module(factory.CLAP.__module__)
@@ -169,29 +163,25 @@ def build_clap(amodel: str):
     class RobertaFromConfig:
         @staticmethod
         def from_pretrained(name: str, *args, **kwargs):
-            if name != TOKENIZER_NAME:
+            if name != TEXT_MODEL_NAME:
                 raise QamroError(f"laion_clap asked for text model {name!r}, expected "
-                                 f"{TOKENIZER_NAME!r}: incompatible laion_clap version")
+                                 f"{TEXT_MODEL_NAME!r}: incompatible laion_clap version")
             return RobertaModel(RobertaConfig(**ROBERTA_BASE))
 
-    with _swapped(model_module, "RobertaModel", RobertaFromConfig), seeded_init():
+    with _swapped(model_module, "RobertaModel", RobertaFromConfig), seeded_init(), hub_offline():
         return factory.create_model(amodel, TEXT_MODEL, precision="fp32", device="cpu",
                                     enable_fusion=False)
 
 
 def read_clap_state(path) -> dict:
-    """A checkpoint's state dict, unpickling tensors and plain containers only: read before
-    the model is built, so a bad or unsafe file is refused at once."""
+    """A checkpoint's state dict, read as data only (weights.read_checkpoint): the release
+    files are whole training checkpoints, {"epoch", "name", "state_dict", "optimizer"}."""
     import torch
 
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise QamroError(f"clap-music: cannot read checkpoint {path} as plain weights; it "
-                         f"holds pickled objects that are not tensors or containers, which are "
-                         f"refused for safety ({str(e).splitlines()[0]})") from e
+    ckpt = read_checkpoint(Path(path), "clap-music")
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
-    if not isinstance(state, dict):
+    if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor)
+                                              for v in state.values()):
         raise QamroError(f"clap-music: checkpoint {path} holds no state dict")
     return state
 

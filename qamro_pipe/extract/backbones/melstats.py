@@ -96,7 +96,7 @@ class MelStats(Backbone):
     uses_text = True
 
     def feature_specs(self) -> dict[str, FeatureSpec]:
-        return {"audio": FeatureSpec((AUDIO_DIM,)), "text": FeatureSpec((TEXT_DIM,))}
+        return {"audio": FeatureSpec((AUDIO_DIM,)), "text": FeatureSpec((TEXT_DIM,), text=True)}
 
     def load(self) -> None:
         self._fb = mel_filterbank(self.sample_rate, N_FFT, N_MELS)  # [N_MELS, K]
