@@ -4,7 +4,9 @@
   train       epochs/s at MusicEval size (2,748 clips, 512-d audio + 512-d text, both heads)
               for K=1, 9, 27 batched members; K=27 against 27 separate K=1 runs
   gflops      achieved training GFLOP/s against a plain matmul of the same shapes
-  sweep       (GPU) the issue-6 sweep: 27 members, 1000 epochs, data load included
+  sweep       (GPU) the issue-6 sweep: 27 members, 1000 epochs, data load included;
+              (CPU) 18 members x 30 epochs fp32 vs medium, cores busy; --full-sweep: the whole
+              paper-recipe sweep with members leaving as they stop vs all stepping
   extract     end-to-end clips/s (decode, resample, model, HDF5) against the forward alone
   pipeline    extract's own loop against a simulated asynchronous device
   memory      extraction peak RSS at two dataset sizes; training memory against features+K*params
@@ -14,6 +16,7 @@ Figures print as a table and go to bench-results/bench-<device>.json.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import json
 import os
 import platform
@@ -245,6 +248,53 @@ def bench_sweep_gpu(device, path, epochs=1000, compare_epochs=100):
         report("sweep", "CUDA kernels in one eager epoch (incl. set-up)", kernels)
         report("memory", "training peak CUDA memory (MiB)",
                torch.cuda.max_memory_allocated() / 2**20, "MiB")
+
+
+def cpu_busy(fn):
+    """(seconds, result, CPU time / wall time): 2.0 means both of two cores were busy."""
+    t, c = time.perf_counter(), os.times()
+    out = fn()
+    c2, wall = os.times(), time.perf_counter() - t
+    return wall, out, (c2.user + c2.system - c.user - c.system) / wall
+
+
+def bench_sweep_cpu(path, full: bool, epochs: int = 30):
+    """Issue 13's CPU path: the 18-member beta sweep (beta 1..11 x 3 seeds) at MusicEval size,
+    paper recipe. Always: `epochs` epochs in fp32 and with matmul_precision="medium" (which
+    lets oneDNN use bf16 for fp32 matmuls where the CPU has AMX/AVX-512 BF16), and how busy
+    the cores are. With --full-sweep: the whole sweep to early stopping (up to 1000 epochs),
+    members leaving the batch as they stop (compact) against all stepping to the end."""
+    cache = read_cache(path)
+    members = [Member(LossConfig(alpha=0.2, beta=float(b)), s) for b in (1, 3, 5, 7, 9, 11)
+               for s in range(3)]
+    base = TrainConfig(bootstrap=0, device="cpu")
+    res = {}
+    for prec in ("highest", "medium"):
+        cfg = replace(base, max_epochs=epochs, patience=10_000, matmul_precision=prec)
+        sec, res[prec], busy = cpu_busy(lambda: train(cache, HEADS, members, cfg))
+        report("sweepcpu", f"18 members x {epochs} epochs, matmul {prec} (s)", sec, "s")
+        report("sweepcpu", f"  CPU time / wall time, {prec} (2 = both cores busy)", busy)
+    report("sweepcpu", "medium / highest time ratio",
+           RESULTS["sweepcpu"][f"18 members x {epochs} epochs, matmul medium (s)"]
+           / RESULTS["sweepcpu"][f"18 members x {epochs} epochs, matmul highest (s)"])
+    report("sweepcpu", "max |highest - medium| prediction",
+           max_prediction_diff(res["highest"], res["medium"]))
+    if not full:
+        return
+    for compact in (True, False):
+        cfg = replace(base, compact=compact)
+        sec, r, busy = cpu_busy(lambda: train(cache, HEADS, members, cfg))
+        what = "members leave as they stop" if compact else "every member steps to the end"
+        report("sweepcpu", f"full sweep, paper recipe, {what}: seconds", sec, "s")
+        report("sweepcpu", f"  epochs run / member-epochs computed ({what})",
+               f"{r.epochs_run} / {r.member_epochs}")
+        report("sweepcpu", f"  member-epochs per second ({what})", r.member_epochs / sec)
+        report("sweepcpu", f"  CPU time / wall time ({what})", busy)
+        res[compact] = r
+    report("sweepcpu", "full sweep: stopped epochs (min, median, max)",
+           str(np.percentile(res[True].stopped_epoch, [0, 50, 100]).tolist()))
+    report("sweepcpu", "full sweep: max |compact - not| prediction",
+           max_prediction_diff(res[True], res[False]))
 
 
 def ops_per_epoch(path, k=27):
@@ -506,6 +556,8 @@ def main():
     ap.add_argument("--device", default="auto")
     ap.add_argument("--epochs", type=int, default=None, help="default: 20 on CPU, 300 on GPU")
     ap.add_argument("--full-extract", action="store_true", help="larger extraction benchmark")
+    ap.add_argument("--full-sweep", action="store_true",
+                    help="CPU: the whole 18-member beta sweep to early stopping, twice (~30 min)")
     ap.add_argument("--skip", default="", help="comma list of sections to skip")
     ap.add_argument("--out", default="bench-results")
     args = ap.parse_args()
@@ -528,6 +580,8 @@ def main():
             training_memory(path)
         if device.type == "cuda" and "sweep" not in skip:
             bench_sweep_gpu(device, path)
+        if device.type == "cpu" and "sweep" not in skip:
+            bench_sweep_cpu(path, args.full_sweep)
         if "extract" not in skip:
             sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
             from test_backbones import write_roberta_style_tokenizer
