@@ -195,17 +195,10 @@ def test_resumed_run_on_gpu_equals_the_uninterrupted_one(synthetic_cache, tmp_pa
     """Saved on the GPU, resumed on the GPU: the same numbers as one uninterrupted run."""
     from dataclasses import replace
 
+    from test_resume import Stop, stop_at
+
     from qamro_pipe.train.state import TrainState
     from qamro_pipe.train.trainer import Checkpoint
-
-    class Stop(Exception):
-        pass
-
-    def stop_at(epoch):
-        def progress(p):
-            if p.epoch >= epoch:
-                raise Stop
-        return progress
 
     cache = read_cache(synthetic_cache)
     cfg = TrainConfig(max_epochs=70, patience=6, lr=0.02, bootstrap=0, device="cuda",
