@@ -20,7 +20,6 @@ from .config import ExtractConfig, override
 from .extract.datasets import Clip, DatasetRecords, load_dataset
 from .errors import DataError, QamroError
 from .report.evaluate import TrainedRun
-from .store.reader import read_cache
 
 
 def _records(files: list[str | Path], manifest: str | Path | None, text: str | None):
