@@ -25,8 +25,6 @@ from qamro_pipe.extract.backbones import get_backbone  # noqa: E402
 from qamro_pipe.extract.backbones.base import RANDOM_WEIGHTS, sha256_file  # noqa: E402
 from test_backbones import tone_mix  # noqa: E402
 
-pytest.importorskip("muq")
-
 
 @pytest.fixture(scope="module")
 def muq_bb():
