@@ -146,7 +146,7 @@ def extract(
     lists: Optional[Path] = opt("aes-natural: the folder with the published lists, e.g. a "
                                 "clone of audiobox-aesthetics.", "--root", rich_help_panel=DATA),
     backbone: Optional[str] = cfg_opt(ExtractConfig, "backbone", "Frozen model: clap-music, "
-                                      "aesthetics or melstats (no download).", recipe=False,
+                                      "aesthetics, muq or melstats (no download).", recipe=False,
                                       rich_help_panel=MODEL),
     checkpoint: Optional[str] = opt("Backbone weights file.", "the release file, downloaded "
                                     "once into ~/.cache/qamro-pipe", rich_help_panel=MODEL),

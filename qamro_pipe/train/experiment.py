@@ -10,6 +10,7 @@ import numpy as np
 from ..config import (LossConfig, Member, TrainConfig, cache_root, check_used, override,
                       to_jsonable)
 from ..errors import QamroError
+from .joined import Source, join, rows_digest, split_feature
 from .recipes import Recipe, load_recipe
 from .runs import RUN_VERSION, check_out, clean_stale, save_run, summarise, versions
 from ..store.reader import Cache, read_cache
@@ -41,8 +42,10 @@ def recipe_configs(recipe: Recipe, train: dict[str, Any] | None = None,
     return tcfg, lcfg
 
 
-def open_cache(recipe: Recipe, cache: str | Path | None) -> Cache:
-    return read_cache(Path(cache) if cache else recipe.default_cache())
+def open_cache(recipe: Recipe, cache: str | Path | None) -> tuple[Cache, list[Source]]:
+    """The run's cache (--cache, else the recipe's default) joined with every other cache its
+    heads read features from (joined.py), and those others."""
+    return join(read_cache(Path(cache) if cache else recipe.default_cache()), recipe.heads)
 
 
 def default_out(recipe: Recipe, members: list[Member], kind: str = "run") -> Path:
@@ -67,18 +70,18 @@ def run_experiment(recipe: Recipe | str, members: list[Member], tcfg: TrainConfi
     from .trainer import train
 
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
-    data = open_cache(recipe, cache)
+    data, sources = open_cache(recipe, cache)
     out = Path(out) if out else default_out(recipe, members, kind)
     clean_stale(out)  # what a killed run left: removed, or an interrupted --force finished
     check_out(out, force, data.path)  # refuse before spending time training
     system_note = system_level_note(data, recipe.heads, tcfg)  # before, not after, training
     label_range = tuple(recipe.label_range) if recipe.label_range else None
-    fp = fingerprint(data, recipe.heads, members, tcfg, label_range)
+    fp = fingerprint(data, recipe.heads, members, tcfg, label_range, sources)
     with training_state(out, fp, tcfg, force, resume) as checkpoint:
         result = train(data, recipe.heads, members, tcfg, label_range=label_range,
                        progress=progress, checkpoint=checkpoint)
         folder, metrics = _write_run(recipe, data, members, tcfg, result, out, force, kind,
-                                     system_note)
+                                     system_note, sources)
         discard(out)
     return folder, metrics, result, data
 
@@ -93,8 +96,8 @@ def cost(result) -> dict[str, Any]:
 
 
 def _write_run(recipe: Recipe, data: Cache, members: list[Member], tcfg: TrainConfig, result,
-               out: Path, force: bool, kind: str,
-               system_note: dict[str, str]) -> tuple[Path, dict[str, Any]]:
+               out: Path, force: bool, kind: str, system_note: dict[str, str],
+               sources: list[Source] = ()) -> tuple[Path, dict[str, Any]]:
     metrics = summarise(data, result, tcfg)
     mark_system_level(metrics, system_note)
     config = {
@@ -103,6 +106,9 @@ def _write_run(recipe: Recipe, data: Cache, members: list[Member], tcfg: TrainCo
         "recipe_derived": recipe.derived,
         "cache": str(data.path), "backbone": data.meta.backbone, "dataset": data.meta.dataset,
         "cache_key": data.meta.key, "cache_config": data.meta.config,
+        "cache_rows": rows_digest(data, [f for h in recipe.heads for f in h.features
+                                          if split_feature(f)[0] is None]),
+        "feature_caches": [s.record() for s in sources],
         "label_names": list(data.label_names),
         "heads": to_jsonable(recipe.heads), "train": to_jsonable(tcfg),
         "members": [to_jsonable(m) for m in members], "validation": result.split.val_source,

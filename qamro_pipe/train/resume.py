@@ -35,8 +35,9 @@ def partial_dir(out: Path) -> Path:
 
 
 def fingerprint(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
-                cfg: TrainConfig, label_range) -> str:
-    """sha256 of everything that decides a run's numbers."""
+                cfg: TrainConfig, label_range, sources=()) -> str:
+    """sha256 of everything that decides a run's numbers; `sources`, the other caches the
+    heads read features from (joined.Source), by their key and the digest of their rows."""
     h = hashlib.sha256()
     for arr in (cache.ids, cache.splits, cache.systems):
         h.update("\n".join(map(str, arr)).encode())
@@ -47,6 +48,9 @@ def fingerprint(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member]
                             "heads": to_jsonable(heads), "members": to_jsonable(members),
                             "train": train, "label_range": label_range,
                             "qamro_pipe": __version__}
+    if sources:  # only then: a run reading one cache keeps the fingerprint it had
+        what["feature_caches"] = [{"name": s.name, "key": s.key, "rows": s.rows}
+                                  for s in sources]
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
