@@ -92,10 +92,12 @@ def _warn_backbone(recipe, data) -> None:
 
 
 def _report_run(recipe, metrics, result, data) -> None:
-    from .report.screen import metrics_table, system_level_line
+    from .report.screen import metrics_table, pooled_table, system_level_line
 
     _warn_backbone(recipe, data)
     typer.echo(metrics_table(metrics))
+    if "pooled" in metrics:
+        typer.echo(pooled_table(metrics))
     _note(system_level_line(metrics))
     for msg in {**result.warnings, **result.failures}.values():
         typer.echo(f"warning: {msg}", err=True)
@@ -318,6 +320,9 @@ def sweep(
         folder, metrics, result, data = run_experiment(r, members, tcfg, **run_args(opts),
                                                        kind="sweep", progress=watch)
     _warn_backbone(r, data)
+    if "cv" in metrics:
+        typer.echo(f"{metrics['cv']['folds']}-fold cross-validation: each member's figures "
+                   f"are those of its pooled out-of-fold predictions")
     typer.echo(sweep_table(sweep_rows(metrics)))
     _note(system_level_line(metrics))
     typer.echo(f"trained as one model: {_cost(result)}")
@@ -368,7 +373,7 @@ def evaluate(
     unless --members picks some). RUN/evaluations/CACHE-DIGEST-SPLIT/ holds the
     result."""
     from .report.evaluate import evaluate_run
-    from .report.screen import metrics_table, system_level_line
+    from .report.screen import metrics_table, system_level_line, systems_lines
 
     folder, metrics = evaluate_run(run, split, cache, members=members)
     typer.echo(f"scoring {metrics['scored']['text']}")
@@ -381,7 +386,12 @@ def evaluate(
                                                        for h, m in metrics["heads"].items()}},
                                  level))
     _note(system_level_line(metrics))
-    typer.echo(f"wrote {folder / 'metrics.json'}")
+    for line in systems_lines(metrics):
+        typer.echo(line)
+    written = "metrics.json, predictions.csv" + (
+        ", systems.csv (predicted MOS per system, 95% intervals), rank-HEAD.csv and .png "
+        "(P(system A ranks above B))" if metrics["systems"].get("computable") else "")
+    typer.echo(f"wrote {folder}/: {written}")
 
 
 @command(panel=USE)
@@ -395,6 +405,9 @@ def predict(
                               "print CSV", rich_help_panel=OUTPUT),
     answer: Optional[Path] = opt("Write the AudioMOS submission format (id,score,... in the "
                                  "heads' order, no header).", rich_help_panel=OUTPUT),
+    members: Optional[str] = opt("Score with the members matching key=value,... over loss, "
+                                 "alpha, beta, margin, seed (as evaluate --members).",
+                                 "all: the mean of every member's predictions"),
     checkpoint: Optional[str] = opt("Backbone weights file.", "the run's cache's"),
     tokenizer_dir: Optional[str] = opt("roberta-base tokenizer files (CLAP text, offline).",
                                        "the run's cache's"),
@@ -404,12 +417,15 @@ def predict(
 ):
     """Score new audio end to end with a run's backbone and heads.
 
-    A file's score is the mean of the run's members' predictions."""
-    from .predict import check_outputs, predict as run_predict, write_answer, write_scores
+    A file's score is the mean of the run's members' predictions; with several members,
+    HEAD_sd beside it is their sd. --answer holds the scores alone."""
+    from .predict import (check_outputs, predict as run_predict, scores_csv, write_answer,
+                          write_scores)
 
     check_outputs(out, answer, force=force)  # before scoring: no scores lost to a bad path
-    heads, rows, failures = run_predict(run, audio, manifest, text, checkpoint=checkpoint,
-                                        tokenizer_dir=tokenizer_dir, device=device)
+    heads, rows, failures = run_predict(run, audio, manifest, text, members=members,
+                                        checkpoint=checkpoint, tokenizer_dir=tokenizer_dir,
+                                        device=device)
     for why in failures.values():
         typer.echo(f"error: {why}", err=True)
     if out:
@@ -417,9 +433,7 @@ def predict(
     if answer:
         write_answer(answer, heads, rows)
     if not out and not answer:
-        typer.echo(",".join(["id", *heads]))
-        for r in rows:
-            typer.echo(",".join([r["id"], *(f"{r[h]:.4f}" for h in heads)]))
+        typer.echo(scores_csv(heads, rows, digits=4), nl=False)
     typer.echo(f"scored {len(rows)} file(s), {len(failures)} failed", err=True)
     if failures:
         raise typer.Exit(1)
