@@ -52,8 +52,7 @@ def plot_rank_matrix(path: Path | None, s: SystemScores, head: str, split: str |
     fig = new_figure(width, height)
     ax = fig.add_axes((label_w / width, (col_h + note_h) / height, side / width,
                        side / height))
-    cmap = matplotlib.colormaps[COLOURMAP].copy()
-    cmap.set_bad("0.85")  # the diagonal
+    cmap = matplotlib.colormaps[COLOURMAP].with_extremes(bad="0.85")  # the diagonal
     image = ax.imshow(np.ma.masked_invalid(s.above), cmap=cmap, vmin=0, vmax=1,
                       interpolation="nearest", aspect="equal")
     ax.set_yticks(range(n), [_row_label(s, i) for i in range(n)], fontsize=7)
