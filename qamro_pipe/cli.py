@@ -352,8 +352,11 @@ def table(
     typer.echo(res["text"])
     _note(system_level_line(res["metrics"]))
     if not res["reference_shown"]:
-        typer.echo("(the paper's figures are shown only for its dataset and backbone)")
-    typer.echo(f"wrote {res['folder'] / 'table.md'} and table.csv ({_cost(res['result'])})")
+        typer.echo("(the paper's figures are shown only for its dataset, backbone and level, "
+                   "without --cv)")
+    pooled = ", table-pooled.md and .csv" if "cv" in res["metrics"] else ""
+    typer.echo(f"wrote {res['folder'] / 'table.md'} and table.csv{pooled}, probe.json "
+               f"({_cost(res['result'])})")
 
 
 # -- using a run ----------------------------------------------------------------------------
@@ -388,10 +391,15 @@ def evaluate(
     _note(system_level_line(metrics))
     for line in systems_lines(metrics):
         typer.echo(line)
-    written = "metrics.json, predictions.csv" + (
-        ", systems.csv (predicted MOS per system, 95% intervals), rank-HEAD.csv and .png "
-        "(P(system A ranks above B))" if metrics["systems"].get("computable") else "")
-    typer.echo(f"wrote {folder}/: {written}")
+    systems = metrics["systems"]
+    matrix = any("matrix" in e for e in systems.get("heads", {}).values())
+    parts = ["metrics.json", "predictions.csv"]
+    if systems.get("computable"):
+        parts.append("systems.csv (each system's predicted MOS"
+                     + (" with its 95% interval)" if matrix else ")"))
+    if matrix:
+        parts.append("rank-HEAD.csv and .png (P(system A ranks above system B))")
+    typer.echo(f"wrote {folder}/: {', '.join(parts)}")
 
 
 @command(panel=USE)

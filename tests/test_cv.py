@@ -251,3 +251,16 @@ def test_train_sweep_and_table_take_cv(cache_path, tmp_path):
     table = list(csv.reader(open(tmp_path / "tab" / "table.csv")))
     assert table[1][0] == "linear probe (RidgeCV) (n=3)" and table[2][0].endswith("(n=3)")
     assert "3-fold cross-validation grouped by system" in r.output
+    # the pooled block: per row, its members' pooled out-of-fold figures; the probe's own
+    pooled = list(csv.reader(open(tmp_path / "tab" / "table-pooled.csv")))
+    metrics = json.loads((tmp_path / "tab" / "metrics.json").read_text())
+    qamro = next(r for r in pooled if r[0].startswith("QAMRO "))
+    member = next(m for m in metrics["members"] if m["member"] == "qamro a=0.2 b=7 seed=0")
+    col = pooled[0].index("overall SRCC")
+    assert float(qamro[col]) == pytest.approx(member["heads"]["overall"]["system"]["srcc"],
+                                              abs=5e-4)
+    probe = json.loads((tmp_path / "tab" / "probe.json").read_text())
+    assert len(probe["fits"]) == 3 and pooled[1][0] == "linear probe (RidgeCV) (n=1)"
+    assert float(pooled[1][col]) == pytest.approx(
+        probe["pooled"]["overall"]["system"]["srcc"], abs=5e-4)
+    assert sum(f["eval_clips"] for f in probe["fits"]) == metrics["cv"]["clips"]

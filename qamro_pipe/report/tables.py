@@ -119,9 +119,10 @@ def render(table: TableRecipe, heads: list[str], rows: list[dict[str, Any]],
     return text, md, [header, *body]
 
 
-def write_table(folder: Path, md: str, csv_rows: list[list[str]], title: str) -> None:
-    (folder / "table.md").write_text(f"# {title}\n\n{md}\n")
-    with open(folder / "table.csv", "w", newline="") as f:
+def write_table(folder: Path, md: str, csv_rows: list[list[str]], title: str,
+                stem: str = "table") -> None:
+    (folder / f"{stem}.md").write_text(f"# {title}\n\n{md}\n")
+    with open(folder / f"{stem}.csv", "w", newline="") as f:
         csv.writer(f).writerows(csv_rows)
 
 
@@ -152,9 +153,10 @@ def _mean_sd(vals: list[float]) -> tuple[float | None, float | None]:
             float(np.std(vals, ddof=1)) if len(vals) > 1 else None)
 
 
-def probe_row(data, heads, tcfg, cv, table: TableRecipe, level: str) -> tuple[dict, dict]:
-    """The linear-probe row (train/probe.py) on the eval split, or fold by fold under --cv
-    (mean ± sd over folds), and what probe.json records of it."""
+def probe_rows(data, heads, tcfg, cv, table: TableRecipe, level: str):
+    """The linear-probe row (train/probe.py) on the eval split; under --cv, fold by fold
+    (mean ± sd over folds) and, second, of its pooled out-of-fold predictions (None
+    without --cv). -> (row, pooled row, what probe.json records)."""
     from ..train.probe import PROBE_ROW, probe, probe_metrics, train_rows
 
     if cv is None:
@@ -167,20 +169,34 @@ def probe_row(data, heads, tcfg, cv, table: TableRecipe, level: str) -> tuple[di
     per_fit, record = [], {"row": PROBE_ROW, "model": "StandardScaler + RidgeCV",
                            "fits": []}
     features: dict = {}
+    oof = {h.name: np.full(len(data.ids), np.nan) for h in heads}
     for fit_rows, eval_rows in fits:
         fitted = probe(data, heads, fit_rows, features=features)
         figures = probe_metrics(data, heads, fitted, eval_rows,
                                 tcfg.bootstrap if cv is None else 0)
+        for h in heads:
+            oof[h.name][eval_rows] = fitted["predictions"][h.name][eval_rows]
         per_fit.append(figures)
         record["fits"].append({"fit_clips": len(fit_rows), "eval_clips": len(eval_rows),
                                "alpha": fitted["alpha"], "alpha_at_grid_edge": fitted["at_edge"],
                                "seconds": fitted["seconds"], "heads": figures})
-    row: dict[str, Any] = {"row": PROBE_ROW, "n": len(fits)}
+    row = _probe_row(per_fit, heads, table, level)
+    if cv is None:
+        return row, None, record
+    record["pooled"] = probe_metrics(data, heads, {"predictions": oof}, folds.pool,
+                                     tcfg.bootstrap)
+    return row, _probe_row([record["pooled"]], heads, table, level), record
+
+
+def _probe_row(per_fit: list[dict], heads, table: TableRecipe, level: str) -> dict[str, Any]:
+    from ..train.probe import PROBE_ROW
+
+    row: dict[str, Any] = {"row": PROBE_ROW, "n": len(per_fit)}
     for h in heads:
         for fig in table.figures:
             vals = [m[h.name][level].get(fig) for m in per_fit]
             row[(h.name, fig)] = _mean_sd([v for v in vals if v is not None])
-    return row, record
+    return row
 
 
 def run_table(table: str | Path, model: str | None = None, cache: str | Path | None = None,
@@ -210,26 +226,35 @@ def run_table(table: str | Path, model: str | None = None, cache: str | Path | N
 
     def write(folder: Path, metrics: dict[str, Any], data) -> None:  # before the rename
         level = t.level if metrics["system_level"]["computable"] else "utterance"
-        rows = (aggregate(t, metrics, members, row_of, level) if cv is None
-                else aggregate_cv(t, metrics, members, row_of, level))
-        probe, record = probe_row(data, recipe.heads, tcfg, cv, t, level)
+        probe, pooled_probe, record = probe_rows(data, recipe.heads, tcfg, cv, t, level)
         heads = [h.name for h in recipe.heads]
         real = (t.reference.get("dataset") == data.meta.dataset
                 and data.meta.backbone.split("@")[0] == recipe.backbone)  # the paper's setting
-        text, md, csv_rows = render(t, heads, [probe, *rows],
-                                    show_reference=real and level == t.level)
-        spread = (f"mean ± sd over {seeds} seeds" if cv is None else
-                  f"{cv.folds}-fold cross-validation grouped by {cv.group} over "
-                  f"{metrics['eval_split']}: mean ± sd over folds, each the mean of {seeds} "
-                  f"seeds")
-        where = "" if cv else f" on {metrics['eval_split']!r}"
-        title = (f"{t.name}: {recipe.name}, {level}-level{where}, {spread} (validation: "
+        if cv is None:
+            rows = aggregate(t, metrics, members, row_of, level)
+            spread = f"on {metrics['eval_split']!r}, mean ± sd over {seeds} seeds"
+        else:  # per fold first; the pooled out-of-fold figures follow
+            rows = aggregate_cv(t, metrics, members, row_of, level)
+            spread = (f"{cv.folds}-fold cross-validation grouped by {cv.group} over "
+                      f"{metrics['eval_split']}: mean ± sd over folds, each the mean of "
+                      f"{seeds} seeds")
+        title = (f"{t.name}: {recipe.name}, {level}-level {spread} (validation: "
                  f"{metrics['validation']})")
+        text, md, csv_rows = render(t, heads, [probe, *rows],
+                                    show_reference=real and level == t.level and cv is None)
         write_table(folder, md, csv_rows, title)
+        if cv is not None:  # per member, the figures of its pooled predictions
+            title2 = (f"the same rows, {level}-level of the pooled out-of-fold predictions "
+                      f"(every clip scored by the fold that did not train on it): mean ± sd "
+                      f"over {seeds} seeds")
+            text2, md2, csv2 = render(t, heads, [pooled_probe, *aggregate(
+                t, metrics, members, row_of, level)], show_reference=False)
+            write_table(folder, md2, csv2, title2, stem="table-pooled")
+            text = f"{text}\n\n{title2}\n{text2}"
         (folder / "probe.json").write_text(json.dumps(record, indent=2) + "\n")
-        made.update(title=title, text=text, real=real)
+        made.update(title=title, text=text, shown=real and level == t.level and cv is None)
 
     folder, metrics, result, data = run_experiment(recipe, members, tcfg, cache, out, force,
                                                    extra=write, **run_opts)
     return {"folder": folder, "title": made["title"], "text": made["text"], "result": result,
-            "reference_shown": made["real"], "metrics": metrics, "recipe": recipe}
+            "reference_shown": made["shown"], "metrics": metrics, "recipe": recipe}

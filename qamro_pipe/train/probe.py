@@ -38,9 +38,9 @@ def clip_features(cache: Cache, head: HeadSpec) -> np.ndarray:
     from scipy import sparse
 
     n = len(cache.ids)
-    weight = sparse.csr_matrix((units.weight, (units.clip_of, np.arange(len(x)))),
-                               shape=(n, len(x)))
-    total = np.bincount(units.clip_of, weights=units.weight, minlength=n)
+    weight = sparse.csr_matrix((units.weight.astype(np.float32),  # float32 like x: AES
+                                (units.clip_of, np.arange(len(x)))), shape=(n, len(x)))
+    total = np.bincount(units.clip_of, weights=units.weight, minlength=n).astype(np.float32)
     with np.errstate(invalid="ignore", divide="ignore"):  # no windows: never a usable row
         return np.asarray(weight @ x) / total[:, None]
 
