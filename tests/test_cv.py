@@ -264,3 +264,36 @@ def test_train_sweep_and_table_take_cv(cache_path, tmp_path):
     assert float(pooled[1][col]) == pytest.approx(
         probe["pooled"]["overall"]["system"]["srcc"], abs=5e-4)
     assert sum(f["eval_clips"] for f in probe["fits"]) == metrics["cv"]["clips"]
+
+
+def test_clips_without_a_system_are_groups_of_their_own(tmp_path):
+    """A cache shaped as the aes-natural loader fills one (README: its train and dev clips
+    have no system, its eval clips do): systems stay whole, each system-less clip is a
+    group of its own; with no system at all, grouping by system is refused."""
+    rng = np.random.default_rng(1)
+    n_train, systems = 40, [f"sys{i}" for i in range(6) for _ in range(5)]
+    n = n_train + len(systems)
+    path = write_cache(tmp_path / "aes.h5", ids=[f"c{i}" for i in range(n)],
+                       systems=[""] * n_train + systems,
+                       splits=["train"] * n_train + ["eval"] * len(systems),
+                       labels=rng.uniform(1, 10, (n, 2)).astype(np.float32),
+                       label_names=["overall", "textual"],
+                       features={"audio": rng.normal(size=(n, 4)).astype(np.float32),
+                                 "text": rng.normal(size=(n, 4)).astype(np.float32)},
+                       backbone="synthetic@1", dataset="aes-like")
+    cache = read_cache(path)
+    folds = make_folds(cache, HEADS, replace(FAST, eval_split="eval"), CVConfig(4))
+    fold_of = folds.fold_of(n)
+    for s in set(systems):
+        assert len(set(fold_of[cache.systems == s])) == 1
+    assert sum(folds.ungrouped) == n_train and sorted(sum(folds.groups, [])) == sorted(
+        set(systems))
+    assert np.array_equal(np.sort(np.concatenate(folds.held_out)), np.arange(n))
+    blank = write_cache(tmp_path / "none.h5", ids=["a", "b", "c"], systems=[""] * 3,
+                        splits=["train"] * 3, labels=np.ones((3, 2), np.float32),
+                        label_names=["overall", "textual"],
+                        features={"audio": np.zeros((3, 2), np.float32),
+                                  "text": np.zeros((3, 2), np.float32)},
+                        backbone="synthetic@1", dataset="none")
+    with pytest.raises(QamroError, match="no clip to cross-validate has a system"):
+        make_folds(read_cache(blank), HEADS, replace(FAST, eval_split="train"), CVConfig(2))

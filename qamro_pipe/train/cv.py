@@ -45,6 +45,7 @@ class Folds:
     pool: np.ndarray  # cache rows cross-validated (sorted)
     held_out: list[np.ndarray]  # per fold, its cache rows (sorted)
     groups: list[list[str]]  # per fold, the groups it holds out
+    ungrouped: list[int]  # per fold, its clips without a system (each a group of its own)
 
     def fold_of(self, n: int) -> np.ndarray:
         """[n] each cache row's fold, -1 outside the pool."""
@@ -57,24 +58,31 @@ class Folds:
         return np.setdiff1d(self.pool, self.held_out[f])
 
 
+SINGLE = "\x00clip "  # prefix of the group of a clip without a system: a group of its own
+
+
 def group_keys(cache: Cache, rows: np.ndarray, group: str) -> np.ndarray:
     """Each row's group: its system, or its prompt (the _P<n> that ends a MusicEval clip id,
-    else the clip's text)."""
+    else the clip's text). A clip without a system is a group of its own (AES-Natural's
+    train and dev lists have none; its eval set has 36 systems); a clip without a prompt is
+    refused, as grouping by prompt is then not what it says."""
     if group == "system":
-        keys = cache.systems[rows]
-        missing = rows[keys == ""]
-        what = "no system"
-    else:
-        texts = cache.texts if cache.texts is not None else np.full(len(cache.ids), "")
-        keys = np.array([m[1] if (m := PROMPT_IN_ID.search(str(cache.ids[i]))) else texts[i]
-                         for i in rows], dtype=object)
-        missing = rows[keys == ""]
-        what = "no prompt (neither _P<n> ending its id nor a text)"
+        keys = cache.systems[rows].astype(object)
+        if (keys == "").all():
+            raise QamroError(f"{cache.path}: --cv-group system: no clip to cross-validate has "
+                             f"a system; group by prompt instead")
+        none = keys == ""
+        keys[none] = [SINGLE + str(cache.ids[i]) for i in rows[none]]
+        return keys.astype(str)
+    texts = cache.texts if cache.texts is not None else np.full(len(cache.ids), "")
+    keys = np.array([m[1] if (m := PROMPT_IN_ID.search(str(cache.ids[i]))) else texts[i]
+                     for i in rows], dtype=object)
+    missing = rows[keys == ""]
     if len(missing):
-        raise QamroError(f"{cache.path}: --cv-group {group}: {len(missing)} clip(s) have "
-                         f"{what}, e.g. {cache.ids[missing[0]]!r}; group by "
-                         f"{'prompt' if group == 'system' else 'system'} instead")
-    return np.asarray(keys).astype(str)
+        raise QamroError(f"{cache.path}: --cv-group prompt: {len(missing)} clip(s) have no "
+                         f"prompt (neither _P<n> ending its id nor a text), e.g. "
+                         f"{cache.ids[missing[0]]!r}; group by system instead")
+    return keys.astype(str)
 
 
 def make_folds(cache: Cache, heads, tcfg: TrainConfig, cv: CVConfig) -> Folds:
@@ -95,14 +103,18 @@ def make_folds(cache: Cache, heads, tcfg: TrainConfig, cv: CVConfig) -> Folds:
     keys = group_keys(cache, pool, cv.group)
     n_groups = len(np.unique(keys))
     if n_groups < cv.folds:
+        alone = " (a clip without a system counting as one)" if any(
+            k.startswith(SINGLE) for k in keys) else ""
         raise QamroError(f"--cv {cv.folds}: the {len(pool)} labelled clips of "
-                         f"{' and '.join(splits)} hold {n_groups} {cv.group}(s), and each fold "
-                         f"needs one; use --cv {n_groups} or fewer")
-    held, groups = [], []
+                         f"{' and '.join(splits)} hold {n_groups} {cv.group}(s){alone}, and "
+                         f"each fold needs one; use --cv {n_groups} or fewer")
+    held, groups, ungrouped = [], [], []
     for _, test in GroupKFold(n_splits=cv.folds).split(pool, groups=keys):
         held.append(np.sort(pool[test]))
-        groups.append(sorted(set(keys[test])))
-    return Folds(cfg=cv, splits=splits, pool=pool, held_out=held, groups=groups)
+        groups.append(sorted({k for k in keys[test] if not k.startswith(SINGLE)}))
+        ungrouped.append(sum(k.startswith(SINGLE) for k in keys[test]))
+    return Folds(cfg=cv, splits=splits, pool=pool, held_out=held, groups=groups,
+                 ungrouped=ungrouped)
 
 
 def fold_view(cache: Cache, folds: Folds, f: int) -> Cache:
@@ -198,6 +210,7 @@ def cv_metrics(cache: Cache, heads, members: list[Member], folds: Folds,
         "pooled": head_metrics(cache, heads, {h: p[ok].mean(0) for h, p in oof.items()},
                                folds.pool, tcfg.bootstrap, what=" (out of fold)"),
         "folds": [{"fold": f, "clips": len(folds.held_out[f]), "groups": folds.groups[f],
+                   "clips_without_system": folds.ungrouped[f],
                    "heads": fm["heads"], "system_level": fm["system_level"]}
                   for f, fm in enumerate(per_fold)],
         "members": member_entries}
