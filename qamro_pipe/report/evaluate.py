@@ -163,13 +163,14 @@ def system_outputs(folder: Path, data: Cache, heads, preds: dict[str, np.ndarray
     """Per head: systems.csv's rows (predicted MOS with its interval), rank-HEAD.csv (the
     matrix P(A ranks above B)) and rank-HEAD.png, over every scored clip of `rows` (a label
     is not needed). -> the summary metrics.json keeps."""
-    from .metrics import system_level_problem
+    from .metrics import named_systems, system_level_problem
     from .rankplot import plot_rank_matrix
     from .systems import system_scores, write_rank_csv, write_systems_csv
 
     problem = system_level_problem(data.systems[rows])
     if problem:
         return {"computable": False, "why": problem}
+    rows = rows[named_systems(data.systems[rows])]
     by_head, summary = {}, {"computable": True, "resamples": n_boot, "file": "systems.csv",
                             "heads": {}}
     for h in heads:
