@@ -19,7 +19,7 @@ from .extract import audio
 from .config import ExtractConfig, override
 from .extract.datasets import Clip, DatasetRecords, load_dataset
 from .errors import DataError, QamroError
-from .report.evaluate import TrainedRun
+from .report.evaluate import TrainedRun, select_members
 
 
 def _records(files: list[str | Path], manifest: str | Path | None, text: str | None):
@@ -52,10 +52,14 @@ def _unusable(clip: Clip) -> str | None:
 
 
 def predict(run: str | Path, files: list[str | Path] | None = None,
-            manifest: str | Path | None = None, text: str | None = None, **extract_opts):
-    """-> (head names, rows [{"id", head: score, ...}], failures {id: reason})."""
+            manifest: str | Path | None = None, text: str | None = None,
+            members: str | None = None, **extract_opts):
+    """-> (head names, rows [{"id", head: score, head_sd: spread, ...}], failures {id:
+    reason}). A score is the mean over the run's members (or those `members` selects, as
+    `evaluate --members`); head_sd, their sd (ddof=1), is there when there are several."""
     override(ExtractConfig(), **extract_opts)  # the settings, checked before any work
     tr = TrainedRun(run)
+    picked, _ = select_members(tr.config, tr.members, members)
     recs = _records(list(files or []), manifest, text)
     failures = {c.id: why for c in recs.clips if (why := _unusable(c))}
     good = [c for c in recs.clips if c.id not in failures]
@@ -74,11 +78,14 @@ def predict(run: str | Path, files: list[str | Path] | None = None,
             continue
         row = {"id": str(cid)}
         for h in heads:
-            v = float(scores[h][:, i].mean())
+            p = scores[h][picked, i]
+            v = float(p.mean())
             if not math.isfinite(v):
                 failures[str(cid)] = f"{cid}: the heads produced a non-finite score"
                 break
             row[h] = v
+            if len(p) > 1:
+                row[sd_name(h)] = float(p.std(ddof=1))
         else:
             rows.append(row)
     return heads, rows, failures
@@ -159,18 +166,35 @@ def _write_text(path: Path, text: str) -> None:
         raise QamroError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
+def sd_name(head: str) -> str:
+    """The column of a head's spread over members, next to its score."""
+    return f"{head}_sd"
+
+
+def score_columns(heads: list[str], rows: list[dict[str, Any]]) -> list[str]:
+    """Each head's score, followed by its sd over members where the run has several."""
+    spread = any(sd_name(heads[0]) in r for r in rows) if heads else False
+    return [c for h in heads for c in ((h, sd_name(h)) if spread else (h,))]
+
+
+def scores_csv(heads: list[str], rows: list[dict[str, Any]], digits: int = 6) -> str:
+    """Header id,<head>[,<head>_sd],..., one line per clip."""
+    cols = score_columns(heads, rows)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["id", *cols])
+    for r in rows:
+        w.writerow([r["id"], *(f"{r[c]:.{digits}f}" for c in cols)])
+    return buf.getvalue()
+
+
 def write_scores(path: str | Path, heads: list[str], rows: list[dict[str, Any]]) -> None:
-    """CSV (header id,<heads>) or JSON lines, by the file's extension."""
+    """CSV (header id,<head>[,<head>_sd],...) or JSON lines, by the file's extension."""
     path = Path(path)
     if path.suffix in (".jsonl", ".ndjson", ".json"):
         _write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
         return
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["id", *heads])
-    for r in rows:
-        w.writerow([r["id"], *(f"{r[h]:.6f}" for h in heads)])
-    _write_text(path, buf.getvalue())
+    _write_text(path, scores_csv(heads, rows))
 
 
 def write_answer(path: str | Path, heads: list[str], rows: list[dict[str, Any]]) -> None:

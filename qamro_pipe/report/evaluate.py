@@ -189,6 +189,55 @@ def _split_warning(tr: TrainedRun, data: Cache, split: str) -> str | None:
             f"estimate")
 
 
+def system_outputs(folder: Path, data: Cache, heads, preds: dict[str, np.ndarray],
+                   rows: np.ndarray, n_boot: int, split: str) -> dict[str, Any]:
+    """Per head: systems.csv's rows (predicted MOS with its interval), rank-HEAD.csv (the
+    matrix P(A ranks above B)) and rank-HEAD.png, over every scored clip of `rows` (a label
+    is not needed). -> the summary metrics.json keeps."""
+    from .metrics import named_systems, system_level_problem
+    from .rankplot import plot_rank_matrix
+    from .systems import system_scores, write_rank_csv, write_systems_csv
+
+    problem = system_level_problem(data.systems[rows])
+    if problem:
+        return {"computable": False, "why": problem}
+    rows = rows[named_systems(data.systems[rows])]
+    by_head, summary = {}, {"computable": True, "resamples": n_boot, "file": "systems.csv",
+                            "heads": {}}
+    for h in heads:
+        s = system_scores(preds[h.name][:, rows], data.systems[rows], n_boot)
+        by_head[h.name] = (s, _true_mos(data, h, rows))
+        entry = {"systems": len(s.names), "members": s.members, "best": str(s.names[0]),
+                 "worst": str(s.names[-1])}
+        if s.above is not None:
+            stem = "rank-" + re.sub(r"[^A-Za-z0-9._-]", "_", h.name)
+            write_rank_csv(folder / f"{stem}.csv", s)
+            plot_rank_matrix(folder / f"{stem}.png", s, h.name, split)
+            entry.update(matrix=f"{stem}.csv", picture=f"{stem}.png",
+                         median_interval=float(np.median(s.hi - s.lo)),
+                         separated_neighbours=s.separated_neighbours(),
+                         neighbours=len(s.names) - 1)
+        summary["heads"][h.name] = entry
+    write_systems_csv(folder / "systems.csv", by_head)
+    return summary
+
+
+def _true_mos(data: Cache, head, rows: np.ndarray) -> dict[str, float]:
+    """The systems' published MOS where the cache has one for every system (as the system-
+    level figures use it), else the mean label of their clips (systems without one left out)."""
+    col = data.label_names.index(head.label)
+    names = [str(s) for s in np.unique(data.systems[rows])]
+    published = {s: float(data.system_mos[s][col]) for s in names if s in data.system_mos}
+    if len(published) == len(names) and all(np.isfinite(v) for v in published.values()):
+        return published
+    out = {}
+    for s in names:
+        y = data.labels[rows[data.systems[rows] == s], col]
+        if np.isfinite(y).any():
+            out[s] = float(np.nanmean(y))
+    return out
+
+
 def evaluation_name(cache: Path, split: str, selection: str | None) -> str:
     """<cache stem>-<digest of the cache's full path>-<split>[-<selection>]: evaluations of
     different caches with the same file name, or of other members, never share a folder."""
@@ -204,6 +253,12 @@ def evaluate_run(run: str | Path, split: str | None = None, cache: str | Path | 
     selects (`select_members`). Writes RUN/evaluations/<evaluation_name>/metrics.json and
     predictions.csv; metrics.json says what was scored, and warns when the run saw the split."""
     tr = TrainedRun(run)
+    fold = tr.config.get("cv_fold")
+    if fold and split is None:  # its eval split exists only inside the cross-validation
+        raise QamroError(f"{tr.path}: fold {fold['fold']} of a {fold['folds']}-fold "
+                         f"cross-validation; its held-out clips are scored in its "
+                         f"predictions.csv and metrics.json. Name a split of the cache to "
+                         f"score (--split)")
     split = split or tr.train_cfg.eval_split
     picked, selection = select_members(tr.config, tr.members, members)
     data, sources = tr.open_cache(cache)
@@ -228,9 +283,10 @@ def evaluate_run(run: str | Path, split: str | None = None, cache: str | Path | 
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    write_predictions(tmp / "predictions.csv", data, tr.heads, preds, rows,
+                      members=[tr.members[i] for i in picked])
+    metrics["systems"] = system_outputs(tmp, data, tr.heads, preds, rows, n_boot, split)
     (tmp / "metrics.json").write_text(json.dumps(to_jsonable(metrics), indent=2) + "\n")
-    write_predictions(tmp / "predictions.csv", data, tr.heads,
-                      {h: m[None] for h, m in means.items()}, rows)
     if out.exists():  # this run's own earlier evaluation of the same cache, split, members
         shutil.rmtree(out)
     os.replace(tmp, out)
