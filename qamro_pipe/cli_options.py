@@ -46,7 +46,7 @@ T, L = TrainConfig, LossConfig
 TRAIN_SETTINGS = ("val_split", "eval_split", "max_epochs", "patience", "optimizer", "lr",
                   "weight_decay", "batch_size", "val_batch_size", "activation", "device",
                   "matmul_precision", "pair_kernel")
-LOSS_SETTINGS = ("norm", "regression")  # shared by every member of one run
+LOSS_SETTINGS = ("norm", "regression", "temperature", "tau")  # one value for every member
 
 # name -> (type, option): what train, sweep and table all take
 RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
@@ -63,6 +63,12 @@ RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
     "regression": (Optional[str], cfg_opt(
         L, "regression", "Regression term: huber, mse or mse+mae (on standardised labels "
         "where a head standardises).", rich_help_panel=LOSS)),
+    "temperature": (Optional[float], cfg_opt(
+        L, "temperature", "ListNet's softmax temperature, in label units (> 0). --loss "
+        "listnet only.", rich_help_panel=LOSS)),
+    "tau": (Optional[float], cfg_opt(
+        L, "tau", "Spearman's soft-rank temperature, in label units (> 0). --loss spearman "
+        "only.", rich_help_panel=LOSS)),
     "val_split": (Optional[str], cfg_opt(
         T, "val_split", "Early-stopping split: holdout (a share of train, never the reported "
         "split) or a split name (dev = the published code's protocol).",

@@ -10,10 +10,12 @@ from typing import Any
 
 from .errors import QamroError
 
-LOSS_KINDS = ("qamro", "mr", "none")
+LOSS_KINDS = ("qamro", "mr", "listnet", "listmle", "spearman", "none")
+PAIR_KINDS = ("qamro", "mr")  # the kinds the pair hinge scores (losses.py); the others: listwise.py
 OPTIMIZERS = ("sgd", "adamw")
 # the settings each loss kind reads; giving one its kind ignores is refused (`check_used`)
-USED_SETTINGS = {"qamro": ("alpha", "beta", "norm"), "mr": ("margin",), "none": ()}
+USED_SETTINGS = {"qamro": ("alpha", "beta", "norm"), "mr": ("margin",),
+                 "listnet": ("temperature",), "listmle": (), "spearman": ("tau",), "none": ()}
 DEFAULT_RECIPE = "musiceval"  # what `train` and `sweep` do when told nothing
 DEFAULT_TABLE = "table1"  # what `table` builds when told nothing
 DEFAULT_SEEDS = 1  # seeds per setting when neither the command nor a grid or table says
@@ -33,7 +35,8 @@ def cache_root() -> Path:
 
 @dataclass(frozen=True)
 class LossConfig:
-    kind: str = "qamro"  # ranking term: "qamro" (paper), "mr" (fixed margin), "none" (regression only)
+    kind: str = "qamro"  # ranking term: "qamro" (paper), "mr" (fixed margin), "listnet",
+    # "listmle", "spearman" (listwise, docs/losses.md) or "none" (regression only)
     alpha: float = 0.2  # QAMRO margin scale: margin = alpha * |y_i - y_j|
     beta: float = 7.0  # quality preference: q_ij = 1 + (beta-1) max(ny_i, ny_j); 1 = no weighting
     margin: float = 0.1  # fixed margin of "mr" (the w/o-adaptive-margin ablation)
@@ -42,6 +45,10 @@ class LossConfig:
     regression: str = "huber"  # regression term: "huber", "mse" or "mse+mae"
     huber_delta: float = 1.0  # torch's HuberLoss default, as the published code uses it
     rank_weight: float = 1.0  # weight of the ranking term (published: 1)
+    temperature: float = 1.0  # ListNet's softmax temperature T, in label units (> 0)
+    tau: float = 0.1  # Spearman's soft-rank temperature, in label units (> 0): half the 0.2
+    # step of a mean of 5 ratings: a clip predicted one step above another counts 0.88 of
+    # it (a hard rank: 1) in its soft rank
 
     def __post_init__(self):
         _choice("loss", self.kind, LOSS_KINDS)
@@ -52,6 +59,8 @@ class LossConfig:
         _above("beta", self.beta, 0)
         _above("huber_delta", self.huber_delta, 0)
         _at_least("rank_weight", self.rank_weight, 0)
+        _above("temperature", self.temperature, 0)
+        _above("tau", self.tau, 0)
         check_label_range(self.label_range)
 
 
@@ -131,7 +140,11 @@ class Member:
             return f"qamro a={loss.alpha:g} b={loss.beta:g} seed={self.seed}"
         if loss.kind == "mr":
             return f"mr m={loss.margin:g} seed={self.seed}"
-        return f"none seed={self.seed}"
+        if loss.kind == "listnet":
+            return f"listnet T={loss.temperature:g} seed={self.seed}"
+        if loss.kind == "spearman":
+            return f"spearman tau={loss.tau:g} seed={self.seed}"
+        return f"{loss.kind} seed={self.seed}"
 
 
 @dataclass(frozen=True)

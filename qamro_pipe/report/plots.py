@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..config import LOSS_KINDS
 from ..train.sweep import USED_SETTINGS, setting_order
 
 CORRELATIONS = ("lcc", "srcc", "ktau")  # bounded by [-1, 1]: axis and bars are capped there
@@ -22,7 +23,7 @@ SWEPT_ORDER = ("beta", "alpha", "margin")  # a tie goes to beta, the paper's Fig
 OWNER = {"alpha": "qamro", "beta": "qamro", "margin": "mr"}  # the loss kind a setting belongs to
 BASELINE_COLOUR = "black"  # regression only: no palette colour, so it matches no sweep line
 CATEGORIES_FLAT = 4  # more categories than this get slanted tick labels
-KIND_ORDER = {"qamro": 0, "mr": 1, "none": 2}  # legends list QAMRO, then L_MR, then none
+KIND_ORDER = {k: i for i, k in enumerate(LOSS_KINDS)}  # legends: QAMRO, L_MR, ..., none
 DODGE = 0.012  # x shift between neighbouring lines, as a share of the grid's span
 NBSP = "\u00a0"  # joins "n = 3" so that wrapping the footnote never splits it
 EQ = f"{NBSP}={NBSP}"
@@ -54,7 +55,8 @@ def setting_label(kind: str, alpha=None, beta=None, margin=None, skip: tuple = (
         return " ".join(["QAMRO", *parts])
     if kind == "mr":
         return "L_MR" + (f" margin={margin:g}" if "margin" not in skip else "")
-    return "regression only"
+    return "regression only" if kind == "none" else {"listnet": "ListNet",
+                                                     "listmle": "ListMLE"}.get(kind, "Spearman")
 
 
 def setting_key(loss: Mapping[str, Any]) -> tuple:

@@ -12,13 +12,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import LossConfig, Member, TrainConfig
+from ..config import PAIR_KINDS, LossConfig, Member, TrainConfig
 from ..errors import QamroError
 from .heads import BatchedMLP, HeadSpec, member_seed
 from .inputs import build_head
+from .listwise import listmle_term, listnet_term, spearman_term
 from .losses import LabelTerms, label_terms, pair_hinge, regression
 from .state import HISTORY_COLUMNS, TrainState
 
+# the listwise kinds: (kind, term of listwise.py, the LossConfig setting it takes or None)
+LISTWISE = (("listnet", listnet_term, "temperature"),
+            ("listmle", lambda p, y, _: listmle_term(p, y), None),
+            ("spearman", spearman_term, "tau"))
 GRAPH_WARMUP = 3  # eager epochs before capture (lazy cuBLAS/autograd set-up must not be captured)
 
 # each distinct input -> (its matrix on the device, the input it is gathered from, its width)
@@ -92,7 +97,16 @@ class Losses:
         self.alpha = t([m.loss.alpha if m.loss.kind == "qamro" else 0.0 for m in members])
         self.beta = t([m.loss.beta if m.loss.kind == "qamro" else 1.0 for m in members])
         self.margin = t([m.loss.margin if m.loss.kind == "mr" else 0.0 for m in members])
-        self.weight = t([0.0 if m.loss.kind == "none" else m.loss.rank_weight for m in members])
+        self.weight = t([m.loss.rank_weight if m.loss.kind in PAIR_KINDS else 0.0
+                         for m in members])
+        # each listwise kind some member uses: (its term, its setting [H*K], its weight
+        # [H*K], 0 for the other members: they get an exact 0 from it, whatever shares the run)
+        self.listwise = [(fn, t([getattr(m.loss, setting) if setting else 0.0
+                                 for m in members]),
+                          t([m.loss.rank_weight if m.loss.kind == kind else 0.0
+                             for m in members]))
+                         for kind, fn, setting in LISTWISE
+                         if any(m.loss.kind == kind for m in members)]
         self.cfg: LossConfig = first
         # head outputs are standardised scores where a head standardises: the regression term
         # compares them with standardised labels, the ranking term sees the labels' own scale
@@ -126,6 +140,8 @@ class Losses:
         raw = pred * self.std + self.mean if self.scaled else pred
         reg = regression(pred, t, self.cfg.regression, self.cfg.huber_delta)
         rank = pair_hinge(raw, t, self.alpha, self.margin, self.kernel)  # weight is in t.q
+        for fn, setting, weight in self.listwise:
+            rank = rank + torch.where(weight > 0, fn(raw, t.yn, setting) * weight, 0.0)
         return torch.stack([reg, rank]).view(2, self.n_heads, self.k).sum(1)
 
 

@@ -59,6 +59,8 @@ def default_out(recipe: Recipe, members: list[Member], kind: str = "run") -> Pat
         name = f"{recipe.name}-qamro-a{first.alpha:g}-b{first.beta:g}"
     elif first.kind == "mr":
         name = f"{recipe.name}-mr-m{first.margin:g}"
+    elif first.kind != "none":
+        name = f"{recipe.name}-{first.kind}"
     else:
         name = f"{recipe.name}-baseline"
     return cache_root() / "runs" / name

@@ -182,3 +182,4 @@ def regression_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "huber
     pred, target, squeeze = _as_batched(pred, target)
     loss = regression(pred, label_terms(target), kind, delta)
     return loss[0] if squeeze else loss
+from .listwise import listmle_loss, listnet_loss, spearman_loss, soft_rank  # noqa: F401,E402

@@ -29,3 +29,51 @@ def qamro_loss_literal(pred: torch.Tensor, target: torch.Tensor, alpha: float = 
                                               + margin)
             count += 1
     return loss / count if count else loss
+
+
+# -- the listwise losses (listwise.py), each literally as its formula reads, clip by clip ----
+def _known(pred, target):
+    keep = [i for i in range(len(target)) if torch.isfinite(target[i])]
+    return [pred[i] for i in keep], [target[i] for i in keep]
+
+
+def listnet_loss_literal(pred, target, temperature: float = 1.0):
+    """-sum_i softmax(y / T)_i log softmax(p / T)_i over the known labels."""
+    p, y = _known(pred.reshape(-1), target.reshape(-1))
+    zp = sum(torch.exp(v / temperature) for v in p)
+    zy = sum(torch.exp(v / temperature) for v in y)
+    loss = pred.sum() * 0.0
+    for pi, yi in zip(p, y):
+        loss = loss - torch.exp(yi / temperature) / zy * torch.log(torch.exp(pi / temperature) / zp)
+    return loss
+
+
+def listmle_loss_literal(pred, target):
+    """1/n sum_i [log(exp(p_i) + sum_{j: y_j < y_i} exp(p_j)) - p_i]: tied clips do not
+    compete with each other."""
+    p, y = _known(pred.reshape(-1), target.reshape(-1))
+    loss = pred.sum() * 0.0
+    for i in range(len(p)):
+        den = torch.exp(p[i])
+        for j in range(len(p)):
+            if y[j] < y[i]:
+                den = den + torch.exp(p[j])
+        loss = loss + torch.log(den) - p[i]
+    return loss / max(len(p), 1)
+
+
+def spearman_loss_literal(pred, target, tau: float = 0.1):
+    """1 - Pearson(soft ranks of p, average ranks of y); soft rank r_i = 1/2 + sum_j
+    sigmoid((p_i - p_j) / tau)."""
+    p, y = _known(pred.reshape(-1), target.reshape(-1))
+    n = len(p)
+    soft = [0.5 + sum(torch.sigmoid((p[i] - p[j]) / tau) for j in range(n)) for i in range(n)]
+    ranks = [sum(1.0 for j in range(n) if y[j] < y[i])
+             + (sum(1.0 for j in range(n) if y[j] == y[i]) + 1) / 2 for i in range(n)]
+    ms, mr = sum(soft) / n, sum(ranks) / n
+    cov = sum((s - ms) * (r - mr) for s, r in zip(soft, ranks))
+    vs = sum((s - ms) ** 2 for s in soft)
+    vr = sum((r - mr) ** 2 for r in ranks)
+    if vr == 0:
+        return pred.sum() * 0.0
+    return 1 - cov / torch.sqrt(vs * vr)
