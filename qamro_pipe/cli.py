@@ -237,8 +237,9 @@ def train(
     backbone: Optional[str] = opt("Read CACHE_ROOT/DATASET/BACKBONE.h5 instead of the "
                                   "recipe's backbone's cache.", rich_help_panel=DATA),
     loss: Optional[str] = cfg_opt(LossConfig, "kind", "Ranking term: qamro (the paper), mr "
-                                  "(fixed margin), listnet, listmle, spearman (listwise; "
-                                  "docs/losses.md) or none (regression only).",
+                                  "(fixed margin), listnet, listmle, spearman (listwise), "
+                                  "gaussian-kl (distributional; docs/losses.md) or none "
+                                  "(regression only).",
                                   rich_help_panel=LOSS),
     alpha: Optional[float] = cfg_opt(LossConfig, "alpha", "QAMRO margin scale: margin = alpha "
                                      "|y_i - y_j| (>= 0).", rich_help_panel=LOSS),
@@ -287,7 +288,7 @@ def sweep(
                               "the lists given below replace its entries.",
                               rich_help_panel=LOSS),
     loss: Optional[str] = opt("Comma list of loss kinds: qamro, mr, listnet, listmle, "
-                              "spearman, none.",
+                              "spearman, gaussian-kl, none.",
                               f"{default_of(LossConfig, 'kind')}, or the grid's",
                               rich_help_panel=LOSS),
     alpha: Optional[str] = opt("Comma list of QAMRO margin scales, e.g. 0.1,0.2.",

@@ -46,7 +46,7 @@ T, L = TrainConfig, LossConfig
 TRAIN_SETTINGS = ("val_split", "eval_split", "max_epochs", "patience", "optimizer", "lr",
                   "weight_decay", "batch_size", "val_batch_size", "activation", "device",
                   "matmul_precision", "pair_kernel")
-LOSS_SETTINGS = ("norm", "regression", "temperature", "tau")  # one value for every member
+LOSS_SETTINGS = ("norm", "regression", "temperature", "tau", "bins", "sigma")  # one value for every member
 
 # name -> (type, option): what train, sweep and table all take
 RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
@@ -69,6 +69,12 @@ RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
     "tau": (Optional[float], cfg_opt(
         L, "tau", "Spearman's soft-rank temperature, in label units (> 0). --loss spearman "
         "only.", rich_help_panel=LOSS)),
+    "bins": (Optional[int], cfg_opt(
+        L, "bins", "Score bins of --loss gaussian-kl over the recipe's label_range, ends "
+        "included (>= 2).", rich_help_panel=LOSS)),
+    "sigma": (Optional[float], cfg_opt(
+        L, "sigma", "Gaussian smoothing of --loss gaussian-kl's targets, as a share of the "
+        "label range (> 0).", rich_help_panel=LOSS)),
     "val_split": (Optional[str], cfg_opt(
         T, "val_split", "Early-stopping split: holdout (a share of train, never the reported "
         "split) or a split name (dev = the published code's protocol).",

@@ -10,12 +10,13 @@ from typing import Any
 
 from .errors import QamroError
 
-LOSS_KINDS = ("qamro", "mr", "listnet", "listmle", "spearman", "none")
+LOSS_KINDS = ("qamro", "mr", "listnet", "listmle", "spearman", "gaussian-kl", "none")
 PAIR_KINDS = ("qamro", "mr")  # the kinds the pair hinge scores (losses.py); the others: listwise.py
 OPTIMIZERS = ("sgd", "adamw")
 # the settings each loss kind reads; giving one its kind ignores is refused (`check_used`)
 USED_SETTINGS = {"qamro": ("alpha", "beta", "norm"), "mr": ("margin",),
-                 "listnet": ("temperature",), "listmle": (), "spearman": ("tau",), "none": ()}
+                 "listnet": ("temperature",), "listmle": (), "spearman": ("tau",),
+                 "gaussian-kl": ("bins", "sigma"), "none": ()}
 DEFAULT_RECIPE = "musiceval"  # what `train` and `sweep` do when told nothing
 DEFAULT_TABLE = "table1"  # what `table` builds when told nothing
 DEFAULT_SEEDS = 1  # seeds per setting when neither the command nor a grid or table says
@@ -36,7 +37,8 @@ def cache_root() -> Path:
 @dataclass(frozen=True)
 class LossConfig:
     kind: str = "qamro"  # ranking term: "qamro" (paper), "mr" (fixed margin), "listnet",
-    # "listmle", "spearman" (listwise, docs/losses.md) or "none" (regression only)
+    # "listmle", "spearman" (listwise), "gaussian-kl" (distributional; docs/losses.md) or
+    # "none" (regression only)
     alpha: float = 0.2  # QAMRO margin scale: margin = alpha * |y_i - y_j|
     beta: float = 7.0  # quality preference: q_ij = 1 + (beta-1) max(ny_i, ny_j); 1 = no weighting
     margin: float = 0.1  # fixed margin of "mr" (the w/o-adaptive-margin ablation)
@@ -49,6 +51,10 @@ class LossConfig:
     tau: float = 0.1  # Spearman's soft-rank temperature, in label units (> 0): half the 0.2
     # step of a mean of 5 ratings: a clip predicted one step above another counts 0.88 of
     # it (a hard rank: 1) in its soft rank
+    bins: int = 21  # gaussian-kl: score bins over the label range, ends included (1-5: a 0.2
+    # grid, the grid of means of 5 ratings; 0-10: 0.5)
+    sigma: float = 0.1  # gaussian-kl: the targets' Gaussian smoothing, as a share of the
+    # label range (1-5: 0.4, 0-10: 1.0 in label units)
 
     def __post_init__(self):
         _choice("loss", self.kind, LOSS_KINDS)
@@ -61,6 +67,10 @@ class LossConfig:
         _at_least("rank_weight", self.rank_weight, 0)
         _above("temperature", self.temperature, 0)
         _above("tau", self.tau, 0)
+        _above("sigma", self.sigma, 0)
+        if isinstance(self.bins, bool) or not isinstance(self.bins, int):
+            raise QamroError(f"--bins {self.bins!r}: give a whole number of bins")
+        _at_least("bins", self.bins, 2)
         check_label_range(self.label_range)
 
 
@@ -144,6 +154,8 @@ class Member:
             return f"listnet T={loss.temperature:g} seed={self.seed}"
         if loss.kind == "spearman":
             return f"spearman tau={loss.tau:g} seed={self.seed}"
+        if loss.kind == "gaussian-kl":
+            return f"gaussian-kl bins={loss.bins} sigma={loss.sigma:g} seed={self.seed}"
         return f"{loss.kind} seed={self.seed}"
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import USED_SETTINGS, TrainConfig, to_jsonable
+from ..config import USED_SETTINGS, LossConfig, Member, TrainConfig, to_jsonable
 from ..errors import CacheError, QamroError
 from ..train.heads import BatchedMLP, HeadSpec
 from ..train.inputs import build_head, head_inputs, predict_units, units_for
@@ -78,13 +78,27 @@ class TrainedRun:
 
     def _model(self, head: HeadSpec, x_shape: tuple[int, ...]) -> BatchedMLP:
         if head.name not in self.models:
-            model = build_head(head, [0] * len(self.members), x_shape, self.train_cfg)
+            model = build_head(head, [0] * len(self.members), x_shape, self.train_cfg,
+                               **self._bins(head))
             for i, k in enumerate(self.members):
                 prefix = f"{head.name}/m{k}/"
                 model.load_member(i, {n[len(prefix):]: t for n, t in self._tensors.items()
                                       if n.startswith(prefix)})
             self.models[head.name] = model.eval()
         return self.models[head.name]
+
+    def _bins(self, head: HeadSpec) -> dict:
+        """build_head's distribution arguments for the run's gaussian-kl members, if any."""
+        from ..train.distribution import output_bins
+
+        members = [Member(LossConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                        for k, v in m["loss"].items()}), m["seed"])
+                   for m in self.config["members"]]
+        bins = output_bins(members)
+        if bins is None:
+            return {}
+        return {"bins": bins.scaled(*self.stats.get(head.name, (0.0, 1.0))),
+                "uses_bins": bins.subset(self.members).uses}
 
     def predict(self, cache: Cache) -> dict[str, np.ndarray]:
         """head -> [members, clips] scores on the labels' scale."""

@@ -55,8 +55,8 @@ def setting_label(kind: str, alpha=None, beta=None, margin=None, skip: tuple = (
         return " ".join(["QAMRO", *parts])
     if kind == "mr":
         return "L_MR" + (f" margin={margin:g}" if "margin" not in skip else "")
-    return "regression only" if kind == "none" else {"listnet": "ListNet",
-                                                     "listmle": "ListMLE"}.get(kind, "Spearman")
+    return {"listnet": "ListNet", "listmle": "ListMLE", "spearman": "Spearman",
+            "gaussian-kl": "Gaussian KL"}.get(kind, "regression only")
 
 
 def setting_key(loss: Mapping[str, Any]) -> tuple:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..config import PAIR_KINDS, LossConfig, Member, TrainConfig
 from ..errors import QamroError
+from .distribution import KIND as DIST_KIND, OutputBins, kl_term
 from .heads import BatchedMLP, HeadSpec, member_seed
 from .inputs import build_head
 from .listwise import listmle_term, listnet_term, spearman_term
@@ -61,6 +62,16 @@ class Context:
     label_range: tuple[float, float] | None
     cfg: TrainConfig
     device: torch.device
+    bins: OutputBins | None = None  # the distribution output, when a member is gaussian-kl
+    P: dict[str, torch.Tensor] | None = None  # head -> [U, n] its target distributions
+
+    def bins_of(self, h: HeadSpec, members) -> dict:
+        """build_head's distribution arguments for head h and these member rows."""
+        if self.bins is None:
+            return {}
+        i = self.heads.index(h)
+        return {"bins": self.bins.scaled(*self.stats[i]),
+                "uses_bins": self.bins.subset(members).uses}
 
     @property
     def check_every(self) -> int:
@@ -107,6 +118,8 @@ class Losses:
                              for m in members]))
                          for kind, fn, setting in LISTWISE
                          if any(m.loss.kind == kind for m in members)]
+        self.kl_weight = t([m.loss.rank_weight if m.loss.kind == DIST_KIND else 0.0
+                            for m in members])
         self.cfg: LossConfig = first
         # head outputs are standardised scores where a head standardises: the regression term
         # compares them with standardised labels, the ranking term sees the labels' own scale
@@ -133,15 +146,22 @@ class Losses:
                         self.std[:, 0])
         return t._replace(q=t.q * self.weight[:, None])  # the ranking term's weight, folded in
 
-    def __call__(self, preds: list[torch.Tensor], t: LabelTerms) -> torch.Tensor:
+    def __call__(self, preds: list[torch.Tensor], t: LabelTerms, dist=None) -> torch.Tensor:
         """Per head [K, b] predictions and the stacked batch's label terms ([H*K, b]) ->
-        [2, K]: the regression and the ranking term, each summed over heads."""
+        [2, K]: the regression and the ranking term, each summed over heads. `dist`: per
+        head (logits [K, b, n], target distributions [K or 1, b, n]), where a member is
+        gaussian-kl (its KL is its ranking term's place)."""
         pred = torch.cat(preds)  # [H*K, b]
         raw = pred * self.std + self.mean if self.scaled else pred
         reg = regression(pred, t, self.cfg.regression, self.cfg.huber_delta)
         rank = pair_hinge(raw, t, self.alpha, self.margin, self.kernel)  # weight is in t.q
         for fn, setting, weight in self.listwise:
             rank = rank + torch.where(weight > 0, fn(raw, t.yn, setting) * weight, 0.0)
+        if dist is not None:
+            z = torch.cat([d[0] for d in dist])  # [H*K, b, n]
+            target = torch.cat([d[1].expand(self.k, *d[1].shape[-2:]) for d in dist])
+            kl = kl_term(z, target, t.w_reg)
+            rank = rank + torch.where(self.kl_weight > 0, kl * self.kl_weight, 0.0)
         return torch.stack([reg, rank]).view(2, self.n_heads, self.k).sum(1)
 
 
@@ -156,7 +176,8 @@ class Engine:
         seeds = [m.seed for m in members]
         self.models: dict[str, BatchedMLP] = {}
         for h in ctx.heads:
-            model = build_head(h, seeds, ctx.x_shapes[h.name], cfg, init=False).to(device)
+            model = build_head(h, seeds, ctx.x_shapes[h.name], cfg, init=False,
+                               **ctx.bins_of(h, self.subset)).to(device)
             with torch.no_grad():
                 model.flat.copy_(model.flat_of(state.weights[h.name][rows].to(device)))
             self.models[h.name] = model
@@ -213,17 +234,19 @@ class Engine:
             idx = perm[:, start:start + bs]  # [K, b]
             views = {h.name: self._model(h).views() for h in ctx.heads}
             x = gather(ctx.plan, idx)
-            parts = self.loss_fn([self._model(h)(x[h.features], views[h.name])
-                                  for h in ctx.heads],
-                                 terms.select((step, slice(None), slice(None, idx.shape[1]))))
+            outs = [self._model(h)(x[h.features], views[h.name], logits=True)
+                    for h in ctx.heads]
+            parts = self.loss_fn([o[0] for o in outs],
+                                 terms.select((step, slice(None), slice(None, idx.shape[1]))),
+                                 dist_pairs(ctx, outs, idx))
             grads = torch.autograd.grad(parts.sum(), [v for h in ctx.heads
                                                       for v in views[h.name]])
             self.steps.add_(1)
             self.step(grads)
             self.acc.add_(parts.detach(), alpha=idx.shape[1])
         with torch.no_grad():
-            val_parts = val_loss(self.models, ctx.heads, ctx.plan, ctx.val_rows, self.val_terms,
-                                 self.loss_fn, cfg.val_batch_size or bs, self.val_sizes)
+            val_parts = val_loss(self.models, ctx, self.val_terms, self.loss_fn,
+                                 cfg.val_batch_size or bs, self.val_sizes)
             val = val_parts.sum(0)
             self._early_stopping(val)
             train_parts = self.acc / (n * len(ctx.heads))  # per unit, mean over heads
@@ -346,17 +369,26 @@ def _sgd(params, grads, bufs, cfg: TrainConfig) -> None:
         torch._foreach_add_(params, bufs, alpha=-cfg.lr)
 
 
-def val_loss(models, heads, plan, rows, terms: LabelTerms, loss_fn, bs, sizes) -> torch.Tensor:
+def val_loss(models, ctx: Context, terms: LabelTerms, loss_fn, bs, sizes) -> torch.Tensor:
     """[2, K]: the regression and ranking terms on the validation rows, mean over heads, in
     fixed chunks of the batch size (the ranking term is a mini-batch loss; chunks bound its
     memory)."""
-    chunks = []
+    chunks, rows, heads = [], ctx.val_rows, ctx.heads
     for c, s in enumerate(range(0, len(rows), bs)):
-        x = gather(plan, rows[s:s + bs])
+        x = gather(ctx.plan, rows[s:s + bs])
         b = len(rows[s:s + bs])
-        chunks.append(loss_fn([models[h.name](x[h.features]) for h in heads],
-                              terms.select((c, slice(None), slice(None, b)))))  # [2, K]
+        outs = [models[h.name](x[h.features], logits=True) for h in heads]
+        chunks.append(loss_fn([o[0] for o in outs], terms.select((c, slice(None),
+                                                                   slice(None, b))),
+                              dist_pairs(ctx, outs, rows[s:s + bs])))  # [2, K]
     return (torch.stack(chunks) * sizes[:, None, None]).sum(0) / sizes.sum() / len(heads)
+
+
+def dist_pairs(ctx: Context, outs, idx: torch.Tensor):
+    """Per head (logits, target distributions of rows idx [K, b] or [b]), or None."""
+    if ctx.P is None:
+        return None
+    return [(z, ctx.P[h.name][idx]) for h, (_, z) in zip(ctx.heads, outs)]
 
 
 def gather(plan: Plan, idx: torch.Tensor) -> dict[tuple[str, ...], torch.Tensor]:

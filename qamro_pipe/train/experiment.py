@@ -39,6 +39,9 @@ def recipe_configs(recipe: Recipe, train: dict[str, Any] | None = None,
     tcfg, lcfg = override(tcfg, **(train or {})), override(lcfg, **(loss or {}))
     given = [k for k, v in (loss or {}).items() if v is not None and k != "kind"]
     check_used(kinds if kinds is not None else [lcfg.kind], given)
+    if "gaussian-kl" in (kinds or [lcfg.kind]) and lcfg.label_range is None:
+        raise QamroError(f"--loss gaussian-kl needs the labels' scale for its bins: "
+                         f"{recipe.where()} declares no label_range")
     if lcfg.norm == "range" and lcfg.label_range is None:
         raise QamroError(f"--norm range needs the labels' scale: {recipe.where()} declares no "
                          f"label_range")

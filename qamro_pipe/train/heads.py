@@ -47,7 +47,8 @@ class BatchedMLP(nn.Module):
 
     def __init__(self, seeds: list[int], in_dim: int, hidden: tuple[int, ...] = (256, 64),
                  activation: str = "relu", name: str = "head", layer_norm: bool = False,
-                 n_layers: int = 0, init: bool = True):
+                 n_layers: int = 0, init: bool = True, bins: torch.Tensor | None = None,
+                 uses_bins=None):
         super().__init__()
         self.k, self.in_dim, self.hidden = len(seeds), in_dim, tuple(hidden)
         self.activation, self.layer_norm, self.n_layers = activation, layer_norm, n_layers
@@ -60,6 +61,13 @@ class BatchedMLP(nn.Module):
             self.layout += [(f"w{i}", (dims[i], dims[i + 1])), (f"b{i}", (dims[i + 1],))]
             if layer_norm and i < len(dims) - 2:
                 self.layout += [(f"g{i}", (dims[i + 1],)), (f"beta{i}", (dims[i + 1],))]
+        # a distribution head (distribution.py): n more output units after the last hidden
+        # layer, last in the layout, so the other parameters are drawn as without them
+        self.register_buffer("bins", bins, persistent=False)  # [n] centres, output units
+        self.register_buffer("uses_bins", None if bins is None else torch.tensor(
+            list(uses_bins), dtype=torch.bool), persistent=False)  # [K]
+        if bins is not None:
+            self.layout += [("wd", (dims[-2], len(bins))), ("bd", (len(bins),))]
         self.flat = nn.Parameter(torch.empty(self.k * sum(math.prod(s) for _, s in self.layout)))
         if init:  # init=False: the caller sets every weight (a resumed or rebuilt run)
             self._initialise(seeds, name, n_layers)
@@ -121,9 +129,12 @@ class BatchedMLP(nn.Module):
         v = self.named_views()
         return [v[f"w{i}"] for i in range(len(self.hidden) + 1)]
 
-    def forward(self, x: torch.Tensor, views: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, views: list[torch.Tensor] | None = None,
+                logits: bool = False):
         """x [N, D] (the same rows for every member) or [K, B, D] -> predictions [K, N|B];
-        with layer weighting x is [N, L, D] or [K, B, L, D]."""
+        with layer weighting x is [N, L, D] or [K, B, L, D]. A distribution head's members
+        that use it predict their distribution's mean; logits=True -> (predictions, the
+        distribution's logits [K, N|B, n] or None)."""
         p = dict(zip((n for n, _ in self.layout), self.views() if views is None else views))
         if self.n_layers:
             w = torch.softmax(p["layer_weights"], dim=-1)  # [K, L]
@@ -134,12 +145,20 @@ class BatchedMLP(nn.Module):
             h = h.transpose(0, 1) + p["b0"][:, None, :]  # [K, N, H]
         else:
             h = torch.baddbmm(p["b0"][:, None, :], x, p["w0"])  # [K, B, H]
+        last = x  # the last layer's input
         for i in range(1, len(self.hidden) + 1):
             if self.layer_norm:
                 h = F.layer_norm(h, h.shape[-1:]) * p[f"g{i - 1}"][:, None, :] \
                     + p[f"beta{i - 1}"][:, None, :]
-            h = torch.baddbmm(p[f"b{i}"][:, None, :], self.act(h), p[f"w{i}"])
-        return h.squeeze(-1)  # [K, B]
+            last = self.act(h)
+            h = torch.baddbmm(p[f"b{i}"][:, None, :], last, p[f"w{i}"])
+        out = h.squeeze(-1)  # [K, B]
+        if self.bins is None:
+            return (out, None) if logits else out
+        last = last.expand(self.k, *last.shape) if last.dim() == 2 else last
+        z = torch.baddbmm(p["bd"][:, None, :], last, p["wd"])  # [K, B, n]
+        out = torch.where(self.uses_bins[:, None], torch.softmax(z, dim=-1) @ self.bins, out)
+        return (out, z) if logits else out
 
     def _sequential_names(self) -> dict[str, str]:
         """Our parameter names -> nn.Sequential names (Linear[, LayerNorm], act, ...)."""
@@ -148,6 +167,7 @@ class BatchedMLP(nn.Module):
         for i in range(len(self.hidden) + 1):
             names[f"w{i}"], names[f"b{i}"] = f"{step * i}.weight", f"{step * i}.bias"
             names[f"g{i}"], names[f"beta{i}"] = f"{step * i + 1}.weight", f"{step * i + 1}.bias"
+        names["wd"], names["bd"] = "dist.weight", "dist.bias"  # the distribution output
         return names
 
     def member_state(self, k: int) -> dict[str, torch.Tensor]:

@@ -124,14 +124,17 @@ def label_stats(cache: Cache, head: HeadSpec, train_clips: np.ndarray) -> tuple[
 
 
 def build_head(head: HeadSpec, seeds: list[int], x_shape: tuple[int, ...],
-               cfg: TrainConfig, init: bool = True) -> BatchedMLP:
+               cfg: TrainConfig, init: bool = True, bins: torch.Tensor | None = None,
+               uses_bins=None) -> BatchedMLP:
+    """The head's model; `bins` (centres in its output units) and `uses_bins` (per member)
+    add a distribution output (distribution.py)."""
     layers = x_shape[1] if len(x_shape) == 3 else 0
     if layers and not head.layer_weights:
         raise QamroError(f"head {head.name!r} reads per-layer features [.., {layers}, "
                          f"{x_shape[-1]}]: set layer_weights = true in its recipe")
     return BatchedMLP(seeds, x_shape[-1], head.hidden or cfg.hidden,
                       head.activation or cfg.activation, head.name, head.layer_norm, layers,
-                      init=init)
+                      init=init, bins=bins, uses_bins=uses_bins)
 
 
 @torch.no_grad()

@@ -30,7 +30,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .losses import _as_batched, _col, label_terms
+
+def _col(x, like: torch.Tensor) -> torch.Tensor:
+    """A float or a [K] tensor -> a column broadcasting against [K, B] (losses.py re-exports
+    this module, so it imports nothing from there at import time)."""
+    return torch.as_tensor(x, dtype=like.dtype, device=like.device).reshape(-1, 1)
 
 
 def _known(yn: torch.Tensor) -> torch.Tensor:
@@ -92,8 +96,11 @@ def spearman_term(pred: torch.Tensor, yn: torch.Tensor, tau=0.1) -> torch.Tensor
 
 
 def _public(term, pred, target, *args):
+    from .losses import _as_batched
+
     pred, target, squeeze = _as_batched(pred, target)
-    loss = term(pred, label_terms(target).yn, *(_member(a, pred) for a in args))
+    yn = torch.where(torch.isfinite(target), target, torch.nan)  # inf is unknown too
+    loss = term(pred, yn, *(_member(a, pred) for a in args))
     return loss[0] if squeeze else loss
 
 

@@ -183,3 +183,4 @@ def regression_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "huber
     loss = regression(pred, label_terms(target), kind, delta)
     return loss[0] if squeeze else loss
 from .listwise import listmle_loss, listnet_loss, spearman_loss, soft_rank  # noqa: F401,E402
+from .distribution import gaussian_kl_loss  # noqa: F401,E402

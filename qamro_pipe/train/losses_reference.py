@@ -77,3 +77,31 @@ def spearman_loss_literal(pred, target, tau: float = 0.1):
     if vr == 0:
         return pred.sum() * 0.0
     return 1 - cov / torch.sqrt(vs * vr)
+
+
+def gaussian_kl_loss_literal(logits, target, label_range=(1.0, 5.0), sigma: float = 0.1,
+                             ratings=None):
+    """KL(t || softmax(logits)) averaged over clips with a label, bin by bin; t_b is
+    proportional to sum over the clip's ratings (else its label) of exp(-(c_b - r)^2 /
+    (2 s^2)), s = sigma (hi - lo), c_b evenly spaced over [lo, hi]."""
+    import math
+
+    lo, hi = label_range
+    n = logits.shape[-1]
+    centres = [lo + (hi - lo) * b / (n - 1) for b in range(n)]
+    s = sigma * (hi - lo)
+    loss, count = logits.sum() * 0.0, 0
+    for i in range(len(target)):
+        if not math.isfinite(float(target[i])):
+            continue
+        points = [float(target[i])]
+        if ratings is not None and any(math.isfinite(float(r)) for r in ratings[i]):
+            points = [float(r) for r in ratings[i] if math.isfinite(float(r))]
+        dens = [sum(math.exp(-(c - r) ** 2 / (2 * s * s)) for r in points) for c in centres]
+        t = [d / sum(dens) for d in dens]
+        z = sum(torch.exp(logits[i][b]) for b in range(n))
+        for b in range(n):
+            if t[b] > 0:
+                loss = loss + t[b] * (math.log(t[b]) - torch.log(torch.exp(logits[i][b]) / z))
+        count += 1
+    return loss / max(count, 1)

@@ -22,6 +22,7 @@ from ..config import Member, TrainConfig
 from ..errors import Interrupted, QamroError
 from ..store.reader import Cache
 from .engine import Context, Engine, Plan, optimizer_buffers
+from .distribution import output_bins, smoothed_targets
 from .heads import HeadSpec
 from .inputs import (build_head, column_order, head_inputs, input_width, label_col, label_stats,
                      predict_units, units_for)
@@ -138,8 +139,10 @@ def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
             cache.labels[:, label_col(cache, h)]))).to(device) for h in heads},
         train_rows=torch.from_numpy(units.of_clips(split.train)).to(device),
         val_rows=torch.from_numpy(units.of_clips(split.val)).to(device),
-        stats=[stats[h.name] for h in heads], label_range=label_range, cfg=cfg, device=device)
-    models = {h.name: build_head(h, seeds, ctx.x_shapes[h.name], cfg) for h in heads}
+        stats=[stats[h.name] for h in heads], label_range=label_range, cfg=cfg, device=device,
+        **distribution_targets(cache, heads, units, members, label_range, device))
+    models = {h.name: build_head(h, seeds, ctx.x_shapes[h.name], cfg,
+                                 **ctx.bins_of(h, range(len(members)))) for h in heads}
     state = checkpoint.resume if checkpoint and checkpoint.resume else TrainState.fresh(
         {h: m.by_member().detach() for h, m in models.items()}, optimizer_buffers(cfg),
         cfg.max_epochs)
@@ -164,6 +167,22 @@ def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
         seconds=spent + time.perf_counter() - t0,
         member_epochs=state.member_epochs, history=state.history_array(),
         resumed_from=resumed_from)
+
+
+def distribution_targets(cache: Cache, heads, units, members, label_range, device) -> dict:
+    """Context's `bins` and `P` (per head [U, n] target distributions) when a member is
+    gaussian-kl (distribution.py), else {}."""
+    bins = output_bins(members, label_range)
+    if bins is None:
+        return {}
+    centres = np.asarray(bins.centres)
+    P = {}
+    for h in heads:
+        labels = cache.labels[:, label_col(cache, h)]
+        ratings = cache.ratings.get(h.label)
+        t = smoothed_targets(labels, ratings, centres, bins.sigma)  # [N, n]
+        P[h.name] = torch.from_numpy(units.per_unit(t).astype(np.float32)).to(device)
+    return {"bins": bins, "P": P}
 
 
 def _outcomes(members: list[Member], state: TrainState) -> tuple[dict, dict]:
