@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install test demo bench bench-gpu sweep-beta table1 table2 faults clean
+.PHONY: install test demo bench bench-gpu sweep-beta table1 table2 table-losses faults clean
 
 install: $(STAMP)
 
@@ -42,6 +42,11 @@ table1: $(STAMP)
 
 table2: $(STAMP)
 	$(BIN)/qamro-pipe table --recipe table2
+
+# every loss on one cache, N seeds, each compared with QAMRO (docs/losses.md);
+# e.g. make table-losses TABLE_ARGS="--model demo" after make demo
+table-losses: $(STAMP)
+	$(BIN)/qamro-pipe table --recipe table-losses $(TABLE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

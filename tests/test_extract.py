@@ -157,6 +157,12 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
     assert m["heads"]["overall"]["system"]["srcc"] > 0.5  # melstats carries real signal
     assert (tmp_path / "runs" / "demo-sweep" / "sweep.png").exists()
     assert "synthetic" in r.output.lower()  # the note says what the figures are
+    # the losses table (issue 15 item 2) on the demo cache, as make table-losses runs it
+    t = CliRunner().invoke(app, ["table", "--recipe", "table-losses", "--model", "demo",
+                                 "--seeds", "1", "--max-epochs", "3", "--quiet"])
+    assert t.exit_code == 0, t.output
+    assert (tmp_path / "runs" / "table-losses-demo" / "compare.md").exists()
+    assert "P(> QAMRO)" in t.output
 
 
 def test_decoder_shared_memory_gives_the_pickled_audio(tmp_path):

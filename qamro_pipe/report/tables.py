@@ -26,6 +26,7 @@ class TableRecipe:
     level: str = "system"  # the level the figures are read at (utterance without systems)
     figures: tuple[str, ...] = FIGURES  # the columns of each head
     reference: dict[str, Any] = field(default_factory=dict)  # published figures
+    compare: str | None = None  # a row the others are compared with (report/compare.py)
     path: Path | None = None
 
 
@@ -34,7 +35,7 @@ def load_table(name_or_path: str | Path) -> TableRecipe:
     try:
         data = tomllib.loads(path.read_text())
         rows = tuple((r.pop("name"), r) for r in (dict(r) for r in data["rows"]))
-        given = {k: data[k] for k in ("seeds", "level", "reference") if k in data}
+        given = {k: data[k] for k in ("seeds", "level", "reference", "compare") if k in data}
         if "figures" in data:
             given["figures"] = tuple(data["figures"])
         table = TableRecipe(name=data.get("name", path.stem), model=data["model"], rows=rows,
@@ -45,6 +46,8 @@ def load_table(name_or_path: str | Path) -> TableRecipe:
         raise QamroError(f"{path}: level must be system or utterance, figures among "
                          f"{', '.join(FIGURES)}")
     check_seeds(table.seeds)
+    if table.compare is not None and table.compare not in [r for r, _ in table.rows]:
+        raise QamroError(f"{path}: compare = {table.compare!r} names no row")
     return table
 
 
@@ -109,6 +112,12 @@ def render(table: TableRecipe, heads: list[str], rows: list[dict[str, Any]],
             body.append([f"{name} [paper]"] + [
                 f"{ref[h][f]:.3f}" if h in ref and f in ref[h] else "-"
                 for h in heads for f in table.figures])
+    text, md = layout(header, body)
+    return text, md, [header, *body]
+
+
+def layout(header: list[str], body: list[list[str]]) -> tuple[str, str]:
+    """(aligned plain text, markdown) of a table: the first column left, the others right."""
     widths = [max(len(x[i]) for x in [header, *body]) for i in range(len(header))]
     text = "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                                for i, (c, w) in enumerate(zip(line, widths)))
@@ -116,7 +125,7 @@ def render(table: TableRecipe, heads: list[str], rows: list[dict[str, Any]],
     md = "\n".join(["| " + " | ".join(header) + " |",
                     "|" + "|".join("---" for _ in header) + "|",
                     *("| " + " | ".join(line) + " |" for line in body)])
-    return text, md, [header, *body]
+    return text, md
 
 
 def write_table(folder: Path, md: str, csv_rows: list[list[str]], title: str,
@@ -199,6 +208,26 @@ def _probe_row(per_fit: list[dict], heads, table: TableRecipe, level: str) -> di
     return row
 
 
+def compare_table(folder: Path, t: TableRecipe, metrics, data, recipe, members, row_of,
+                  seeds: int, tcfg, level: str) -> str:
+    """compare.md, .csv and .json: every row against the table's `compare` row, system-level
+    paired bootstrap (report/compare.py). -> the text to print."""
+    import json
+
+    from .compare import comparison, render_comparison
+
+    if level != "system":
+        return f"(no comparison with {t.compare!r}: it needs system-level figures)"
+    result = comparison(folder, data, recipe.heads, members, row_of, [r for r, _ in t.rows],
+                        t.compare, metrics["eval_split"], tcfg.bootstrap or 1000)
+    text, md, rows, footer = render_comparison(result, t.compare, seeds,
+                                               metrics["eval_split"])
+    title = f"{t.name}: every row against {t.compare!r}, system-level paired bootstrap"
+    write_table(folder, md, [*rows, [footer]], title, stem="compare")
+    (folder / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
+    return f"{title}\n{text}"
+
+
 def run_table(table: str | Path, model: str | None = None, cache: str | Path | None = None,
               seeds: int | None = None, out: str | Path | None = None, force: bool = False,
               train: dict[str, Any] | None = None, loss: dict[str, Any] | None = None,
@@ -252,6 +281,9 @@ def run_table(table: str | Path, model: str | None = None, cache: str | Path | N
             write_table(folder, md2, csv2, title2, stem="table-pooled")
             text = f"{text}\n\n{title2}\n{text2}"
         (folder / "probe.json").write_text(json.dumps(record, indent=2) + "\n")
+        if t.compare and cv is None:
+            text += "\n\n" + compare_table(folder, t, metrics, data, recipe, members, row_of,
+                                           seeds, tcfg, level)
         made.update(title=title, text=text, shown=real and level == t.level and cv is None)
 
     folder, metrics, result, data = run_experiment(recipe, members, tcfg, cache, out, force,

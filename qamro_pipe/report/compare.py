@@ -1,0 +1,155 @@
+"""Rows of a table compared with one of them (`compare = "QAMRO"` in a table recipe): each
+row's figures with 95% intervals, and the paired bootstrap probability that its system SRCC
+beats the reference row's.
+
+A row is scored by its ensemble: per clip, the mean prediction over the row's seeds. One set
+of resamples serves every row: a resample draws the eval split's systems with replacement
+(metrics.bootstrap_rows, as the run's own system-level intervals). System level: the
+statistics of the drawn systems' (true, predicted) MOS. Utterance level: of all the clips of
+the drawn systems (a cluster bootstrap: clips of one system are not independent). Because
+every row sees the same resamples, P(row > reference) is a paired comparison: the share of
+resamples in which the row's system SRCC exceeds the reference's (ties count for neither).
+With ~30 systems, rows 0.02 apart typically get P near 0.5-0.8: within resampling noise."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from .metrics import bootstrap_rows, named_systems, point_metrics, system_scores
+
+LEVEL = 0.95
+
+
+def _quantiles(vals: np.ndarray) -> list[float] | None:
+    vals = vals[np.isfinite(vals)]
+    if len(vals) < 2:
+        return None
+    q = (1 - LEVEL) / 2
+    return [float(np.quantile(vals, q)), float(np.quantile(vals, 1 - q))]
+
+
+def _utterance_rows(true: np.ndarray, pred: np.ndarray, clips: list[np.ndarray],
+                    idx: np.ndarray) -> dict[str, np.ndarray]:
+    """LCC and SRCC of the clips of each resample's systems: idx [R, S] -> {fig: [R]}."""
+    out = {"lcc": np.empty(len(idx)), "srcc": np.empty(len(idx))}
+    for r, pick in enumerate(idx):
+        rows = np.concatenate([clips[s] for s in pick])
+        a, b = true[rows], pred[rows]
+        if np.ptp(a) == 0 or np.ptp(b) == 0:
+            out["lcc"][r] = out["srcc"][r] = np.nan
+            continue
+        out["lcc"][r] = np.corrcoef(a, b)[0, 1]
+        out["srcc"][r] = np.corrcoef(stats.rankdata(a), stats.rankdata(b))[0, 1]
+    return out
+
+
+def compare_rows(true: np.ndarray, systems: np.ndarray, preds: dict[str, np.ndarray],
+                 reference: str, system_mos=None, n_boot: int = 1000,
+                 seed: int = 0) -> dict[str, Any]:
+    """true [N] labels (NaN unknown), systems [N], preds {row: [N] ensemble predictions} ->
+    {"systems", "clips", "resamples", "rows": {row: {"system": {fig, fig_ci}, "utterance":
+    {...}, "p_above": P(system SRCC > reference's) or None}}}."""
+    keep = np.isfinite(true) & named_systems(systems)
+    true, systems = true[keep], np.asarray(systems)[keep]
+    names = np.unique(systems)
+    clips = [np.flatnonzero(systems == s) for s in names]
+    idx = np.random.default_rng(seed).integers(0, len(names), size=(n_boot, len(names)))
+    boots, out = {}, {}
+    for row, pred in preds.items():
+        pred = pred[keep]
+        _, st, sp, _ = system_scores(systems, true, pred, system_mos)
+        sys_b = bootstrap_rows(st, sp, idx)
+        utt_b = _utterance_rows(true, pred, clips, idx)
+        boots[row] = sys_b["srcc"]
+        out[row] = {"system": _with_ci(point_metrics(st, sp), sys_b),
+                    "utterance": _with_ci(point_metrics(true, pred), utt_b)}
+    for row, rec in out.items():
+        rec["p_above"] = None if row == reference or reference not in boots else \
+            _p_above(boots[row], boots[reference])
+    return {"systems": len(names), "clips": int(keep.sum()), "resamples": n_boot,
+            "reference": reference, "rows": out}
+
+
+def _with_ci(point: dict[str, Any], boot: dict[str, np.ndarray]) -> dict[str, Any]:
+    return {**point, **{f"{f}_ci": _quantiles(v) for f, v in boot.items()}}
+
+
+def _p_above(a: np.ndarray, b: np.ndarray) -> float | None:
+    ok = np.isfinite(a) & np.isfinite(b)
+    return float((a[ok] > b[ok]).mean()) if ok.any() else None
+
+
+# -- in a table run (tables.py) -----------------------------------------------------------
+def row_ensembles(folder, data, heads, members, row_of, split: str) -> tuple[np.ndarray, dict]:
+    """From the run's predictions.csv: (eval rows of the cache, {head: {row: [n] mean over
+    the row's seeds}}). Members that failed have no column and are left out."""
+    import csv
+
+    with open(folder / "predictions.csv", newline="") as f:
+        lines = [r for r in csv.DictReader(f) if r["split"] == split]
+    index = {c: i for i, c in enumerate(data.ids)}
+    rows = np.array([index[r["id"]] for r in lines], dtype=np.int64)
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for h in heads:
+        by_row: dict[str, list[np.ndarray]] = {}
+        for k, m in enumerate(members):
+            col = f"pred_{h.name}_m{k}"
+            if lines and col in lines[0]:
+                by_row.setdefault(row_of[m], []).append(
+                    np.array([float(r[col]) for r in lines]))
+        out[h.name] = {row: np.mean(v, axis=0) for row, v in by_row.items()}
+    return rows, out
+
+
+def comparison(folder, data, heads, members, row_of, table_rows, reference: str, split: str,
+               n_boot: int) -> dict[str, Any]:
+    """{head: compare_rows(...)} over the eval split, rows in the table's order."""
+    rows, ens = row_ensembles(folder, data, heads, members, row_of, split)
+    out = {}
+    for h in heads:
+        col = data.label_names.index(h.label)
+        mos = {s: float(v[col]) for s, v in data.system_mos.items()} or None
+        preds = {r: ens[h.name][r] for r in table_rows if r in ens[h.name]}
+        out[h.name] = compare_rows(data.labels[rows, col], data.systems[rows], preds,
+                                   reference, mos, n_boot)
+    return out
+
+
+def _fig(rec: dict[str, Any], fig: str) -> str:
+    v, ci = rec.get(fig), rec.get(f"{fig}_ci")
+    if v is None:
+        return "-"
+    return f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def render_comparison(result: dict[str, Any], reference: str, seeds: int,
+                      split: str) -> tuple[str, str, list[list[str]], str]:
+    """(plain text, markdown, csv rows, footer) of the comparison."""
+    heads = list(result)
+    header = ["model"] + [f"{h} {c}" for h in heads for c in (
+        "system SRCC [95% CI]", f"P(> {reference})", "system LCC [95% CI]",
+        "utterance SRCC [95% CI]", "utterance LCC [95% CI]")]
+    body = []
+    for row in result[heads[0]]["rows"]:
+        line = [row]
+        for h in heads:
+            rec = result[h]["rows"][row]
+            p = rec["p_above"]
+            line += [_fig(rec["system"], "srcc"), "(reference)" if row == reference else
+                     "-" if p is None else f"{p:.2f}", _fig(rec["system"], "lcc"),
+                     _fig(rec["utterance"], "srcc"), _fig(rec["utterance"], "lcc")]
+        body.append(line)
+    first = result[heads[0]]
+    footer = (f"n = {first['systems']} systems ({first['clips']} clips) of the {split!r} "
+              f"split. Each row: the mean prediction of its {seeds} seeds. Intervals and "
+              f"P(> {reference}) (the share of resamples in which the row's system SRCC "
+              f"beats {reference}'s) come from {first['resamples']} resamples of these "
+              f"systems, the same resamples for every row (utterance level: all clips of "
+              f"the drawn systems). A P between 0.05 and 0.95 means the two rows are not "
+              f"told apart on {first['systems']} systems.")
+    from .tables import layout
+
+    text, md = layout(header, body)
+    return f"{text}\n{footer}", f"{md}\n\n{footer}", [header, *body], footer
