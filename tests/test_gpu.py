@@ -214,3 +214,42 @@ def test_resumed_run_on_gpu_equals_the_uninterrupted_one(synthetic_cache, tmp_pa
     for h in whole.predictions:
         np.testing.assert_allclose(resumed.predictions[h], whole.predictions[h], rtol=1e-6,
                                    atol=1e-6)
+
+
+# issue 15: the listwise and distributional losses as members on the GPU
+MIXED = [Member(LossConfig(), 0), Member(LossConfig(kind="listnet", temperature=0.5), 0),
+         Member(LossConfig(kind="listmle"), 1), Member(LossConfig(kind="spearman", tau=0.2), 0),
+         Member(LossConfig(kind="gaussian-kl", label_range=(1.0, 5.0)), 0)]
+
+
+def test_mixed_loss_kinds_graph_replay_equals_eager_and_cpu(synthetic_cache):
+    cache = read_cache(synthetic_cache)
+    base = dict(max_epochs=60, patience=15, bootstrap=0, check_every=1)
+    eager = train(cache, HEADS, MIXED, TrainConfig(device="cuda", cuda_graph=False, **base))
+    graph = train(cache, HEADS, MIXED, TrainConfig(device="cuda", cuda_graph=True, **base))
+    cpu = train(cache, HEADS, MIXED, TrainConfig(device="cpu", **base))
+    assert eager.best_epoch == graph.best_epoch and not graph.failures
+    for h in eager.predictions:
+        np.testing.assert_allclose(graph.predictions[h], eager.predictions[h], rtol=1e-5,
+                                   atol=1e-5)
+        np.testing.assert_allclose(graph.predictions[h], cpu.predictions[h], rtol=1e-3,
+                                   atol=1e-3)
+
+
+def test_listwise_losses_match_their_references_on_the_gpu():
+    from qamro_pipe.train.losses import (gaussian_kl_loss, listmle_loss, listnet_loss,
+                                         spearman_loss)
+
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(3, 40, generator=g, dtype=torch.float64)
+    target = (torch.randint(5, 26, (3, 40), generator=g) / 5).double()
+    target[:, ::7] = float("nan")
+    logits = torch.randn(3, 40, 21, generator=g, dtype=torch.float64)
+    for fn, x in ((listnet_loss, pred), (listmle_loss, pred), (spearman_loss, pred),
+                  (gaussian_kl_loss, logits)):
+        a, b = x.clone().requires_grad_(), x.cuda().requires_grad_()
+        la, lb = fn(a, target), fn(b, target.cuda())
+        la.sum().backward()
+        lb.sum().backward()
+        torch.testing.assert_close(lb.cpu(), la, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(b.grad.cpu(), a.grad, rtol=1e-9, atol=1e-12)

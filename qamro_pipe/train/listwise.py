@@ -19,11 +19,14 @@ to a list whose known labels are all tied, which carries no order.
   soft ranks of the predictions, r_i = 1/2 + sum_{j known} sigmoid((p_i - p_j) / tau)
   (-> the 1-based rank as tau -> 0), and the labels' exact ranks (ties get their average
   rank, as scipy.stats.spearmanr). O(B^2) per member, like the pair losses. We write the
-  soft rank ourselves: torchsort ships as a source package that compiles a C++/CUDA
-  extension against the installed torch at install time (a compiler and, for GPUs, a
-  matching CUDA toolkit on every user's machine), and diffsort's sorting networks build
-  [B, B] matrices per network layer (log^2 B layers); the sigmoid soft rank is one
-  [B, B] pass, exact in float64 for the tests, and captured in CUDA graphs like the rest.
+  soft rank ourselves: torchsort 0.1.10 is published as source only, and pip compiles its
+  C++ (and, where nvcc is found, CUDA) extension against the installed torch; on our CPU
+  machine, which has nvcc but no GPU, that build fails inside torch's cpp_extension (no
+  CUDA architecture to target) unless TORCH_CUDA_ARCH_LIST is set, and every user would
+  need a compiler and a CUDA toolkit matching their torch. diffsort (pure Python) builds a
+  [B, B] relaxed permutation per layer of a sorting network (about log^2 B layers). The
+  sigmoid soft rank is one [B, B] pass, needs nothing new, is exact in float64 for the
+  tests, and is captured in CUDA graphs like the rest of a training step.
 """
 from __future__ import annotations
 
