@@ -284,6 +284,9 @@ def run_table(table: str | Path, model: str | None = None, cache: str | Path | N
         if t.compare and cv is None:
             text += "\n\n" + compare_table(folder, t, metrics, data, recipe, members, row_of,
                                            seeds, tcfg, level)
+        elif t.compare:
+            text += f"\n\n(no comparison with {t.compare!r} under --cv: it resamples the eval " \
+                    f"split's systems)"
         made.update(title=title, text=text, shown=real and level == t.level and cv is None)
 
     folder, metrics, result, data = run_experiment(recipe, members, tcfg, cache, out, force,
