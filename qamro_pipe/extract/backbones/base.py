@@ -19,8 +19,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ...errors import QamroError
-from .weights import (NETWORK_PROBE_SECONDS, RANDOM_WEIGHTS, Release, check_checkpoint_file,
-                      hub_endpoint, hub_reachable, offline_mode, sha256_file)
+from ...weights import check_checkpoint_file, sha256_file
+from .weights import (NETWORK_PROBE_SECONDS, RANDOM_WEIGHTS, Release, hub_endpoint,
+                      hub_reachable, offline_mode)
 
 REGISTRY: dict[str, type["Backbone"]] = {}
 
