@@ -38,7 +38,23 @@ def recipe_configs(recipe: Recipe, train: dict[str, Any] | None = None,
     if lcfg.norm == "range" and lcfg.label_range is None:
         raise QamroError(f"--norm range needs the labels' scale: {recipe.where()} declares no "
                          f"label_range")
+    if lcfg.quality_weight == "interval-table":
+        check_interval_tables(recipe, tcfg)
     return tcfg, lcfg
+
+
+def check_interval_tables(recipe: Recipe, tcfg: TrainConfig) -> None:
+    """The published track 2 tables exist for its four axes, on the torch pair kernel."""
+    from .losses import INTERVAL_TABLES
+
+    other = [f"{h.name!r} ({h.label})" for h in recipe.heads if h.label not in INTERVAL_TABLES]
+    if other:
+        raise QamroError(f"--quality-weight interval-table: the published tables are for the "
+                         f"labels {', '.join(INTERVAL_TABLES)}; {recipe.where()} has heads "
+                         f"{', '.join(other)}")
+    if tcfg.pair_kernel != "torch":
+        raise QamroError("--quality-weight interval-table runs on --pair-kernel torch only "
+                         "(the fused kernel computes Eq. 3's weight)")
 
 
 def open_cache(recipe: Recipe, cache: str | Path | None) -> Cache:
@@ -73,10 +89,17 @@ def run_experiment(recipe: Recipe | str, members: list[Member], tcfg: TrainConfi
     check_out(out, force, data.path)  # refuse before spending time training
     system_note = system_level_note(data, recipe.heads, tcfg)  # before, not after, training
     label_range = tuple(recipe.label_range) if recipe.label_range else None
-    fp = fingerprint(data, recipe.heads, members, tcfg, label_range)
+    release = None  # read once, before anything is written: its file decides the numbers
+    if "release" in (tcfg.init, tcfg.label_stats):
+        from .aes_release import read_release
+
+        release = read_release(data, tcfg.release_checkpoint)
+        release.for_heads(recipe.heads)
+    fp = fingerprint(data, recipe.heads, members, tcfg, label_range,
+                     release.sha256 if release else None)
     with training_state(out, fp, tcfg, force, resume) as checkpoint:
         result = train(data, recipe.heads, members, tcfg, label_range=label_range,
-                       progress=progress, checkpoint=checkpoint)
+                       progress=progress, checkpoint=checkpoint, release=release)
         folder, metrics = _write_run(recipe, data, members, tcfg, result, out, force, kind,
                                      system_note)
         discard(out)
@@ -111,6 +134,7 @@ def _write_run(recipe: Recipe, data: Cache, members: list[Member], tcfg: TrainCo
         "device": result.device, "seconds": round(result.seconds, 3),
         "epochs_run": result.epochs_run, "cost": cost(result), "versions": versions(),
         "label_stats": {h: list(v) for h, v in result.label_stats.items()},
+        "release": result.release,
         "failures": {str(k): v for k, v in result.failures.items()},
         "warnings": {str(k): v for k, v in result.warnings.items()}}
     def extra_files(folder: Path) -> None:  # join the folder before it is renamed in

@@ -25,8 +25,9 @@ from .state import TrainState, read_fingerprint
 from .trainer import Checkpoint
 
 STATE_FILE = "state.safetensors"
-# settings that change no number a member computes: a run resumes across them
-NOT_IN_FINGERPRINT = ("device", "bootstrap", "checkpoint_seconds")
+# settings that change no number a member computes: a run resumes across them (the release
+# file's place is one: its sha256 is in the fingerprint)
+NOT_IN_FINGERPRINT = ("device", "bootstrap", "checkpoint_seconds", "release_checkpoint")
 
 
 def partial_dir(out: Path) -> Path:
@@ -35,8 +36,9 @@ def partial_dir(out: Path) -> Path:
 
 
 def fingerprint(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
-                cfg: TrainConfig, label_range) -> str:
-    """sha256 of everything that decides a run's numbers."""
+                cfg: TrainConfig, label_range, release_sha256: str | None = None) -> str:
+    """sha256 of everything that decides a run's numbers (`release_sha256`: the release
+    checkpoint the heads start from or take their label statistics from)."""
     h = hashlib.sha256()
     for arr in (cache.ids, cache.splits, cache.systems):
         h.update("\n".join(map(str, arr)).encode())
@@ -47,6 +49,8 @@ def fingerprint(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member]
                             "heads": to_jsonable(heads), "members": to_jsonable(members),
                             "train": train, "label_range": label_range,
                             "qamro_pipe": __version__}
+    if release_sha256:
+        what["release_sha256"] = release_sha256
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
