@@ -47,10 +47,10 @@ def provenance_of(checkpoint: Path) -> dict:
     return bb.provenance()
 
 
-def aes_cache(path: Path, provenance: dict | None = None, n_systems: int = 8,
-              per_system: int = 10, n_train: int = 120, n_dev: int = 40, dim: int = 768,
+def aes_cache(path: Path, provenance: dict | None = None, n_systems: int = 6,
+              per_system: int = 8, n_train: int = 120, n_dev: int = 24, dim: int = 768,
               seed: int = 0) -> Path:
-    """train / dev (no systems) and eval (n_systems x per_system) clips of 1-3 windows."""
+    """train / dev (no systems) and eval (n_systems x per_system) clips of 1-2 windows."""
     rng = np.random.default_rng(seed)
     n_eval = n_systems * per_system
     n = n_train + n_dev + n_eval
@@ -60,7 +60,7 @@ def aes_cache(path: Path, provenance: dict | None = None, n_systems: int = 8,
     quality = rng.uniform(0.5, 9.8, n)  # the whole 0-10 scale, a few below 1
     quality[n_train + n_dev:] = np.repeat(np.linspace(2, 9, n_systems), per_system) \
         + rng.normal(0, 0.4, n_eval)
-    counts = rng.integers(1, 4, n)
+    counts = rng.integers(1, 3, n)
     offsets = np.concatenate([[0], np.cumsum(counts)])
     clip_of = np.repeat(np.arange(n), counts)
     layers = rng.normal(size=(offsets[-1], 13, dim)).astype(np.float32)
