@@ -92,10 +92,12 @@ def _warn_backbone(recipe, data) -> None:
 
 
 def _report_run(recipe, metrics, result, data) -> None:
-    from .report.screen import metrics_table, system_level_line
+    from .report.screen import metrics_table, pooled_table, system_level_line
 
     _warn_backbone(recipe, data)
     typer.echo(metrics_table(metrics))
+    if "pooled" in metrics:
+        typer.echo(pooled_table(metrics))
     _note(system_level_line(metrics))
     for msg in {**result.warnings, **result.failures}.values():
         typer.echo(f"warning: {msg}", err=True)
@@ -146,7 +148,7 @@ def extract(
     lists: Optional[Path] = opt("aes-natural: the folder with the published lists, e.g. a "
                                 "clone of audiobox-aesthetics.", "--root", rich_help_panel=DATA),
     backbone: Optional[str] = cfg_opt(ExtractConfig, "backbone", "Frozen model: clap-music, "
-                                      "aesthetics or melstats (no download).", recipe=False,
+                                      "aesthetics, muq or melstats (no download).", recipe=False,
                                       rich_help_panel=MODEL),
     checkpoint: Optional[str] = opt("Backbone weights file.", "the release file, downloaded "
                                     "once into ~/.cache/qamro-pipe", rich_help_panel=MODEL),
@@ -326,6 +328,9 @@ def sweep(
         folder, metrics, result, data = run_experiment(r, members, tcfg, **run_args(opts),
                                                        kind="sweep", progress=watch)
     _warn_backbone(r, data)
+    if "cv" in metrics:
+        typer.echo(f"{metrics['cv']['folds']}-fold cross-validation: each member's figures "
+                   f"are those of its pooled out-of-fold predictions")
     typer.echo(sweep_table(sweep_rows(metrics)))
     _note(system_level_line(metrics))
     typer.echo(f"trained as one model: {_cost(result)}")
@@ -361,8 +366,11 @@ def table(
     typer.echo(res["text"])
     _note(system_level_line(res["metrics"]))
     if not res["reference_shown"]:
-        typer.echo("(the paper's figures are shown only for its dataset and backbone)")
-    typer.echo(f"wrote {res['folder'] / 'table.md'} and table.csv ({_cost(res['result'])})")
+        typer.echo("(the paper's figures are shown only for its dataset, backbone and level, "
+                   "without --cv)")
+    pooled = ", table-pooled.md and .csv" if "cv" in res["metrics"] else ""
+    typer.echo(f"wrote {res['folder'] / 'table.md'} and table.csv{pooled}, probe.json "
+               f"({_cost(res['result'])})")
 
 
 # -- using a run ----------------------------------------------------------------------------
@@ -382,7 +390,7 @@ def evaluate(
     unless --members picks some). RUN/evaluations/CACHE-DIGEST-SPLIT/ holds the
     result."""
     from .report.evaluate import evaluate_run
-    from .report.screen import metrics_table, system_level_line
+    from .report.screen import metrics_table, system_level_line, systems_lines
 
     folder, metrics = evaluate_run(run, split, cache, members=members)
     typer.echo(f"scoring {metrics['scored']['text']}")
@@ -395,7 +403,17 @@ def evaluate(
                                                        for h, m in metrics["heads"].items()}},
                                  level))
     _note(system_level_line(metrics))
-    typer.echo(f"wrote {folder / 'metrics.json'}")
+    for line in systems_lines(metrics):
+        typer.echo(line)
+    systems = metrics["systems"]
+    matrix = any("matrix" in e for e in systems.get("heads", {}).values())
+    parts = ["metrics.json", "predictions.csv"]
+    if systems.get("computable"):
+        parts.append("systems.csv (each system's predicted MOS"
+                     + (" with its 95% interval)" if matrix else ")"))
+    if matrix:
+        parts.append("rank-HEAD.csv and .png (P(system A ranks above system B))")
+    typer.echo(f"wrote {folder}/: {', '.join(parts)}")
 
 
 @command(panel=USE)
@@ -409,6 +427,9 @@ def predict(
                               "print CSV", rich_help_panel=OUTPUT),
     answer: Optional[Path] = opt("Write the AudioMOS submission format (id,score,... in the "
                                  "heads' order, no header).", rich_help_panel=OUTPUT),
+    members: Optional[str] = opt("Score with the members matching key=value,... over loss, "
+                                 "alpha, beta, margin, seed (as evaluate --members).",
+                                 "all: the mean of every member's predictions"),
     checkpoint: Optional[str] = opt("Backbone weights file.", "the run's cache's"),
     tokenizer_dir: Optional[str] = opt("roberta-base tokenizer files (CLAP text, offline).",
                                        "the run's cache's"),
@@ -418,12 +439,15 @@ def predict(
 ):
     """Score new audio end to end with a run's backbone and heads.
 
-    A file's score is the mean of the run's members' predictions."""
-    from .predict import check_outputs, predict as run_predict, write_answer, write_scores
+    A file's score is the mean of the run's members' predictions; with several members,
+    HEAD_sd beside it is their sd. --answer holds the scores alone."""
+    from .predict import (check_outputs, predict as run_predict, scores_csv, write_answer,
+                          write_scores)
 
     check_outputs(out, answer, force=force)  # before scoring: no scores lost to a bad path
-    heads, rows, failures = run_predict(run, audio, manifest, text, checkpoint=checkpoint,
-                                        tokenizer_dir=tokenizer_dir, device=device)
+    heads, rows, failures = run_predict(run, audio, manifest, text, members=members,
+                                        checkpoint=checkpoint, tokenizer_dir=tokenizer_dir,
+                                        device=device)
     for why in failures.values():
         typer.echo(f"error: {why}", err=True)
     if out:
@@ -431,9 +455,7 @@ def predict(
     if answer:
         write_answer(answer, heads, rows)
     if not out and not answer:
-        typer.echo(",".join(["id", *heads]))
-        for r in rows:
-            typer.echo(",".join([r["id"], *(f"{r[h]:.4f}" for h in heads)]))
+        typer.echo(scores_csv(heads, rows, digits=4), nl=False)
     typer.echo(f"scored {len(rows)} file(s), {len(failures)} failed", err=True)
     if failures:
         raise typer.Exit(1)
@@ -449,12 +471,22 @@ def demo(quiet: bool = typer.Option(False, "--quiet", help="No progress bar.")):
     out = run_demo(progress=not quiet)
     typer.echo(summary_text(out["extract"]))
     folder, metrics, result, _ = out["run"]
+    typer.echo("\nOne QAMRO run (alpha 0.2, beta 7) on the demo corpus:")
     typer.echo(metrics_table(metrics))
-    typer.echo(f"run written to {folder}  ({result.seconds:.1f} s)")
+    typer.echo(f"run written to {folder}  ({_cost(result)})")
+    sweep_folder, sweep_metrics, sweep_result, _ = out["sweep"]
+    first = sweep_metrics["members"][0]["heads"]
+    n_sys = next(iter(first.values()))["system"].get("n")
+    typer.echo(f"\nFigure 1 on the demo corpus: system-level SRCC on "
+               f"{sweep_metrics['eval_split']!r} ({n_sys} systems) of QAMRO at alpha 0.2 "
+               f"against beta, and of the same heads trained with the regression loss alone "
+               f"(loss none); mean ± sd over seeds:")
     typer.echo(sweep_table(out["sweep_rows"]))
-    typer.echo(f"sweep written to {out['sweep'][0]} (sweep.csv, sweep.png)")
-    typer.echo("note: the demo corpus and its scores are synthetic (designed degradations "
-               "plus simulated raters), not human ratings.")
+    typer.echo(f"sweep written to {sweep_folder} (sweep.csv, sweep.png, curves.png; "
+               f"{_cost(sweep_result)})")
+    typer.echo("note: the demo corpus and its scores are SYNTHETIC (designed degradations "
+               "plus simulated raters), not human ratings: these figures show that the "
+               "pipeline works, not how QAMRO does on real data.")
 
 
 def main() -> None:

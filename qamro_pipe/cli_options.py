@@ -14,7 +14,8 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from .config import DEFAULT_SEEDS, DEVICE_HELP, LossConfig, TrainConfig
+from .config import DEFAULT_SEEDS, DEVICE_HELP, CVConfig, LossConfig, TrainConfig, override
+from .errors import QamroError
 
 DATA, LOSS, TRAINING, OUTPUT = "Recipe and data", "Loss", "Training", "Output"
 MODEL = "Backbone and device"
@@ -117,6 +118,15 @@ RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
         "The Audiobox-Aesthetics checkpoint for --init/--label-stats release and Table II's "
         "zero-shot row; it must be the file the cache was extracted with (same sha256).",
         "the file the cache's provenance names", rich_help_panel=TRAINING)),
+    "cv": (Optional[int], opt(
+        "Cross-validate instead of scoring one split: K folds (>= 2) of the labelled clips of "
+        "the train and eval splits, a whole system (or prompt, --cv-group) in one fold only "
+        "(sklearn GroupKFold); figures are mean ± sd over folds and of the pooled "
+        "out-of-fold predictions.", rich_help_panel=TRAINING)),
+    "cv_group": (Optional[str], cfg_opt(
+        CVConfig, "group", "What a --cv fold holds out whole: system (new systems) or prompt "
+        "(new prompts: the _P044 ending a MusicEval clip id, else the clip's text).",
+        recipe=False, rich_help_panel=TRAINING)),
     "out": (Optional[Path], opt(
         "Folder to write the run (sweep, table) to.", "CACHE_ROOT/runs/NAME (from recipe and loss)",
         rich_help_panel=OUTPUT)),
@@ -142,7 +152,16 @@ def train_settings(opts: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
 def run_args(opts: dict[str, Any]) -> dict[str, Any]:
     """RUN_OPTIONS -> run_experiment's keyword arguments."""
     return {"cache": opts["cache"], "out": opts["out"], "force": opts["force"],
-            "resume": opts["resume"]}
+            "resume": opts["resume"], "cv": cv_config(opts)}
+
+
+def cv_config(opts: dict[str, Any]) -> CVConfig | None:
+    """--cv K [--cv-group G] -> CVConfig (checked now, before any work); None without --cv."""
+    if opts["cv"] is None:
+        if opts["cv_group"] is not None:
+            raise QamroError("--cv-group applies to cross-validation: add --cv K")
+        return None
+    return override(CVConfig(opts["cv"]), group=opts["cv_group"])
 
 
 DEBUG = typer.Option(False, "--debug", help="Show tracebacks on errors.")

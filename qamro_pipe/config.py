@@ -25,6 +25,10 @@ DEFAULT_SEEDS = 1  # seeds per setting when neither the command nor a grid or ta
 EXTRACT_BATCH = {"cuda": 64, "cpu": 16}  # windows per forward pass when none is asked for
 DEVICE_HELP = "auto, cpu, cuda or cuda:N"  # the device names every stage accepts
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+# the linear probe's ridge penalties, chosen among by RidgeCV's own leave-one-out (on
+# standardised features, so one grid fits embeddings of any scale or width)
+PROBE_ALPHAS = tuple(10.0 ** k for k in range(-3, 7))
+CV_GROUPS = ("system", "prompt")  # what a cross-validation fold holds out whole
 
 
 def cache_root() -> Path:
@@ -148,6 +152,22 @@ class Member:
         if loss.kind == "mr":
             return f"mr m={loss.margin:g} seed={self.seed}"
         return f"none seed={self.seed}"
+
+
+@dataclass(frozen=True)
+class CVConfig:
+    """Grouped K-fold cross-validation (`--cv K`): sklearn's GroupKFold over the labelled
+    clips of the train split and the eval split."""
+
+    folds: int  # K >= 2: each fold trains on the other K-1 and reports on its own clips
+    group: str = "system"  # held out whole: "system" (unseen systems) or "prompt" (unseen
+    # prompts: MusicEval's _P<n> in the clip id, else the clip's text)
+
+    def __post_init__(self):
+        if isinstance(self.folds, bool) or not isinstance(self.folds, int):
+            raise QamroError(f"--cv {self.folds!r}: give a whole number of folds")
+        _at_least("cv", self.folds, 2)
+        _choice("cv-group", self.group, CV_GROUPS)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
 """Score new audio with a trained run: the run's backbone (as its cache recorded it) embeds the
-files into a temporary cache, and the run's heads score them. Bad files are reported one by
-one and the others still scored."""
+files into a temporary cache, and the run's heads score them. A run whose heads read features
+from several caches has each of their backbones embed the files, as each cache recorded its
+own settings, and the temporary caches are joined as the run's were. Bad files are reported
+one by one and the others still scored."""
 from __future__ import annotations
 
 import csv
@@ -17,8 +19,7 @@ from .extract import audio
 from .config import ExtractConfig, override
 from .extract.datasets import Clip, DatasetRecords, load_dataset
 from .errors import DataError, QamroError
-from .report.evaluate import TrainedRun
-from .store.reader import read_cache
+from .report.evaluate import TrainedRun, select_members
 
 
 def _records(files: list[str | Path], manifest: str | Path | None, text: str | None):
@@ -51,10 +52,14 @@ def _unusable(clip: Clip) -> str | None:
 
 
 def predict(run: str | Path, files: list[str | Path] | None = None,
-            manifest: str | Path | None = None, text: str | None = None, **extract_opts):
-    """-> (head names, rows [{"id", head: score, ...}], failures {id: reason})."""
+            manifest: str | Path | None = None, text: str | None = None,
+            members: str | None = None, **extract_opts):
+    """-> (head names, rows [{"id", head: score, head_sd: spread, ...}], failures {id:
+    reason}). A score is the mean over the run's members (or those `members` selects, as
+    `evaluate --members`); head_sd, their sd (ddof=1), is there when there are several."""
     override(ExtractConfig(), **extract_opts)  # the settings, checked before any work
     tr = TrainedRun(run)
+    picked, _ = select_members(tr.config, tr.members, members)
     recs = _records(list(files or []), manifest, text)
     failures = {c.id: why for c in recs.clips if (why := _unusable(c))}
     good = [c for c in recs.clips if c.id not in failures]
@@ -62,20 +67,10 @@ def predict(run: str | Path, files: list[str | Path] | None = None,
     if not good:
         return heads, [], failures
     recs = replace(recs, clips=good, label_range=None)
-    saved = (tr.config.get("cache_config") or {}).get("extract", {})
-    cfg = override(ExtractConfig(), **{k: v for k, v in saved.items()
-                                       if k in ExtractConfig.__dataclass_fields__
-                                       and k not in ("device", "workers", "skip_bad")})
-    cfg = override(cfg, backbone=tr.backbone.split("@")[0], workers=0, skip_bad=True,
-                   **{k: v for k, v in extract_opts.items() if v is not None})
-    from .extract.loop import extract
-
     with tempfile.TemporaryDirectory(prefix="qamro-predict-") as tmp:
-        # text features when a head reads them, even for clips without text ("")
-        texts = any("text" in h.features for h in tr.heads)
-        summary = extract(recs, cfg, Path(tmp) / "predict.h5", progress=False, texts=texts)
-        failures.update(summary.skipped)
-        cache = read_cache(Path(tmp) / "predict.h5")
+        made = _embed(tr, recs, Path(tmp), {k: v for k, v in extract_opts.items()
+                                            if v is not None}, failures)
+        cache, _ = tr.open_cache(made.pop(None), made)
         scores = tr.predict(cache)
     rows = []
     for i, cid in enumerate(cache.ids):
@@ -83,14 +78,60 @@ def predict(run: str | Path, files: list[str | Path] | None = None,
             continue
         row = {"id": str(cid)}
         for h in heads:
-            v = float(scores[h][:, i].mean())
+            p = scores[h][picked, i]
+            v = float(p.mean())
             if not math.isfinite(v):
                 failures[str(cid)] = f"{cid}: the heads produced a non-finite score"
                 break
             row[h] = v
+            if len(p) > 1:
+                row[sd_name(h)] = float(p.std(ddof=1))
         else:
             rows.append(row)
     return heads, rows, failures
+
+
+def _embed(tr: TrainedRun, recs: DatasetRecords, tmp: Path, opts: dict[str, Any],
+           failures: dict[str, str]) -> dict[str | None, Path]:
+    """Each cache the run read, made anew for these clips by its own backbone and settings:
+    {None: the run's cache's, name: each other cache's}. `opts` apply to every backbone but
+    --checkpoint, which names the run's own backbone's weights. Skipped clips go to
+    `failures`."""
+    from .extract.loop import extract
+    from .train.joined import split_feature
+
+    own = [f for h in tr.heads for f in h.features if split_feature(f)[0] is None]
+    todo = [(None, tr.config.get("cache_config"), tr.backbone, own, opts)]
+    todo += [(name, s.get("cache_config"), s["backbone"], s["features"],
+              {k: v for k, v in opts.items() if k != "checkpoint"})
+             for name, s in tr.sources.items()]
+    made = {}
+    for i, (name, saved, backbone, feats, given) in enumerate(todo):
+        made[name] = tmp / f"predict-{i}.h5"
+        summary = extract(recs, _extract_config(saved, backbone, given), made[name],
+                          progress=False, texts=_reads_text(backbone, feats))
+        failures.update(summary.skipped)
+    return made
+
+
+def _extract_config(saved: dict[str, Any] | None, backbone: str,
+                    opts: dict[str, Any]) -> ExtractConfig:
+    """The settings a cache recorded for extraction (not where or how fast it ran), for its
+    backbone, with the options given to predict."""
+    saved = (saved or {}).get("extract", {})
+    cfg = override(ExtractConfig(), **{k: v for k, v in saved.items()
+                                       if k in ExtractConfig.__dataclass_fields__
+                                       and k not in ("device", "workers", "skip_bad")})
+    return override(cfg, backbone=backbone.split("@")[0], workers=0, skip_bad=True, **opts)
+
+
+def _reads_text(backbone: str, features) -> bool:
+    """Whether the run reads text features of this backbone: they are made even for clips
+    without text ("")."""
+    from .extract.backbones import get_backbone
+
+    specs = get_backbone(backbone.split("@")[0]).feature_specs()
+    return any(specs[f].text for f in features if f in specs)
 
 
 def check_outputs(*paths: str | Path | None, force: bool = False) -> None:
@@ -125,18 +166,35 @@ def _write_text(path: Path, text: str) -> None:
         raise QamroError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
+def sd_name(head: str) -> str:
+    """The column of a head's spread over members, next to its score."""
+    return f"{head}_sd"
+
+
+def score_columns(heads: list[str], rows: list[dict[str, Any]]) -> list[str]:
+    """Each head's score, followed by its sd over members where the run has several."""
+    spread = any(sd_name(heads[0]) in r for r in rows) if heads else False
+    return [c for h in heads for c in ((h, sd_name(h)) if spread else (h,))]
+
+
+def scores_csv(heads: list[str], rows: list[dict[str, Any]], digits: int = 6) -> str:
+    """Header id,<head>[,<head>_sd],..., one line per clip."""
+    cols = score_columns(heads, rows)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["id", *cols])
+    for r in rows:
+        w.writerow([r["id"], *(f"{r[c]:.{digits}f}" for c in cols)])
+    return buf.getvalue()
+
+
 def write_scores(path: str | Path, heads: list[str], rows: list[dict[str, Any]]) -> None:
-    """CSV (header id,<heads>) or JSON lines, by the file's extension."""
+    """CSV (header id,<head>[,<head>_sd],...) or JSON lines, by the file's extension."""
     path = Path(path)
     if path.suffix in (".jsonl", ".ndjson", ".json"):
         _write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
         return
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["id", *heads])
-    for r in rows:
-        w.writerow([r["id"], *(f"{r[h]:.6f}" for h in heads)])
-    _write_text(path, buf.getvalue())
+    _write_text(path, scores_csv(heads, rows))
 
 
 def write_answer(path: str | Path, heads: list[str], rows: list[dict[str, Any]]) -> None:

@@ -58,6 +58,37 @@ def check_checkpoint_file(path: Path, who: str) -> None:
                          f"starting {head[:24]!r}, neither a zip archive nor a pickle)")
 
 
+def check_safetensors_file(path: Path, who: str) -> None:
+    """The same cheap checks for a safetensors file: 8 bytes giving the length of a JSON
+    header, the header, then the tensors' bytes."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(LFS_POINTER):
+        raise QamroError(f"{who}: weights {path}: a Git LFS pointer of {size} bytes, not the "
+                         f"file it points to: run `git lfs pull` in that clone or download "
+                         f"the file itself")
+    n = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+    if size < 10 or not head[8:9] == b"{" or not 0 < n <= size - 8:
+        kind = ("an empty file" if size == 0 else "text" if _looks_like_text(head)
+                else "binary data")
+        raise QamroError(f"{who}: weights {path}: not a safetensors file ({kind}, {size} "
+                         f"bytes){'; interrupted download? Fetch it again' if size else ''}")
+
+
+def read_safetensors(path: Path, who: str) -> dict[str, Any]:
+    """A safetensors file's tensors (the format holds nothing but tensors: nothing is
+    unpickled); one error line naming the file otherwise."""
+    from safetensors.torch import load_file
+
+    check_safetensors_file(path, who)
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:  # safetensors raises its own error type for any damage
+        raise QamroError(f"{who}: weights {path}: not a readable safetensors file "
+                         f"({_first_line(e)}); truncated or damaged? Fetch it again") from None
+
+
 def _looks_like_text(head: bytes) -> bool:
     try:
         return head.decode("utf-8").isprintable() or b"\n" in head

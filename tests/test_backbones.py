@@ -28,7 +28,7 @@ def cosine_distance(a, b):
 
 
 # -- registry -------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["melstats", "clap-music", "aesthetics"])
+@pytest.mark.parametrize("name", ["melstats", "clap-music", "aesthetics", "muq"])
 def test_registry_builds_for_free(name):
     b = get_backbone(name)
     assert b.key == f"{name}@{b.version}" and get_backbone(b.key).key == b.key
@@ -38,8 +38,9 @@ def test_registry_builds_for_free(name):
 
 def test_constructing_backbones_imports_no_model_library():
     code = ("import sys; from qamro_pipe.extract.backbones import get_backbone; "
-            "[get_backbone(n).feature_specs() for n in ('clap-music', 'aesthetics', 'melstats')]; "
-            "print([m for m in ('laion_clap', 'audiobox_aesthetics', 'transformers', "
+            "[get_backbone(n).feature_specs() for n in ('clap-music', 'aesthetics', 'melstats', "
+            "'muq')]; "
+            "print([m for m in ('laion_clap', 'audiobox_aesthetics', 'muq', 'transformers', "
             "'huggingface_hub') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True).stdout
@@ -47,7 +48,8 @@ def test_constructing_backbones_imports_no_model_library():
 
 
 @pytest.mark.parametrize("name,filename", [("clap-music", "music_audioset_epoch_15_esc_90.14.pt"),
-                                           ("aesthetics", "checkpoint.pt")])
+                                           ("aesthetics", "checkpoint.pt"),
+                                           ("muq", "model.safetensors")])
 def test_offline_without_checkpoint_is_one_clear_error(tmp_path, monkeypatch, name, filename):
     monkeypatch.setenv("QAMRO_HOME", str(tmp_path))
     with pytest.raises(QamroError, match="--checkpoint PATH") as err:

@@ -156,7 +156,7 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
     m = json.loads((tmp_path / "runs" / "demo-qamro-a0.2-b7" / "metrics.json").read_text())
     assert m["heads"]["overall"]["system"]["srcc"] > 0.5  # melstats carries real signal
     assert (tmp_path / "runs" / "demo-sweep" / "sweep.png").exists()
-    assert "synthetic" in r.output
+    assert "synthetic" in r.output.lower()  # the note says what the figures are
 
 
 def test_decoder_shared_memory_gives_the_pickled_audio(tmp_path):

@@ -167,3 +167,50 @@ def test_triton_pair_kernel_compiled_equals_torch(synthetic_cache):
     for h in eager.predictions:
         np.testing.assert_allclose(fused.predictions[h], eager.predictions[h], rtol=1e-4,
                                    atol=1e-4)
+
+
+def test_adamw_and_members_leaving_the_batch_under_graph_replay(synthetic_cache):
+    """AdamW's step counts live on the device (capturable), so a replayed graph steps it;
+    members that stop leave the batch (a new engine, a new capture) without changing the
+    others' numbers beyond rounding."""
+    cache = read_cache(synthetic_cache)
+    for opt in (dict(), dict(optimizer="adamw", lr=2e-3, weight_decay=0.01)):
+        base = dict(max_epochs=70, patience=6, lr=0.02, bootstrap=0, device="cuda",
+                    check_every=1)
+        base.update(opt)
+        eager = train(cache, HEADS, MEMBERS, TrainConfig(cuda_graph=False, **base))
+        graph = train(cache, HEADS, MEMBERS, TrainConfig(**base))
+        kept = train(cache, HEADS, MEMBERS, TrainConfig(compact=False, **base))
+        assert len(set(graph.stopped_epoch)) > 1, graph.stopped_epoch
+        assert eager.stopped_epoch == graph.stopped_epoch == kept.stopped_epoch
+        assert graph.member_epochs < kept.member_epochs
+        for h in eager.predictions:
+            np.testing.assert_allclose(graph.predictions[h], eager.predictions[h], rtol=1e-5,
+                                       atol=1e-5)
+            np.testing.assert_allclose(graph.predictions[h], kept.predictions[h], rtol=1e-4,
+                                       atol=1e-5)
+
+
+def test_resumed_run_on_gpu_equals_the_uninterrupted_one(synthetic_cache, tmp_path):
+    """Saved on the GPU, resumed on the GPU: the same numbers as one uninterrupted run."""
+    from dataclasses import replace
+
+    from test_resume import Stop, stop_at
+
+    from qamro_pipe.train.state import TrainState
+    from qamro_pipe.train.trainer import Checkpoint
+
+    cache = read_cache(synthetic_cache)
+    cfg = TrainConfig(max_epochs=70, patience=6, lr=0.02, bootstrap=0, device="cuda",
+                      checkpoint_seconds=0.0)
+    whole = train(cache, HEADS, MEMBERS, cfg)
+    ckpt = Checkpoint(tmp_path / "state.safetensors", "fp", every=0.0)
+    with pytest.raises(Stop):
+        train(cache, HEADS, MEMBERS, cfg, progress=stop_at(whole.epochs_run // 2),
+              checkpoint=ckpt)
+    saved, _ = TrainState.load(ckpt.path)
+    resumed = train(cache, HEADS, MEMBERS, cfg, checkpoint=replace(ckpt, resume=saved))
+    assert resumed.stopped_epoch == whole.stopped_epoch
+    for h in whole.predictions:
+        np.testing.assert_allclose(resumed.predictions[h], whole.predictions[h], rtol=1e-6,
+                                   atol=1e-6)

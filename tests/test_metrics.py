@@ -64,3 +64,20 @@ def test_nan_predictions_never_reach_metrics():
     with pytest.raises(QamroError, match="NaN"):
         evaluate(np.array([1.0, 2.0, 3.0]), np.array([1.0, np.nan, 3.0]),
                  np.array(["A", "B", "C"]), what="x.h5")
+
+
+def test_clips_without_a_system_are_left_out_of_system_level_among_named_ones():
+    """A pool of system-less clips and clips of systems (AES-Natural's train clips with its
+    eval systems, under --cv): the system level is over the named systems only; "" is no
+    system. Before, the system-less clips were averaged into a system named ""."""
+    systems = np.array(["A", "A", "B", "B", "C", "C", "", "", ""])
+    true = np.array([1.0, 2.0, 3.0, 3.0, 4.0, 5.0, 1.0, 5.0, 3.0])
+    pred = np.array([1.5, 1.5, 3.2, 2.8, 4.0, 4.0, 4.0, 1.0, 2.0])
+    mixed = evaluate(true, pred, systems, n_boot=0)
+    named = evaluate(true[:6], pred[:6], systems[:6], n_boot=0)
+    assert mixed["system"]["n"] == 3 and mixed["system"]["clips_without_system"] == 3
+    for fig in ("mse", "lcc", "srcc", "ktau"):
+        assert mixed["system"][fig] == pytest.approx(named["system"][fig])
+    assert mixed["utterance"]["n"] == 9  # utterance level keeps every clip
+    one = evaluate(true[4:], pred[4:], systems[4:], n_boot=0)  # C and the unnamed: 1 system
+    assert "not_computable" in one["system"] and one["system"]["n"] == 1

@@ -231,3 +231,41 @@ def test_predict_outputs_are_checked_before_scoring(demo_run, tmp_path):
     r = invoke("predict", run, wav, "--out", out, "--force")
     assert r.exit_code == 0 and out.read_text().startswith("id,overall,textual")
     assert not list(out.parent.glob(".*partial*"))
+
+
+def test_predict_gives_the_spread_over_members_beside_each_score(demo_run, tmp_path):
+    """With several members, each score has HEAD_sd beside it: the sd (ddof=1) of the members'
+    own scores, which `--members seed=K` gives one by one. The answer file keeps the
+    submission format (scores alone). Fails without the change: no sd, no --members."""
+    import csv
+
+    root, cache, _ = demo_run
+    run = tmp_path / "two-seeds"
+    r = invoke("train", "--recipe", "demo", "--cache", cache, "--out", run, "--seeds", "2",
+               "--max-epochs", "10", "--quiet")
+    assert r.exit_code == 0, r.output
+    for name in ("a.wav", "b.wav"):
+        sf.write(tmp_path / name, _tone(16000, 1.5, noise=0.05 if name == "a.wav" else 0.3),
+                 16000)
+    wavs = [tmp_path / "a.wav", tmp_path / "b.wav"]
+    out, answer = tmp_path / "both.csv", tmp_path / "answer.txt"
+    r = invoke("predict", run, *wavs, "--text", "calm piano", "--out", out, "--answer", answer)
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(open(out)))
+    assert list(rows[0]) == ["id", "overall", "overall_sd", "textual", "textual_sd"]
+    single = {}
+    for seed in (0, 1):
+        one = tmp_path / f"seed{seed}.jsonl"
+        r = invoke("predict", run, *wavs, "--text", "calm piano", "--out", one,
+                   "--members", f"seed={seed}")
+        assert r.exit_code == 0, r.output
+        single[seed] = [json.loads(line) for line in one.read_text().splitlines()]
+        assert "overall_sd" not in single[seed][0]  # one member: no spread to report
+    for i, row in enumerate(rows):
+        for h in ("overall", "textual"):
+            pair = np.array([single[0][i][h], single[1][i][h]])
+            assert float(row[h]) == pytest.approx(pair.mean(), abs=2e-6)
+            assert float(row[f"{h}_sd"]) == pytest.approx(pair.std(ddof=1), abs=2e-6)
+    assert all(len(line.split(",")) == 3 for line in answer.read_text().splitlines())
+    r = invoke("predict", run, wavs[0], "--members", "seed=7")
+    assert r.exit_code == 1 and "no member of this run matches" in r.output

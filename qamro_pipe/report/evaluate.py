@@ -16,12 +16,13 @@ from ..config import USED_SETTINGS, TrainConfig, to_jsonable
 from ..errors import CacheError, QamroError
 from ..train.heads import BatchedMLP, HeadSpec
 from ..train.inputs import build_head, head_inputs, predict_units, units_for
+from ..train.joined import join
 from ..train.runs import head_metrics, load_run, write_predictions
 from ..store.reader import Cache, read_cache
 
 # key fields of the cache that decide what the features mean (not which clips are in it)
-FEATURE_KEY = ("backbone", "weights", "tokenizer", "sample_rate", "window_seconds",
-               "precision", "resampler", "downmix")
+FEATURE_KEY = ("backbone", "weights", "companions", "tokenizer", "sample_rate",
+               "window_seconds", "precision", "resampler", "downmix")
 
 
 class TrainedRun:
@@ -48,16 +49,32 @@ class TrainedRun:
     def backbone(self) -> str:
         return self.config["backbone"]
 
+    @property
+    def sources(self) -> dict[str, dict[str, Any]]:
+        """The other caches the run read features from, by the name its recipe gives them."""
+        return {s["name"]: s for s in self.config.get("feature_caches", [])}
+
     def check_cache(self, cache: Cache) -> None:
-        if cache.meta.backbone != self.backbone:
-            raise CacheError(f"{cache.path}: made with backbone {cache.meta.backbone}, but run "
-                             f"{self.path} was trained on {self.backbone} features")
-        theirs = self.config.get("cache_key", {})
-        diffs = [f"{k}: cache {cache.meta.key.get(k)!r}, run {theirs.get(k)!r}"
-                 for k in FEATURE_KEY if k in theirs and cache.meta.key.get(k) != theirs.get(k)]
-        if diffs:
-            raise CacheError(f"{cache.path}: features made differently from run {self.path}'s ("
-                             + "; ".join(diffs) + ")")
+        _check_made_alike(cache.path, cache.meta.backbone, cache.meta.key, self.backbone,
+                          self.config.get("cache_key", {}), self.path)
+
+    def open_cache(self, cache: str | Path | None = None,
+                   paths: dict[str, str | Path] | None = None) -> tuple[Cache, list]:
+        """The cache to score (default: the run's) joined with the other caches the run read
+        features from: where the run read them when it is the run's own cache (or at
+        `paths`), else found by their names beside it (joined.py); each must hold features
+        made as the run's were. -> (the joined cache, the joined.Source of each other)"""
+        primary = read_cache(cache or self.config["cache"])
+        self.check_cache(primary)
+        own = primary.path.resolve() == Path(self.config["cache"]).resolve()
+        if paths is None and own:
+            paths = {name: s["path"] for name, s in self.sources.items()}
+        joined, sources = join(primary, self.heads, paths)
+        for s in sources:
+            ran = self.sources.get(s.name, {})
+            _check_made_alike(Path(s.path), s.backbone, s.key, ran.get("backbone", s.backbone),
+                              ran.get("key", {}), self.path)
+        return joined, sources
 
     def _model(self, head: HeadSpec, x_shape: tuple[int, ...]) -> BatchedMLP:
         if head.name not in self.models:
@@ -80,6 +97,20 @@ class TrainedRun:
             out[h.name] = units.to_clips(predict_units(self._model(h, tuple(x.shape)), x)
                                          * std + mean)
         return out
+
+
+def _check_made_alike(path: Path, backbone: str, key: dict, run_backbone: str, run_key: dict,
+                      run: Path) -> None:
+    """A cache's features are made as those a run trained on: backbone, weights, audio
+    preprocessing (which clips it holds may differ)."""
+    if backbone != run_backbone:
+        raise CacheError(f"{path}: made with backbone {backbone}, but run {run} was trained "
+                         f"on {run_backbone} features")
+    diffs = [f"{k}: cache {key.get(k)!r}, run {run_key.get(k)!r}"
+             for k in FEATURE_KEY if k in run_key and key.get(k) != run_key.get(k)]
+    if diffs:
+        raise CacheError(f"{path}: features made differently from run {run}'s ("
+                         + "; ".join(diffs) + ")")
 
 
 def select_members(config: dict[str, Any], present: list[int], selection: str | None):
@@ -158,6 +189,55 @@ def _split_warning(tr: TrainedRun, data: Cache, split: str) -> str | None:
             f"estimate")
 
 
+def system_outputs(folder: Path, data: Cache, heads, preds: dict[str, np.ndarray],
+                   rows: np.ndarray, n_boot: int, split: str) -> dict[str, Any]:
+    """Per head: systems.csv's rows (predicted MOS with its interval), rank-HEAD.csv (the
+    matrix P(A ranks above B)) and rank-HEAD.png, over every scored clip of `rows` (a label
+    is not needed). -> the summary metrics.json keeps."""
+    from .metrics import named_systems, system_level_problem
+    from .rankplot import plot_rank_matrix
+    from .systems import system_scores, write_rank_csv, write_systems_csv
+
+    problem = system_level_problem(data.systems[rows])
+    if problem:
+        return {"computable": False, "why": problem}
+    rows = rows[named_systems(data.systems[rows])]
+    by_head, summary = {}, {"computable": True, "resamples": n_boot, "file": "systems.csv",
+                            "heads": {}}
+    for h in heads:
+        s = system_scores(preds[h.name][:, rows], data.systems[rows], n_boot)
+        by_head[h.name] = (s, _true_mos(data, h, rows))
+        entry = {"systems": len(s.names), "members": s.members, "best": str(s.names[0]),
+                 "worst": str(s.names[-1])}
+        if s.above is not None:
+            stem = "rank-" + re.sub(r"[^A-Za-z0-9._-]", "_", h.name)
+            write_rank_csv(folder / f"{stem}.csv", s)
+            plot_rank_matrix(folder / f"{stem}.png", s, h.name, split)
+            entry.update(matrix=f"{stem}.csv", picture=f"{stem}.png",
+                         median_interval=float(np.median(s.hi - s.lo)),
+                         separated_neighbours=s.separated_neighbours(),
+                         neighbours=len(s.names) - 1)
+        summary["heads"][h.name] = entry
+    write_systems_csv(folder / "systems.csv", by_head)
+    return summary
+
+
+def _true_mos(data: Cache, head, rows: np.ndarray) -> dict[str, float]:
+    """The systems' published MOS where the cache has one for every system (as the system-
+    level figures use it), else the mean label of their clips (systems without one left out)."""
+    col = data.label_names.index(head.label)
+    names = [str(s) for s in np.unique(data.systems[rows])]
+    published = {s: float(data.system_mos[s][col]) for s in names if s in data.system_mos}
+    if len(published) == len(names) and all(np.isfinite(v) for v in published.values()):
+        return published
+    out = {}
+    for s in names:
+        y = data.labels[rows[data.systems[rows] == s], col]
+        if np.isfinite(y).any():
+            out[s] = float(np.nanmean(y))
+    return out
+
+
 def evaluation_name(cache: Path, split: str, selection: str | None) -> str:
     """<cache stem>-<digest of the cache's full path>-<split>[-<selection>]: evaluations of
     different caches with the same file name, or of other members, never share a folder."""
@@ -173,9 +253,15 @@ def evaluate_run(run: str | Path, split: str | None = None, cache: str | Path | 
     selects (`select_members`). Writes RUN/evaluations/<evaluation_name>/metrics.json and
     predictions.csv; metrics.json says what was scored, and warns when the run saw the split."""
     tr = TrainedRun(run)
+    fold = tr.config.get("cv_fold")
+    if fold and split is None:  # its eval split exists only inside the cross-validation
+        raise QamroError(f"{tr.path}: fold {fold['fold']} of a {fold['folds']}-fold "
+                         f"cross-validation; its held-out clips are scored in its "
+                         f"predictions.csv and metrics.json. Name a split of the cache to "
+                         f"score (--split)")
     split = split or tr.train_cfg.eval_split
     picked, selection = select_members(tr.config, tr.members, members)
-    data = read_cache(cache or tr.config["cache"])
+    data, sources = tr.open_cache(cache)
     rows = data.rows(split)
     if len(rows) == 0:
         raise QamroError(f"{data.path}: split {split!r} has no usable rows (splits here: "
@@ -185,6 +271,7 @@ def evaluate_run(run: str | Path, split: str | None = None, cache: str | Path | 
     heads = head_metrics(data, tr.heads, means, rows, n_boot, what=f" split {split!r}")
     warning = _split_warning(tr, data, split)
     metrics = {"run": str(tr.path), "cache": str(data.path), "eval_split": split,
+               "feature_caches": {s.name: s.path for s in sources} or None,
                "validation": tr.config.get("validation"),
                "members": len(picked), "selection": selection,
                "scored": scoring_rule(tr.config, [tr.members[i] for i in picked]),
@@ -196,9 +283,10 @@ def evaluate_run(run: str | Path, split: str | None = None, cache: str | Path | 
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    write_predictions(tmp / "predictions.csv", data, tr.heads, preds, rows,
+                      members=[tr.members[i] for i in picked])
+    metrics["systems"] = system_outputs(tmp, data, tr.heads, preds, rows, n_boot, split)
     (tmp / "metrics.json").write_text(json.dumps(to_jsonable(metrics), indent=2) + "\n")
-    write_predictions(tmp / "predictions.csv", data, tr.heads,
-                      {h: m[None] for h, m in means.items()}, rows)
     if out.exists():  # this run's own earlier evaluation of the same cache, split, members
         shutil.rmtree(out)
     os.replace(tmp, out)

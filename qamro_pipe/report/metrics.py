@@ -84,9 +84,19 @@ def system_scores(systems: np.ndarray, true: np.ndarray, pred: np.ndarray,
     return names, mean_true, mean_pred, ("published system MOS" if published else "mean label")
 
 
+def named_systems(systems: np.ndarray) -> np.ndarray:
+    """[N] bool: the rows system-level figures rest on. A clip without a system ("") is of
+    no known system: where others have one (a cross-validation pooling AES-Natural's
+    system-less train clips with its eval systems), it is left out, not made a system of
+    its own; where none has one, all rows stay (and are one system: not computable)."""
+    named = np.asarray(systems) != ""
+    return named if named.any() else np.ones(len(named), dtype=bool)
+
+
 def system_level_problem(systems: np.ndarray) -> str | None:
     """Why system-level figures cannot be computed over these rows' systems, or None."""
-    names = np.unique(np.asarray(systems))
+    systems = np.asarray(systems)
+    names = np.unique(systems[named_systems(systems)])
     if len(names) >= 2:
         return None
     shown = ", ".join(repr(str(s)) for s in names) or "none"
@@ -112,10 +122,14 @@ def evaluate(true: np.ndarray, pred: np.ndarray, systems: np.ndarray,
     problem = system_level_problem(systems)
     if problem:
         out["system"] = {**{f: None for f in FIGURES}, **{f"{f}_ci": None for f in FIGURES},
-                         "n": len(np.unique(systems)), "not_computable": problem}
+                         "n": len(np.unique(systems[named_systems(systems)])),
+                         "not_computable": problem}
         return out
-    names, st, sp, source = system_scores(systems, true, pred, system_mos)
+    keep = named_systems(systems)
+    names, st, sp, source = system_scores(systems[keep], true[keep], pred[keep], system_mos)
     sys_m = point_metrics(st, sp)
+    if not keep.all():
+        sys_m["clips_without_system"] = int((~keep).sum())
     for fig, ci in bootstrap_ci(st, sp, n_boot).items():
         sys_m[f"{fig}_ci"] = ci
     sys_m["true_source"] = source

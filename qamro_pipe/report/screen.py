@@ -17,9 +17,27 @@ def metrics_table(metrics: dict[str, Any], level: str | None = None) -> str:
     """One line per head: MSE, LCC, SRCC, KTAU at `level` (mean ± sd over members, or the
     figure with its 95% CI), headed by the split and the validation source."""
     level = level or shown_level(metrics)
-    lines = [f"{level}-level on {metrics['eval_split']!r} (validation: {metrics['validation']})",
+    cv = metrics.get("cv")
+    where = (f"{cv['folds']}-fold cross-validation grouped by {cv['group']} over "
+             f"{metrics['eval_split']}, mean ± sd over folds" if cv
+             else f"on {metrics['eval_split']!r}")
+    lines = [f"{level}-level {where} (validation: {metrics['validation']})",
              f"{'head':<12}" + "".join(f"{f.upper():>21}" for f in FIGURES)]
-    for head, levels in metrics["heads"].items():
+    return "\n".join(lines + _figure_lines(metrics["heads"], level))
+
+
+def pooled_table(metrics: dict[str, Any], level: str | None = None) -> str:
+    """A cross-validation's pooled out-of-fold figures, each with its 95% CI."""
+    level = level or shown_level(metrics)
+    lines = [f"{level}-level of the pooled out-of-fold predictions (every clip scored by the "
+             f"fold that did not train on it), 95% CI",
+             f"{'head':<12}" + "".join(f"{f.upper():>21}" for f in FIGURES)]
+    return "\n".join(lines + _figure_lines(metrics["pooled"], level))
+
+
+def _figure_lines(heads: dict[str, Any], level: str) -> list[str]:
+    lines = []
+    for head, levels in heads.items():
         m = levels[level]
         cells = []
         for f in FIGURES:
@@ -34,7 +52,7 @@ def metrics_table(metrics: dict[str, Any], level: str | None = None) -> str:
             else:
                 cells.append(f"{v:>21.3f}")
         lines.append(f"{head:<12}" + "".join(cells))
-    return "\n".join(lines)
+    return lines
 
 
 def system_level_line(metrics: dict[str, Any]) -> str | None:
@@ -68,3 +86,21 @@ def sweep_table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"{kind:<6}{num(a):>7}{num(b):>6}{num(m):>8}  {head:<10}"
                      f"{np.mean(v):>28.3f}{sd} (n={len(v)})")
     return "\n".join(lines)
+
+
+def systems_lines(metrics: dict[str, Any]) -> list[str]:
+    """What `evaluate` says of the systems: per head the best and worst, how wide a
+    system's interval typically is and how many neighbours in the ranking are told apart."""
+    s = metrics.get("systems") or {}
+    if not s.get("computable"):
+        return []
+    lines = []
+    for head, e in s["heads"].items():
+        line = f"{head}: {e['systems']} systems, highest {e['best']}, lowest {e['worst']}"
+        if "matrix" in e:
+            line += (f"; a system's predicted MOS ± {e['median_interval'] / 2:.3f} (median "
+                     f"half-width of the 95% intervals); {e['separated_neighbours']} of "
+                     f"{e['neighbours']} neighbours in the ranking ordered alike in >= 95% of "
+                     f"{s['resamples']} resamples")
+        lines.append(line)
+    return lines

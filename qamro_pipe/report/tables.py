@@ -123,9 +123,10 @@ def render(table: TableRecipe, heads: list[str], rows: list[dict[str, Any]],
     return text, md, [header, *body]
 
 
-def write_table(folder: Path, md: str, csv_rows: list[list[str]], title: str) -> None:
-    (folder / "table.md").write_text(f"# {title}\n\n{md}\n")
-    with open(folder / "table.csv", "w", newline="") as f:
+def write_table(folder: Path, md: str, csv_rows: list[list[str]], title: str,
+                stem: str = "table") -> None:
+    (folder / f"{stem}.md").write_text(f"# {title}\n\n{md}\n")
+    with open(folder / f"{stem}.csv", "w", newline="") as f:
         csv.writer(f).writerows(csv_rows)
 
 
@@ -142,15 +143,92 @@ def model_of(table: TableRecipe, model: str | None, preset: str | None) -> str |
     return table.presets[preset]
 
 
+def aggregate_cv(table: TableRecipe, metrics: dict[str, Any], members: list[Member],
+                 row_of: dict[Member, str], level: str) -> list[dict[str, Any]]:
+    """Cross-validated rows: per fold, the mean over the row's seeds of their figures on the
+    fold's clips; then mean ± sd over folds ("n" counts folds)."""
+    out = []
+    for row, _ in table.rows:
+        ks = [k for k, m in enumerate(members) if row_of[m] == row]
+        rec: dict[str, Any] = {"row": row, "n": metrics["cv"]["folds"]}
+        for h in metrics["heads"]:
+            for fig in table.figures:
+                per_fold = []
+                for f in range(metrics["cv"]["folds"]):
+                    vals = [metrics["members"][k]["folds"][f][h][level].get(fig) for k in ks
+                            if metrics["members"][k]["folds"][f] is not None]
+                    vals = [v for v in vals if v is not None]
+                    if vals:
+                        per_fold.append(float(np.mean(vals)))
+                rec[(h, fig)] = _mean_sd(per_fold)
+        out.append(rec)
+    return out
+
+
+def _mean_sd(vals: list[float]) -> tuple[float | None, float | None]:
+    return (float(np.mean(vals)) if vals else None,
+            float(np.std(vals, ddof=1)) if len(vals) > 1 else None)
+
+
+def probe_rows(data, heads, tcfg, cv, table: TableRecipe, level: str):
+    """The linear-probe row (train/probe.py) on the eval split; under --cv, fold by fold
+    (mean ± sd over folds) and, second, of its pooled out-of-fold predictions (None
+    without --cv). -> (row, pooled row, what probe.json records)."""
+    from ..train.probe import PROBE_ROW, probe, probe_metrics, train_rows
+
+    if cv is None:
+        fits = [(train_rows(data), data.rows(tcfg.eval_split))]
+    else:
+        from ..train.cv import make_folds
+
+        folds = make_folds(data, heads, tcfg, cv)
+        fits = [(folds.train_rows(f), folds.held_out[f]) for f in range(cv.folds)]
+    per_fit, record = [], {"row": PROBE_ROW, "model": "StandardScaler + RidgeCV",
+                           "fits": []}
+    features: dict = {}
+    oof = {h.name: np.full(len(data.ids), np.nan) for h in heads}
+    for fit_rows, eval_rows in fits:
+        fitted = probe(data, heads, fit_rows, features=features)
+        figures = probe_metrics(data, heads, fitted, eval_rows,
+                                tcfg.bootstrap if cv is None else 0)
+        for h in heads:
+            oof[h.name][eval_rows] = fitted["predictions"][h.name][eval_rows]
+        per_fit.append(figures)
+        record["fits"].append({"fit_clips": len(fit_rows), "eval_clips": len(eval_rows),
+                               "alpha": fitted["alpha"], "alpha_at_grid_edge": fitted["at_edge"],
+                               "seconds": fitted["seconds"], "heads": figures})
+    row = _probe_row(per_fit, heads, table, level)
+    if cv is None:
+        return row, None, record
+    record["pooled"] = probe_metrics(data, heads, {"predictions": oof}, folds.pool,
+                                     tcfg.bootstrap)
+    return row, _probe_row([record["pooled"]], heads, table, level), record
+
+
+def _probe_row(per_fit: list[dict], heads, table: TableRecipe, level: str) -> dict[str, Any]:
+    from ..train.probe import PROBE_ROW
+
+    row: dict[str, Any] = {"row": PROBE_ROW, "n": len(per_fit)}
+    for h in heads:
+        for fig in table.figures:
+            vals = [m[h.name][level].get(fig) for m in per_fit]
+            row[(h.name, fig)] = _mean_sd([v for v in vals if v is not None])
+    return row
+
+
 def run_table(table: str | Path, model: str | None = None, cache: str | Path | None = None,
               seeds: int | None = None, out: str | Path | None = None, force: bool = False,
               train: dict[str, Any] | None = None, loss: dict[str, Any] | None = None,
               preset: str | None = None, **run_opts) -> dict[str, Any]:
-    """Train every row x seed as one batched run; write table.md and table.csv beside it.
-    `train` and `loss` override the model recipe's settings for every row (loss: norm and
-    regression, which all rows share); `run_opts` go to run_experiment as they are. Without a
-    system column the table is utterance-level. A table with a `release_row` also scores
-    the released model zero-shot, where the cache's checkpoint can be read."""
+    """Train every row x seed as one batched run; write table.md, table.csv and probe.json
+    into its folder. `train` and `loss` override the model recipe's settings for every row
+    (loss: norm and regression, which all rows share); `run_opts` go to run_experiment as
+    they are (`cv`: every row cross-validated). A linear-probe row (train/probe.py) on the
+    same features comes first. Without a system column the table is utterance-level. A table
+    with a `release_row` also scores the released model zero-shot, where the cache's
+    checkpoint can be read (not under --cv: the release is not trained per fold)."""
+    import json
+
     from ..config import cache_root
     from ..train.experiment import recipe_configs, run_experiment
     from ..train.recipes import select_recipe
@@ -162,24 +240,51 @@ def run_table(table: str | Path, model: str | None = None, cache: str | Path | N
     tcfg, lcfg = recipe_configs(recipe, train, loss, kinds=kinds)
     members, row_of = table_members(t, lcfg, seeds)
     out = Path(out) if out else cache_root() / "runs" / f"{t.name}-{recipe.name}"
+    cv = run_opts.get("cv")
+    made: dict[str, Any] = {}
+
+    def write(folder: Path, metrics: dict[str, Any], data) -> None:  # before the rename
+        level = t.level if metrics["system_level"]["computable"] else "utterance"
+        probe, pooled_probe, record = probe_rows(data, recipe.heads, tcfg, cv, t, level)
+        heads = [h.name for h in recipe.heads]
+        real = (t.reference.get("dataset") == data.meta.dataset
+                and data.meta.backbone.split("@")[0] == recipe.backbone)  # the paper's setting
+        if cv is None:
+            rows = aggregate(t, metrics, members, row_of, level)
+            spread = f"on {metrics['eval_split']!r}, mean ± sd over {seeds} seeds"
+        else:  # per fold first; the pooled out-of-fold figures follow
+            rows = aggregate_cv(t, metrics, members, row_of, level)
+            spread = (f"{cv.folds}-fold cross-validation grouped by {cv.group} over "
+                      f"{metrics['eval_split']}: mean ± sd over folds, each the mean of "
+                      f"{seeds} seeds")
+        title = (f"{t.name}: {recipe.name}, {level}-level {spread} (validation: "
+                 f"{metrics['validation']})")
+        notes = []
+        if t.release_row and cv is None:
+            row, note = release_row(t, recipe, data, tcfg, data.rows(tcfg.eval_split),
+                                    level)
+            rows[:0] = [row] if row else []
+            notes += [note] if note else []
+        text, md, csv_rows = render(t, heads, [probe, *rows],
+                                    show_reference=real and level == t.level and cv is None)
+        write_table(folder, md, csv_rows, title)
+        if cv is not None:  # per member, the figures of its pooled predictions
+            title2 = (f"the same rows, {level}-level of the pooled out-of-fold predictions "
+                      f"(every clip scored by the fold that did not train on it): mean ± sd "
+                      f"over {seeds} seeds")
+            text2, md2, csv2 = render(t, heads, [pooled_probe, *aggregate(
+                t, metrics, members, row_of, level)], show_reference=False)
+            write_table(folder, md2, csv2, title2, stem="table-pooled")
+            text = f"{text}\n\n{title2}\n{text2}"
+        (folder / "probe.json").write_text(json.dumps(record, indent=2) + "\n")
+        made.update(title=title, text=text, shown=real and level == t.level and cv is None,
+                    notes=notes)
+
     folder, metrics, result, data = run_experiment(recipe, members, tcfg, cache, out, force,
-                                                   **run_opts)
-    level = t.level if metrics["system_level"]["computable"] else "utterance"
-    rows = aggregate(t, metrics, members, row_of, level)
-    notes = []
-    if t.release_row:
-        row, note = release_row(t, recipe, data, tcfg, result.split.eval, level)
-        rows[:0] = [row] if row else []
-        notes += [note] if note else []
-    heads = [h.name for h in recipe.heads]
-    real = (t.reference.get("dataset") == data.meta.dataset
-            and data.meta.backbone.split("@")[0] == recipe.backbone)  # the paper's setting
-    text, md, csv_rows = render(t, heads, rows, show_reference=real and level == t.level)
-    title = (f"{t.name}: {recipe.name}, {level}-level on {metrics['eval_split']!r}, "
-             f"mean ± sd over {seeds} seeds (validation: {metrics['validation']})")
-    write_table(folder, md, csv_rows, title)
-    return {"folder": folder, "title": title, "text": text, "result": result,
-            "reference_shown": real, "metrics": metrics, "recipe": recipe, "notes": notes}
+                                                   extra=write, **run_opts)
+    return {"folder": folder, "title": made["title"], "text": made["text"], "result": result,
+            "reference_shown": made["shown"], "metrics": metrics, "recipe": recipe,
+            "notes": made["notes"]}
 
 
 def release_row(table: TableRecipe, recipe, cache, tcfg, rows, level: str):

@@ -3,16 +3,20 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from ..config import (LossConfig, Member, TrainConfig, cache_root, check_used, override,
-                      to_jsonable)
+from ..config import (CVConfig, LossConfig, Member, TrainConfig, cache_root, check_used,
+                      override, to_jsonable)
 from ..errors import QamroError
+from .joined import Source, join, rows_digest, split_feature
 from .recipes import Recipe, load_recipe
 from .runs import RUN_VERSION, check_out, clean_stale, save_run, summarise, versions
 from ..store.reader import Cache, read_cache
+
+# adds files to a run folder before it is renamed into place: (folder, metrics, cache)
+Extra = Callable[[Path, dict[str, Any], Cache], None]
 
 
 def recipe_configs(recipe: Recipe, train: dict[str, Any] | None = None,
@@ -57,8 +61,22 @@ def check_interval_tables(recipe: Recipe, tcfg: TrainConfig) -> None:
                          "(the fused kernel computes Eq. 3's weight)")
 
 
-def open_cache(recipe: Recipe, cache: str | Path | None) -> Cache:
-    return read_cache(Path(cache) if cache else recipe.default_cache())
+def read_release_for(data: Cache, recipe: Recipe, tcfg: TrainConfig):
+    """The released heads the run starts from or takes its label statistics from (None when
+    neither): read once, before anything is written, since its file decides the numbers."""
+    if "release" not in (tcfg.init, tcfg.label_stats):
+        return None
+    from .aes_release import read_release
+
+    release = read_release(data, tcfg.release_checkpoint)
+    release.for_heads(recipe.heads)
+    return release
+
+
+def open_cache(recipe: Recipe, cache: str | Path | None) -> tuple[Cache, list[Source]]:
+    """The run's cache (--cache, else the recipe's default) joined with every other cache its
+    heads read features from (joined.py), and those others."""
+    return join(read_cache(Path(cache) if cache else recipe.default_cache()), recipe.heads)
 
 
 def default_out(recipe: Recipe, members: list[Member], kind: str = "run") -> Path:
@@ -76,32 +94,35 @@ def default_out(recipe: Recipe, members: list[Member], kind: str = "run") -> Pat
 
 def run_experiment(recipe: Recipe | str, members: list[Member], tcfg: TrainConfig,
                    cache: str | Path | None = None, out: str | Path | None = None,
-                   force: bool = False, kind: str = "run", progress=None, resume: bool = False):
+                   force: bool = False, kind: str = "run", progress=None, resume: bool = False,
+                   cv: CVConfig | None = None, extra: Extra | None = None):
     """Train, evaluate, and write the run folder. Returns (folder, metrics, result, cache).
-    An interrupted run with the same settings resumes from its saved state (resume.py)."""
+    An interrupted run with the same settings resumes from its saved state (resume.py).
+    `cv` cross-validates instead (cv.py); `extra(folder, metrics, cache)` adds files to the
+    folder before it is renamed into place (a table's table.md)."""
     from .resume import discard, fingerprint, training_state
     from .trainer import train
 
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
-    data = open_cache(recipe, cache)
+    data, sources = open_cache(recipe, cache)
     out = Path(out) if out else default_out(recipe, members, kind)
     clean_stale(out)  # what a killed run left: removed, or an interrupted --force finished
     check_out(out, force, data.path)  # refuse before spending time training
+    release = read_release_for(data, recipe, tcfg)  # before anything is written
+    if cv is not None:
+        from .cv import run_cv
+
+        return run_cv(recipe, data, members, tcfg, cv, out, force, kind, progress, resume,
+                      extra, sources, release)
     system_note = system_level_note(data, recipe.heads, tcfg)  # before, not after, training
     label_range = tuple(recipe.label_range) if recipe.label_range else None
-    release = None  # read once, before anything is written: its file decides the numbers
-    if "release" in (tcfg.init, tcfg.label_stats):
-        from .aes_release import read_release
-
-        release = read_release(data, tcfg.release_checkpoint)
-        release.for_heads(recipe.heads)
-    fp = fingerprint(data, recipe.heads, members, tcfg, label_range,
+    fp = fingerprint(data, recipe.heads, members, tcfg, label_range, sources,
                      release.sha256 if release else None)
     with training_state(out, fp, tcfg, force, resume) as checkpoint:
         result = train(data, recipe.heads, members, tcfg, label_range=label_range,
                        progress=progress, checkpoint=checkpoint, release=release)
-        folder, metrics = _write_run(recipe, data, members, tcfg, result, out, force, kind,
-                                     system_note)
+        folder, metrics = write_run(recipe, data, members, tcfg, result, out, force, kind,
+                                    system_note, extra=extra, sources=sources)
         discard(out)
     return folder, metrics, result, data
 
@@ -115,45 +136,64 @@ def cost(result) -> dict[str, Any]:
             "resumed_from_epoch": result.resumed_from}
 
 
-def _write_run(recipe: Recipe, data: Cache, members: list[Member], tcfg: TrainConfig, result,
-               out: Path, force: bool, kind: str,
-               system_note: dict[str, str]) -> tuple[Path, dict[str, Any]]:
-    metrics = summarise(data, result, tcfg)
-    mark_system_level(metrics, system_note)
-    config = {
+def base_config(recipe: Recipe, data: Cache, members: list[Member], tcfg: TrainConfig,
+                sources: list[Source] = ()) -> dict[str, Any]:
+    """What every run folder's config.json says of the recipe, cache (and the other caches its
+    features come from), settings and members."""
+    return {
         "qamro_run_version": RUN_VERSION, "recipe": recipe.name,
         "recipe_path": str(recipe.path) if recipe.path else None,
         "recipe_derived": recipe.derived,
         "cache": str(data.path), "backbone": data.meta.backbone, "dataset": data.meta.dataset,
         "cache_key": data.meta.key, "cache_config": data.meta.config,
+        "cache_rows": rows_digest(data, [f for h in recipe.heads for f in h.features
+                                          if split_feature(f)[0] is None]),
+        "feature_caches": [s.record() for s in sources],
         "label_names": list(data.label_names),
         "heads": to_jsonable(recipe.heads), "train": to_jsonable(tcfg),
-        "members": [to_jsonable(m) for m in members], "validation": result.split.val_source,
+        "members": [to_jsonable(m) for m in members], "versions": versions()}
+
+
+def write_run(recipe: Recipe, data: Cache, members: list[Member], tcfg: TrainConfig, result,
+              out: Path, force: bool, kind: str, system_note: dict[str, str],
+              more_config: dict[str, Any] | None = None, extra: Extra | None = None,
+              sources: list[Source] = ()) -> tuple[Path, dict[str, Any]]:
+    metrics = summarise(data, result, tcfg)
+    mark_system_level(metrics, system_note)
+    config = {
+        **base_config(recipe, data, members, tcfg, sources), "validation": result.split.val_source,
         "rows": {"train": len(result.split.train), "validation": len(result.split.val),
                  "eval": len(result.split.eval)},
         "device": result.device, "seconds": round(result.seconds, 3),
-        "epochs_run": result.epochs_run, "cost": cost(result), "versions": versions(),
+        "epochs_run": result.epochs_run, "cost": cost(result),
         "label_stats": {h: list(v) for h, v in result.label_stats.items()},
         "release": result.release,
         "failures": {str(k): v for k, v in result.failures.items()},
-        "warnings": {str(k): v for k, v in result.warnings.items()}}
+        "warnings": {str(k): v for k, v in result.warnings.items()}, **(more_config or {})}
+
     def extra_files(folder: Path) -> None:  # join the folder before it is renamed in
         from ..report.curves import write_curves
 
         write_curves(folder, metrics["members"])  # from the history.csv save_run wrote
         if kind == "sweep":
-            from ..report.plots import eval_counts, plot_sweep
-            from .sweep import sweep_rows, write_sweep_csv
-
-            rows = sweep_rows(metrics)
-            write_sweep_csv(folder / "sweep.csv", rows)
-            plot_sweep(folder / "sweep.png", rows, n_systems=eval_counts(metrics),
-                       split=metrics["eval_split"],
-                       level="utterance" if system_note else "system")
+            write_sweep_files(folder, metrics, system_note)
+        if extra is not None:
+            extra(folder, metrics, data)
 
     folder = save_run(out, config=config, metrics=metrics, cache=data, result=result,
                       force=force, extra=extra_files)
     return folder, metrics
+
+
+def write_sweep_files(folder: Path, metrics: dict[str, Any], system_note: dict[str, str]) -> None:
+    """sweep.csv and sweep.png from the members' figures in metrics.json."""
+    from ..report.plots import eval_counts, plot_sweep
+    from .sweep import sweep_rows, write_sweep_csv
+
+    rows = sweep_rows(metrics)
+    write_sweep_csv(folder / "sweep.csv", rows)
+    plot_sweep(folder / "sweep.png", rows, n_systems=eval_counts(metrics),
+               split=metrics["eval_split"], level="utterance" if system_note else "system")
 
 
 def system_level_note(cache: Cache, heads, tcfg: TrainConfig) -> dict[str, str]:

@@ -69,19 +69,48 @@ def units_for(cache: Cache, heads: tuple[HeadSpec, ...]) -> Units:
 
 
 def head_inputs(cache: Cache, head: HeadSpec) -> np.ndarray:
-    """[U, D] clip features concatenated, or [U, L, D] for one per-window feature."""
+    """[U, D] clip features concatenated, or for a per-window feature its rows [U, L, D] (or
+    [U, D]). Clip features read with a per-window feature are repeated for each window of
+    their clip and, for per-layer rows, on every layer, after the window feature's columns:
+    [U, L, D + E]. Layer weights sum to 1, so a layer-weighted head sees the clip features
+    unchanged beside the weighted layers, and L2-normalises the two together."""
     window = [f for f in head.features if f in cache.windows]
-    if window:
-        if len(head.features) != 1:
-            raise QamroError(f"head {head.name!r}: a window feature is read on its own")
-        return cache.windows[window[0]].astype(np.float32)
-    missing = [f for f in head.features if f not in cache.features]
+    clip = [f for f in head.features if f not in cache.windows]
+    missing = [f for f in clip if f not in cache.features]
     if missing:
         have = [*cache.features, *cache.windows]
         raise QamroError(f"{cache.path}: head {head.name!r} reads {missing[0]!r}, which the "
                          f"cache lacks (it has {', '.join(have) or 'none'})")
-    return np.concatenate([cache.features[f].reshape(len(cache.ids), -1).astype(np.float32)
-                           for f in head.features], axis=1)
+    if len(window) > 1:
+        raise QamroError(f"head {head.name!r} reads {len(window)} per-window features "
+                         f"({', '.join(window)}); a head reads at most one")
+    x = np.concatenate([cache.features[f].reshape(len(cache.ids), -1).astype(np.float32)
+                        for f in clip], axis=1) if clip else None  # [N, E]
+    if not window:
+        return x
+    w = cache.windows[window[0]].astype(np.float32)  # [M, L, D] or [M, D]
+    if x is None:
+        return w
+    per_window = x[np.repeat(np.arange(len(cache.ids)), np.diff(cache.window_offsets))]
+    if w.ndim == 3:
+        per_window = np.broadcast_to(per_window[:, None, :], (*w.shape[:2], x.shape[1]))
+    return np.concatenate([w, per_window], axis=-1)
+
+
+def column_order(cache: Cache, features: tuple[str, ...]) -> tuple[str, ...]:
+    """The features in the order their columns lie in head_inputs' rows: the per-window
+    feature first, then the clip features as listed."""
+    return tuple(sorted(features, key=lambda f: f not in cache.windows))
+
+
+def input_width(cache: Cache, features: tuple[str, ...]) -> int:
+    """The last dimension of head_inputs' rows for these features."""
+    def width(f):
+        if f in cache.windows:
+            v = cache.windows[f]
+            return v.shape[-1] if v.ndim == 3 else int(np.prod(v.shape[1:]))
+        return int(np.prod(cache.features[f].shape[1:]))
+    return sum(width(f) for f in features)
 
 
 def label_stats(cache: Cache, head: HeadSpec, train_clips: np.ndarray) -> tuple[float, float]:

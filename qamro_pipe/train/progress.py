@@ -48,6 +48,13 @@ class TrainingProgress:
               file=self.stream, flush=True)
         self.last_line = time.monotonic()
 
+    def restart(self, stage: str) -> None:
+        """A new training from epoch 0 (the next fold of a cross-validation): close this
+        one's display and show the next as `desc stage`."""
+        self.close()
+        self.last = None
+        self.desc = f"{self.desc.split(' · ')[0]} · {stage}"
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

@@ -57,6 +57,10 @@ def _head(h: dict[str, Any], path: Path) -> HeadSpec:
                     features=tuple(h["features"]), **extra)
     if not spec.features:
         raise QamroError(f"{path}: head {spec.name!r} reads no features")
+    empty = [f for f in spec.features if not f or f.endswith(":")]
+    if empty:  # CACHE:FEATURE (train/joined.py) with the feature left out
+        raise QamroError(f"{path}: head {spec.name!r}: {empty[0]!r} names no feature (use "
+                         f"NAME, or CACHE:NAME for a feature of another cache)")
     if spec.activation is not None and spec.activation not in ACTIVATIONS:
         raise QamroError(f"{path}: head {spec.name!r}: unknown activation {spec.activation!r}; "
                          f"use {', '.join(ACTIVATIONS)}")

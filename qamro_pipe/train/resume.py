@@ -36,9 +36,12 @@ def partial_dir(out: Path) -> Path:
 
 
 def fingerprint(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
-                cfg: TrainConfig, label_range, release_sha256: str | None = None) -> str:
-    """sha256 of everything that decides a run's numbers (`release_sha256`: the release
-    checkpoint the heads start from or take their label statistics from)."""
+                cfg: TrainConfig, label_range, sources=(),
+                release_sha256: str | None = None) -> str:
+    """sha256 of everything that decides a run's numbers; `sources`, the other caches the
+    heads read features from (joined.Source), by their key and the digest of their rows;
+    `release_sha256`, the release checkpoint the heads start from or take their label
+    statistics from."""
     h = hashlib.sha256()
     for arr in (cache.ids, cache.splits, cache.systems):
         h.update("\n".join(map(str, arr)).encode())
@@ -51,6 +54,9 @@ def fingerprint(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member]
                             "qamro_pipe": __version__}
     if release_sha256:
         what["release_sha256"] = release_sha256
+    if sources:  # only then: a run reading one cache keeps the fingerprint it had
+        what["feature_caches"] = [{"name": s.name, "key": s.key, "rows": s.rows}
+                                  for s in sources]
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 

@@ -92,28 +92,33 @@ def summarise(cache: Cache, result: TrainResult, cfg: TrainConfig) -> dict[str, 
 
 
 def write_predictions(path: Path, cache: Cache, heads, preds: dict[str, np.ndarray],
-                      rows: np.ndarray, members: list[int] | None = None) -> None:
-    """id, system, split, then per head the true score, the mean prediction over members
-    (preds[head] is [members, N]) and, with several members, each member's (columns named
-    by `members`, the members' indices in the run)."""
+                      rows: np.ndarray, members: list[int] | None = None,
+                      columns: dict[str, np.ndarray] | None = None) -> None:
+    """id, system, split, any further `columns` ({name: [N] values}, e.g. a clip's fold),
+    then per head the true score, the mean prediction over members (preds[head] is
+    [members, N]) and, with several members, their sd (ddof=1, as the tables' sd over seeds)
+    and each member's prediction (columns named by `members`, the members' indices in the
+    run). The mean and sd are over every member given: for a sweep, every setting and seed."""
+    columns = columns or {}
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        header = ["id", "system", "split"]
+        header = ["id", "system", "split", *columns]
         for h in heads:
             header += [f"true_{h.name}", f"pred_{h.name}"]
             if len(preds[h.name]) > 1:
-                header += [f"pred_{h.name}_m{k}"
-                           for k in (members or range(len(preds[h.name])))]
+                header += [f"sd_{h.name}", *(f"pred_{h.name}_m{k}"
+                                             for k in (members or range(len(preds[h.name]))))]
         w.writerow(header)
         cols = {h.name: cache.label_names.index(h.label) for h in heads}
         for i in rows:
-            row = [cache.ids[i], cache.systems[i], cache.splits[i]]
+            row = [cache.ids[i], cache.systems[i], cache.splits[i],
+                   *(values[i] for values in columns.values())]
             for h in heads:
                 p = preds[h.name][:, i]
                 true = cache.labels[i, cols[h.name]]
                 row += ["" if np.isnan(true) else f"{true:.6g}", f"{p.mean():.6g}"]
                 if len(p) > 1:
-                    row += [f"{v:.6g}" for v in p]
+                    row += [f"{p.std(ddof=1):.6g}", *(f"{v:.6g}" for v in p)]
             w.writerow(row)
 
 
@@ -173,7 +178,7 @@ def check_out(out: Path, force: bool, cache: Path | None = None) -> None:
                          f"replace it")
 
 
-def _dumps(what: str, obj: Any) -> str:
+def json_text(what: str, obj: Any) -> str:
     try:
         return json.dumps(obj, indent=2, allow_nan=False) + "\n"
     except ValueError:
@@ -233,11 +238,8 @@ def save_run(out: Path, *, config: dict[str, Any], metrics: dict[str, Any], cach
                for k, state in enumerate(states) if k not in result.failures
                for name, t in state.items()}
     _check_finite_outputs(result, cache, tensors)
-    config_text, metrics_text = _dumps("config", config), _dumps("metrics", metrics)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    config_text, metrics_text = json_text("config", config), json_text("metrics", metrics)
+    tmp = staging(out)
     (tmp / "config.json").write_text(config_text)
     (tmp / "metrics.json").write_text(metrics_text)
     fault_point("SAVE", str(tmp))
@@ -251,6 +253,21 @@ def save_run(out: Path, *, config: dict[str, Any], metrics: dict[str, Any], cach
     write_history(tmp / "history.csv", result.history)
     if extra is not None:
         extra(tmp)
+    return publish(tmp, out)
+
+
+def staging(out: Path) -> Path:
+    """The empty sibling folder `.NAME.partial-PID` a run folder is assembled in."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def publish(tmp: Path, out: Path) -> Path:
+    """Rename the assembled folder `tmp` to `out`, replacing (--force, already checked) the
+    run folder there: whole or not at all."""
     for f in tmp.iterdir():  # on disk before the name says the run is whole
         fsync_path(f)
     if out.is_dir() and not any(out.iterdir()):
@@ -294,6 +311,12 @@ def load_run(run: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         version = config.get("qamro_run_version") if isinstance(config, dict) else None
         raise QamroError(f"{run}: run folder version {version!r}, this "
                          f"qamro-pipe reads version {RUN_VERSION}")
+    if config.get("cv"):  # no heads of its own: each fold is a run
+        folds = config["cv"]["folds"]
+        raise QamroError(f"{run}: a {folds}-fold cross-validation, whose figures are its "
+                         f"metrics.json and predictions.csv; its models are the runs "
+                         f"{run}/fold-0 .. fold-{folds - 1} (each trained without its "
+                         f"held-out clips); train without --cv for one model of all the data")
     missing = [f for f in RUN_FILES if not (run / f).is_file()]
     if missing:
         raise QamroError(f"{run}: incomplete run folder (missing {', '.join(missing)})")

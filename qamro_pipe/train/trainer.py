@@ -24,7 +24,8 @@ from ..store.reader import Cache
 from .aes_release import Release, read_release
 from .engine import Context, Engine, Plan, optimizer_buffers
 from .heads import BatchedMLP, HeadSpec
-from .inputs import build_head, head_inputs, label_col, label_stats, predict_units, units_for
+from .inputs import (build_head, column_order, head_inputs, input_width, label_col, label_stats,
+                     predict_units, units_for)
 from .state import TrainState
 
 
@@ -307,19 +308,22 @@ def _matmul_precision(value: str):
 
 def _inputs(cache: Cache, heads, device) -> tuple[dict[tuple[str, ...], torch.Tensor], Plan]:
     """Each distinct input of the heads, on the device once: heads reading the same features
-    share one matrix (the four AES axes: 4x less), and an input that is the first columns of
-    another (the audio head's audio inside the textual head's audio + text) is a column view
-    of it, so a step gathers its rows once, for both heads."""
+    share one matrix (the four AES axes: 4x less), and an input whose columns are the first
+    columns of another (the audio head's audio inside the textual head's audio + text; a
+    window feature inside that feature + clip features, [U, L, D] in [U, L, D + E]) is a
+    view of it, so a step gathers its rows once, for both heads."""
     shared: dict[tuple[str, ...], torch.Tensor] = {}
     plan: Plan = {}
     for h in sorted(heads, key=lambda h: -len(h.features)):
         if h.features in shared:
             continue
-        wider = [f for f in shared if f[:len(h.features)] == h.features and shared[f].dim() == 2]
-        if wider and all(f in cache.features for f in h.features):
+        cols = column_order(cache, h.features)
+        # a prefix of columns is also a prefix of rows: the per-window feature comes first
+        wider = [f for f in shared if column_order(cache, f)[:len(cols)] == cols]
+        if wider:
             root = plan[wider[0]][1]
-            width = sum(cache.features[f][0].size for f in h.features)
-            shared[h.features] = shared[root][:, :width]
+            width = input_width(cache, h.features)
+            shared[h.features] = shared[root][..., :width]
             plan[h.features] = (shared[h.features], root, width)
         else:
             shared[h.features] = torch.from_numpy(head_inputs(cache, h)).to(device)

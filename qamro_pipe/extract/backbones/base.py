@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ...errors import QamroError
-from ...weights import check_checkpoint_file, sha256_file
+from ...weights import check_checkpoint_file, check_safetensors_file, sha256_file
 from .weights import (NETWORK_PROBE_SECONDS, RANDOM_WEIGHTS, Release, hub_endpoint,
                       hub_reachable, offline_mode)
 
@@ -34,7 +34,7 @@ def register_backbone(cls: type["Backbone"]) -> type["Backbone"]:
 
 
 def get_backbone(name: str, **options: Any) -> "Backbone":
-    from . import aesthetics, clap, melstats  # noqa: F401  (registration)
+    from . import aesthetics, clap, melstats, muq  # noqa: F401  (registration)
 
     if name not in REGISTRY:
         known = sorted(k for k in REGISTRY if "@" not in k)
@@ -71,6 +71,7 @@ class Backbone:
     # "published": the file's own samples, its first window_samples, read as if at
     # sample_rate (what clap-music's published users did; their caches are keyed apart)
     audio_inputs: ClassVar[tuple[str, ...]] = ("resampled",)
+    weights_format: ClassVar[str] = "torch"  # "torch" (torch.save) or "safetensors"
 
     def __init__(self, checkpoint: str | None = None, device: str = "cpu",
                  precision: str = "fp32", offline: bool | None = None,
@@ -154,8 +155,13 @@ class Backbone:
                                  f"{self.checkpoint} does not apply to it")
             return {"weights": "none"}
         path = self.weights_path()
-        return {"weights": RANDOM_WEIGHTS if path is None
-                else f"sha256:{self._provenance['checkpoint_sha256']}"}
+        if path is None:
+            return {"weights": RANDOM_WEIGHTS}
+        out = {"weights": f"sha256:{self._provenance['checkpoint_sha256']}"}
+        if self.release.companions:  # a model's config decides the numbers as its weights do
+            out["companions"] = {k: f"sha256:{v}"
+                                 for k, v in self._provenance["companions_sha256"].items()}
+        return out
 
     # -- shared plumbing -------------------------------------------------------------
     def weights_path(self) -> Path | None:
@@ -166,29 +172,48 @@ class Backbone:
             if path is None:
                 self._provenance.update(checkpoint=RANDOM_WEIGHTS, checkpoint_sha256=None)
             else:
-                check_checkpoint_file(path, self.name)
+                if self.weights_format == "safetensors":
+                    check_safetensors_file(path, self.name)
+                else:
+                    check_checkpoint_file(path, self.name)
                 # where it was, for stage 2 to read it again (the sha256 says if it still is)
                 self._provenance.update(checkpoint=path.name, checkpoint_sha256=sha256_file(path),
                                         checkpoint_path=str(path.resolve()))
+                if self.release.companions:
+                    self._provenance.update(companions_sha256={
+                        c: sha256_file(path.with_name(c)) for c in self.release.companions})
             self._weights = (path,)
         return self._weights[0]
+
+    def companion(self, filename: str) -> Path:
+        """A file the weights come with (the release's companions), read from beside them."""
+        return self.weights_path().with_name(filename)
 
     def _resolve_checkpoint(self) -> Path | None:
         """`self.checkpoint`, else the release file where an earlier download (or the user)
         put it, else a download of it at the pinned revision; never a wait on a network that
-        is not there (the endpoint is asked once, briefly, before downloading)."""
+        is not there (the endpoint is asked once, briefly, before downloading). The release's
+        companions (a config.json) must lie beside the weights file, wherever it is."""
         if self.checkpoint == RANDOM_WEIGHTS:
             return None
+        rel = self.release
         if self.checkpoint:
             path = Path(self.checkpoint).expanduser()
             if not path.is_file():
                 raise QamroError(f"{self.name}: checkpoint {path} does not exist")
+            missing = [c for c in rel.companions if not path.with_name(c).is_file()]
+            if missing:
+                raise QamroError(f"{self.name}: checkpoint {path} needs {', '.join(missing)} "
+                                 f"beside it (the release's: "
+                                 f"{', '.join(rel.file_url(c) for c in missing)})")
             return path
-        rel = self.release
         cached = rel.local_path
-        if cached.is_file():
+        if all(f.is_file() for f in (cached, *(cached.with_name(c) for c in rel.companions))):
             return cached
-        fetch = (f"Fetch {rel.url} and pass --checkpoint PATH, or put the file at {cached}; "
+        also = "".join(f" and {rel.file_url(c)}" for c in rel.companions)
+        beside = (f" (with {', '.join(rel.companions)} beside it)" if rel.companions else "")
+        where = f"the files in {cached.parent}" if rel.companions else f"the file at {cached}"
+        fetch = (f"Fetch {rel.url}{also} and pass --checkpoint PATH{beside}, or put {where}; "
                  f"`--backbone melstats` starts without downloads")
         if self.offline:
             raise QamroError(f"{self.name}: no checkpoint and downloads are off (offline). "
@@ -199,10 +224,12 @@ class Backbone:
         from huggingface_hub import hf_hub_download
 
         try:
-            return Path(hf_hub_download(rel.repo, rel.filename, revision=rel.revision,
-                                        local_dir=cached.parent))
+            for name in (*rel.companions, rel.filename):  # the weights last: present = whole
+                got = Path(hf_hub_download(rel.repo, name, revision=rel.revision,
+                                           local_dir=cached.parent))
+            return got
         except Exception as e:  # huggingface_hub raises a dozen types, by case
-            raise QamroError(f"{self.name}: could not download {rel.filename} from "
+            raise QamroError(f"{self.name}: could not download {name} from "
                              f"huggingface.co/{rel.repo} ({str(e).splitlines()[0]}). "
                              f"{fetch}") from e
 

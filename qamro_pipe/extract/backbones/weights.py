@@ -15,9 +15,6 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...weights import (check_checkpoint_file, read_checkpoint,  # noqa: F401 (re-exported)
-                        refused_globals, sha256_file)
-
 # checkpoint value that builds the real architecture with untrained weights: for tests only
 RANDOM_WEIGHTS = "random"
 # how long the Hugging Face endpoint may take to answer once before we call it unreachable
@@ -26,14 +23,19 @@ NETWORK_PROBE_SECONDS = 3.0
 
 @dataclass(frozen=True)
 class Release:
-    """A published weights file: repository, the commit it is fetched at, file name."""
+    """A published weights file: repository, the commit it is fetched at, file name, and the
+    files that must lie beside it (a Hugging Face model's config.json)."""
     repo: str
     revision: str  # a commit hash: a moved branch cannot change what is downloaded
     filename: str
+    companions: tuple[str, ...] = ()  # fetched with the weights, read from beside them
+
+    def file_url(self, filename: str) -> str:
+        return f"https://huggingface.co/{self.repo}/resolve/{self.revision}/{filename}"
 
     @property
     def url(self) -> str:
-        return f"https://huggingface.co/{self.repo}/resolve/{self.revision}/{self.filename}"
+        return self.file_url(self.filename)
 
     @property
     def local_path(self) -> Path:
