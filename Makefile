@@ -37,11 +37,15 @@ bench-gpu:
 sweep-beta: $(STAMP)
 	$(BIN)/qamro-pipe sweep --recipe musiceval --grid beta
 
+# make table1 PRESET=paper|code (the table's model recipe for that preset; without PRESET
+# the table's own, as the README says), CACHE=FILE to train on another cache
+TABLE_OPTS = $(if $(PRESET),--preset $(PRESET)) $(if $(CACHE),--cache $(CACHE))
+
 table1: $(STAMP)
-	$(BIN)/qamro-pipe table --recipe table1
+	$(BIN)/qamro-pipe table --recipe table1 $(TABLE_OPTS)
 
 table2: $(STAMP)
-	$(BIN)/qamro-pipe table --recipe table2
+	$(BIN)/qamro-pipe table --recipe table2 $(TABLE_OPTS)
 
 # every loss on one cache, N seeds, each compared with QAMRO (docs/losses.md);
 # e.g. make table-losses TABLE_ARGS="--model demo" after make demo

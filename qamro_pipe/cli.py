@@ -172,6 +172,13 @@ def extract(
                                   "--offline/--online", rich_help_panel=MODEL),
     skip_bad: Optional[bool] = opt("List bad files in the cache and go on instead of stopping.",
                                    "stop at the first", "--skip-bad", rich_help_panel=MODEL),
+    clap_input: Optional[str] = cfg_opt(ExtractConfig, "clap_input", "clap-music's input: "
+                                        "resampled (48 kHz, 10 s windows) or published (the "
+                                        "file's samples at its own rate, the first 480,000, "
+                                        "read as 48 kHz: the published track 1 code and the "
+                                        "MusicEval baseline); its own cache, "
+                                        "BACKBONE-published-input.h5.", recipe=False,
+                                        rich_help_panel=MODEL),
     shard: Optional[str] = opt("K/N, numbered from 0 (0/4 .. 3/4): extract clips K, K+N, ... "
                                "into NAME.part-K-of-N.h5; join them with `cache merge`.",
                                rich_help_panel=OUTPUT),
@@ -190,12 +197,13 @@ def extract(
 
     cfg = override(ExtractConfig(), backbone=backbone, checkpoint=checkpoint,
                    tokenizer_dir=tokenizer_dir, device=device, precision=precision,
-                   batch_size=batch_size, workers=workers, offline=offline, skip_bad=skip_bad)
+                   batch_size=batch_size, workers=workers, offline=offline, skip_bad=skip_bad,
+                   clap_input=clap_input)
     part = parse_shard(shard) if shard else None
     records = records_for(dataset, root, manifest, splits, eval_dir, lists)
     for note in records.notes:
         _note(f"note: {note}")
-    path = out or default_cache_path(records.name, cfg.backbone, cache_dir)
+    path = out or default_cache_path(records.name, cfg.backbone, cache_dir, cfg.clap_input)
     if shard is None and torchrun_rank():
         rank, summary = extract_distributed(records, cfg, path, force, progress=not quiet)
         if rank == 0:
@@ -338,6 +346,10 @@ def table(
                                 "table2, or a .toml path).", DEFAULT_TABLE, rich_help_panel=DATA),
     model: Optional[str] = opt("Model recipe every row trains.", "the table's",
                                rich_help_panel=DATA),
+    preset: Optional[str] = opt("The table's model recipe for a preset: paper (the paper's "
+                                "text) or code (the published code); see the README's "
+                                "\"Paper, published code, this tool\".", "the table's model",
+                                rich_help_panel=DATA),
     opts: dict = None,
 ):
     """The paper's ablation rows (Table I, II) as one batched job.
@@ -349,8 +361,10 @@ def table(
     tsettings, lsettings = train_settings(opts)
     with _watch(opts, "table") as watch:
         res = run_table(recipe or DEFAULT_TABLE, model, seeds=opts["seeds"], train=tsettings,
-                        loss=lsettings, progress=watch, **run_args(opts))
+                        loss=lsettings, preset=preset, progress=watch, **run_args(opts))
     _note(res["recipe"].derived and f"note: {res['recipe'].derived}")
+    for note in res["notes"]:
+        _note(f"note: {note}")
     typer.echo(res["title"])
     typer.echo(res["text"])
     _note(system_level_line(res["metrics"]))

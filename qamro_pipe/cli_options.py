@@ -45,8 +45,9 @@ def cfg_opt(cls, name: str, help: str, recipe: bool = True, **kw) -> Any:
 T, L = TrainConfig, LossConfig
 TRAIN_SETTINGS = ("val_split", "eval_split", "max_epochs", "patience", "optimizer", "lr",
                   "weight_decay", "batch_size", "val_batch_size", "activation", "device",
-                  "matmul_precision", "pair_kernel")
-LOSS_SETTINGS = ("norm", "regression", "temperature", "tau", "bins", "sigma")  # one value for every member
+                  "matmul_precision", "pair_kernel", "init", "label_stats", "release_checkpoint")
+LOSS_SETTINGS = ("norm", "regression", "quality_weight", "temperature", "tau", "bins",
+                 "sigma")  # one value for every member of one run
 
 # name -> (type, option): what train, sweep and table all take
 RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
@@ -59,6 +60,11 @@ RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
     "norm": (Optional[str], cfg_opt(
         L, "norm", "How q_ij scales labels to [0, 1]: batch (the batch's min and max, as the "
         "published code) or range (the recipe's label_range). QAMRO only.",
+        rich_help_panel=LOSS)),
+    "quality_weight": (Optional[str], cfg_opt(
+        L, "quality_weight", "q_ij: eq3 (the paper, 1 + (beta-1) max(ny_i, ny_j)) or "
+        "interval-table (the published track 2 code: a hand-set value per MOS interval, per "
+        "axis PQ/PC/CE/CU; labels outside 1-10 in no pair). QAMRO only.",
         rich_help_panel=LOSS)),
     "regression": (Optional[str], cfg_opt(
         L, "regression", "Regression term: huber, mse or mse+mae (on standardised labels "
@@ -113,6 +119,18 @@ RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
     "pair_kernel": (Optional[str], cfg_opt(
         T, "pair_kernel", "torch, or triton: the pair loss as one fused CUDA kernel.",
         rich_help_panel=TRAINING)),
+    "init": (Optional[str], cfg_opt(
+        T, "init", "Heads start from random (seeded per member) or release: the released "
+        "Audiobox-Aesthetics heads for every member, as the published track 2 code.",
+        rich_help_panel=TRAINING)),
+    "label_stats": (Optional[str], cfg_opt(
+        T, "label_stats", "Standardise labels by the train split's mean and std, or by the "
+        "release's (its target_transform, as the published track 2 code).",
+        rich_help_panel=TRAINING)),
+    "release_checkpoint": (Optional[Path], opt(
+        "The Audiobox-Aesthetics checkpoint for --init/--label-stats release and Table II's "
+        "zero-shot row; it must be the file the cache was extracted with (same sha256).",
+        "the file the cache's provenance names", rich_help_panel=TRAINING)),
     "cv": (Optional[int], opt(
         "Cross-validate instead of scoring one split: K folds (>= 2) of the labelled clips of "
         "the train and eval splits, a whole system (or prompt, --cv-group) in one fold only "

@@ -13,8 +13,12 @@ from .errors import QamroError
 LOSS_KINDS = ("qamro", "mr", "listnet", "listmle", "spearman", "gaussian-kl", "none")
 PAIR_KINDS = ("qamro", "mr")  # the kinds the pair hinge scores (losses.py); the others: listwise.py
 OPTIMIZERS = ("sgd", "adamw")
+QUALITY_WEIGHTS = ("eq3", "interval-table")  # the paper's Eq. 3; the published track 2 table
+INITS = ("random", "release")  # heads start from seeded random weights, or the release's
+LABEL_STATS = ("train", "release")  # standardise by the train split's or the release's stats
+CLAP_INPUTS = ("resampled", "published")  # CLAP's input: 48 kHz, or as the published code
 # the settings each loss kind reads; giving one its kind ignores is refused (`check_used`)
-USED_SETTINGS = {"qamro": ("alpha", "beta", "norm"), "mr": ("margin",),
+USED_SETTINGS = {"qamro": ("alpha", "beta", "norm", "quality_weight"), "mr": ("margin",),
                  "listnet": ("temperature",), "listmle": (), "spearman": ("tau",),
                  "gaussian-kl": ("bins", "sigma"), "none": ()}
 DEFAULT_RECIPE = "musiceval"  # what `train` and `sweep` do when told nothing
@@ -43,6 +47,8 @@ class LossConfig:
     beta: float = 7.0  # quality preference: q_ij = 1 + (beta-1) max(ny_i, ny_j); 1 = no weighting
     margin: float = 0.1  # fixed margin of "mr" (the w/o-adaptive-margin ablation)
     norm: str = "batch"  # how ny is normalised: "batch" min/max (published code) or "range"
+    quality_weight: str = "eq3"  # q_ij: "eq3" (paper, both tracks) or "interval-table" (the
+    # published track 2 code: a hand-set value per MOS interval and axis, losses.py)
     label_range: tuple[float, float] | None = None  # (lo, hi) for norm="range"; None = the recipe's
     regression: str = "huber"  # regression term: "huber", "mse" or "mse+mae"
     huber_delta: float = 1.0  # torch's HuberLoss default, as the published code uses it
@@ -59,6 +65,7 @@ class LossConfig:
     def __post_init__(self):
         _choice("loss", self.kind, LOSS_KINDS)
         _choice("norm", self.norm, ("batch", "range"))
+        _choice("quality_weight", self.quality_weight, QUALITY_WEIGHTS)
         _choice("regression", self.regression, ("huber", "mse", "mse+mae"))
         _at_least("alpha", self.alpha, 0)
         _at_least("margin", self.margin, 0)
@@ -104,12 +111,24 @@ class TrainConfig:
     # GPU has it (several times faster; numbers move by ~1e-3, see tests/test_gpu.py)
     pair_kernel: str = "torch"  # "triton": the pair loss as one fused kernel (CUDA; opt-in
     # until measured faster on a GPU, see docs/benchmarks.md)
+    init: str = "random"  # "random": seeded per member; "release": every member starts from
+    # the released Audiobox-Aesthetics heads (published track 2 code), seeds shuffle only
+    label_stats: str = "train"  # heads that standardise use the train split's mean and std,
+    # or "release": the released model's target_transform (published track 2 code)
+    release_checkpoint: str | None = None  # the release file for init/label_stats "release";
+    # None = the file the cache was extracted from (its provenance names it and its sha256)
 
     def __post_init__(self):
         _choice("activation", self.activation, ("relu", "gelu", "none"))
         _choice("matmul_precision", self.matmul_precision, ("highest", "high", "medium"))
         _choice("pair_kernel", self.pair_kernel, ("torch", "triton"))
         _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("init", self.init, INITS)
+        _choice("label_stats", self.label_stats, LABEL_STATS)
+        if self.release_checkpoint is not None and "release" not in (self.init,
+                                                                     self.label_stats):
+            raise QamroError("--release-checkpoint is read only with --init release or "
+                             "--label-stats release")
         check_device(self.device)
         _above("lr", self.lr, 0)
         if not 0 <= self.momentum < 1:
@@ -187,9 +206,13 @@ class ExtractConfig:
     # (extract.auto_workers); 0 = decode in the main process
     offline: bool | None = None  # None = from HF_HUB_OFFLINE / QAMRO_OFFLINE
     skip_bad: bool = False  # list undecodable files in /skipped instead of stopping
+    clap_input: str = "resampled"  # clap-music's input: "resampled" to 48 kHz in 10 s windows,
+    # or "published": the file's samples at its own rate, the first 480,000, read as 48 kHz
+    # (the published track 1 code and the MusicEval baseline; a cache of its own)
 
     def __post_init__(self):
         check_device(self.device)
+        _choice("clap_input", self.clap_input, CLAP_INPUTS)
         _choice("precision", self.precision, ("fp32", "bf16", "fp16"))
         if self.batch_size is not None:
             _at_least("batch_size", self.batch_size, 1)

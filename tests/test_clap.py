@@ -352,3 +352,59 @@ def test_audio_only_extraction_needs_no_tokenizer(clap, release_clap, release_ck
     key, prov = cache.meta.key, cache.meta.config["provenance"]
     assert key["weights"] == f"sha256:{sha256_file(release_ckpt)}" and "tokenizer" not in key
     assert prov["checkpoint_sha256"] == sha256_file(release_ckpt)
+
+
+def test_published_input_is_the_published_code_s(clap, release_clap, release_ckpt, tmp_path,
+                                                 monkeypatch):
+    """--clap-input published equals what the published track 1 code feeds CLAP
+    (JethroWangSir/QAMRO track1/mos_track1.py: `torchaudio.load(wavpath)[0]`, cut to its
+    first 480,000 samples, `wavs.squeeze(1)`, then `get_audio_embedding_from_data(wavs,
+    use_tensor=True)`; NKU-HLT/MusicEval-baseline does the same), for a clip alone in its
+    batch: 16 kHz PCM_16 files as MusicEval's, one longer than 30 s (cut) and one shorter
+    (laion_clap repeat-pads it). Its cache has its own key and default file, so it is never
+    served for the resampled input."""
+    from dataclasses import replace
+
+    import soundfile as sf
+    import torch
+
+    import qamro_pipe.extract.backbones.clap as clap_module
+    from qamro_pipe.config import ExtractConfig
+    from qamro_pipe.extract.datasets import load_dataset
+    from qamro_pipe.extract.loop import default_cache_path, extract
+    from qamro_pipe.store.reader import read_cache
+
+    monkeypatch.setattr(clap_module, "build_clap",
+                        lambda amodel: (copy.deepcopy(clap.model), clap.model_cfg))
+    rng = np.random.default_rng(5)
+    sr = 16000
+    clips = [tone_mix(sr, 35.0, seed=2), 0.3 * rng.standard_normal(12 * sr)]
+    for i, x in enumerate(clips):
+        sf.write(tmp_path / f"c{i}.wav", np.clip(x, -1, 1), sr, subtype="PCM_16")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,path,score\nc0,c0.wav,3\nc1,c1.wav,4\n")
+    cfg = ExtractConfig(backbone="clap-music", checkpoint=str(release_ckpt), device="cpu",
+                        workers=0, offline=True)
+    records = load_dataset("manifest", manifest)
+    extract(records, replace(cfg, clap_input="published"), tmp_path / "pub.h5",
+            progress=False)
+    extract(records, cfg, tmp_path / "res.h5", progress=False)
+    pub, res = read_cache(tmp_path / "pub.h5"), read_cache(tmp_path / "res.h5")
+
+    ref = reference_clap_module(release_clap)
+    expected = []
+    for i in range(2):
+        # torchaudio.load(path)[0]: [channels, T] float32, PCM_16 as int16 / 32768; torchaudio
+        # >= 2.9 decodes through torchcodec, not installed here, so soundfile reads it so
+        data, _ = sf.read(tmp_path / f"c{i}.wav", dtype="float32", always_2d=True)
+        wav = torch.from_numpy(data.T.copy())
+        if wav.size(1) > 480000:
+            wav = wav[:, :480000]
+        wavs = torch.stack([wav]).squeeze(1)  # the published collate_fn and training loop
+        with torch.no_grad():
+            expected.append(ref.get_audio_embedding_from_data(wavs, use_tensor=True)[0].numpy())
+    np.testing.assert_allclose(pub.features["audio"], np.array(expected), atol=1e-5)
+    assert cosine_distance(pub.features["audio"][0], res.features["audio"][0]) > 1e-3
+    assert pub.meta.key != res.meta.key and pub.meta.key["audio_input"] == "published"
+    assert default_cache_path("musiceval", "clap-music", audio_input="published") != \
+        default_cache_path("musiceval", "clap-music")

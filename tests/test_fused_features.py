@@ -21,7 +21,7 @@ from qamro_pipe.train.joined import join, split_feature
 
 FAST = ["--max-epochs", "60", "--batch-size", "64"]
 # the example of docs/recipes.md, "Features from several caches", as is
-FUSED = re.search(r"```toml\n(# stages/muq-text.toml.*?)```",
+FUSED = re.search(r"```toml\n(# qamro_pipe/stages/muq-text.toml.*?)```",
                   (Path(__file__).parents[1] / "docs" / "recipes.md").read_text(), re.S)[1]
 
 
@@ -68,6 +68,18 @@ def fused_caches(folder, n_systems=12, per_system=16, seed=0, clap_ids=None, cla
     recipe = folder / "fused.toml"
     recipe.write_text(FUSED)
     return folder / "muq.h5", folder / "clap-music.h5", recipe
+
+
+def test_the_shipped_muq_text_recipe_is_the_documented_one(tmp_path):
+    """`--recipe muq-text` (README) reads what docs/recipes.md shows: same heads, features,
+    backbone and dataset."""
+    from qamro_pipe.train.recipes import load_recipe
+
+    (tmp_path / "doc.toml").write_text(FUSED)
+    doc, shipped = load_recipe(tmp_path / "doc.toml"), load_recipe("muq-text")
+    assert (shipped.heads, shipped.backbone, shipped.dataset) == \
+        (doc.heads, doc.backbone, doc.dataset)
+    assert shipped.heads[1].features == ("layers", "clap-music:text")
 
 
 def test_a_fused_recipe_trains_evaluates_and_records_its_caches(tmp_path):

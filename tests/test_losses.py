@@ -118,7 +118,7 @@ def test_label_terms_count_pairs_and_keep_unknown_labels_out():
     # chunk-wise terms are those of each chunk on its own: the batch dims are independent
     one = label_terms(y[2, 3], beta=3.0)
     for a, b in zip(t.select((2, 3)), one):
-        assert torch.allclose(a, b, equal_nan=True)
+        assert (a is None and b is None) or torch.allclose(a, b, equal_nan=True)
 
 
 def test_padding_with_unknown_labels_changes_nothing():
@@ -131,3 +131,70 @@ def test_padding_with_unknown_labels_changes_nothing():
     (b + regression_loss(p2, padded)).backward()
     assert a.item() == pytest.approx(b.item(), rel=1e-12)
     assert torch.allclose(p1.grad, p2.grad[:20], rtol=1e-12) and (p2.grad[20:] == 0).all()
+
+
+# -- the published track 2 quality weight (JethroWangSir/QAMRO, track2/loss.py) --------------
+def _aes_batch(seed, b=40):
+    """Labels across the whole 0-10 scale on a 0.1 grid (AES-Natural means of ten 0-10
+    ratings): ties, interval edges (whole numbers, 10.0) and labels below 1 included."""
+    g = torch.Generator().manual_seed(seed)
+    y = (torch.randint(0, 101, (b,), generator=g) / 10).double()
+    y[:4] = torch.tensor([0.0, 0.7, 1.0, 10.0], dtype=torch.float64)
+    y[4:8] = y[8:12]  # ties
+    return torch.randn(b, generator=g, dtype=torch.float64) * 3 + 5, y
+
+
+@pytest.mark.parametrize("axis", ["PQ", "PC", "CE", "CU"])
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("alpha,beta", [(0.2, 7.0), (0.5, 3.0), (0.2, 0.5)])
+def test_interval_table_matches_published_value_and_gradient(axis, seed, alpha, beta):
+    """Value and gradient against a literal transcription of preference_aware_pamr_loss
+    (github.com/JethroWangSir/QAMRO, track2/loss.py), float64, every axis's table."""
+    from qamro_pipe.train.losses import interval_table_loss
+    from qamro_pipe.train.losses_reference import interval_table_loss_literal
+
+    pred, y = _aes_batch(seed)
+    assert len(set(y.tolist())) < len(y) and (y < 1).any()
+    p1, p2 = pred.clone().requires_grad_(), pred.clone().requires_grad_()
+    fast = interval_table_loss(p1, y, axis, alpha=alpha, beta=beta)
+    slow = interval_table_loss_literal(p2, y, axis, alpha=alpha, beta=beta)
+    fast.backward()
+    slow.backward()
+    assert fast.item() == pytest.approx(slow.item(), rel=1e-10, abs=1e-12)
+    assert torch.allclose(p1.grad, p2.grad, rtol=1e-10, atol=1e-12)
+    # Eq. 3 on the same batch is another loss: the table matters
+    assert qamro_loss(pred, y, alpha=alpha, beta=beta).item() != pytest.approx(fast.item())
+
+
+def test_interval_table_leaves_labels_outside_1_to_10_out_of_every_pair():
+    """A clip labelled below 1 is in no pair and not in the pair count: adding one (with
+    any prediction) changes nothing; the published code skips such pairs, count included."""
+    from qamro_pipe.train.losses import interval_table_loss
+
+    pred, y = _aes_batch(5)
+    keep = y >= 1
+    base = interval_table_loss(pred[keep], y[keep], "PQ")
+    assert interval_table_loss(pred, y, "PQ").item() == pytest.approx(base.item(), rel=1e-12)
+    assert interval_table_loss(torch.tensor([0.0, 9.0]), torch.tensor([0.5, 0.9]),
+                               "PQ").item() == 0.0  # no pair at all: 0
+
+
+def test_interval_table_is_not_monotone_and_not_a_row_factor():
+    """What rules out the Eq. 3 shortcut: for PQ, a 6.5 pair outweighs a 9.5 pair."""
+    from qamro_pipe.train.losses import interval_table, interval_weights
+
+    w, inside = interval_weights(torch.tensor([6.5, 9.5, 2.0, 10.0, 0.5]), interval_table("PQ"))
+    assert w.tolist() == pytest.approx([1.0, 0.0, 0.0, 0.0, 0.0]) and inside.tolist() == [
+        True, True, True, True, False]
+
+
+def test_interval_table_batched_members_equal_separate_calls():
+    from qamro_pipe.train.losses import interval_table, pairwise_ranking_loss
+
+    pred = torch.randn(3, 40, dtype=torch.float64)
+    _, y = _aes_batch(2)
+    beta = torch.tensor([1.0, 7.0, 3.0], dtype=torch.float64)
+    out = pairwise_ranking_loss(pred, y, 0.2, beta, table=interval_table("CE"))
+    for k in range(3):
+        assert out[k].item() == pytest.approx(pairwise_ranking_loss(
+            pred[k], y, 0.2, beta[k].item(), table=interval_table("CE")).item(), rel=1e-12)

@@ -138,16 +138,20 @@ def resampled_length(n: int, sr_in: int, sr_out: int) -> int:
     return (2 * n * sr_out + sr_in) // (2 * sr_in)
 
 
-def load_audio(path: str | Path, sample_rate: int, start: float | None = None,
-               end: float | None = None) -> np.ndarray:
-    """Mono float32 samples at `sample_rate` of [start, end) seconds (whole file if None)."""
+def load_audio(path: str | Path, sample_rate: int | None, start: float | None = None,
+               end: float | None = None, max_frames: int | None = None) -> np.ndarray:
+    """Mono float32 samples at `sample_rate` of [start, end) seconds (whole file if None).
+    sample_rate None keeps the file's own rate (no resampling); `max_frames` keeps only the
+    first that many frames of the segment, at the file's rate (only those are decoded)."""
     info = probe(path)
     first, stop = _segment(path, info, start, end)
+    if max_frames is not None:
+        stop = min(stop, first + max_frames)
     x = _read_mono(path, first, stop)
     if x.shape[0] < MIN_SECONDS * info.sample_rate:
         raise DataError(f"{path}: {x.shape[0] / info.sample_rate:.3f} s of audio decoded; "
                         f"at least {MIN_SECONDS} s is needed")
-    if info.sample_rate != sample_rate:
+    if sample_rate is not None and info.sample_rate != sample_rate:
         x = soxr.resample(x, info.sample_rate, sample_rate, quality=RESAMPLE_QUALITY)
     return np.ascontiguousarray(x, dtype=np.float32)
 

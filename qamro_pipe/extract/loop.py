@@ -44,8 +44,12 @@ class ExtractSummary:
     changes: list[str] = field(default_factory=list)  # what differed from the earlier cache
 
 
-def default_cache_path(dataset: str, backbone: str, cache_dir: str | Path | None = None) -> Path:
-    return Path(cache_dir or cache_root()) / dataset / f"{backbone}.h5"
+def default_cache_path(dataset: str, backbone: str, cache_dir: str | Path | None = None,
+                       audio_input: str = "resampled") -> Path:
+    """CACHE_ROOT/DATASET/BACKBONE.h5; a cache of the published input (--clap-input
+    published) is BACKBONE-published-input.h5, so it never takes the place of the other."""
+    name = backbone if audio_input == "resampled" else f"{backbone}-{audio_input}-input"
+    return Path(cache_dir or cache_root()) / dataset / f"{name}.h5"
 
 
 def embeds_texts(records: DatasetRecords, bb: Backbone, texts: bool | None = None) -> bool:
@@ -64,7 +68,7 @@ def cache_key(records: DatasetRecords, bb: Backbone, texts: bool) -> dict[str, A
     return {"backbone": bb.key, **bb.identity(texts), "sample_rate": bb.sample_rate,
             "window_seconds": bb.window_seconds, "precision": bb.precision,
             "resampler": f"soxr {audio.RESAMPLE_QUALITY}", "downmix": "mean",
-            "dataset": records.name}
+            "dataset": records.name, **bb.input_key()}
 
 
 _SHARED: np.ndarray | None = None  # in a decoding worker: the slots it writes clips into
@@ -89,13 +93,14 @@ def _worker_init(parent: int, shared: np.ndarray | None = None) -> None:
         os._exit(1)
 
 
-def _decode(task: tuple[int, str, int, float | None, float | None, int | None]):
-    """Worker: one clip -> (row, audio, None) or (row, None, reason). With a slot, audio that
-    fits is written into that shared slot and only its length travels back (an int instead
-    of a pickled copy of megabytes); otherwise the array itself does."""
-    row, path, sr, start, end, slot = task
+def _decode(task: tuple):
+    """Worker: one clip -> (row, audio, None) or (row, None, reason). A task is (row, path,
+    sample rate or None for the file's own, start, end[, max frames], slot). With a slot,
+    audio that fits is written into that shared slot and only its length travels back (an
+    int instead of a pickled copy of megabytes); otherwise the array itself does."""
+    row, path, sr, start, end, *cut, slot = task
     try:
-        x = audio.load_audio(path, sr, start, end)
+        x = audio.load_audio(path, sr, start, end, *cut)
     except DataError as e:
         return row, None, str(e)
     if slot is not None and _SHARED is not None and len(x) <= _SHARED.shape[1]:
@@ -171,8 +176,9 @@ def _setup(records: DatasetRecords, cfg: ExtractConfig, cache_path: str | Path |
                   workers=auto_workers(gpu) if cfg.workers is None else cfg.workers)
     bb = get_backbone(cfg.backbone, checkpoint=cfg.checkpoint, device=device,
                       precision=cfg.precision, offline=cfg.offline,
-                      tokenizer_dir=cfg.tokenizer_dir)
-    path = Path(cache_path) if cache_path else default_cache_path(records.name, bb.name)
+                      tokenizer_dir=cfg.tokenizer_dir, audio_input=cfg.clap_input)
+    path = Path(cache_path) if cache_path else default_cache_path(records.name, bb.name,
+                                                                  audio_input=bb.audio_input)
     if path.is_symlink() and path.exists():
         path = path.resolve()  # write the cache the link names; the link stays
     if not records.clips:
@@ -264,8 +270,8 @@ def _fill(path: Path, records: DatasetRecords, bb: Backbone, cfg: ExtractConfig,
     clips = records.clips
     summary = ExtractSummary(path, len(clips), len(clips) - len(plan.todo), kept=plan.kept,
                              changes=list(plan.changes))
-    tasks = [(r, str(clips[r].path), bb.sample_rate, clips[r].start, clips[r].end)
-             for r in plan.todo]
+    tasks = [(r, str(clips[r].path), bb.decode_rate, clips[r].start, clips[r].end,
+              bb.max_frames) for r in plan.todo]
     bar = tqdm(total=len(clips), initial=summary.done_before, unit="clip",
                desc=f"extract {bb.name}", disable=not progress, dynamic_ncols=True)
     # a whole batch may be decoding while the model has the last one: workers that wait

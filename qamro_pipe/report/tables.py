@@ -26,6 +26,9 @@ class TableRecipe:
     level: str = "system"  # the level the figures are read at (utterance without systems)
     figures: tuple[str, ...] = FIGURES  # the columns of each head
     reference: dict[str, Any] = field(default_factory=dict)  # published figures
+    presets: dict[str, str] = field(default_factory=dict)  # --preset NAME -> model recipe
+    release_row: str | None = None  # label of a row scoring the released Audiobox-Aesthetics
+    # model zero-shot from the cache (Table II's baseline), beside the trained rows
     compare: str | None = None  # a row the others are compared with (report/compare.py)
     path: Path | None = None
 
@@ -35,7 +38,8 @@ def load_table(name_or_path: str | Path) -> TableRecipe:
     try:
         data = tomllib.loads(path.read_text())
         rows = tuple((r.pop("name"), r) for r in (dict(r) for r in data["rows"]))
-        given = {k: data[k] for k in ("seeds", "level", "reference", "compare") if k in data}
+        given = {k: data[k] for k in ("seeds", "level", "reference", "presets",
+                                      "release_row", "compare") if k in data}
         if "figures" in data:
             given["figures"] = tuple(data["figures"])
         table = TableRecipe(name=data.get("name", path.stem), model=data["model"], rows=rows,
@@ -105,8 +109,8 @@ def render(table: TableRecipe, heads: list[str], rows: list[dict[str, Any]],
            show_reference: bool) -> tuple[str, str, list[list[str]]]:
     """(plain text, markdown, csv rows) in the paper's layout: figures grouped by head."""
     header = ["model"] + [f"{h} {f.upper()}" for h in heads for f in table.figures]
-    body = [[r["row"] + f" (n={r['n']})"] + [_cell(r[(h, f)]) for h in heads
-                                               for f in table.figures] for r in rows]
+    body = [[r["row"] + (f" (n={r['n']})" if r["n"] is not None else "")]
+            + [_cell(r[(h, f)]) for h in heads for f in table.figures] for r in rows]
     if show_reference:
         for name, ref in table.reference.get("rows", {}).items():
             body.append([f"{name} [paper]"] + [
@@ -133,6 +137,19 @@ def write_table(folder: Path, md: str, csv_rows: list[list[str]], title: str,
     (folder / f"{stem}.md").write_text(f"# {title}\n\n{md}\n")
     with open(folder / f"{stem}.csv", "w", newline="") as f:
         csv.writer(f).writerows(csv_rows)
+
+
+def model_of(table: TableRecipe, model: str | None, preset: str | None) -> str | None:
+    """The model recipe a table trains: --model, or the table's recipe for --preset NAME
+    (paper, code), or None for the table's own `model`."""
+    if preset is None:
+        return model
+    if model is not None:
+        raise QamroError("--model and --preset: give one (a preset names a model recipe)")
+    if preset not in table.presets:
+        raise QamroError(f"{table.path}: no preset {preset!r} (it has: "
+                         f"{', '.join(table.presets) or 'none'})")
+    return table.presets[preset]
 
 
 def aggregate_cv(table: TableRecipe, metrics: dict[str, Any], members: list[Member],
@@ -231,12 +248,14 @@ def compare_table(folder: Path, t: TableRecipe, metrics, data, recipe, members, 
 def run_table(table: str | Path, model: str | None = None, cache: str | Path | None = None,
               seeds: int | None = None, out: str | Path | None = None, force: bool = False,
               train: dict[str, Any] | None = None, loss: dict[str, Any] | None = None,
-              **run_opts) -> dict[str, Any]:
+              preset: str | None = None, **run_opts) -> dict[str, Any]:
     """Train every row x seed as one batched run; write table.md, table.csv and probe.json
     into its folder. `train` and `loss` override the model recipe's settings for every row
     (loss: norm and regression, which all rows share); `run_opts` go to run_experiment as
     they are (`cv`: every row cross-validated). A linear-probe row (train/probe.py) on the
-    same features comes first. Without a system column the table is utterance-level."""
+    same features comes first. Without a system column the table is utterance-level. A table
+    with a `release_row` also scores the released model zero-shot, where the cache's
+    checkpoint can be read (not under --cv: the release is not trained per fold)."""
     import json
 
     from ..config import cache_root
@@ -245,7 +264,7 @@ def run_table(table: str | Path, model: str | None = None, cache: str | Path | N
 
     t = load_table(table)
     seeds = t.seeds if seeds is None else seeds  # 0 is refused, not read as "not given"
-    recipe = select_recipe(model, cache=cache, default=t.model)
+    recipe = select_recipe(model_of(t, model, preset), cache=cache, default=t.model)
     kinds = sorted({r.get("loss", recipe.loss.get("kind", LossConfig.kind)) for _, r in t.rows})
     tcfg, lcfg = recipe_configs(recipe, train, loss, kinds=kinds)
     members, row_of = table_members(t, lcfg, seeds)
@@ -269,6 +288,12 @@ def run_table(table: str | Path, model: str | None = None, cache: str | Path | N
                       f"{seeds} seeds")
         title = (f"{t.name}: {recipe.name}, {level}-level {spread} (validation: "
                  f"{metrics['validation']})")
+        notes = []
+        if t.release_row and cv is None:
+            row, note = release_row(t, recipe, data, tcfg, data.rows(tcfg.eval_split),
+                                    level)
+            rows[:0] = [row] if row else []
+            notes += [note] if note else []
         text, md, csv_rows = render(t, heads, [probe, *rows],
                                     show_reference=real and level == t.level and cv is None)
         write_table(folder, md, csv_rows, title)
@@ -287,9 +312,34 @@ def run_table(table: str | Path, model: str | None = None, cache: str | Path | N
         elif t.compare:
             text += f"\n\n(no comparison with {t.compare!r} under --cv: it resamples the eval " \
                     f"split's systems)"
-        made.update(title=title, text=text, shown=real and level == t.level and cv is None)
+        made.update(title=title, text=text, shown=real and level == t.level and cv is None,
+                    notes=notes)
 
     folder, metrics, result, data = run_experiment(recipe, members, tcfg, cache, out, force,
                                                    extra=write, **run_opts)
     return {"folder": folder, "title": made["title"], "text": made["text"], "result": result,
-            "reference_shown": made["shown"], "metrics": metrics, "recipe": recipe}
+            "reference_shown": made["shown"], "metrics": metrics, "recipe": recipe,
+            "notes": made["notes"]}
+
+
+def release_row(table: TableRecipe, recipe, cache, tcfg, rows, level: str):
+    """(the row of the released Audiobox-Aesthetics model scored zero-shot on `rows`, at
+    `level`, or None; a note saying why there is none). The release is the checkpoint the
+    cache was extracted with (or --release-checkpoint, the same file)."""
+    from ..train.aes_release import clip_scores, read_release
+    from ..train.runs import head_metrics
+
+    try:
+        rel = read_release(cache, tcfg.release_checkpoint)
+        axis = rel.for_heads(recipe.heads)
+    except QamroError as e:
+        return None, f"no {table.release_row!r} row: {e}"
+    scores = clip_scores(cache, {h: rel.heads[a] for h, a in axis.items()},
+                         {h: rel.stats[a] for h, a in axis.items()})
+    figures = head_metrics(cache, recipe.heads, scores, rows, tcfg.bootstrap,
+                           " (released model)")
+    out: dict[str, Any] = {"row": table.release_row, "n": None}
+    for h in recipe.heads:
+        for fig in table.figures:
+            out[(h.name, fig)] = (figures[h.name][level].get(fig), None)
+    return out, None

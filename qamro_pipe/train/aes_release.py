@@ -2,15 +2,26 @@
 
 `release_heads` copies an `AesMultiOutput`'s per-axis layer weights and MLPs into batched
 heads (one member each) with the model's own target transform, so scores computed from a
-cache of per-layer window features equal the original model's scores for the same audio."""
+cache of per-layer window features equal the original model's scores for the same audio.
+
+`read_release` does the same from the checkpoint file the cache was extracted from, read as
+data only: for `--init release` (every member starts from the released heads, as the
+published track 2 code does), `--label-stats release` (the heads standardise labels by the
+release's target mean and std) and Table II's zero-shot row (`clip_scores`)."""
 from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from ..errors import QamroError
+from ..store.reader import Cache
+from ..weights import read_aes_checkpoint, sha256_file
 from .heads import BatchedMLP, HeadSpec
 from .inputs import Units, head_inputs, units_for
-from ..store.reader import Cache
 
 AXES = ("PQ", "PC", "CE", "CU")  # the order of the paper's Table II
 N_LAYERS, WIDTH = 13, 768
@@ -24,20 +35,99 @@ def release_head_spec(axis: str) -> HeadSpec:
 
 def release_heads(model) -> tuple[dict[str, BatchedMLP], dict[str, tuple[float, float]]]:
     """AesMultiOutput -> ({axis: head}, {axis: (mean, std)}) with identical numbers."""
+    return heads_from_state(model.state_dict(), model.target_transform)
+
+
+def heads_from_state(state: dict[str, torch.Tensor], target_transform) \
+        -> tuple[dict[str, BatchedMLP], dict[str, tuple[float, float]]]:
+    """An AesMultiOutput state dict ("layer_weights.PQ", "proj_layer.PQ.0.weight", ...) ->
+    ({axis: head}, {axis: (mean, std)}). The projection's modules are told apart by their
+    weights (a Linear's is 2-d, a LayerNorm's 1-d; GELU and Dropout have none), so the
+    release's module numbering need not be ours."""
     heads, stats = {}, {}
-    for axis in model.axes_name:
-        seq = model.proj_layer[axis]
-        n_linear = sum(isinstance(m, torch.nn.Linear) for m in seq)
-        layer_norm = any(isinstance(m, torch.nn.LayerNorm) for m in seq)
-        head = BatchedMLP([0], WIDTH, (WIDTH,) * (n_linear - 1), "gelu", axis, layer_norm,
-                          N_LAYERS)
-        state = {k: v.detach().float() for k, v in seq.state_dict().items()}
-        state["layer_weights"] = model.layer_weights[axis].detach().float()
-        head.load_member(0, state)
+    for axis in [a for a in AXES if f"layer_weights.{a}" in state]:
+        prefix = f"proj_layer.{axis}."
+        modules = sorted({int(k[len(prefix):].split(".")[0]) for k in state
+                          if k.startswith(prefix)})
+        linear = [i for i in modules if state[f"{prefix}{i}.weight"].dim() == 2]
+        layer_norm = len(modules) > len(linear)
+        step = 3 if layer_norm else 2  # our nn.Sequential numbering (heads._sequential_names)
+        ours = {"layer_weights": state[f"layer_weights.{axis}"]}
+        for n, i in enumerate(linear):
+            norm = i + 1 if layer_norm and i + 1 in modules and i + 1 not in linear else None
+            for part in ("weight", "bias"):
+                ours[f"{step * n}.{part}"] = state[f"{prefix}{i}.{part}"]
+                if norm is not None:  # the LayerNorm after a hidden Linear
+                    ours[f"{step * n + 1}.{part}"] = state[f"{prefix}{norm}.{part}"]
+        head = BatchedMLP([0], WIDTH, (WIDTH,) * (len(linear) - 1), "gelu", axis, layer_norm,
+                          N_LAYERS, init=False)
+        head.load_member(0, {k: v.detach().float() for k, v in ours.items()})
         heads[axis] = head
-        tt = (model.target_transform or {}).get(axis, {"mean": 0.0, "std": 1.0})
+        tt = (target_transform or {}).get(axis, {"mean": 0.0, "std": 1.0})
         stats[axis] = (float(tt["mean"]), float(tt["std"]))
     return heads, stats
+
+
+@dataclass
+class Release:
+    """The released heads read from one checkpoint file, by axis."""
+
+    path: Path
+    sha256: str
+    heads: dict[str, BatchedMLP]  # axis -> head (one member)
+    stats: dict[str, tuple[float, float]]  # axis -> (mean, std) of its target transform
+
+    def record(self, used_for: list[str]) -> dict[str, Any]:
+        return {"file": str(self.path), "sha256": self.sha256, "used_for": used_for}
+
+    def for_heads(self, heads: tuple[HeadSpec, ...]) -> dict[str, str]:
+        """head name -> the release axis it takes (its label); one error for a head whose
+        label the release has no head for."""
+        missing = [f"{h.name!r} ({h.label})" for h in heads if h.label not in self.heads]
+        if missing:
+            raise QamroError(f"{self.path}: the released model has heads for "
+                             f"{', '.join(self.heads)}, not for {', '.join(missing)}")
+        return {h.name: h.label for h in heads}
+
+
+def release_file(cache: Cache, given: str | Path | None = None) -> tuple[Path, str]:
+    """(path, sha256) of the release checkpoint for `cache`: `given`, else the file its
+    provenance names; either way it must be the file the cache's features were extracted
+    with (the same sha256), or the released heads would read another encoder's features."""
+    prov = (cache.meta.config or {}).get("provenance") or {}
+    want = prov.get("checkpoint_sha256")
+    if not want:
+        raise QamroError(f"{cache.path}: records no checkpoint it was extracted with (backbone "
+                         f"{cache.meta.backbone}, checkpoint {prov.get('checkpoint')!r}), so "
+                         f"the released Audiobox-Aesthetics heads cannot be matched with its "
+                         f"features")
+    if given is not None:
+        path = Path(given).expanduser()
+        if not path.is_file():
+            raise QamroError(f"--release-checkpoint {path}: no such file")
+    else:
+        where = prov.get("checkpoint_path")
+        path = Path(where) if where else None
+        if path is None or not path.is_file():
+            raise QamroError(f"{cache.path} was extracted with {where or prov.get('checkpoint')}"
+                             f", which is not there now; pass --release-checkpoint PATH (the "
+                             f"file with sha256 {want})")
+    sha = sha256_file(path)
+    if sha != want:
+        raise QamroError(f"{path}: sha256 {sha}, but {cache.path} was extracted with {want}: "
+                         f"the released heads would read another encoder's features")
+    return path, sha
+
+
+def read_release(cache: Cache, given: str | Path | None = None) -> Release:
+    """The released heads and target transform of `cache`'s checkpoint (`release_file`)."""
+    path, sha = release_file(cache, given)
+    _, transform, state = read_aes_checkpoint(path)
+    heads, stats = heads_from_state(state, transform)
+    if not heads:
+        raise QamroError(f"{path}: holds no Audiobox-Aesthetics heads (no layer_weights.PQ, "
+                         f"...)")
+    return Release(path, sha, heads, stats)
 
 
 @torch.no_grad()

@@ -227,7 +227,7 @@ def cv_summary(folds: Folds) -> dict[str, Any]:
 
 def run_cv(recipe: Recipe, data: Cache, members: list[Member], tcfg: TrainConfig,
            cv: CVConfig, out: Path, force: bool, kind: str, progress, resume: bool, extra,
-           sources=()):
+           sources=(), release=None):
     """Train the K folds and write the cross-validation folder whole (module docstring).
     `out` is already checked (run_experiment)."""
     from .resume import partial_dir
@@ -242,7 +242,8 @@ def run_cv(recipe: Recipe, data: Cache, members: list[Member], tcfg: TrainConfig
     tmp = staging(out)
     try:
         folder, metrics, result = _train_folds(recipe, data, members, tcfg, folds, out, tmp,
-                                               force, kind, progress, extra, sources)
+                                               force, kind, progress, extra, sources,
+                                               release)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -255,7 +256,7 @@ def run_cv(recipe: Recipe, data: Cache, members: list[Member], tcfg: TrainConfig
 
 def _train_folds(recipe: Recipe, data: Cache, members: list[Member], tcfg: TrainConfig,
                  folds: Folds, out: Path, tmp: Path, force: bool, kind: str, progress, extra,
-                 sources=()):
+                 sources=(), release=None):
     """Each fold trained (or resumed), written to tmp/fold-F, then the whole folder."""
     from .experiment import system_level_note, write_run
     from .resume import fingerprint, training_state
@@ -269,12 +270,13 @@ def _train_folds(recipe: Recipe, data: Cache, members: list[Member], tcfg: Train
     for f in range(k):
         view = fold_view(data, folds, f)
         note = system_level_note(view, recipe.heads, fold_cfg)
-        fp = fingerprint(view, recipe.heads, members, fold_cfg, label_range, sources)
+        fp = fingerprint(view, recipe.heads, members, fold_cfg, label_range, sources,
+                         release.sha256 if release else None)
         if hasattr(progress, "restart"):
             progress.restart(f"fold {f + 1}/{k}")
         with training_state(fold_out(out, f, k), fp, fold_cfg, force) as checkpoint:
             result = train(view, recipe.heads, members, fold_cfg, label_range=label_range,
-                           progress=progress, checkpoint=checkpoint)
+                           progress=progress, checkpoint=checkpoint, release=release)
         where = {"cv_fold": {"fold": f, "folds": k, "group": folds.cfg.group,
                              "held_out": folds.groups[f], "clips": len(folds.held_out[f])}}
         _, fm = write_run(recipe, view, members, fold_cfg, result, tmp / f"fold-{f}", False,

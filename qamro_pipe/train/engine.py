@@ -18,7 +18,7 @@ from .distribution import KIND as DIST_KIND, OutputBins, kl_term
 from .heads import BatchedMLP, HeadSpec, member_seed
 from .inputs import build_head
 from .listwise import listmle_term, listnet_term, spearman_term
-from .losses import LabelTerms, label_terms, pair_hinge, regression
+from .losses import LabelTerms, interval_table, label_terms, pair_hinge, regression
 from .state import HISTORY_COLUMNS, TrainState
 
 # the listwise kinds: (kind, term of listwise.py, the LossConfig setting it takes or None)
@@ -87,7 +87,8 @@ class Losses:
     member: predictions of the H heads are stacked along the member axis."""
 
     def __init__(self, members: list[Member], stats: list[tuple[float, float]],
-                 device: torch.device, label_range, kernel: str = "torch"):
+                 device: torch.device, label_range, kernel: str = "torch",
+                 labels: list[str] | None = None):
         n_heads = len(stats)
         if kernel != "torch":
             from .fused import available
@@ -97,10 +98,11 @@ class Losses:
                 raise QamroError(problem)
         self.kernel = kernel
         first = members[0].loss
+        shared = ("norm", "regression", "huber_delta", "quality_weight")
         for m in members:
-            if (m.loss.norm, m.loss.regression, m.loss.huber_delta) != \
-                    (first.norm, first.regression, first.huber_delta):
-                raise QamroError("members of one run must share norm and regression loss")
+            if any(getattr(m.loss, s) != getattr(first, s) for s in shared):
+                raise QamroError("members of one run must share norm, quality weight and "
+                                 "regression loss")
         self.k, self.n_heads = len(members), n_heads
 
         def t(vals):
@@ -131,6 +133,15 @@ class Losses:
         self.label_range = first.label_range or label_range
         if first.norm == "range" and self.label_range is None:
             raise QamroError("norm='range' needs a label range (the recipe's label_range)")
+        self.table = None  # [H*K, 9]: each head's interval table (by its label) for its
+        # QAMRO members; NaN rows (no table) for the others, whose pairs stay Eq. 1's
+        if first.quality_weight == "interval-table":
+            if labels is None or len(labels) != n_heads:
+                raise QamroError("the interval-table quality weight needs the heads' labels")
+            uses = torch.tensor([m.loss.kind == "qamro" for m in members] * n_heads)
+            tables = torch.stack([interval_table(lab) for lab in labels])  # [H, 9]
+            self.table = torch.where(uses[:, None], tables.repeat_interleave(self.k, dim=0),
+                                     math.nan).to(device, torch.float32)
 
     def terms(self, ys: list[torch.Tensor], bs: int) -> LabelTerms:
         """Per head labels [K or 1, n], in the order the rows are visited, cut into chunks of
@@ -143,7 +154,7 @@ class Losses:
         y = F.pad(y, (0, chunks * bs - n), value=math.nan)
         y = y.view(len(y), chunks, bs).transpose(0, 1).contiguous()
         t = label_terms(y, self.beta, self.cfg.norm, self.label_range, self.mean[:, 0],
-                        self.std[:, 0])
+                        self.std[:, 0], self.table)
         return t._replace(q=t.q * self.weight[:, None])  # the ranking term's weight, folded in
 
     def __call__(self, preds: list[torch.Tensor], t: LabelTerms, dist=None) -> torch.Tensor:
@@ -154,7 +165,8 @@ class Losses:
         pred = torch.cat(preds)  # [H*K, b]
         raw = pred * self.std + self.mean if self.scaled else pred
         reg = regression(pred, t, self.cfg.regression, self.cfg.huber_delta)
-        rank = pair_hinge(raw, t, self.alpha, self.margin, self.kernel)  # weight is in t.q
+        rank = pair_hinge(raw, t, self.alpha, self.margin, self.kernel,
+                          self.beta)  # the term's weight is in t.q
         for fn, setting, weight in self.listwise:
             rank = rank + torch.where(weight > 0, fn(raw, t.yn, setting) * weight, 0.0)
         if dist is not None:
@@ -190,7 +202,8 @@ class Engine:
                                  for v in self._model(h).views(f)]
                              for b, flats in self.buffers.items()}
         self.best = [state.best[h.name][rows].to(device) for h in ctx.heads]  # [K, P] per head
-        self.loss_fn = Losses(members, ctx.stats, device, ctx.label_range, cfg.pair_kernel)
+        self.loss_fn = Losses(members, ctx.stats, device, ctx.label_range, cfg.pair_kernel,
+                              [h.label for h in ctx.heads])
         self.perm_seeds = torch.tensor([member_seed(s, "shuffle") >> 1 for s in seeds],
                                        device=device)
         bs, nv = cfg.val_batch_size or cfg.batch_size, len(ctx.val_rows)

@@ -45,7 +45,35 @@ def recipe_configs(recipe: Recipe, train: dict[str, Any] | None = None,
     if lcfg.norm == "range" and lcfg.label_range is None:
         raise QamroError(f"--norm range needs the labels' scale: {recipe.where()} declares no "
                          f"label_range")
+    if lcfg.quality_weight == "interval-table":
+        check_interval_tables(recipe, tcfg)
     return tcfg, lcfg
+
+
+def check_interval_tables(recipe: Recipe, tcfg: TrainConfig) -> None:
+    """The published track 2 tables exist for its four axes, on the torch pair kernel."""
+    from .losses import INTERVAL_TABLES
+
+    other = [f"{h.name!r} ({h.label})" for h in recipe.heads if h.label not in INTERVAL_TABLES]
+    if other:
+        raise QamroError(f"--quality-weight interval-table: the published tables are for the "
+                         f"labels {', '.join(INTERVAL_TABLES)}; {recipe.where()} has heads "
+                         f"{', '.join(other)}")
+    if tcfg.pair_kernel != "torch":
+        raise QamroError("--quality-weight interval-table runs on --pair-kernel torch only "
+                         "(the fused kernel computes Eq. 3's weight)")
+
+
+def read_release_for(data: Cache, recipe: Recipe, tcfg: TrainConfig):
+    """The released heads the run starts from or takes its label statistics from (None when
+    neither): read once, before anything is written, since its file decides the numbers."""
+    if "release" not in (tcfg.init, tcfg.label_stats):
+        return None
+    from .aes_release import read_release
+
+    release = read_release(data, tcfg.release_checkpoint)
+    release.for_heads(recipe.heads)
+    return release
 
 
 def open_cache(recipe: Recipe, cache: str | Path | None) -> tuple[Cache, list[Source]]:
@@ -85,17 +113,19 @@ def run_experiment(recipe: Recipe | str, members: list[Member], tcfg: TrainConfi
     out = Path(out) if out else default_out(recipe, members, kind)
     clean_stale(out)  # what a killed run left: removed, or an interrupted --force finished
     check_out(out, force, data.path)  # refuse before spending time training
+    release = read_release_for(data, recipe, tcfg)  # before anything is written
     if cv is not None:
         from .cv import run_cv
 
         return run_cv(recipe, data, members, tcfg, cv, out, force, kind, progress, resume,
-                      extra, sources)
+                      extra, sources, release)
     system_note = system_level_note(data, recipe.heads, tcfg)  # before, not after, training
     label_range = tuple(recipe.label_range) if recipe.label_range else None
-    fp = fingerprint(data, recipe.heads, members, tcfg, label_range, sources)
+    fp = fingerprint(data, recipe.heads, members, tcfg, label_range, sources,
+                     release.sha256 if release else None)
     with training_state(out, fp, tcfg, force, resume) as checkpoint:
         result = train(data, recipe.heads, members, tcfg, label_range=label_range,
-                       progress=progress, checkpoint=checkpoint)
+                       progress=progress, checkpoint=checkpoint, release=release)
         folder, metrics = write_run(recipe, data, members, tcfg, result, out, force, kind,
                                     system_note, extra=extra, sources=sources)
         discard(out)
@@ -142,6 +172,7 @@ def write_run(recipe: Recipe, data: Cache, members: list[Member], tcfg: TrainCon
         "device": result.device, "seconds": round(result.seconds, 3),
         "epochs_run": result.epochs_run, "cost": cost(result),
         "label_stats": {h: list(v) for h, v in result.label_stats.items()},
+        "release": result.release,
         "failures": {str(k): v for k, v in result.failures.items()},
         "warnings": {str(k): v for k, v in result.warnings.items()}, **(more_config or {})}
 

@@ -10,6 +10,11 @@ For pairs P = {(i, j): y_i != y_j}:
 QAMRO is m = 0; the fixed-margin ranking loss L_MR is alpha = 0, beta = 1, m = margin.
 Ordered pairs are used: each unordered pair appears twice with the same term, so the mean
 equals the mean over unordered pairs.
+
+The published track 2 code weighs pairs differently (`interval_weights`): q_ij = 1 + (beta - 1)
+max(w(y_i), w(y_j)) with w a per-axis table over MOS intervals that is not monotone in the
+label, and pairs with a label outside [1, 10] left out. That needs the whole pair-weight
+matrix (`_PairHingeMatrix`); Eq. 3 keeps its per-row fast path (`_PairHinge`).
 """
 from __future__ import annotations
 
@@ -18,6 +23,42 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+
+# The published track 2 quality weight (github.com/JethroWangSir/QAMRO, track2/loss.py,
+# preference_aware_pamr_loss): per axis, a hand-set value for each MOS interval [1, 2), [2, 3),
+# ..., [8, 9), [9, 10], here in that order, scaled to [0, 1] by the table's min and max there.
+INTERVAL_TABLES = {
+    "PQ": (0.0, 0.0, 4.5, 6.5, 7.5, 9.5, 8.5, 5.5, 0.0),
+    "PC": (8.5, 6.5, 9.5, 7.5, 4.5, 5.5, 3.5, 0.0, 0.0),
+    "CE": (0.0, 4.5, 7.5, 6.5, 8.5, 9.5, 5.5, 0.0, 0.0),
+    "CU": (0.0, 0.0, 5.5, 6.5, 7.5, 9.5, 8.5, 4.5, 0.0),
+}
+INTERVAL_SCALE = (1.0, 10.0)  # the intervals' span; a label outside it is in no pair
+
+
+def interval_table(axis: str) -> torch.Tensor:
+    """An axis's table scaled to [0, 1] as the published code scales it: [9] float64."""
+    if axis not in INTERVAL_TABLES:
+        raise ValueError(f"no published interval table for label {axis!r} (the tables are "
+                         f"for {', '.join(INTERVAL_TABLES)})")
+    v = torch.tensor(INTERVAL_TABLES[axis], dtype=torch.float64)
+    span = v.max() - v.min()
+    return (v - v.min()) / span if span > 0 else v
+
+
+def interval_weights(y: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels [..., B] and tables [..., 9] (one per leading row, or one for all) -> (each
+    label's table value w [..., B], whether it takes part in pairs [..., B]: lies in
+    [1, 10]). A row whose table is all NaN has no table: w = 0 and every label takes part
+    (L_MR and regression-only members of a run whose QAMRO members use the tables)."""
+    lo, hi = INTERVAL_SCALE
+    n = table.shape[-1]
+    free = torch.isnan(table).all(-1, keepdim=True)  # [..., 1]
+    inside = ((y >= lo) & (y <= hi)) | free
+    idx = (y.clamp(lo, hi).floor() - lo).clamp(max=n - 1).long()  # 10 belongs to [9, 10]
+    table = table.to(y.dtype).nan_to_num(0.0).expand(*y.shape[:-1], n)
+    return torch.gather(table, -1, idx), inside
 
 
 def _per_member(x, k: int, like: torch.Tensor) -> torch.Tensor:
@@ -64,10 +105,12 @@ class LabelTerms(NamedTuple):
     y_reg: torch.Tensor  # [..., B] the regression target ((y - mean) / std), 0 where unknown
     w_reg: torch.Tensor  # [..., B] 1 / (known labels) where the label is known, else 0
     n_pairs: torch.Tensor  # [..., 1] pairs with y_i > y_j, at least 1 (none: loss 0)
+    w: torch.Tensor | None = None  # [..., B] interval-table weight of each label (then q is
+    # 1 / n_pairs and the pair weight is q (1 + (beta - 1) max(w_i, w_j))); None: Eq. 3
 
     def select(self, index) -> "LabelTerms":
         """The same index (e.g. a step number) applied to every field's leading dims."""
-        return LabelTerms(*(t[index] for t in self))
+        return LabelTerms(*(None if t is None else t[index] for t in self))
 
 
 def _col(x, like: torch.Tensor) -> torch.Tensor:
@@ -77,23 +120,29 @@ def _col(x, like: torch.Tensor) -> torch.Tensor:
 
 def label_terms(target: torch.Tensor, beta=1.0, norm: str = "batch",
                 label_range: tuple[float, float] | None = None, mean=0.0,
-                std=1.0) -> LabelTerms:
+                std=1.0, table: torch.Tensor | None = None) -> LabelTerms:
     """Labels [..., B] (NaN = unknown) -> LabelTerms. beta, mean and std are floats or
-    tensors of the leading shape (per member)."""
+    tensors of the leading shape (per member). `table` ([..., 9], `interval_table`) gives the
+    published track 2 quality weight instead of Eq. 3's; labels outside [1, 10] then take
+    part in no pair (they still count in the regression term)."""
     with torch.no_grad():
         known = torch.isfinite(target)
         y = torch.where(known, target, 0.0)
-        ny = normalise_labels(y, known, norm, label_range)
-        q = 1 + (_col(beta, y) - 1) * ny
-        # pairs with y_i > y_j, counted without the [B, B] matrix: for each known label,
-        # how many labels sort strictly below it (unknown ones sort above everything)
-        ranked = torch.where(known, target, math.inf).sort(-1).values
+        if table is None:
+            paired, w = known, None
+            q = 1 + (_col(beta, y) - 1) * normalise_labels(y, known, norm, label_range)
+        else:
+            w, inside = interval_weights(y, table)
+            paired, q = known & inside, torch.ones_like(y)
+        # pairs with y_i > y_j, counted without the [B, B] matrix: for each paired label,
+        # how many labels sort strictly below it (unpaired ones sort above everything)
+        ranked = torch.where(paired, target, math.inf).sort(-1).values
         below = torch.searchsorted(ranked, y, side="left")
-        n_pairs = (below * known).sum(-1, keepdim=True).clamp_min(1).to(y.dtype)
+        n_pairs = (below * paired).sum(-1, keepdim=True).clamp_min(1).to(y.dtype)
         y_reg = torch.where(known, (target - _col(mean, y)) / _col(std, y), 0.0)
         n_known = known.sum(-1, keepdim=True).clamp_min(1).to(y.dtype)
-        return LabelTerms(y, torch.where(known, target, math.nan), q / n_pairs, y_reg,
-                          known / n_known, n_pairs)
+        return LabelTerms(y, torch.where(paired, target, math.nan), q / n_pairs, y_reg,
+                          known / n_known, n_pairs, w)
 
 
 class _PairHinge(torch.autograd.Function):
@@ -127,10 +176,42 @@ class _PairHinge(torch.autograd.Function):
         return grad[:, None] * g, None, None, None, None, None
 
 
+class _PairHingeMatrix(torch.autograd.Function):
+    """sum_{y_i > y_j} W_ij relu(a_i - u_j) per member, for a pair weight that is no per-row
+    factor: W_ij = q_i (1 + (beta - 1) max(w_i, w_j)) (q_i: the weight over the pair count,
+    the same in a row). With A = 1[hinge > 0], dL/dp_a = sum_i W_ia A_ia - sum_j W_aj A_aj:
+    the column sums of W A minus its row sums."""
+
+    @staticmethod
+    def forward(ctx, pred, y, yn, q, w, alpha, margin, beta):
+        # pred, y, yn, q, w [K, B]; alpha, margin, beta [K, 1]
+        u = torch.addcmul(-pred, alpha, y)  # [K, B]
+        above = yn[:, :, None] > yn[:, None, :]  # [K, B, B]: the pairs with y_i > y_j
+        hinge = ((u + margin)[:, :, None] - u[:, None, :]).clamp_min_(0)
+        weight = torch.maximum(w[:, :, None], w[:, None, :]).mul_((beta - 1)[:, :, None])
+        weight = weight.add_(1).mul_(q[:, :, None]).mul_(above)  # [K, B, B]
+        loss = (weight * hinge).sum((1, 2))
+        if ctx.needs_input_grad[0]:
+            act = weight.mul_(hinge > 0)
+            ctx.save_for_backward(act.sum(1) - act.sum(2))  # [K, B]
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):  # grad [K]
+        (g,) = ctx.saved_tensors
+        return grad[:, None] * g, None, None, None, None, None, None, None
+
+
 def pair_hinge(pred: torch.Tensor, t: LabelTerms, alpha, margin,
-               kernel: str = "torch") -> torch.Tensor:
+               kernel: str = "torch", beta=None) -> torch.Tensor:
     """The pair loss of predictions [K, B] given their LabelTerms: [K]. kernel="triton" runs
-    the same computation as one fused kernel (fused.py; CUDA)."""
+    the same computation as one fused kernel (fused.py; CUDA). Terms with interval-table
+    weights (t.w) take the pair-weight matrix path, which needs `beta` (float or [K])."""
+    if t.w is not None:
+        if kernel != "torch":
+            raise ValueError("the interval-table quality weight runs with kernel='torch' only")
+        return _PairHingeMatrix.apply(pred, t.y, t.yn, t.q, t.w, _col(alpha, pred),
+                                      _col(margin, pred), _col(beta, pred))
     fn = _PairHinge
     if kernel == "triton":
         from .fused import PairHingeTriton as fn
@@ -155,13 +236,25 @@ def regression(pred: torch.Tensor, t: LabelTerms, kind: str = "huber",
 
 def pairwise_ranking_loss(pred: torch.Tensor, target: torch.Tensor, alpha=0.0, beta=1.0,
                           margin=0.0, norm: str = "batch",
-                          label_range: tuple[float, float] | None = None) -> torch.Tensor:
-    """The general pair loss both QAMRO and L_MR are instances of (see module docstring)."""
+                          label_range: tuple[float, float] | None = None,
+                          table: torch.Tensor | None = None) -> torch.Tensor:
+    """The general pair loss both QAMRO and L_MR are instances of (see module docstring);
+    with `table`, the published track 2 quality weight instead of Eq. 3's."""
     pred, target, squeeze = _as_batched(pred, target)
     k = pred.shape[0]
-    t = label_terms(target, _per_member(beta, k, pred), norm, label_range)
-    loss = pair_hinge(pred, t, _per_member(alpha, k, pred), _per_member(margin, k, pred))
+    beta = _per_member(beta, k, pred)
+    t = label_terms(target, beta, norm, label_range, table=table)
+    loss = pair_hinge(pred, t, _per_member(alpha, k, pred), _per_member(margin, k, pred),
+                      beta=beta)
     return loss[0] if squeeze else loss
+
+
+def interval_table_loss(pred: torch.Tensor, target: torch.Tensor, axis: str, alpha=0.2,
+                        beta=7.0) -> torch.Tensor:
+    """The published track 2 ranking loss of one axis (PQ, PC, CE or CU): Eq. 2 with the
+    interval-table quality weight, on the labels' 0-10 scale."""
+    return pairwise_ranking_loss(pred, target, alpha=alpha, beta=beta,
+                                 table=interval_table(axis))
 
 
 def qamro_loss(pred: torch.Tensor, target: torch.Tensor, alpha=0.2, beta=7.0,

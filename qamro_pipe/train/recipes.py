@@ -100,14 +100,15 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
 
 
 def shipped_recipes() -> list[Recipe]:
-    """The model recipes in stages/ (table recipes, which have no heads, are left out)."""
+    """The model recipes in stages/ (table recipes, which have no heads, are left out), the
+    one named after its dataset before its presets (musiceval before musiceval-code)."""
     out = []
     for p in sorted(STAGES_DIR.glob("*.toml")):
         try:
             out.append(load_recipe(p))
         except QamroError:
             continue
-    return out
+    return sorted(out, key=lambda r: r.name != r.dataset)
 
 
 def recipe_from_cache(cache) -> Recipe:

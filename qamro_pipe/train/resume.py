@@ -25,8 +25,9 @@ from .state import TrainState, read_fingerprint
 from .trainer import Checkpoint
 
 STATE_FILE = "state.safetensors"
-# settings that change no number a member computes: a run resumes across them
-NOT_IN_FINGERPRINT = ("device", "bootstrap", "checkpoint_seconds")
+# settings that change no number a member computes: a run resumes across them (the release
+# file's place is one: its sha256 is in the fingerprint)
+NOT_IN_FINGERPRINT = ("device", "bootstrap", "checkpoint_seconds", "release_checkpoint")
 
 
 def partial_dir(out: Path) -> Path:
@@ -35,9 +36,12 @@ def partial_dir(out: Path) -> Path:
 
 
 def fingerprint(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
-                cfg: TrainConfig, label_range, sources=()) -> str:
+                cfg: TrainConfig, label_range, sources=(),
+                release_sha256: str | None = None) -> str:
     """sha256 of everything that decides a run's numbers; `sources`, the other caches the
-    heads read features from (joined.Source), by their key and the digest of their rows."""
+    heads read features from (joined.Source), by their key and the digest of their rows;
+    `release_sha256`, the release checkpoint the heads start from or take their label
+    statistics from."""
     h = hashlib.sha256()
     for arr in (cache.ids, cache.splits, cache.systems):
         h.update("\n".join(map(str, arr)).encode())
@@ -48,6 +52,8 @@ def fingerprint(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member]
                             "heads": to_jsonable(heads), "members": to_jsonable(members),
                             "train": train, "label_range": label_range,
                             "qamro_pipe": __version__}
+    if release_sha256:
+        what["release_sha256"] = release_sha256
     if sources:  # only then: a run reading one cache keeps the fingerprint it had
         what["feature_caches"] = [{"name": s.name, "key": s.key, "rows": s.rows}
                                   for s in sources]

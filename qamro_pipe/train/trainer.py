@@ -21,9 +21,10 @@ import torch
 from ..config import Member, TrainConfig
 from ..errors import Interrupted, QamroError
 from ..store.reader import Cache
+from .aes_release import Release, read_release
 from .engine import Context, Engine, Plan, optimizer_buffers
 from .distribution import output_bins, smoothed_targets
-from .heads import HeadSpec
+from .heads import BatchedMLP, HeadSpec
 from .inputs import (build_head, column_order, head_inputs, input_width, label_col, label_stats,
                      predict_units, units_for)
 from .state import TrainState
@@ -89,6 +90,7 @@ class TrainResult:
     # early cost none after their stop)
     history: np.ndarray = field(default_factory=lambda: np.zeros((0, 8)))  # state.py's rows
     resumed_from: int = 0  # the epoch a resumed run started from (0: from scratch)
+    release: dict | None = None  # the release checkpoint read (file, sha256, what for)
 
 
 @dataclass(frozen=True)
@@ -117,8 +119,10 @@ class Checkpoint:
 def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
           cfg: TrainConfig = TrainConfig(), label_range=None,
           progress: Callable[[Progress], None] | None = None,
-          checkpoint: Checkpoint | None = None) -> TrainResult:
-    """Train every member of every head on `cache`; returns best-weight predictions."""
+          checkpoint: Checkpoint | None = None, release: Release | None = None) -> TrainResult:
+    """Train every member of every head on `cache`; returns best-weight predictions.
+    `release`: the released heads for cfg.init / cfg.label_stats "release" (read from the
+    cache's checkpoint when not given)."""
     if not members:
         raise QamroError("nothing to train: no members")
     t0 = time.perf_counter()
@@ -128,10 +132,18 @@ def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
     for h in heads:
         if not np.isfinite(cache.labels[split.train, label_col(cache, h)]).any():
             raise QamroError(f"{cache.path}: labels of head {h.name!r} are all NaN in train")
+    uses_release = [w for w, v in (("init", cfg.init), ("label_stats", cfg.label_stats))
+                    if v == "release"]
+    if uses_release and release is None:
+        release = read_release(cache, cfg.release_checkpoint)
+    axis = release.for_heads(heads) if uses_release else {}
     units = units_for(cache, heads)
     shared, plan = _inputs(cache, heads, device)
     X = {h.name: shared[h.features] for h in heads}
     stats = {h.name: label_stats(cache, h, split.train) for h in heads}
+    if cfg.label_stats == "release":  # the published track 2 code's (mean, std)
+        stats = {h.name: release.stats[axis[h.name]] if h.standardize else (0.0, 1.0)
+                 for h in heads}
     ctx = Context(
         heads=heads, members=list(members), plan=plan,
         x_shapes={h.name: tuple(X[h.name].shape) for h in heads},
@@ -144,8 +156,8 @@ def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
     models = {h.name: build_head(h, seeds, ctx.x_shapes[h.name], cfg,
                                  **ctx.bins_of(h, range(len(members)))) for h in heads}
     state = checkpoint.resume if checkpoint and checkpoint.resume else TrainState.fresh(
-        {h: m.by_member().detach() for h, m in models.items()}, optimizer_buffers(cfg),
-        cfg.max_epochs)
+        initial_weights(models, release if cfg.init == "release" else None, axis),
+        optimizer_buffers(cfg), cfg.max_epochs)
     resumed_from, spent = state.epoch, state.seconds
     with _matmul_precision(cfg.matmul_precision):
         _fit(ctx, state, progress, checkpoint)
@@ -166,7 +178,33 @@ def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
         label_stats=stats, device=str(device), epochs_run=state.epoch,
         seconds=spent + time.perf_counter() - t0,
         member_epochs=state.member_epochs, history=state.history_array(),
-        resumed_from=resumed_from)
+        resumed_from=resumed_from,
+        release=release.record(uses_release) if uses_release else None)
+
+
+def initial_weights(models: dict[str, BatchedMLP], release: Release | None,
+                    axis: dict[str, str]) -> dict[str, torch.Tensor]:
+    """head -> [K, P] weights training starts from: each member's own seeded ones, or with
+    `release` the released head of the head's axis for every member (seeds then decide only
+    the shuffling), refused when the head is not shaped like the release's."""
+    if release is None:
+        return {h: m.by_member().detach() for h, m in models.items()}
+    out = {}
+    for h, m in models.items():
+        theirs = release.heads[axis[h]]
+        if m.layout != theirs.layout or m.activation != theirs.activation:
+            raise QamroError(f"--init release: head {h!r} is not shaped like the released "
+                             f"{axis[h]} head (ours: {_shape(m)}; the release's: "
+                             f"{_shape(theirs)}); give it the release's shape, as the "
+                             f"aes-natural recipe does")
+        out[h] = theirs.by_member().detach().expand(m.k, -1).clone()
+    return out
+
+
+def _shape(m: BatchedMLP) -> str:
+    dims = [m.in_dim, *m.hidden, 1]
+    return (f"{m.n_layers} layers x " if m.n_layers else "") + " -> ".join(map(str, dims)) + \
+        (", LayerNorm" if m.layer_norm else "") + f", {m.activation}"
 
 
 def distribution_targets(cache: Cache, heads, units, members, label_range, device) -> dict:

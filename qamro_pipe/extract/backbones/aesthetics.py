@@ -12,14 +12,14 @@ Windows are padded to 10 s and masked exactly as audiobox_aesthetics.infer's
 """
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import numpy as np
 
 from ...errors import QamroError
+from ...weights import AES_HEAD_CFG_KEYS as HEAD_CFG_KEYS, read_aes_checkpoint
 from .base import Backbone, FeatureSpec, register_backbone, seeded_init
-from .weights import Release, read_checkpoint
+from .weights import Release
 
 # the file audiobox_aesthetics.utils.load_model downloads (DEFAULT_HF_REPO, DEFAULT_CKPT_FNAME),
 # at the repository's commit 9b1dd8e5 (the head of main in the snapshots users pinned in 2025-26)
@@ -27,10 +27,7 @@ RELEASE = Release("facebook/audiobox-aesthetics", "9b1dd8e5df9af7216e836a98974fe
                   "checkpoint.pt")
 N_LAYERS = 13  # WavLM-base: the pre-transformer features and 12 transformer layers
 WIDTH = 768
-# AesMultiOutput arguments that the release checkpoint's model_cfg carries (read as infer.py
-# reads them); the values are the release heads', used for random weights
-HEAD_CFG_KEYS = ("proj_num_layer", "proj_ln", "proj_act_fn", "proj_dropout", "nth_layer",
-                 "use_weighted_layer_sum", "precision", "normalize_embed", "output_dim")
+# the release heads' model_cfg (HEAD_CFG_KEYS), used for random weights
 RELEASE_HEAD_CFG = dict(proj_num_layer=5, proj_ln=True, proj_act_fn="gelu", proj_dropout=0.0,
                         nth_layer=N_LAYERS, use_weighted_layer_sum=True, precision="32",
                         normalize_embed=True, output_dim=1)
@@ -112,20 +109,3 @@ def build_aes(head_cfg: dict, target_transform):
     with seeded_init():
         return AesMultiOutput(**{k: head_cfg[k] for k in HEAD_CFG_KEYS},
                               target_transform=target_transform)
-
-
-def read_aes_checkpoint(path) -> tuple[dict, Any, dict]:
-    """(model_cfg, target_transform, state_dict) of a release-format checkpoint.pt, read as
-    data only (weights.read_checkpoint)."""
-    from pathlib import Path
-
-    ckpt = read_checkpoint(Path(path), "aesthetics")
-    if not isinstance(ckpt, dict) or not {"model_cfg", "state_dict"} <= set(ckpt):
-        raise QamroError(f"aesthetics: {path} is not an Audiobox-Aesthetics checkpoint "
-                         f"(expected keys model_cfg and state_dict)")
-    missing = [k for k in HEAD_CFG_KEYS if k not in ckpt["model_cfg"]]
-    if missing:
-        raise QamroError(f"aesthetics: {path}: model_cfg lacks {missing}")
-    # as infer.py: Lightning's "model." prefix off (its unescaped "." matches any character)
-    state = {re.sub("^model.", "", k): v for k, v in ckpt["state_dict"].items()}
-    return dict(ckpt["model_cfg"]), ckpt.get("target_transform"), state

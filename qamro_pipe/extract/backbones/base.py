@@ -19,9 +19,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ...errors import QamroError
-from .weights import (NETWORK_PROBE_SECONDS, RANDOM_WEIGHTS, Release, check_checkpoint_file,
-                      check_safetensors_file, hub_endpoint, hub_reachable, offline_mode,
-                      sha256_file)
+from ...weights import check_checkpoint_file, check_safetensors_file, sha256_file
+from .weights import (NETWORK_PROBE_SECONDS, RANDOM_WEIGHTS, Release, hub_endpoint,
+                      hub_reachable, offline_mode)
 
 REGISTRY: dict[str, type["Backbone"]] = {}
 
@@ -67,13 +67,24 @@ class Backbone:
     window_seconds: ClassVar[float]  # long clips are cut into windows of this length
     uses_text: ClassVar[bool] = False  # whether embed_texts produces features
     release: ClassVar[Release | None] = None  # the published weights; None: no weights
+    # how audio reaches the model: "resampled" to sample_rate and cut into windows, or also
+    # "published": the file's own samples, its first window_samples, read as if at
+    # sample_rate (what clap-music's published users did; their caches are keyed apart)
+    audio_inputs: ClassVar[tuple[str, ...]] = ("resampled",)
     weights_format: ClassVar[str] = "torch"  # "torch" (torch.save) or "safetensors"
 
     def __init__(self, checkpoint: str | None = None, device: str = "cpu",
                  precision: str = "fp32", offline: bool | None = None,
-                 tokenizer_dir: str | None = None):
+                 tokenizer_dir: str | None = None, audio_input: str = "resampled"):
         if precision not in ("fp32", "bf16", "fp16"):
             raise QamroError(f"unknown precision {precision!r}; use fp32, bf16 or fp16")
+        if audio_input not in self.audio_inputs:
+            takes = sorted(n for n, c in REGISTRY.items()
+                           if "@" not in n and audio_input in c.audio_inputs)
+            raise QamroError(f"--clap-input {audio_input}: the {self.name} backbone takes "
+                             f"{', '.join(self.audio_inputs)} only ({audio_input} is for "
+                             f"{', '.join(takes) or 'no backbone'})")
+        self.audio_input = audio_input
         self.checkpoint = checkpoint
         self.device = device
         self.precision = precision
@@ -90,6 +101,25 @@ class Backbone:
     @property
     def window_samples(self) -> int:
         return int(round(self.sample_rate * self.window_seconds))
+
+    @property
+    def decode_rate(self) -> int | None:
+        """The rate clips are decoded at: sample_rate, or None (the published input) for the
+        file's own rate, unresampled."""
+        return None if self.audio_input == "published" else self.sample_rate
+
+    @property
+    def max_frames(self) -> int | None:
+        """The published input keeps a clip's first window_samples samples; else all."""
+        return self.window_samples if self.audio_input == "published" else None
+
+    def input_key(self) -> dict[str, Any]:
+        """What the cache key adds for an input other than the resampled one (nothing for it,
+        so caches made before this option keep their key)."""
+        if self.audio_input == "resampled":
+            return {}
+        return {"audio_input": self.audio_input, "resampler": "none",
+                "input_frames": self.window_samples}
 
     def feature_specs(self) -> dict[str, FeatureSpec]:
         raise NotImplementedError
@@ -112,7 +142,7 @@ class Backbone:
         """JSON-plain description of what produces the numbers; the cache key."""
         return {"backbone": self.key, "sample_rate": self.sample_rate,
                 "window_seconds": self.window_seconds, "precision": self.precision,
-                **self._provenance}
+                **self.input_key(), **self._provenance}
 
     def identity(self, texts: bool = False) -> dict[str, str]:
         """What, besides the code, decides the numbers: {"weights": "sha256:<file's>"} for a
@@ -146,7 +176,9 @@ class Backbone:
                     check_safetensors_file(path, self.name)
                 else:
                     check_checkpoint_file(path, self.name)
-                self._provenance.update(checkpoint=path.name, checkpoint_sha256=sha256_file(path))
+                # where it was, for stage 2 to read it again (the sha256 says if it still is)
+                self._provenance.update(checkpoint=path.name, checkpoint_sha256=sha256_file(path),
+                                        checkpoint_path=str(path.resolve()))
                 if self.release.companions:
                     self._provenance.update(companions_sha256={
                         c: sha256_file(path.with_name(c)) for c in self.release.companions})
