@@ -47,10 +47,10 @@ table1: $(STAMP)
 table2: $(STAMP)
 	$(BIN)/qamro-pipe table --recipe table2 $(TABLE_OPTS)
 
-# every loss on one cache, N seeds, each compared with QAMRO (docs/losses.md);
-# e.g. make table-losses TABLE_ARGS="--model demo" after make demo
+# every loss on one cache, N seeds, each compared with QAMRO (docs/losses.md); PRESET and
+# CACHE as above, or MODEL=demo (the demo cache, after make demo)
 table-losses: $(STAMP)
-	$(BIN)/qamro-pipe table --recipe table-losses $(TABLE_ARGS)
+	$(BIN)/qamro-pipe table --recipe table-losses $(TABLE_OPTS) $(if $(MODEL),--model $(MODEL))
 
 clean:
 	rm -rf $(VENV) build *.egg-info
