@@ -36,16 +36,10 @@ def sha256_file(path: str | Path) -> str:
 def check_checkpoint_file(path: Path, who: str) -> None:
     """Cheap checks that find the usual wrong files before anything is loaded or written: an
     interrupted download, a Git LFS pointer, a web page or other text, a cut-off archive."""
-    size = path.stat().st_size
+    size, head = _start(path, f"{who}: checkpoint {path}: not a PyTorch checkpoint (a")
     if size == 0:
         raise QamroError(f"{who}: checkpoint {path}: empty file (0 bytes): interrupted "
                          f"download? Fetch it again")
-    with open(path, "rb") as f:
-        head = f.read(64)
-    if head.startswith(LFS_POINTER):
-        raise QamroError(f"{who}: checkpoint {path}: not a PyTorch checkpoint (a Git LFS "
-                         f"pointer of {size} bytes, not the file it points to): run `git lfs "
-                         f"pull` in that clone or download the file itself")
     if head.startswith(ZIP_MAGIC):
         if not zipfile.is_zipfile(path):
             raise QamroError(f"{who}: checkpoint {path}: truncated or damaged zip archive "
@@ -58,16 +52,22 @@ def check_checkpoint_file(path: Path, who: str) -> None:
                          f"starting {head[:24]!r}, neither a zip archive nor a pickle)")
 
 
-def check_safetensors_file(path: Path, who: str) -> None:
-    """The same cheap checks for a safetensors file: 8 bytes giving the length of a JSON
-    header, the header, then the tensors' bytes."""
+def _start(path: Path, refusal: str) -> tuple[int, bytes]:
+    """A weights file's size and first 64 bytes; a Git LFS pointer (what `git clone` without
+    git-lfs leaves) refused as `refusal` + what it is."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(64)
     if head.startswith(LFS_POINTER):
-        raise QamroError(f"{who}: weights {path}: a Git LFS pointer of {size} bytes, not the "
-                         f"file it points to: run `git lfs pull` in that clone or download "
-                         f"the file itself")
+        raise QamroError(f"{refusal} Git LFS pointer of {size} bytes, not the file it points "
+                         f"to): run `git lfs pull` in that clone or download the file itself")
+    return size, head
+
+
+def check_safetensors_file(path: Path, who: str) -> None:
+    """The same cheap checks for a safetensors file: 8 bytes giving the length of a JSON
+    header, the header, then the tensors' bytes."""
+    size, head = _start(path, f"{who}: weights {path}: not a safetensors file (a")
     n = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
     if size < 10 or not head[8:9] == b"{" or not 0 < n <= size - 8:
         kind = ("an empty file" if size == 0 else "text" if _looks_like_text(head)
