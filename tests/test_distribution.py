@@ -169,3 +169,19 @@ def test_settings_are_checked_before_any_work(synthetic_cache, tmp_path, args, m
     assert msg in r.output and "Traceback" not in r.output
     assert len([line for line in r.output.splitlines() if line.strip()]) == 1
     assert not out.exists()
+
+
+def test_sweep_table_columns_line_up_with_the_widest_loss_name():
+    """`sweep` prints one row per setting and head; "gaussian-kl" is longer than the loss
+    column once was, and every row's figures must still sit under their headers."""
+    from qamro_pipe.report.screen import sweep_table
+
+    rows = [{"loss": k, "alpha": a, "beta": b, "margin": None, "head": "overall",
+             "level": "system", "srcc": s}
+            for k, a, b, s in (("qamro", 0.2, 7.0, 0.9), ("gaussian-kl", None, None, 0.8),
+                               ("none", None, None, 0.7))]
+    header, *lines = sweep_table(rows).splitlines()
+    for name in ("alpha", "beta", "margin"):
+        end = header.index(name) + len(name)
+        assert {line[end - 1] for line in lines} <= set("0123456789-"), name
+    assert len({len(line) for line in lines}) == 1

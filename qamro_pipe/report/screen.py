@@ -72,7 +72,8 @@ def sweep_table(rows: list[dict[str, Any]]) -> str:
         if r.get("level") == level and r.get("srcc") is not None:
             pts.setdefault((r["loss"], r["alpha"], r["beta"], r["margin"], r["head"]),
                            []).append(r["srcc"])
-    lines = [f"{'loss':<9}{'alpha':>7}{'beta':>6}{'margin':>8}  {'head':<10}"
+    w = max([9] + [len(kind) + 2 for kind, *_ in pts])  # gaussian-kl is wider than "qamro"
+    lines = [f"{'loss':<{w}}{'alpha':>7}{'beta':>6}{'margin':>8}  {'head':<10}"
              f"{level + ' SRCC (mean ± sd over seeds)':>36}"]
 
     def num(x):
@@ -83,7 +84,7 @@ def sweep_table(rows: list[dict[str, Any]]) -> str:
         return kind, *(setting_order(x) for x in (a, b, m)), head
     for (kind, a, b, m, head), v in sorted(pts.items(), key=order):
         sd = f" ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else ""
-        lines.append(f"{kind:<9}{num(a):>7}{num(b):>6}{num(m):>8}  {head:<10}"
+        lines.append(f"{kind:<{w}}{num(a):>7}{num(b):>6}{num(m):>8}  {head:<10}"
                      f"{np.mean(v):>28.3f}{sd} (n={len(v)})")
     return "\n".join(lines)
 
