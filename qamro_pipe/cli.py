@@ -372,8 +372,10 @@ def table(
         typer.echo("(the paper's figures are shown only for its dataset, backbone and level, "
                    "without --cv)")
     pooled = ", table-pooled.md and .csv" if "cv" in res["metrics"] else ""
-    typer.echo(f"wrote {res['folder'] / 'table.md'} and table.csv{pooled}, probe.json "
-               f"({_cost(res['result'])})")
+    compared = (", compare.md, .csv and .json" if (res["folder"] / "compare.md").exists()
+                else "")
+    typer.echo(f"wrote {res['folder'] / 'table.md'} and table.csv{pooled}{compared}, "
+               f"probe.json ({_cost(res['result'])})")
 
 
 # -- using a run ----------------------------------------------------------------------------

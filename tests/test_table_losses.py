@@ -50,6 +50,7 @@ def test_table_losses_end_to_end_on_a_planted_cache(tmp_path):
     md = (out / "compare.md").read_text()
     assert f"n = {n} systems" in md and "P(> QAMRO)" in md and "not told apart" in md
     assert "P(> QAMRO)" in r.output and (out / "table.md").exists()
+    assert "compare.md, .csv and .json" in r.output  # the last line names every file written
 
 
 def test_a_compare_row_that_names_no_row_is_refused(tmp_path):
