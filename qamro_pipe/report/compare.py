@@ -128,19 +128,13 @@ def render_comparison(result: dict[str, Any], reference: str, seeds: int,
                       split: str) -> tuple[str, str, list[list[str]], str]:
     """(plain text, markdown, csv rows, footer) of the comparison."""
     heads = list(result)
-    header = ["model"] + [f"{h} {c}" for h in heads for c in (
-        "system SRCC [95% CI]", f"P(> {reference})", "system LCC [95% CI]",
-        "utterance SRCC [95% CI]", "utterance LCC [95% CI]")]
-    body = []
-    for row in result[heads[0]]["rows"]:
-        line = [row]
-        for h in heads:
-            rec = result[h]["rows"][row]
-            p = rec["p_above"]
-            line += [_fig(rec["system"], "srcc"), "(reference)" if row == reference else
-                     "-" if p is None else f"{p:.2f}", _fig(rec["system"], "lcc"),
-                     _fig(rec["utterance"], "srcc"), _fig(rec["utterance"], "lcc")]
-        body.append(line)
+    columns = ("system SRCC [95% CI]", f"P(> {reference})", "system LCC [95% CI]",
+               "utterance SRCC [95% CI]", "utterance LCC [95% CI]")
+    header = ["model"] + [f"{h} {c}" for h in heads for c in columns]
+    cells = {h: {row: _cells(rec, row == reference) for row, rec in result[h]["rows"].items()}
+             for h in heads}
+    rows = list(result[heads[0]]["rows"])
+    body = [[row, *(c for h in heads for c in cells[h][row])] for row in rows]
     first = result[heads[0]]
     footer = (f"n = {first['systems']} systems ({first['clips']} clips) of the {split!r} "
               f"split. Each row: the mean prediction of its {seeds} seeds. Intervals and "
@@ -151,5 +145,16 @@ def render_comparison(result: dict[str, Any], reference: str, seeds: int,
               f"told apart on {first['systems']} systems.")
     from .tables import layout
 
-    text, md = layout(header, body)
+    _, md = layout(header, body)
+    # on screen one block per head: all heads side by side would not fit a terminal
+    text = "\n".join(f"{h}:\n" + layout(["model", *columns],
+                                          [[row, *cells[h][row]] for row in rows])[0]
+                     for h in heads)
     return f"{text}\n{footer}", f"{md}\n\n{footer}", [header, *body], footer
+
+
+def _cells(rec: dict[str, Any], is_reference: bool) -> list[str]:
+    p = rec["p_above"]
+    return [_fig(rec["system"], "srcc"), "(reference)" if is_reference else
+            "-" if p is None else f"{p:.2f}", _fig(rec["system"], "lcc"),
+            _fig(rec["utterance"], "srcc"), _fig(rec["utterance"], "lcc")]
