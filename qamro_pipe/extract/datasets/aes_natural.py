@@ -39,7 +39,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ...errors import DataError
-from .base import Clip, DatasetRecords, register_dataset
+from .base import Clip, DatasetRecords, register_dataset, split_names
 from .manifest import parse_score, read_table, require_files
 
 NAME = "aes-natural"
@@ -107,12 +107,7 @@ def _check_splits(splits, root: Path, eval_dir, folders: list[Path]) -> tuple[st
                             f"{', '.join(map(str, folders))}, and no eval package; name the "
                             f"folder holding the lists with --lists")
         return tuple(found)
-    splits = (splits,) if isinstance(splits, str) else tuple(splits)
-    unknown = [s for s in splits if s not in SPLITS]
-    if unknown or not splits:
-        raise DataError(f"{NAME}: unknown split(s) {', '.join(map(repr, unknown)) or '(none)'};"
-                        f" choose from {', '.join(SPLITS)}")
-    return splits
+    return split_names(NAME, splits, SPLITS)
 
 
 def _find(name: str, folders: list[Path], what: str, required: bool = True) -> Path | None:

@@ -96,6 +96,17 @@ class DatasetRecords:
         return out, raters if any(c.raters for c in self.clips) else None
 
 
+def split_names(dataset: str, splits: tuple[str, ...] | list[str] | str,
+                known: tuple[str, ...]) -> tuple[str, ...]:
+    """The splits asked of a loader (`--splits`), each one it has: at least one."""
+    splits = (splits,) if isinstance(splits, str) else tuple(splits)
+    unknown = [s for s in splits if s not in known]
+    if unknown or not splits:
+        raise DataError(f"{dataset}: unknown split(s) {', '.join(map(repr, unknown)) or '(none)'}"
+                        f"; choose from {', '.join(known)}")
+    return splits
+
+
 LOADERS: dict[str, Callable[..., DatasetRecords]] = {}
 
 

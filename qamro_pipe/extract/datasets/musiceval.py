@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ...errors import DataError
-from .base import Clip, DatasetRecords, register_dataset
+from .base import Clip, DatasetRecords, register_dataset, split_names
 from .manifest import parse_score, require_files
 
 NAME = "musiceval"
@@ -133,12 +133,7 @@ def _check_splits(splits: tuple[str, ...] | str | None, root: Path) -> tuple[str
     if splits is None:
         return tuple(s for s, rel in LABELLED_LISTS.items()
                      if s in LIST_FILES or (root / rel).is_file())
-    splits = (splits,) if isinstance(splits, str) else tuple(splits)
-    unknown = [s for s in splits if s not in SPLITS]
-    if unknown or not splits:
-        raise DataError(f"musiceval: unknown split(s) {', '.join(map(repr, unknown)) or '(none)'}; "
-                        f"choose from {', '.join(SPLITS)}")
-    return splits
+    return split_names("musiceval", splits, SPLITS)
 
 
 def _eval_root(root: Path, eval_dir: str | Path | None) -> Path:
