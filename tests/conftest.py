@@ -37,6 +37,18 @@ def make_synthetic_cache(path, n_systems=12, per_system=20, dim=16, seed=0, sign
     return write_cache(path, **kwargs)
 
 
+def write_clip_manifest(path, clips):
+    """A manifest (id, path, text) of dataset clips, as `predict --manifest` reads one."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "path", "text"])
+        for c in clips:
+            w.writerow([c.id, str(c.path), c.text])
+    return path
+
+
 @pytest.fixture
 def synthetic_cache(tmp_path):
     return make_synthetic_cache(tmp_path / "synthetic.h5")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conftest import write_clip_manifest
 from qamro_pipe.cli import app
 from qamro_pipe.errors import QamroError
 from qamro_pipe.store import write_cache
@@ -246,12 +247,7 @@ def test_predict_embeds_new_audio_with_each_cache_s_backbone(two_melstats_caches
     did: scoring the corpus's own files gives the run's predictions."""
     root, run, recs = two_melstats_caches
     dev = [c for c in recs.clips if c.split == "dev"][:4]
-    manifest = tmp_path / "m.csv"
-    with open(manifest, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "path", "text"])
-        for c in dev:
-            w.writerow([c.id, str(c.path), c.text])
+    manifest = write_clip_manifest(tmp_path / "m.csv", dev)
     out = tmp_path / "s.csv"
     r = invoke("predict", run, "--manifest", manifest, "--out", out)
     assert r.exit_code == 0, r.output

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import make_synthetic_cache
+from conftest import make_synthetic_cache, write_clip_manifest
 from typer.testing import CliRunner
 
 from qamro_pipe.cli import app
@@ -133,12 +133,7 @@ def test_predict_manifest_matches_evaluate_on_the_same_clips(demo_run, tmp_path)
     root, cache, run = demo_run
     recs = load_dataset("musiceval", root / "corpus")
     dev = [c for c in recs.clips if c.split == "dev"][:5]
-    manifest = tmp_path / "m.csv"
-    with open(manifest, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "path", "text"])
-        for c in dev:
-            w.writerow([c.id, str(c.path), c.text])
+    manifest = write_clip_manifest(tmp_path / "m.csv", dev)
     out = tmp_path / "s.csv"
     r = invoke("predict", run, "--manifest", manifest, "--out", out)
     assert r.exit_code == 0, r.output
@@ -183,12 +178,7 @@ def test_answer_file_holds_every_score_in_head_order(demo_run, tmp_path):
     root, cache, run = demo_run
     recs = load_dataset("musiceval", root / "corpus")
     dev = [c for c in recs.clips if c.split == "dev"][:6]
-    manifest = tmp_path / "m.csv"
-    with open(manifest, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "path", "text"])
-        for c in dev:
-            w.writerow([c.id, str(c.path), c.text])
+    manifest = write_clip_manifest(tmp_path / "m.csv", dev)
     out, answer = tmp_path / "s.jsonl", tmp_path / "answer.txt"
     r = invoke("predict", run, "--manifest", manifest, "--out", out, "--answer", answer)
     assert r.exit_code == 0, r.output
