@@ -5,7 +5,7 @@
               for K=1, 9, 27 batched members; K=27 against 27 separate K=1 runs
   gflops      achieved training GFLOP/s against a plain matmul of the same shapes
   sweep       (GPU) the issue-6 sweep: 27 members, 1000 epochs, data load included;
-              (CPU) 18 members x 30 epochs fp32 vs medium, cores busy; --full-sweep: the whole
+              (CPU) 18 members x 30 epochs fp32, cores busy; --full-sweep: the whole
               paper-recipe sweep with members leaving as they stop vs all stepping
   extract     end-to-end clips/s (decode, resample, model, HDF5) against the forward alone
   pipeline    extract's own loop against a simulated asynchronous device
@@ -183,13 +183,6 @@ def bench_sweep_gpu(device, path, epochs=1000, compare_epochs=100):
     report("sweep", "TF32 ms per epoch", sec32 / epochs * 1e3, "ms")
     report("sweep", "max |fp32 - TF32| prediction",
            max_prediction_diff(res, res32))
-    bf16 = TrainConfig(max_epochs=epochs, patience=10_000, bootstrap=0, device=str(device),
-                       matmul_precision="medium")
-    sec16, res16 = timed(lambda: train(read_cache(path), HEADS, members, bf16), device)
-    report("sweep", f"27 members x {epochs} epochs, medium (bf16), wall incl. load (s)", sec16,
-           "s")
-    report("sweep", "medium ms per epoch", sec16 / epochs * 1e3, "ms")
-    report("sweep", "max |fp32 - medium| prediction", max_prediction_diff(res, res16))
     import qamro_pipe.train.engine as tr
 
     fused_sgd = tr._sgd
@@ -209,20 +202,6 @@ def bench_sweep_gpu(device, path, epochs=1000, compare_epochs=100):
     report("sweep", "fused SGD / three _foreach passes (time ratio)", sec / sec_fe)
     report("sweep", "max |fused - _foreach SGD| prediction",
            max_prediction_diff(res, res_fe))
-    from qamro_pipe.train.fused import available
-
-    why = available(device)
-    if why:
-        print(f"  sweep    Triton pair kernel skipped: {why}")
-    else:
-        fused = TrainConfig(max_epochs=epochs, patience=10_000, bootstrap=0,
-                            device=str(device), pair_kernel="triton")
-        sec_f, res_f = timed(lambda: train(read_cache(path), HEADS, members, fused), device)
-        report("sweep", f"27 members x {epochs} epochs, fp32, Triton pair kernel (s)", sec_f,
-               "s")
-        report("sweep", "Triton pair kernel / torch pair loss (time ratio)", sec_f / sec)
-        report("sweep", "max |torch - Triton pair kernel| prediction",
-               max_prediction_diff(res, res_f))
     eager_cfg = TrainConfig(max_epochs=compare_epochs, patience=10_000, bootstrap=0,
                             device=str(device), cuda_graph=False)
     graph_cfg = TrainConfig(max_epochs=compare_epochs, patience=10_000, bootstrap=0,
@@ -260,25 +239,17 @@ def cpu_busy(fn):
 
 def bench_sweep_cpu(path, full: bool, epochs: int = 30):
     """Issue 13's CPU path: the 18-member beta sweep (beta 1..11 x 3 seeds) at MusicEval size,
-    paper recipe. Always: `epochs` epochs in fp32 and with matmul_precision="medium" (which
-    lets oneDNN use bf16 for fp32 matmuls where the CPU has AMX/AVX-512 BF16), and how busy
-    the cores are. With --full-sweep: the whole sweep to early stopping (up to 1000 epochs),
+    paper recipe. Always: `epochs` epochs in fp32, and how busy the cores are. With --full-sweep: the whole sweep to early stopping (up to 1000 epochs),
     members leaving the batch as they stop (compact) against all stepping to the end."""
     cache = read_cache(path)
     members = [Member(LossConfig(alpha=0.2, beta=float(b)), s) for b in (1, 3, 5, 7, 9, 11)
                for s in range(3)]
     base = TrainConfig(bootstrap=0, device="cpu")
     res = {}
-    for prec in ("highest", "medium"):
-        cfg = replace(base, max_epochs=epochs, patience=10_000, matmul_precision=prec)
-        sec, res[prec], busy = cpu_busy(lambda: train(cache, HEADS, members, cfg))
-        report("sweepcpu", f"18 members x {epochs} epochs, matmul {prec} (s)", sec, "s")
-        report("sweepcpu", f"  CPU time / wall time, {prec} (2 = both cores busy)", busy)
-    report("sweepcpu", "medium / highest time ratio",
-           RESULTS["sweepcpu"][f"18 members x {epochs} epochs, matmul medium (s)"]
-           / RESULTS["sweepcpu"][f"18 members x {epochs} epochs, matmul highest (s)"])
-    report("sweepcpu", "max |highest - medium| prediction",
-           max_prediction_diff(res["highest"], res["medium"]))
+    cfg = replace(base, max_epochs=epochs, patience=10_000)
+    sec, res["highest"], busy = cpu_busy(lambda: train(cache, HEADS, members, cfg))
+    report("sweepcpu", f"18 members x {epochs} epochs, fp32 (s)", sec, "s")
+    report("sweepcpu", "  CPU time / wall time (2 = both cores busy)", busy)
     if not full:
         return
     for compact in (True, False):

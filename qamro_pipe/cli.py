@@ -264,9 +264,9 @@ def train(
 
     The folder holds config.json, metrics.json, predictions.csv and heads.safetensors. Without
     --recipe, a cache of a dataset with no recipe gets one head per label column."""
-    from .train.experiment import recipe_configs, run_experiment
+    from .experiments.run import recipe_configs, run_experiment
     from .train.recipes import select_recipe
-    from .train.sweep import expand_grid
+    from .experiments.sweep import expand_grid
 
     if seed is not None and opts["seeds"] is not None:
         raise QamroError("--seed and --seeds: give one (--seed S trains seed S alone, "
@@ -314,9 +314,9 @@ def sweep(
 
     Writes the run folder with sweep.csv and sweep.png. Takes every option train takes."""
     from .report.screen import sweep_table, system_level_line
-    from .train.experiment import recipe_configs, run_experiment
+    from .experiments.run import recipe_configs, run_experiment
     from .train.recipes import select_recipe
-    from .train.sweep import expand_grid, named_grid, parse_list, sweep_rows
+    from .experiments.sweep import expand_grid, named_grid, parse_list, sweep_rows
 
     r = select_recipe(recipe, dataset, backbone, opts["cache"])
     _note(r.derived and f"note: {r.derived}")

@@ -45,7 +45,7 @@ def cfg_opt(cls, name: str, help: str, recipe: bool = True, **kw) -> Any:
 T, L = TrainConfig, LossConfig
 TRAIN_SETTINGS = ("val_split", "eval_split", "max_epochs", "patience", "optimizer", "lr",
                   "weight_decay", "batch_size", "val_batch_size", "activation", "device",
-                  "matmul_precision", "pair_kernel", "init", "label_stats", "release_checkpoint")
+                  "matmul_precision", "init", "label_stats", "release_checkpoint")
 LOSS_SETTINGS = ("norm", "regression", "quality_weight", "temperature", "tau", "bins",
                  "sigma")  # one value for every member of one run
 
@@ -113,11 +113,8 @@ RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
         T, "device", f"Where to train: {DEVICE_HELP} (auto = cuda when present).",
         rich_help_panel=TRAINING)),
     "matmul_precision": (Optional[str], cfg_opt(
-        T, "matmul_precision", "highest (fp32), high (TF32 on GPUs that have it) or medium "
-        "(bf16 matmuls): faster, predictions move by ~1e-2; see docs/benchmarks.md.",
-        rich_help_panel=TRAINING)),
-    "pair_kernel": (Optional[str], cfg_opt(
-        T, "pair_kernel", "torch, or triton: the pair loss as one fused CUDA kernel.",
+        T, "matmul_precision", "highest (fp32) or high (TF32 on GPUs that have it): faster, "
+        "predictions move by ~1e-2; see docs/benchmarks.md.",
         rich_help_panel=TRAINING)),
     "init": (Optional[str], cfg_opt(
         T, "init", "Heads start from random (seeded per member) or release: the released "

@@ -9,18 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import QamroError
+from .loss_kinds import LOSS_KINDS, USED_SETTINGS, member_label
 
-LOSS_KINDS = ("qamro", "mr", "listnet", "listmle", "spearman", "gaussian-kl", "none")
-PAIR_KINDS = ("qamro", "mr")  # the kinds the pair hinge scores (losses.py); the others: listwise.py
 OPTIMIZERS = ("sgd", "adamw")
 QUALITY_WEIGHTS = ("eq3", "interval-table")  # the paper's Eq. 3; the published track 2 table
 INITS = ("random", "release")  # heads start from seeded random weights, or the release's
 LABEL_STATS = ("train", "release")  # standardise by the train split's or the release's stats
 CLAP_INPUTS = ("resampled", "published")  # CLAP's input: 48 kHz, or as the published code
-# the settings each loss kind reads; giving one its kind ignores is refused (`check_used`)
-USED_SETTINGS = {"qamro": ("alpha", "beta", "norm", "quality_weight"), "mr": ("margin",),
-                 "listnet": ("temperature",), "listmle": (), "spearman": ("tau",),
-                 "gaussian-kl": ("bins", "sigma"), "none": ()}
 DEFAULT_RECIPE = "musiceval"  # what `train` and `sweep` do when told nothing
 DEFAULT_TABLE = "table1"  # what `table` builds when told nothing
 DEFAULT_SEEDS = 1  # seeds per setting when neither the command nor a grid or table says
@@ -40,9 +35,8 @@ def cache_root() -> Path:
 
 @dataclass(frozen=True)
 class LossConfig:
-    kind: str = "qamro"  # ranking term: "qamro" (paper), "mr" (fixed margin), "listnet",
-    # "listmle", "spearman" (listwise), "gaussian-kl" (distributional; docs/losses.md) or
-    # "none" (regression only)
+    kind: str = "qamro"  # ranking term, a name of loss_kinds.KINDS: "qamro" (paper), "mr"
+    # (fixed margin), listwise, distributional (docs/losses.md) or "none" (regression only)
     alpha: float = 0.2  # QAMRO margin scale: margin = alpha * |y_i - y_j|
     beta: float = 7.0  # quality preference: q_ij = 1 + (beta-1) max(ny_i, ny_j); 1 = no weighting
     margin: float = 0.1  # fixed margin of "mr" (the w/o-adaptive-margin ablation)
@@ -109,8 +103,6 @@ class TrainConfig:
     cuda_graph: bool = True  # on CUDA, capture one epoch as a graph and replay it
     matmul_precision: str = "highest"  # "highest" = fp32 matmuls; "high" = TF32 where the
     # GPU has it (several times faster; numbers move by ~1e-3, see tests/test_gpu.py)
-    pair_kernel: str = "torch"  # "triton": the pair loss as one fused kernel (CUDA; opt-in
-    # until measured faster on a GPU, see docs/benchmarks.md)
     init: str = "random"  # "random": seeded per member; "release": every member starts from
     # the released Audiobox-Aesthetics heads (published track 2 code), seeds shuffle only
     label_stats: str = "train"  # heads that standardise use the train split's mean and std,
@@ -120,8 +112,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _choice("activation", self.activation, ("relu", "gelu", "none"))
-        _choice("matmul_precision", self.matmul_precision, ("highest", "high", "medium"))
-        _choice("pair_kernel", self.pair_kernel, ("torch", "triton"))
+        _choice("matmul_precision", self.matmul_precision, ("highest", "high"))
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("init", self.init, INITS)
         _choice("label_stats", self.label_stats, LABEL_STATS)
@@ -164,18 +155,7 @@ class Member:
     seed: int = 0
 
     def label(self) -> str:
-        loss = self.loss
-        if loss.kind == "qamro":
-            return f"qamro a={loss.alpha:g} b={loss.beta:g} seed={self.seed}"
-        if loss.kind == "mr":
-            return f"mr m={loss.margin:g} seed={self.seed}"
-        if loss.kind == "listnet":
-            return f"listnet T={loss.temperature:g} seed={self.seed}"
-        if loss.kind == "spearman":
-            return f"spearman tau={loss.tau:g} seed={self.seed}"
-        if loss.kind == "gaussian-kl":
-            return f"gaussian-kl bins={loss.bins} sigma={loss.sigma:g} seed={self.seed}"
-        return f"{loss.kind} seed={self.seed}"
+        return member_label(self.loss, self.seed)
 
 
 @dataclass(frozen=True)

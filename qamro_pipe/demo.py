@@ -7,9 +7,9 @@ from typing import Any
 from .config import ExtractConfig, cache_root
 from .extract.datasets import load_dataset
 from .extract.loop import extract
-from .train.experiment import recipe_configs, run_experiment
+from .experiments.run import recipe_configs, run_experiment
 from .train.recipes import load_recipe
-from .train.sweep import expand_grid, sweep_rows
+from .experiments.sweep import expand_grid, sweep_rows
 
 
 def run_demo(progress: bool = True) -> dict[str, Any]:

@@ -69,8 +69,8 @@ def test_speed_options_are_recorded_or_refused_clearly(synthetic_cache, tmp_path
     assert r.exit_code == 0, r.output
     assert json.loads((out / "config.json").read_text())["train"]["matmul_precision"] == "high"
     r = invoke("sweep", "--cache", synthetic_cache, "--out", tmp_path / "s", "--beta", "1,7",
-               "--pair-kernel", "triton", "--device", "cpu", "--max-epochs", "3")
-    assert r.exit_code == 1 and "needs a CUDA device" in r.output
+               "--matmul-precision", "medium", "--device", "cpu", "--max-epochs", "3")
+    assert r.exit_code == 1 and "unknown matmul_precision 'medium'" in r.output  # removed
     assert not (tmp_path / "s").exists()
     r = invoke("train", "--cache", synthetic_cache, "--out", tmp_path / "t",
                "--matmul-precision", "fast")
@@ -220,7 +220,7 @@ def test_sweep_and_table_take_the_options_train_has():
             for n in ("train", "sweep", "table")}
     shared = {"--lr", "--batch-size", "--patience", "--max-epochs", "--val-split",
               "--eval-split", "--activation", "--regression", "--norm", "--device",
-              "--matmul-precision", "--pair-kernel", "--cache", "--out", "--force", "--seeds"}
+              "--matmul-precision", "--cache", "--out", "--force", "--seeds"}
     for name, have in opts.items():
         assert shared <= have, (name, shared - have)
 

@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 from qamro_pipe.cli import app
 from qamro_pipe.config import CVConfig, LossConfig, Member, TrainConfig
 from qamro_pipe.errors import QamroError
-from qamro_pipe.report.metrics import evaluate
+from qamro_pipe.metrics import evaluate
 from qamro_pipe.store import read_cache, write_cache
-from qamro_pipe.train.cv import HELD_OUT, fold_out, fold_view, make_folds
-from qamro_pipe.train.experiment import run_experiment
+from qamro_pipe.experiments.cv import HELD_OUT, fold_out, fold_view, make_folds
+from qamro_pipe.experiments.run import run_experiment
 from qamro_pipe.train.recipes import load_recipe
 from qamro_pipe.train.resume import fingerprint, partial_dir
 from qamro_pipe.train.runs import load_run
@@ -187,7 +187,7 @@ def test_an_interrupted_cross_validation_resumes_fold_by_fold(cv_run, cache_path
     states; the rerun resumes them (no epoch trained again), trains fold 2 and ends with the
     numbers of the uninterrupted run; then the states go. A fold's state is never taken for
     another fold's: their fingerprints differ, and a state moved to another fold is refused."""
-    import qamro_pipe.train.experiment as experiment
+    import qamro_pipe.experiments.run as experiment
 
     out = tmp_path / "run"
     real = experiment.write_run

@@ -18,7 +18,7 @@ from qamro_pipe.report.evaluate import TrainedRun
 from qamro_pipe.store.reader import read_cache
 from qamro_pipe.train.distribution import output_bins, smoothed_targets
 from qamro_pipe.train.heads import BatchedMLP, HeadSpec
-from qamro_pipe.train.losses import gaussian_kl_loss
+from qamro_pipe.train.distribution import gaussian_kl_loss
 from qamro_pipe.train.losses_reference import gaussian_kl_loss_literal
 from qamro_pipe.train.trainer import train
 

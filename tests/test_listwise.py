@@ -14,7 +14,7 @@ from qamro_pipe.config import LossConfig, Member, TrainConfig
 from qamro_pipe.errors import QamroError
 from qamro_pipe.store.reader import read_cache
 from qamro_pipe.train.heads import HeadSpec
-from qamro_pipe.train.losses import listmle_loss, listnet_loss, soft_rank, spearman_loss
+from qamro_pipe.train.listwise import listmle_loss, listnet_loss, soft_rank, spearman_loss
 from qamro_pipe.train.losses_reference import (listmle_loss_literal, listnet_loss_literal,
                                                spearman_loss_literal)
 from qamro_pipe.train.trainer import train

@@ -3,7 +3,7 @@ import pytest
 from scipy import stats
 
 from qamro_pipe.errors import QamroError
-from qamro_pipe.report.metrics import bootstrap_ci, bootstrap_rows, evaluate, point_metrics
+from qamro_pipe.metrics import bootstrap_ci, bootstrap_rows, evaluate, point_metrics
 
 
 def test_vectorised_bootstrap_statistics_equal_scipy():

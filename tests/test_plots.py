@@ -16,9 +16,9 @@ from qamro_pipe.config import LossConfig, TrainConfig, to_jsonable
 from qamro_pipe.errors import DataError
 from qamro_pipe.report.curves import curve_panels, plot_curves, write_curves
 from qamro_pipe.report.plots import eval_counts, plot_sweep, setting_key
-from qamro_pipe.train.experiment import run_experiment
+from qamro_pipe.experiments.run import run_experiment
 from qamro_pipe.train.recipes import load_recipe
-from qamro_pipe.train.sweep import expand_grid, sweep_rows
+from qamro_pipe.experiments.sweep import expand_grid, sweep_rows
 
 BETAS = [1.0, 3.0, 5.0, 7.0, 9.0, 11.0]
 ALPHAS = [0.1, 0.2, 0.5]

@@ -244,7 +244,7 @@ def test_table_rows_differ_in_the_loss_alone(name, regression):
     weighting = the same with beta 1; w/o adaptive margin = L_MR with its margin. Every
     other loss setting (regression, norm, label scale, ...) is the same in every row."""
     from qamro_pipe.report.tables import load_table, table_members
-    from qamro_pipe.train.experiment import recipe_configs
+    from qamro_pipe.experiments.run import recipe_configs
 
     t = load_table(name)
     _, lcfg = recipe_configs(load_recipe(t.model))

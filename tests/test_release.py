@@ -168,7 +168,7 @@ def test_heads_not_shaped_like_the_release_are_refused(release, tmp_path):
 def test_table2_code_preset_with_the_zero_shot_release_row(release, tmp_path):
     """`make table2 PRESET=code` through the real CLI on a fixture cache: the trained rows
     and, first, the released model scored zero-shot, system level on the eval split."""
-    from qamro_pipe.report.metrics import evaluate
+    from qamro_pipe.metrics import evaluate
 
     _, cache, _ = release
     out = tmp_path / "t2"

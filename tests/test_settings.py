@@ -226,7 +226,7 @@ def test_unwritable_out_is_refused_before_training(synthetic_cache, tmp_path):
 
 
 def test_a_grid_with_a_setting_no_kind_uses_is_refused():
-    from qamro_pipe.train.sweep import expand_grid
+    from qamro_pipe.experiments.sweep import expand_grid
 
     with pytest.raises(QamroError, match="--beta is not used by --loss mr"):
         expand_grid(LossConfig(), {"loss": ["mr"], "beta": [1, 7]})
@@ -240,7 +240,7 @@ def test_a_grid_with_a_setting_no_kind_uses_is_refused():
 
 def test_library_users_get_the_same_rules(synthetic_cache):
     """The checks live in config.py and the library, not in the CLI."""
-    from qamro_pipe.train.experiment import recipe_configs
+    from qamro_pipe.experiments.run import recipe_configs
     from qamro_pipe.train.recipes import load_recipe
 
     r = load_recipe("musiceval")

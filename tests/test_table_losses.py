@@ -12,7 +12,7 @@ from qamro_pipe.cli import app
 from qamro_pipe.config import LOSS_KINDS
 from qamro_pipe.errors import QamroError
 from qamro_pipe.report.compare import compare_rows
-from qamro_pipe.report.metrics import bootstrap_ci, system_scores
+from qamro_pipe.metrics import bootstrap_ci, system_scores
 from qamro_pipe.report.tables import load_table
 
 

@@ -12,7 +12,7 @@ from qamro_pipe.report.evaluate import evaluate_run
 from qamro_pipe.report.rankplot import plot_rank_matrix
 from qamro_pipe.report.systems import system_scores
 from qamro_pipe.store.reader import read_cache
-from qamro_pipe.train.experiment import run_experiment
+from qamro_pipe.experiments.run import run_experiment
 from qamro_pipe.train.recipes import load_recipe
 
 SEEDS = 3

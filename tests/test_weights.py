@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from qamro_pipe.extract.backbones import get_backbone
-from qamro_pipe.extract.backbones.weights import _answers, hub_offline
+from qamro_pipe.extract.backbones.releases import _answers, hub_offline
 
 EXE = Path(sys.executable).with_name("qamro-pipe")
 
@@ -150,7 +150,7 @@ def test_no_network_no_wait_audio_only_extraction(tmp_path, silent_server):
 def test_no_network_texts_without_tokenizer_fail_in_seconds(tmp_path, silent_server):
     """Texts need the tokenizer, which is nowhere local: the endpoint is asked once, the
     run stops with one line saying so, before a model is built or a cache written."""
-    from qamro_pipe.extract.backbones.weights import NETWORK_PROBE_SECONDS
+    from qamro_pipe.extract.backbones.releases import NETWORK_PROBE_SECONDS
 
     args = ["extract", "--manifest", _clips(tmp_path, text=True), "--backbone", "clap-music",
             "--checkpoint", "random", "--device", "cpu", "--workers", "0", "--quiet",

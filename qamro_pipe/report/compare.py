@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from .metrics import bootstrap_rows, named_systems, point_metrics, system_scores
+from ..metrics import bootstrap_rows, named_systems, point_metrics, system_scores
 
 LEVEL = 0.95
 

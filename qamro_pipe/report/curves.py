@@ -13,7 +13,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..errors import DataError
-from ..train.sweep import setting_order
+from ..loss_kinds import setting_order
 from .plots import KIND_ORDER, NOTE_CHARS_PER_INCH, colours, new_figure, setting_key, \
     setting_label
 

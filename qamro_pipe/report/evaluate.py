@@ -208,7 +208,7 @@ def system_outputs(folder: Path, data: Cache, heads, preds: dict[str, np.ndarray
     """Per head: systems.csv's rows (predicted MOS with its interval), rank-HEAD.csv (the
     matrix P(A ranks above B)) and rank-HEAD.png, over every scored clip of `rows` (a label
     is not needed). -> the summary metrics.json keeps."""
-    from .metrics import named_systems, system_level_problem
+    from ..metrics import named_systems, system_level_problem
     from .rankplot import plot_rank_matrix
     from .systems import system_scores, write_rank_csv, write_systems_csv
 

@@ -13,14 +13,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..config import LOSS_KINDS
-from ..train.sweep import USED_SETTINGS, setting_order
+from ..loss_kinds import GRID_SETTINGS, KINDS, LOSS_KINDS, USED_SETTINGS, legend, setting_order
 
 CORRELATIONS = ("lcc", "srcc", "ktau")  # bounded by [-1, 1]: axis and bars are capped there
 AXIS_NAMES = {"beta": "β (quality preference)", "alpha": "α (margin scale)",
               "margin": "margin of L_MR"}
 SWEPT_ORDER = ("beta", "alpha", "margin")  # a tie goes to beta, the paper's Figure 1 axis
-OWNER = {"alpha": "qamro", "beta": "qamro", "margin": "mr"}  # the loss kind a setting belongs to
+OWNER = {s: k.name for k in KINDS.values() for s in k.grid}  # the kind a grid setting is of
 BASELINE_COLOUR = "black"  # regression only: no palette colour, so it matches no sweep line
 CATEGORIES_FLAT = 4  # more categories than this get slanted tick labels
 KIND_ORDER = {k: i for i, k in enumerate(LOSS_KINDS)}  # legends: QAMRO, L_MR, ..., none
@@ -49,21 +48,14 @@ def palette(n: int) -> list:
 
 def setting_label(kind: str, alpha=None, beta=None, margin=None, skip: tuple = ()) -> str:
     """A loss setting as a legend reads it; `skip` leaves out the setting on the x axis."""
-    if kind == "qamro":
-        parts = [f"{sym}={v:g}" for name, sym, v in (("alpha", "α", alpha), ("beta", "β", beta))
-                 if name not in skip and v is not None]
-        return " ".join(["QAMRO", *parts])
-    if kind == "mr":
-        return "L_MR" + (f" margin={margin:g}" if "margin" not in skip else "")
-    return {"listnet": "ListNet", "listmle": "ListMLE", "spearman": "Spearman",
-            "gaussian-kl": "Gaussian KL"}.get(kind, "regression only")
+    return legend(kind, {"alpha": alpha, "beta": beta, "margin": margin}, skip)
 
 
 def setting_key(loss: Mapping[str, Any]) -> tuple:
     """(kind, alpha, beta, margin) with the settings the kind ignores as None."""
     kind = loss["kind"] if "kind" in loss else loss["loss"]
     return (kind, *(loss.get(k) if k in USED_SETTINGS[kind] else None
-                    for k in ("alpha", "beta", "margin")))
+                    for k in GRID_SETTINGS))
 
 
 def swept_setting(rows: list[dict[str, Any]]) -> str | None:
@@ -95,7 +87,7 @@ def _series_of(row: dict[str, Any], x: str | None) -> tuple[tuple, Any]:
     swept, a category of its own ("cat")."""
     key = setting_key(row)
     if x is not None and row["loss"] == OWNER[x]:
-        i = 1 + ("alpha", "beta", "margin").index(x)
+        i = 1 + GRID_SETTINGS.index(x)
         return ("line", key[:i] + (None,) + key[i + 1:]), row[x]
     return ("ref" if x else "cat", key), None
 
@@ -239,7 +231,7 @@ def plot_sweep(path: Path | None, rows: list[dict[str, Any]], metric: str = "src
                split: str | None = None):
     """`metric` against the swept setting, one panel per head on a shared y scale.
 
-    rows: what train.sweep.sweep_rows gives. The swept setting (beta, alpha or margin:
+    rows: what experiments.sweep.sweep_rows gives. The swept setting (beta, alpha or margin:
     whichever takes the most values) is the x axis, with a tick at each value; a QAMRO grid
     over both alpha and beta draws one line per value of the other. Settings off that axis
     (regression only, L_MR beside a QAMRO sweep) are dashed levels with a shaded ± sd band;

@@ -5,7 +5,8 @@ from typing import Any
 
 import numpy as np
 
-from .metrics import FIGURES
+from ..loss_kinds import setting_order
+from ..metrics import FIGURES
 
 
 def shown_level(metrics: dict[str, Any]) -> str:
@@ -63,8 +64,6 @@ def system_level_line(metrics: dict[str, Any]) -> str | None:
 def sweep_table(rows: list[dict[str, Any]]) -> str:
     """Mean ± sd over seeds of SRCC per setting and head: system level where any row has
     it, else utterance level."""
-    from ..train.sweep import setting_order
-
     level = "system" if any(r.get("level") == "system" and r.get("srcc") is not None
                             for r in rows) else "utterance"
     pts: dict[tuple, list] = {}

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..config import LossConfig, Member, check_seeds, check_used, override
 from ..errors import QamroError
-from .metrics import FIGURES
+from ..metrics import FIGURES
 from ..train.recipes import find_recipe
 
 
@@ -188,7 +188,7 @@ def probe_rows(data, heads, tcfg, cv, table: TableRecipe, level: str):
     if cv is None:
         fits = [(train_rows(data), data.rows(tcfg.eval_split))]
     else:
-        from ..train.cv import make_folds
+        from ..experiments.cv import make_folds
 
         folds = make_folds(data, heads, tcfg, cv)
         fits = [(folds.train_rows(f), folds.held_out[f]) for f in range(cv.folds)]
@@ -259,7 +259,7 @@ def run_table(table: str | Path, model: str | None = None, cache: str | Path | N
     import json
 
     from ..config import cache_root
-    from ..train.experiment import recipe_configs, run_experiment
+    from ..experiments.run import recipe_configs, run_experiment
     from ..train.recipes import select_recipe
 
     t = load_table(table)

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import QamroError
 from ..store.reader import Cache
-from ..weights import read_aes_checkpoint, sha256_file
+from ..checkpoints import read_aes_checkpoint, sha256_file
 from .heads import BatchedMLP, HeadSpec
 from .inputs import Units, head_inputs, units_for
 

@@ -30,8 +30,8 @@ import torch
 
 from ..config import LossConfig, Member
 from ..errors import QamroError
+from ..loss_kinds import kinds_of
 
-KIND = "gaussian-kl"
 
 
 def bin_centres(label_range: tuple[float, float], bins: int) -> np.ndarray:
@@ -62,11 +62,6 @@ def kl_term(logits: torch.Tensor, target: torch.Tensor, w: torch.Tensor) -> torc
     logp = torch.log_softmax(logits, dim=-1)
     per = (torch.xlogy(target, target) - target * logp).sum(-1)  # [K, B]
     return (per * w).sum(-1)
-
-
-def distribution_mean(logits: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-    """[..., n] logits -> [...] the predicted distribution's mean score."""
-    return torch.softmax(logits, dim=-1) @ centres
 
 
 def gaussian_kl_loss(logits: torch.Tensor, target: torch.Tensor, label_range=(1.0, 5.0),
@@ -107,7 +102,7 @@ class OutputBins:
 def output_bins(members: list[Member], label_range=None) -> OutputBins | None:
     """The run's OutputBins, or None when no member is gaussian-kl. Its members must share
     bins, sigma and label range (one output layer, one target per clip)."""
-    dist = [m.loss for m in members if m.loss.kind == KIND]
+    dist = [m.loss for m in members if m.loss.kind in kinds_of("distribution")]
     if not dist:
         return None
     first: LossConfig = dist[0]
@@ -121,4 +116,4 @@ def output_bins(members: list[Member], label_range=None) -> OutputBins | None:
                          "declares no label_range")
     sigma = first.sigma * (scale[1] - scale[0])
     return OutputBins(tuple(bin_centres(scale, first.bins).tolist()),
-                      tuple(m.loss.kind == KIND for m in members), sigma)
+                      tuple(m.loss.kind in kinds_of("distribution") for m in members), sigma)

@@ -12,19 +12,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import PAIR_KINDS, LossConfig, Member, TrainConfig
+from ..config import LossConfig, Member, TrainConfig
+from ..loss_kinds import KINDS, kinds_of
 from ..errors import QamroError
-from .distribution import KIND as DIST_KIND, OutputBins, kl_term
+from .distribution import OutputBins, kl_term
 from .heads import BatchedMLP, HeadSpec, member_seed
 from .inputs import build_head
-from .listwise import listmle_term, listnet_term, spearman_term
+from .listwise import LIST_TERMS
 from .losses import LabelTerms, interval_table, label_terms, pair_hinge, regression
 from .state import HISTORY_COLUMNS, TrainState
 
-# the listwise kinds: (kind, term of listwise.py, the LossConfig setting it takes or None)
-LISTWISE = (("listnet", listnet_term, "temperature"),
-            ("listmle", lambda p, y, _: listmle_term(p, y), None),
-            ("spearman", spearman_term, "tau"))
 GRAPH_WARMUP = 3  # eager epochs before capture (lazy cuBLAS/autograd set-up must not be captured)
 
 # each distinct input -> (its matrix on the device, the input it is gathered from, its width)
@@ -87,16 +84,8 @@ class Losses:
     member: predictions of the H heads are stacked along the member axis."""
 
     def __init__(self, members: list[Member], stats: list[tuple[float, float]],
-                 device: torch.device, label_range, kernel: str = "torch",
-                 labels: list[str] | None = None):
+                 device: torch.device, label_range, labels: list[str] | None = None):
         n_heads = len(stats)
-        if kernel != "torch":
-            from .fused import available
-
-            problem = available(device)
-            if problem:
-                raise QamroError(problem)
-        self.kernel = kernel
         first = members[0].loss
         shared = ("norm", "regression", "huber_delta", "quality_weight")
         for m in members:
@@ -107,10 +96,13 @@ class Losses:
 
         def t(vals):
             return torch.tensor(vals * n_heads, dtype=torch.float32, device=device)
-        self.alpha = t([m.loss.alpha if m.loss.kind == "qamro" else 0.0 for m in members])
-        self.beta = t([m.loss.beta if m.loss.kind == "qamro" else 1.0 for m in members])
-        self.margin = t([m.loss.margin if m.loss.kind == "mr" else 0.0 for m in members])
-        self.weight = t([m.loss.rank_weight if m.loss.kind in PAIR_KINDS else 0.0
+        def reads(m: Member, setting: str) -> bool:
+            return setting in KINDS[m.loss.kind].settings
+        # the pair hinge's settings: 0 margin and q = 1 for the members whose kind has none
+        self.alpha = t([m.loss.alpha if reads(m, "alpha") else 0.0 for m in members])
+        self.beta = t([m.loss.beta if reads(m, "beta") else 1.0 for m in members])
+        self.margin = t([m.loss.margin if reads(m, "margin") else 0.0 for m in members])
+        self.weight = t([m.loss.rank_weight if KINDS[m.loss.kind].family == "pair" else 0.0
                          for m in members])
         # each listwise kind some member uses: (its term, its setting [H*K], its weight
         # [H*K], 0 for the other members: they get an exact 0 from it, whatever shares the run)
@@ -118,10 +110,10 @@ class Losses:
                                  for m in members]),
                           t([m.loss.rank_weight if m.loss.kind == kind else 0.0
                              for m in members]))
-                         for kind, fn, setting in LISTWISE
+                         for kind, (fn, setting) in LIST_TERMS.items()
                          if any(m.loss.kind == kind for m in members)]
-        self.kl_weight = t([m.loss.rank_weight if m.loss.kind == DIST_KIND else 0.0
-                            for m in members])
+        self.kl_weight = t([m.loss.rank_weight if m.loss.kind in kinds_of("distribution")
+                            else 0.0 for m in members])
         self.cfg: LossConfig = first
         # head outputs are standardised scores where a head standardises: the regression term
         # compares them with standardised labels, the ranking term sees the labels' own scale
@@ -138,7 +130,7 @@ class Losses:
         if first.quality_weight == "interval-table":
             if labels is None or len(labels) != n_heads:
                 raise QamroError("the interval-table quality weight needs the heads' labels")
-            uses = torch.tensor([m.loss.kind == "qamro" for m in members] * n_heads)
+            uses = torch.tensor([reads(m, "quality_weight") for m in members] * n_heads)
             tables = torch.stack([interval_table(lab) for lab in labels])  # [H, 9]
             self.table = torch.where(uses[:, None], tables.repeat_interleave(self.k, dim=0),
                                      math.nan).to(device, torch.float32)
@@ -165,8 +157,7 @@ class Losses:
         pred = torch.cat(preds)  # [H*K, b]
         raw = pred * self.std + self.mean if self.scaled else pred
         reg = regression(pred, t, self.cfg.regression, self.cfg.huber_delta)
-        rank = pair_hinge(raw, t, self.alpha, self.margin, self.kernel,
-                          self.beta)  # the term's weight is in t.q
+        rank = pair_hinge(raw, t, self.alpha, self.margin, self.beta)  # weight: in t.q
         for fn, setting, weight in self.listwise:
             rank = rank + torch.where(weight > 0, fn(raw, t.yn, setting) * weight, 0.0)
         if dist is not None:
@@ -202,7 +193,7 @@ class Engine:
                                  for v in self._model(h).views(f)]
                              for b, flats in self.buffers.items()}
         self.best = [state.best[h.name][rows].to(device) for h in ctx.heads]  # [K, P] per head
-        self.loss_fn = Losses(members, ctx.stats, device, ctx.label_range, cfg.pair_kernel,
+        self.loss_fn = Losses(members, ctx.stats, device, ctx.label_range,
                               [h.label for h in ctx.heads])
         self.perm_seeds = torch.tensor([member_seed(s, "shuffle") >> 1 for s in seeds],
                                        device=device)

@@ -33,10 +33,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .losses import as_batched
 
-def _col(x, like: torch.Tensor) -> torch.Tensor:
-    """A float or a [K] tensor -> a column broadcasting against [K, B] (losses.py re-exports
-    this module, so it imports nothing from there at import time)."""
+
+def _member_column(x, like: torch.Tensor) -> torch.Tensor:
+    """A float or a [K] tensor -> a column [K or 1, 1] broadcasting against [K, B]."""
     return torch.as_tensor(x, dtype=like.dtype, device=like.device).reshape(-1, 1)
 
 
@@ -46,7 +47,7 @@ def _known(yn: torch.Tensor) -> torch.Tensor:
 
 def listnet_term(pred: torch.Tensor, yn: torch.Tensor, temperature=1.0) -> torch.Tensor:
     """ListNet of predictions [K, B] against labels yn [K, B] (NaN unknown): [K]."""
-    known, t = _known(yn), _col(temperature, pred)  # t [K or 1, 1]
+    known, t = _known(yn), _member_column(temperature, pred)  # t [K or 1, 1]
     neg = torch.finfo(pred.dtype).min  # not -inf: 0 * -inf would be NaN
     logp = F.log_softmax(torch.where(known, pred / t, neg), dim=-1)  # [K, B]
     q = torch.softmax(torch.where(known, yn / t, neg), dim=-1)  # [K, B]
@@ -68,7 +69,7 @@ def listmle_term(pred: torch.Tensor, yn: torch.Tensor) -> torch.Tensor:
 
 def soft_rank(pred: torch.Tensor, known: torch.Tensor, tau=0.1) -> torch.Tensor:
     """[K, B] -> soft ranks among the known entries (module docstring); 0 where unknown."""
-    t = _col(tau, pred)[..., None]  # [K or 1, 1, 1]
+    t = _member_column(tau, pred)[..., None]  # [K or 1, 1, 1]
     diff = (pred[:, :, None] - pred[:, None, :]) / t  # [K, B, B]
     r = 0.5 + (torch.sigmoid(diff) * known[:, None, :]).sum(-1)
     return torch.where(known, r, 0.0)
@@ -99,9 +100,7 @@ def spearman_term(pred: torch.Tensor, yn: torch.Tensor, tau=0.1) -> torch.Tensor
 
 
 def _public(term, pred, target, *args):
-    from .losses import _as_batched
-
-    pred, target, squeeze = _as_batched(pred, target)
+    pred, target, squeeze = as_batched(pred, target)
     yn = torch.where(torch.isfinite(target), target, torch.nan)  # inf is unknown too
     loss = term(pred, yn, *(_member(a, pred) for a in args))
     return loss[0] if squeeze else loss
@@ -127,3 +126,10 @@ def spearman_loss(pred: torch.Tensor, target: torch.Tensor, tau=0.1) -> torch.Te
     """1 - Spearman correlation through sigmoid soft ranks of temperature tau (a float or
     one per member)."""
     return _public(spearman_term, pred, target, tau)
+
+
+# the listwise kinds of loss_kinds.KINDS: name -> (its term, the LossConfig setting it takes
+# as its third argument, or None)
+LIST_TERMS = {"listnet": (listnet_term, "temperature"),
+              "listmle": (lambda pred, yn, _: listmle_term(pred, yn), None),
+              "spearman": (spearman_term, "tau")}

@@ -66,7 +66,7 @@ def _per_member(x, k: int, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(x, dtype=like.dtype, device=like.device).reshape(-1).expand(k)
 
 
-def _as_batched(pred: torch.Tensor, target: torch.Tensor):
+def as_batched(pred: torch.Tensor, target: torch.Tensor):
     squeeze = pred.dim() == 1
     pred = pred[None] if squeeze else pred  # [K, B]
     target = target.to(pred.dtype).expand_as(pred)  # [K, B]
@@ -113,7 +113,7 @@ class LabelTerms(NamedTuple):
         return LabelTerms(*(None if t is None else t[index] for t in self))
 
 
-def _col(x, like: torch.Tensor) -> torch.Tensor:
+def _per_batch(x, like: torch.Tensor) -> torch.Tensor:
     """A float or a per-batch tensor [...] -> a tensor broadcasting against [..., B]."""
     return torch.as_tensor(x, dtype=like.dtype, device=like.device)[..., None]
 
@@ -130,7 +130,7 @@ def label_terms(target: torch.Tensor, beta=1.0, norm: str = "batch",
         y = torch.where(known, target, 0.0)
         if table is None:
             paired, w = known, None
-            q = 1 + (_col(beta, y) - 1) * normalise_labels(y, known, norm, label_range)
+            q = 1 + (_per_batch(beta, y) - 1) * normalise_labels(y, known, norm, label_range)
         else:
             w, inside = interval_weights(y, table)
             paired, q = known & inside, torch.ones_like(y)
@@ -139,7 +139,7 @@ def label_terms(target: torch.Tensor, beta=1.0, norm: str = "batch",
         ranked = torch.where(paired, target, math.inf).sort(-1).values
         below = torch.searchsorted(ranked, y, side="left")
         n_pairs = (below * paired).sum(-1, keepdim=True).clamp_min(1).to(y.dtype)
-        y_reg = torch.where(known, (target - _col(mean, y)) / _col(std, y), 0.0)
+        y_reg = torch.where(known, (target - _per_batch(mean, y)) / _per_batch(std, y), 0.0)
         n_known = known.sum(-1, keepdim=True).clamp_min(1).to(y.dtype)
         return LabelTerms(y, torch.where(paired, target, math.nan), q / n_pairs, y_reg,
                           known / n_known, n_pairs, w)
@@ -202,22 +202,14 @@ class _PairHingeMatrix(torch.autograd.Function):
         return grad[:, None] * g, None, None, None, None, None, None, None
 
 
-def pair_hinge(pred: torch.Tensor, t: LabelTerms, alpha, margin,
-               kernel: str = "torch", beta=None) -> torch.Tensor:
-    """The pair loss of predictions [K, B] given their LabelTerms: [K]. kernel="triton" runs
-    the same computation as one fused kernel (fused.py; CUDA). Terms with interval-table
-    weights (t.w) take the pair-weight matrix path, which needs `beta` (float or [K])."""
+def pair_hinge(pred: torch.Tensor, t: LabelTerms, alpha, margin, beta=None) -> torch.Tensor:
+    """The pair loss of predictions [K, B] given their LabelTerms: [K]. Terms with
+    interval-table weights (t.w) take the pair-weight matrix path, which needs `beta` (float
+    or [K])."""
     if t.w is not None:
-        if kernel != "torch":
-            raise ValueError("the interval-table quality weight runs with kernel='torch' only")
-        return _PairHingeMatrix.apply(pred, t.y, t.yn, t.q, t.w, _col(alpha, pred),
-                                      _col(margin, pred), _col(beta, pred))
-    fn = _PairHinge
-    if kernel == "triton":
-        from .fused import PairHingeTriton as fn
-    elif kernel != "torch":
-        raise ValueError(f"unknown pair kernel {kernel!r}")
-    return fn.apply(pred, t.y, t.yn, t.q, _col(alpha, pred), _col(margin, pred))
+        return _PairHingeMatrix.apply(pred, t.y, t.yn, t.q, t.w, _per_batch(alpha, pred),
+                                      _per_batch(margin, pred), _per_batch(beta, pred))
+    return _PairHinge.apply(pred, t.y, t.yn, t.q, _per_batch(alpha, pred), _per_batch(margin, pred))
 
 
 def regression(pred: torch.Tensor, t: LabelTerms, kind: str = "huber",
@@ -240,7 +232,7 @@ def pairwise_ranking_loss(pred: torch.Tensor, target: torch.Tensor, alpha=0.0, b
                           table: torch.Tensor | None = None) -> torch.Tensor:
     """The general pair loss both QAMRO and L_MR are instances of (see module docstring);
     with `table`, the published track 2 quality weight instead of Eq. 3's."""
-    pred, target, squeeze = _as_batched(pred, target)
+    pred, target, squeeze = as_batched(pred, target)
     k = pred.shape[0]
     beta = _per_member(beta, k, pred)
     t = label_terms(target, beta, norm, label_range, table=table)
@@ -272,8 +264,6 @@ def margin_ranking_loss(pred: torch.Tensor, target: torch.Tensor, margin=0.1) ->
 def regression_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "huber",
                     delta: float = 1.0) -> torch.Tensor:
     """Mean regression loss over known labels, per member: huber, mse or mse+mae."""
-    pred, target, squeeze = _as_batched(pred, target)
+    pred, target, squeeze = as_batched(pred, target)
     loss = regression(pred, label_terms(target), kind, delta)
     return loss[0] if squeeze else loss
-from .listwise import listmle_loss, listnet_loss, spearman_loss, soft_rank  # noqa: F401,E402
-from .distribution import gaussian_kl_loss  # noqa: F401,E402

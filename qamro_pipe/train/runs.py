@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from .. import __version__
 from ..config import TrainConfig, to_jsonable
 from ..errors import QamroError
-from ..report.metrics import FIGURES, evaluate
+from ..metrics import FIGURES, evaluate
 from ..store.durable import fault_point, fsync_path, pid_alive
 from ..store.reader import Cache
 from .trainer import TrainResult

@@ -13,7 +13,7 @@ import pytest
 from conftest import make_synthetic_cache  # tests/conftest.py
 
 from qamro_pipe.errors import CacheError, QamroError
-from qamro_pipe.report.metrics import evaluate
+from qamro_pipe.metrics import evaluate
 from qamro_pipe.store.writer import CacheWriter, create_cache
 
 

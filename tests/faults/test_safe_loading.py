@@ -79,7 +79,7 @@ def test_numpy_scalars_are_unpickled_and_nothing_else_numpy(tmp_path, tally):
     """What LAION-CLAP's training checkpoints hold besides tensors (the optimizer's learning
     rate, a numpy float64 from training/scheduler.py cosine_lr) is read; a numpy array,
     whose unpickling is not limited to data, is still refused, and named."""
-    from qamro_pipe.weights import read_checkpoint
+    from qamro_pipe.checkpoints import read_checkpoint
 
     tally.fault = "numpy float64 in a checkpoint read; numpy array refused, named"
     tally.in_process, tally.runs = True, 2

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 
 from ...errors import QamroError
-from ...weights import AES_HEAD_CFG_KEYS as HEAD_CFG_KEYS, read_aes_checkpoint
+from ...checkpoints import AES_HEAD_CFG_KEYS as HEAD_CFG_KEYS, read_aes_checkpoint
 from .base import Backbone, FeatureSpec, register_backbone, seeded_init
-from .weights import Release
+from .releases import Release
 
 # the file audiobox_aesthetics.utils.load_model downloads (DEFAULT_HF_REPO, DEFAULT_CKPT_FNAME),
 # at the repository's commit 9b1dd8e5 (the head of main in the snapshots users pinned in 2025-26)

@@ -19,8 +19,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ...errors import QamroError
-from ...weights import check_checkpoint_file, check_safetensors_file, sha256_file
-from .weights import (NETWORK_PROBE_SECONDS, RANDOM_WEIGHTS, Release, hub_endpoint,
+from ...checkpoints import check_checkpoint_file, check_safetensors_file, sha256_file
+from .releases import (NETWORK_PROBE_SECONDS, RANDOM_WEIGHTS, Release, hub_endpoint,
                       hub_reachable, offline_mode)
 
 REGISTRY: dict[str, type["Backbone"]] = {}

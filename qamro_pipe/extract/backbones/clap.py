@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 
 from ...errors import QamroError
-from ...weights import read_checkpoint
+from ...checkpoints import read_checkpoint
 from .base import Backbone, FeatureSpec, register_backbone, seeded_init
 from .roberta_tokenizer import (VOCAB_SIZE, files_digest, find_tokenizer, load_tokenizer,
                                 missing_tokenizer, tokenizer_files)
-from .weights import Release, hub_offline
+from .releases import Release, hub_offline
 
 # the file laion_clap's README names for music, at the repository's commit b3708341 (the one
 # the Hugging Face cache snapshots of this file carry)

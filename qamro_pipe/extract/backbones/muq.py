@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 
 from ...errors import QamroError
-from ...weights import read_safetensors
+from ...checkpoints import read_safetensors
 from .base import Backbone, FeatureSpec, register_backbone, seeded_init
-from .weights import Release
+from .releases import Release
 
 # the model the package's README names; the commit is the one a public pin of this repository
 # uses (unverified against the Hugging Face page itself, which could not be reached)

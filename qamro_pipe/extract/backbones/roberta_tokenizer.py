@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import QamroError
-from ...weights import sha256_file
-from .weights import Release, hub_endpoint, hub_offline, hub_reachable
+from ...checkpoints import sha256_file
+from .releases import Release, hub_endpoint, hub_offline, hub_reachable
 
 # roberta-base (FacebookAI/roberta-base, formerly "roberta-base") at commit e2da8e2f, the
 # revision other projects pin it at; RobertaTokenizer builds its BPE from vocab.json, merges.txt

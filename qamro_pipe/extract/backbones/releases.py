@@ -4,7 +4,7 @@ Release files are downloaded once, from a Hugging Face repository at a pinned co
 weights_dir() (never the package or the cache folder). Nothing here waits on a network that
 is not there: the Hugging Face endpoint is asked once per process, with a short timeout,
 before any download, and Hugging Face libraries run offline whenever the files are local.
-Reading a checkpoint as data only is qamro_pipe/weights.py's (stage 2 reads them too).
+Reading a checkpoint as data only is qamro_pipe/checkpoints.py's (stage 2 reads them too).
 """
 from __future__ import annotations
 

@@ -29,10 +29,10 @@ import numpy as np
 
 from ..config import CVConfig, Member, TrainConfig, to_jsonable
 from ..errors import QamroError
-from ..report.metrics import FIGURES, system_level_problem
+from ..metrics import FIGURES, system_level_problem
 from ..store.reader import Cache
-from .inputs import label_col
-from .recipes import Recipe
+from ..train.inputs import label_col
+from ..train.recipes import Recipe
 
 HELD_OUT = "cv-held-out"  # the split name a fold's own clips carry in its view of the cache
 PROMPT_IN_ID = re.compile(r"_(P\d+)$")  # MusicEval: <prefix>-S<system>_P<prompt>
@@ -181,8 +181,8 @@ def cv_metrics(cache: Cache, heads, members: list[Member], folds: Folds,
                per_fold: list[dict[str, Any]], oof: dict[str, np.ndarray],
                failed: set[int], tcfg: TrainConfig) -> dict[str, Any]:
     """metrics.json of a cross-validation (module docstring)."""
-    from .experiment import mark_system_level
-    from .runs import head_metrics
+    from .run import mark_system_level
+    from ..train.runs import head_metrics
 
     ok = [k for k in range(len(members)) if k not in failed]
     if not ok:
@@ -230,14 +230,14 @@ def run_cv(recipe: Recipe, data: Cache, members: list[Member], tcfg: TrainConfig
            sources=(), release=None):
     """Train the K folds and write the cross-validation folder whole (module docstring).
     `out` is already checked (run_experiment)."""
-    from .resume import partial_dir
+    from ..train.resume import partial_dir
 
     folds = make_folds(data, recipe.heads, tcfg, cv)  # refused here, before any training
     states = [fold_out(out, f, cv.folds) for f in range(cv.folds)]
     if resume and not any(partial_dir(s).exists() for s in states):
         raise QamroError(f"--resume: no saved training state of a fold of {out} (looked for "
                          f"{partial_dir(states[0]).name} and the other folds')")
-    from .runs import staging
+    from ..train.runs import staging
 
     tmp = staging(out)
     try:
@@ -247,7 +247,7 @@ def run_cv(recipe: Recipe, data: Cache, members: list[Member], tcfg: TrainConfig
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    from .resume import discard
+    from ..train.resume import discard
 
     for s in states:  # the folder is whole: the folds' states are no longer needed
         discard(s)
@@ -258,9 +258,9 @@ def _train_folds(recipe: Recipe, data: Cache, members: list[Member], tcfg: Train
                  folds: Folds, out: Path, tmp: Path, force: bool, kind: str, progress, extra,
                  sources=(), release=None):
     """Each fold trained (or resumed), written to tmp/fold-F, then the whole folder."""
-    from .experiment import system_level_note, write_run
-    from .resume import fingerprint, training_state
-    from .trainer import train
+    from .run import system_level_note, write_run
+    from ..train.resume import fingerprint, training_state
+    from ..train.trainer import train
 
     k = folds.cfg.folds
     fold_cfg = replace(tcfg, eval_split=HELD_OUT)
@@ -290,7 +290,7 @@ def _train_folds(recipe: Recipe, data: Cache, members: list[Member], tcfg: Train
     metrics = cv_metrics(data, recipe.heads, members, folds, per_fold, oof, failed, tcfg)
     _write_top(recipe, data, members, tcfg, folds, metrics, oof, failed, total, tmp, kind,
                extra, sources)
-    from .runs import check_out, publish
+    from ..train.runs import check_out, publish
 
     check_out(out, force)  # still ours to replace: nothing else took the name meanwhile
     return publish(tmp, out), metrics, total
@@ -298,8 +298,8 @@ def _train_folds(recipe: Recipe, data: Cache, members: list[Member], tcfg: Train
 
 def _write_top(recipe, data, members, tcfg, folds, metrics, oof, failed, total, tmp, kind,
                extra, sources=()) -> None:
-    from .experiment import base_config, cost, write_sweep_files
-    from .runs import json_text, write_predictions
+    from .run import base_config, cost, write_sweep_files
+    from ..train.runs import json_text, write_predictions
 
     config = {**base_config(recipe, data, members, tcfg, sources), "cv": cv_summary(folds),
               "validation": metrics["validation"], "device": total.device,

@@ -10,9 +10,9 @@ import numpy as np
 from ..config import (CVConfig, LossConfig, Member, TrainConfig, cache_root, check_used,
                       override, to_jsonable)
 from ..errors import QamroError
-from .joined import Source, join, rows_digest, split_feature
-from .recipes import Recipe, load_recipe
-from .runs import RUN_VERSION, check_out, clean_stale, save_run, summarise, versions
+from ..train.joined import Source, join, rows_digest, split_feature
+from ..train.recipes import Recipe, load_recipe
+from ..train.runs import RUN_VERSION, check_out, clean_stale, save_run, summarise, versions
 from ..store.reader import Cache, read_cache
 
 # adds files to a run folder before it is renamed into place: (folder, metrics, cache)
@@ -51,17 +51,14 @@ def recipe_configs(recipe: Recipe, train: dict[str, Any] | None = None,
 
 
 def check_interval_tables(recipe: Recipe, tcfg: TrainConfig) -> None:
-    """The published track 2 tables exist for its four axes, on the torch pair kernel."""
-    from .losses import INTERVAL_TABLES
+    """The published track 2 tables exist for its four axes."""
+    from ..train.losses import INTERVAL_TABLES
 
     other = [f"{h.name!r} ({h.label})" for h in recipe.heads if h.label not in INTERVAL_TABLES]
     if other:
         raise QamroError(f"--quality-weight interval-table: the published tables are for the "
                          f"labels {', '.join(INTERVAL_TABLES)}; {recipe.where()} has heads "
                          f"{', '.join(other)}")
-    if tcfg.pair_kernel != "torch":
-        raise QamroError("--quality-weight interval-table runs on --pair-kernel torch only "
-                         "(the fused kernel computes Eq. 3's weight)")
 
 
 def read_release_for(data: Cache, recipe: Recipe, tcfg: TrainConfig):
@@ -69,7 +66,7 @@ def read_release_for(data: Cache, recipe: Recipe, tcfg: TrainConfig):
     neither): read once, before anything is written, since its file decides the numbers."""
     if "release" not in (tcfg.init, tcfg.label_stats):
         return None
-    from .aes_release import read_release
+    from ..train.aes_release import read_release
 
     release = read_release(data, tcfg.release_checkpoint)
     release.for_heads(recipe.heads)
@@ -105,8 +102,8 @@ def run_experiment(recipe: Recipe | str, members: list[Member], tcfg: TrainConfi
     An interrupted run with the same settings resumes from its saved state (resume.py).
     `cv` cross-validates instead (cv.py); `extra(folder, metrics, cache)` adds files to the
     folder before it is renamed into place (a table's table.md)."""
-    from .resume import discard, fingerprint, training_state
-    from .trainer import train
+    from ..train.resume import discard, fingerprint, training_state
+    from ..train.trainer import train
 
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
     data, sources = open_cache(recipe, cache)
@@ -204,8 +201,8 @@ def write_sweep_files(folder: Path, metrics: dict[str, Any], system_note: dict[s
 def system_level_note(cache: Cache, heads, tcfg: TrainConfig) -> dict[str, str]:
     """head -> why the eval split gives it no system-level figures (fewer than 2 systems
     among its labelled rows); heads left out have them. Decided before training."""
-    from ..report.metrics import system_level_problem
-    from .inputs import label_col
+    from ..metrics import system_level_problem
+    from ..train.inputs import label_col
 
     rows = cache.rows(tcfg.eval_split)
     notes = {}

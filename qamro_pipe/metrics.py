@@ -11,7 +11,7 @@ from typing import Mapping
 import numpy as np
 from scipy import stats
 
-from ..errors import QamroError
+from .errors import QamroError
 
 FIGURES = ("mse", "lcc", "srcc", "ktau")
 

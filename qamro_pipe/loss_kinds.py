@@ -1,0 +1,76 @@
+"""The loss kinds: one table that every user of a kind reads (the engine, the settings checks,
+sweeps, run names, member labels, plots and --help).
+
+Adding a kind touches its term (train/listwise.py registers listwise terms by name), this
+table and its tests. A kind's family says how the engine scores it:
+- "pair": the pair hinge of train/losses.py (QAMRO, L_MR);
+- "list": a listwise term of train/listwise.py (`LIST_TERMS[name]`);
+- "distribution": the Gaussian-KL head output of train/distribution.py;
+- "none": regression only."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+FAMILIES = ("pair", "list", "distribution", "none")
+
+
+@dataclass(frozen=True)
+class LossKind:
+    name: str  # what --loss takes and config.json records
+    family: str  # how the engine scores it (module docstring)
+    settings: tuple[str, ...]  # the LossConfig fields it reads; giving another is refused
+    legend: str  # how a plot's legend and the tables name it
+    member: str  # a member's label: str.format over its LossConfig's fields
+    run_name: str  # the default run folder's suffix: str.format over the same
+    grid: tuple[str, ...] = ()  # the settings a sweep grid multiplies its points by
+    needs_label_range: bool = False  # its bins or normalisation need the labels' scale
+    symbols: Mapping[str, str] | None = None  # legend symbols of its settings (alpha -> α)
+
+
+KINDS: dict[str, LossKind] = {k.name: k for k in (
+    LossKind("qamro", "pair", ("alpha", "beta", "norm", "quality_weight"), "QAMRO",
+             "qamro a={alpha:g} b={beta:g}", "qamro-a{alpha:g}-b{beta:g}",
+             grid=("alpha", "beta"), symbols={"alpha": "α", "beta": "β"}),
+    LossKind("mr", "pair", ("margin",), "L_MR", "mr m={margin:g}", "mr-m{margin:g}",
+             grid=("margin",), symbols={"margin": "margin"}),
+    LossKind("listnet", "list", ("temperature",), "ListNet", "listnet T={temperature:g}",
+             "listnet"),
+    LossKind("listmle", "list", (), "ListMLE", "listmle", "listmle"),
+    LossKind("spearman", "list", ("tau",), "Spearman", "spearman tau={tau:g}", "spearman"),
+    LossKind("gaussian-kl", "distribution", ("bins", "sigma"), "Gaussian KL",
+             "gaussian-kl bins={bins} sigma={sigma:g}", "gaussian-kl",
+             needs_label_range=True),
+    LossKind("none", "none", (), "regression only", "none", "baseline"),
+)}
+LOSS_KINDS = tuple(KINDS)  # --loss's choices, in the order legends and tables show them
+USED_SETTINGS = {k.name: k.settings for k in KINDS.values()}
+GRID_SETTINGS = tuple(dict.fromkeys(s for k in KINDS.values() for s in k.grid))  # alpha, ...
+
+
+def kinds_of(family: str) -> tuple[str, ...]:
+    return tuple(k.name for k in KINDS.values() if k.family == family)
+
+
+def member_label(loss: Any, seed: int) -> str:
+    """'qamro a=0.2 b=7 seed=0': a member as screens, logs and metrics.json name it."""
+    return f"{KINDS[loss.kind].member.format(**vars(loss))} seed={seed}"
+
+
+def run_name(loss: Any) -> str:
+    """The default run folder's suffix for a member's loss ('qamro-a0.2-b7', 'baseline')."""
+    return KINDS[loss.kind].run_name.format(**vars(loss))
+
+
+def legend(kind: str, values: Mapping[str, Any], skip: tuple = ()) -> str:
+    """A loss setting as a legend reads it ('QAMRO α=0.2 β=7'); `skip` leaves out the setting
+    on the x axis, None values are left out."""
+    k = KINDS.get(kind, KINDS["none"])
+    parts = [f"{k.symbols[s]}={values[s]:g}" for s in k.grid
+             if s not in skip and values.get(s) is not None]
+    return " ".join([k.legend, *parts])
+
+
+def setting_order(x) -> float:
+    """Sort key for a row's grid setting: numeric, a kind's unused ones (None) first."""
+    return float("-inf") if x is None else x
