@@ -434,7 +434,7 @@ def bench_pipelining(tmp: Path, prep=0.025, forward=0.040):
         def feature_specs(self):
             return {"audio": FeatureSpec((8,))}
 
-        def load(self):
+        def _load(self):
             pass
 
         def prepare_windows(self, windows):

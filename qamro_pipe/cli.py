@@ -356,26 +356,25 @@ def table(
 
     Rows differ in the loss alone; printed in the paper's layout, as table.md and table.csv."""
     from .report.screen import system_level_line
-    from .report.tables import run_table
+    from .experiments.tables import run_table
 
     tsettings, lsettings = train_settings(opts)
     with _watch(opts, "table") as watch:
         res = run_table(recipe or DEFAULT_TABLE, model, seeds=opts["seeds"], train=tsettings,
                         loss=lsettings, preset=preset, progress=watch, **run_args(opts))
-    _note(res["recipe"].derived and f"note: {res['recipe'].derived}")
-    for note in res["notes"]:
+    _note(res.recipe.derived and f"note: {res.recipe.derived}")
+    for note in res.notes:
         _note(f"note: {note}")
-    typer.echo(res["title"])
-    typer.echo(res["text"])
-    _note(system_level_line(res["metrics"]))
-    if not res["reference_shown"]:
+    typer.echo(res.title)
+    typer.echo(res.text)
+    _note(system_level_line(res.metrics))
+    if not res.reference_shown:
         typer.echo("(the paper's figures are shown only for its dataset, backbone and level, "
                    "without --cv)")
-    pooled = ", table-pooled.md and .csv" if "cv" in res["metrics"] else ""
-    compared = (", compare.md, .csv and .json" if (res["folder"] / "compare.md").exists()
-                else "")
-    typer.echo(f"wrote {res['folder'] / 'table.md'} and table.csv{pooled}{compared}, "
-               f"probe.json ({_cost(res['result'])})")
+    pooled = ", table-pooled.md and .csv" if "cv" in res.metrics else ""
+    compared = ", compare.md, .csv and .json" if res.compared else ""
+    typer.echo(f"wrote {res.folder / 'table.md'} and table.csv{pooled}{compared}, "
+               f"probe.json ({_cost(res.result)})")
 
 
 # -- using a run ----------------------------------------------------------------------------

@@ -208,7 +208,6 @@ def aes():
 
     b = get_backbone("aesthetics", checkpoint=RANDOM_WEIGHTS)
     b.load()
-    b.loaded = True
     with torch.no_grad():  # uneven layer weights, so the per-axis weighting is exercised
         gen = torch.Generator().manual_seed(0)
         for w in b.model.layer_weights.values():

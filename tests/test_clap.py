@@ -39,7 +39,6 @@ def clap(tmp_path_factory):
     b = get_backbone("clap-music", checkpoint=RANDOM_WEIGHTS, offline=True,
                      tokenizer_dir=str(tok))
     b.load()
-    b.loaded = True
     b.ensure_tokenizer()
     return b
 
@@ -264,7 +263,6 @@ def release_clap(clap, release_ckpt):
     b = get_backbone("clap-music", checkpoint=str(release_ckpt), offline=True,
                      tokenizer_dir=clap.tokenizer_dir)
     b.load()
-    b.loaded = True
     return b
 
 

@@ -187,10 +187,10 @@ def test_an_interrupted_cross_validation_resumes_fold_by_fold(cv_run, cache_path
     states; the rerun resumes them (no epoch trained again), trains fold 2 and ends with the
     numbers of the uninterrupted run; then the states go. A fold's state is never taken for
     another fold's: their fingerprints differ, and a state moved to another fold is refused."""
-    import qamro_pipe.experiments.run as experiment
+    import qamro_pipe.experiments.cv as experiment
 
     out = tmp_path / "run"
-    real = experiment.write_run
+    real = experiment.stage_run
     calls = []
 
     def dying(*args, **kwargs):
@@ -199,10 +199,10 @@ def test_an_interrupted_cross_validation_resumes_fold_by_fold(cv_run, cache_path
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(experiment, "write_run", dying)
+    monkeypatch.setattr(experiment, "stage_run", dying)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(RECIPE, MEMBERS, FAST, cache=cache_path, out=out, cv=CVConfig(3))
-    monkeypatch.setattr(experiment, "write_run", real)
+    monkeypatch.setattr(experiment, "stage_run", real)
     assert not out.exists() and not list(tmp_path.glob(".run.partial-*"))
     states = [partial_dir(fold_out(out, f, 3)) for f in range(3)]
     assert [s.is_dir() for s in states] == [True, True, False]

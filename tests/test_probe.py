@@ -12,7 +12,7 @@ from sklearn.preprocessing import StandardScaler
 from test_aes_heads import per_layer_cache, small_recipe
 
 from qamro_pipe.config import PROBE_ALPHAS
-from qamro_pipe.report.tables import run_table
+from qamro_pipe.experiments.tables import run_table
 from qamro_pipe.store import read_cache, write_cache
 from qamro_pipe.train.heads import HeadSpec
 from qamro_pipe.train.probe import PROBE_ROW, clip_features, probe, probe_metrics, train_rows
@@ -81,7 +81,7 @@ def test_every_table_gets_the_probe_row_first(tmp_path):
     cache = make_synthetic_cache(tmp_path / "s.h5")
     res = run_table("table1", "musiceval", cache=cache, seeds=1, out=tmp_path / "t",
                     train={"max_epochs": 3, "batch_size": 64})
-    rows = list(csv.reader(open(res["folder"] / "table.csv")))
+    rows = list(csv.reader(open(res.folder / "table.csv")))
     assert rows[1][0] == f"{PROBE_ROW} (n=1)"
     assert [r[0].rsplit(" (n=", 1)[0] for r in rows[2:6]] == [
         "baseline (Huber only)", "QAMRO", "w/o quality-aware weighting", "w/o adaptive margin"]
@@ -94,7 +94,7 @@ def test_every_table_gets_the_probe_row_first(tmp_path):
         for fig in ("mse", "lcc", "srcc", "ktau"):
             cell = rows[1][header.index(f"{h} {fig.upper()}")]
             assert float(cell) == pytest.approx(direct[h]["system"][fig], abs=5e-4)
-    record = json.loads((res["folder"] / "probe.json").read_text())
+    record = json.loads((res.folder / "probe.json").read_text())
     assert record["fits"][0]["fit_clips"] == len(data.rows("train"))
     assert set(record["fits"][0]["alpha"]) == {"overall", "textual"}
-    assert PROBE_ROW in res["text"] and PROBE_ROW in (res["folder"] / "table.md").read_text()
+    assert PROBE_ROW in res.text and PROBE_ROW in (res.folder / "table.md").read_text()

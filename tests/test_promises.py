@@ -243,7 +243,8 @@ def test_table_rows_differ_in_the_loss_alone(name, regression):
     """The configs say it: baseline = no ranking term; QAMRO alpha 0.2 beta 7; w/o quality
     weighting = the same with beta 1; w/o adaptive margin = L_MR with its margin. Every
     other loss setting (regression, norm, label scale, ...) is the same in every row."""
-    from qamro_pipe.report.tables import load_table, table_members
+    from qamro_pipe.experiments.tables import table_members
+    from qamro_pipe.train.recipes import load_table
     from qamro_pipe.experiments.run import recipe_configs
 
     t = load_table(name)

@@ -13,7 +13,7 @@ from qamro_pipe.config import LOSS_KINDS
 from qamro_pipe.errors import QamroError
 from qamro_pipe.report.compare import compare_rows
 from qamro_pipe.metrics import bootstrap_ci, system_scores
-from qamro_pipe.report.tables import load_table
+from qamro_pipe.train.recipes import load_table
 
 
 def invoke(*args):

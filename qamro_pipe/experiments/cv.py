@@ -19,20 +19,25 @@ out-of-fold predictions (every clip scored once, by the fold that did not see it
 out-of-fold predictions, with each clip's fold) and fold-0 .. fold-(K-1), each a whole run."""
 from __future__ import annotations
 
+import contextlib
 import re
-import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
+from sklearn.model_selection import GroupKFold
 
 from ..config import CVConfig, Member, TrainConfig, to_jsonable
 from ..errors import QamroError
 from ..metrics import FIGURES, system_level_problem
 from ..store.reader import Cache
 from ..train.inputs import label_col
-from ..train.recipes import Recipe
+from ..train.resume import discard, fingerprint, partial_dir, training_state
+from ..train.runs import check_out, head_metrics, json_text, staging, write_predictions
+from ..train.trainer import train
+from .folder import (Job, Staged, base_config, cost, mark_system_level, stage_run,
+                     system_level_note, write_sweep_files)
 
 HELD_OUT = "cv-held-out"  # the split name a fold's own clips carry in its view of the cache
 PROMPT_IN_ID = re.compile(r"_(P\d+)$")  # MusicEval: <prefix>-S<system>_P<prompt>
@@ -87,8 +92,6 @@ def group_keys(cache: Cache, rows: np.ndarray, group: str) -> np.ndarray:
 
 def make_folds(cache: Cache, heads, tcfg: TrainConfig, cv: CVConfig) -> Folds:
     """The K folds, checked before any training."""
-    from sklearn.model_selection import GroupKFold
-
     splits = list(dict.fromkeys(["train", tcfg.eval_split]))
     if tcfg.val_split != "holdout" and tcfg.val_split in splits:
         raise QamroError(f"--cv with --val-split {tcfg.val_split}: that split is cross-"
@@ -181,9 +184,6 @@ def cv_metrics(cache: Cache, heads, members: list[Member], folds: Folds,
                per_fold: list[dict[str, Any]], oof: dict[str, np.ndarray],
                failed: set[int], tcfg: TrainConfig) -> dict[str, Any]:
     """metrics.json of a cross-validation (module docstring)."""
-    from .run import mark_system_level
-    from ..train.runs import head_metrics
-
     ok = [k for k in range(len(members)) if k not in failed]
     if not ok:
         raise QamroError("every member failed in some fold; nothing to report")
@@ -225,83 +225,67 @@ def cv_summary(folds: Folds) -> dict[str, Any]:
                         "out-of-fold predictions of every clip together"}
 
 
-def run_cv(recipe: Recipe, data: Cache, members: list[Member], tcfg: TrainConfig,
-           cv: CVConfig, out: Path, force: bool, kind: str, progress, resume: bool, extra,
-           sources=(), release=None):
-    """Train the K folds and write the cross-validation folder whole (module docstring).
-    `out` is already checked (run_experiment)."""
-    from ..train.resume import partial_dir
-
-    folds = make_folds(data, recipe.heads, tcfg, cv)  # refused here, before any training
-    states = [fold_out(out, f, cv.folds) for f in range(cv.folds)]
-    if resume and not any(partial_dir(s).exists() for s in states):
-        raise QamroError(f"--resume: no saved training state of a fold of {out} (looked for "
-                         f"{partial_dir(states[0]).name} and the other folds')")
-    from ..train.runs import staging
-
-    tmp = staging(out)
+@contextlib.contextmanager
+def stage_cv(job: Job) -> Iterator[Staged]:
+    """Train the K folds (resuming those with a saved state) and yield the cross-validation
+    folder staged (module docstring); published when the block ends, after which the folds'
+    states go. `job.out` is already checked (run.prepare)."""
+    cv = job.cv
+    folds = make_folds(job.data, job.recipe.heads, job.tcfg, cv)  # refused before training
+    states = [fold_out(job.out, f, cv.folds) for f in range(cv.folds)]
+    if job.resume and not any(partial_dir(s).exists() for s in states):
+        raise QamroError(f"--resume: no saved training state of a fold of {job.out} (looked "
+                         f"for {partial_dir(states[0]).name} and the other folds')")
+    tmp = staging(job.out)
     try:
-        folder, metrics, result = _train_folds(recipe, data, members, tcfg, folds, out, tmp,
-                                               force, kind, progress, extra, sources,
-                                               release)
+        staged = _train_folds(job, folds, tmp)
+        staged.after_publish += [lambda s=s: discard(s) for s in states]
+        yield staged
+        check_out(job.out, job.force)  # still ours to replace: nothing took the name meanwhile
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        Staged(tmp, job.out, {}, None, job.data).abandon()
         raise
-    from ..train.resume import discard
-
-    for s in states:  # the folder is whole: the folds' states are no longer needed
-        discard(s)
-    return folder, metrics, result, data
+    staged.publish()
 
 
-def _train_folds(recipe: Recipe, data: Cache, members: list[Member], tcfg: TrainConfig,
-                 folds: Folds, out: Path, tmp: Path, force: bool, kind: str, progress, extra,
-                 sources=(), release=None):
-    """Each fold trained (or resumed), written to tmp/fold-F, then the whole folder."""
-    from .run import system_level_note, write_run
-    from ..train.resume import fingerprint, training_state
-    from ..train.trainer import train
-
+def _train_folds(job: Job, folds: Folds, tmp: Path) -> Staged:
+    """Each fold trained (or resumed) and written to tmp/fold-F, then the top of the folder:
+    config.json, metrics.json, the out-of-fold predictions."""
+    data, heads, members = job.data, job.recipe.heads, job.members
     k = folds.cfg.folds
-    fold_cfg = replace(tcfg, eval_split=HELD_OUT)
-    label_range = tuple(recipe.label_range) if recipe.label_range else None
-    oof = {h.name: np.full((len(members), len(data.ids)), np.nan) for h in recipe.heads}
+    fold_cfg = replace(job.tcfg, eval_split=HELD_OUT)
+    oof = {h.name: np.full((len(members), len(data.ids)), np.nan) for h in heads}
     total, per_fold, failed = CVResult(members), [], set()
     for f in range(k):
         view = fold_view(data, folds, f)
-        note = system_level_note(view, recipe.heads, fold_cfg)
-        fp = fingerprint(view, recipe.heads, members, fold_cfg, label_range, sources,
-                         release.sha256 if release else None)
-        if hasattr(progress, "restart"):
-            progress.restart(f"fold {f + 1}/{k}")
-        with training_state(fold_out(out, f, k), fp, fold_cfg, force) as checkpoint:
-            result = train(view, recipe.heads, members, fold_cfg, label_range=label_range,
-                           progress=progress, checkpoint=checkpoint, release=release)
+        note = system_level_note(view, heads, fold_cfg)
+        fp = fingerprint(view, heads, members, fold_cfg, job.label_range, job.sources,
+                         job.release.sha256 if job.release else None)
+        if hasattr(job.progress, "restart"):
+            job.progress.restart(f"fold {f + 1}/{k}")
+        with training_state(fold_out(job.out, f, k), fp, fold_cfg, job.force) as checkpoint:
+            result = train(view, heads, members, fold_cfg, label_range=job.label_range,
+                           progress=job.progress, checkpoint=checkpoint, release=job.release)
         where = {"cv_fold": {"fold": f, "folds": k, "group": folds.cfg.group,
                              "held_out": folds.groups[f], "clips": len(folds.held_out[f])}}
-        _, fm = write_run(recipe, view, members, fold_cfg, result, tmp / f"fold-{f}", False,
-                          "run", note, more_config=where, sources=sources)
-        per_fold.append(fm)
+        fold = stage_run(job, result, tmp / f"fold-{f}", note, data=view, tcfg=fold_cfg,
+                         kind="run", force=False, more_config=where)
+        fold.publish()  # into the staged cross-validation folder, not yet published itself
+        per_fold.append(fold.metrics)
         for h, p in result.predictions.items():
             oof[h][:, folds.held_out[f]] = p[:, folds.held_out[f]]
         failed |= set(result.failures)
         total.add(f, result)
-        del result  # a fold's weights are on disk now: only one fold's are held at a time
-    metrics = cv_metrics(data, recipe.heads, members, folds, per_fold, oof, failed, tcfg)
-    _write_top(recipe, data, members, tcfg, folds, metrics, oof, failed, total, tmp, kind,
-               extra, sources)
-    from ..train.runs import check_out, publish
-
-    check_out(out, force)  # still ours to replace: nothing else took the name meanwhile
-    return publish(tmp, out), metrics, total
+        del result, fold  # a fold's weights are on disk now: one fold's are held at a time
+    metrics = cv_metrics(data, heads, members, folds, per_fold, oof, failed, job.tcfg)
+    _write_top(job, folds, metrics, oof, failed, total, tmp)
+    return Staged(tmp, job.out, metrics, total, data)
 
 
-def _write_top(recipe, data, members, tcfg, folds, metrics, oof, failed, total, tmp, kind,
-               extra, sources=()) -> None:
-    from .run import base_config, cost, write_sweep_files
-    from ..train.runs import json_text, write_predictions
-
-    config = {**base_config(recipe, data, members, tcfg, sources), "cv": cv_summary(folds),
+def _write_top(job: Job, folds: Folds, metrics: dict[str, Any], oof: dict[str, np.ndarray],
+               failed: set[int], total: CVResult, tmp: Path) -> None:
+    data, heads, members = job.data, job.recipe.heads, job.members
+    config = {**base_config(job), "cv": cv_summary(folds),
               "validation": metrics["validation"], "device": total.device,
               "seconds": round(total.seconds, 3), "epochs_run": total.epochs_run,
               "cost": cost(total), "failures": {str(k): v for k, v in total.failures.items()},
@@ -309,10 +293,8 @@ def _write_top(recipe, data, members, tcfg, folds, metrics, oof, failed, total, 
     (tmp / "config.json").write_text(json_text("config", config))
     (tmp / "metrics.json").write_text(json_text("metrics", metrics))
     ok = [k for k in range(len(members)) if k not in failed]
-    write_predictions(tmp / "predictions.csv", data, recipe.heads,
+    write_predictions(tmp / "predictions.csv", data, heads,
                       {h: p[ok] for h, p in oof.items()}, folds.pool, members=ok,
                       columns={"fold": folds.fold_of(len(data.ids))})
-    if kind == "sweep":
-        write_sweep_files(tmp, metrics, pool_note(data, recipe.heads, folds))
-    if extra is not None:
-        extra(tmp, metrics, data)
+    if job.kind == "sweep":
+        write_sweep_files(tmp, metrics, pool_note(data, heads, folds))

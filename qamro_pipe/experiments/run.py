@@ -1,22 +1,26 @@
-"""One training job from a recipe, a cache and a list of members to a finished run folder."""
+"""One training job from a recipe, a cache and a list of members to a finished run folder:
+checked (`prepare`), trained and staged (`stage`), then published."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
-
-import numpy as np
+from typing import Any, Iterator
 
 from ..config import (CVConfig, LossConfig, Member, TrainConfig, cache_root, check_used,
-                      override, to_jsonable)
+                      override)
 from ..errors import QamroError
-from ..train.joined import Source, join, rows_digest, split_feature
-from ..train.recipes import Recipe, load_recipe
-from ..train.runs import RUN_VERSION, check_out, clean_stale, save_run, summarise, versions
+from ..loss_kinds import KINDS, run_name
 from ..store.reader import Cache, read_cache
-
-# adds files to a run folder before it is renamed into place: (folder, metrics, cache)
-Extra = Callable[[Path, dict[str, Any], Cache], None]
+from ..train.aes_release import read_release
+from ..train.joined import Source, join
+from ..train.losses import INTERVAL_TABLES
+from ..train.recipes import Recipe, load_recipe
+from ..train.resume import discard, fingerprint, training_state
+from ..train.runs import check_out, clean_stale
+from ..train.trainer import train
+from .cv import stage_cv
+from .folder import Job, Outcome, Staged, stage_run, system_level_note
 
 
 def recipe_configs(recipe: Recipe, train: dict[str, Any] | None = None,
@@ -39,9 +43,10 @@ def recipe_configs(recipe: Recipe, train: dict[str, Any] | None = None,
     tcfg, lcfg = override(tcfg, **(train or {})), override(lcfg, **(loss or {}))
     given = [k for k, v in (loss or {}).items() if v is not None and k != "kind"]
     check_used(kinds if kinds is not None else [lcfg.kind], given)
-    if "gaussian-kl" in (kinds or [lcfg.kind]) and lcfg.label_range is None:
-        raise QamroError(f"--loss gaussian-kl needs the labels' scale for its bins: "
-                         f"{recipe.where()} declares no label_range")
+    for kind in kinds or [lcfg.kind]:
+        if KINDS[kind].needs_label_range and lcfg.label_range is None:
+            raise QamroError(f"--loss {kind} needs the labels' scale for its bins: "
+                             f"{recipe.where()} declares no label_range")
     if lcfg.norm == "range" and lcfg.label_range is None:
         raise QamroError(f"--norm range needs the labels' scale: {recipe.where()} declares no "
                          f"label_range")
@@ -52,8 +57,6 @@ def recipe_configs(recipe: Recipe, train: dict[str, Any] | None = None,
 
 def check_interval_tables(recipe: Recipe, tcfg: TrainConfig) -> None:
     """The published track 2 tables exist for its four axes."""
-    from ..train.losses import INTERVAL_TABLES
-
     other = [f"{h.name!r} ({h.label})" for h in recipe.heads if h.label not in INTERVAL_TABLES]
     if other:
         raise QamroError(f"--quality-weight interval-table: the published tables are for the "
@@ -66,8 +69,6 @@ def read_release_for(data: Cache, recipe: Recipe, tcfg: TrainConfig):
     neither): read once, before anything is written, since its file decides the numbers."""
     if "release" not in (tcfg.init, tcfg.label_stats):
         return None
-    from ..train.aes_release import read_release
-
     release = read_release(data, tcfg.release_checkpoint)
     release.for_heads(recipe.heads)
     return release
@@ -80,145 +81,60 @@ def open_cache(recipe: Recipe, cache: str | Path | None) -> tuple[Cache, list[So
 
 
 def default_out(recipe: Recipe, members: list[Member], kind: str = "run") -> Path:
-    first = members[0].loss
-    if kind == "sweep":
-        name = f"{recipe.name}-sweep"
-    elif first.kind == "qamro":
-        name = f"{recipe.name}-qamro-a{first.alpha:g}-b{first.beta:g}"
-    elif first.kind == "mr":
-        name = f"{recipe.name}-mr-m{first.margin:g}"
-    elif first.kind != "none":
-        name = f"{recipe.name}-{first.kind}"
-    else:
-        name = f"{recipe.name}-baseline"
-    return cache_root() / "runs" / name
+    name = "sweep" if kind == "sweep" else run_name(members[0].loss)
+    return cache_root() / "runs" / f"{recipe.name}-{name}"
 
 
-def run_experiment(recipe: Recipe | str, members: list[Member], tcfg: TrainConfig,
-                   cache: str | Path | None = None, out: str | Path | None = None,
-                   force: bool = False, kind: str = "run", progress=None, resume: bool = False,
-                   cv: CVConfig | None = None, extra: Extra | None = None):
-    """Train, evaluate, and write the run folder. Returns (folder, metrics, result, cache).
-    An interrupted run with the same settings resumes from its saved state (resume.py).
-    `cv` cross-validates instead (cv.py); `extra(folder, metrics, cache)` adds files to the
-    folder before it is renamed into place (a table's table.md)."""
-    from ..train.resume import discard, fingerprint, training_state
-    from ..train.trainer import train
-
+def prepare(recipe: Recipe | str, members: list[Member], tcfg: TrainConfig,
+            cache: str | Path | None = None, out: str | Path | None = None,
+            force: bool = False, kind: str = "run", progress=None, resume: bool = False,
+            cv: CVConfig | None = None) -> Job:
+    """The job, checked before any work: the cache opened, the run folder ours to write,
+    the release read (its file decides the numbers)."""
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
     data, sources = open_cache(recipe, cache)
     out = Path(out) if out else default_out(recipe, members, kind)
     clean_stale(out)  # what a killed run left: removed, or an interrupted --force finished
     check_out(out, force, data.path)  # refuse before spending time training
-    release = read_release_for(data, recipe, tcfg)  # before anything is written
-    if cv is not None:
-        from .cv import run_cv
-
-        return run_cv(recipe, data, members, tcfg, cv, out, force, kind, progress, resume,
-                      extra, sources, release)
-    system_note = system_level_note(data, recipe.heads, tcfg)  # before, not after, training
-    label_range = tuple(recipe.label_range) if recipe.label_range else None
-    fp = fingerprint(data, recipe.heads, members, tcfg, label_range, sources,
-                     release.sha256 if release else None)
-    with training_state(out, fp, tcfg, force, resume) as checkpoint:
-        result = train(data, recipe.heads, members, tcfg, label_range=label_range,
-                       progress=progress, checkpoint=checkpoint, release=release)
-        folder, metrics = write_run(recipe, data, members, tcfg, result, out, force, kind,
-                                    system_note, extra=extra, sources=sources)
-        discard(out)
-    return folder, metrics, result, data
+    release = read_release_for(data, recipe, tcfg)
+    return Job(recipe, data, sources, members, tcfg, out, force, kind, progress, resume, cv,
+               release)
 
 
-def cost(result) -> dict[str, Any]:
-    """What a run cost: epochs, members, member-epochs computed, seconds."""
-    return {"epochs_run": result.epochs_run, "members": len(result.members),
-            "member_epochs": result.member_epochs, "seconds": round(result.seconds, 3),
-            "member_epochs_per_second": round(result.member_epochs / max(result.seconds, 1e-9),
-                                              3),
-            "resumed_from_epoch": result.resumed_from}
+@contextlib.contextmanager
+def stage(job: Job) -> Iterator[Staged]:
+    """Train the job (or resume it from its saved state) and yield its run folder staged:
+    the block adds files to `staged.folder`; when it ends the folder is published (renamed
+    into place, whole) and the saved training state goes. An exception in the block leaves
+    no folder and keeps the state, so the same command resumes."""
+    if job.cv is not None:
+        with stage_cv(job) as staged:
+            yield staged
+        return
+    note = system_level_note(job.data, job.recipe.heads, job.tcfg)  # before training
+    fp = fingerprint(job.data, job.recipe.heads, job.members, job.tcfg, job.label_range,
+                     job.sources, job.release.sha256 if job.release else None)
+    with training_state(job.out, fp, job.tcfg, job.force, job.resume) as checkpoint:
+        result = train(job.data, job.recipe.heads, job.members, job.tcfg,
+                       label_range=job.label_range, progress=job.progress,
+                       checkpoint=checkpoint, release=job.release)
+        staged = stage_run(job, result, job.out, note)
+        staged.after_publish.append(lambda: discard(job.out))
+        try:
+            yield staged
+        except BaseException:
+            staged.abandon()
+            raise
+        staged.publish()
 
 
-def base_config(recipe: Recipe, data: Cache, members: list[Member], tcfg: TrainConfig,
-                sources: list[Source] = ()) -> dict[str, Any]:
-    """What every run folder's config.json says of the recipe, cache (and the other caches its
-    features come from), settings and members."""
-    return {
-        "qamro_run_version": RUN_VERSION, "recipe": recipe.name,
-        "recipe_path": str(recipe.path) if recipe.path else None,
-        "recipe_derived": recipe.derived,
-        "cache": str(data.path), "backbone": data.meta.backbone, "dataset": data.meta.dataset,
-        "cache_key": data.meta.key, "cache_config": data.meta.config,
-        "cache_rows": rows_digest(data, [f for h in recipe.heads for f in h.features
-                                          if split_feature(f)[0] is None]),
-        "feature_caches": [s.record() for s in sources],
-        "label_names": list(data.label_names),
-        "heads": to_jsonable(recipe.heads), "train": to_jsonable(tcfg),
-        "members": [to_jsonable(m) for m in members], "versions": versions()}
-
-
-def write_run(recipe: Recipe, data: Cache, members: list[Member], tcfg: TrainConfig, result,
-              out: Path, force: bool, kind: str, system_note: dict[str, str],
-              more_config: dict[str, Any] | None = None, extra: Extra | None = None,
-              sources: list[Source] = ()) -> tuple[Path, dict[str, Any]]:
-    metrics = summarise(data, result, tcfg)
-    mark_system_level(metrics, system_note)
-    config = {
-        **base_config(recipe, data, members, tcfg, sources), "validation": result.split.val_source,
-        "rows": {"train": len(result.split.train), "validation": len(result.split.val),
-                 "eval": len(result.split.eval)},
-        "device": result.device, "seconds": round(result.seconds, 3),
-        "epochs_run": result.epochs_run, "cost": cost(result),
-        "label_stats": {h: list(v) for h, v in result.label_stats.items()},
-        "release": result.release,
-        "failures": {str(k): v for k, v in result.failures.items()},
-        "warnings": {str(k): v for k, v in result.warnings.items()}, **(more_config or {})}
-
-    def extra_files(folder: Path) -> None:  # join the folder before it is renamed in
-        from ..report.curves import write_curves
-
-        write_curves(folder, metrics["members"])  # from the history.csv save_run wrote
-        if kind == "sweep":
-            write_sweep_files(folder, metrics, system_note)
-        if extra is not None:
-            extra(folder, metrics, data)
-
-    folder = save_run(out, config=config, metrics=metrics, cache=data, result=result,
-                      force=force, extra=extra_files)
-    return folder, metrics
-
-
-def write_sweep_files(folder: Path, metrics: dict[str, Any], system_note: dict[str, str]) -> None:
-    """sweep.csv and sweep.png from the members' figures in metrics.json."""
-    from ..report.plots import eval_counts, plot_sweep
-    from .sweep import sweep_rows, write_sweep_csv
-
-    rows = sweep_rows(metrics)
-    write_sweep_csv(folder / "sweep.csv", rows)
-    plot_sweep(folder / "sweep.png", rows, n_systems=eval_counts(metrics),
-               split=metrics["eval_split"], level="utterance" if system_note else "system")
-
-
-def system_level_note(cache: Cache, heads, tcfg: TrainConfig) -> dict[str, str]:
-    """head -> why the eval split gives it no system-level figures (fewer than 2 systems
-    among its labelled rows); heads left out have them. Decided before training."""
-    from ..metrics import system_level_problem
-    from ..train.inputs import label_col
-
-    rows = cache.rows(tcfg.eval_split)
-    notes = {}
-    for h in heads:
-        labelled = rows[np.isfinite(cache.labels[rows, label_col(cache, h)])]
-        problem = system_level_problem(cache.systems[labelled])
-        if problem and len(labelled):
-            notes[h.name] = f"eval split {tcfg.eval_split!r}: {problem}"
-    return notes
-
-
-def mark_system_level(metrics: dict[str, Any], notes: dict[str, str]) -> None:
-    """Say in metrics.json whether system-level figures exist, and for which heads not."""
-    why = "; ".join(dict.fromkeys(notes.values())) or None
-    if why and len(notes) < len(metrics["heads"]):
-        why = f"heads {', '.join(notes)}: {why}"
-    metrics["system_level"] = {"computable": not notes, "why": why}
-    for head, note in notes.items():
-        metrics["heads"][head]["system"]["not_computable"] = note
+def run_experiment(recipe: Recipe | str, members: list[Member], tcfg: TrainConfig,
+                   cache: str | Path | None = None, out: str | Path | None = None,
+                   force: bool = False, kind: str = "run", progress=None, resume: bool = False,
+                   cv: CVConfig | None = None) -> Outcome:
+    """Train, evaluate, and write the run folder. An interrupted run with the same settings
+    resumes from its saved state (train/resume.py); `cv` cross-validates instead (cv.py)."""
+    job = prepare(recipe, members, tcfg, cache, out, force, kind, progress, resume, cv)
+    with stage(job) as staged:
+        pass
+    return staged.outcome()

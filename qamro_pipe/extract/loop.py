@@ -28,7 +28,7 @@ from ..errors import DataError, Interrupted, QamroError
 from ..store.files import journal_path, writer_lock
 from ..store.writer import CacheWriter, create_cache
 from ..store.reader import read_meta, refuse_foreign
-from .reuse import Plan, clip_columns, clips_digest, dataset_level, make_plan
+from .reuse import ReusePlan, clip_columns, clips_digest, dataset_level, make_plan
 
 @dataclass
 class ExtractSummary:
@@ -140,7 +140,7 @@ def extract(records: DatasetRecords, cfg: ExtractConfig = ExtractConfig(),
 
 
 def plan_only(records: DatasetRecords, cfg: ExtractConfig, cache_path: str | Path,
-              force: bool = False) -> Plan:
+              force: bool = False) -> ReusePlan:
     """What `extract` would do with the cache at `cache_path`, writing nothing."""
     return _setup(records, cfg, cache_path, None, None).plan(force)
 
@@ -157,7 +157,7 @@ class _Run:
     seed: Path | None  # under --shard, the whole dataset's cache, whose rows a part may keep
     texts: bool  # whether text features are made (embeds_texts, for the whole dataset)
 
-    def plan(self, force: bool) -> Plan:
+    def plan(self, force: bool) -> ReusePlan:
         clip_specs, win_specs = _specs(self.bb, self.texts)
         window = (self.bb.sample_rate, self.bb.window_seconds) if win_specs else None
         return make_plan(self.path, self.records, self.key, _layout(clip_specs, win_specs),
@@ -240,7 +240,7 @@ def _layout(clip_specs, win_specs) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 def _create(path: Path, records: DatasetRecords, bb: Backbone, cfg: ExtractConfig,
-            key: dict[str, Any], extra: dict[str, Any], plan: Plan, texts: bool) -> None:
+            key: dict[str, Any], extra: dict[str, Any], plan: ReusePlan, texts: bool) -> None:
     """Put the new cache the plan asks for in place: every row allocated, kept rows copied
     from the old cache, skips carried over."""
     clip_specs, win_specs = _specs(bb, texts)
@@ -261,7 +261,7 @@ def _create(path: Path, records: DatasetRecords, bb: Backbone, cfg: ExtractConfi
 
 
 def _fill(path: Path, records: DatasetRecords, bb: Backbone, cfg: ExtractConfig,
-          progress: bool, plan: Plan, make, force: bool, texts: bool) -> ExtractSummary:
+          progress: bool, plan: ReusePlan, make, force: bool, texts: bool) -> ExtractSummary:
     """Embed the plan's rows. The decoding workers start first (forked before the model
     loads), then the model loads, and only then does `make` put a new cache in place: a
     start that fails (no weights, say) leaves the earlier cache, or none, as it was."""
@@ -286,7 +286,6 @@ def _fill(path: Path, records: DatasetRecords, bb: Backbone, cfg: ExtractConfig,
             import torch  # noqa: F401  (every backbone runs under it: start-up, not work)
 
             bb.load()
-            bb.loaded = True
         summary.load_seconds = time.perf_counter() - t_load
         if make is not None:
             make()
@@ -349,7 +348,7 @@ class _BadFile(Exception):
 
 
 def _embed(w: CacheWriter, bb: Backbone, records: DatasetRecords, cfg: ExtractConfig,
-           plan: Plan, decoded: "_Decoder", first, bar, summary: ExtractSummary,
+           plan: ReusePlan, decoded: "_Decoder", first, bar, summary: ExtractSummary,
            texts: bool) -> None:
     """Decode, embed and write the plan's rows, batch by batch; launching batch N+1 before
     batch N is collected and written."""

@@ -105,7 +105,7 @@ def clips_digest(records: DatasetRecords) -> str:
 
 
 @dataclass
-class Plan:
+class ReusePlan:
     """What an extraction does with the file at its path."""
 
     new_file: bool  # build a new cache (from scratch, or keeping `copy`'s rows) before embedding
@@ -130,7 +130,7 @@ class Plan:
 def make_plan(path: Path, records: DatasetRecords, key: dict[str, Any],
               layout: dict[str, tuple[tuple[int, ...], str]], level: dict[str, str],
               force: bool, skip_bad: bool, embeds_text: bool,
-              window: tuple[int, float] | None, seed: Path | None = None) -> Plan:
+              window: tuple[int, float] | None, seed: Path | None = None) -> ReusePlan:
     """Decide, before any work, what to keep of the cache at `path` (if any). `layout` is the
     new cache's "features/NAME" and "windows/NAME" -> (row shape, dtype); `window` the
     backbone's (sample rate, window seconds) when it writes per-window rows. A shard's first
@@ -138,7 +138,7 @@ def make_plan(path: Path, records: DatasetRecords, key: dict[str, Any],
     clips = records.clips
     sources = [source_of(c) for c in clips]
     stats = np.array([stat_of(c.path) for c in clips], np.int64).reshape(len(clips), 2)
-    plan = Plan(new_file=True, todo=[], sources=sources, stats=stats)
+    plan = ReusePlan(new_file=True, todo=[], sources=sources, stats=stats)
     old = _read_old(path, tuple(clip_columns(records)), force)
     seeded = False
     if old is None and seed is not None and not force:
@@ -214,7 +214,7 @@ def check_key_or_force(old: CacheIndex, key: dict[str, Any]) -> None:
         raise CacheError(f"{e}; pass --force to replace it") from None
 
 
-def _match(plan: Plan, old: CacheIndex, records: DatasetRecords,
+def _match(plan: ReusePlan, old: CacheIndex, records: DatasetRecords,
            layout: dict[str, tuple[tuple[int, ...], str]], level: dict[str, str],
            embeds_text: bool, windowed: bool) -> tuple[np.ndarray, np.ndarray] | None:
     """Compare `old` with the dataset now. None for a plain resume in place (plan filled:
@@ -307,7 +307,7 @@ def _rows_differing(stored: np.ndarray, new: np.ndarray, j: np.ndarray, i: np.nd
     return int((~same.all(axis=1)).sum())
 
 
-def _window_counts(clips: list[Clip], plan: Plan, old_counts: dict[int, int],
+def _window_counts(clips: list[Clip], plan: ReusePlan, old_counts: dict[int, int],
                    window: tuple[int, float], skip_bad: bool) -> list[int]:
     """Windows per clip of a new cache (allocated up front): a kept row keeps its count, a
     skipped one gets none, the others are counted from their files' headers."""

@@ -12,12 +12,14 @@ resamples in which the row's system SRCC exceeds the reference's (ties count for
 With ~30 systems, rows 0.02 apart typically get P near 0.5-0.8: within resampling noise."""
 from __future__ import annotations
 
+import csv
 from typing import Any
 
 import numpy as np
 from scipy import stats
 
 from ..metrics import bootstrap_rows, named_systems, point_metrics, system_scores
+from .tables import layout
 
 LEVEL = 0.95
 
@@ -85,8 +87,6 @@ def _p_above(a: np.ndarray, b: np.ndarray) -> float | None:
 def row_ensembles(folder, data, heads, members, row_of, split: str) -> tuple[np.ndarray, dict]:
     """From the run's predictions.csv: (eval rows of the cache, {head: {row: [n] mean over
     the row's seeds}}). Members that failed have no column and are left out."""
-    import csv
-
     with open(folder / "predictions.csv", newline="") as f:
         lines = [r for r in csv.DictReader(f) if r["split"] == split]
     index = {c: i for i, c in enumerate(data.ids)}
@@ -143,8 +143,6 @@ def render_comparison(result: dict[str, Any], reference: str, seeds: int,
               f"systems, the same resamples for every row (utterance level: all clips of "
               f"the drawn systems). A P between 0.05 and 0.95 means the two rows are not "
               f"told apart on {first['systems']} systems.")
-    from .tables import layout
-
     _, md = layout(header, body)
     # on screen one block per head: all heads side by side would not fit a terminal
     text = "\n".join(f"{h}:\n" + layout(["model", *columns],

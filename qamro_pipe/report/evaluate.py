@@ -12,13 +12,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import USED_SETTINGS, LossConfig, Member, TrainConfig, to_jsonable
+from ..config import LossConfig, Member, TrainConfig, to_jsonable
 from ..errors import CacheError, QamroError
+from ..loss_kinds import USED_SETTINGS
+from ..metrics import named_systems, system_level_problem
+from ..train.distribution import output_bins
 from ..train.heads import BatchedMLP, HeadSpec
 from ..train.inputs import build_head, head_inputs, predict_units, units_for
 from ..train.joined import join
 from ..train.runs import head_metrics, load_run, write_predictions
 from ..store.reader import Cache, read_cache
+from .rankplot import plot_rank_matrix
+from .systems import system_scores, write_rank_csv, write_systems_csv
 
 # key fields of the cache that decide what the features mean (not which clips are in it)
 FEATURE_KEY = ("backbone", "weights", "companions", "tokenizer", "sample_rate",
@@ -89,8 +94,6 @@ class TrainedRun:
 
     def _bins(self, head: HeadSpec) -> dict:
         """build_head's distribution arguments for the run's gaussian-kl members, if any."""
-        from ..train.distribution import output_bins
-
         members = [Member(LossConfig(**{k: tuple(v) if isinstance(v, list) else v
                                         for k, v in m["loss"].items()}), m["seed"])
                    for m in self.config["members"]]
@@ -169,8 +172,6 @@ def select_members(config: dict[str, Any], present: list[int], selection: str | 
 
 
 def _member_label(member: dict[str, Any]) -> str:
-    from ..config import LossConfig, Member
-
     loss = {k: tuple(v) if isinstance(v, list) else v for k, v in member["loss"].items()}
     return Member(LossConfig(**loss), member["seed"]).label()
 
@@ -208,10 +209,6 @@ def system_outputs(folder: Path, data: Cache, heads, preds: dict[str, np.ndarray
     """Per head: systems.csv's rows (predicted MOS with its interval), rank-HEAD.csv (the
     matrix P(A ranks above B)) and rank-HEAD.png, over every scored clip of `rows` (a label
     is not needed). -> the summary metrics.json keeps."""
-    from ..metrics import named_systems, system_level_problem
-    from .rankplot import plot_rank_matrix
-    from .systems import system_scores, write_rank_csv, write_systems_csv
-
     problem = system_level_problem(data.systems[rows])
     if problem:
         return {"computable": False, "why": problem}

@@ -69,7 +69,7 @@ def heads_from_state(state: dict[str, torch.Tensor], target_transform) \
 
 
 @dataclass
-class Release:
+class ReleasedHeads:
     """The released heads read from one checkpoint file, by axis."""
 
     path: Path
@@ -119,7 +119,7 @@ def release_file(cache: Cache, given: str | Path | None = None) -> tuple[Path, s
     return path, sha
 
 
-def read_release(cache: Cache, given: str | Path | None = None) -> Release:
+def read_release(cache: Cache, given: str | Path | None = None) -> ReleasedHeads:
     """The released heads and target transform of `cache`'s checkpoint (`release_file`)."""
     path, sha = release_file(cache, given)
     _, transform, state = read_aes_checkpoint(path)
@@ -127,7 +127,7 @@ def read_release(cache: Cache, given: str | Path | None = None) -> Release:
     if not heads:
         raise QamroError(f"{path}: holds no Audiobox-Aesthetics heads (no layer_weights.PQ, "
                          f"...)")
-    return Release(path, sha, heads, stats)
+    return ReleasedHeads(path, sha, heads, stats)
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ from .state import HISTORY_COLUMNS, TrainState
 GRAPH_WARMUP = 3  # eager epochs before capture (lazy cuBLAS/autograd set-up must not be captured)
 
 # each distinct input -> (its matrix on the device, the input it is gathered from, its width)
-Plan = dict[tuple[str, ...], tuple[torch.Tensor, tuple[str, ...], int]]
+InputPlan = dict[tuple[str, ...], tuple[torch.Tensor, tuple[str, ...], int]]
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
@@ -50,7 +50,7 @@ class Context:
 
     heads: tuple[HeadSpec, ...]
     members: list[Member]  # all of the run's members; an engine holds a subset
-    plan: Plan
+    plan: InputPlan
     x_shapes: dict[str, tuple[int, ...]]  # head -> its input's shape
     Y: dict[str, torch.Tensor]  # head -> [U] labels of every unit
     train_rows: torch.Tensor  # unit rows trained on
@@ -395,7 +395,7 @@ def dist_pairs(ctx: Context, outs, idx: torch.Tensor):
     return [(z, ctx.P[h.name][idx]) for h, (_, z) in zip(ctx.heads, outs)]
 
 
-def gather(plan: Plan, idx: torch.Tensor) -> dict[tuple[str, ...], torch.Tensor]:
+def gather(plan: InputPlan, idx: torch.Tensor) -> dict[tuple[str, ...], torch.Tensor]:
     """Each distinct input's rows [.., B, D], gathered once however many heads read it;
     prefix inputs are column views of the rows of the input they lie in."""
     out = {f: x[idx] for f, (x, root, _) in plan.items() if root == f}

@@ -23,6 +23,7 @@ import numpy as np
 from ..config import PROBE_ALPHAS
 from ..store.reader import Cache
 from .heads import HeadSpec
+from .runs import head_metrics
 from .inputs import head_inputs, label_col, units_for
 
 PROBE_ROW = "linear probe (RidgeCV)"
@@ -90,7 +91,5 @@ def train_rows(cache: Cache) -> np.ndarray:
 def probe_metrics(cache: Cache, heads, fitted: dict[str, Any], eval_rows: np.ndarray,
                   n_boot: int) -> dict[str, Any]:
     """Per head, the probe's figures on `eval_rows` (as the heads': runs.head_metrics)."""
-    from .runs import head_metrics
-
     return head_metrics(cache, heads, fitted["predictions"], eval_rows, n_boot,
                         what=" (linear probe)")

@@ -10,8 +10,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..config import DEFAULT_RECIPE, cache_root, check_label_range
+from ..config import DEFAULT_RECIPE, cache_root, check_label_range, check_seeds
 from ..errors import QamroError
+from ..metrics import FIGURES
+from ..store.reader import read_cache, read_meta
 from .heads import ACTIVATIONS, HeadSpec
 
 STAGES_DIR = Path(__file__).resolve().parents[1] / "stages"
@@ -157,8 +159,6 @@ def select_recipe(recipe: str | None = None, dataset: str | None = None,
     neither, a --cache of another dataset than the default recipe's gets the shipped recipe
     for its dataset, or else one derived from the cache (`recipe_from_cache`)."""
     if recipe is None and dataset is None and cache is not None:
-        from ..store.reader import read_cache, read_meta
-
         meta = read_meta(cache)
         r = load_recipe(default)
         if meta.dataset == r.dataset:
@@ -171,3 +171,42 @@ def select_recipe(recipe: str | None = None, dataset: str | None = None,
     if dataset and r.dataset != dataset:
         raise QamroError(f"recipe {r.name!r} is for dataset {r.dataset!r}, not {dataset!r}")
     return replace(r, backbone=backbone) if backbone else r
+
+
+# -- table recipes: rows of loss settings trained on one model recipe (experiments/tables.py)
+@dataclass(frozen=True)
+class TableRecipe:
+    name: str
+    model: str  # the model recipe whose heads, dataset and backbone every row trains
+    rows: tuple[tuple[str, dict[str, Any]], ...]  # (row name, LossConfig settings)
+    seeds: int = 5  # seeds per row (the paper's tables average 5 runs)
+    level: str = "system"  # the level the figures are read at (utterance without systems)
+    figures: tuple[str, ...] = FIGURES  # the columns of each head
+    reference: dict[str, Any] = field(default_factory=dict)  # published figures
+    presets: dict[str, str] = field(default_factory=dict)  # --preset NAME -> model recipe
+    release_row: str | None = None  # label of a row scoring the released Audiobox-Aesthetics
+    # model zero-shot from the cache (Table II's baseline), beside the trained rows
+    compare: str | None = None  # a row the others are compared with (report/compare.py)
+    path: Path | None = None
+
+
+def load_table(name_or_path: str | Path) -> TableRecipe:
+    path = find_recipe(name_or_path)
+    try:
+        data = tomllib.loads(path.read_text())
+        rows = tuple((r.pop("name"), r) for r in (dict(r) for r in data["rows"]))
+        given = {k: data[k] for k in ("seeds", "level", "reference", "presets",
+                                      "release_row", "compare") if k in data}
+        if "figures" in data:
+            given["figures"] = tuple(data["figures"])
+        table = TableRecipe(name=data.get("name", path.stem), model=data["model"], rows=rows,
+                            path=path, **given)
+    except (KeyError, TypeError, tomllib.TOMLDecodeError) as e:
+        raise QamroError(f"{path}: not a table recipe ({e})") from None
+    if table.level not in ("system", "utterance") or not set(table.figures) <= set(FIGURES):
+        raise QamroError(f"{path}: level must be system or utterance, figures among "
+                         f"{', '.join(FIGURES)}")
+    check_seeds(table.seeds)
+    if table.compare is not None and table.compare not in [r for r, _ in table.rows]:
+        raise QamroError(f"{path}: compare = {table.compare!r} names no row")
+    return table

@@ -5,8 +5,9 @@ complete, so a folder named NAME is always a whole run; a killed run leaves only
 clearly named partial folder, which the next run to NAME removes (clean_stale). Nothing
 non-finite is written: metrics, predictions and heads are checked first. Contents:
 config.json, metrics.json, predictions.csv, heads.safetensors (read with safetensors, never
-pickle), history.csv (the loss per member and epoch), and whatever `extra` adds (curves, a
-sweep's table and plot). --force replaces only a folder this tool wrote (check_out)."""
+pickle), history.csv (the loss per member and epoch), and whatever the experiment adds
+(curves, a sweep's table and plot) before it is published. --force replaces only a folder
+this tool wrote (check_out)."""
 from __future__ import annotations
 
 import csv
@@ -16,7 +17,7 @@ import platform
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from ..errors import QamroError
 from ..metrics import FIGURES, evaluate
 from ..store.durable import fault_point, fsync_path, pid_alive
 from ..store.reader import Cache
+from .state import HISTORY_COLUMNS
 from .trainer import TrainResult
 
 RUN_VERSION = 1
@@ -125,8 +127,6 @@ def write_predictions(path: Path, cache: Cache, heads, preds: dict[str, np.ndarr
 def write_history(path: Path, history: np.ndarray) -> None:
     """history.csv: one row per member and epoch trained (member = index in config.json's
     members), the objective and its parts, train and validation (state.HISTORY_COLUMNS)."""
-    from .state import HISTORY_COLUMNS
-
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["member", "epoch", *HISTORY_COLUMNS])
@@ -226,11 +226,11 @@ def _check_finite_outputs(result: TrainResult, cache: Cache, tensors: dict) -> N
             raise QamroError(f"{name}: weights contain NaN or inf; not writing them")
 
 
-def save_run(out: Path, *, config: dict[str, Any], metrics: dict[str, Any], cache: Cache,
-             result: TrainResult, force: bool = False,
-             extra: Callable[[Path], None] | None = None) -> Path:
-    """Write the run folder `out` whole or not at all. `extra(folder)` may add files (a
-    sweep's sweep.csv and sweep.png) before the folder is renamed into place."""
+def stage_run_folder(out: Path, *, config: dict[str, Any], metrics: dict[str, Any],
+                     cache: Cache, result: TrainResult, force: bool = False) -> Path:
+    """Assemble run folder `out`'s files in its staging folder and return that folder; the
+    caller adds what else belongs in the run (curves, a table) and then `publish`es it, so
+    the name `out` only ever shows a whole run."""
     out = Path(out)
     clean_stale(out)
     check_out(out, force)
@@ -251,9 +251,7 @@ def save_run(out: Path, *, config: dict[str, Any], metrics: dict[str, Any], cach
     save_file(tensors, str(tmp / "heads.safetensors"),
               metadata={"qamro_run_version": str(RUN_VERSION)})
     write_history(tmp / "history.csv", result.history)
-    if extra is not None:
-        extra(tmp)
-    return publish(tmp, out)
+    return tmp
 
 
 def staging(out: Path) -> Path:

@@ -21,8 +21,8 @@ import torch
 from ..config import Member, TrainConfig
 from ..errors import Interrupted, QamroError
 from ..store.reader import Cache
-from .aes_release import Release, read_release
-from .engine import Context, Engine, Plan, optimizer_buffers
+from .aes_release import ReleasedHeads, read_release
+from .engine import Context, Engine, InputPlan, optimizer_buffers
 from .distribution import output_bins, smoothed_targets
 from .heads import BatchedMLP, HeadSpec
 from .inputs import (build_head, column_order, head_inputs, input_width, label_col, label_stats,
@@ -119,7 +119,7 @@ class Checkpoint:
 def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
           cfg: TrainConfig = TrainConfig(), label_range=None,
           progress: Callable[[Progress], None] | None = None,
-          checkpoint: Checkpoint | None = None, release: Release | None = None) -> TrainResult:
+          checkpoint: Checkpoint | None = None, release: ReleasedHeads | None = None) -> TrainResult:
     """Train every member of every head on `cache`; returns best-weight predictions.
     `release`: the released heads for cfg.init / cfg.label_stats "release" (read from the
     cache's checkpoint when not given)."""
@@ -182,7 +182,7 @@ def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
         release=release.record(uses_release) if uses_release else None)
 
 
-def initial_weights(models: dict[str, BatchedMLP], release: Release | None,
+def initial_weights(models: dict[str, BatchedMLP], release: ReleasedHeads | None,
                     axis: dict[str, str]) -> dict[str, torch.Tensor]:
     """head -> [K, P] weights training starts from: each member's own seeded ones, or with
     `release` the released head of the head's axis for every member (seeds then decide only
@@ -325,14 +325,14 @@ def _matmul_precision(value: str):
         torch.set_float32_matmul_precision(before)
 
 
-def _inputs(cache: Cache, heads, device) -> tuple[dict[tuple[str, ...], torch.Tensor], Plan]:
+def _inputs(cache: Cache, heads, device) -> tuple[dict[tuple[str, ...], torch.Tensor], InputPlan]:
     """Each distinct input of the heads, on the device once: heads reading the same features
     share one matrix (the four AES axes: 4x less), and an input whose columns are the first
     columns of another (the audio head's audio inside the textual head's audio + text; a
     window feature inside that feature + clip features, [U, L, D] in [U, L, D + E]) is a
     view of it, so a step gathers its rows once, for both heads."""
     shared: dict[tuple[str, ...], torch.Tensor] = {}
-    plan: Plan = {}
+    plan: InputPlan = {}
     for h in sorted(heads, key=lambda h: -len(h.features)):
         if h.features in shared:
             continue

@@ -19,11 +19,11 @@ import numpy as np
 from ...errors import QamroError
 from ...checkpoints import AES_HEAD_CFG_KEYS as HEAD_CFG_KEYS, read_aes_checkpoint
 from .base import Backbone, FeatureSpec, register_backbone, seeded_init
-from .releases import Release
+from .releases import PublishedWeights
 
 # the file audiobox_aesthetics.utils.load_model downloads (DEFAULT_HF_REPO, DEFAULT_CKPT_FNAME),
 # at the repository's commit 9b1dd8e5 (the head of main in the snapshots users pinned in 2025-26)
-RELEASE = Release("facebook/audiobox-aesthetics", "9b1dd8e5df9af7216e836a98974fe3b82c56ded6",
+RELEASE = PublishedWeights("facebook/audiobox-aesthetics", "9b1dd8e5df9af7216e836a98974fe3b82c56ded6",
                   "checkpoint.pt")
 N_LAYERS = 13  # WavLM-base: the pre-transformer features and 12 transformer layers
 WIDTH = 768
@@ -44,7 +44,7 @@ class Aesthetics(Backbone):
     def feature_specs(self) -> dict[str, FeatureSpec]:
         return {"layers": FeatureSpec((N_LAYERS, WIDTH), per_window=True)}
 
-    def load(self) -> None:
+    def _load(self) -> None:
         path = self.weights_path()
         if path is None:
             self.model = build_aes(RELEASE_HEAD_CFG, target_transform=None)

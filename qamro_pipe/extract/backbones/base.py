@@ -20,7 +20,7 @@ import numpy as np
 
 from ...errors import QamroError
 from ...checkpoints import check_checkpoint_file, check_safetensors_file, sha256_file
-from .releases import (NETWORK_PROBE_SECONDS, RANDOM_WEIGHTS, Release, hub_endpoint,
+from .releases import (NETWORK_PROBE_SECONDS, RANDOM_WEIGHTS, PublishedWeights, hub_endpoint,
                       hub_reachable, offline_mode)
 
 REGISTRY: dict[str, type["Backbone"]] = {}
@@ -34,8 +34,7 @@ def register_backbone(cls: type["Backbone"]) -> type["Backbone"]:
 
 
 def get_backbone(name: str, **options: Any) -> "Backbone":
-    from . import aesthetics, clap, melstats, muq  # noqa: F401  (registration)
-
+    """A backbone of the registry (filled by the package face, extract/backbones/__init__)."""
     if name not in REGISTRY:
         known = sorted(k for k in REGISTRY if "@" not in k)
         raise QamroError(f"unknown backbone {name!r}; known: {', '.join(known)}")
@@ -66,7 +65,7 @@ class Backbone:
     sample_rate: ClassVar[int]  # audio is resampled to this before embed
     window_seconds: ClassVar[float]  # long clips are cut into windows of this length
     uses_text: ClassVar[bool] = False  # whether embed_texts produces features
-    release: ClassVar[Release | None] = None  # the published weights; None: no weights
+    release: ClassVar[PublishedWeights | None] = None  # the published weights; None: no weights
     # how audio reaches the model: "resampled" to sample_rate and cut into windows, or also
     # "published": the file's own samples, its first window_samples, read as if at
     # sample_rate (what clap-music's published users did; their caches are keyed apart)
@@ -125,6 +124,13 @@ class Backbone:
         raise NotImplementedError
 
     def load(self) -> None:
+        """Build the model and read its weights, once (a loaded backbone stays loaded)."""
+        if not self.loaded:
+            self._load()
+            self.loaded = True
+
+    def _load(self) -> None:
+        """Each backbone's own: build the model on self.device and read its weights."""
         raise NotImplementedError
 
     def _prepare(self, windows: list[np.ndarray]) -> Any:
@@ -243,15 +249,10 @@ class Backbone:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type=str(self.device).split(":")[0], dtype=dtype)
 
-    def _ensure_loaded(self) -> None:
-        if not self.loaded:
-            self.load()
-            self.loaded = True
-
     def _start(self, fn, arg) -> "Pending":
         import torch
 
-        self._ensure_loaded()
+        self.load()
         with torch.inference_mode(), self._precision():
             return Pending(self.key, self.precision, fn(arg))
 
@@ -270,7 +271,7 @@ class Backbone:
         alone with `forward_prepared`)."""
         import torch
 
-        self._ensure_loaded()
+        self.load()
         with torch.inference_mode():
             return self._prepare(windows)
 

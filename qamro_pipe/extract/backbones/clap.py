@@ -29,11 +29,11 @@ from ...checkpoints import read_checkpoint
 from .base import Backbone, FeatureSpec, register_backbone, seeded_init
 from .roberta_tokenizer import (VOCAB_SIZE, files_digest, find_tokenizer, load_tokenizer,
                                 missing_tokenizer, tokenizer_files)
-from .releases import Release, hub_offline
+from .releases import PublishedWeights, hub_offline
 
 # the file laion_clap's README names for music, at the repository's commit b3708341 (the one
 # the Hugging Face cache snapshots of this file carry)
-RELEASE = Release("lukewys/laion_clap", "b3708341862f581175dba5c356a4ebf74a9b6651",
+RELEASE = PublishedWeights("lukewys/laion_clap", "b3708341862f581175dba5c356a4ebf74a9b6651",
                   "music_audioset_epoch_15_esc_90.14.pt")
 AUDIO_MODEL = "HTSAT-base"  # the audio tower the music checkpoints were trained with
 TEXT_MODEL = "roberta"
@@ -67,7 +67,7 @@ class ClapMusic(Backbone):
         return {"audio": FeatureSpec((EMBED_DIM,)),
                 "text": FeatureSpec((EMBED_DIM,), text=True)}
 
-    def load(self) -> None:
+    def _load(self) -> None:
         path = self.weights_path()
         state = read_clap_state(path) if path is not None else None  # refused before building
         self.model, self.model_cfg = build_clap(AUDIO_MODEL)

@@ -98,7 +98,7 @@ class MelStats(Backbone):
     def feature_specs(self) -> dict[str, FeatureSpec]:
         return {"audio": FeatureSpec((AUDIO_DIM,)), "text": FeatureSpec((TEXT_DIM,), text=True)}
 
-    def load(self) -> None:
+    def _load(self) -> None:
         self._fb = mel_filterbank(self.sample_rate, N_FFT, N_MELS)  # [N_MELS, K]
 
     def _prepare(self, windows: list[np.ndarray]) -> list[np.ndarray]:

@@ -39,11 +39,11 @@ import numpy as np
 from ...errors import QamroError
 from ...checkpoints import read_safetensors
 from .base import Backbone, FeatureSpec, register_backbone, seeded_init
-from .releases import Release
+from .releases import PublishedWeights
 
 # the model the package's README names; the commit is the one a public pin of this repository
 # uses (unverified against the Hugging Face page itself, which could not be reached)
-RELEASE = Release("OpenMuQ/MuQ-large-msd-iter", "0562a57814f6f8bbd9fdea0a25921a2fce1a841a",
+RELEASE = PublishedWeights("OpenMuQ/MuQ-large-msd-iter", "0562a57814f6f8bbd9fdea0a25921a2fce1a841a",
                   "model.safetensors", companions=("config.json",))
 N_LAYERS = 13  # encoder_depth 12 conformer layers + the conv front end's output
 WIDTH = 1024  # encoder_dim
@@ -96,7 +96,7 @@ class MuQ(Backbone):
     def feature_specs(self) -> dict[str, FeatureSpec]:
         return {"layers": FeatureSpec((N_LAYERS, WIDTH), per_window=True)}
 
-    def load(self) -> None:
+    def _load(self) -> None:
         path = self.weights_path()
         if path is None:
             config, state = RANDOM_CONFIG, None

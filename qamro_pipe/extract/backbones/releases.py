@@ -1,6 +1,6 @@
 """Where a backbone's weights come from.
 
-Release files are downloaded once, from a Hugging Face repository at a pinned commit, into
+PublishedWeights files are downloaded once, from a Hugging Face repository at a pinned commit, into
 weights_dir() (never the package or the cache folder). Nothing here waits on a network that
 is not there: the Hugging Face endpoint is asked once per process, with a short timeout,
 before any download, and Hugging Face libraries run offline whenever the files are local.
@@ -22,7 +22,7 @@ NETWORK_PROBE_SECONDS = 3.0
 
 
 @dataclass(frozen=True)
-class Release:
+class PublishedWeights:
     """A published weights file: repository, the commit it is fetched at, file name, and the
     files that must lie beside it (a Hugging Face model's config.json)."""
     repo: str

@@ -121,8 +121,8 @@ def register_dataset(name: str):
 
 
 def load_dataset(name: str, root: str | Path, **options) -> DatasetRecords:
-    from . import aes_natural, demo, manifest, musiceval  # noqa: F401  (registration)
-
+    """A dataset by its loader's name (the package face, extract/datasets/__init__, registers
+    every loader)."""
     if name not in LOADERS:
         raise DataError(f"unknown dataset {name!r}; known: {', '.join(sorted(LOADERS))}")
     return LOADERS[name](Path(root), **options)
