@@ -119,7 +119,8 @@ class Checkpoint:
 def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
           cfg: TrainConfig = TrainConfig(), label_range=None,
           progress: Callable[[Progress], None] | None = None,
-          checkpoint: Checkpoint | None = None, release: ReleasedHeads | None = None) -> TrainResult:
+          checkpoint: Checkpoint | None = None,
+          release: ReleasedHeads | None = None) -> TrainResult:
     """Train every member of every head on `cache`; returns best-weight predictions.
     `release`: the released heads for cfg.init / cfg.label_stats "release" (read from the
     cache's checkpoint when not given)."""

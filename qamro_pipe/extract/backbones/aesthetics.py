@@ -23,8 +23,8 @@ from .releases import PublishedWeights
 
 # the file audiobox_aesthetics.utils.load_model downloads (DEFAULT_HF_REPO, DEFAULT_CKPT_FNAME),
 # at the repository's commit 9b1dd8e5 (the head of main in the snapshots users pinned in 2025-26)
-RELEASE = PublishedWeights("facebook/audiobox-aesthetics", "9b1dd8e5df9af7216e836a98974fe3b82c56ded6",
-                  "checkpoint.pt")
+RELEASE = PublishedWeights("facebook/audiobox-aesthetics",
+                           "9b1dd8e5df9af7216e836a98974fe3b82c56ded6", "checkpoint.pt")
 N_LAYERS = 13  # WavLM-base: the pre-transformer features and 12 transformer layers
 WIDTH = 768
 # the release heads' model_cfg (HEAD_CFG_KEYS), used for random weights

@@ -33,8 +33,9 @@ from .releases import PublishedWeights, hub_offline
 
 # the file laion_clap's README names for music, at the repository's commit b3708341 (the one
 # the Hugging Face cache snapshots of this file carry)
-RELEASE = PublishedWeights("lukewys/laion_clap", "b3708341862f581175dba5c356a4ebf74a9b6651",
-                  "music_audioset_epoch_15_esc_90.14.pt")
+RELEASE = PublishedWeights("lukewys/laion_clap",
+                           "b3708341862f581175dba5c356a4ebf74a9b6651",
+                           "music_audioset_epoch_15_esc_90.14.pt")
 AUDIO_MODEL = "HTSAT-base"  # the audio tower the music checkpoints were trained with
 TEXT_MODEL = "roberta"
 TEXT_MODEL_NAME = "roberta-base"  # what laion_clap asks transformers for

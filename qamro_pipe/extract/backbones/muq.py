@@ -43,8 +43,9 @@ from .releases import PublishedWeights
 
 # the model the package's README names; the commit is the one a public pin of this repository
 # uses (unverified against the Hugging Face page itself, which could not be reached)
-RELEASE = PublishedWeights("OpenMuQ/MuQ-large-msd-iter", "0562a57814f6f8bbd9fdea0a25921a2fce1a841a",
-                  "model.safetensors", companions=("config.json",))
+RELEASE = PublishedWeights("OpenMuQ/MuQ-large-msd-iter",
+                           "0562a57814f6f8bbd9fdea0a25921a2fce1a841a",
+                           "model.safetensors", companions=("config.json",))
 N_LAYERS = 13  # encoder_depth 12 conformer layers + the conv front end's output
 WIDTH = 1024  # encoder_dim
 MIN_WINDOW_SAMPLES = 1025  # the mel STFT's reflect padding needs more than n_fft/2 = 1024

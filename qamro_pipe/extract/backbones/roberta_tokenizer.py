@@ -18,8 +18,9 @@ from .releases import PublishedWeights, hub_endpoint, hub_offline, hub_reachable
 
 # roberta-base (FacebookAI/roberta-base, formerly "roberta-base") at commit e2da8e2f, the
 # revision other projects pin it at; RobertaTokenizer builds its BPE from vocab.json, merges.txt
-TOKENIZER = PublishedWeights("FacebookAI/roberta-base", "e2da8e2f811d1448a5b465c236feacd80ffbac7b",
-                    "vocab.json")
+TOKENIZER = PublishedWeights("FacebookAI/roberta-base",
+                             "e2da8e2f811d1448a5b465c236feacd80ffbac7b",
+                             "vocab.json")
 REPO_ALIASES = ("FacebookAI/roberta-base", "roberta-base")  # names the HF cache may hold
 REQUIRED = ("vocab.json", "merges.txt")
 # read by transformers when a folder has them, so they count as the tokenizer's files too
