@@ -125,7 +125,7 @@ def _cost(result) -> str:
             f"{result.device} ({rate:.1f} member-epochs/s{resumed})")
 
 
-_RECIPE_HELP = "Model recipe: a name in qamro_pipe/stages/ or a .toml path (docs/recipes.md)."
+_RECIPE_HELP = "Model recipe: a name in stages/ (shipped) or a .toml path (docs/recipes.md)."
 _RECIPE_DEFAULT = (f"{DEFAULT_RECIPE}; a --cache of another dataset gets that dataset's recipe "
                    f"or one derived from the cache")
 
@@ -342,7 +342,7 @@ def sweep(
 
 @command(shared=RUN_OPTIONS, panel=TRAIN)
 def table(
-    recipe: Optional[str] = opt("A table recipe (a name in qamro_pipe/stages/, e.g. table1 or "
+    recipe: Optional[str] = opt("A table recipe (a name in stages/, e.g. table1 or "
                                 "table2, or a .toml path).", DEFAULT_TABLE, rich_help_panel=DATA),
     model: Optional[str] = opt("Model recipe every row trains.", "the table's",
                                rich_help_panel=DATA),

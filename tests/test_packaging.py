@@ -16,14 +16,16 @@ def test_the_wheel_carries_every_recipe(tmp_path):
     assert r.returncode == 0, r.stderr
     wheel = next(tmp_path.glob("qamro_pipe-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    shipped = {f"qamro_pipe/stages/{p.name}" for p in (ROOT / "qamro_pipe/stages").glob("*.toml")}
+    shipped = {f"qamro_pipe/stages/{p.name}" for p in (ROOT / "stages").glob("*.toml")}
     assert {"qamro_pipe/stages/musiceval.toml", "qamro_pipe/stages/demo.toml"} <= shipped
     assert shipped <= names, sorted(shipped - names)
+    modules = {str(p.relative_to(ROOT)) for p in (ROOT / "qamro_pipe").rglob("*.py")}
+    assert modules <= names, sorted(modules - names)  # a folder without __init__.py is left out
 
 
 def test_recipes_are_found_from_the_package_not_the_working_directory(tmp_path, monkeypatch):
     from qamro_pipe.train.recipes import load_recipe
 
-    monkeypatch.chdir(tmp_path)  # no stages/ here: the package's own are found
+    monkeypatch.chdir(tmp_path)  # no stages/ here: the shipped ones are found
     assert load_recipe("musiceval").path.parent.name == "stages"
-    assert load_recipe("musiceval").path.is_relative_to(ROOT / "qamro_pipe")
+    assert load_recipe("musiceval").path.is_relative_to(ROOT / "stages")

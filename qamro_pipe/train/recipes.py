@@ -16,7 +16,15 @@ from ..metrics import FIGURES
 from ..store.reader import read_cache, read_meta
 from .heads import ACTIVATIONS, HeadSpec
 
-STAGES_DIR = Path(__file__).resolve().parents[1] / "stages"
+def _shipped_stages() -> Path:
+    """The recipes that come with qamro-pipe: the top-level stages/ of a checkout (or an
+    editable install), mapped to qamro_pipe/stages/ inside a wheel (setup.py)."""
+    package = Path(__file__).resolve().parents[1]
+    in_wheel = package / "stages"
+    return in_wheel if in_wheel.is_dir() else package.parent / "stages"
+
+
+STAGES_DIR = _shipped_stages()
 _KEYS = {"name", "dataset", "backbone", "label_range", "heads", "train", "loss", "grids",
          "reference"}
 
