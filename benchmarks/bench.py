@@ -183,7 +183,7 @@ def bench_sweep_gpu(device, path, epochs=1000, compare_epochs=100):
     report("sweep", "TF32 ms per epoch", sec32 / epochs * 1e3, "ms")
     report("sweep", "max |fp32 - TF32| prediction",
            max_prediction_diff(res, res32))
-    import qamro_pipe.train.engine as tr
+    import qamro_pipe.train.optim as tr
 
     fused_sgd = tr._sgd
 

@@ -88,7 +88,8 @@ class TrainConfig:
     # (published code: 8; the ranking term is a mini-batch loss, so this changes its value)
     max_epochs: int = 1000  # paper
     patience: int = 20  # early stopping on validation loss (paper)
-    val_split: str = "holdout"  # "holdout": a part of train; or a split name ("dev" = published code)
+    val_split: str = "holdout"  # "holdout": a part of train; or a split name ("dev" =
+    # published code)
     val_fraction: float = 0.1  # share of train held out when val_split="holdout"
     split_seed: int = 0  # which train rows are held out: fixed, so all members share them
     eval_split: str = "dev"  # the split metrics are reported on
@@ -283,6 +284,21 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+def tuples(data: dict[str, Any]) -> dict[str, Any]:
+    """JSON or TOML values as the frozen dataclasses hold them: lists become tuples."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+
+
+def from_jsonable(cls, data: dict[str, Any]):
+    """The dataclass `cls` from what to_jsonable wrote (config.json, a recipe's table)."""
+    return cls(**tuples(data))
+
+
+def member_from_jsonable(data: dict[str, Any]) -> Member:
+    """A member as config.json records it: {"loss": {...}, "seed": N}."""
+    return Member(from_jsonable(LossConfig, data["loss"]), data["seed"])
 
 
 def override(cfg, **changes):

@@ -14,6 +14,21 @@ from scipy import stats
 from .errors import QamroError
 
 FIGURES = ("mse", "lcc", "srcc", "ktau")
+LEVEL = 0.95  # every interval the tool reports
+
+
+def mean_sd(values) -> tuple[float | None, float | None]:
+    """(mean, sd) over seeds, members or folds, None left out: sd with ddof=1 (None for
+    fewer than two values), the mean None for none."""
+    vals = [v for v in values if v is not None]
+    return (float(np.mean(vals)) if vals else None,
+            float(np.std(vals, ddof=1)) if len(vals) > 1 else None)
+
+
+def interval(values: np.ndarray, level: float = LEVEL) -> list[float]:
+    """The central percentile interval [lo, hi] of resampled values."""
+    q = (1 - level) / 2
+    return [float(np.quantile(values, q)), float(np.quantile(values, 1 - q))]
 
 
 def point_metrics(true: np.ndarray, pred: np.ndarray) -> dict[str, float]:
@@ -63,9 +78,7 @@ def bootstrap_ci(true: np.ndarray, pred: np.ndarray, n_boot: int = 1000, seed: i
     out = {}
     for name, vals in bootstrap_rows(true, pred, idx).items():
         vals = vals[np.isfinite(vals)]  # resamples with a constant side have no correlation
-        q = (1 - level) / 2
-        out[name] = None if len(vals) < n_boot // 2 else \
-            [float(np.quantile(vals, q)), float(np.quantile(vals, 1 - q))]
+        out[name] = None if len(vals) < n_boot // 2 else interval(vals, level)
     return out
 
 

@@ -8,7 +8,7 @@ import torch
 from qamro_pipe.config import LossConfig, Member, TrainConfig
 from qamro_pipe.train.heads import HeadSpec
 from qamro_pipe.store.reader import read_cache
-from qamro_pipe.train.engine import member_permutations
+from qamro_pipe.train.shuffle import member_permutations
 from qamro_pipe.train.trainer import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

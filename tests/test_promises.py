@@ -18,7 +18,7 @@ from qamro_pipe.train.inputs import label_stats
 from qamro_pipe.train.losses import pairwise_ranking_loss
 from qamro_pipe.train.losses_reference import qamro_loss_literal
 from qamro_pipe.train.recipes import load_recipe
-from qamro_pipe.train.engine import Losses
+from qamro_pipe.train.objective import Losses
 from qamro_pipe.train.trainer import make_split, train
 
 HEADS = (HeadSpec("overall", "overall", ("audio",)),
@@ -88,7 +88,7 @@ def f32(x: float) -> float:
 
 
 def _trainer_loss(members, stats, label_range, preds, ys):
-    """The objective of one batch exactly as the trainer builds it (engine.Losses), in
+    """The objective of one batch exactly as the trainer builds it (objective.Losses), in
     float64 so that it can be compared with the oracle to 1e-9."""
     before = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)

@@ -9,7 +9,7 @@ from qamro_pipe.config import LossConfig, Member, TrainConfig
 from qamro_pipe.errors import QamroError
 from qamro_pipe.train.heads import BatchedMLP, HeadSpec
 from qamro_pipe.store.reader import read_cache
-from qamro_pipe.train.engine import member_permutations
+from qamro_pipe.train.shuffle import member_permutations
 from qamro_pipe.train.trainer import train
 
 HEADS = (HeadSpec("overall", "overall", ("audio",)),
@@ -169,7 +169,7 @@ def test_an_input_inside_another_is_gathered_once_as_its_first_columns(synthetic
 def test_optimizer_steps_equal_torch_optim(name):
     """The trainer's in-place update is torch.optim's own rule: SGD(momentum=0.9) and
     AdamW(weight_decay=0.01), step for step, also after a restart from saved buffers."""
-    from qamro_pipe.train.engine import make_optimizer, optimizer_buffers
+    from qamro_pipe.train.optim import make_optimizer, optimizer_buffers
 
     cfg = TrainConfig(optimizer=name, lr=0.01, weight_decay=0.01 if name == "adamw" else 0.0)
     g = torch.Generator().manual_seed(0)

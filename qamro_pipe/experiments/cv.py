@@ -30,12 +30,12 @@ from sklearn.model_selection import GroupKFold
 
 from ..config import CVConfig, Member, TrainConfig, to_jsonable
 from ..errors import QamroError
-from ..metrics import FIGURES, system_level_problem
+from ..metrics import FIGURES, mean_sd, system_level_problem
 from ..store.reader import Cache
 from ..train.inputs import label_col
 from ..train.resume import discard, fingerprint, partial_dir, training_state
 from ..train.runs import check_out, head_metrics, json_text, staging, write_predictions
-from ..train.trainer import train
+from ..train.trainer import train, usable_members
 from .folder import (Job, Staged, base_config, cost, mark_system_level, stage_run,
                      system_level_note, write_sweep_files)
 
@@ -162,9 +162,7 @@ def _across_folds(per: list[dict[str, Any]]) -> dict[str, Any]:
     """One level's figures over folds: mean, sd (ddof=1) and how many folds had them."""
     out: dict[str, Any] = {}
     for fig in FIGURES:
-        vals = [p[fig] for p in per if p.get(fig) is not None]
-        out[fig] = float(np.mean(vals)) if vals else None
-        out[f"{fig}_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
+        out[fig], out[f"{fig}_std"] = mean_sd(p.get(fig) for p in per)
     out["n_folds"] = sum(p.get("srcc") is not None or p.get("mse") is not None for p in per)
     return out
 
@@ -184,7 +182,7 @@ def cv_metrics(cache: Cache, heads, members: list[Member], folds: Folds,
                per_fold: list[dict[str, Any]], oof: dict[str, np.ndarray],
                failed: set[int], tcfg: TrainConfig) -> dict[str, Any]:
     """metrics.json of a cross-validation (module docstring)."""
-    ok = [k for k in range(len(members)) if k not in failed]
+    ok = usable_members(len(members), failed)
     if not ok:
         raise QamroError("every member failed in some fold; nothing to report")
     member_entries = []
@@ -292,7 +290,7 @@ def _write_top(job: Job, folds: Folds, metrics: dict[str, Any], oof: dict[str, n
               "warnings": {str(k): v for k, v in total.warnings.items()}}
     (tmp / "config.json").write_text(json_text("config", config))
     (tmp / "metrics.json").write_text(json_text("metrics", metrics))
-    ok = [k for k in range(len(members)) if k not in failed]
+    ok = usable_members(len(members), failed)
     write_predictions(tmp / "predictions.csv", data, heads,
                       {h: p[ok] for h, p in oof.items()}, folds.pool, members=ok,
                       columns={"fold": folds.fold_of(len(data.ids))})

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..config import (CVConfig, LossConfig, Member, TrainConfig, cache_root, check_used,
-                      override)
+                      override, tuples)
 from ..errors import QamroError
 from ..loss_kinds import KINDS, run_name
 from ..store.reader import Cache, read_cache
@@ -32,10 +32,8 @@ def recipe_configs(recipe: Recipe, train: dict[str, Any] | None = None,
     then the user's, and a loss setting that none of the loss kinds to be trained (`kinds`,
     default the resolved kind) reads is refused."""
     try:
-        tcfg = override(TrainConfig(), **{k: tuple(v) if isinstance(v, list) else v
-                                          for k, v in recipe.train.items()})
-        lcfg = override(LossConfig(), **{k: tuple(v) if isinstance(v, list) else v
-                                         for k, v in recipe.loss.items()})
+        tcfg = override(TrainConfig(), **tuples(recipe.train))
+        lcfg = override(LossConfig(), **tuples(recipe.loss))
         if lcfg.label_range is None and recipe.label_range is not None:
             lcfg = replace(lcfg, label_range=tuple(recipe.label_range))
     except (QamroError, TypeError) as e:

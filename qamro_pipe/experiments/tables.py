@@ -15,7 +15,8 @@ from ..config import (LossConfig, Member, TrainConfig, cache_root, check_seeds, 
                       override)
 from ..errors import QamroError
 from ..report.compare import comparison, render_comparison
-from ..report.tables import aggregate, aggregate_cv, mean_sd, render, write_table
+from ..metrics import mean_sd
+from ..report.tables import aggregate, aggregate_cv, render, write_table
 from ..train.aes_release import clip_scores, read_release
 from ..train.probe import PROBE_ROW, probe, probe_metrics, train_rows
 from ..train.recipes import Recipe, TableRecipe, load_table, select_recipe

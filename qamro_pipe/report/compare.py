@@ -18,18 +18,14 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from ..metrics import bootstrap_rows, named_systems, point_metrics, system_scores
+from ..metrics import LEVEL, bootstrap_rows, interval, named_systems, point_metrics, system_scores
 from .tables import layout
 
-LEVEL = 0.95
 
 
 def _quantiles(vals: np.ndarray) -> list[float] | None:
     vals = vals[np.isfinite(vals)]
-    if len(vals) < 2:
-        return None
-    q = (1 - LEVEL) / 2
-    return [float(np.quantile(vals, q)), float(np.quantile(vals, 1 - q))]
+    return interval(vals, LEVEL) if len(vals) >= 2 else None
 
 
 def _utterance_rows(true: np.ndarray, pred: np.ndarray, clips: list[np.ndarray],

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import LossConfig, Member, TrainConfig, to_jsonable
+from ..config import TrainConfig, from_jsonable, member_from_jsonable, to_jsonable
 from ..errors import CacheError, QamroError
 from ..loss_kinds import USED_SETTINGS
 from ..metrics import named_systems, system_level_problem
@@ -36,12 +36,9 @@ class TrainedRun:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.config, tensors = load_run(self.path)
-        self.heads = tuple(HeadSpec(**{k: tuple(v) if isinstance(v, list) else v
-                                       for k, v in h.items()}) for h in self.config["heads"])
-        train_cfg = {k: tuple(v) if isinstance(v, list) else v
-                     for k, v in self.config["train"].items()}
+        self.heads = tuple(from_jsonable(HeadSpec, h) for h in self.config["heads"])
         try:
-            self.train_cfg = TrainConfig(**train_cfg)
+            self.train_cfg = from_jsonable(TrainConfig, self.config["train"])
         except (QamroError, TypeError) as e:  # a run of another version, or edited by hand
             raise QamroError(f"{self.path / 'config.json'}: train settings not readable: "
                              f"{e}") from None
@@ -94,9 +91,7 @@ class TrainedRun:
 
     def _bins(self, head: HeadSpec) -> dict:
         """build_head's distribution arguments for the run's gaussian-kl members, if any."""
-        members = [Member(LossConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                        for k, v in m["loss"].items()}), m["seed"])
-                   for m in self.config["members"]]
+        members = [member_from_jsonable(m) for m in self.config["members"]]
         bins = output_bins(members)
         if bins is None:
             return {}
@@ -172,8 +167,7 @@ def select_members(config: dict[str, Any], present: list[int], selection: str | 
 
 
 def _member_label(member: dict[str, Any]) -> str:
-    loss = {k: tuple(v) if isinstance(v, list) else v for k, v in member["loss"].items()}
-    return Member(LossConfig(**loss), member["seed"]).label()
+    return member_from_jsonable(member).label()
 
 
 def scoring_rule(config: dict[str, Any], members: list[int]) -> dict[str, Any]:

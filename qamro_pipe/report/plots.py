@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..metrics import mean_sd
 from ..loss_kinds import GRID_SETTINGS, KINDS, LOSS_KINDS, USED_SETTINGS, legend, setting_order
 
 CORRELATIONS = ("lcc", "srcc", "ktau")  # bounded by [-1, 1]: axis and bars are capped there
@@ -69,8 +70,8 @@ def swept_setting(rows: list[dict[str, Any]]) -> str | None:
 def seed_stats(values: list[float], metric: str) -> tuple[float, float, float, bool]:
     """(mean, low, high, clipped): mean ± 1 sd over seeds (ddof=1, as the tables), with
     correlations' bars clipped to [-1, 1]."""
-    mean = float(np.mean(values))
-    sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    mean, sd = mean_sd(values)
+    sd = sd or 0.0
     lo, hi = mean - sd, mean + sd
     if metric in CORRELATIONS:
         clipped = hi > 1 or lo < -1

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 
 from ..loss_kinds import setting_order
-from ..metrics import FIGURES
+from ..metrics import FIGURES, mean_sd
+from .tables import layout
 
 
 def shown_level(metrics: dict[str, Any]) -> str:
@@ -22,38 +22,34 @@ def metrics_table(metrics: dict[str, Any], level: str | None = None) -> str:
     where = (f"{cv['folds']}-fold cross-validation grouped by {cv['group']} over "
              f"{metrics['eval_split']}, mean ± sd over folds" if cv
              else f"on {metrics['eval_split']!r}")
-    lines = [f"{level}-level {where} (validation: {metrics['validation']})",
-             f"{'head':<12}" + "".join(f"{f.upper():>21}" for f in FIGURES)]
-    return "\n".join(lines + _figure_lines(metrics["heads"], level))
+    return (f"{level}-level {where} (validation: {metrics['validation']})\n"
+            + _figures(metrics["heads"], level))
 
 
 def pooled_table(metrics: dict[str, Any], level: str | None = None) -> str:
     """A cross-validation's pooled out-of-fold figures, each with its 95% CI."""
     level = level or shown_level(metrics)
-    lines = [f"{level}-level of the pooled out-of-fold predictions (every clip scored by the "
-             f"fold that did not train on it), 95% CI",
-             f"{'head':<12}" + "".join(f"{f.upper():>21}" for f in FIGURES)]
-    return "\n".join(lines + _figure_lines(metrics["pooled"], level))
+    return (f"{level}-level of the pooled out-of-fold predictions (every clip scored by the "
+            f"fold that did not train on it), 95% CI\n" + _figures(metrics["pooled"], level))
 
 
-def _figure_lines(heads: dict[str, Any], level: str) -> list[str]:
-    lines = []
-    for head, levels in heads.items():
-        m = levels[level]
-        cells = []
-        for f in FIGURES:
-            v = m.get(f)
-            if v is None:
-                cells.append(f"{'-':>21}")
-            elif m.get(f"{f}_std") is not None:
-                cells.append(f"{v:.3f} ± {m[f'{f}_std']:.3f}".rjust(21))
-            elif m.get(f"{f}_ci"):
-                lo, hi = m[f"{f}_ci"]
-                cells.append(f"{v:.3f} [{lo:.3f},{hi:.3f}]".rjust(21))
-            else:
-                cells.append(f"{v:>21.3f}")
-        lines.append(f"{head:<12}" + "".join(cells))
-    return lines
+def _figures(heads: dict[str, Any], level: str) -> str:
+    body = [[head, *(_figure(levels[level], f) for f in FIGURES)]
+            for head, levels in heads.items()]
+    return layout(["head", *(f.upper() for f in FIGURES)], body)[0]
+
+
+def _figure(m: dict[str, Any], f: str) -> str:
+    """A figure as the screen shows it: with its sd over members or folds, or its CI."""
+    v = m.get(f)
+    if v is None:
+        return "-"
+    if m.get(f"{f}_std") is not None:
+        return f"{v:.3f} ± {m[f'{f}_std']:.3f}"
+    if m.get(f"{f}_ci"):
+        lo, hi = m[f"{f}_ci"]
+        return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+    return f"{v:.3f}"
 
 
 def system_level_line(metrics: dict[str, Any]) -> str | None:
@@ -71,9 +67,6 @@ def sweep_table(rows: list[dict[str, Any]]) -> str:
         if r.get("level") == level and r.get("srcc") is not None:
             pts.setdefault((r["loss"], r["alpha"], r["beta"], r["margin"], r["head"]),
                            []).append(r["srcc"])
-    w = max([9] + [len(kind) + 2 for kind, *_ in pts])  # gaussian-kl is wider than "qamro"
-    lines = [f"{'loss':<{w}}{'alpha':>7}{'beta':>6}{'margin':>8}  {'head':<10}"
-             f"{level + ' SRCC (mean ± sd over seeds)':>36}"]
 
     def num(x):
         return "-" if x is None else f"{x:g}"
@@ -81,11 +74,13 @@ def sweep_table(rows: list[dict[str, Any]]) -> str:
     def order(item):
         kind, a, b, m, head = item[0]
         return kind, *(setting_order(x) for x in (a, b, m)), head
+    body = []
     for (kind, a, b, m, head), v in sorted(pts.items(), key=order):
-        sd = f" ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else ""
-        lines.append(f"{kind:<{w}}{num(a):>7}{num(b):>6}{num(m):>8}  {head:<10}"
-                     f"{np.mean(v):>28.3f}{sd} (n={len(v)})")
-    return "\n".join(lines)
+        mean, sd = mean_sd(v)
+        body.append([kind, num(a), num(b), num(m), head,
+                     f"{mean:.3f}{f' ± {sd:.3f}' if sd is not None else ''} (n={len(v)})"])
+    return layout(["loss", "alpha", "beta", "margin", "head",
+                   f"{level} SRCC (mean ± sd over seeds)"], body, "lrrrlr")[0]
 
 
 def systems_lines(metrics: dict[str, Any]) -> list[str]:

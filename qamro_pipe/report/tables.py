@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..config import Member
+from ..metrics import mean_sd
 from ..train.recipes import TableRecipe
 
 
@@ -25,10 +26,7 @@ def aggregate(table: TableRecipe, metrics: dict[str, Any], members: list[Member]
         heads = list(metrics["heads"])
         for h in heads:
             for fig in table.figures:
-                vals = [e["heads"][h][level].get(fig) for e in entries]
-                vals = [v for v in vals if v is not None]
-                rec[(h, fig)] = (float(np.mean(vals)) if vals else None,
-                                 float(np.std(vals, ddof=1)) if len(vals) > 1 else None)
+                rec[(h, fig)] = mean_sd(e["heads"][h][level].get(fig) for e in entries)
         out.append(rec)
     return out
 
@@ -55,11 +53,14 @@ def render(table: TableRecipe, heads: list[str], rows: list[dict[str, Any]],
     return text, md, [header, *body]
 
 
-def layout(header: list[str], body: list[list[str]]) -> tuple[str, str]:
-    """(aligned plain text, markdown) of a table: the first column left, the others right."""
+def layout(header: list[str], body: list[list[str]], align: str | None = None
+           ) -> tuple[str, str]:
+    """(aligned plain text, markdown) of a table: every text table the tool prints or writes.
+    `align`: "l" or "r" per column; default the first column left, the others right."""
+    align = align or "l" + "r" * (len(header) - 1)
     widths = [max(len(x[i]) for x in [header, *body]) for i in range(len(header))]
-    text = "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                               for i, (c, w) in enumerate(zip(line, widths)))
+    text = "\n".join("  ".join(c.ljust(w) if a == "l" else c.rjust(w)
+                               for c, w, a in zip(line, widths, align)).rstrip()
                      for line in [header, *body])
     md = "\n".join(["| " + " | ".join(header) + " |",
                     "|" + "|".join("---" for _ in header) + "|",
@@ -94,8 +95,3 @@ def aggregate_cv(table: TableRecipe, metrics: dict[str, Any], members: list[Memb
                 rec[(h, fig)] = mean_sd(per_fold)
         out.append(rec)
     return out
-
-
-def mean_sd(vals: list[float]) -> tuple[float | None, float | None]:
-    return (float(np.mean(vals)) if vals else None,
-            float(np.std(vals, ddof=1)) if len(vals) > 1 else None)

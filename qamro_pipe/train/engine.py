@@ -5,43 +5,25 @@ its members and writes back into it; the trainer rebuilds it without the members
 stopped, so they cost nothing (trainer.py)."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ..config import LossConfig, Member, TrainConfig
-from ..loss_kinds import KINDS, kinds_of
-from ..errors import QamroError
-from .distribution import OutputBins, kl_term
+from ..config import Member, TrainConfig
+from .distribution import OutputBins
 from .heads import BatchedMLP, HeadSpec, member_seed
 from .inputs import build_head
-from .listwise import LIST_TERMS
-from .losses import LabelTerms, interval_table, label_terms, pair_hinge, regression
+from .losses import LabelTerms
+from .objective import Losses
+from .optim import make_optimizer
+from .shuffle import member_permutations
 from .state import HISTORY_COLUMNS, TrainState
 
 GRAPH_WARMUP = 3  # eager epochs before capture (lazy cuBLAS/autograd set-up must not be captured)
 
 # each distinct input -> (its matrix on the device, the input it is gathered from, its width)
 InputPlan = dict[tuple[str, ...], tuple[torch.Tensor, tuple[str, ...], int]]
-
-
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finaliser on int64 (wrapping arithmetic; logical shifts by masking)."""
-    def shr(v, s):
-        return (v >> s) & ((1 << (64 - s)) - 1)
-    x = (x ^ shr(x, 30)) * -4658895280553007687  # 0xbf58476d1ce4e5b9 as signed
-    x = (x ^ shr(x, 27)) * -7723592293110705685  # 0x94d049bb133111eb as signed
-    return x ^ shr(x, 31)
-
-
-def member_permutations(seeds: torch.Tensor, epoch, n: int) -> torch.Tensor:
-    """[K] int64 seeds -> [K, n] permutations, identical on every device."""
-    idx = torch.arange(n, device=seeds.device, dtype=torch.int64)
-    keys = _mix(_mix(seeds[:, None] * 1_000_003 + epoch) + idx[None, :])
-    return torch.argsort(keys, dim=1, stable=True)
 
 
 @dataclass
@@ -77,95 +59,6 @@ class Context:
         if self.cfg.check_every is not None:
             return self.cfg.check_every
         return 10 if self.device.type == "cuda" else 1
-
-
-class Losses:
-    """Per-member loss settings as [H*K] tensors, so one call scores every head of every
-    member: predictions of the H heads are stacked along the member axis."""
-
-    def __init__(self, members: list[Member], stats: list[tuple[float, float]],
-                 device: torch.device, label_range, labels: list[str] | None = None):
-        n_heads = len(stats)
-        first = members[0].loss
-        shared = ("norm", "regression", "huber_delta", "quality_weight")
-        for m in members:
-            if any(getattr(m.loss, s) != getattr(first, s) for s in shared):
-                raise QamroError("members of one run must share norm, quality weight and "
-                                 "regression loss")
-        self.k, self.n_heads = len(members), n_heads
-
-        def t(vals):
-            return torch.tensor(vals * n_heads, dtype=torch.float32, device=device)
-        def reads(m: Member, setting: str) -> bool:
-            return setting in KINDS[m.loss.kind].settings
-        # the pair hinge's settings: 0 margin and q = 1 for the members whose kind has none
-        self.alpha = t([m.loss.alpha if reads(m, "alpha") else 0.0 for m in members])
-        self.beta = t([m.loss.beta if reads(m, "beta") else 1.0 for m in members])
-        self.margin = t([m.loss.margin if reads(m, "margin") else 0.0 for m in members])
-        self.weight = t([m.loss.rank_weight if KINDS[m.loss.kind].family == "pair" else 0.0
-                         for m in members])
-        # each listwise kind some member uses: (its term, its setting [H*K], its weight
-        # [H*K], 0 for the other members: they get an exact 0 from it, whatever shares the run)
-        self.listwise = [(fn, t([getattr(m.loss, setting) if setting else 0.0
-                                 for m in members]),
-                          t([m.loss.rank_weight if m.loss.kind == kind else 0.0
-                             for m in members]))
-                         for kind, (fn, setting) in LIST_TERMS.items()
-                         if any(m.loss.kind == kind for m in members)]
-        self.kl_weight = t([m.loss.rank_weight if m.loss.kind in kinds_of("distribution")
-                            else 0.0 for m in members])
-        self.cfg: LossConfig = first
-        # head outputs are standardised scores where a head standardises: the regression term
-        # compares them with standardised labels, the ranking term sees the labels' own scale
-        self.scaled = any(st != (0.0, 1.0) for st in stats)
-        self.mean = torch.tensor([m for m, _ in stats], device=device).repeat_interleave(
-            self.k)[:, None]  # [H*K, 1]
-        self.std = torch.tensor([s for _, s in stats], device=device).repeat_interleave(
-            self.k)[:, None]
-        self.label_range = first.label_range or label_range
-        if first.norm == "range" and self.label_range is None:
-            raise QamroError("norm='range' needs a label range (the recipe's label_range)")
-        self.table = None  # [H*K, 9]: each head's interval table (by its label) for its
-        # QAMRO members; NaN rows (no table) for the others, whose pairs stay Eq. 1's
-        if first.quality_weight == "interval-table":
-            if labels is None or len(labels) != n_heads:
-                raise QamroError("the interval-table quality weight needs the heads' labels")
-            uses = torch.tensor([reads(m, "quality_weight") for m in members] * n_heads)
-            tables = torch.stack([interval_table(lab) for lab in labels])  # [H, 9]
-            self.table = torch.where(uses[:, None], tables.repeat_interleave(self.k, dim=0),
-                                     math.nan).to(device, torch.float32)
-
-    def terms(self, ys: list[torch.Tensor], bs: int) -> LabelTerms:
-        """Per head labels [K or 1, n], in the order the rows are visited, cut into chunks of
-        bs (the last padded with unknown labels) -> the label terms of every chunk at once,
-        fields [n_chunks, H*K, bs]: chunk c's are `.select((c, slice(None), slice(None, b)))`
-        with b its real size (padding is unknown: it changes no count)."""
-        n = ys[0].shape[-1]
-        chunks = -(-n // bs)
-        y = torch.cat([t.expand(self.k, n) for t in ys])  # [H*K, n]
-        y = F.pad(y, (0, chunks * bs - n), value=math.nan)
-        y = y.view(len(y), chunks, bs).transpose(0, 1).contiguous()
-        t = label_terms(y, self.beta, self.cfg.norm, self.label_range, self.mean[:, 0],
-                        self.std[:, 0], self.table)
-        return t._replace(q=t.q * self.weight[:, None])  # the ranking term's weight, folded in
-
-    def __call__(self, preds: list[torch.Tensor], t: LabelTerms, dist=None) -> torch.Tensor:
-        """Per head [K, b] predictions and the stacked batch's label terms ([H*K, b]) ->
-        [2, K]: the regression and the ranking term, each summed over heads. `dist`: per
-        head (logits [K, b, n], target distributions [K or 1, b, n]), where a member is
-        gaussian-kl (its KL is its ranking term's place)."""
-        pred = torch.cat(preds)  # [H*K, b]
-        raw = pred * self.std + self.mean if self.scaled else pred
-        reg = regression(pred, t, self.cfg.regression, self.cfg.huber_delta)
-        rank = pair_hinge(raw, t, self.alpha, self.margin, self.beta)  # weight: in t.q
-        for fn, setting, weight in self.listwise:
-            rank = rank + torch.where(weight > 0, fn(raw, t.yn, setting) * weight, 0.0)
-        if dist is not None:
-            z = torch.cat([d[0] for d in dist])  # [H*K, b, n]
-            target = torch.cat([d[1].expand(self.k, *d[1].shape[-2:]) for d in dist])
-            kl = kl_term(z, target, t.w_reg)
-            rank = rank + torch.where(self.kl_weight > 0, kl * self.kl_weight, 0.0)
-        return torch.stack([reg, rank]).view(2, self.n_heads, self.k).sum(1)
 
 
 class Engine:
@@ -326,51 +219,6 @@ class Engine:
             state.best[h.name][rows] = self.best[i].cpu()
             for b, flats in self.buffers.items():
                 state.buffers[b][h.name][rows] = model.by_member(flats[i]).cpu()
-
-
-def optimizer_buffers(cfg: TrainConfig) -> tuple[str, ...]:
-    """The per-parameter buffers the optimiser keeps (what TrainState saves)."""
-    return ("momentum",) if cfg.optimizer == "sgd" else ("exp_avg", "exp_avg_sq")
-
-
-def make_optimizer(cfg: TrainConfig, params, buffers: dict[str, list[torch.Tensor]],
-                   steps: int, device: torch.device):
-    """grads -> None, updating params and buffers in place: SGD with momentum, or AdamW as
-    torch.optim.AdamW computes it (its own functional form, foreach; capturable on a GPU, so
-    the step count lives on the device and a CUDA graph replays it)."""
-    if cfg.optimizer == "sgd":
-        return lambda grads: _sgd(params, grads, buffers["momentum"], cfg)
-    from torch.optim.adamw import adamw
-
-    cuda = device.type == "cuda"
-    counts = [torch.tensor(float(steps), device=device if cuda else "cpu") for _ in params]
-    beta1, beta2 = cfg.adam_betas
-
-    def step(grads):
-        with torch.no_grad():
-            adamw(params, list(grads), buffers["exp_avg"], buffers["exp_avg_sq"], [], counts,
-                  foreach=True, capturable=cuda, amsgrad=False, beta1=beta1, beta2=beta2,
-                  lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps, maximize=False)
-    return step
-
-
-def _sgd(params, grads, bufs, cfg: TrainConfig) -> None:
-    """SGD with momentum, torch's rule (dampening 0; a zero buffer makes the first step's
-    buffer the gradient, as torch.optim.SGD does), for every parameter of every head at once.
-    On a GPU as torch.optim.SGD(fused=True) runs it: one multi-tensor kernel reads parameter,
-    gradient and momentum once and writes parameter and momentum (0.93x the time of the three
-    _foreach passes on an H200). On the CPU the fused kernel is the slower one (1.7x the
-    _foreach passes here, single-threaded per tensor): there, the three passes
-    (docs/benchmarks.md)."""
-    with torch.no_grad():
-        if params[0].is_cuda:
-            torch._fused_sgd_(params, list(grads), bufs, weight_decay=0.0,
-                              momentum=cfg.momentum, lr=cfg.lr, dampening=0.0, nesterov=False,
-                              maximize=False, is_first_step=False)
-            return
-        torch._foreach_mul_(bufs, cfg.momentum)
-        torch._foreach_add_(bufs, list(grads))
-        torch._foreach_add_(params, bufs, alpha=-cfg.lr)
 
 
 def val_loss(models, ctx: Context, terms: LabelTerms, loss_fn, bs, sizes) -> torch.Tensor:

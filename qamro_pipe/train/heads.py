@@ -43,7 +43,7 @@ class BatchedMLP(nn.Module):
     All parameters live in one buffer `flat`, parameter by parameter, each as a contiguous
     [K, *shape] block; every parameter is a view into it. Gradients taken with respect to the
     views are contiguous too, so one fused multi-tensor SGD kernel updates them all in place
-    with no copy into a flat gradient first (engine._sgd)."""
+    with no copy into a flat gradient first (optim._sgd)."""
 
     def __init__(self, seeds: list[int], in_dim: int, hidden: tuple[int, ...] = (256, 64),
                  activation: str = "relu", name: str = "head", layer_norm: bool = False,

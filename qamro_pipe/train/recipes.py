@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..config import DEFAULT_RECIPE, cache_root, check_label_range, check_seeds
+from ..config import DEFAULT_RECIPE, cache_root, check_label_range, check_seeds, tuples
 from ..errors import QamroError
 from ..metrics import FIGURES
 from ..store.reader import read_cache, read_meta
@@ -61,8 +61,7 @@ def find_recipe(name_or_path: str | Path) -> Path:
 
 
 def _head(h: dict[str, Any], path: Path) -> HeadSpec:
-    extra = {k: (tuple(v) if isinstance(v, list) else v) for k, v in h.items()
-             if k not in ("name", "label", "features")}
+    extra = tuples({k: v for k, v in h.items() if k not in ("name", "label", "features")})
     spec = HeadSpec(name=h["name"], label=h.get("label", h["name"]),
                     features=tuple(h["features"]), **extra)
     if not spec.features:

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from .. import __version__
 from ..config import TrainConfig, to_jsonable
 from ..errors import QamroError
-from ..metrics import FIGURES, evaluate
+from ..metrics import FIGURES, evaluate, mean_sd
 from ..store.durable import fault_point, fsync_path, pid_alive
 from ..store.reader import Cache
 from .state import HISTORY_COLUMNS
@@ -59,7 +59,7 @@ def head_metrics(cache: Cache, heads, preds: dict[str, np.ndarray], rows: np.nda
 def summarise(cache: Cache, result: TrainResult, cfg: TrainConfig) -> dict[str, Any]:
     """metrics.json: per member, and per head the mean (and spread) over usable members."""
     rows = result.split.eval
-    ok = [k for k in range(len(result.members)) if k not in result.failures]
+    ok = result.usable
     if not ok:
         raise QamroError("every member failed: " + "; ".join(result.failures.values()))
     members = []
@@ -84,9 +84,7 @@ def summarise(cache: Cache, result: TrainResult, cfg: TrainConfig) -> dict[str, 
             agg = dict(per[0]) if len(per) == 1 else {}
             if len(per) > 1:
                 for fig in FIGURES:
-                    vals = [p[fig] for p in per if p.get(fig) is not None]
-                    agg[fig] = float(np.mean(vals)) if vals else None
-                    agg[f"{fig}_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
+                    agg[fig], agg[f"{fig}_std"] = mean_sd(p.get(fig) for p in per)
                 agg["n_members"] = len(per)
             heads[h.name][level] = agg
     return {"eval_split": cfg.eval_split, "validation": result.split.val_source,
@@ -216,7 +214,7 @@ def clean_stale(out: str | Path) -> list[str]:
 
 
 def _check_finite_outputs(result: TrainResult, cache: Cache, tensors: dict) -> None:
-    ok = [k for k in range(len(result.members)) if k not in result.failures]
+    ok = result.usable
     rows = np.flatnonzero(cache.usable) if cache.usable is not None else slice(None)
     for h, pred in result.predictions.items():
         if not np.isfinite(pred[ok][:, rows]).all():
@@ -243,7 +241,7 @@ def stage_run_folder(out: Path, *, config: dict[str, Any], metrics: dict[str, An
     (tmp / "config.json").write_text(config_text)
     (tmp / "metrics.json").write_text(metrics_text)
     fault_point("SAVE", str(tmp))
-    ok = [k for k in range(len(result.members)) if k not in result.failures]
+    ok = result.usable
     write_predictions(tmp / "predictions.csv", cache, result.heads,
                       {h: p[ok] for h, p in result.predictions.items()},
                       np.flatnonzero(cache.usable) if cache.usable is not None

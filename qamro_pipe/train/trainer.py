@@ -22,7 +22,8 @@ from ..config import Member, TrainConfig
 from ..errors import Interrupted, QamroError
 from ..store.reader import Cache
 from .aes_release import ReleasedHeads, read_release
-from .engine import Context, Engine, InputPlan, optimizer_buffers
+from .engine import Context, Engine, InputPlan
+from .optim import optimizer_buffers
 from .distribution import output_bins, smoothed_targets
 from .heads import BatchedMLP, HeadSpec
 from .inputs import (build_head, column_order, head_inputs, input_width, label_col, label_stats,
@@ -91,6 +92,16 @@ class TrainResult:
     history: np.ndarray = field(default_factory=lambda: np.zeros((0, 8)))  # state.py's rows
     resumed_from: int = 0  # the epoch a resumed run started from (0: from scratch)
     release: dict | None = None  # the release checkpoint read (file, sha256, what for)
+
+    @property
+    def usable(self) -> list[int]:
+        return usable_members(len(self.members), self.failures)
+
+
+def usable_members(n: int, failed) -> list[int]:
+    """The indices of n members less those that failed (a set or dict of indices): the
+    members whose predictions and weights are written and scored."""
+    return [k for k in range(n) if k not in failed]
 
 
 @dataclass(frozen=True)
