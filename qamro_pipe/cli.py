@@ -18,6 +18,7 @@ from .cli_options import (DATA, LOSS, MODEL, OUTPUT, RUN_OPTIONS, cfg_opt, defau
 from .config import (DEFAULT_RECIPE, DEFAULT_TABLE, DEVICE_HELP, EXTRACT_BATCH, ExtractConfig,
                      LossConfig)
 from .errors import Interrupted, QamroError
+from .loss_kinds import LOSS_KINDS, kinds_help
 
 HELP = ("QAMRO MOS prediction: extract embeddings once, train heads in seconds.\n\n"
         "Start here: `qamro-pipe extract` embeds a dataset into a cache; `qamro-pipe train` "
@@ -244,11 +245,8 @@ def train(
     dataset: Optional[str] = opt("Use the recipe named after this dataset.", rich_help_panel=DATA),
     backbone: Optional[str] = opt("Read CACHE_ROOT/DATASET/BACKBONE.h5 instead of the "
                                   "recipe's backbone's cache.", rich_help_panel=DATA),
-    loss: Optional[str] = cfg_opt(LossConfig, "kind", "Ranking term: qamro (the paper), mr "
-                                  "(fixed margin), listnet, listmle, spearman (listwise), "
-                                  "gaussian-kl (distributional; docs/losses.md) or none "
-                                  "(regression only).",
-                                  rich_help_panel=LOSS),
+    loss: Optional[str] = cfg_opt(LossConfig, "kind", f"Ranking term: {kinds_help()}; "
+                                  f"docs/losses.md.", rich_help_panel=LOSS),
     alpha: Optional[float] = cfg_opt(LossConfig, "alpha", "QAMRO margin scale: margin = alpha "
                                      "|y_i - y_j| (>= 0).", rich_help_panel=LOSS),
     beta: Optional[float] = cfg_opt(LossConfig, "beta", "QAMRO quality preference: q_ij = 1 + "
@@ -295,8 +293,7 @@ def sweep(
     grid: Optional[str] = opt("A named grid of the recipe (its grids.NAME table; beta = Figure 1); "
                               "the lists given below replace its entries.",
                               rich_help_panel=LOSS),
-    loss: Optional[str] = opt("Comma list of loss kinds: qamro, mr, listnet, listmle, "
-                              "spearman, gaussian-kl, none.",
+    loss: Optional[str] = opt(f"Comma list of loss kinds: {', '.join(LOSS_KINDS)}.",
                               f"{default_of(LossConfig, 'kind')}, or the grid's",
                               rich_help_panel=LOSS),
     alpha: Optional[str] = opt("Comma list of QAMRO margin scales, e.g. 0.1,0.2.",

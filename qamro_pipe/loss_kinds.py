@@ -26,22 +26,25 @@ class LossKind:
     grid: tuple[str, ...] = ()  # the settings a sweep grid multiplies its points by
     needs_label_range: bool = False  # its bins or normalisation need the labels' scale
     symbols: Mapping[str, str] | None = None  # legend symbols of its settings (alpha -> α)
+    about: str = ""  # what --help says of it
 
 
 KINDS: dict[str, LossKind] = {k.name: k for k in (
     LossKind("qamro", "pair", ("alpha", "beta", "norm", "quality_weight"), "QAMRO",
              "qamro a={alpha:g} b={beta:g}", "qamro-a{alpha:g}-b{beta:g}",
-             grid=("alpha", "beta"), symbols={"alpha": "α", "beta": "β"}),
+             grid=("alpha", "beta"), symbols={"alpha": "α", "beta": "β"}, about="the paper"),
     LossKind("mr", "pair", ("margin",), "L_MR", "mr m={margin:g}", "mr-m{margin:g}",
-             grid=("margin",), symbols={"margin": "margin"}),
+             grid=("margin",), symbols={"margin": "margin"}, about="fixed margin"),
     LossKind("listnet", "list", ("temperature",), "ListNet", "listnet T={temperature:g}",
-             "listnet"),
-    LossKind("listmle", "list", (), "ListMLE", "listmle", "listmle"),
-    LossKind("spearman", "list", ("tau",), "Spearman", "spearman tau={tau:g}", "spearman"),
+             "listnet", about="listwise"),
+    LossKind("listmle", "list", (), "ListMLE", "listmle", "listmle", about="listwise"),
+    LossKind("spearman", "list", ("tau",), "Spearman", "spearman tau={tau:g}", "spearman",
+             about="soft-rank"),
     LossKind("gaussian-kl", "distribution", ("bins", "sigma"), "Gaussian KL",
              "gaussian-kl bins={bins} sigma={sigma:g}", "gaussian-kl",
-             needs_label_range=True),
-    LossKind("none", "none", (), "regression only", "none", "baseline"),
+             needs_label_range=True, about="distributional"),
+    LossKind("none", "none", (), "regression only", "none", "baseline",
+             about="regression only"),
 )}
 LOSS_KINDS = tuple(KINDS)  # --loss's choices, in the order legends and tables show them
 USED_SETTINGS = {k.name: k.settings for k in KINDS.values()}
@@ -50,6 +53,11 @@ GRID_SETTINGS = tuple(dict.fromkeys(s for k in KINDS.values() for s in k.grid)) 
 
 def kinds_of(family: str) -> tuple[str, ...]:
     return tuple(k.name for k in KINDS.values() if k.family == family)
+
+
+def kinds_help() -> str:
+    """The kinds as --help lists them: 'qamro (the paper), mr (fixed margin), ...'."""
+    return ", ".join(f"{k.name} ({k.about})" if k.about else k.name for k in KINDS.values())
 
 
 def member_label(loss: Any, seed: int) -> str:

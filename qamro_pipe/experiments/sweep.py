@@ -8,11 +8,10 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
-from ..config import (DEFAULT_SEEDS, USED_SETTINGS, LossConfig, Member, check_seeds,
-                      check_used, override)
+from ..config import DEFAULT_SEEDS, LossConfig, Member, check_seeds, check_used, override
 from ..errors import QamroError
+from ..loss_kinds import GRID_SETTINGS, KINDS, USED_SETTINGS
 
 
 def parse_list(text: str | None, cast=float) -> list | None:
@@ -29,7 +28,7 @@ def seeds_of(seeds: int | list[int]) -> list[int]:
     return list(range(seeds)) if isinstance(seeds, int) else list(seeds)
 
 
-GRID_KEYS = ("loss", "alpha", "beta", "margin", "seeds")
+GRID_KEYS = ("loss", *GRID_SETTINGS, "seeds")
 
 
 def named_grid(recipe, name: str | None) -> dict[str, Any]:
@@ -51,27 +50,22 @@ def expand_grid(base: LossConfig, grid: dict[str, Any]) -> list[Member]:
     if unknown:
         raise QamroError(f"unknown sweep grid keys: {', '.join(sorted(unknown))} "
                          f"(a grid has {', '.join(GRID_KEYS)})")
-    for key in ("loss", "alpha", "beta", "margin"):
+    for key in ("loss", *GRID_SETTINGS):
         if key in grid and (not isinstance(grid[key], (list, tuple)) or not grid[key]):
             raise QamroError(f"--{key} {grid[key]!r}: give a non-empty list of values")
         if key != "loss" and key in grid and any(
                 isinstance(v, bool) or not isinstance(v, (int, float)) for v in grid[key]):
             raise QamroError(f"--{key} {grid[key]!r}: the values must be numbers")
     kinds = list(grid.get("loss") or [base.kind])
-    check_used(kinds, [k for k in ("alpha", "beta", "margin") if k in grid])
-    alphas = grid.get("alpha") or [base.alpha]
-    betas = grid.get("beta") or [base.beta]
-    margins = grid.get("margin") or [base.margin]
+    check_used(kinds, [k for k in GRID_SETTINGS if k in grid])
+    values = {s: grid.get(s) or [getattr(base, s)] for s in GRID_SETTINGS}
     check_seeds(grid.get("seeds", DEFAULT_SEEDS))
     seeds = seeds_of(grid.get("seeds", DEFAULT_SEEDS))
     members, seen = [], set()
     for kind in kinds:
-        if kind == "qamro":
-            points = [dict(alpha=a, beta=b) for a, b in itertools.product(alphas, betas)]
-        elif kind == "mr":
-            points = [dict(margin=m) for m in margins]
-        else:
-            points = [{}]
+        own = KINDS[kind].grid  # the settings this kind's points differ in
+        points = [dict(zip(own, combo))
+                  for combo in itertools.product(*(values[s] for s in own))]
         for point, seed in itertools.product(points, seeds):
             loss = override(base, kind=kind, **{k: float(v) for k, v in point.items()})
             m = Member(loss=loss, seed=int(seed))
@@ -79,11 +73,6 @@ def expand_grid(base: LossConfig, grid: dict[str, Any]) -> list[Member]:
                 seen.add(m)
                 members.append(m)
     return members
-
-
-def setting_order(x) -> float:
-    """Sort key for a row's alpha, beta or margin: numeric, a kind's unused ones (None) first."""
-    return -np.inf if x is None else x
 
 
 def sweep_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
@@ -94,7 +83,7 @@ def sweep_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
         loss = entry["loss"]
         base = {"loss": loss["kind"], "seed": entry["seed"], "best_epoch": entry["best_epoch"],
                 **{k: loss[k] if k in USED_SETTINGS[loss["kind"]] else None
-                   for k in ("alpha", "beta", "margin")}}
+                   for k in GRID_SETTINGS}}
         if "failed" in entry:
             rows.append({**base, "head": "", "level": "", "failed": entry["failed"]})
             continue
@@ -106,7 +95,7 @@ def sweep_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def write_sweep_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    cols = ["loss", "alpha", "beta", "margin", "seed", "head", "level", "mse", "lcc", "srcc",
+    cols = ["loss", *GRID_SETTINGS, "seed", "head", "level", "mse", "lcc", "srcc",
             "ktau", "best_epoch", "failed"]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, restval="")
