@@ -8,7 +8,6 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-
 from ..config import DEFAULT_SEEDS, LossConfig, Member, check_seeds, check_used, override
 from ..errors import QamroError
 from ..loss_kinds import GRID_SETTINGS, KINDS, USED_SETTINGS
