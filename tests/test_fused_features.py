@@ -22,7 +22,7 @@ from qamro_pipe.train.joined import join, split_feature
 
 FAST = ["--max-epochs", "60", "--batch-size", "64"]
 # the example of docs/recipes.md, "Features from several caches", as is
-FUSED = re.search(r"```toml\n(# qamro_pipe/stages/muq-text.toml.*?)```",
+FUSED = re.search(r"```toml\n(# stages/muq-text.toml.*?)```",
                   (Path(__file__).parents[1] / "docs" / "recipes.md").read_text(), re.S)[1]
 
 

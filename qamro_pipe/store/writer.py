@@ -1,4 +1,4 @@
-"""Writing the cache (schema in store.py): creation with every dataset allocated up front,
+"""Writing the cache (schema in reader.py): creation with every dataset allocated up front,
 row-by-row resumable filling, skips through the journal, and finishing."""
 from __future__ import annotations
 
