@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .errors import QamroError
 
@@ -101,9 +104,7 @@ def numpy_scalar_globals() -> list[Any]:
     class, which the unpickler must be allowed to `__setstate__` (numpy.dtypes.Float64DType).
     Under numpy 2 `scalar` lives in numpy._core and is also allowed under the name numpy 1
     pickled it by (numpy.core.multiarray.scalar), which the released checkpoints carry."""
-    import numpy as np
-
-    try:
+    try:  # where `scalar` lives depends on the numpy installed
         from numpy._core.multiarray import scalar  # numpy >= 2
     except ImportError:
         from numpy.core.multiarray import scalar
@@ -115,9 +116,7 @@ def numpy_scalar_globals() -> list[Any]:
 def read_checkpoint(path: Path, who: str) -> Any:
     """A checkpoint's contents, unpickling tensors, plain containers and numpy float64
     scalars only; one error line naming the file and the problem otherwise."""
-    import warnings
-
-    import torch
+    import torch  # heavy: only when a checkpoint is read
 
     check_checkpoint_file(path, who)
     if not hasattr(torch.serialization, "safe_globals"):

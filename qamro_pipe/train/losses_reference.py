@@ -6,6 +6,8 @@ steps per call). `label_range` replaces the batch's min and max in q_ij's normal
 fixed scale (`--norm range`)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -132,8 +134,6 @@ def gaussian_kl_loss_literal(logits, target, label_range=(1.0, 5.0), sigma: floa
     """KL(t || softmax(logits)) averaged over clips with a label, bin by bin; t_b is
     proportional to sum over the clip's ratings (else its label) of exp(-(c_b - r)^2 /
     (2 s^2)), s = sigma (hi - lo), c_b evenly spaced over [lo, hi]."""
-    import math
-
     lo, hi = label_range
     n = logits.shape[-1]
     centres = [lo + (hi - lo) * b / (n - 1) for b in range(n)]

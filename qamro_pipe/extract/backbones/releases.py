@@ -12,6 +12,8 @@ import contextlib
 import functools
 import os
 import threading
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,9 +90,6 @@ def _answers(url: str, seconds: float) -> bool:
     """Asked once per process. The request runs in a thread that is given `seconds` in all:
     urllib's own timeout does not bound a name lookup, and a host that accepts and never
     answers must cost `seconds`, not huggingface_hub's retries with back-off."""
-    import urllib.error
-    import urllib.request
-
     answer: list[bool] = []
 
     def ask() -> None:
