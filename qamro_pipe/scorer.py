@@ -14,6 +14,7 @@ the run's heads, as `evaluate` scores a cache. `qamro-pipe predict` is this obje
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,6 +27,7 @@ from .extract.datasets import DatasetRecords
 from .extract.loop import _device, cache_key
 from .extract.memory import Item, embed_items
 from .model_folder import is_model_folder, read_model, resolve
+from .preference import pair_rows
 from .report.evaluate import TrainedRun, _check_made_alike, select_members
 from .train.joined import split_feature
 
@@ -183,8 +185,6 @@ class Scorer:
         Bradley-Terry link on the score difference (preference.py): one dict per pair,
         {"preferred": "A" or "B" (by `head`, default the first), "p_HEAD": P(A over B),
         "HEAD_a", "HEAD_b": the scores, "calibration": how the temperature was set}."""
-        from .preference import pair_rows
-
         a, b = as_items(audio_a, sr, text), as_items(audio_b, sr, text)
         if len(a) != len(b):
             raise QamroError(f"prefer: {len(a)} clips A and {len(b)} clips B; give one B "
@@ -209,8 +209,6 @@ class Scorer:
 
 
 def _renamed(item: Item, new_id: str) -> Item:
-    from dataclasses import replace
-
     return replace(item, id=new_id)
 
 
