@@ -272,3 +272,37 @@ def test_importing_the_package_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True).stdout.split()
     assert out == ["False", "True", "Scorer"]
+
+
+def test_the_readme_example_picks_the_best_of_four_candidates(one_build, tmp_path,
+                                                              monkeypatch, capsys):
+    """README "Use from Python", run as written on a folder of generated clips (four
+    candidates for each of two prompts): it prints, per prompt, the candidate with the
+    highest overall score."""
+    from pathlib import Path
+
+    from qamro_pipe import Scorer
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Use from Python", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    run, _ = train_run(tmp_path / "train", "melstats", one_build("melstats"),
+                       one_build.tokenizer)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "musiceval").symlink_to(run)
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    (gen / "prompts.tsv").write_text("P001\tcalm piano\nP002\tloud drums\n")
+    rng = np.random.default_rng(5)
+    for p in ("P001", "P002"):
+        for k in range(4):
+            x = tone_mix(16000, 1.5) + (0.05 * k) * rng.standard_normal(24000)
+            sf.write(gen / f"{p}_{k}.wav", x.astype(np.float32), 16000)
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    rows = Scorer.load(run, device="cpu").score(
+        sorted(gen.glob("*.wav")), text=["calm piano"] * 4 + ["loud drums"] * 4)
+    best = {p: max((r for r in rows if r["id"].startswith(p)), key=lambda r: r["overall"])["id"]
+            for p in ("P001", "P002")}
+    assert printed.strip() == str(best)
