@@ -429,11 +429,15 @@ def evaluate(
 
 
 def _evaluate_pairs(run: Path, pairs: Path, members, device, split, cache) -> None:
+    from .model_folder import looks_like_repo
     from .pairs import evaluate_pairs_file, read_pairs
     from .scorer import Scorer
 
     if split is not None or cache is not None:
         raise QamroError("--pairs scores the pairs' audio: --split and --cache do not apply")
+    if looks_like_repo(str(run)):
+        raise QamroError(f"--pairs writes into the model folder; {run} is a Hugging Face "
+                         f"cache entry: download it into a folder of your own and pass that")
     read_pairs(pairs, labelled=True)  # checked before the backbone loads
     folder, metrics = evaluate_pairs_file(Scorer.load(run, device=device, members=members),
                                           pairs)

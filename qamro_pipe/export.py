@@ -13,7 +13,7 @@ from typing import Any
 
 from . import __version__
 from .errors import QamroError
-from .extract.backbones import REGISTRY
+from .extract.backbones import get_backbone
 from .extract.backbones.base import RANDOM_WEIGHTS
 from .model_folder import MODEL_VERSION, is_model_folder
 from .report.evaluate import TrainedRun, scoring_rule, select_members
@@ -97,9 +97,8 @@ def _portable(cache_config: dict[str, Any] | None) -> dict[str, Any]:
 
 def _weights(backbone: str, cache_config: dict[str, Any]) -> dict[str, Any]:
     name = backbone.split("@")[0]
-    cls = REGISTRY.get(name)
     prov = (cache_config or {}).get("provenance", {})
-    rel = getattr(cls, "release", None)
+    rel = get_backbone(name).release  # building one costs nothing: no weights, no imports
     entry = {"backbone": backbone, "file": prov.get("checkpoint"),
              "sha256": prov.get("checkpoint_sha256"),
              "licence": WEIGHTS_LICENCE.get(name, "see the weights' own model card")}

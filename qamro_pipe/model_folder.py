@@ -64,8 +64,8 @@ def _snapshot(repo: str, revision: str, offline: bool | None) -> Path:
     except Exception as e:  # huggingface_hub raises a dozen types, by case
         raise QamroError(f"{repo}@{revision}: the Hugging Face cache holds it but it cannot "
                          f"be read ({str(e).splitlines()[0]})") from None
-    fetch = (f"run once online, or download the repository's files (config.json, "
-             f"model.safetensors, README.md) into a folder and load that folder")
+    fetch = ("run once online, or download the repository's files (config.json, "
+             "model.safetensors, README.md) into a folder and load that folder")
     if offline_mode(offline):
         raise QamroError(f"{repo}@{revision}: not in the Hugging Face cache and downloads are "
                          f"off (offline): {fetch}")

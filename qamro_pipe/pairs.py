@@ -136,6 +136,8 @@ def score_pairs(scorer, pairs: list[Pair], head: str | None = None
                 ) -> tuple[list[tuple[Pair, dict[str, Any]]], dict[str, str]]:
     """Each pair with its answer (preference.pair_rows), each distinct (clip, prompt) scored
     once; -> (answers, {pair id: why} of pairs with a clip that could not be scored)."""
+    if head is not None and head not in scorer.heads:
+        raise QamroError(f"--head {head}: this model's heads are {', '.join(scorer.heads)}")
     keys = list(dict.fromkeys((p.audio_a, p.prompt) for p in pairs) |
                 dict.fromkeys((p.audio_b, p.prompt) for p in pairs))
     index = {k: str(i) for i, k in enumerate(keys)}

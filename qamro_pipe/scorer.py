@@ -28,7 +28,7 @@ from .extract.loop import _device, cache_key
 from .extract.memory import Item, embed_items
 from .model_folder import is_model_folder, read_model, resolve
 from .preference import pair_rows
-from .report.evaluate import TrainedRun, _check_made_alike, select_members
+from .report.evaluate import FEATURE_KEY, TrainedRun, select_members
 from .train.joined import split_feature
 
 
@@ -91,11 +91,7 @@ class Scorer:
         extractors = [_Extractor(name, _extract_config(saved, backbone, opts), texts)
                       for name, saved, backbone, texts, opts in _caches(trained, given)]
         for ex in extractors:
-            ran = (trained.config.get("cache_key", {}) if ex.name is None
-                   else trained.sources[ex.name].get("key", {}))
-            _check_made_alike(Path(f"{ex.bb.name} as loaded now"), ex.bb.key, ex.key(),
-                              (trained.backbone if ex.name is None
-                               else trained.sources[ex.name]["backbone"]), ran, trained.path)
+            _check_alike(ex, trained)
             ex.bb._ensure_loaded()
         return cls(trained, extractors, picked, selection, folder, batch_size)
 
@@ -132,9 +128,9 @@ class Scorer:
                     ) -> tuple[list[dict[str, Any]], dict[str, str]]:
         """-> (rows of the clips scored, {id: why} of the others), for callers that go on
         past bad clips (`predict`)."""
-        caches, failures = self._embed(items, batch_size)
         if not items:
-            return [], failures
+            return [], {}
+        caches, failures = self._embed(items, batch_size)
         primary = caches.pop(None)
         joined, _ = self.trained.open_cache(primary, caches)
         scores = self.trained.predict(joined)
@@ -163,6 +159,8 @@ class Scorer:
         "window_weight" ([windows], each window's length). Another cache's features are
         named as the run's heads name them, CACHE:FEATURE."""
         items = as_items(audio, sr, text)
+        if not items:
+            return []
         caches, failures = self._embed(items, batch_size)
         _raise(failures)
         out: list[dict[str, Any]] = [{"id": it.id} for it in items]
@@ -206,6 +204,27 @@ class Scorer:
                                                ex.texts)
             failures.update(bad)
         return caches, failures
+
+
+def _check_alike(ex: _Extractor, tr: TrainedRun) -> None:
+    """Before loading: the backbone as built here makes the features the run was trained on
+    (its version, the weights file by sha256, the audio settings), or one line says what
+    differs and which weights file the run recorded."""
+    ran = tr.config.get("cache_key", {}) if ex.name is None else tr.sources[ex.name]["key"]
+    backbone = tr.backbone if ex.name is None else tr.sources[ex.name]["backbone"]
+    now = ex.key()
+    diffs = [] if ex.bb.key == backbone else [f"backbone: now {ex.bb.key}, trained on "
+                                              f"{backbone}"]
+    diffs += [f"{k}: now {now.get(k)!r}, trained with {ran.get(k)!r}" for k in FEATURE_KEY
+              if k in ran and now.get(k) != ran.get(k)]
+    if diffs:
+        saved = (tr.config.get("cache_config") if ex.name is None
+                 else tr.sources[ex.name].get("cache_config")) or {}
+        recorded = saved.get("provenance", {}).get("checkpoint")
+        hint = (f"; give the weights file it was trained with ({recorded}) as checkpoint= "
+                f"(--checkpoint)" if recorded and ex.name is None else "")
+        raise QamroError(f"{tr.path}: {ex.bb.name} as built here does not make the features "
+                         f"this model was trained on ({'; '.join(diffs)}){hint}")
 
 
 def _renamed(item: Item, new_id: str) -> Item:

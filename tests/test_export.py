@@ -184,6 +184,15 @@ def test_a_missing_backbone_weights_file_is_one_line_naming_what_to_fetch(tmp_pa
     assert "\n" not in msg and w["fetch"] in msg and "--checkpoint PATH" in msg
     r = invoke("predict", out, tmp_path / "a.wav")
     assert r.exit_code == 1 and w["fetch"] in r.output and "Traceback" not in r.output
+    # other weights than those it was trained with: refused before they load, by sha256
+    import torch
+
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": {"w": torch.ones(2)}}, other)
+    with pytest.raises(QamroError, match=r"does not make the features this model was trained "
+                                         r"on \(weights: now 'sha256:") as err:
+        Scorer.load(out, device="cpu", checkpoint=str(other))
+    assert "(checkpoint.pt) as checkpoint=" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_export_refuses_to_replace_what_it_did_not_write(demo_run, tmp_path):
