@@ -16,6 +16,7 @@ from .errors import QamroError
 from .extract.backbones import get_backbone
 from .extract.backbones.base import RANDOM_WEIGHTS
 from .model_folder import MODEL_VERSION, is_model_folder
+from .preference import read_calibration, write_calibration
 from .report.evaluate import TrainedRun, scoring_rule, select_members
 from .train.runs import publish, staging
 
@@ -74,6 +75,9 @@ def export_model(run: str | Path, out: str | Path, members: str | None = None,
     save_file(tensors, str(tmp / "model.safetensors"),
               metadata={"qamro_model_version": str(MODEL_VERSION)})
     (tmp / "README.md").write_text(model_card(config))
+    fitted = read_calibration(tr.path, selection)
+    if fitted:  # the run's temperature for these members is the folder's for all of them
+        write_calibration(tmp, None, fitted)
     return publish(tmp, out), config
 
 

@@ -17,6 +17,7 @@ from .errors import QamroError
 
 MODEL_VERSION = 1
 MODEL_FILES = ("config.json", "model.safetensors", "README.md")
+OPTIONAL_FILES = ("preference.json",)  # a fitted A-versus-B temperature (preference.py)
 _REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
@@ -74,7 +75,7 @@ def _snapshot(repo: str, revision: str, offline: bool | None) -> Path:
                          f"{hub_endpoint()} did not answer (no network?): {fetch}")
     try:
         return Path(snapshot_download(repo, revision=revision, cache_dir=cache_dir,
-                                      allow_patterns=list(MODEL_FILES)))
+                                      allow_patterns=[*MODEL_FILES, *OPTIONAL_FILES]))
     except Exception as e:
         raise QamroError(f"{repo}@{revision}: could not download it "
                          f"({str(e).splitlines()[0]})") from None

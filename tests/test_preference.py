@@ -176,6 +176,12 @@ def test_prefer_answers_agree_with_the_scores_and_calibration_is_recorded(demo, 
                             text=first["prompt"])
     assert got[0]["p_overall"] == pytest.approx(again[0]["p_overall"], abs=1e-6)
     assert got[0]["p_overall"] + swapped[0]["p_overall"] == pytest.approx(1.0)
+    # an export of the calibrated run carries its temperature
+    r = invoke("export", run, tmp_path / "model")
+    assert r.exit_code == 0, r.output
+    exported = Scorer.load(tmp_path / "model", device="cpu")
+    assert exported.prefer(root / first["audio_a"], root / first["audio_b"],
+                           text=first["prompt"]) == got
     # refusals before any work
     r = invoke("prefer", run, held_out, "--out", out2)
     assert r.exit_code == 1 and "pass --force" in r.output
