@@ -79,8 +79,8 @@ def plot_reliability(path: Path, figures: dict[str, Any], head: str, what: str) 
         ax.scatter(x, y, s=20 + 200 * n / n.max(), color="tab:blue", zorder=3,
                    label="bins (size: pairs)")
         for b in bins:
-            ax.annotate(str(b["n"]), (b["mean_p"], b["share_a"]), fontsize=7,
-                        xytext=(4, -10), textcoords="offset points")
+            ax.annotate(str(b["n"]), (b["mean_p"], b["share_a"]), fontsize=7,  # off the axes
+                        xytext=(4, 6 if b["share_a"] < 0.1 else -10), textcoords="offset points")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_xlabel("predicted P(A preferred over B), bin mean")
