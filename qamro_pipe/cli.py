@@ -384,15 +384,22 @@ def evaluate(
     members: Optional[str] = opt("Score only the members matching key=value,... over loss, "
                                  "alpha, beta, margin, seed (e.g. beta=7 for one setting of a "
                                  "sweep).", "all: the mean of every member's predictions"),
+    pairs: Optional[Path] = opt("Labelled pairs (JSON lines with winner) to answer A versus "
+                                "B instead: accuracy, ECE with a reliability diagram, Brier "
+                                "(docs/preference.md). RUN may be an exported model folder."),
+    device: Optional[str] = cfg_opt(ExtractConfig, "device", f"{DEVICE_HELP} (--pairs: the "
+                                    "backbone's).", recipe=False),
 ):
     """Re-score a trained run on a cache split: utterance and system level, 95% CIs.
 
     It scores the mean of the members' predictions (for a sweep: over all its settings,
     unless --members picks some). RUN/evaluations/CACHE-DIGEST-SPLIT/ holds the
-    result."""
+    result. With --pairs, RUN/evaluations/pairs-FILE-DIGEST/ holds the pairs' figures."""
     from .report.evaluate import evaluate_run
     from .report.screen import metrics_table, system_level_line, systems_lines
 
+    if pairs is not None:
+        return _evaluate_pairs(run, pairs, members, device, split, cache)
     folder, metrics = evaluate_run(run, split, cache, members=members)
     typer.echo(f"scoring {metrics['scored']['text']}")
     for w in metrics["warnings"]:
@@ -415,6 +422,33 @@ def evaluate(
     if matrix:
         parts.append("rank-HEAD.csv and .png (P(system A ranks above system B))")
     typer.echo(f"wrote {folder}/: {', '.join(parts)}")
+
+
+def _evaluate_pairs(run: Path, pairs: Path, members, device, split, cache) -> None:
+    from .model_folder import looks_like_repo
+    from .pairs import evaluate_pairs_file, read_pairs
+    from .scorer import Scorer
+
+    if split is not None or cache is not None:
+        raise QamroError("--pairs scores the pairs' audio: --split and --cache do not apply")
+    if looks_like_repo(str(run)):
+        raise QamroError(f"--pairs writes into the model folder; {run} is a Hugging Face "
+                         f"cache entry: download it into a folder of your own and pass that")
+    read_pairs(pairs, labelled=True)  # checked before the backbone loads
+    folder, metrics = evaluate_pairs_file(Scorer.load(run, device=device, members=members),
+                                          pairs)
+    typer.echo(f"{metrics['calibration']}")
+    for w in metrics["warnings"]:
+        typer.echo(f"warning: {w}", err=True)
+    for h, m in metrics["heads"].items():
+        if "accuracy" not in m:
+            typer.echo(f"{h}: {m['why']}")
+            continue
+        figs = "  ".join(f"{k} {m[k]:.3f} [{m[k + '_ci'][0]:.3f}, {m[k + '_ci'][1]:.3f}]"
+                         for k in ("accuracy", "ece", "brier"))
+        typer.echo(f"{h}: {m['decided']} decided pairs  {figs}  (ties apart: "
+                   f"{m['ties']['count']})")
+    typer.echo(f"wrote {folder}/: metrics.json, answers.jsonl, reliability-HEAD.png")
 
 
 @command(panel=USE)
@@ -459,6 +493,90 @@ def predict(
         typer.echo(scores_csv(heads, rows, digits=4), nl=False)
     typer.echo(f"scored {len(rows)} file(s), {len(failures)} failed", err=True)
     if failures:
+        raise typer.Exit(1)
+
+
+@command(panel=USE)
+def export(
+    run: Path = typer.Argument(..., help="A run folder or sweep."),
+    out: Path = typer.Argument(..., help="The model folder to write (new, or empty)."),
+    members: Optional[str] = opt("Export only the members matching key=value,... over loss, "
+                                 "alpha, beta, margin, seed (as evaluate --members).",
+                                 "all"),
+    force: bool = typer.Option(False, "--force", help="Replace a model folder this tool "
+                               "exported (never anything else)."),
+):
+    """A model folder that needs nothing else: config.json, model.safetensors, README.md.
+
+    The layout of a Hugging Face model repository: `Scorer.load(OUT)` and `predict OUT` read
+    it offline, `Scorer.load("owner/name")` once it is uploaded."""
+    from .export import check_target, export_model, written_note
+
+    check_target(out, force)  # before reading the run
+    folder, _ = export_model(run, out, members, force)
+    typer.echo(written_note(folder))
+
+
+@command(panel=USE)
+def prefer(
+    model: str = typer.Argument(..., help="A run folder, exported model folder, or owner/name "
+                                "on Hugging Face."),
+    pairs: Path = typer.Argument(..., help="JSON lines: id, prompt, audio_a, audio_b (paths "
+                                 "relative to this file); CMI-RewardBench and Music Arena "
+                                 "field names are read too (docs/preference.md)."),
+    out: Optional[Path] = opt("Write the answers (JSON lines).", "print them",
+                              rich_help_panel=OUTPUT),
+    calibrate: Optional[Path] = opt("Labelled pairs (with winner) to fit each head's "
+                                    "temperature on first; recorded in MODEL/preference.json.",
+                                    "the recorded one, else the members' spread"),
+    head: Optional[str] = opt("The head whose score decides `preferred`.", "the first"),
+    members: Optional[str] = opt("Use the members matching key=value,... (as evaluate "
+                                 "--members).", "all"),
+    checkpoint: Optional[str] = opt("Backbone weights file.", "the run's cache's, else the "
+                                    "release file"),
+    tokenizer_dir: Optional[str] = opt("roberta-base tokenizer files (CLAP text, offline).",
+                                       "the run's cache's"),
+    device: Optional[str] = cfg_opt(ExtractConfig, "device", f"{DEVICE_HELP}.", recipe=False),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out file.",
+                               rich_help_panel=OUTPUT),
+):
+    """Which of two clips people prefer: P(A over B) per head from the score difference.
+
+    Each output line: id, preferred (A or B), p_HEAD, the two scores, and how the temperature
+    was set (fitted with --calibrate, or the members' spread)."""
+    from .model_folder import looks_like_repo
+    from .pairs import answer_lines, calibrate as fit, read_pairs, score_pairs
+    from .predict import _write_text, check_outputs
+    from .scorer import Scorer
+
+    check_outputs(out, force=force)
+    todo = read_pairs(pairs)
+    if calibrate is not None:
+        read_pairs(calibrate, labelled=True)
+        if looks_like_repo(model):
+            raise QamroError(f"--calibrate records the temperature in the model folder; "
+                             f"{model} is a Hugging Face cache entry: download it into a "
+                             f"folder of your own and pass that")
+    scorer = Scorer.load(model, device=device, members=members, checkpoint=checkpoint,
+                         tokenizer_dir=tokenizer_dir)
+    if calibrate is not None:
+        entry = fit(scorer, calibrate, head)
+        temps = ", ".join(f"{h} {t:.4g}" for h, t in entry["temperature"].items())
+        typer.echo(f"temperature fitted on {entry['pairs']} labelled pairs of {calibrate} "
+                   f"({entry['ties_left_out']} ties left out): {temps}; recorded in "
+                   f"{scorer.folder / 'preference.json'}", err=True)
+    answers, bad = score_pairs(scorer, todo, head)
+    for why in bad.values():
+        typer.echo(f"error: {why}", err=True)
+    text = answer_lines(answers)
+    if out:
+        _write_text(out, text)
+    else:
+        typer.echo(text, nl=False)
+    if answers:
+        _note(f"note: {answers[0][1]['calibration']}")
+    typer.echo(f"answered {len(answers)} pair(s), {len(bad)} failed", err=True)
+    if bad:
         raise typer.Exit(1)
 
 

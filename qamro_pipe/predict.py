@@ -1,25 +1,24 @@
-"""Score new audio with a trained run: the run's backbone (as its cache recorded it) embeds the
-files into a temporary cache, and the run's heads score them. A run whose heads read features
-from several caches has each of their backbones embed the files, as each cache recorded its
-own settings, and the temporary caches are joined as the run's were. Bad files are reported
+"""Score new audio with a trained run: `predict` is the Scorer (scorer.py) over files. The
+run's backbone (and those of the other caches its heads read) embed the files in memory as
+each cache recorded its settings, and the run's heads score them. Bad files are reported
 one by one and the others still scored."""
 from __future__ import annotations
 
 import csv
 import io
 import json
-import math
 import os
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .extract import audio
-from .config import ExtractConfig, override
 from .extract.datasets import Clip, DatasetRecords, load_dataset
-from .errors import DataError, QamroError
-from .report.evaluate import TrainedRun, select_members
+from .errors import QamroError
+from .extract.memory import Item
+from .scorer import Scorer, sd_name
+
+__all__ = ["predict", "check_outputs", "sd_name", "score_columns", "scores_csv",
+           "write_scores", "write_answer"]
 
 
 def _records(files: list[str | Path], manifest: str | Path | None, text: str | None):
@@ -39,99 +38,19 @@ def _records(files: list[str | Path], manifest: str | Path | None, text: str | N
     return DatasetRecords(name="predict", label_names=(), clips=clips)
 
 
-def _unusable(clip: Clip) -> str | None:
-    """Why a file cannot be scored: what extraction refuses (decoding, emptiness, length).
-    Silence is scored, as extraction embeds it: a system that outputs silence (a TTS model
-    that fails on a prompt) deserves its low score, and leaving the clip out would raise its
-    system's mean."""
-    try:
-        audio.load_audio(clip.path, audio.probe(clip.path).sample_rate, clip.start, clip.end)
-    except DataError as e:
-        return str(e)
-    return None
-
-
 def predict(run: str | Path, files: list[str | Path] | None = None,
             manifest: str | Path | None = None, text: str | None = None,
-            members: str | None = None, **extract_opts):
+            members: str | None = None, scorer: Scorer | None = None, **extract_opts):
     """-> (head names, rows [{"id", head: score, head_sd: spread, ...}], failures {id:
     reason}). A score is the mean over the run's members (or those `members` selects, as
-    `evaluate --members`); head_sd, their sd (ddof=1), is there when there are several."""
-    override(ExtractConfig(), **extract_opts)  # the settings, checked before any work
-    tr = TrainedRun(run)
-    picked, _ = select_members(tr.config, tr.members, members)
+    `evaluate --members`); head_sd, their sd (ddof=1), is there when there are several.
+    `extract_opts`: checkpoint, tokenizer_dir, device, batch_size (Scorer.load's)."""
     recs = _records(list(files or []), manifest, text)
-    failures = {c.id: why for c in recs.clips if (why := _unusable(c))}
-    good = [c for c in recs.clips if c.id not in failures]
-    heads = [h.name for h in tr.heads]
-    if not good:
-        return heads, [], failures
-    recs = replace(recs, clips=good, label_range=None)
-    with tempfile.TemporaryDirectory(prefix="qamro-predict-") as tmp:
-        made = _embed(tr, recs, Path(tmp), {k: v for k, v in extract_opts.items()
-                                            if v is not None}, failures)
-        cache, _ = tr.open_cache(made.pop(None), made)
-        scores = tr.predict(cache)
-    rows = []
-    for i, cid in enumerate(cache.ids):
-        if not cache.usable[i]:
-            continue
-        row = {"id": str(cid)}
-        for h in heads:
-            p = scores[h][picked, i]
-            v = float(p.mean())
-            if not math.isfinite(v):
-                failures[str(cid)] = f"{cid}: the heads produced a non-finite score"
-                break
-            row[h] = v
-            if len(p) > 1:
-                row[sd_name(h)] = float(p.std(ddof=1))
-        else:
-            rows.append(row)
-    return heads, rows, failures
-
-
-def _embed(tr: TrainedRun, recs: DatasetRecords, tmp: Path, opts: dict[str, Any],
-           failures: dict[str, str]) -> dict[str | None, Path]:
-    """Each cache the run read, made anew for these clips by its own backbone and settings:
-    {None: the run's cache's, name: each other cache's}. `opts` apply to every backbone but
-    --checkpoint, which names the run's own backbone's weights. Skipped clips go to
-    `failures`."""
-    from .extract.loop import extract
-    from .train.joined import split_feature
-
-    own = [f for h in tr.heads for f in h.features if split_feature(f)[0] is None]
-    todo = [(None, tr.config.get("cache_config"), tr.backbone, own, opts)]
-    todo += [(name, s.get("cache_config"), s["backbone"], s["features"],
-              {k: v for k, v in opts.items() if k != "checkpoint"})
-             for name, s in tr.sources.items()]
-    made = {}
-    for i, (name, saved, backbone, feats, given) in enumerate(todo):
-        made[name] = tmp / f"predict-{i}.h5"
-        summary = extract(recs, _extract_config(saved, backbone, given), made[name],
-                          progress=False, texts=_reads_text(backbone, feats))
-        failures.update(summary.skipped)
-    return made
-
-
-def _extract_config(saved: dict[str, Any] | None, backbone: str,
-                    opts: dict[str, Any]) -> ExtractConfig:
-    """The settings a cache recorded for extraction (not where or how fast it ran), for its
-    backbone, with the options given to predict."""
-    saved = (saved or {}).get("extract", {})
-    cfg = override(ExtractConfig(), **{k: v for k, v in saved.items()
-                                       if k in ExtractConfig.__dataclass_fields__
-                                       and k not in ("device", "workers", "skip_bad")})
-    return override(cfg, backbone=backbone.split("@")[0], workers=0, skip_bad=True, **opts)
-
-
-def _reads_text(backbone: str, features) -> bool:
-    """Whether the run reads text features of this backbone: they are made even for clips
-    without text ("")."""
-    from .extract.backbones import get_backbone
-
-    specs = get_backbone(backbone.split("@")[0]).feature_specs()
-    return any(specs[f].text for f in features if f in specs)
+    scorer = scorer or Scorer.load(run, members=members, **extract_opts)
+    items = [Item(id=c.id, path=c.path, start=c.start, end=c.end, text=c.text)
+             for c in recs.clips]
+    rows, failures = scorer.score_items(items)
+    return scorer.heads, rows, failures
 
 
 def check_outputs(*paths: str | Path | None, force: bool = False) -> None:
@@ -164,11 +83,6 @@ def _write_text(path: Path, text: str) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise QamroError(f"{path}: cannot write ({e.strerror or e})") from None
-
-
-def sd_name(head: str) -> str:
-    """The column of a head's spread over members, next to its score."""
-    return f"{head}_sd"
 
 
 def score_columns(heads: list[str], rows: list[dict[str, Any]]) -> list[str]:

@@ -231,7 +231,7 @@ def test_commands_in_the_order_a_user_meets_them_version_and_h():
     r = invoke("-h")
     listed = re.findall(r"^\W*(\w+)\s{2,}\S", r.output.split("Show this message")[1], re.M)
     assert listed == ["extract", "cache", "train", "sweep", "table", "evaluate", "predict",
-                      "demo"]
+                      "export", "prefer", "demo"]
     assert "Start here" in _help("-h") and "Start here" in _help("extract", "-h")
     from qamro_pipe import __version__
 

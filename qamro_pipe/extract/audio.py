@@ -156,6 +156,34 @@ def load_audio(path: str | Path, sample_rate: int | None, start: float | None = 
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def from_samples(x: np.ndarray, sr: int, sample_rate: int | None,
+                 max_frames: int | None = None, what: str = "audio") -> np.ndarray:
+    """What `load_audio` gives for a file holding these samples ([samples], or [channels,
+    samples]) at `sr`: float32, channels averaged, the first `max_frames` kept, resampled to
+    `sample_rate` (None: kept at `sr`), with the same checks. `what` names the clip in errors."""
+    x = np.asarray(x)
+    if x.ndim not in (1, 2) or x.size == 0:
+        raise DataError(f"{what}: audio must be [samples] or [channels, samples] with samples; "
+                        f"got shape {list(x.shape)}")
+    if not isinstance(sr, (int, np.integer)) or isinstance(sr, bool) or sr <= 0:
+        raise DataError(f"{what}: a sample rate (sr=) is needed for audio given as samples, "
+                        f"a positive whole number; got {sr!r}")
+    x = x.astype(np.float32, copy=False)
+    # [frames, channels], averaged as _read_mono averages a decoded block
+    frames = x[:, None] if x.ndim == 1 else x.T
+    if max_frames is not None:
+        frames = frames[:max_frames]
+    if not np.isfinite(frames).all():
+        raise DataError(f"{what}: contains NaN or infinite samples")
+    mono = frames.mean(axis=1, dtype=np.float32) if frames.shape[1] > 1 else frames[:, 0]
+    if mono.shape[0] < MIN_SECONDS * sr:
+        raise DataError(f"{what}: {mono.shape[0] / sr:.3f} s of audio; at least {MIN_SECONDS} s "
+                        f"is needed")
+    if sample_rate is not None and sr != sample_rate:
+        mono = soxr.resample(mono, int(sr), sample_rate, quality=RESAMPLE_QUALITY)
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
 def _read_mono(path, first: int, stop: int) -> np.ndarray:
     """Frames [first, stop) as float32, channels averaged block by block."""
     out = np.empty(stop - first, dtype=np.float32)

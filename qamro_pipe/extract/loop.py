@@ -496,9 +496,11 @@ def _launch(bb: Backbone, clips: list[Clip], batch: list[tuple[int, list[np.ndar
                      np.array([len(x) for x in flat], dtype=np.float32), parts, text)
 
 
-def _write(w: CacheWriter, bb: Backbone, clips: list[Clip], job: _Launched,
-           stats: np.ndarray) -> int:
-    """Wait for a launched batch's features, pool them per clip, check them, write them."""
+def gather(bb: Backbone, job: _Launched) -> tuple[dict[str, np.ndarray],
+                                                  dict[str, list[np.ndarray]], list[np.ndarray]]:
+    """Wait for a launched batch's features and pool them per clip -> (clip features
+    {name: [clips, ...]}, texts' included; per-window features {name: one [W, ...] per clip};
+    each clip's window lengths). What extraction writes, and the Scorer keeps in memory."""
     results = [p.result() for p in job.parts]
     feats = {k: np.concatenate([r[k] for r in results]) for k in results[0]}  # [W_total, ...]
     specs = bb.feature_specs()
@@ -507,22 +509,30 @@ def _write(w: CacheWriter, bb: Backbone, clips: list[Clip], job: _Launched,
     win_feats: dict[str, list[np.ndarray]] = {k: [] for k, s in specs.items() if s.per_window}
     weights = []
     start = 0
-    for row, count in zip(job.rows, job.counts):
+    for count in job.counts:
         sl = slice(start, start + count)
         start += count
         for k in clip_feats:
             clip_feats[k].append(bb.pool(feats[k][sl], job.lengths[sl]))
         for k in win_feats:
-            got = feats[k][sl]
-            expected = int(w.offsets[row + 1] - w.offsets[row])
-            if len(got) != expected:
-                raise DataError(f"{clips[row].path}: decoded into {len(got)} windows but its "
-                                f"header promised {expected} (inconsistent file header)")
-            win_feats[k].append(got)
+            win_feats[k].append(feats[k][sl])
         weights.append(job.lengths[sl])
     out = {k: np.stack(v) for k, v in clip_feats.items()}
     if job.text is not None:
         out.update(job.text.result())
+    return out, win_feats, weights
+
+
+def _write(w: CacheWriter, bb: Backbone, clips: list[Clip], job: _Launched,
+           stats: np.ndarray) -> int:
+    """Wait for a launched batch's features, pool them per clip, check them, write them."""
+    out, win_feats, weights = gather(bb, job)
+    for k, wins in win_feats.items():
+        for row, got in zip(job.rows, wins):
+            expected = int(w.offsets[row + 1] - w.offsets[row])
+            if len(got) != expected:
+                raise DataError(f"{clips[row].path}: decoded into {len(got)} windows but its "
+                                f"header promised {expected} (inconsistent file header)")
     for k, v in out.items():
         if not np.isfinite(v).all():
             bad = clips[job.rows[int(np.argmax(~np.isfinite(v.reshape(len(v), -1)).all(1)))]]

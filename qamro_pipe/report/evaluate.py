@@ -33,9 +33,11 @@ FEATURE_KEY = ("backbone", "weights", "companions", "tokenizer", "sample_rate",
 class TrainedRun:
     """A run folder's heads, ready to score any cache made the same way."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, config: dict[str, Any] | None = None,
+                 tensors: dict[str, torch.Tensor] | None = None):
+        """A run folder, or (`config`, `tensors`) read elsewhere: an exported model's."""
         self.path = Path(path)
-        self.config, tensors = load_run(self.path)
+        self.config, tensors = load_run(self.path) if config is None else (config, tensors)
         self.heads = tuple(from_jsonable(HeadSpec, h) for h in self.config["heads"])
         try:
             self.train_cfg = from_jsonable(TrainConfig, self.config["train"])
@@ -60,13 +62,14 @@ class TrainedRun:
         _check_made_alike(cache.path, cache.meta.backbone, cache.meta.key, self.backbone,
                           self.config.get("cache_key", {}), self.path)
 
-    def open_cache(self, cache: str | Path | None = None,
-                   paths: dict[str, str | Path] | None = None) -> tuple[Cache, list]:
+    def open_cache(self, cache: str | Path | Cache | None = None,
+                   paths: dict[str, str | Path | Cache] | None = None) -> tuple[Cache, list]:
         """The cache to score (default: the run's) joined with the other caches the run read
         features from: where the run read them when it is the run's own cache (or at
         `paths`), else found by their names beside it (joined.py); each must hold features
-        made as the run's were. -> (the joined cache, the joined.Source of each other)"""
-        primary = read_cache(cache or self.config["cache"])
+        made as the run's were. A Cache object (the Scorer's, in memory) is used as it is.
+        -> (the joined cache, the joined.Source of each other)"""
+        primary = cache if isinstance(cache, Cache) else read_cache(cache or self.config["cache"])
         self.check_cache(primary)
         own = primary.path.resolve() == Path(self.config["cache"]).resolve()
         if paths is None and own:

@@ -82,11 +82,12 @@ def rows_digest(cache: Cache, features: Iterable[str] = ()) -> str:
 
 
 def join(primary: Cache, heads: tuple[HeadSpec, ...],
-         paths: dict[str, str | Path] | None = None) -> tuple[Cache, list[Source]]:
+         paths: dict[str, str | Path | Cache] | None = None) -> tuple[Cache, list[Source]]:
     """The run's cache with every `CACHE:NAME` feature the heads read added, and what was
-    read. `paths` names a file for a cache (evaluate and predict pass those of the run);
-    other names resolve beside the run's cache. Refused, before any work, with the file
-    named: another dataset, another clip set, a missing feature, other windows."""
+    read. `paths` names a file for a cache (evaluate passes those of the run), or gives the
+    Cache itself (the Scorer's, in memory); other names resolve beside the run's cache.
+    Refused, before any work, with the file named: another dataset, another clip set, a
+    missing feature, other windows."""
     refs = cache_refs(heads)
     if not refs:
         return primary, []
@@ -95,8 +96,10 @@ def join(primary: Cache, heads: tuple[HeadSpec, ...],
     window_from = primary.path if _reads_windows(primary, heads, None) else None
     sources = []
     for ref in refs:
-        path = Path((paths or {}).get(ref) or resolve_ref(ref, primary.path))
-        other = _read(path, ref)
+        given = (paths or {}).get(ref)
+        other = given if isinstance(given, Cache) else None
+        path = other.path if other is not None else Path(given or resolve_ref(ref, primary.path))
+        other = other if other is not None else _read(path, ref)
         if other.meta.dataset != primary.meta.dataset:
             raise CacheError(f"{path}: a cache of dataset {other.meta.dataset!r}; the run's "
                              f"cache {primary.path} is of {primary.meta.dataset!r}")
