@@ -92,7 +92,7 @@ class Scorer:
                       for name, saved, backbone, texts, opts in _caches(trained, given)]
         for ex in extractors:
             _check_alike(ex, trained)
-            ex.bb._ensure_loaded()
+            ex.bb.load()  # once: a loaded backbone stays loaded
         return cls(trained, extractors, picked, selection, folder, batch_size)
 
     @property

@@ -60,7 +60,6 @@ def shared(tmp_path_factory):
             b = get_backbone(name, checkpoint=RANDOM_WEIGHTS, device="cpu", offline=True,
                              tokenizer_dir=str(tok) if name == "clap-music" else None)
             b.load()
-            b.loaded = True
             built[name] = b
         return built[name]
     get.tokenizer = tok
