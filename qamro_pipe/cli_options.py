@@ -121,7 +121,8 @@ RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
         rich_help_panel=TRAINING)),
     "init": (Optional[str], cfg_opt(
         T, "init", "Heads start from random (seeded per member) or release: the released "
-        "Audiobox-Aesthetics heads for every member, as the published track 2 code.",
+        "Audiobox-Aesthetics heads for every member, as the published track 2 code (needs "
+        "--label-stats release).",
         rich_help_panel=TRAINING)),
     "label_stats": (Optional[str], cfg_opt(
         T, "label_stats", "Standardise labels by the train split's mean and std, or by the "

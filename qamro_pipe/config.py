@@ -125,6 +125,11 @@ class TrainConfig:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("init", self.init, INITS)
         _choice("label_stats", self.label_stats, LABEL_STATS)
+        if self.init == "release" and self.label_stats != "release":
+            # the released heads output scores standardised by the release's target transform:
+            # de-standardised by other statistics they do not start where the release is
+            raise QamroError("--init release needs --label-stats release: the released heads "
+                             "output scores standardised by the release's own mean and std")
         if self.release_checkpoint is not None and "release" not in (self.init,
                                                                      self.label_stats):
             raise QamroError("--release-checkpoint is read only with --init release or "
