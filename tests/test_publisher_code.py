@@ -47,3 +47,22 @@ def test_cli_refuses_init_release_with_train_statistics_in_one_line(release, tmp
     r = invoke("train", "--recipe", "aes-natural-code", "--cache", cache, "--out", out,
                "--label-stats", "train", "--max-epochs", "1")
     assert r.exit_code == 1 and "--label-stats release" in r.output, r.output
+
+
+def test_aes_natural_without_its_eval_package_names_eval_split_dev(release, tmp_path):
+    """The published train and dev lists alone: the recipe's report split 'eval' is absent,
+    and the refusal names the option that reports on dev (and the package that adds eval)."""
+    _, _, no_eval = release
+    out = tmp_path / "run"
+    for recipe in ("aes-natural", "aes-natural-code"):
+        r = invoke("train", "--recipe", recipe, "--cache", no_eval, "--out", out,
+                   "--max-epochs", "1")
+        assert r.exit_code == 1, r.output
+        line = r.output.strip()
+        assert len(line.splitlines()) == 1 and "eval split 'eval' has no rows" in line
+        assert "--eval-split dev" in line and "audiomos2025-track2-eval-phase" in line
+        assert not out.exists()
+    r = invoke("train", "--recipe", "aes-natural", "--cache", no_eval, "--out", out,
+               "--max-epochs", "1", "--eval-split", "dev")
+    assert r.exit_code == 0, r.output
+    assert (out / "metrics.json").is_file()

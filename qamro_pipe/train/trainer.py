@@ -65,9 +65,24 @@ def make_split(cache: Cache, heads: tuple[HeadSpec, ...], cfg: TrainConfig) -> S
             raise QamroError(f"{cache.path}: the {what} split has no labelled rows "
                              f"(splits here: {', '.join(sorted(set(cache.splits)))})")
     if len(ev) == 0:
-        raise QamroError(f"{cache.path}: eval split {cfg.eval_split!r} has no rows "
-                         f"(splits here: {', '.join(sorted(set(cache.splits)))})")
+        raise missing_eval_split(cache, cfg)
     return Split(train=train, val=val, eval=ev, val_source=source)
+
+
+def missing_eval_split(cache: Cache, cfg: TrainConfig) -> QamroError:
+    """The one-line refusal of a run whose report split is not in the cache, naming the option
+    that reports on a split that is (AES-Natural without its eval package: the published
+    train and dev lists alone have no eval split)."""
+    here = sorted(set(cache.splits))
+    other = [s for s in here if s != "train"]
+    fix = f"; report on another split with --eval-split {other[0]}" if other else ""
+    if other and other[0] == cfg.val_split:
+        fix += " (it is also the validation split: its figures are optimistic)"
+    if cache.meta.dataset == "aes-natural" and cfg.eval_split == "eval":
+        fix += (", or extract the eval package (audiomos2025-track2-eval-phase/DATA/, "
+                "--eval-dir) into the cache")
+    return QamroError(f"{cache.path}: eval split {cfg.eval_split!r} has no rows (splits here: "
+                      f"{', '.join(here)}){fix}")
 
 
 @dataclass
