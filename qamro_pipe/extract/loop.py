@@ -11,6 +11,7 @@ import mmap
 import multiprocessing as mp
 import os
 import signal
+import sys
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -82,6 +83,10 @@ def _worker_init(parent: int, shared: np.ndarray | None = None) -> None:
     global _SHARED
     _SHARED = shared
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # one thread each for torchaudio's resampling (aesthetics): the workers are the parallelism
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if "torch" in sys.modules:  # imported before the fork: its pool is sized already
+        sys.modules["torch"].set_num_threads(1)
     try:
         import ctypes
 
