@@ -47,6 +47,14 @@ def member_permutations(seeds: torch.Tensor, epoch, n: int) -> torch.Tensor:
     return torch.argsort(keys, dim=1, stable=True)
 
 
+def member_windows(seeds: torch.Tensor, epoch, counts: torch.Tensor) -> torch.Tensor:
+    """[K] int64 seeds, [C] window counts -> [K, C] the window each member takes of each clip
+    this epoch (0..count-1), uniform, identical on every device and for a resumed run."""
+    idx = torch.arange(len(counts), device=seeds.device, dtype=torch.int64)
+    keys = _mix(_mix(seeds[:, None] * 1_000_003 + epoch) + idx[None, :])
+    return torch.remainder(keys & ((1 << 62) - 1), counts[None, :])
+
+
 @dataclass
 class Context:
     """What every engine of one run shares: the data on the device and the settings."""
@@ -56,7 +64,8 @@ class Context:
     plan: Plan
     x_shapes: dict[str, tuple[int, ...]]  # head -> its input's shape
     Y: dict[str, torch.Tensor]  # head -> [U] labels of every unit
-    train_rows: torch.Tensor  # unit rows trained on
+    train_rows: torch.Tensor  # unit rows trained on; with train_windows, the first window of
+    # each training clip
     val_rows: torch.Tensor  # unit rows validated on
     stats: list[tuple[float, float]]  # per head (mean, std) its outputs are scaled by
     label_range: tuple[float, float] | None
@@ -64,6 +73,8 @@ class Context:
     device: torch.device
     bins: OutputBins | None = None  # the distribution output, when a member is gaussian-kl
     P: dict[str, torch.Tensor] | None = None  # head -> [U, n] its target distributions
+    train_windows: torch.Tensor | None = None  # [C] windows of each training clip when each
+    # epoch takes one per clip (TrainConfig.train_windows "one-per-clip"); None: every row
 
     def bins_of(self, h: HeadSpec, members) -> dict:
         """build_head's distribution arguments for head h and these member rows."""
@@ -206,6 +217,8 @@ class Engine:
                               [h.label for h in ctx.heads])
         self.perm_seeds = torch.tensor([member_seed(s, "shuffle") >> 1 for s in seeds],
                                        device=device)
+        self.window_seeds = torch.tensor([member_seed(s, "windows") >> 1 for s in seeds],
+                                         device=device)
         bs, nv = cfg.val_batch_size or cfg.batch_size, len(ctx.val_rows)
         self.val_sizes = torch.tensor([min(bs, nv - s) for s in range(0, nv, bs)],
                                       dtype=torch.float32, device=device)
@@ -240,7 +253,13 @@ class Engine:
         ctx, cfg = self.ctx, self.cfg
         self.epoch.add_(1)
         n, bs = len(ctx.train_rows), cfg.batch_size
-        perm = ctx.train_rows[member_permutations(self.perm_seeds, self.epoch, n)]  # [K, n]
+        order = member_permutations(self.perm_seeds, self.epoch, n)  # [K, n]
+        if ctx.train_windows is None:
+            perm = ctx.train_rows[order]
+        else:  # one window per clip: each member's draw for this epoch, then its shuffle
+            rows = ctx.train_rows + member_windows(self.window_seeds, self.epoch,
+                                                   ctx.train_windows)  # [K, n]
+            perm = rows.gather(1, order)
         terms = self.loss_fn.terms([ctx.Y[h.name][perm] for h in ctx.heads], bs)
         self.acc.zero_()
         for step, start in enumerate(range(0, n, bs)):

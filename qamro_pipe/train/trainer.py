@@ -25,8 +25,8 @@ from .aes_release import Release, read_release
 from .engine import Context, Engine, Plan, optimizer_buffers
 from .distribution import output_bins, smoothed_targets
 from .heads import BatchedMLP, HeadSpec
-from .inputs import (build_head, column_order, head_inputs, input_width, label_col, label_stats,
-                     predict_units, units_for)
+from .inputs import (Units, build_head, column_order, head_inputs, input_width, label_col,
+                     label_stats, predict_units, units_for)
 from .state import TrainState
 
 
@@ -164,8 +164,7 @@ def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
         x_shapes={h.name: tuple(X[h.name].shape) for h in heads},
         Y={h.name: torch.from_numpy(np.ascontiguousarray(units.per_unit(
             cache.labels[:, label_col(cache, h)]))).to(device) for h in heads},
-        train_rows=torch.from_numpy(units.of_clips(split.train)).to(device),
-        val_rows=torch.from_numpy(units.of_clips(split.val)).to(device),
+        **_rows(units, split, cfg, device),
         stats=[stats[h.name] for h in heads], label_range=label_range, cfg=cfg, device=device,
         **distribution_targets(cache, heads, units, members, label_range, device))
     models = {h.name: build_head(h, seeds, ctx.x_shapes[h.name], cfg,
@@ -195,6 +194,21 @@ def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
         member_epochs=state.member_epochs, history=state.history_array(),
         resumed_from=resumed_from,
         release=release.record(uses_release) if uses_release else None)
+
+
+def _rows(units: Units, split: Split, cfg: TrainConfig, device) -> dict[str, torch.Tensor]:
+    """Context's training and validation rows: every unit of the clips, or with
+    train_windows "one-per-clip" (per-window features) each training clip's first window
+    and its window count (the engine draws one per member per epoch) and one window per
+    validation clip, fixed by split_seed."""
+    if cfg.train_windows == "all" or units.clip_of is None:
+        return {"train_rows": torch.from_numpy(units.of_clips(split.train)).to(device),
+                "val_rows": torch.from_numpy(units.of_clips(split.val)).to(device)}
+    first, count = units.windows_of(split.train)
+    return {"train_rows": torch.from_numpy(first).to(device),
+            "train_windows": torch.from_numpy(count.astype(np.int64)).to(device),
+            "val_rows": torch.from_numpy(units.fixed_windows(split.val, cfg.split_seed))
+            .to(device)}
 
 
 def initial_weights(models: dict[str, BatchedMLP], release: Release | None,
