@@ -66,3 +66,23 @@ def test_aes_natural_without_its_eval_package_names_eval_split_dev(release, tmp_
                "--max-epochs", "1", "--eval-split", "dev")
     assert r.exit_code == 0, r.output
     assert (out / "metrics.json").is_file()
+
+
+def test_interval_lookup_sees_the_labels_after_the_published_float32_round_trip():
+    """track2/mos_track2.py standardises labels in float32 with (std + 1e-9) and its loss
+    de-standardises them before loss.py's interval lookup: a label of exactly 1.0 can come
+    back below 1 and leave every pair; one of 5.0 can fall into [4, 5)."""
+    import torch
+
+    from qamro_pipe.train.losses import interval_table, label_terms, published_labels
+
+    y = torch.tensor([1.0, 3.3, 5.0, 6.1, 7.2], dtype=torch.float32)
+    # statistics under which the round trip moves 1.0 below 1 (found by search: common)
+    mean, std = next((m, s) for m in np.arange(4.0, 7.0, 0.01) for s in (1.3, 1.6, 1.9, 2.2)
+                     if published_labels(torch.tensor([1.0]), m, s).item() < 1.0)
+    by_hand = ((torch.tensor([1.0]) - mean) / (torch.tensor(std) + 1e-9)) * std + mean
+    assert published_labels(torch.tensor([1.0]), mean, std).item() == by_hand.item() < 1.0
+    t = label_terms(y, beta=7.0, mean=mean, std=std, table=interval_table("PC"))
+    assert torch.isnan(t.yn[0]) and torch.isfinite(t.yn[1:]).all()  # 1.0 is in no pair
+    plain = label_terms(y, beta=7.0, table=interval_table("PC"))  # (0, 1): unchanged
+    assert torch.isfinite(plain.yn).all()
