@@ -86,3 +86,51 @@ def test_interval_lookup_sees_the_labels_after_the_published_float32_round_trip(
     assert torch.isnan(t.yn[0]) and torch.isfinite(t.yn[1:]).all()  # 1.0 is in no pair
     plain = label_terms(y, beta=7.0, table=interval_table("PC"))  # (0, 1): unchanged
     assert torch.isfinite(plain.yn).all()
+
+
+def _save_release(path, model, cfg, transform):
+    """A checkpoint laid out as the release's (release_fixtures.py names the source)."""
+    import torch
+
+    out = {"model_cfg": dict(cfg),
+           "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}
+    if transform is not None:
+        out["target_transform"] = transform
+    torch.save(out, path)
+    return path
+
+
+def test_release_heads_follow_its_model_cfg_and_a_release_without_statistics_is_refused(
+        tmp_path):
+    """The heads are read as the release's model_cfg builds them (a release with 3
+    projection layers and no LayerNorm, built by audiobox_aesthetics' own AesMultiOutput,
+    scores as that model's projection does); a release without target_transform, or with a
+    model_cfg the cached features cannot reproduce, is refused in one line, not given
+    (0, 1) or read as if it were the default."""
+    import torch
+
+    from qamro_pipe.extract.backbones.aesthetics import RELEASE_HEAD_CFG, build_aes
+    from qamro_pipe.train.aes_release import read_release
+    from qamro_pipe.store.reader import read_cache
+    from release_fixtures import AXES, TRANSFORM
+
+    cfg = {**RELEASE_HEAD_CFG, "proj_num_layer": 3, "proj_ln": False}
+    model = build_aes(cfg, target_transform=TRANSFORM)
+    ckpt = _save_release(tmp_path / "small.pt", model, cfg, TRANSFORM)
+    rel = read_release(read_cache(aes_cache(tmp_path / "c.h5", provenance_of(ckpt))))
+    layers = torch.randn(5, 13, 768)
+    for axis in AXES:
+        w = torch.softmax(model.layer_weights[axis].detach(), -1)
+        emb = torch.nn.functional.normalize(torch.einsum("blc,l->bc", layers, w), dim=-1)
+        want = torch.nn.Sequential(*model.proj_layer[axis])(emb).squeeze(-1)
+        got = rel.heads[axis](layers)[0]
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        assert rel.stats[axis] == (TRANSFORM[axis]["mean"], TRANSFORM[axis]["std"])
+
+    bare = _save_release(tmp_path / "bare.pt", model, cfg, None)
+    with pytest.raises(QamroError, match="no target_transform mean and std for PQ"):
+        read_release(read_cache(aes_cache(tmp_path / "b.h5", provenance_of(bare))))
+    odd = _save_release(tmp_path / "odd.pt", model, {**cfg, "normalize_embed": False},
+                        TRANSFORM)
+    with pytest.raises(QamroError, match="model_cfg normalize_embed False"):
+        read_release(read_cache(aes_cache(tmp_path / "o.h5", provenance_of(odd))))
