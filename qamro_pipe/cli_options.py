@@ -45,7 +45,8 @@ def cfg_opt(cls, name: str, help: str, recipe: bool = True, **kw) -> Any:
 T, L = TrainConfig, LossConfig
 TRAIN_SETTINGS = ("val_split", "eval_split", "max_epochs", "patience", "optimizer", "lr",
                   "weight_decay", "batch_size", "val_batch_size", "activation", "device",
-                  "matmul_precision", "init", "label_stats", "release_checkpoint")
+                  "matmul_precision", "init", "label_stats", "release_checkpoint",
+                  "train_windows")
 LOSS_SETTINGS = ("norm", "regression", "quality_weight", "temperature", "tau", "bins",
                  "sigma")  # one value for every member of one run
 
@@ -100,10 +101,16 @@ RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
     "weight_decay": (Optional[float], cfg_opt(
         T, "weight_decay", "AdamW's decoupled weight decay (>= 0).", rich_help_panel=TRAINING)),
     "batch_size": (Optional[int], cfg_opt(
-        T, "batch_size", "Clips per step and per ranking batch (>= 2).",
+        T, "batch_size", "Rows per step and per ranking batch (>= 2): clips, but for "
+        "per-window features (AES-Natural) windows unless --train-windows one-per-clip.",
         rich_help_panel=TRAINING)),
+    "train_windows": (Optional[str], cfg_opt(
+        T, "train_windows", "Per-window features: all (every cached window is a row with its "
+        "clip's label; long clips weigh by their length) or one-per-clip (one window per clip "
+        "per epoch, drawn per member, as the published track 2 code crops; validation on one "
+        "fixed window per clip).", rich_help_panel=TRAINING)),
     "val_batch_size": (Optional[int], opt(
-        "Clips per validation batch: the ranking term is a mini-batch loss, so this shapes "
+        "Rows per validation batch: the ranking term is a mini-batch loss, so this shapes "
         "the early-stopping signal (the published code: 8).", "--batch-size",
         rich_help_panel=TRAINING)),
     "activation": (Optional[str], cfg_opt(
@@ -118,7 +125,8 @@ RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
         rich_help_panel=TRAINING)),
     "init": (Optional[str], cfg_opt(
         T, "init", "Heads start from random (seeded per member) or release: the released "
-        "Audiobox-Aesthetics heads for every member, as the published track 2 code.",
+        "Audiobox-Aesthetics heads for every member, as the published track 2 code (needs "
+        "--label-stats release).",
         rich_help_panel=TRAINING)),
     "label_stats": (Optional[str], cfg_opt(
         T, "label_stats", "Standardise labels by the train split's mean and std, or by the "

@@ -70,6 +70,6 @@ def aes_cache(path: Path, provenance: dict | None = None, n_systems: int = 6,
     config = {"provenance": provenance} if provenance else {"made_by": "tests"}
     return write_cache(path, ids=[f"c{i:03d}" for i in range(n)], systems=systems,
                        splits=splits, labels=labels, label_names=list(AXES), features={},
-                       backbone="aesthetics@1", dataset="aes-natural", config=config,
+                       backbone="aesthetics@2", dataset="aes-natural", config=config,
                        windows={"layers": layers}, window_offsets=offsets,
                        window_weight=rng.uniform(0.2, 1.0, offsets[-1]).astype(np.float32))

@@ -83,7 +83,7 @@ def test_cached_layers_are_the_package_s_hidden_state_means(tmp_path, muq_bb):
     extract(load_dataset("manifest", tmp_path / "m.csv"), cfg, tmp_path / "muq.h5",
             progress=False)
     cache = read_cache(tmp_path / "muq.h5")
-    assert cache.meta.backbone == "muq@1" and cache.meta.key["weights"] == RANDOM_WEIGHTS
+    assert cache.meta.backbone == "muq@2" and cache.meta.key["weights"] == RANDOM_WEIGHTS
     assert cache.windows["layers"].shape == (2, 13, 1024)
     assert list(cache.window_weight) == [36000, 7200]
     for i, name in enumerate(cache.ids):

@@ -1,4 +1,5 @@
-"""Decode, downmix, resample and cut audio into windows (soundfile + soxr).
+"""Decode, downmix, resample and cut audio into windows (soundfile + soxr, or torchaudio
+where a backbone's publisher resamples with it).
 
 Every problem with a file is a `DataError` whose message starts with the file's path.
 `start` / `end` are in seconds of the source file; windows never overlap and are never
@@ -27,6 +28,16 @@ from ..errors import DataError
 
 MIN_SECONDS = 0.1  # shorter segments carry too little signal for any backbone
 RESAMPLE_QUALITY = "HQ"  # soxr quality; part of what produces the numbers
+# How each backbone's publisher resamples a file it loads (a backbone names its own, so its
+# cache holds what the publisher's inference computes; the label goes into the cache key):
+# "soxr": soxr HQ at soxr's length (n * out / in rounded half up);
+# "librosa": librosa.load's default (laion_clap's and muq's file loading): soxr HQ, then
+#   zero-padded to ceil(n * out / in) by librosa.util.fix_length;
+# "torchaudio": torchaudio.functional.resample with its defaults (sinc_interp_hann, width 6,
+#   rolloff 0.99), as audiobox_aesthetics' AesPredictor resamples, after downmixing
+RESAMPLERS = {"soxr": f"soxr {RESAMPLE_QUALITY}",
+              "librosa": f"soxr {RESAMPLE_QUALITY}, librosa length",
+              "torchaudio": "torchaudio sinc_interp_hann"}
 BLOCK_FRAMES = 1 << 20  # decode in blocks, downmixing each: an hour of 6-channel 96 kHz audio
 # never sits in memory undownmixed (8 GB); the numbers are the same as reading it whole
 # libsndfile's note on a WAV whose data chunk is shorter than its header declares
@@ -130,19 +141,49 @@ def _mpeg_scan(data: bytes) -> tuple[bool, set[int]]:
     return False, rates
 
 
-def resampled_length(n: int, sr_in: int, sr_out: int) -> int:
-    """Length soxr.resample returns for n input samples: n * sr_out / sr_in rounded half up
-    (checked against soxr in tests/test_audio.py)."""
+def resampled_length(n: int, sr_in: int, sr_out: int, resampler: str = "soxr") -> int:
+    """Length `resample` returns for n input samples (checked against soxr, librosa and
+    torchaudio in tests): soxr's is n * sr_out / sr_in rounded half up; librosa's the ceiling
+    of n times the float ratio; torchaudio's the ceiling of that quotient in float32 (its
+    own arithmetic, kept so that the counts agree to the sample)."""
     if sr_in == sr_out:
         return n
+    if resampler == "librosa":
+        return int(np.ceil(n * (float(sr_out) / sr_in)))
+    if resampler == "torchaudio":
+        g = math.gcd(sr_in, sr_out)
+        return int(math.ceil(np.float32((sr_out // g) * n / (sr_in // g))))
     return (2 * n * sr_out + sr_in) // (2 * sr_in)
 
 
+def resample(x: np.ndarray, sr_in: int, sr_out: int, resampler: str = "soxr") -> np.ndarray:
+    """Mono float32 samples from sr_in to sr_out the way `resampler` (RESAMPLERS) does."""
+    if resampler not in RESAMPLERS:
+        raise ValueError(f"unknown resampler {resampler!r}; known: {', '.join(RESAMPLERS)}")
+    if sr_in == sr_out:
+        return x
+    if resampler == "torchaudio":
+        import torch  # heavy: only a backbone whose publisher resamples so needs them
+        import torchaudio
+
+        with torch.inference_mode():
+            y = torchaudio.functional.resample(torch.from_numpy(x)[None], sr_in, sr_out)
+        return y[0].numpy()
+    y = soxr.resample(x, sr_in, sr_out, quality=RESAMPLE_QUALITY)
+    if resampler == "librosa":
+        n = resampled_length(len(x), sr_in, sr_out, resampler)
+        y = np.pad(y[:n], (0, max(0, n - len(y))))
+    return y
+
+
 def load_audio(path: str | Path, sample_rate: int | None, start: float | None = None,
-               end: float | None = None, max_frames: int | None = None) -> np.ndarray:
-    """Mono float32 samples at `sample_rate` of [start, end) seconds (whole file if None).
-    sample_rate None keeps the file's own rate (no resampling); `max_frames` keeps only the
-    first that many frames of the segment, at the file's rate (only those are decoded)."""
+               end: float | None = None, max_frames: int | None = None,
+               resampler: str = "soxr") -> np.ndarray:
+    """Mono float32 samples at `sample_rate` of [start, end) seconds (whole file if None):
+    channels averaged, then resampled by `resampler` (the order of every publisher's own
+    file loading). sample_rate None keeps the file's own rate (no resampling); `max_frames`
+    keeps only the first that many frames of the segment, at the file's rate (only those
+    are decoded)."""
     info = probe(path)
     first, stop = _segment(path, info, start, end)
     if max_frames is not None:
@@ -152,7 +193,7 @@ def load_audio(path: str | Path, sample_rate: int | None, start: float | None = 
         raise DataError(f"{path}: {x.shape[0] / info.sample_rate:.3f} s of audio decoded; "
                         f"at least {MIN_SECONDS} s is needed")
     if sample_rate is not None and info.sample_rate != sample_rate:
-        x = soxr.resample(x, info.sample_rate, sample_rate, quality=RESAMPLE_QUALITY)
+        x = resample(x, info.sample_rate, sample_rate, resampler)
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
@@ -221,12 +262,13 @@ def windows(x: np.ndarray, window_samples: int) -> list[np.ndarray]:
 
 
 def window_count(path: str | Path, sample_rate: int, window_seconds: float,
-                 start: float | None = None, end: float | None = None) -> int:
+                 start: float | None = None, end: float | None = None,
+                 resampler: str = "soxr") -> int:
     """len(windows(load_audio(...), ...)) from probe's length: the header's where it is exact,
     as for WAV and FLAC; what decodes for an MP3 that does not state its length."""
     info = probe(path)
     first, stop = _segment(path, info, start, end)
-    n = resampled_length(stop - first, info.sample_rate, sample_rate)
+    n = resampled_length(stop - first, info.sample_rate, sample_rate, resampler)
     window_samples = int(round(sample_rate * window_seconds))  # as Backbone.window_samples
     return max(1, math.ceil(n / window_samples))
 

@@ -11,6 +11,7 @@ import mmap
 import multiprocessing as mp
 import os
 import signal
+import sys
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -67,7 +68,7 @@ def cache_key(records: DatasetRecords, bb: Backbone, texts: bool) -> dict[str, A
     is part of the cache's layout, which reuse.py compares."""
     return {"backbone": bb.key, **bb.identity(texts), "sample_rate": bb.sample_rate,
             "window_seconds": bb.window_seconds, "precision": bb.precision,
-            "resampler": f"soxr {audio.RESAMPLE_QUALITY}", "downmix": "mean",
+            "resampler": audio.RESAMPLERS[bb.resampler], "downmix": "mean",
             "dataset": records.name, **bb.input_key()}
 
 
@@ -82,6 +83,10 @@ def _worker_init(parent: int, shared: np.ndarray | None = None) -> None:
     global _SHARED
     _SHARED = shared
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # one thread each for torchaudio's resampling (aesthetics): the workers are the parallelism
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if "torch" in sys.modules:  # imported before the fork: its pool is sized already
+        sys.modules["torch"].set_num_threads(1)
     try:
         import ctypes
 
@@ -95,7 +100,7 @@ def _worker_init(parent: int, shared: np.ndarray | None = None) -> None:
 
 def _decode(task: tuple):
     """Worker: one clip -> (row, audio, None) or (row, None, reason). A task is (row, path,
-    sample rate or None for the file's own, start, end[, max frames], slot). With a slot,
+    sample rate or None for the file's own, start, end[, max frames, resampler], slot). With a slot,
     audio that fits is written into that shared slot and only its length travels back (an
     int instead of a pickled copy of megabytes); otherwise the array itself does."""
     row, path, sr, start, end, *cut, slot = task
@@ -159,7 +164,8 @@ class _Run:
 
     def plan(self, force: bool) -> ReusePlan:
         clip_specs, win_specs = _specs(self.bb, self.texts)
-        window = (self.bb.sample_rate, self.bb.window_seconds) if win_specs else None
+        window = ((self.bb.sample_rate, self.bb.window_seconds, self.bb.resampler)
+                  if win_specs else None)
         return make_plan(self.path, self.records, self.key, _layout(clip_specs, win_specs),
                          dataset_level(self.records, self.extra), force, self.cfg.skip_bad,
                          self.texts, window, self.seed)
@@ -271,7 +277,7 @@ def _fill(path: Path, records: DatasetRecords, bb: Backbone, cfg: ExtractConfig,
     summary = ExtractSummary(path, len(clips), len(clips) - len(plan.todo), kept=plan.kept,
                              changes=list(plan.changes))
     tasks = [(r, str(clips[r].path), bb.decode_rate, clips[r].start, clips[r].end,
-              bb.max_frames) for r in plan.todo]
+              bb.max_frames, bb.resampler) for r in plan.todo]
     bar = tqdm(total=len(clips), initial=summary.done_before, unit="clip",
                desc=f"extract {bb.name}", disable=not progress, dynamic_ncols=True)
     # a whole batch may be decoding while the model has the last one: workers that wait

@@ -130,10 +130,10 @@ class ReusePlan:
 def make_plan(path: Path, records: DatasetRecords, key: dict[str, Any],
               layout: dict[str, tuple[tuple[int, ...], str]], level: dict[str, str],
               force: bool, skip_bad: bool, embeds_text: bool,
-              window: tuple[int, float] | None, seed: Path | None = None) -> ReusePlan:
+              window: tuple[int, float, str] | None, seed: Path | None = None) -> ReusePlan:
     """Decide, before any work, what to keep of the cache at `path` (if any). `layout` is the
     new cache's "features/NAME" and "windows/NAME" -> (row shape, dtype); `window` the
-    backbone's (sample rate, window seconds) when it writes per-window rows. A shard's first
+    backbone's (sample rate, window seconds, resampler) when it writes per-window rows. A shard's first
     run keeps what it can of `seed`, the whole dataset's cache."""
     clips = records.clips
     sources = [source_of(c) for c in clips]
@@ -308,10 +308,10 @@ def _rows_differing(stored: np.ndarray, new: np.ndarray, j: np.ndarray, i: np.nd
 
 
 def _window_counts(clips: list[Clip], plan: ReusePlan, old_counts: dict[int, int],
-                   window: tuple[int, float], skip_bad: bool) -> list[int]:
+                   window: tuple[int, float, str], skip_bad: bool) -> list[int]:
     """Windows per clip of a new cache (allocated up front): a kept row keeps its count, a
     skipped one gets none, the others are counted from their files' headers."""
-    sr, seconds = window
+    sr, seconds, resampler = window
     counts = []
     for i, c in enumerate(clips):
         if i in old_counts:
@@ -321,7 +321,7 @@ def _window_counts(clips: list[Clip], plan: ReusePlan, old_counts: dict[int, int
             counts.append(0)
             continue
         try:
-            counts.append(audio.window_count(c.path, sr, seconds, c.start, c.end))
+            counts.append(audio.window_count(c.path, sr, seconds, c.start, c.end, resampler))
         except DataError as e:
             if not skip_bad:
                 raise

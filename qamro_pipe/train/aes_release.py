@@ -19,7 +19,7 @@ import torch
 
 from ..errors import QamroError
 from ..store.reader import Cache
-from ..checkpoints import read_aes_checkpoint, sha256_file
+from ..checkpoints import AES_HEAD_CFG_KEYS, read_aes_checkpoint, sha256_file
 from .heads import BatchedMLP, HeadSpec
 from .inputs import Units, head_inputs, units_for
 
@@ -35,22 +35,52 @@ def release_head_spec(axis: str) -> HeadSpec:
 
 def release_heads(model) -> tuple[dict[str, BatchedMLP], dict[str, tuple[float, float]]]:
     """AesMultiOutput -> ({axis: head}, {axis: (mean, std)}) with identical numbers."""
-    return heads_from_state(model.state_dict(), model.target_transform)
+    cfg = {k: getattr(model, k) for k in AES_HEAD_CFG_KEYS}
+    return heads_from_state(model.state_dict(), model.target_transform, cfg)
 
 
-def heads_from_state(state: dict[str, torch.Tensor], target_transform) \
+def check_release_cfg(where, cfg: dict, target_transform, axes=AXES) -> None:
+    """Refuse, in one line, a release whose heads the cached features and our heads cannot
+    reproduce (its model_cfg is read, not assumed), or whose target_transform, the mean and
+    std its scores are de-standardised by, is missing."""
+    want = {"nth_layer": N_LAYERS, "use_weighted_layer_sum": True, "normalize_embed": True,
+            "output_dim": 1, "proj_act_fn": "gelu"}
+    wrong = [f"{k} {cfg.get(k)!r} (this tool: {v!r})" for k, v in want.items()
+             if cfg.get(k) != v]
+    if wrong:
+        raise QamroError(f"{where}: a released model the cached {N_LAYERS}-layer features "
+                         f"cannot reproduce: model_cfg {', '.join(wrong)}")
+    tt = target_transform if isinstance(target_transform, dict) else {}
+    lacking = [a for a in axes if not (isinstance(tt.get(a), dict)
+                                       and {"mean", "std"} <= set(tt[a]))]
+    if lacking:
+        raise QamroError(f"{where}: no target_transform mean and std for "
+                         f"{', '.join(lacking)}: the released heads' scores cannot be "
+                         f"de-standardised without them")
+
+
+def heads_from_state(state: dict[str, torch.Tensor], target_transform, cfg: dict,
+                     where: str = "the released model") \
         -> tuple[dict[str, BatchedMLP], dict[str, tuple[float, float]]]:
-    """An AesMultiOutput state dict ("layer_weights.PQ", "proj_layer.PQ.0.weight", ...) ->
-    ({axis: head}, {axis: (mean, std)}). The projection's modules are told apart by their
-    weights (a Linear's is 2-d, a LayerNorm's 1-d; GELU and Dropout have none), so the
-    release's module numbering need not be ours."""
+    """An AesMultiOutput state dict ("layer_weights.PQ", "proj_layer.PQ.0.weight", ...) and
+    its model_cfg -> ({axis: head}, {axis: (mean, std)}). The projection's modules are told
+    apart by their weights (a Linear's is 2-d, a LayerNorm's 1-d; GELU and Dropout have
+    none), so the release's module numbering need not be ours; their number and the
+    LayerNorms are checked against model_cfg (proj_num_layer, proj_ln)."""
+    axes = [a for a in AXES if f"layer_weights.{a}" in state]
+    check_release_cfg(where, cfg, target_transform, axes)
     heads, stats = {}, {}
-    for axis in [a for a in AXES if f"layer_weights.{a}" in state]:
+    for axis in axes:
         prefix = f"proj_layer.{axis}."
         modules = sorted({int(k[len(prefix):].split(".")[0]) for k in state
                           if k.startswith(prefix)})
         linear = [i for i in modules if state[f"{prefix}{i}.weight"].dim() == 2]
         layer_norm = len(modules) > len(linear)
+        if (len(linear), layer_norm) != (cfg["proj_num_layer"], bool(cfg["proj_ln"])):
+            raise QamroError(f"{where}: the {axis} head holds {len(linear)} linear layers"
+                             f"{' with' if layer_norm else ' without'} LayerNorm; its model_cfg "
+                             f"says proj_num_layer {cfg['proj_num_layer']}, proj_ln "
+                             f"{cfg['proj_ln']}")
         step = 3 if layer_norm else 2  # our nn.Sequential numbering (heads._sequential_names)
         ours = {"layer_weights": state[f"layer_weights.{axis}"]}
         for n, i in enumerate(linear):
@@ -63,7 +93,7 @@ def heads_from_state(state: dict[str, torch.Tensor], target_transform) \
                           N_LAYERS, init=False)
         head.load_member(0, {k: v.detach().float() for k, v in ours.items()})
         heads[axis] = head
-        tt = (target_transform or {}).get(axis, {"mean": 0.0, "std": 1.0})
+        tt = target_transform[axis]
         stats[axis] = (float(tt["mean"]), float(tt["std"]))
     return heads, stats
 
@@ -122,8 +152,8 @@ def release_file(cache: Cache, given: str | Path | None = None) -> tuple[Path, s
 def read_release(cache: Cache, given: str | Path | None = None) -> ReleasedHeads:
     """The released heads and target transform of `cache`'s checkpoint (`release_file`)."""
     path, sha = release_file(cache, given)
-    _, transform, state = read_aes_checkpoint(path)
-    heads, stats = heads_from_state(state, transform)
+    cfg, transform, state = read_aes_checkpoint(path)
+    heads, stats = heads_from_state(state, transform, cfg, str(path))
     if not heads:
         raise QamroError(f"{path}: holds no Audiobox-Aesthetics heads (no layer_weights.PQ, "
                          f"...)")

@@ -17,7 +17,7 @@ from .inputs import build_head
 from .losses import LabelTerms
 from .objective import Losses
 from .optim import make_optimizer
-from .shuffle import member_permutations
+from .shuffle import member_permutations, member_windows
 from .state import HISTORY_COLUMNS, TrainState
 
 GRAPH_WARMUP = 3  # eager epochs before capture (lazy cuBLAS/autograd set-up must not be captured)
@@ -35,7 +35,8 @@ class Context:
     plan: InputPlan
     x_shapes: dict[str, tuple[int, ...]]  # head -> its input's shape
     Y: dict[str, torch.Tensor]  # head -> [U] labels of every unit
-    train_rows: torch.Tensor  # unit rows trained on
+    train_rows: torch.Tensor  # unit rows trained on; with train_windows, the first window of
+    # each training clip
     val_rows: torch.Tensor  # unit rows validated on
     stats: list[tuple[float, float]]  # per head (mean, std) its outputs are scaled by
     label_range: tuple[float, float] | None
@@ -43,6 +44,8 @@ class Context:
     device: torch.device
     bins: OutputBins | None = None  # the distribution output, when a member is gaussian-kl
     P: dict[str, torch.Tensor] | None = None  # head -> [U, n] its target distributions
+    train_windows: torch.Tensor | None = None  # [C] windows of each training clip when each
+    # epoch takes one per clip (TrainConfig.train_windows "one-per-clip"); None: every row
 
     def bins_of(self, h: HeadSpec, members) -> dict:
         """build_head's distribution arguments for head h and these member rows."""
@@ -90,6 +93,8 @@ class Engine:
                               [h.label for h in ctx.heads])
         self.perm_seeds = torch.tensor([member_seed(s, "shuffle") >> 1 for s in seeds],
                                        device=device)
+        self.window_seeds = torch.tensor([member_seed(s, "windows") >> 1 for s in seeds],
+                                         device=device)
         bs, nv = cfg.val_batch_size or cfg.batch_size, len(ctx.val_rows)
         self.val_sizes = torch.tensor([min(bs, nv - s) for s in range(0, nv, bs)],
                                       dtype=torch.float32, device=device)
@@ -124,7 +129,13 @@ class Engine:
         ctx, cfg = self.ctx, self.cfg
         self.epoch.add_(1)
         n, bs = len(ctx.train_rows), cfg.batch_size
-        perm = ctx.train_rows[member_permutations(self.perm_seeds, self.epoch, n)]  # [K, n]
+        order = member_permutations(self.perm_seeds, self.epoch, n)  # [K, n]
+        if ctx.train_windows is None:
+            perm = ctx.train_rows[order]
+        else:  # one window per clip: each member's draw for this epoch, then its shuffle
+            rows = ctx.train_rows + member_windows(self.window_seeds, self.epoch,
+                                                   ctx.train_windows)  # [K, n]
+            perm = rows.gather(1, order)
         terms = self.loss_fn.terms([ctx.Y[h.name][perm] for h in ctx.heads], bs)
         self.acc.zero_()
         for step, start in enumerate(range(0, n, bs)):

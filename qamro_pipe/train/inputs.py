@@ -33,6 +33,21 @@ class Units:
             return np.asarray(clip_rows)
         return np.flatnonzero(np.isin(self.clip_of, clip_rows))
 
+    def windows_of(self, clip_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(first unit row, number of windows) of each given clip that has windows."""
+        clip_rows = np.asarray(clip_rows)
+        if self.clip_of is None:
+            return clip_rows, np.ones(len(clip_rows), dtype=np.int64)
+        count = np.bincount(self.clip_of, minlength=self.n_clips)[clip_rows]
+        first = np.searchsorted(self.clip_of, clip_rows)
+        return first[count > 0], count[count > 0]
+
+    def fixed_windows(self, clip_rows: np.ndarray, seed: int) -> np.ndarray:
+        """One unit row per given clip (that has windows), drawn once by `seed`: the rows a
+        run validates on when it trains on one window per clip per epoch."""
+        first, count = self.windows_of(clip_rows)
+        return first + np.random.default_rng(seed).integers(0, count)
+
     def per_unit(self, values: np.ndarray) -> np.ndarray:
         return values if self.clip_of is None else values[self.clip_of]
 

@@ -118,13 +118,24 @@ def _per_batch(x, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(x, dtype=like.dtype, device=like.device)[..., None]
 
 
+def published_labels(y: torch.Tensor, mean=0.0, std=1.0) -> torch.Tensor:
+    """Labels as the published track 2 code hands them to its loss (mos_track2.py): in
+    float32, standardised by (mean, std + 1e-9), then de-standardised by (mean, std), every
+    step rounded. A label on an interval's edge can come back just below it (5.0 as
+    4.9999995, in [4, 5)); a 1.0, below 1, then takes part in no pair."""
+    y32 = y.to(torch.float32)
+    m, s = _per_batch(mean, y32), _per_batch(std, y32)
+    return ((y32 - m) / (s + 1e-9) * s + m).to(y.dtype)
+
+
 def label_terms(target: torch.Tensor, beta=1.0, norm: str = "batch",
                 label_range: tuple[float, float] | None = None, mean=0.0,
                 std=1.0, table: torch.Tensor | None = None) -> LabelTerms:
     """Labels [..., B] (NaN = unknown) -> LabelTerms. beta, mean and std are floats or
     tensors of the leading shape (per member). `table` ([..., 9], `interval_table`) gives the
-    published track 2 quality weight instead of Eq. 3's; labels outside [1, 10] then take
-    part in no pair (they still count in the regression term)."""
+    published track 2 quality weight instead of Eq. 3's, looked up as that code looks it up,
+    on `published_labels`; labels outside [1, 10] then take part in no pair (they still
+    count in the regression term)."""
     with torch.no_grad():
         known = torch.isfinite(target)
         y = torch.where(known, target, 0.0)
@@ -132,7 +143,7 @@ def label_terms(target: torch.Tensor, beta=1.0, norm: str = "batch",
             paired, w = known, None
             q = 1 + (_per_batch(beta, y) - 1) * normalise_labels(y, known, norm, label_range)
         else:
-            w, inside = interval_weights(y, table)
+            w, inside = interval_weights(published_labels(y, mean, std), table)
             paired, q = known & inside, torch.ones_like(y)
         # pairs with y_i > y_j, counted without the [B, B] matrix: for each paired label,
         # how many labels sort strictly below it (unpaired ones sort above everything)

@@ -12,7 +12,7 @@ Per head, one row per clip:
 Features are standardised on the fitted clips (StandardScaler); RidgeCV picks the penalty
 among config.PROBE_ALPHAS by its own efficient leave-one-out. The probe fits on the labelled
 clips of the train split (all of them: it has no early stopping to hold clips out for) and is
-scored on the eval split with the same metrics (report/metrics.evaluate) as the heads."""
+scored on the eval split with the same metrics (metrics.evaluate) as the heads."""
 from __future__ import annotations
 
 import time

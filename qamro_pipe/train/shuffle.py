@@ -22,3 +22,11 @@ def member_permutations(seeds: torch.Tensor, epoch, n: int) -> torch.Tensor:
     idx = torch.arange(n, device=seeds.device, dtype=torch.int64)
     keys = _mix(_mix(seeds[:, None] * 1_000_003 + epoch) + idx[None, :])
     return torch.argsort(keys, dim=1, stable=True)
+
+
+def member_windows(seeds: torch.Tensor, epoch, counts: torch.Tensor) -> torch.Tensor:
+    """[K] int64 seeds, [C] window counts -> [K, C] the window each member takes of each clip
+    this epoch (0..count-1), uniform, identical on every device and for a resumed run."""
+    idx = torch.arange(len(counts), device=seeds.device, dtype=torch.int64)
+    keys = _mix(_mix(seeds[:, None] * 1_000_003 + epoch) + idx[None, :])
+    return torch.remainder(keys & ((1 << 62) - 1), counts[None, :])

@@ -26,8 +26,8 @@ from .engine import Context, Engine, InputPlan
 from .optim import optimizer_buffers
 from .distribution import output_bins, smoothed_targets
 from .heads import BatchedMLP, HeadSpec
-from .inputs import (build_head, column_order, head_inputs, input_width, label_col, label_stats,
-                     predict_units, units_for)
+from .inputs import (Units, build_head, column_order, head_inputs, input_width, label_col,
+                     label_stats, predict_units, units_for)
 from .state import TrainState
 
 
@@ -66,9 +66,24 @@ def make_split(cache: Cache, heads: tuple[HeadSpec, ...], cfg: TrainConfig) -> S
             raise QamroError(f"{cache.path}: the {what} split has no labelled rows "
                              f"(splits here: {', '.join(sorted(set(cache.splits)))})")
     if len(ev) == 0:
-        raise QamroError(f"{cache.path}: eval split {cfg.eval_split!r} has no rows "
-                         f"(splits here: {', '.join(sorted(set(cache.splits)))})")
+        raise missing_eval_split(cache, cfg)
     return Split(train=train, val=val, eval=ev, val_source=source)
+
+
+def missing_eval_split(cache: Cache, cfg: TrainConfig) -> QamroError:
+    """The one-line refusal of a run whose report split is not in the cache, naming the option
+    that reports on a split that is (AES-Natural without its eval package: the published
+    train and dev lists alone have no eval split)."""
+    here = sorted(set(cache.splits))
+    other = [s for s in here if s != "train"]
+    fix = f"; report on another split with --eval-split {other[0]}" if other else ""
+    if other and other[0] == cfg.val_split:
+        fix += " (it is also the validation split: its figures are optimistic)"
+    if cache.meta.dataset == "aes-natural" and cfg.eval_split == "eval":
+        fix += (", or extract the eval package (audiomos2025-track2-eval-phase/DATA/, "
+                "--eval-dir) into the cache")
+    return QamroError(f"{cache.path}: eval split {cfg.eval_split!r} has no rows (splits here: "
+                      f"{', '.join(here)}){fix}")
 
 
 @dataclass
@@ -161,8 +176,7 @@ def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
         x_shapes={h.name: tuple(X[h.name].shape) for h in heads},
         Y={h.name: torch.from_numpy(np.ascontiguousarray(units.per_unit(
             cache.labels[:, label_col(cache, h)]))).to(device) for h in heads},
-        train_rows=torch.from_numpy(units.of_clips(split.train)).to(device),
-        val_rows=torch.from_numpy(units.of_clips(split.val)).to(device),
+        **_rows(units, split, cfg, device),
         stats=[stats[h.name] for h in heads], label_range=label_range, cfg=cfg, device=device,
         **distribution_targets(cache, heads, units, members, label_range, device))
     models = {h.name: build_head(h, seeds, ctx.x_shapes[h.name], cfg,
@@ -192,6 +206,21 @@ def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
         member_epochs=state.member_epochs, history=state.history_array(),
         resumed_from=resumed_from,
         release=release.record(uses_release) if uses_release else None)
+
+
+def _rows(units: Units, split: Split, cfg: TrainConfig, device) -> dict[str, torch.Tensor]:
+    """Context's training and validation rows: every unit of the clips, or with
+    train_windows "one-per-clip" (per-window features) each training clip's first window
+    and its window count (the engine draws one per member per epoch) and one window per
+    validation clip, fixed by split_seed."""
+    if cfg.train_windows == "all" or units.clip_of is None:
+        return {"train_rows": torch.from_numpy(units.of_clips(split.train)).to(device),
+                "val_rows": torch.from_numpy(units.of_clips(split.val)).to(device)}
+    first, count = units.windows_of(split.train)
+    return {"train_rows": torch.from_numpy(first).to(device),
+            "train_windows": torch.from_numpy(count.astype(np.int64)).to(device),
+            "val_rows": torch.from_numpy(units.fixed_windows(split.val, cfg.split_seed))
+            .to(device)}
 
 
 def initial_weights(models: dict[str, BatchedMLP], release: ReleasedHeads | None,

@@ -108,7 +108,7 @@ def _misuse(kind, path):
 
 MISUSE = {  # (backbone, options) on a cache made with melstats defaults -> the error
     "another backbone": ("aesthetics", ["--checkpoint", "random"],
-                         "backbone: cache has 'melstats@1', this extract has 'aesthetics@1'"),
+                         "backbone: cache has 'melstats@1', this extract has 'aesthetics@2'"),
     "another checkpoint": ("aesthetics", ["--checkpoint", "CKPT"],
                            "weights: cache has 'none', this extract has 'sha256:"),
     "another precision": ("melstats", ["--precision", "bf16"],

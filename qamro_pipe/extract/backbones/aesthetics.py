@@ -6,6 +6,9 @@ weighted sum and the masked mean are both linear, so storing the masked time mea
 hidden state per 10 s window, [13, 768], lets a head reproduce the original exactly
 (up to float rounding) and learn its own layer weights.
 
+Audio reaches the model as `AesPredictor.forward` gives it a file: channels averaged, then
+resampled to 16 kHz by torchaudio.functional.resample with its defaults (soxr, which the
+other backbones use, moved zero-shot scores by ~1e-2 on 44.1 and 48 kHz audio).
 Windows are padded to 10 s and masked exactly as audiobox_aesthetics.infer's
 `make_inference_batch` does; the sample mask becomes a frame mask inside WavLM
 (`forward_padding_mask`: a frame is padding when all of its samples are).
@@ -36,8 +39,9 @@ RELEASE_HEAD_CFG = dict(proj_num_layer=5, proj_ln=True, proj_act_fn="gelu", proj
 @register_backbone
 class Aesthetics(Backbone):
     name = "aesthetics"
-    version = 1
+    version = 2  # 2: resampled with torchaudio, as AesPredictor does (1: soxr)
     sample_rate = 16000
+    resampler = "torchaudio"
     window_seconds = 10.0
     release = RELEASE
 

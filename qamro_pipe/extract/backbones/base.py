@@ -63,6 +63,8 @@ class Backbone:
     name: ClassVar[str]  # registry name, e.g. "clap-music"
     version: ClassVar[int]  # bump whenever the numbers written would change
     sample_rate: ClassVar[int]  # audio is resampled to this before embed
+    resampler: ClassVar[str] = "soxr"  # how: as the publisher's own file loading does
+    # (extract/audio.py RESAMPLERS); part of the cache key
     window_seconds: ClassVar[float]  # long clips are cut into windows of this length
     uses_text: ClassVar[bool] = False  # whether embed_texts produces features
     release: ClassVar[PublishedWeights | None] = None  # the published weights; None: no weights

@@ -5,7 +5,9 @@ its `RobertaModel.from_pretrained("roberta-base")` is answered with a RoBERTa bu
 roberta-base's configuration; the checkpoint then supplies every text-tower weight. Only
 the tokenizer needs files of its own, and only for text features.
 
-Audio goes through exactly what `CLAP_Module.get_audio_embedding_from_data(x,
+A file is loaded as `CLAP_Module.get_audio_embedding_from_filelist` loads it (librosa.load
+at 48 kHz: channels averaged, soxr HQ, zero-padded to librosa's length); then audio goes
+through exactly what `CLAP_Module.get_audio_embedding_from_data(x,
 use_tensor=False)` does to a numpy clip of at most 10 s: an int16 round trip, repeat-padding
 to 10 s, the audio tower, projection and L2 normalisation; here windows go in batches.
 
@@ -55,8 +57,9 @@ STALE_BUFFERS = ("text_branch.embeddings.position_ids", "text_branch.embeddings.
 @register_backbone
 class ClapMusic(Backbone):
     name = "clap-music"
-    version = 1
+    version = 2  # 2: librosa's resampled length (1: soxr's, a sample shorter at some rates)
     sample_rate = 48000
+    resampler = "librosa"
     window_seconds = 10.0
     uses_text = True
     release = RELEASE

@@ -88,8 +88,9 @@ USED_MODULES = ("model.conv.", "model.conformer.")
 @register_backbone
 class MuQ(Backbone):
     name = "muq"
-    version = 1
+    version = 2  # 2: librosa's resampled length (1: soxr's, a sample shorter at some rates)
     sample_rate = 24000
+    resampler = "librosa"  # the package's README loads a file with librosa.load(sr=24000)
     window_seconds = 30.0
     release = RELEASE
     weights_format = "safetensors"
@@ -170,7 +171,7 @@ def read_muq_config(path: Path) -> dict[str, Any]:
                          f"w2v2_config)")
     depth, width = data.get("encoder_depth", 12), data.get("encoder_dim", WIDTH)
     if (depth + 1, width) != (N_LAYERS, WIDTH):
-        raise QamroError(f"muq: {path}: a MuQ with {depth} layers of width {width}; muq@1 "
+        raise QamroError(f"muq: {path}: a MuQ with {depth} layers of width {width}; this muq "
                          f"stores {N_LAYERS - 1} layers of {WIDTH}")
     return data
 
