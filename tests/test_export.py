@@ -144,11 +144,15 @@ def test_a_missing_backbone_weights_file_is_one_line_naming_what_to_fetch(tmp_pa
     one line with the release URL (no backbone is built)."""
     from qamro_pipe import Scorer
 
+    from qamro_pipe.extract.audio import RESAMPLERS
+    from qamro_pipe.extract.backbones import REGISTRY
+
     rng = np.random.default_rng(0)
     n = 24
-    key = {"backbone": "aesthetics@1", "weights": "sha256:" + "ab" * 32, "sample_rate": 16000,
-           "window_seconds": 10.0, "precision": "fp32", "resampler": "soxr HQ",
-           "downmix": "mean", "dataset": "mine"}
+    aes = REGISTRY["aesthetics"]  # the key of a cache this qamro-pipe makes, bar the weights
+    key = {"backbone": f"aesthetics@{aes.version}", "weights": "sha256:" + "ab" * 32,
+           "sample_rate": 16000, "window_seconds": 10.0, "precision": "fp32",
+           "resampler": RESAMPLERS[aes.resampler], "downmix": "mean", "dataset": "mine"}
     config = {**key, "extract": {"backbone": "aesthetics", "checkpoint": "/elsewhere/ckpt.pt"},
               "provenance": {"checkpoint": "checkpoint.pt", "checkpoint_sha256": "ab" * 32,
                              "checkpoint_path": "/elsewhere/ckpt.pt"}}
@@ -156,7 +160,7 @@ def test_a_missing_backbone_weights_file_is_one_line_naming_what_to_fetch(tmp_pa
                         systems=[f"S{i % 4}" for i in range(n)],
                         splits=["dev" if i % 4 == 0 else "train" for i in range(n)],
                         labels=rng.uniform(1, 9, (n, 1)).astype(np.float32),
-                        label_names=["PQ"], features={}, backbone="aesthetics@1",
+                        label_names=["PQ"], features={}, backbone=key["backbone"],
                         dataset="mine", config=config,
                         windows={"layers": rng.normal(size=(n, 13, 768)).astype(np.float32)},
                         window_offsets=np.arange(n + 1),

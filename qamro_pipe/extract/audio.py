@@ -198,10 +198,12 @@ def load_audio(path: str | Path, sample_rate: int | None, start: float | None = 
 
 
 def from_samples(x: np.ndarray, sr: int, sample_rate: int | None,
-                 max_frames: int | None = None, what: str = "audio") -> np.ndarray:
+                 max_frames: int | None = None, what: str = "audio",
+                 resampler: str = "soxr") -> np.ndarray:
     """What `load_audio` gives for a file holding these samples ([samples], or [channels,
     samples]) at `sr`: float32, channels averaged, the first `max_frames` kept, resampled to
-    `sample_rate` (None: kept at `sr`), with the same checks. `what` names the clip in errors."""
+    `sample_rate` by `resampler` (None: kept at `sr`), with the same checks. `what` names the
+    clip in errors."""
     x = np.asarray(x)
     if x.ndim not in (1, 2) or x.size == 0:
         raise DataError(f"{what}: audio must be [samples] or [channels, samples] with samples; "
@@ -221,7 +223,7 @@ def from_samples(x: np.ndarray, sr: int, sample_rate: int | None,
         raise DataError(f"{what}: {mono.shape[0] / sr:.3f} s of audio; at least {MIN_SECONDS} s "
                         f"is needed")
     if sample_rate is not None and sr != sample_rate:
-        mono = soxr.resample(mono, int(sr), sample_rate, quality=RESAMPLE_QUALITY)
+        mono = resample(mono, int(sr), sample_rate, resampler)
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 

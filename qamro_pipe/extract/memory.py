@@ -35,9 +35,9 @@ class Item:
         """Mono float32 at the backbone's input rate, as extraction decodes a file."""
         if self.path is not None:
             return audio.load_audio(self.path, bb.decode_rate, self.start, self.end,
-                                    bb.max_frames)
+                                    bb.max_frames, bb.resampler)
         return audio.from_samples(self.samples, self.sr, bb.decode_rate, bb.max_frames,
-                                  what=self.id)
+                                  what=self.id, resampler=bb.resampler)
 
 
 def embed_items(bb: Backbone, items: list[Item], batch_size: int, texts: bool,
