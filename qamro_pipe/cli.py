@@ -401,13 +401,17 @@ def evaluate(
     typer.echo(f"scoring {metrics['scored']['text']}")
     for w in metrics["warnings"]:
         typer.echo(f"warning: {w}", err=True)
-    for level in ("utterance", "system"):
+    labelled = {h: m for h, m in metrics["heads"].items() if m.get("labelled", True)}
+    for h, m in metrics["heads"].items():
+        if h not in labelled:
+            _note(f"note: head {h!r}: {m['why']}: predictions and systems' intervals only")
+    for level in ("utterance", "system") if labelled else ():
         if level == "system" and not metrics["system_level"]["computable"]:
             continue
         typer.echo(metrics_table({**metrics, "heads": {h: {level: m[level]}
-                                                       for h, m in metrics["heads"].items()}},
+                                                       for h, m in labelled.items()}},
                                  level))
-    _note(system_level_line(metrics))
+    _note(labelled and system_level_line(metrics))
     for line in systems_lines(metrics):
         typer.echo(line)
     systems = metrics["systems"]

@@ -109,13 +109,14 @@ def write_predictions(path: Path, cache: Cache, heads, preds: dict[str, np.ndarr
                 header += [f"sd_{h.name}", *(f"pred_{h.name}_m{k}"
                                              for k in (members or range(len(preds[h.name]))))]
         w.writerow(header)
-        cols = {h.name: cache.label_names.index(h.label) for h in heads}
+        cols = {h.name: cache.label_names.index(h.label) if h.label in cache.label_names
+                else None for h in heads}  # None: an unlabelled cache (evaluate)
         for i in rows:
             row = [cache.ids[i], cache.systems[i], cache.splits[i],
                    *(values[i] for values in columns.values())]
             for h in heads:
                 p = preds[h.name][:, i]
-                true = cache.labels[i, cols[h.name]]
+                true = np.nan if cols[h.name] is None else cache.labels[i, cols[h.name]]
                 row += ["" if np.isnan(true) else f"{true:.6g}", f"{p.mean():.6g}"]
                 if len(p) > 1:
                     row += [f"{p.std(ddof=1):.6g}", *(f"{v:.6g}" for v in p)]

@@ -1,0 +1,95 @@
+"""What a new user met on a first day (issue 19, part B): each test reproduces one stumble
+through the command line, in process, on manifests of generated audio embedded with the
+weightless melstats backbone (the path a user without weights takes)."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+from typer.testing import CliRunner
+
+from qamro_pipe.cli import app
+
+runner = CliRunner()
+QUICK = ["--max-epochs", "3", "--quiet"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def write_clips(folder, n_systems=4, per_system=6, seconds=0.5, sr=16000):
+    """Noise clips whose loudness rises with the system number: {id: (path, system, score)}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    clips = {}
+    for s in range(n_systems):
+        for c in range(per_system):
+            cid = f"S{s}_c{c}"
+            path = folder / f"{cid}.wav"
+            sf.write(path, (0.05 + 0.2 * s) * rng.standard_normal(int(sr * seconds)), sr)
+            clips[cid] = (path, f"S{s}", 1 + s + 0.1 * c)
+    return clips
+
+
+def write_manifest(path, clips, columns=("id", "path", "system", "split", "score"),
+                   split=lambda i: "dev" if i % 4 == 0 else "train"):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(columns)
+        for i, (cid, (audio, system, score)) in enumerate(clips.items()):
+            values = {"id": cid, "path": audio.name, "system": system, "split": split(i)}
+            w.writerow([values.get(c, f"{score:g}") for c in columns])
+    return path
+
+
+def extract(manifest, out):
+    r = invoke("extract", "--manifest", manifest, "--backbone", "melstats", "--out", out,
+               "--device", "cpu", "--workers", "0", "--quiet")
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.fixture
+def trained(tmp_path):
+    """A run trained on a labelled manifest's melstats cache, and the clips' folder."""
+    clips = write_clips(tmp_path / "audio")
+    cache = extract(write_manifest(tmp_path / "audio" / "m.csv", clips), tmp_path / "m.h5")
+    run = tmp_path / "run"
+    r = invoke("train", "--cache", cache, "--out", run, *QUICK)
+    assert r.exit_code == 0, r.output
+    return run, clips
+
+
+# -- B1 --------------------------------------------------------------------------------------
+def test_evaluate_scores_an_unlabelled_cache(trained, tmp_path):
+    """docs/evaluation.md: an unlabelled set of new systems gets its intervals and matrix."""
+    run, clips = trained
+    cache = extract(write_manifest(tmp_path / "audio" / "new.csv", clips,
+                                   columns=("id", "path", "system")), tmp_path / "new.h5")
+    r = invoke("evaluate", run, "--cache", cache, "--split", "train")
+    assert r.exit_code == 0, r.output
+    assert "has no labels: predictions and systems' intervals only" in r.output
+    assert "Traceback" not in r.output
+    folder = next((run / "evaluations").iterdir())
+    rows = list(csv.DictReader(open(folder / "predictions.csv")))
+    assert len(rows) == len(clips) and all(row["true_score"] == "" for row in rows)
+    assert all(np.isfinite(float(row["pred_score"])) for row in rows)
+    systems = list(csv.DictReader(open(folder / "systems.csv")))
+    assert len(systems) == 4 and all(s["true_mos"] == "" and s["ci_lo"] for s in systems)
+    assert (folder / "rank-score.csv").is_file() and (folder / "rank-score.png").is_file()
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["heads"]["score"]["labelled"] is False
+    assert metrics["heads"]["score"]["utterance"]["srcc"] is None
+
+
+def test_evaluate_refuses_a_cache_whose_labels_are_named_otherwise(trained, tmp_path):
+    run, clips = trained
+    cache = extract(write_manifest(tmp_path / "audio" / "other.csv", clips,
+                                   columns=("id", "path", "system", "split", "mos")),
+                    tmp_path / "other.h5")
+    r = invoke("evaluate", run, "--cache", cache, "--split", "dev")
+    assert r.exit_code == 1
+    assert r.output.count("\n") == 1 and "Traceback" not in r.output
+    assert f"{cache}: its labels are mos; run {run} predicts score" in r.output
