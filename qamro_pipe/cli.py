@@ -91,10 +91,19 @@ def _warn_backbone(recipe, data) -> None:
                    f"{data.path} holds {data.meta.backbone}", err=True)
 
 
+def _split_notes(metrics) -> None:
+    """Where the figures come from, when that is not the split the user would assume."""
+    if metrics.get("eval_holdout"):
+        _note(f"note: {metrics['eval_holdout']['text']}")
+    for msg in metrics.get("warnings", []):
+        typer.echo(f"warning: {msg}", err=True)
+
+
 def _report_run(recipe, metrics, result, data) -> None:
     from .report.screen import metrics_table, pooled_table, system_level_line
 
     _warn_backbone(recipe, data)
+    _split_notes(metrics)
     typer.echo(metrics_table(metrics))
     if "pooled" in metrics:
         typer.echo(pooled_table(metrics))
@@ -331,6 +340,7 @@ def sweep(
         folder, metrics, result, data = run_experiment(r, members, tcfg, **run_args(opts),
                                                        kind="sweep", progress=watch)
     _warn_backbone(r, data)
+    _split_notes(metrics)
     if "cv" in metrics:
         typer.echo(f"{metrics['cv']['folds']}-fold cross-validation: each member's figures "
                    f"are those of its pooled out-of-fold predictions")

@@ -137,8 +137,9 @@ RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
         "(sklearn GroupKFold); figures are mean ± sd over folds and of the pooled "
         "out-of-fold predictions.", rich_help_panel=TRAINING)),
     "cv_group": (Optional[str], cfg_opt(
-        CVConfig, "group", "What a --cv fold holds out whole: system (new systems) or prompt "
-        "(new prompts: the _P044 ending a MusicEval clip id, else the clip's text).",
+        CVConfig, "group", "What a --cv fold holds out whole: system (new systems), prompt "
+        "(new prompts: the _P044 ending a MusicEval clip id, else the clip's text) or clip "
+        "(plain K-fold, for clips with neither).",
         recipe=False, rich_help_panel=TRAINING)),
     "out": (Optional[Path], opt(
         "Folder to write the run (sweep, table) to.", "CACHE_ROOT/runs/NAME (from recipe and loss)",

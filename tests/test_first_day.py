@@ -93,3 +93,67 @@ def test_evaluate_refuses_a_cache_whose_labels_are_named_otherwise(trained, tmp_
     assert r.exit_code == 1
     assert r.output.count("\n") == 1 and "Traceback" not in r.output
     assert f"{cache}: its labels are mos; run {run} predicts score" in r.output
+
+
+# -- B2 --------------------------------------------------------------------------------------
+@pytest.fixture
+def smallest(tmp_path):
+    """The smallest manifest the README allows (id, path, score) and one with systems too,
+    neither with a split column: every clip is "train"."""
+    clips = write_clips(tmp_path / "audio")
+    bare = extract(write_manifest(tmp_path / "audio" / "bare.csv", clips,
+                                  columns=("id", "path", "score")), tmp_path / "bare.h5")
+    sys_ = extract(write_manifest(tmp_path / "audio" / "sys.csv", clips,
+                                  columns=("id", "path", "system", "score")), tmp_path / "sys.h5")
+    return bare, sys_, clips
+
+
+def test_a_manifest_without_splits_reports_on_a_seeded_holdout(smallest, tmp_path):
+    bare, with_systems, clips = smallest
+    run = tmp_path / "run"
+    r = invoke("train", "--cache", with_systems, "--out", run, *QUICK)
+    assert r.exit_code == 0, r.output
+    assert "has no 'dev' split to report on: held out" in r.output
+    held = json.loads((run / "config.json").read_text())["eval_holdout"]
+    assert held["by"] == "systems" and held["split_seed"] == 0 and held["fraction"] == 0.2
+    rows = list(csv.DictReader(open(run / "predictions.csv")))
+    out = {row["system"] for row in rows if row["split"] == "eval-holdout"}
+    assert out and not out & {row["system"] for row in rows if row["split"] == "train"}
+    assert sum(row["split"] == "eval-holdout" for row in rows) == held["clips"]
+    assert json.loads((run / "metrics.json").read_text())["eval_split"] == "eval-holdout"
+    r = invoke("evaluate", run)  # the same held-out clips, rebuilt from the run's cache
+    assert r.exit_code == 0, r.output
+    scored = list(csv.DictReader(open(next((run / "evaluations").iterdir())
+                                      / "predictions.csv")))
+    assert [s["id"] for s in scored] == [x["id"] for x in rows if x["split"] == "eval-holdout"]
+    r = invoke("train", "--cache", bare, "--out", tmp_path / "bare-run", *QUICK)
+    assert r.exit_code == 0, r.output
+    assert "held out 5 clips (the clips have no systems)" in r.output
+
+
+def test_every_refusal_on_the_smallest_manifest_names_its_fix(smallest, tmp_path):
+    bare, _, clips = smallest
+    r = invoke("train", "--cache", bare, "--out", tmp_path / "cv", "--cv", "3", *QUICK)
+    assert r.exit_code == 1 and "use --cv-group clip" in r.output
+    assert "group by prompt" not in r.output  # it has no prompts: no circle
+    r = invoke("train", "--cache", bare, "--out", tmp_path / "cv", "--cv", "3",
+               "--cv-group", "prompt", *QUICK)
+    assert r.exit_code == 1 and "give the clips a text column, or use --cv-group clip" \
+        in r.output and "group by system" not in r.output
+    r = invoke("train", "--cache", bare, "--out", tmp_path / "cv", "--cv", "3",
+               "--cv-group", "clip", *QUICK)
+    assert r.exit_code == 0, r.output
+    r = invoke("train", "--cache", bare, "--out", tmp_path / "t", "--eval-split", "test",
+               *QUICK)
+    assert r.exit_code == 1 and "(splits here: train); name one with --eval-split" in r.output
+    r = invoke("train", "--cache", bare, "--out", tmp_path / "tr", "--eval-split", "train",
+               *QUICK)
+    assert r.exit_code == 0 and "warning: --eval-split train: the figures are on clips the " \
+        "heads trained on" in r.output
+    assert "not a held-out estimate" in json.loads(
+        (tmp_path / "tr" / "metrics.json").read_text())["warnings"][0]
+    unlabelled = extract(write_manifest(tmp_path / "audio" / "u.csv", clips,
+                                        columns=("id", "path")), tmp_path / "u.h5")
+    r = invoke("train", "--cache", unlabelled, "--out", tmp_path / "u", *QUICK)
+    assert r.exit_code == 1 and "no labels to train on" in r.output \
+        and "add a score column" in r.output

@@ -15,6 +15,7 @@ import torch
 from ..config import USED_SETTINGS, LossConfig, Member, TrainConfig, to_jsonable
 from ..errors import CacheError, QamroError
 from ..train.heads import BatchedMLP, HeadSpec
+from ..train.holdout import same_holdout
 from ..train.inputs import build_head, head_inputs, predict_units, units_for
 from ..train.joined import join
 from ..train.runs import head_metrics, load_run, write_predictions
@@ -309,6 +310,10 @@ def evaluate_run(run: str | Path, split: str | None = None, cache: str | Path | 
     split = split or tr.train_cfg.eval_split
     picked, selection = select_members(tr.config, tr.members, members)
     data, sources = tr.open_cache(cache)
+    held = tr.config.get("eval_holdout")
+    if held and split == held["split"] and \
+            data.path.resolve() == Path(tr.config["cache"]).resolve():
+        data = same_holdout(data, held)[0]  # the report split the run held out of train
     rows = data.rows(split)
     if len(rows) == 0:
         raise QamroError(f"{data.path}: split {split!r} has no usable rows (splits here: "

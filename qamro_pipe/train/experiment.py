@@ -10,6 +10,7 @@ import numpy as np
 from ..config import (CVConfig, LossConfig, Member, TrainConfig, cache_root, check_used,
                       override, to_jsonable)
 from ..errors import QamroError
+from .holdout import eval_split_warning, holdout_view, needs_holdout
 from .joined import Source, join, rows_digest, split_feature
 from .recipes import Recipe, load_recipe
 from .runs import RUN_VERSION, check_out, clean_stale, save_run, summarise, versions
@@ -119,6 +120,12 @@ def run_experiment(recipe: Recipe | str, members: list[Member], tcfg: TrainConfi
 
         return run_cv(recipe, data, members, tcfg, cv, out, force, kind, progress, resume,
                       extra, sources, release)
+    holdout = None
+    if needs_holdout(data, tcfg):  # no report split: hold out a seeded share of train
+        data, tcfg, holdout = holdout_view(data, tcfg)
+    report = {"eval_holdout": holdout} if holdout else {}
+    if eval_split_warning(tcfg):
+        report["warnings"] = [eval_split_warning(tcfg)]
     system_note = system_level_note(data, recipe.heads, tcfg)  # before, not after, training
     label_range = tuple(recipe.label_range) if recipe.label_range else None
     fp = fingerprint(data, recipe.heads, members, tcfg, label_range, sources,
@@ -127,7 +134,9 @@ def run_experiment(recipe: Recipe | str, members: list[Member], tcfg: TrainConfi
         result = train(data, recipe.heads, members, tcfg, label_range=label_range,
                        progress=progress, checkpoint=checkpoint, release=release)
         folder, metrics = write_run(recipe, data, members, tcfg, result, out, force, kind,
-                                    system_note, extra=extra, sources=sources)
+                                    system_note, extra=extra, sources=sources,
+                                    more_config=holdout and {"eval_holdout": holdout},
+                                    more_metrics=report)
         discard(out)
     return folder, metrics, result, data
 
@@ -162,8 +171,9 @@ def base_config(recipe: Recipe, data: Cache, members: list[Member], tcfg: TrainC
 def write_run(recipe: Recipe, data: Cache, members: list[Member], tcfg: TrainConfig, result,
               out: Path, force: bool, kind: str, system_note: dict[str, str],
               more_config: dict[str, Any] | None = None, extra: Extra | None = None,
-              sources: list[Source] = ()) -> tuple[Path, dict[str, Any]]:
-    metrics = summarise(data, result, tcfg)
+              sources: list[Source] = (), more_metrics: dict[str, Any] | None = None
+              ) -> tuple[Path, dict[str, Any]]:
+    metrics = {**summarise(data, result, tcfg), **(more_metrics or {})}
     mark_system_level(metrics, system_note)
     config = {
         **base_config(recipe, data, members, tcfg, sources), "validation": result.split.val_source,

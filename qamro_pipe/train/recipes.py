@@ -118,6 +118,11 @@ def recipe_from_cache(cache) -> Recipe:
     head; Audiobox-Aesthetics' per-layer head on per-window features. Without a shipped
     recipe for the backbone: an MLP on the clip features (audio, plus text where the cache
     has texts)."""
+    if not cache.label_names:
+        raise QamroError(f"{cache.path}: no labels to train on (a manifest's score columns are "
+                         f"every column but id, path, system, text, split, start and end, and "
+                         f"it had none); add a score column, or score these clips with a "
+                         f"trained run (`evaluate RUN --cache`, `predict`)")
     backbone = cache.meta.backbone.split("@")[0]
     has_text = "text" in cache.features and cache.texts is not None and any(cache.texts)
     have = set(cache.windows) | (set(cache.features) - ({"text"} if not has_text else set()))

@@ -60,13 +60,16 @@ def make_split(cache: Cache, heads: tuple[HeadSpec, ...], cfg: TrainConfig) -> S
         val = np.intersect1d(cache.rows(cfg.val_split), np.flatnonzero(labelled))
         source = cfg.val_split
     ev = cache.rows(cfg.eval_split)
-    for what, rows in (("train", train), (f"validation ({source})", val)):
+    here = ', '.join(sorted(set(cache.splits)))
+    for what, rows, fix in (("train", train, "give clips the split 'train' and a score"),
+                            (f"validation ({source})", val, "use --val-split holdout or a "
+                             f"split of those")):
         if len(rows) == 0:
             raise QamroError(f"{cache.path}: the {what} split has no labelled rows "
-                             f"(splits here: {', '.join(sorted(set(cache.splits)))})")
+                             f"(splits here: {here}); {fix}")
     if len(ev) == 0:
         raise QamroError(f"{cache.path}: eval split {cfg.eval_split!r} has no rows "
-                         f"(splits here: {', '.join(sorted(set(cache.splits)))})")
+                         f"(splits here: {here}); name one with --eval-split")
     return Split(train=train, val=val, eval=ev, val_source=source)
 
 
