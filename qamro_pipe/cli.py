@@ -125,6 +125,13 @@ def _watch(opts: dict[str, Any], desc: str):
             display.close()
 
 
+def _kept(folder) -> None:
+    """Where --force kept a replaced run that held more than a run writes (evaluations/)."""
+    from .train.runs import kept_note  # torch: only once a run is written
+
+    _note(kept_note(folder))
+
+
 def _cost(result) -> str:
     """One line: what training cost."""
     rate = result.member_epochs / max(result.seconds, 1e-9)
@@ -293,6 +300,7 @@ def train(
                                                        **run_args(opts))
     _report_run(r, metrics, result, data)
     typer.echo(f"run written to {folder}  ({_cost(result)})")
+    _kept(folder)
 
 
 @command(shared=RUN_OPTIONS, panel=TRAIN)
@@ -348,6 +356,7 @@ def sweep(
     _note(system_level_line(metrics))
     typer.echo(f"trained as one model: {_cost(result)}")
     typer.echo(f"wrote {folder / 'sweep.csv'} and {folder / 'sweep.png'}")
+    _kept(folder)
 
 
 @command(shared=RUN_OPTIONS, panel=TRAIN)
@@ -386,6 +395,7 @@ def table(
                 else "")
     typer.echo(f"wrote {res['folder'] / 'table.md'} and table.csv{pooled}{compared}, "
                f"probe.json ({_cost(res['result'])})")
+    _kept(res["folder"])
 
 
 # -- using a run ----------------------------------------------------------------------------
@@ -493,6 +503,7 @@ def demo(quiet: bool = typer.Option(False, "--quiet", help="No progress bar.")):
     typer.echo("\nOne QAMRO run (alpha 0.2, beta 7) on the demo corpus:")
     typer.echo(metrics_table(metrics))
     typer.echo(f"run written to {folder}  ({_cost(result)})")
+    _kept(folder)
     sweep_folder, sweep_metrics, sweep_result, _ = out["sweep"]
     first = sweep_metrics["members"][0]["heads"]
     n_sys = next(iter(first.values()))["system"].get("n")
@@ -503,6 +514,7 @@ def demo(quiet: bool = typer.Option(False, "--quiet", help="No progress bar.")):
     typer.echo(sweep_table(out["sweep_rows"]))
     typer.echo(f"sweep written to {sweep_folder} (sweep.csv, sweep.png, curves.png; "
                f"{_cost(sweep_result)})")
+    _kept(sweep_folder)
     typer.echo("note: the demo corpus and its scores are SYNTHETIC (designed degradations "
                "plus simulated raters), not human ratings: these figures show that the "
                "pipeline works, not how QAMRO does on real data.")

@@ -157,3 +157,25 @@ def test_every_refusal_on_the_smallest_manifest_names_its_fix(smallest, tmp_path
     r = invoke("train", "--cache", unlabelled, "--out", tmp_path / "u", *QUICK)
     assert r.exit_code == 1 and "no labels to train on" in r.output \
         and "add a score column" in r.output
+
+
+# -- B4 --------------------------------------------------------------------------------------
+def test_force_keeps_what_evaluate_wrote_in_the_run_it_replaces(trained, tmp_path):
+    """`make demo` reruns its runs with --force; the evaluations a user made are not lost."""
+    run, _ = trained
+    cache = json.loads((run / "config.json").read_text())["cache"]
+    assert invoke("evaluate", run, "--split", "train").exit_code == 0
+    made = sorted(p.name for p in (run / "evaluations").iterdir())
+    r = invoke("train", "--cache", cache, "--out", run, "--force", *QUICK)
+    assert r.exit_code == 0, r.output
+    kept = tmp_path / "run.kept-1"
+    assert f"held evaluations, which this run does not write; it was kept whole as {kept}" \
+        in r.output
+    assert sorted(p.name for p in (kept / "evaluations").iterdir()) == made
+    assert not (run / "evaluations").exists()
+    assert json.loads((run / "config.json").read_text())["replaced_run_kept"]["folder"] \
+        == str(kept)
+    r = invoke("train", "--cache", cache, "--out", run, "--force", *QUICK)  # nothing added
+    assert r.exit_code == 0 and "kept" not in r.output
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("run")) == \
+        ["run", "run.kept-1"]

@@ -273,7 +273,12 @@ def publish(tmp: Path, out: Path) -> Path:
         fsync_path(f)
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()  # an empty folder the user made for the run
-    if out.exists():  # --force: swap in the new run, then drop the old one
+    kept = keep_aside_name(out, tmp)
+    if kept is not None:  # the old run holds what the new one does not write: keep it whole
+        note_kept(tmp, out, kept)
+        os.replace(out, kept)
+        os.replace(tmp, out)
+    elif out.exists():  # --force: swap in the new run, then drop the old one
         old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
         os.replace(out, old)
         fault_point("SWAP", str(out))
@@ -283,6 +288,40 @@ def publish(tmp: Path, out: Path) -> Path:
         os.replace(tmp, out)
     fsync_path(out.parent)
     return out
+
+
+def keep_aside_name(out: Path, tmp: Path) -> Path | None:
+    """Where --force keeps the run folder `out` it replaces, when that holds anything the new
+    run (assembled in `tmp`) does not write again, e.g. the evaluations/ that `evaluate` wrote
+    in it: NAME.kept-N, the first free N. None: nothing there would be lost."""
+    if not out.is_dir():
+        return None
+    new = {p.name for p in tmp.iterdir()}
+    if not [p for p in out.iterdir() if p.name not in new]:
+        return None
+    n = 1
+    while out.with_name(f"{out.name}.kept-{n}").exists():
+        n += 1
+    return out.with_name(f"{out.name}.kept-{n}")
+
+
+def note_kept(tmp: Path, out: Path, kept: Path) -> None:
+    """Say in the new run's config.json where the run it replaced was kept, and why."""
+    config = json.loads((tmp / "config.json").read_text())
+    extra = sorted(p.name for p in out.iterdir() if not (tmp / p.name).exists())
+    config["replaced_run_kept"] = {"folder": str(kept), "because_of": extra}
+    (tmp / "config.json").write_text(json_text("config", config))
+    fsync_path(tmp / "config.json")
+
+
+def kept_note(folder: Path) -> str | None:
+    """The line that tells the user where a replaced run they had added to was kept."""
+    try:
+        kept = json.loads((Path(folder) / "config.json").read_text()).get("replaced_run_kept")
+    except (OSError, ValueError):
+        return None
+    return kept and (f"note: the run replaced held {', '.join(kept['because_of'])}, which "
+                     f"this run does not write; it was kept whole as {kept['folder']}")
 
 
 def load_run(run: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
