@@ -34,12 +34,16 @@ bench: $(STAMP)
 bench-gpu:
 	bash benchmarks/gpu.sh
 
+# OUT=FOLDER writes the run there instead of cache/runs/NAME; FORCE=1 replaces a run folder
+# qamro-pipe wrote there (a rerun of the same target), keeping one you added files to
+RUN_OPTS = $(if $(OUT),--out $(OUT)) $(if $(FORCE),--force)
+
 sweep-beta: $(STAMP)
-	$(BIN)/qamro-pipe sweep --recipe musiceval --grid beta
+	$(BIN)/qamro-pipe sweep --recipe musiceval --grid beta $(RUN_OPTS)
 
 # make table1 PRESET=paper|code (the table's model recipe for that preset; without PRESET
 # the table's own, as the README says), CACHE=FILE to train on another cache
-TABLE_OPTS = $(if $(PRESET),--preset $(PRESET)) $(if $(CACHE),--cache $(CACHE))
+TABLE_OPTS = $(if $(PRESET),--preset $(PRESET)) $(if $(CACHE),--cache $(CACHE)) $(RUN_OPTS)
 
 table1: $(STAMP)
 	$(BIN)/qamro-pipe table --recipe table1 $(TABLE_OPTS)

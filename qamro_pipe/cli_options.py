@@ -142,7 +142,7 @@ RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
         "(plain K-fold, for clips with neither).",
         recipe=False, rich_help_panel=TRAINING)),
     "out": (Optional[Path], opt(
-        "Folder to write the run (sweep, table) to.", "CACHE_ROOT/runs/NAME (from recipe and loss)",
+        "Folder to write the run (sweep, table) to.", "CACHE_ROOT/runs/NAME: recipe, backbone, loss settings, cv",
         rich_help_panel=OUTPUT)),
     "force": (bool, typer.Option(
         False, "--force", help="Replace a run folder qamro-pipe wrote (never anything else), "

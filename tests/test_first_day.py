@@ -179,3 +179,40 @@ def test_force_keeps_what_evaluate_wrote_in_the_run_it_replaces(trained, tmp_pat
     assert r.exit_code == 0 and "kept" not in r.output
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("run")) == \
         ["run", "run.kept-1"]
+
+
+# -- B5 --------------------------------------------------------------------------------------
+def test_default_run_folders_carry_what_differs(tmp_path, monkeypatch):
+    from conftest import make_synthetic_cache
+
+    monkeypatch.setenv("QAMRO_CACHE_DIR", str(tmp_path))
+    clap = make_synthetic_cache(tmp_path / "clap.h5", backbone="clap-music@1")
+    mel = make_synthetic_cache(tmp_path / "mel.h5", backbone="melstats@1")
+    for args in (["train", "--cache", clap], ["train", "--cache", clap, "--cv", "3"],
+                 ["train", "--cache", mel], ["train", "--cache", clap, "--norm", "range"],
+                 ["sweep", "--cache", clap, "--beta", "1,7"],
+                 ["sweep", "--cache", clap, "--beta", "3,5"],
+                 ["sweep", "--cache", clap, "--loss", "qamro,none"]):
+        r = invoke(*args, "--max-epochs", "2", "--quiet")
+        assert r.exit_code == 0, (args, r.output)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
+        "musiceval-clap-music-qamro-a0.2-b7", "musiceval-clap-music-qamro-a0.2-b7-cv3-system",
+        "musiceval-clap-music-qamro-a0.2-b7-norm-range",
+        "musiceval-clap-music-sweep-qamro+baseline-a0.2-b7",
+        "musiceval-clap-music-sweep-qamro-a0.2-b1,7",
+        "musiceval-clap-music-sweep-qamro-a0.2-b3,5", "musiceval-melstats-qamro-a0.2-b7"]
+
+
+def test_make_targets_take_out_and_force():
+    """`make -n` prints the command a target runs: OUT= and FORCE=1 reach it."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    root = Path(__file__).resolve().parents[1]
+    for target in ("sweep-beta", "table1", "table2", "table-losses"):
+        r = subprocess.run(["make", "-n", "-o", ".venv/.installed", target, "OUT=x/y",
+                            "FORCE=1"], cwd=root, capture_output=True, text=True)
+        assert r.returncode == 0 and "--out x/y --force" in r.stdout, (target, r.stdout)

@@ -15,6 +15,7 @@ from ..config import LossConfig, Member, check_seeds, check_used, override
 from ..errors import QamroError
 from .metrics import FIGURES
 from ..train.recipes import find_recipe
+from ..store.reader import read_meta
 
 
 @dataclass(frozen=True)
@@ -245,6 +246,14 @@ def compare_table(folder: Path, t: TableRecipe, metrics, data, recipe, members, 
     return f"{title}\n{text}"
 
 
+def table_name(table: str, recipe, cache, cv) -> str:
+    """TABLE-RECIPE-BACKBONE[-cvK-GROUP]: a table of another cache's backbone or of a
+    cross-validation gets a folder of its own."""
+    backbone = read_meta(Path(cache) if cache else recipe.default_cache()).backbone
+    name = f"{table}-{recipe.name}-{backbone.split('@')[0]}"
+    return name + (f"-cv{cv.folds}-{cv.group}" if cv is not None else "")
+
+
 def run_table(table: str | Path, model: str | None = None, cache: str | Path | None = None,
               seeds: int | None = None, out: str | Path | None = None, force: bool = False,
               train: dict[str, Any] | None = None, loss: dict[str, Any] | None = None,
@@ -268,8 +277,8 @@ def run_table(table: str | Path, model: str | None = None, cache: str | Path | N
     kinds = sorted({r.get("loss", recipe.loss.get("kind", LossConfig.kind)) for _, r in t.rows})
     tcfg, lcfg = recipe_configs(recipe, train, loss, kinds=kinds)
     members, row_of = table_members(t, lcfg, seeds)
-    out = Path(out) if out else cache_root() / "runs" / f"{t.name}-{recipe.name}"
     cv = run_opts.get("cv")
+    out = Path(out) if out else cache_root() / "runs" / table_name(t.name, recipe, cache, cv)
     made: dict[str, Any] = {}
 
     def write(folder: Path, metrics: dict[str, Any], data) -> None:  # before the rename

@@ -12,6 +12,7 @@ from ..config import (CVConfig, LossConfig, Member, TrainConfig, cache_root, che
 from ..errors import QamroError
 from .holdout import eval_split_warning, holdout_view, needs_holdout
 from .joined import Source, join, rows_digest, split_feature
+from .naming import run_name
 from .recipes import Recipe, load_recipe
 from .runs import RUN_VERSION, check_out, clean_stale, save_run, summarise, versions
 from ..store.reader import Cache, read_cache
@@ -83,19 +84,12 @@ def open_cache(recipe: Recipe, cache: str | Path | None) -> tuple[Cache, list[So
     return join(read_cache(Path(cache) if cache else recipe.default_cache()), recipe.heads)
 
 
-def default_out(recipe: Recipe, members: list[Member], kind: str = "run") -> Path:
-    first = members[0].loss
-    if kind == "sweep":
-        name = f"{recipe.name}-sweep"
-    elif first.kind == "qamro":
-        name = f"{recipe.name}-qamro-a{first.alpha:g}-b{first.beta:g}"
-    elif first.kind == "mr":
-        name = f"{recipe.name}-mr-m{first.margin:g}"
-    elif first.kind != "none":
-        name = f"{recipe.name}-{first.kind}"
-    else:
-        name = f"{recipe.name}-baseline"
-    return cache_root() / "runs" / name
+def default_out(recipe: Recipe, members: list[Member], kind: str = "run",
+                backbone: str | None = None, cv: CVConfig | None = None) -> Path:
+    """CACHE_ROOT/runs/NAME, NAME carrying the backbone, loss settings and cv (naming.py)."""
+    base = recipe_configs(recipe)[1]
+    return cache_root() / "runs" / run_name(recipe.name, backbone or recipe.backbone, members,
+                                            base, kind, cv)
 
 
 def run_experiment(recipe: Recipe | str, members: list[Member], tcfg: TrainConfig,
@@ -111,7 +105,7 @@ def run_experiment(recipe: Recipe | str, members: list[Member], tcfg: TrainConfi
 
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
     data, sources = open_cache(recipe, cache)
-    out = Path(out) if out else default_out(recipe, members, kind)
+    out = Path(out) if out else default_out(recipe, members, kind, data.meta.backbone, cv)
     clean_stale(out)  # what a killed run left: removed, or an interrupted --force finished
     check_out(out, force, data.path)  # refuse before spending time training
     release = read_release_for(data, recipe, tcfg)  # before anything is written
