@@ -163,6 +163,10 @@ def extract(
                                    "found in or beside --root", rich_help_panel=DATA),
     lists: Optional[Path] = opt("aes-natural: the folder with the published lists, e.g. a "
                                 "clone of audiobox-aesthetics.", "--root", rich_help_panel=DATA),
+    label_range: Optional[str] = opt("--manifest: the scores' scale LO,HI (e.g. 1,5): a score "
+                                     "outside it is refused with its file and line; recorded "
+                                     "for --norm range and --loss gaussian-kl.", "unchecked",
+                                     rich_help_panel=DATA),
     backbone: Optional[str] = cfg_opt(ExtractConfig, "backbone", "Frozen model: clap-music, "
                                       "aesthetics, muq or melstats (no download).", recipe=False,
                                       rich_help_panel=MODEL),
@@ -216,7 +220,7 @@ def extract(
                    batch_size=batch_size, workers=workers, offline=offline, skip_bad=skip_bad,
                    clap_input=clap_input)
     part = parse_shard(shard) if shard else None
-    records = records_for(dataset, root, manifest, splits, eval_dir, lists)
+    records = records_for(dataset, root, manifest, splits, eval_dir, lists, label_range)
     for note in records.notes:
         _note(f"note: {note}")
     path = out or default_cache_path(records.name, cfg.backbone, cache_dir, cfg.clap_input)

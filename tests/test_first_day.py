@@ -10,6 +10,7 @@ import soundfile as sf
 from typer.testing import CliRunner
 
 from qamro_pipe.cli import app
+from qamro_pipe.store.reader import read_meta
 
 runner = CliRunner()
 QUICK = ["--max-epochs", "3", "--quiet"]
@@ -216,3 +217,37 @@ def test_make_targets_take_out_and_force():
         r = subprocess.run(["make", "-n", "-o", ".venv/.installed", target, "OUT=x/y",
                             "FORCE=1"], cwd=root, capture_output=True, text=True)
         assert r.returncode == 0 and "--out x/y --force" in r.stdout, (target, r.stdout)
+
+
+# -- B6 --------------------------------------------------------------------------------------
+def test_a_manifests_scale_is_declared_and_checked_and_odd_splits_are_reported(tmp_path):
+    clips = write_clips(tmp_path / "audio")
+    first = next(iter(clips))
+    clips[first] = (clips[first][0], clips[first][1], 99)
+    manifest = write_manifest(tmp_path / "audio" / "m.csv", clips,
+                              split=lambda i: "tran" if i == 3 else "train")
+    args = ["extract", "--manifest", manifest, "--backbone", "melstats", "--device", "cpu",
+            "--workers", "0", "--quiet"]
+    r = invoke(*args, "--out", tmp_path / "a.h5", "--label-range", "1,5")
+    assert r.exit_code == 1 and r.output.count("\n") == 1
+    assert f"{manifest}, line 2, column 'score': 99 is outside the scale [1, 5]" in r.output
+    assert not (tmp_path / "a.h5").exists()
+    r = invoke(*args, "--out", tmp_path / "b.h5")
+    assert r.exit_code == 0, r.output
+    assert "split 'tran' (1 clips) is none of train, dev, test, eval" in r.output
+    assert "scores of 'score' span 1.1 to 99, unchecked; declare the scale with " \
+           "--label-range" in r.output
+    r = invoke(*args, "--out", tmp_path / "c.h5", "--label-range", "1-5")
+    assert r.exit_code == 1 and "give the scale as two numbers LO,HI" in r.output
+    r = invoke(*args, "--out", tmp_path / "c.h5", "--label-range", "5,1")
+    assert r.exit_code == 1 and "--label-range [5, 1]: must be finite with lo < hi" in r.output
+    clips[first] = (clips[first][0], clips[first][1], 2.5)
+    write_manifest(manifest, clips)
+    r = invoke(*args, "--out", tmp_path / "d.h5", "--label-range", "0,10")
+    assert r.exit_code == 0, r.output
+    assert read_meta(tmp_path / "d.h5").config["label_range"] == [0, 10]
+    r = invoke("train", "--cache", tmp_path / "d.h5", "--out", tmp_path / "run", "--norm",
+               "range", *QUICK)
+    assert r.exit_code == 0, r.output  # the declared scale serves --norm range
+    r = invoke("extract", "--dataset", "demo", "--label-range", "1,5")
+    assert r.exit_code == 1 and "--label-range applies to --manifest" in r.output
