@@ -453,7 +453,8 @@ def evaluate(
 def predict(
     run: Path = typer.Argument(..., help="A run folder."),
     audio: Optional[list[Path]] = typer.Argument(None, help="Audio files to score."),
-    manifest: Optional[Path] = opt("CSV/JSONL manifest of the clips (id, path, text)."),
+    manifest: Optional[Path] = opt("CSV, TSV or JSONL manifest of the clips (id, path, "
+                                   "text), instead of files."),
     text: Optional[str] = opt("Prompt for every file (textual heads).", "the manifest's, else "
                               "none"),
     out: Optional[Path] = opt("Write scores to .csv or .jsonl (folders are created).",
@@ -478,9 +479,10 @@ def predict(
                           write_scores)
 
     check_outputs(out, answer, force=force)  # before scoring: no scores lost to a bad path
+    notes: list[str] = []
     heads, rows, failures = run_predict(run, audio, manifest, text, members=members,
                                         checkpoint=checkpoint, tokenizer_dir=tokenizer_dir,
-                                        device=device)
+                                        device=device, notes=notes)
     for why in failures.values():
         typer.echo(f"error: {why}", err=True)
     if out:
@@ -489,6 +491,8 @@ def predict(
         write_answer(answer, heads, rows)
     if not out and not answer:
         typer.echo(scores_csv(heads, rows, digits=4), nl=False)
+    for line in notes:
+        _note(f"note: {line}")
     typer.echo(f"scored {len(rows)} file(s), {len(failures)} failed", err=True)
     if failures:
         raise typer.Exit(1)

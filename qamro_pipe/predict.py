@@ -20,9 +20,13 @@ from .config import ExtractConfig, override
 from .extract.datasets import Clip, DatasetRecords, load_dataset
 from .errors import DataError, QamroError
 from .report.evaluate import TrainedRun, select_members
+from .train.joined import split_feature
 
 
 def _records(files: list[str | Path], manifest: str | Path | None, text: str | None):
+    if manifest and files:
+        raise QamroError(f"give audio files or --manifest, not both ({len(files)} file(s) and "
+                         f"{manifest}); list every clip in the manifest")
     if manifest:
         recs = load_dataset("manifest", manifest)
         if text is not None:
@@ -30,13 +34,47 @@ def _records(files: list[str | Path], manifest: str | Path | None, text: str | N
         return recs
     if not files:
         raise QamroError("nothing to score: give audio files or --manifest FILE")
-    stems = [Path(f).stem for f in files]
-    ids = stems if len(set(stems)) == len(stems) else [str(f) for f in files]
-    if len(set(ids)) != len(ids):
-        raise QamroError("the same file is given twice")
+    for f in files:
+        if Path(f).is_dir():
+            raise QamroError(f"{f}: is a folder; give its audio files (e.g. {Path(f) / '*.wav'})"
+                             f" or a --manifest listing them")
+    ids = clip_ids([Path(f) for f in files])
     clips = [Clip(id=i, path=Path(f), system="", split="predict", labels=(), text=text or "")
              for i, f in zip(ids, files)]
     return DatasetRecords(name="predict", label_names=(), clips=clips)
+
+
+def clip_ids(files: list[Path]) -> list[str]:
+    """Each file's id: its name without the extension (as AudioMOS answer files name clips),
+    and where two share it, as many of its folders before it as tell them apart (a/x, b/x):
+    one file's id never changes with the others given beside it but for such a clash."""
+    if len({f.resolve() for f in files}) != len(files):
+        raise QamroError("the same file is given twice")
+    parts = [f.with_suffix("").parts for f in files]
+    ids = []
+    for i, p in enumerate(parts):
+        depth = 1
+        while any(q != p and q[-depth:] == p[-depth:] for q in parts) and depth < len(p):
+            depth += 1
+        ids.append("/".join(p[-depth:]))
+    if len(set(ids)) != len(ids):  # a.wav and a.flac in one folder: the extension decides
+        ids = [f"{i}{f.suffix}" for i, f in zip(ids, files)]
+    return ids
+
+
+def text_note(tr: TrainedRun, recs: DatasetRecords) -> str | None:
+    """A run whose heads read the prompt, given clips without one: they are scored with an
+    empty text, which the user should know."""
+    own = [f for h in tr.heads for f in h.features if split_feature(f)[0] is None]
+    reads = _reads_text(tr.backbone, own) or any(
+        _reads_text(s["backbone"], s["features"]) for s in tr.sources.values())
+    empty = sum(1 for c in recs.clips if not c.text)
+    if not reads or not empty:
+        return None
+    heads = [h.name for h in tr.heads if any("text" in f for f in h.features)]
+    return (f"{empty} of {len(recs.clips)} clip(s) have no prompt, and head(s) "
+            f"{', '.join(heads) or 'of this run'} read one: they are scored with an empty "
+            f"text; give --text or a manifest text column")
 
 
 def _unusable(clip: Clip) -> str | None:
@@ -53,14 +91,19 @@ def _unusable(clip: Clip) -> str | None:
 
 def predict(run: str | Path, files: list[str | Path] | None = None,
             manifest: str | Path | None = None, text: str | None = None,
-            members: str | None = None, **extract_opts):
+            members: str | None = None, notes: list[str] | None = None, **extract_opts):
     """-> (head names, rows [{"id", head: score, head_sd: spread, ...}], failures {id:
     reason}). A score is the mean over the run's members (or those `members` selects, as
-    `evaluate --members`); head_sd, their sd (ddof=1), is there when there are several."""
+    `evaluate --members`); head_sd, their sd (ddof=1), is there when there are several.
+    What the user should know (clips scored without the prompt a head reads) is appended
+    to `notes`."""
     override(ExtractConfig(), **extract_opts)  # the settings, checked before any work
     tr = TrainedRun(run)
     picked, _ = select_members(tr.config, tr.members, members)
     recs = _records(list(files or []), manifest, text)
+    note = text_note(tr, recs)
+    if note and notes is not None:
+        notes.append(note)
     failures = {c.id: why for c in recs.clips if (why := _unusable(c))}
     good = [c for c in recs.clips if c.id not in failures]
     heads = [h.name for h in tr.heads]
@@ -98,7 +141,6 @@ def _embed(tr: TrainedRun, recs: DatasetRecords, tmp: Path, opts: dict[str, Any]
     --checkpoint, which names the run's own backbone's weights. Skipped clips go to
     `failures`."""
     from .extract.loop import extract
-    from .train.joined import split_feature
 
     own = [f for h in tr.heads for f in h.features if split_feature(f)[0] is None]
     todo = [(None, tr.config.get("cache_config"), tr.backbone, own, opts)]

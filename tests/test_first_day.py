@@ -251,3 +251,31 @@ def test_a_manifests_scale_is_declared_and_checked_and_odd_splits_are_reported(t
     assert r.exit_code == 0, r.output  # the declared scale serves --norm range
     r = invoke("extract", "--dataset", "demo", "--label-range", "1,5")
     assert r.exit_code == 1 and "--label-range applies to --manifest" in r.output
+
+
+# -- B7 --------------------------------------------------------------------------------------
+def test_predict_says_what_it_does_with_what_it_is_given(tmp_path):
+    clips = write_clips(tmp_path / "audio")
+    manifest = write_manifest(tmp_path / "audio" / "m.csv", clips,
+                              columns=("id", "path", "system", "split", "text", "score"))
+    cache = extract(manifest, tmp_path / "m.h5")
+    run = tmp_path / "run"
+    assert invoke("train", "--cache", cache, "--out", run, *QUICK).exit_code == 0
+    assert "text" in json.loads((run / "config.json").read_text())["heads"][0]["features"]
+    one, other = clips["S0_c0"][0], clips["S1_c0"][0]
+    (tmp_path / "x").mkdir()
+    twin = tmp_path / "x" / one.name  # another file with the same name, in another folder
+    twin.write_bytes(one.read_bytes())
+    r = invoke("predict", run, one, other, twin)
+    assert r.exit_code == 0, r.output
+    ids = [line.split(",")[0] for line in r.stdout.splitlines()[1:]]
+    assert ids == ["audio/S0_c0", "S1_c0", "x/S0_c0"]  # S1_c0 keeps its plain name
+    assert "3 of 3 clip(s) have no prompt, and head(s) score read one: they are scored " \
+        "with an empty text" in r.output
+    r = invoke("predict", run, other, "--text", "calm piano")
+    assert r.exit_code == 0 and "no prompt" not in r.output
+    r = invoke("predict", run, one, "--manifest", manifest)
+    assert r.exit_code == 1 and "give audio files or --manifest, not both" in r.output
+    r = invoke("predict", run, tmp_path / "x")
+    assert r.exit_code == 1 and f"{tmp_path / 'x'}: is a folder; give its audio files" \
+        in r.output
