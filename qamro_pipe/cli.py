@@ -18,6 +18,7 @@ from .cli_options import (DATA, LOSS, MODEL, OUTPUT, RUN_OPTIONS, cfg_opt, defau
 from .config import (DEFAULT_RECIPE, DEFAULT_TABLE, DEVICE_HELP, EXTRACT_BATCH, ExtractConfig,
                      LossConfig)
 from .errors import Interrupted, QamroError
+from .precheck import check_cache_file, check_run_folder, check_run_options
 
 HELP = ("QAMRO MOS prediction: extract embeddings once, train heads in seconds.\n\n"
         "Start here: `qamro-pipe extract` embeds a dataset into a cache; `qamro-pipe train` "
@@ -212,13 +213,17 @@ def extract(
     Resumable: rerun the same command after an interruption. Under torchrun, each rank
     extracts a shard and rank 0 merges them."""
     from .config import override
-    from .extract.loop import default_cache_path, extract as run_extract, records_for, summary_text
-    from .extract.shards import extract_distributed, parse_shard, torchrun_rank
 
     cfg = override(ExtractConfig(), backbone=backbone, checkpoint=checkpoint,
                    tokenizer_dir=tokenizer_dir, device=device, precision=precision,
                    batch_size=batch_size, workers=workers, offline=offline, skip_bad=skip_bad,
                    clap_input=clap_input)
+    if out is not None and out.is_dir():  # before torch is imported
+        raise QamroError(f"--out {out}: is a folder; name the cache file (e.g. "
+                         f"{out / (cfg.backbone + '.h5')})")
+    from .extract.loop import default_cache_path, extract as run_extract, records_for, summary_text
+    from .extract.shards import extract_distributed, parse_shard, torchrun_rank
+
     part = parse_shard(shard) if shard else None
     records = records_for(dataset, root, manifest, splits, eval_dir, lists, label_range)
     for note in records.notes:
@@ -284,18 +289,19 @@ def train(
 
     The folder holds config.json, metrics.json, predictions.csv and heads.safetensors. Without
     --recipe, a cache of a dataset with no recipe gets one head per label column."""
+    if seed is not None and opts["seeds"] is not None:
+        raise QamroError("--seed and --seeds: give one (--seed S trains seed S alone, "
+                         "--seeds N trains seeds 0..N-1)")
+    tsettings, lsettings = train_settings(opts)
+    given = {k: v for k, v in dict(kind=loss, alpha=alpha, beta=beta, margin=margin).items()
+             if v is not None}
+    check_run_options(opts, tsettings, {**given, **lsettings})  # before torch is imported
     from .train.experiment import recipe_configs, run_experiment
     from .train.recipes import select_recipe
     from .train.sweep import expand_grid
 
-    if seed is not None and opts["seeds"] is not None:
-        raise QamroError("--seed and --seeds: give one (--seed S trains seed S alone, "
-                         "--seeds N trains seeds 0..N-1)")
     r = select_recipe(recipe, dataset, backbone, opts["cache"])
     _note(r.derived and f"note: {r.derived}")
-    tsettings, lsettings = train_settings(opts)
-    given = {k: v for k, v in dict(kind=loss, alpha=alpha, beta=beta, margin=margin).items()
-             if v is not None}
     tcfg, lcfg = recipe_configs(r, tsettings, {**given, **lsettings})
     seeds = [seed] if seed is not None else opts["seeds"]
     members = expand_grid(lcfg, {} if seeds is None else {"seeds": seeds})
@@ -334,6 +340,7 @@ def sweep(
     """Train a grid of loss settings x seeds as one batched model.
 
     Writes the run folder with sweep.csv and sweep.png. Takes every option train takes."""
+    check_run_options(opts, *train_settings(opts))  # before torch is imported
     from .report.screen import sweep_table, system_level_line
     from .train.experiment import recipe_configs, run_experiment
     from .train.recipes import select_recipe
@@ -378,6 +385,7 @@ def table(
     """The paper's ablation rows (Table I, II) as one batched job.
 
     Rows differ in the loss alone; printed in the paper's layout, as table.md and table.csv."""
+    check_run_options(opts, *train_settings(opts))  # before torch is imported
     from .report.screen import system_level_line
     from .report.tables import run_table
 
@@ -418,6 +426,8 @@ def evaluate(
     It scores the mean of the members' predictions (for a sweep: over all its settings,
     unless --members picks some). RUN/evaluations/CACHE-DIGEST-SPLIT/ holds the
     result."""
+    check_run_folder(run)  # before torch is imported
+    check_cache_file(cache)
     from .report.evaluate import evaluate_run
     from .report.screen import metrics_table, system_level_line, systems_lines
 
@@ -475,6 +485,7 @@ def predict(
 
     A file's score is the mean of the run's members' predictions; with several members,
     HEAD_sd beside it is their sd. --answer holds the scores alone."""
+    check_run_folder(run)  # before torch is imported
     from .predict import (check_outputs, predict as run_predict, scores_csv, write_answer,
                           write_scores)
 

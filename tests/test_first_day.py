@@ -279,3 +279,35 @@ def test_predict_says_what_it_does_with_what_it_is_given(tmp_path):
     r = invoke("predict", run, tmp_path / "x")
     assert r.exit_code == 1 and f"{tmp_path / 'x'}: is a folder; give its audio files" \
         in r.output
+
+
+# -- B8 --------------------------------------------------------------------------------------
+LIGHT = ("import sys; from typer.testing import CliRunner; from qamro_pipe.cli import app; "
+         "r = CliRunner().invoke(app, sys.argv[1:]); "
+         "heavy = sorted(m for m in ('torch', 'scipy', 'sklearn') if m in sys.modules); "
+         "print(r.exit_code, ','.join(heavy) or 'none'); print(r.output)")
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["train", "--cache", "{tmp}/nope.h5"], "--cache {tmp}/nope.h5: no such cache file"),
+    (["sweep", "--cache", "{tmp}"], "--cache {tmp}: is a folder; name the cache's .h5 file"),
+    (["table", "--cache", "{tmp}/nope.h5"], "no such cache file"),
+    (["train", "--lr", "-1"], "--lr -1: must be greater than 0"),
+    (["sweep", "--patience", "0"], "--patience 0: must be at least 1"),
+    (["train", "--release-checkpoint", "{tmp}/ckpt.pt", "--init", "release"],
+     "--release-checkpoint {tmp}/ckpt.pt: no such file"),
+    (["evaluate", "{tmp}/run"], "{tmp}/run: no such run folder"),
+    (["predict", "{tmp}/run", "a.wav"], "{tmp}/run: no such run folder"),
+    (["extract", "--manifest", "{tmp}/m.csv", "--out", "{tmp}"], "--out {tmp}: is a folder"),
+])
+def test_wrong_paths_and_settings_are_answered_before_torch_is_imported(tmp_path, args, msg):
+    """The process is the point: whether torch and scipy were imported at all."""
+    import subprocess
+    import sys
+
+    (tmp_path / "m.csv").write_text("id,path,score\n")
+    r = subprocess.run([sys.executable, "-c", LIGHT, *(a.format(tmp=tmp_path) for a in args)],
+                       capture_output=True, text=True)
+    first, output = r.stdout.split("\n", 1)
+    assert first == "1 none", r.stdout + r.stderr
+    assert msg.format(tmp=tmp_path) in output
