@@ -45,7 +45,8 @@ def cfg_opt(cls, name: str, help: str, recipe: bool = True, **kw) -> Any:
 T, L = TrainConfig, LossConfig
 TRAIN_SETTINGS = ("val_split", "eval_split", "max_epochs", "patience", "optimizer", "lr",
                   "weight_decay", "batch_size", "val_batch_size", "activation", "device",
-                  "matmul_precision", "pair_kernel", "init", "label_stats", "release_checkpoint")
+                  "threads", "matmul_precision", "pair_kernel", "init", "label_stats",
+                  "release_checkpoint")
 LOSS_SETTINGS = ("norm", "regression", "quality_weight", "temperature", "tau", "bins",
                  "sigma")  # one value for every member of one run
 
@@ -112,6 +113,10 @@ RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
     "device": (Optional[str], cfg_opt(
         T, "device", f"Where to train: {DEVICE_HELP} (auto = cuda when present).",
         rich_help_panel=TRAINING)),
+    "threads": (Optional[int], opt(
+        "torch's CPU threads while training (>= 1); the numbers do not change. On a CPU "
+        "shared with other work, 1 can be several times faster (README).",
+        "torch's own: one per core", rich_help_panel=TRAINING)),
     "matmul_precision": (Optional[str], cfg_opt(
         T, "matmul_precision", "highest (fp32), high (TF32 on GPUs that have it) or medium "
         "(bf16 matmuls): faster, predictions move by ~1e-2; see docs/benchmarks.md.",

@@ -105,6 +105,9 @@ class TrainConfig:
     hidden: tuple[int, ...] = (256, 64)  # MLP widths before the output unit (paper: 256, 64, 1)
     activation: str = "relu"  # nonlinearity between layers ("relu", "gelu" or "none" = published)
     device: str = "auto"  # "auto" = cuda when present, else cpu
+    threads: int | None = None  # torch's CPU threads while training; None = torch's own
+    # choice (one per core). Changes no number (tested); on a CPU shared with other work,
+    # 1 can be several times faster (README, "Speed and memory")
     bootstrap: int = 1000  # resamples of systems for the 95% confidence intervals
     check_every: int | None = None  # epochs between host syncs (progress, dropping members
     # that stopped, saving); None = 1 on the CPU, 10 on a GPU. Changes no member's numbers
@@ -134,6 +137,10 @@ class TrainConfig:
             raise QamroError("--release-checkpoint is read only with --init release or "
                              "--label-stats release")
         check_device(self.device)
+        if self.threads is not None:
+            if isinstance(self.threads, bool) or not isinstance(self.threads, int):
+                raise QamroError(f"--threads {self.threads!r}: give a whole number")
+            _at_least("threads", self.threads, 1)
         _above("lr", self.lr, 0)
         if not 0 <= self.momentum < 1:
             raise QamroError(f"momentum {self.momentum:g}: must be in [0, 1)")

@@ -311,3 +311,24 @@ def test_wrong_paths_and_settings_are_answered_before_torch_is_imported(tmp_path
     first, output = r.stdout.split("\n", 1)
     assert first == "1 none", r.stdout + r.stderr
     assert msg.format(tmp=tmp_path) in output
+
+
+# -- B9 --------------------------------------------------------------------------------------
+def test_threads_is_a_training_option_that_changes_no_number(synthetic_cache, tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    for n in (1, 2):
+        r = invoke("train", "--cache", synthetic_cache, "--out", tmp_path / f"t{n}",
+                   "--threads", n, *QUICK)
+        assert r.exit_code == 0, r.output
+        assert json.loads((tmp_path / f"t{n}" / "config.json").read_text())["train"][
+            "threads"] == n
+    assert torch.get_num_threads() == before  # no global state outlives the run
+    assert (tmp_path / "t1" / "predictions.csv").read_bytes() == \
+        (tmp_path / "t2" / "predictions.csv").read_bytes()
+    r = invoke("sweep", "--cache", synthetic_cache, "--out", tmp_path / "s", "--threads", "0")
+    assert r.exit_code == 1 and "--threads 0: must be at least 1" in r.output
+    for command in ("train", "sweep", "table"):
+        r = invoke(command, "--help")
+        assert "--threads" in r.output and "one per core" in r.output

@@ -8,6 +8,8 @@ state can be saved every few seconds and resumed, value for value (state.py)."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import signal
 import threading
 import time
@@ -36,6 +38,32 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise QamroError(f"--device {device}: no CUDA device is available")
     return torch.device(device)
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int | None):
+    """torch's CPU threads set to `n` for the block (None: left as they are), then restored:
+    no global state outlives a training call."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _with_threads(fn):
+    """Run `train` under its config's `threads` (cpu_threads)."""
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        with cpu_threads(bound.arguments["cfg"].threads):
+            return fn(*bound.args, **bound.kwargs)
+    return wrapped
 
 
 @dataclass
@@ -119,6 +147,7 @@ class Checkpoint:
     resume: TrainState | None = None
 
 
+@_with_threads
 def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
           cfg: TrainConfig = TrainConfig(), label_range=None,
           progress: Callable[[Progress], None] | None = None,
