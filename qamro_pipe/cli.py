@@ -513,24 +513,35 @@ def predict(
 def demo(quiet: bool = typer.Option(False, "--quiet", help="No progress bar.")):
     """Offline demo: synthetic corpus -> melstats cache -> QAMRO run -> beta sweep."""
     from .demo import run_demo
+
+    run_demo(progress=not quiet, watch=lambda what: _watch({"quiet": quiet}, what),
+             done=_demo_stage)
+
+
+def _demo_stage(stage: str, result) -> None:
+    """Print each stage of the demo as it finishes (the next one's progress follows)."""
     from .extract.loop import summary_text
     from .report.screen import metrics_table, sweep_table
 
-    out = run_demo(progress=not quiet)
-    typer.echo(summary_text(out["extract"]))
-    folder, metrics, result, _ = out["run"]
-    typer.echo("\nOne QAMRO run (alpha 0.2, beta 7) on the demo corpus:")
-    typer.echo(metrics_table(metrics))
-    typer.echo(f"run written to {folder}  ({_cost(result)})")
-    _kept(folder)
-    sweep_folder, sweep_metrics, sweep_result, _ = out["sweep"]
+    if stage == "extract":
+        typer.echo(summary_text(result))
+        typer.echo("training one QAMRO run, then the beta sweep (3 seeds per setting)...")
+        return
+    if stage == "run":
+        folder, metrics, run, _ = result
+        typer.echo("\nOne QAMRO run (alpha 0.2, beta 7) on the demo corpus:")
+        typer.echo(metrics_table(metrics))
+        typer.echo(f"run written to {folder}  ({_cost(run)})")
+        _kept(folder)
+        return
+    sweep_folder, sweep_metrics, sweep_result, _ = result["sweep"]
     first = sweep_metrics["members"][0]["heads"]
     n_sys = next(iter(first.values()))["system"].get("n")
     typer.echo(f"\nFigure 1 on the demo corpus: system-level SRCC on "
                f"{sweep_metrics['eval_split']!r} ({n_sys} systems) of QAMRO at alpha 0.2 "
                f"against beta, and of the same heads trained with the regression loss alone "
                f"(loss none); mean ± sd over seeds:")
-    typer.echo(sweep_table(out["sweep_rows"]))
+    typer.echo(sweep_table(result["sweep_rows"]))
     typer.echo(f"sweep written to {sweep_folder} (sweep.csv, sweep.png, curves.png; "
                f"{_cost(sweep_result)})")
     _kept(sweep_folder)

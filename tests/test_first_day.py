@@ -332,3 +332,25 @@ def test_threads_is_a_training_option_that_changes_no_number(synthetic_cache, tm
     for command in ("train", "sweep", "table"):
         r = invoke(command, "--help")
         assert "--threads" in r.output and "one per core" in r.output
+
+
+# -- B3 --------------------------------------------------------------------------------------
+def test_the_demo_shows_training_progress_and_each_result_as_it_comes(tmp_path, monkeypatch):
+    """`make demo` printed nothing through 2-3 minutes of training, then everything."""
+    from dataclasses import replace
+
+    import qamro_pipe.demo as demo
+
+    configs = demo.recipe_configs
+    monkeypatch.setattr(demo, "recipe_configs", lambda r: (
+        replace(configs(r)[0], max_epochs=3), configs(r)[1]))  # the order, not the figures
+    monkeypatch.setenv("QAMRO_CACHE_DIR", str(tmp_path))
+    r = invoke("demo")
+    assert r.exit_code == 0, r.output
+    order = ["clips extracted", "training one QAMRO run", "demo run: epoch 3/3",
+             "One QAMRO run", "run written to", "demo sweep: epoch 3/3", "Figure 1",
+             "sweep written to", "SYNTHETIC"]
+    at = [r.output.find(s) for s in order]
+    assert -1 not in at and at == sorted(at), list(zip(order, at))
+    r = invoke("demo", "--quiet")
+    assert r.exit_code == 0 and "demo run: epoch" not in r.output
