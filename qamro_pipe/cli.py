@@ -56,7 +56,8 @@ def command(group: typer.Typer = app, name: str | None = None,
             except QamroError as e:
                 if _state["debug"]:
                     raise
-                typer.echo(f"error: {e}", err=True)
+                # Ctrl-C is the user's choice, not an error: its message says what was kept
+                typer.echo(str(e) if isinstance(e, Interrupted) else f"error: {e}", err=True)
                 raise typer.Exit(130 if isinstance(e, Interrupted) else 1) from None
             except KeyboardInterrupt:
                 typer.echo("interrupted", err=True)
@@ -73,8 +74,9 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
-          version: Optional[bool] = typer.Option(None, "--version", callback=_version,
+def _main(debug: bool = typer.Option(False, "--debug", metavar="",
+                                     help="Show tracebacks on errors."),
+          version: Optional[bool] = typer.Option(None, "--version", callback=_version, metavar="",
                                                  is_eager=True, help="Print the version.")):
     _state["debug"] = debug
 
@@ -190,9 +192,10 @@ def extract(
                                  "2 on a CPU, more on a GPU (extract.loop.auto_workers)",
                                  rich_help_panel=MODEL),
     offline: Optional[bool] = opt("Never touch the network.", "HF_HUB_OFFLINE or QAMRO_OFFLINE",
-                                  "--offline/--online", rich_help_panel=MODEL),
+                                  "--offline/--online", metavar="", rich_help_panel=MODEL),
     skip_bad: Optional[bool] = opt("List bad files in the cache and go on instead of stopping.",
-                                   "stop at the first", "--skip-bad", rich_help_panel=MODEL),
+                                   "stop at the first", "--skip-bad", metavar="",
+                                   rich_help_panel=MODEL),
     clap_input: Optional[str] = cfg_opt(ExtractConfig, "clap_input", "clap-music's input: "
                                         "resampled (48 kHz, 10 s windows) or published (the "
                                         "file's samples at its own rate, the first 480,000, "
@@ -203,10 +206,11 @@ def extract(
     shard: Optional[str] = opt("K/N, numbered from 0 (0/4 .. 3/4): extract clips K, K+N, ... "
                                "into NAME.part-K-of-N.h5; join them with `cache merge`.",
                                rich_help_panel=OUTPUT),
-    force: bool = typer.Option(False, "--force", help="Re-embed every clip, replacing a "
+    force: bool = typer.Option(False, "--force", metavar="",
+                               help="Re-embed every clip, replacing a "
                                "qamro-pipe cache (never anything else).",
                                rich_help_panel=OUTPUT),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    quiet: bool = typer.Option(False, "--quiet", metavar="", help="No progress bar."),
 ):
     """Start here: embed a dataset with a frozen backbone into one HDF5 cache.
 
@@ -242,8 +246,9 @@ app.add_typer(cache_app, name="cache", rich_help_panel=EMBED)
 
 
 @command(cache_app, "info")
-def cache_info(path: Path = typer.Argument(..., help="A cache .h5 file.")):
+def cache_info(path: Path = typer.Argument(..., metavar="CACHE", help="A cache .h5 file.")):
     """What is in a cache: counts per split, features and shapes, provenance."""
+    check_cache_file(path, "cache info")  # a folder, not an h5py dump
     from .store.reader import describe
 
     typer.echo(describe(path))
@@ -251,9 +256,11 @@ def cache_info(path: Path = typer.Argument(..., help="A cache .h5 file.")):
 
 @command(cache_app, "merge")
 def cache_merge(
-    parts: list[Path] = typer.Argument(..., help="NAME.part-K-of-N.h5 files, all N of them."),
+    parts: list[Path] = typer.Argument(..., metavar="PARTS",
+                                       help="NAME.part-K-of-N.h5 files, all N of them."),
     out: Path = typer.Option(..., help="The merged cache file."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing qamro-pipe cache "
+    force: bool = typer.Option(False, "--force", metavar="",
+                               help="Replace an existing qamro-pipe cache "
                                "(never anything else)."),
 ):
     """Join the shards of an extraction into the cache one process would have written."""
@@ -339,7 +346,8 @@ def sweep(
 ):
     """Train a grid of loss settings x seeds as one batched model.
 
-    Writes the run folder with sweep.csv and sweep.png. Takes every option train takes."""
+    Writes the run folder with sweep.csv and sweep.png. Takes every option train takes but
+    --seed (a sweep gives seeds with --seeds or its grid)."""
     check_run_options(opts, *train_settings(opts))  # before torch is imported
     from .report.screen import sweep_table, system_level_line
     from .train.experiment import recipe_configs, run_experiment
@@ -413,7 +421,7 @@ def table(
 # -- using a run ----------------------------------------------------------------------------
 @command(panel=USE)
 def evaluate(
-    run: Path = typer.Argument(..., help="A run folder."),
+    run: Path = typer.Argument(..., metavar="RUN", help="A run folder."),
     split: Optional[str] = opt("Split to score.", "the run's eval split"),
     cache: Optional[Path] = opt("Cache to score (made with the run's backbone).",
                                 "the run's own"),
@@ -461,8 +469,9 @@ def evaluate(
 
 @command(panel=USE)
 def predict(
-    run: Path = typer.Argument(..., help="A run folder."),
-    audio: Optional[list[Path]] = typer.Argument(None, help="Audio files to score."),
+    run: Path = typer.Argument(..., metavar="RUN", help="A run folder."),
+    audio: Optional[list[Path]] = typer.Argument(None, metavar="AUDIO",
+                                                 help="Audio files to score."),
     manifest: Optional[Path] = opt("CSV, TSV or JSONL manifest of the clips (id, path, "
                                    "text), instead of files."),
     text: Optional[str] = opt("Prompt for every file (textual heads).", "the manifest's, else "
@@ -478,7 +487,8 @@ def predict(
     tokenizer_dir: Optional[str] = opt("roberta-base tokenizer files (CLAP text, offline).",
                                        "the run's cache's"),
     device: Optional[str] = cfg_opt(ExtractConfig, "device", f"{DEVICE_HELP}.", recipe=False),
-    force: bool = typer.Option(False, "--force", help="Replace existing --out/--answer files.",
+    force: bool = typer.Option(False, "--force", metavar="",
+                               help="Replace existing --out/--answer files.",
                                rich_help_panel=OUTPUT),
 ):
     """Score new audio end to end with a run's backbone and heads.
@@ -510,7 +520,7 @@ def predict(
 
 
 @command(panel=DEMO)
-def demo(quiet: bool = typer.Option(False, "--quiet", help="No progress bar.")):
+def demo(quiet: bool = typer.Option(False, "--quiet", metavar="", help="No progress bar.")):
     """Offline demo: synthetic corpus -> melstats cache -> QAMRO run -> beta sweep."""
     from .demo import run_demo
 

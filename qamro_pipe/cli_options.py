@@ -147,17 +147,21 @@ RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
         "(plain K-fold, for clips with neither).",
         recipe=False, rich_help_panel=TRAINING)),
     "out": (Optional[Path], opt(
-        "Folder to write the run (sweep, table) to.", "CACHE_ROOT/runs/NAME: recipe, backbone, loss settings, cv",
+        "Folder to write the run (sweep, table) to.",
+        "CACHE_ROOT/runs/NAME: recipe, backbone, loss settings, cv",
         rich_help_panel=OUTPUT)),
     "force": (bool, typer.Option(
-        False, "--force", help="Replace a run folder qamro-pipe wrote (never anything else), "
+        False, "--force", metavar="",
+        help="Replace a run folder qamro-pipe wrote (never anything else), "
         "or discard the saved state of a different interrupted run there.",
         rich_help_panel=OUTPUT)),
     "resume": (bool, typer.Option(
-        False, "--resume", help="Continue an interrupted run from its saved state (rerunning "
+        False, "--resume", metavar="",
+        help="Continue an interrupted run from its saved state (rerunning "
         "the same command does too); an error if there is none.", rich_help_panel=OUTPUT)),
     "quiet": (bool, typer.Option(
-        False, "--quiet", help="No progress display (on a terminal a bar; in a log a line "
+        False, "--quiet", metavar="",
+        help="No progress display (on a terminal a bar; in a log a line "
         "every 30 s).", rich_help_panel=OUTPUT)),
 }
 
@@ -183,7 +187,7 @@ def cv_config(opts: dict[str, Any]) -> CVConfig | None:
     return override(CVConfig(opts["cv"]), group=opts["cv_group"])
 
 
-DEBUG = typer.Option(False, "--debug", help="Show tracebacks on errors.")
+DEBUG = typer.Option(False, "--debug", metavar="", help="Show tracebacks on errors.")
 
 
 def with_options(fn: Callable, shared: dict[str, tuple[Any, Any]], collect: str | None,

@@ -354,3 +354,95 @@ def test_the_demo_shows_training_progress_and_each_result_as_it_comes(tmp_path, 
     assert -1 not in at and at == sorted(at), list(zip(order, at))
     r = invoke("demo", "--quiet")
     assert r.exit_code == 0 and "demo run: epoch" not in r.output
+
+
+# -- B11 -------------------------------------------------------------------------------------
+def test_small_stumbles_of_a_first_day(synthetic_cache, tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from conftest import make_synthetic_cache
+
+    # a folder is said to be one, not dumped by h5py; "systems none" when no clip has one
+    r = invoke("cache", "info", tmp_path)
+    assert r.exit_code == 1 and f"cache info {tmp_path}: is a folder" in r.output
+    bare = make_synthetic_cache(tmp_path / "bare.h5", systems=np.full(240, ""),
+                                system_mos=False)
+    assert "systems    none" in invoke("cache", "info", bare).output
+    assert "systems    12  (published" in invoke("cache", "info", synthetic_cache).output
+    # a refused run leaves no .NAME.partial behind
+    r = invoke("train", "--cache", synthetic_cache, "--out", tmp_path / "r", "--eval-split",
+               "nope", *QUICK)
+    assert r.exit_code == 1 and not list(tmp_path.glob(".r*"))
+    # members stopped by --max-epochs are said to be unconverged; heads follow the umask
+    r = invoke("train", "--cache", synthetic_cache, "--out", tmp_path / "run", *QUICK)
+    assert "1 of 1 member(s) reached --max-epochs 3 before early stopping" in r.output
+    modes = {p.name: stat.S_IMODE(os.stat(p).st_mode) for p in (tmp_path / "run").iterdir()}
+    assert modes["heads.safetensors"] == modes["config.json"], modes
+    # Ctrl-C is not an error
+    import qamro_pipe.train.experiment as experiment
+    from qamro_pipe.errors import Interrupted
+
+    def interrupted(*a, **k):
+        raise Interrupted("interrupted: the training state is saved; rerun to resume")
+    monkeypatch.setattr(experiment, "run_experiment", interrupted)
+    r = invoke("train", "--cache", synthetic_cache, "--out", tmp_path / "i", *QUICK)
+    assert r.exit_code == 130 and r.output.startswith("interrupted: the training state")
+
+
+def test_a_recipe_in_the_working_directory_serves_a_derived_dataset(tmp_path, monkeypatch):
+    from conftest import make_synthetic_cache
+
+    cache = make_synthetic_cache(tmp_path / "tts.h5", dataset="tts")
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "tts.toml").write_text(
+        'name = "tts"\ndataset = "tts"\nbackbone = "synthetic"\n'
+        '[[heads]]\nname = "quality"\nlabel = "overall"\nfeatures = ["audio"]\n')
+    monkeypatch.chdir(tmp_path)
+    r = invoke("train", "--cache", cache, "--out", tmp_path / "run", *QUICK)
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["recipe_path"] \
+        == "stages/tts.toml"
+
+
+def test_a_cache_of_another_backbone_is_told_which_backbone_the_recipe_reads(tmp_path):
+    from conftest import make_synthetic_cache
+
+    rng = np.random.default_rng(0)
+    cache = make_synthetic_cache(tmp_path / "aes.h5", backbone="melstats@1",
+                                 dataset="aes-natural", label_names=["PQ", "PC", "CE", "CU"],
+                                 labels=rng.uniform(0, 10, (240, 4)).astype(np.float32),
+                                 system_mos=False)
+    r = invoke("train", "--cache", cache, "--out", tmp_path / "run", "--eval-split", "dev",
+               *QUICK)
+    assert r.exit_code == 1 and "reads 'layers', which the aesthetics backbone writes; this " \
+        "cache was made by melstats@1" in r.output and "--backbone aesthetics" in r.output
+
+
+def test_screens_fit_80_columns_and_say_what_they_count(synthetic_cache, tmp_path):
+    import io
+
+    from qamro_pipe.report.screen import metrics_table
+    from qamro_pipe.train.progress import TrainingProgress
+    from qamro_pipe.train.trainer import Progress
+
+    m = {"utterance": {}, "system": {"mse": 12.5, "mse_ci": [8.25, 17.5], "lcc": -0.25,
+                                     "lcc_ci": [-0.612, -0.011], "srcc": -0.3,
+                                     "srcc_ci": [-0.7, -0.02], "ktau": None}}
+    text = metrics_table({"eval_split": "dev", "validation": "holdout",
+                          "heads": {"overall": m, "textual": m}}, "system")
+    assert max(len(line) for line in text.splitlines()[1:]) <= 80, text
+    assert "[8.250,17.500] [-0.612,-0.011] [-0.700,-0.020]" in text  # never glued together
+    stream = io.StringIO()
+    bar = TrainingProgress("train", stream=stream, terminal=True)
+    bar(Progress(epoch=5, max_epochs=1000, training=2, members=2, best_val=0.5,
+                 member_epochs=10, rate=3.0))
+    bar.close()
+    assert "at most" in stream.getvalue() and "left" in stream.getvalue()
+    r = invoke("train", "--cache", synthetic_cache, "--out", tmp_path / "cv", "--cv", "3",
+               "--max-epochs", "2")
+    assert r.exit_code == 0 and "fold-0 (1 of 3)" in r.output and "fold 1/3" not in r.output
+    for command in ("train", "sweep", "evaluate", "predict", "extract"):
+        help_text = invoke(command, "--help").output
+        assert help_text.count("<bool>") <= 1 and "{run}" not in help_text, command
+    assert "--seed" in " ".join(invoke("sweep", "--help").output.split())

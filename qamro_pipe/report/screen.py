@@ -21,8 +21,7 @@ def metrics_table(metrics: dict[str, Any], level: str | None = None) -> str:
     where = (f"{cv['folds']}-fold cross-validation grouped by {cv['group']} over "
              f"{metrics['eval_split']}, mean ± sd over folds" if cv
              else f"on {metrics['eval_split']!r}")
-    lines = [f"{level}-level {where} (validation: {metrics['validation']})",
-             f"{'head':<12}" + "".join(f"{f.upper():>21}" for f in FIGURES)]
+    lines = [f"{level}-level {where} (validation: {metrics['validation']})"]
     return "\n".join(lines + _figure_lines(metrics["heads"], level))
 
 
@@ -30,28 +29,32 @@ def pooled_table(metrics: dict[str, Any], level: str | None = None) -> str:
     """A cross-validation's pooled out-of-fold figures, each with its 95% CI."""
     level = level or shown_level(metrics)
     lines = [f"{level}-level of the pooled out-of-fold predictions (every clip scored by the "
-             f"fold that did not train on it), 95% CI",
-             f"{'head':<12}" + "".join(f"{f.upper():>21}" for f in FIGURES)]
+             f"fold that did not train on it), 95% CI"]
     return "\n".join(lines + _figure_lines(metrics["pooled"], level))
 
 
+CELL = 16  # a figure's column: fits "[-0.456,-0.012]" with a space before it; 4 + the head
+# column stay within 80 characters
+
+
 def _figure_lines(heads: dict[str, Any], level: str) -> list[str]:
-    lines = []
+    """The header, then per head a line of figures (or mean ± sd) and, where they have one, a
+    line of their 95% intervals beneath: one figure per column, never glued to the next."""
+    first = max([12] + [len(h) + 2 for h in heads])
+    lines = [f"{'head':<{first}}" + "".join(f"{f.upper():>{CELL}}" for f in FIGURES)]
     for head, levels in heads.items():
         m = levels[level]
-        cells = []
+        cells, cis = [], []
         for f in FIGURES:
-            v = m.get(f)
-            if v is None:
-                cells.append(f"{'-':>21}")
-            elif m.get(f"{f}_std") is not None:
-                cells.append(f"{v:.3f} ± {m[f'{f}_std']:.3f}".rjust(21))
-            elif m.get(f"{f}_ci"):
-                lo, hi = m[f"{f}_ci"]
-                cells.append(f"{v:.3f} [{lo:.3f},{hi:.3f}]".rjust(21))
-            else:
-                cells.append(f"{v:>21.3f}")
-        lines.append(f"{head:<12}" + "".join(cells))
+            v, sd, ci = m.get(f), m.get(f"{f}_std"), m.get(f"{f}_ci")
+            cells.append("-" if v is None else f"{v:.3f} ± {sd:.3f}" if sd is not None
+                         else f"{v:.3f}")
+            cis.append(f"[{ci[0]:.3f},{ci[1]:.3f}]" if ci and v is not None and sd is None
+                       else "")
+        lines.append(f"{head:<{first}}" + "".join(f" {c:>{CELL - 1}}" for c in cells))
+        if any(cis):
+            lines.append((f"{'  95% CI':<{first}}"
+                          + "".join(f" {c:>{CELL - 1}}" for c in cis)).rstrip())
     return lines
 
 

@@ -287,7 +287,7 @@ def _train_folds(recipe: Recipe, data: Cache, members: list[Member], tcfg: Train
         fp = fingerprint(view, recipe.heads, members, fold_cfg, label_range, sources,
                          release.sha256 if release else None)
         if hasattr(progress, "restart"):
-            progress.restart(f"fold {f + 1}/{k}")
+            progress.restart(f"fold-{f} ({f + 1} of {k})")  # named as on disk
         with training_state(fold_out(out, f, k), fp, fold_cfg, force) as checkpoint:
             result = train(view, recipe.heads, members, fold_cfg, label_range=label_range,
                            progress=progress, checkpoint=checkpoint, release=release)

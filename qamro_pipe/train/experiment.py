@@ -84,6 +84,33 @@ def open_cache(recipe: Recipe, cache: str | Path | None) -> tuple[Cache, list[So
     return join(read_cache(Path(cache) if cache else recipe.default_cache()), recipe.heads)
 
 
+def check_features(recipe: Recipe, data: Cache) -> None:
+    """Every feature the recipe's heads read is in the cache; if not, say which backbone the
+    recipe is written for (an aes-natural cache made by melstats has no `layers`)."""
+    have = set(data.features) | set(data.windows)
+    for h in recipe.heads:
+        for f in h.features:
+            if split_feature(f)[0] is None and f not in have:
+                raise QamroError(
+                    f"{data.path}: the {recipe.name} recipe's head {h.name!r} reads {f!r}, which "
+                    f"the {recipe.backbone} backbone writes; this cache was made by "
+                    f"{data.meta.backbone} (it has {', '.join(sorted(have)) or 'none'}). "
+                    f"Extract with --backbone {recipe.backbone}, or give --recipe a recipe "
+                    f"whose heads read these features (docs/recipes.md)")
+
+
+def unconverged(result, tcfg: TrainConfig) -> str | None:
+    """Members that --max-epochs stopped before early stopping could: still improving."""
+    capped = [k for k, e in enumerate(result.stopped_epoch)
+              if k not in result.failures and e >= tcfg.max_epochs]
+    if not capped:
+        return None
+    return (f"{len(capped)} of {len(result.members)} member(s) reached --max-epochs "
+            f"{tcfg.max_epochs} before early stopping (patience {tcfg.patience}) ended them: "
+            f"their validation loss had improved within the last {tcfg.patience} epochs; raise "
+            f"--max-epochs for converged heads")
+
+
 def default_out(recipe: Recipe, members: list[Member], kind: str = "run",
                 backbone: str | None = None, cv: CVConfig | None = None) -> Path:
     """CACHE_ROOT/runs/NAME, NAME carrying the backbone, loss settings and cv (naming.py)."""
@@ -105,6 +132,7 @@ def run_experiment(recipe: Recipe | str, members: list[Member], tcfg: TrainConfi
 
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
     data, sources = open_cache(recipe, cache)
+    check_features(recipe, data)
     out = Path(out) if out else default_out(recipe, members, kind, data.meta.backbone, cv)
     clean_stale(out)  # what a killed run left: removed, or an interrupted --force finished
     check_out(out, force, data.path)  # refuse before spending time training
@@ -127,6 +155,8 @@ def run_experiment(recipe: Recipe | str, members: list[Member], tcfg: TrainConfi
     with training_state(out, fp, tcfg, force, resume) as checkpoint:
         result = train(data, recipe.heads, members, tcfg, label_range=label_range,
                        progress=progress, checkpoint=checkpoint, release=release)
+        if unconverged(result, tcfg):
+            report["warnings"] = [*report.get("warnings", []), unconverged(result, tcfg)]
         folder, metrics = write_run(recipe, data, members, tcfg, result, out, force, kind,
                                     system_note, extra=extra, sources=sources,
                                     more_config=holdout and {"eval_holdout": holdout},

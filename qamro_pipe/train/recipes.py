@@ -165,6 +165,10 @@ def select_recipe(recipe: str | None = None, dataset: str | None = None,
         from ..store.reader import read_cache, read_meta
 
         meta = read_meta(cache)
+        local = Path("stages") / f"{meta.dataset}.toml"  # the user's own, as --recipe finds it
+        if local.is_file():
+            r = load_recipe(local)
+            return replace(r, backbone=backbone) if backbone else r
         r = load_recipe(default)
         if meta.dataset == r.dataset:
             return replace(r, backbone=backbone) if backbone else r

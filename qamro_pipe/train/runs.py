@@ -251,10 +251,19 @@ def save_run(out: Path, *, config: dict[str, Any], metrics: dict[str, Any], cach
                       else np.arange(len(cache.ids)), members=ok)
     save_file(tensors, str(tmp / "heads.safetensors"),
               metadata={"qamro_run_version": str(RUN_VERSION)})
+    follow_umask(tmp / "heads.safetensors")
     write_history(tmp / "history.csv", result.history)
     if extra is not None:
         extra(tmp)
     return publish(tmp, out)
+
+
+def follow_umask(path: Path) -> None:
+    """Give a file the mode every other file of the run has (0666 less the umask):
+    safetensors writes through a private temporary file, which leaves it 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def staging(out: Path) -> Path:
