@@ -404,6 +404,7 @@ def table(
     _note(res["recipe"].derived and f"note: {res['recipe'].derived}")
     for note in res["notes"]:
         _note(f"note: {note}")
+    _split_notes(res["metrics"])
     typer.echo(res["title"])
     typer.echo(res["text"])
     _note(system_level_line(res["metrics"]))

@@ -30,9 +30,13 @@ def holdout_rows(cache: Cache, fraction: float, seed: int) -> tuple[np.ndarray, 
     named = np.unique(systems[systems != ""])
     rng = np.random.default_rng(seed)
     if len(named) >= 2:  # whole systems, in a seeded order, until the share is reached
+        # and, where 4 or more systems leave 2 to train on, 2 held out: system-level figures
+        # need 2 systems
+        least, keep = (2, 2) if len(named) >= 4 else (1, 1)
         held, n = [], 0
         for s in rng.permutation(named):
-            if n >= fraction * len(train) or len(held) == len(named) - 1:
+            if (n >= fraction * len(train) and len(held) >= least) \
+                    or len(held) == len(named) - keep:
                 break
             held.append(s)
             n += int((systems == s).sum())
@@ -48,11 +52,14 @@ def holdout_view(cache: Cache, tcfg: TrainConfig) -> tuple[Cache, TrainConfig, d
               "split_seed": tcfg.split_seed}
     view, rows, by = same_holdout(cache, record)
     n_sys = len(np.unique(cache.systems[rows]))
-    what = f"{n_sys} whole systems ({len(rows)} clips)" if by == "systems" else \
+    what = f"{n_sys} whole system(s) ({len(rows)} clips)" if by == "systems" else \
         f"{len(rows)} clips (the clips have no systems)"
+    share = (f"{tcfg.eval_fraction:.0%} of train" if by == "clips" else
+             f"{tcfg.eval_fraction:.0%} of train, and 2 systems where 4 or more leave 2 to "
+             f"train on")
     text = (f"{cache.path} has no {tcfg.eval_split!r} split to report on: held out "
-            f"{what}, {tcfg.eval_fraction:.0%} of train chosen by split_seed "
-            f"{tcfg.split_seed}, as the report split {HELD_OUT!r} (give the clips a split "
+            f"{what} of {len(cache.rows('train'))} ({share}; chosen by split_seed "
+            f"{tcfg.split_seed}) as the report split {HELD_OUT!r} (give the clips a split "
             f"column with 'dev' rows to choose them yourself)")
     record.update(by=by, clips=int(len(rows)), text=text)
     return view, replace(tcfg, eval_split=HELD_OUT), record
