@@ -446,3 +446,28 @@ def test_screens_fit_80_columns_and_say_what_they_count(synthetic_cache, tmp_pat
         help_text = invoke(command, "--help").output
         assert help_text.count("<bool>") <= 1 and "{run}" not in help_text, command
     assert "--seed" in " ".join(invoke("sweep", "--help").output.split())
+
+
+# -- B10 -------------------------------------------------------------------------------------
+def test_make_demo_installs_only_what_the_demo_needs(tmp_path):
+    """`make -n` prints what a fresh checkout would run: the demo takes a CPU-only torch and
+    the package without its backbones; `make test` still installs everything tests need."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    root = Path(__file__).resolve().parents[1]
+
+    def plan(target):
+        r = subprocess.run(["make", "-n", target, f"VENV={tmp_path / 'venv'}"], cwd=root,
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    demo = plan("demo")
+    assert "pip install -q torch==2.13.0" in demo and "pip install -q -e .\n" in demo
+    assert "backbones" not in demo and "torchvision" not in demo
+    test = plan("test")
+    assert 'pip install -q -e ".[backbones,dev]"' in test and "torchvision==" in test
