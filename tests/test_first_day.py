@@ -2,15 +2,31 @@
 through the command line, in process, on manifests of generated audio embedded with the
 weightless melstats backbone (the path a user without weights takes)."""
 import csv
+import io
 import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
+from conftest import make_synthetic_cache
 from typer.testing import CliRunner
 
+import qamro_pipe.demo as demo
+import qamro_pipe.train.experiment as experiment
 from qamro_pipe.cli import app
+from qamro_pipe.errors import Interrupted
+from qamro_pipe.report.screen import metrics_table
 from qamro_pipe.store.reader import read_meta
+from qamro_pipe.train.progress import TrainingProgress
+from qamro_pipe.train.trainer import Progress
 
 runner = CliRunner()
 QUICK = ["--max-epochs", "3", "--quiet"]
@@ -184,8 +200,6 @@ def test_force_keeps_what_evaluate_wrote_in_the_run_it_replaces(trained, tmp_pat
 
 # -- B5 --------------------------------------------------------------------------------------
 def test_default_run_folders_carry_what_differs(tmp_path, monkeypatch):
-    from conftest import make_synthetic_cache
-
     monkeypatch.setenv("QAMRO_CACHE_DIR", str(tmp_path))
     clap = make_synthetic_cache(tmp_path / "clap.h5", backbone="clap-music@1")
     mel = make_synthetic_cache(tmp_path / "mel.h5", backbone="melstats@1")
@@ -206,10 +220,6 @@ def test_default_run_folders_carry_what_differs(tmp_path, monkeypatch):
 
 def test_make_targets_take_out_and_force():
     """`make -n` prints the command a target runs: OUT= and FORCE=1 reach it."""
-    import shutil
-    import subprocess
-    from pathlib import Path
-
     if shutil.which("make") is None:
         pytest.skip("no make")
     root = Path(__file__).resolve().parents[1]
@@ -302,9 +312,6 @@ LIGHT = ("import sys; from typer.testing import CliRunner; from qamro_pipe.cli i
 ])
 def test_wrong_paths_and_settings_are_answered_before_torch_is_imported(tmp_path, args, msg):
     """The process is the point: whether torch and scipy were imported at all."""
-    import subprocess
-    import sys
-
     (tmp_path / "m.csv").write_text("id,path,score\n")
     r = subprocess.run([sys.executable, "-c", LIGHT, *(a.format(tmp=tmp_path) for a in args)],
                        capture_output=True, text=True)
@@ -315,8 +322,6 @@ def test_wrong_paths_and_settings_are_answered_before_torch_is_imported(tmp_path
 
 # -- B9 --------------------------------------------------------------------------------------
 def test_threads_is_a_training_option_that_changes_no_number(synthetic_cache, tmp_path):
-    import torch
-
     before = torch.get_num_threads()
     for n in (1, 2):
         r = invoke("train", "--cache", synthetic_cache, "--out", tmp_path / f"t{n}",
@@ -337,10 +342,6 @@ def test_threads_is_a_training_option_that_changes_no_number(synthetic_cache, tm
 # -- B3 --------------------------------------------------------------------------------------
 def test_the_demo_shows_training_progress_and_each_result_as_it_comes(tmp_path, monkeypatch):
     """`make demo` printed nothing through 2-3 minutes of training, then everything."""
-    from dataclasses import replace
-
-    import qamro_pipe.demo as demo
-
     configs = demo.recipe_configs
     monkeypatch.setattr(demo, "recipe_configs", lambda r: (
         replace(configs(r)[0], max_epochs=3), configs(r)[1]))  # the order, not the figures
@@ -358,11 +359,6 @@ def test_the_demo_shows_training_progress_and_each_result_as_it_comes(tmp_path, 
 
 # -- B11 -------------------------------------------------------------------------------------
 def test_small_stumbles_of_a_first_day(synthetic_cache, tmp_path, monkeypatch):
-    import os
-    import stat
-
-    from conftest import make_synthetic_cache
-
     # a folder is said to be one, not dumped by h5py; "systems none" when no clip has one
     r = invoke("cache", "info", tmp_path)
     assert r.exit_code == 1 and f"cache info {tmp_path}: is a folder" in r.output
@@ -380,8 +376,6 @@ def test_small_stumbles_of_a_first_day(synthetic_cache, tmp_path, monkeypatch):
     modes = {p.name: stat.S_IMODE(os.stat(p).st_mode) for p in (tmp_path / "run").iterdir()}
     assert modes["heads.safetensors"] == modes["config.json"], modes
     # Ctrl-C is not an error
-    import qamro_pipe.train.experiment as experiment
-    from qamro_pipe.errors import Interrupted
 
     def interrupted(*a, **k):
         raise Interrupted("interrupted: the training state is saved; rerun to resume")
@@ -391,8 +385,6 @@ def test_small_stumbles_of_a_first_day(synthetic_cache, tmp_path, monkeypatch):
 
 
 def test_a_recipe_in_the_working_directory_serves_a_derived_dataset(tmp_path, monkeypatch):
-    from conftest import make_synthetic_cache
-
     cache = make_synthetic_cache(tmp_path / "tts.h5", dataset="tts")
     (tmp_path / "stages").mkdir()
     (tmp_path / "stages" / "tts.toml").write_text(
@@ -406,8 +398,6 @@ def test_a_recipe_in_the_working_directory_serves_a_derived_dataset(tmp_path, mo
 
 
 def test_a_cache_of_another_backbone_is_told_which_backbone_the_recipe_reads(tmp_path):
-    from conftest import make_synthetic_cache
-
     rng = np.random.default_rng(0)
     cache = make_synthetic_cache(tmp_path / "aes.h5", backbone="melstats@1",
                                  dataset="aes-natural", label_names=["PQ", "PC", "CE", "CU"],
@@ -420,12 +410,6 @@ def test_a_cache_of_another_backbone_is_told_which_backbone_the_recipe_reads(tmp
 
 
 def test_screens_fit_80_columns_and_say_what_they_count(synthetic_cache, tmp_path):
-    import io
-
-    from qamro_pipe.report.screen import metrics_table
-    from qamro_pipe.train.progress import TrainingProgress
-    from qamro_pipe.train.trainer import Progress
-
     m = {"utterance": {}, "system": {"mse": 12.5, "mse_ci": [8.25, 17.5], "lcc": -0.25,
                                      "lcc_ci": [-0.612, -0.011], "srcc": -0.3,
                                      "srcc_ci": [-0.7, -0.02], "ktau": None}}
@@ -452,10 +436,6 @@ def test_screens_fit_80_columns_and_say_what_they_count(synthetic_cache, tmp_pat
 def test_make_demo_installs_only_what_the_demo_needs(tmp_path):
     """`make -n` prints what a fresh checkout would run: the demo takes a CPU-only torch and
     the package without its backbones; `make test` still installs everything tests need."""
-    import shutil
-    import subprocess
-    from pathlib import Path
-
     if shutil.which("make") is None:
         pytest.skip("no make")
     root = Path(__file__).resolve().parents[1]
