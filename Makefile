@@ -5,12 +5,16 @@ BIN := $(VENV)/bin
 # torch/torchvision/torchaudio versions known to import together (laion_clap needs
 # torchvision; audiobox-aesthetics declares torchaudio)
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1 torchaudio==2.11.0
+# the demo needs no backbone but melstats (numpy) and trains on the CPU: a CPU-only torch
+# (pip takes 2.13.0 from this machine's disk) and the package without its extras
+DEMO_TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install test demo bench bench-gpu sweep-beta table1 table2 table-losses faults clean
+.PHONY: install install-demo test demo bench bench-gpu sweep-beta table1 table2 table-losses faults clean
 
 install: $(STAMP)
 
@@ -21,10 +25,19 @@ $(STAMP): pyproject.toml setup.py
 	$(BIN)/python -m pip install -q -e ".[backbones,dev]"
 	touch $(STAMP)
 
+# what `make demo` needs, and no more; after `make install` it adds nothing
+install-demo: $(DEMO_STAMP)
+
+$(DEMO_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test -f $(STAMP) || $(BIN)/python -m pip install -q $(DEMO_TORCH)
+	$(BIN)/python -m pip install -q -e .
+	touch $(DEMO_STAMP)
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(BIN)/python -m qamro_pipe demo
 
 bench: $(STAMP)
@@ -34,12 +47,16 @@ bench: $(STAMP)
 bench-gpu:
 	bash benchmarks/gpu.sh
 
+# OUT=FOLDER writes the run there instead of cache/runs/NAME; FORCE=1 replaces a run folder
+# qamro-pipe wrote there (a rerun of the same target), keeping one you added files to
+RUN_OPTS = $(if $(OUT),--out $(OUT)) $(if $(FORCE),--force)
+
 sweep-beta: $(STAMP)
-	$(BIN)/qamro-pipe sweep --recipe musiceval --grid beta
+	$(BIN)/qamro-pipe sweep --recipe musiceval --grid beta $(RUN_OPTS)
 
 # make table1 PRESET=paper|code (the table's model recipe for that preset; without PRESET
 # the table's own, as the README says), CACHE=FILE to train on another cache
-TABLE_OPTS = $(if $(PRESET),--preset $(PRESET)) $(if $(CACHE),--cache $(CACHE))
+TABLE_OPTS = $(if $(PRESET),--preset $(PRESET)) $(if $(CACHE),--cache $(CACHE)) $(RUN_OPTS)
 
 table1: $(STAMP)
 	$(BIN)/qamro-pipe table --recipe table1 $(TABLE_OPTS)

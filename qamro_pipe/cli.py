@@ -19,6 +19,7 @@ from .config import (DEFAULT_RECIPE, DEFAULT_TABLE, DEVICE_HELP, EXTRACT_BATCH, 
                      LossConfig)
 from .errors import Interrupted, QamroError
 from .loss_kinds import LOSS_KINDS, kinds_help
+from .precheck import check_cache_file, check_run_folder, check_run_options
 
 HELP = ("QAMRO MOS prediction: extract embeddings once, train heads in seconds.\n\n"
         "Start here: `qamro-pipe extract` embeds a dataset into a cache; `qamro-pipe train` "
@@ -56,7 +57,8 @@ def command(group: typer.Typer = app, name: str | None = None,
             except QamroError as e:
                 if _state["debug"]:
                     raise
-                typer.echo(f"error: {e}", err=True)
+                # Ctrl-C is the user's choice, not an error: its message says what was kept
+                typer.echo(str(e) if isinstance(e, Interrupted) else f"error: {e}", err=True)
                 raise typer.Exit(130 if isinstance(e, Interrupted) else 1) from None
             except KeyboardInterrupt:
                 typer.echo("interrupted", err=True)
@@ -73,8 +75,9 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
-          version: Optional[bool] = typer.Option(None, "--version", callback=_version,
+def _main(debug: bool = typer.Option(False, "--debug", metavar="",
+                                     help="Show tracebacks on errors."),
+          version: Optional[bool] = typer.Option(None, "--version", callback=_version, metavar="",
                                                  is_eager=True, help="Print the version.")):
     _state["debug"] = debug
 
@@ -92,10 +95,19 @@ def _warn_backbone(recipe, data) -> None:
                    f"{data.path} holds {data.meta.backbone}", err=True)
 
 
+def _split_notes(metrics) -> None:
+    """Where the figures come from, when that is not the split the user would assume."""
+    if metrics.get("eval_holdout"):
+        _note(f"note: {metrics['eval_holdout']['text']}")
+    for msg in metrics.get("warnings", []):
+        typer.echo(f"warning: {msg}", err=True)
+
+
 def _report_run(recipe, metrics, result, data) -> None:
     from .report.screen import metrics_table, pooled_table, system_level_line
 
     _warn_backbone(recipe, data)
+    _split_notes(metrics)
     typer.echo(metrics_table(metrics))
     if "pooled" in metrics:
         typer.echo(pooled_table(metrics))
@@ -115,6 +127,13 @@ def _watch(opts: dict[str, Any], desc: str):
     finally:
         if display is not None:
             display.close()
+
+
+def _kept(folder) -> None:
+    """Where --force kept a replaced run that held more than a run writes (evaluations/)."""
+    from .train.runs import kept_note  # torch: only once a run is written
+
+    _note(kept_note(folder))
 
 
 def _cost(result) -> str:
@@ -148,6 +167,10 @@ def extract(
                                    "found in or beside --root", rich_help_panel=DATA),
     lists: Optional[Path] = opt("aes-natural: the folder with the published lists, e.g. a "
                                 "clone of audiobox-aesthetics.", "--root", rich_help_panel=DATA),
+    label_range: Optional[str] = opt("--manifest: the scores' scale LO,HI (e.g. 1,5): a score "
+                                     "outside it is refused with its file and line; recorded "
+                                     "for --norm range and --loss gaussian-kl.", "unchecked",
+                                     rich_help_panel=DATA),
     backbone: Optional[str] = cfg_opt(ExtractConfig, "backbone", "Frozen model: clap-music, "
                                       "aesthetics, muq or melstats (no download).", recipe=False,
                                       rich_help_panel=MODEL),
@@ -170,9 +193,10 @@ def extract(
                                  "2 on a CPU, more on a GPU (extract.loop.auto_workers)",
                                  rich_help_panel=MODEL),
     offline: Optional[bool] = opt("Never touch the network.", "HF_HUB_OFFLINE or QAMRO_OFFLINE",
-                                  "--offline/--online", rich_help_panel=MODEL),
+                                  "--offline/--online", metavar="", rich_help_panel=MODEL),
     skip_bad: Optional[bool] = opt("List bad files in the cache and go on instead of stopping.",
-                                   "stop at the first", "--skip-bad", rich_help_panel=MODEL),
+                                   "stop at the first", "--skip-bad", metavar="",
+                                   rich_help_panel=MODEL),
     clap_input: Optional[str] = cfg_opt(ExtractConfig, "clap_input", "clap-music's input: "
                                         "resampled (48 kHz, 10 s windows) or published (the "
                                         "file's samples at its own rate, the first 480,000, "
@@ -183,25 +207,30 @@ def extract(
     shard: Optional[str] = opt("K/N, numbered from 0 (0/4 .. 3/4): extract clips K, K+N, ... "
                                "into NAME.part-K-of-N.h5; join them with `cache merge`.",
                                rich_help_panel=OUTPUT),
-    force: bool = typer.Option(False, "--force", help="Re-embed every clip, replacing a "
+    force: bool = typer.Option(False, "--force", metavar="",
+                               help="Re-embed every clip, replacing a "
                                "qamro-pipe cache (never anything else).",
                                rich_help_panel=OUTPUT),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    quiet: bool = typer.Option(False, "--quiet", metavar="", help="No progress bar."),
 ):
     """Start here: embed a dataset with a frozen backbone into one HDF5 cache.
 
     Resumable: rerun the same command after an interruption. Under torchrun, each rank
     extracts a shard and rank 0 merges them."""
     from .config import override
-    from .extract.loop import default_cache_path, extract as run_extract, records_for, summary_text
-    from .extract.shards import extract_distributed, parse_shard, torchrun_rank
 
     cfg = override(ExtractConfig(), backbone=backbone, checkpoint=checkpoint,
                    tokenizer_dir=tokenizer_dir, device=device, precision=precision,
                    batch_size=batch_size, workers=workers, offline=offline, skip_bad=skip_bad,
                    clap_input=clap_input)
+    if out is not None and out.is_dir():  # before torch is imported
+        raise QamroError(f"--out {out}: is a folder; name the cache file (e.g. "
+                         f"{out / (cfg.backbone + '.h5')})")
+    from .extract.loop import default_cache_path, extract as run_extract, records_for, summary_text
+    from .extract.shards import extract_distributed, parse_shard, torchrun_rank
+
     part = parse_shard(shard) if shard else None
-    records = records_for(dataset, root, manifest, splits, eval_dir, lists)
+    records = records_for(dataset, root, manifest, splits, eval_dir, lists, label_range)
     for note in records.notes:
         _note(f"note: {note}")
     path = out or default_cache_path(records.name, cfg.backbone, cache_dir, cfg.clap_input)
@@ -218,8 +247,9 @@ app.add_typer(cache_app, name="cache", rich_help_panel=EMBED)
 
 
 @command(cache_app, "info")
-def cache_info(path: Path = typer.Argument(..., help="A cache .h5 file.")):
+def cache_info(path: Path = typer.Argument(..., metavar="CACHE", help="A cache .h5 file.")):
     """What is in a cache: counts per split, features and shapes, provenance."""
+    check_cache_file(path, "cache info")  # a folder, not an h5py dump
     from .store.reader import describe
 
     typer.echo(describe(path))
@@ -227,9 +257,11 @@ def cache_info(path: Path = typer.Argument(..., help="A cache .h5 file.")):
 
 @command(cache_app, "merge")
 def cache_merge(
-    parts: list[Path] = typer.Argument(..., help="NAME.part-K-of-N.h5 files, all N of them."),
+    parts: list[Path] = typer.Argument(..., metavar="PARTS",
+                                       help="NAME.part-K-of-N.h5 files, all N of them."),
     out: Path = typer.Option(..., help="The merged cache file."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing qamro-pipe cache "
+    force: bool = typer.Option(False, "--force", metavar="",
+                               help="Replace an existing qamro-pipe cache "
                                "(never anything else)."),
 ):
     """Join the shards of an extraction into the cache one process would have written."""
@@ -262,18 +294,19 @@ def train(
 
     The folder holds config.json, metrics.json, predictions.csv and heads.safetensors. Without
     --recipe, a cache of a dataset with no recipe gets one head per label column."""
+    if seed is not None and opts["seeds"] is not None:
+        raise QamroError("--seed and --seeds: give one (--seed S trains seed S alone, "
+                         "--seeds N trains seeds 0..N-1)")
+    tsettings, lsettings = train_settings(opts)
+    given = {k: v for k, v in dict(kind=loss, alpha=alpha, beta=beta, margin=margin).items()
+             if v is not None}
+    check_run_options(opts, tsettings, {**given, **lsettings})  # before torch is imported
     from .experiments.run import recipe_configs, run_experiment
     from .train.recipes import select_recipe
     from .experiments.sweep import expand_grid
 
-    if seed is not None and opts["seeds"] is not None:
-        raise QamroError("--seed and --seeds: give one (--seed S trains seed S alone, "
-                         "--seeds N trains seeds 0..N-1)")
     r = select_recipe(recipe, dataset, backbone, opts["cache"])
     _note(r.derived and f"note: {r.derived}")
-    tsettings, lsettings = train_settings(opts)
-    given = {k: v for k, v in dict(kind=loss, alpha=alpha, beta=beta, margin=margin).items()
-             if v is not None}
     tcfg, lcfg = recipe_configs(r, tsettings, {**given, **lsettings})
     seeds = [seed] if seed is not None else opts["seeds"]
     members = expand_grid(lcfg, {} if seeds is None else {"seeds": seeds})
@@ -282,6 +315,7 @@ def train(
                                                        **run_args(opts))
     _report_run(r, metrics, result, data)
     typer.echo(f"run written to {folder}  ({_cost(result)})")
+    _kept(folder)
 
 
 @command(shared=RUN_OPTIONS, panel=TRAIN)
@@ -309,7 +343,9 @@ def sweep(
 ):
     """Train a grid of loss settings x seeds as one batched model.
 
-    Writes the run folder with sweep.csv and sweep.png. Takes every option train takes."""
+    Writes the run folder with sweep.csv and sweep.png. Takes every option train takes but
+    --seed (a sweep gives seeds with --seeds or its grid)."""
+    check_run_options(opts, *train_settings(opts))  # before torch is imported
     from .report.screen import sweep_table, system_level_line
     from .experiments.run import recipe_configs, run_experiment
     from .train.recipes import select_recipe
@@ -328,6 +364,7 @@ def sweep(
         folder, metrics, result, data = run_experiment(r, members, tcfg, **run_args(opts),
                                                        kind="sweep", progress=watch)
     _warn_backbone(r, data)
+    _split_notes(metrics)
     if "cv" in metrics:
         typer.echo(f"{metrics['cv']['folds']}-fold cross-validation: each member's figures "
                    f"are those of its pooled out-of-fold predictions")
@@ -335,6 +372,7 @@ def sweep(
     _note(system_level_line(metrics))
     typer.echo(f"trained as one model: {_cost(result)}")
     typer.echo(f"wrote {folder / 'sweep.csv'} and {folder / 'sweep.png'}")
+    _kept(folder)
 
 
 @command(shared=RUN_OPTIONS, panel=TRAIN)
@@ -352,6 +390,7 @@ def table(
     """The paper's ablation rows (Table I, II) as one batched job.
 
     Rows differ in the loss alone; printed in the paper's layout, as table.md and table.csv."""
+    check_run_options(opts, *train_settings(opts))  # before torch is imported
     from .report.screen import system_level_line
     from .experiments.tables import run_table
 
@@ -362,6 +401,7 @@ def table(
     _note(res.recipe.derived and f"note: {res.recipe.derived}")
     for note in res.notes:
         _note(f"note: {note}")
+    _split_notes(res.metrics)
     typer.echo(res.title)
     typer.echo(res.text)
     _note(system_level_line(res.metrics))
@@ -372,12 +412,13 @@ def table(
     compared = ", compare.md, .csv and .json" if res.compared else ""
     typer.echo(f"wrote {res.folder / 'table.md'} and table.csv{pooled}{compared}, "
                f"probe.json ({_cost(res.result)})")
+    _kept(res.folder)
 
 
 # -- using a run ----------------------------------------------------------------------------
 @command(panel=USE)
 def evaluate(
-    run: Path = typer.Argument(..., help="A run folder."),
+    run: Path = typer.Argument(..., metavar="RUN", help="A run folder."),
     split: Optional[str] = opt("Split to score.", "the run's eval split"),
     cache: Optional[Path] = opt("Cache to score (made with the run's backbone).",
                                 "the run's own"),
@@ -395,6 +436,8 @@ def evaluate(
     It scores the mean of the members' predictions (for a sweep: over all its settings,
     unless --members picks some). RUN/evaluations/CACHE-DIGEST-SPLIT/ holds the
     result. With --pairs, RUN/evaluations/pairs-FILE-DIGEST/ holds the pairs' figures."""
+    check_run_folder(run)  # before torch is imported
+    check_cache_file(cache)
     from .report.evaluate import evaluate_run
     from .report.screen import metrics_table, system_level_line, systems_lines
 
@@ -404,13 +447,17 @@ def evaluate(
     typer.echo(f"scoring {metrics['scored']['text']}")
     for w in metrics["warnings"]:
         typer.echo(f"warning: {w}", err=True)
-    for level in ("utterance", "system"):
+    labelled = {h: m for h, m in metrics["heads"].items() if m.get("labelled", True)}
+    for h, m in metrics["heads"].items():
+        if h not in labelled:
+            _note(f"note: head {h!r}: {m['why']}: predictions and systems' intervals only")
+    for level in ("utterance", "system") if labelled else ():
         if level == "system" and not metrics["system_level"]["computable"]:
             continue
         typer.echo(metrics_table({**metrics, "heads": {h: {level: m[level]}
-                                                       for h, m in metrics["heads"].items()}},
+                                                       for h, m in labelled.items()}},
                                  level))
-    _note(system_level_line(metrics))
+    _note(labelled and system_level_line(metrics))
     for line in systems_lines(metrics):
         typer.echo(line)
     systems = metrics["systems"]
@@ -453,9 +500,11 @@ def _evaluate_pairs(run: Path, pairs: Path, members, device, split, cache) -> No
 
 @command(panel=USE)
 def predict(
-    run: Path = typer.Argument(..., help="A run folder."),
-    audio: Optional[list[Path]] = typer.Argument(None, help="Audio files to score."),
-    manifest: Optional[Path] = opt("CSV/JSONL manifest of the clips (id, path, text)."),
+    run: Path = typer.Argument(..., metavar="RUN", help="A run folder."),
+    audio: Optional[list[Path]] = typer.Argument(None, metavar="AUDIO",
+                                                 help="Audio files to score."),
+    manifest: Optional[Path] = opt("CSV, TSV or JSONL manifest of the clips (id, path, "
+                                   "text), instead of files."),
     text: Optional[str] = opt("Prompt for every file (textual heads).", "the manifest's, else "
                               "none"),
     out: Optional[Path] = opt("Write scores to .csv or .jsonl (folders are created).",
@@ -469,20 +518,23 @@ def predict(
     tokenizer_dir: Optional[str] = opt("roberta-base tokenizer files (CLAP text, offline).",
                                        "the run's cache's"),
     device: Optional[str] = cfg_opt(ExtractConfig, "device", f"{DEVICE_HELP}.", recipe=False),
-    force: bool = typer.Option(False, "--force", help="Replace existing --out/--answer files.",
+    force: bool = typer.Option(False, "--force", metavar="",
+                               help="Replace existing --out/--answer files.",
                                rich_help_panel=OUTPUT),
 ):
     """Score new audio end to end with a run's backbone and heads.
 
     A file's score is the mean of the run's members' predictions; with several members,
     HEAD_sd beside it is their sd. --answer holds the scores alone."""
+    check_run_folder(run)  # before torch is imported
     from .predict import (check_outputs, predict as run_predict, scores_csv, write_answer,
                           write_scores)
 
     check_outputs(out, answer, force=force)  # before scoring: no scores lost to a bad path
+    notes: list[str] = []
     heads, rows, failures = run_predict(run, audio, manifest, text, members=members,
                                         checkpoint=checkpoint, tokenizer_dir=tokenizer_dir,
-                                        device=device)
+                                        device=device, notes=notes)
     for why in failures.values():
         typer.echo(f"error: {why}", err=True)
     if out:
@@ -491,6 +543,8 @@ def predict(
         write_answer(answer, heads, rows)
     if not out and not answer:
         typer.echo(scores_csv(heads, rows, digits=4), nl=False)
+    for line in notes:
+        _note(f"note: {line}")
     typer.echo(f"scored {len(rows)} file(s), {len(failures)} failed", err=True)
     if failures:
         raise typer.Exit(1)
@@ -581,28 +635,41 @@ def prefer(
 
 
 @command(panel=DEMO)
-def demo(quiet: bool = typer.Option(False, "--quiet", help="No progress bar.")):
+def demo(quiet: bool = typer.Option(False, "--quiet", metavar="", help="No progress bar.")):
     """Offline demo: synthetic corpus -> melstats cache -> QAMRO run -> beta sweep."""
     from .demo import run_demo
+
+    run_demo(progress=not quiet, watch=lambda what: _watch({"quiet": quiet}, what),
+             done=_demo_stage)
+
+
+def _demo_stage(stage: str, result) -> None:
+    """Print each stage of the demo as it finishes (the next one's progress follows)."""
     from .extract.loop import summary_text
     from .report.screen import metrics_table, sweep_table
 
-    out = run_demo(progress=not quiet)
-    typer.echo(summary_text(out["extract"]))
-    folder, metrics, result, _ = out["run"]
-    typer.echo("\nOne QAMRO run (alpha 0.2, beta 7) on the demo corpus:")
-    typer.echo(metrics_table(metrics))
-    typer.echo(f"run written to {folder}  ({_cost(result)})")
-    sweep_folder, sweep_metrics, sweep_result, _ = out["sweep"]
+    if stage == "extract":
+        typer.echo(summary_text(result))
+        typer.echo("training one QAMRO run, then the beta sweep (3 seeds per setting)...")
+        return
+    if stage == "run":
+        folder, metrics, run, _ = result
+        typer.echo("\nOne QAMRO run (alpha 0.2, beta 7) on the demo corpus:")
+        typer.echo(metrics_table(metrics))
+        typer.echo(f"run written to {folder}  ({_cost(run)})")
+        _kept(folder)
+        return
+    sweep_folder, sweep_metrics, sweep_result, _ = result["sweep"]
     first = sweep_metrics["members"][0]["heads"]
     n_sys = next(iter(first.values()))["system"].get("n")
     typer.echo(f"\nFigure 1 on the demo corpus: system-level SRCC on "
                f"{sweep_metrics['eval_split']!r} ({n_sys} systems) of QAMRO at alpha 0.2 "
                f"against beta, and of the same heads trained with the regression loss alone "
                f"(loss none); mean ± sd over seeds:")
-    typer.echo(sweep_table(out["sweep_rows"]))
+    typer.echo(sweep_table(result["sweep_rows"]))
     typer.echo(f"sweep written to {sweep_folder} (sweep.csv, sweep.png, curves.png; "
                f"{_cost(sweep_result)})")
+    _kept(sweep_folder)
     typer.echo("note: the demo corpus and its scores are SYNTHETIC (designed degradations "
                "plus simulated raters), not human ratings: these figures show that the "
                "pipeline works, not how QAMRO does on real data.")

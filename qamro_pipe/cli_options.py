@@ -45,7 +45,7 @@ def cfg_opt(cls, name: str, help: str, recipe: bool = True, **kw) -> Any:
 T, L = TrainConfig, LossConfig
 TRAIN_SETTINGS = ("val_split", "eval_split", "max_epochs", "patience", "optimizer", "lr",
                   "weight_decay", "batch_size", "val_batch_size", "activation", "device",
-                  "matmul_precision", "init", "label_stats", "release_checkpoint",
+                  "threads", "matmul_precision", "init", "label_stats", "release_checkpoint",
                   "train_windows")
 LOSS_SETTINGS = ("norm", "regression", "quality_weight", "temperature", "tau", "bins",
                  "sigma")  # one value for every member of one run
@@ -119,6 +119,10 @@ RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
     "device": (Optional[str], cfg_opt(
         T, "device", f"Where to train: {DEVICE_HELP} (auto = cuda when present).",
         rich_help_panel=TRAINING)),
+    "threads": (Optional[int], opt(
+        "torch's CPU threads while training (>= 1); the numbers do not change. On a CPU "
+        "shared with other work, 1 can be several times faster (README).",
+        "torch's own: one per core", rich_help_panel=TRAINING)),
     "matmul_precision": (Optional[str], cfg_opt(
         T, "matmul_precision", "highest (fp32) or high (TF32 on GPUs that have it): faster, "
         "predictions move by ~1e-2; see docs/benchmarks.md.",
@@ -142,21 +146,26 @@ RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
         "(sklearn GroupKFold); figures are mean ± sd over folds and of the pooled "
         "out-of-fold predictions.", rich_help_panel=TRAINING)),
     "cv_group": (Optional[str], cfg_opt(
-        CVConfig, "group", "What a --cv fold holds out whole: system (new systems) or prompt "
-        "(new prompts: the _P044 ending a MusicEval clip id, else the clip's text).",
+        CVConfig, "group", "What a --cv fold holds out whole: system (new systems), prompt "
+        "(new prompts: the _P044 ending a MusicEval clip id, else the clip's text) or clip "
+        "(plain K-fold, for clips with neither).",
         recipe=False, rich_help_panel=TRAINING)),
     "out": (Optional[Path], opt(
-        "Folder to write the run (sweep, table) to.", "CACHE_ROOT/runs/NAME (from recipe and loss)",
+        "Folder to write the run (sweep, table) to.",
+        "CACHE_ROOT/runs/NAME: recipe, backbone, loss settings, cv",
         rich_help_panel=OUTPUT)),
     "force": (bool, typer.Option(
-        False, "--force", help="Replace a run folder qamro-pipe wrote (never anything else), "
+        False, "--force", metavar="",
+        help="Replace a run folder qamro-pipe wrote (never anything else), "
         "or discard the saved state of a different interrupted run there.",
         rich_help_panel=OUTPUT)),
     "resume": (bool, typer.Option(
-        False, "--resume", help="Continue an interrupted run from its saved state (rerunning "
+        False, "--resume", metavar="",
+        help="Continue an interrupted run from its saved state (rerunning "
         "the same command does too); an error if there is none.", rich_help_panel=OUTPUT)),
     "quiet": (bool, typer.Option(
-        False, "--quiet", help="No progress display (on a terminal a bar; in a log a line "
+        False, "--quiet", metavar="",
+        help="No progress display (on a terminal a bar; in a log a line "
         "every 30 s).", rich_help_panel=OUTPUT)),
 }
 
@@ -182,7 +191,7 @@ def cv_config(opts: dict[str, Any]) -> CVConfig | None:
     return override(CVConfig(opts["cv"]), group=opts["cv_group"])
 
 
-DEBUG = typer.Option(False, "--debug", help="Show tracebacks on errors.")
+DEBUG = typer.Option(False, "--debug", metavar="", help="Show tracebacks on errors.")
 
 
 def with_options(fn: Callable, shared: dict[str, tuple[Any, Any]], collect: str | None,

@@ -27,7 +27,8 @@ _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 # the linear probe's ridge penalties, chosen among by RidgeCV's own leave-one-out (on
 # standardised features, so one grid fits embeddings of any scale or width)
 PROBE_ALPHAS = tuple(10.0 ** k for k in range(-3, 7))
-CV_GROUPS = ("system", "prompt")  # what a cross-validation fold holds out whole
+CV_GROUPS = ("system", "prompt", "clip")  # what a cross-validation fold holds out whole
+# (clip: plain K-fold, for clips with neither systems nor prompts)
 
 
 def cache_root() -> Path:
@@ -101,9 +102,15 @@ class TrainConfig:
     val_fraction: float = 0.1  # share of train held out when val_split="holdout"
     split_seed: int = 0  # which train rows are held out: fixed, so all members share them
     eval_split: str = "dev"  # the split metrics are reported on
+    eval_fraction: float = 0.2  # where the cache has no eval_split "dev" at all (a manifest
+    # without a split column): the share of train held out as the report split instead,
+    # whole systems where clips have them (train/holdout.py), chosen by split_seed
     hidden: tuple[int, ...] = (256, 64)  # MLP widths before the output unit (paper: 256, 64, 1)
     activation: str = "relu"  # nonlinearity between layers ("relu", "gelu" or "none" = published)
     device: str = "auto"  # "auto" = cuda when present, else cpu
+    threads: int | None = None  # torch's CPU threads while training; None = torch's own
+    # choice (one per core). Changes no number (tested); on a CPU shared with other work,
+    # 1 can be several times faster (README, "Speed and memory")
     bootstrap: int = 1000  # resamples of systems for the 95% confidence intervals
     check_every: int | None = None  # epochs between host syncs (progress, dropping members
     # that stopped, saving); None = 1 on the CPU, 10 on a GPU. Changes no member's numbers
@@ -136,6 +143,10 @@ class TrainConfig:
             raise QamroError("--release-checkpoint is read only with --init release or "
                              "--label-stats release")
         check_device(self.device)
+        if self.threads is not None:
+            if isinstance(self.threads, bool) or not isinstance(self.threads, int):
+                raise QamroError(f"--threads {self.threads!r}: give a whole number")
+            _at_least("threads", self.threads, 1)
         _above("lr", self.lr, 0)
         if not 0 <= self.momentum < 1:
             raise QamroError(f"momentum {self.momentum:g}: must be in [0, 1)")
@@ -153,8 +164,9 @@ class TrainConfig:
             raise QamroError(f"adam_betas {self.adam_betas} must be in [0, 1) and adam_eps "
                              f"{self.adam_eps:g} above 0")
         _at_least("bootstrap", self.bootstrap, 0)
-        if not 0 < self.val_fraction < 1:
-            raise QamroError(f"val_fraction {self.val_fraction:g}: must be in (0, 1)")
+        for name in ("val_fraction", "eval_fraction"):
+            if not 0 < _number(name, getattr(self, name)) < 1:
+                raise QamroError(f"{name} {getattr(self, name):g}: must be in (0, 1)")
         if not self.hidden or any(int(w) != w or w < 1 for w in self.hidden):
             raise QamroError(f"hidden {list(self.hidden)}: layer widths must be whole numbers >= 1")
         for name in ("val_split", "eval_split"):
@@ -179,8 +191,8 @@ class CVConfig:
     clips of the train split and the eval split."""
 
     folds: int  # K >= 2: each fold trains on the other K-1 and reports on its own clips
-    group: str = "system"  # held out whole: "system" (unseen systems) or "prompt" (unseen
-    # prompts: MusicEval's _P<n> in the clip id, else the clip's text)
+    group: str = "system"  # held out whole: "system" (unseen systems), "prompt" (unseen
+    # prompts: MusicEval's _P<n> in the clip id, else the clip's text) or "clip" (plain K-fold)
 
     def __post_init__(self):
         if isinstance(self.folds, bool) or not isinstance(self.folds, int):
@@ -216,8 +228,8 @@ class ExtractConfig:
 
 
 # -- the checks behind every dataclass above: one line naming the setting and its rule ------
-_NO_OPTION = ("momentum", "val_fraction", "check_every", "bootstrap", "huber_delta",
-              "rank_weight")  # settings only a recipe or library call sets
+_NO_OPTION = ("momentum", "val_fraction", "eval_fraction", "check_every", "bootstrap",
+              "huber_delta", "rank_weight")  # settings only a recipe or library call sets
 
 
 def _option(name: str) -> str:

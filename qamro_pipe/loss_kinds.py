@@ -22,7 +22,7 @@ class LossKind:
     settings: tuple[str, ...]  # the LossConfig fields it reads; giving another is refused
     legend: str  # how a plot's legend and the tables name it
     member: str  # a member's label: str.format over its LossConfig's fields
-    run_name: str  # the default run folder's suffix: str.format over the same
+    folder: str  # how default run-folder names call it (experiments/naming.py)
     grid: tuple[str, ...] = ()  # the settings a sweep grid multiplies its points by
     needs_label_range: bool = False  # its bins or normalisation need the labels' scale
     symbols: Mapping[str, str] | None = None  # legend symbols of its settings (alpha -> α)
@@ -31,9 +31,9 @@ class LossKind:
 
 KINDS: dict[str, LossKind] = {k.name: k for k in (
     LossKind("qamro", "pair", ("alpha", "beta", "norm", "quality_weight"), "QAMRO",
-             "qamro a={alpha:g} b={beta:g}", "qamro-a{alpha:g}-b{beta:g}",
+             "qamro a={alpha:g} b={beta:g}", "qamro",
              grid=("alpha", "beta"), symbols={"alpha": "α", "beta": "β"}, about="the paper"),
-    LossKind("mr", "pair", ("margin",), "L_MR", "mr m={margin:g}", "mr-m{margin:g}",
+    LossKind("mr", "pair", ("margin",), "L_MR", "mr m={margin:g}", "mr",
              grid=("margin",), symbols={"margin": "margin"}, about="fixed margin"),
     LossKind("listnet", "list", ("temperature",), "ListNet", "listnet T={temperature:g}",
              "listnet", about="listwise"),
@@ -63,11 +63,6 @@ def kinds_help() -> str:
 def member_label(loss: Any, seed: int) -> str:
     """'qamro a=0.2 b=7 seed=0': a member as screens, logs and metrics.json name it."""
     return f"{KINDS[loss.kind].member.format(**vars(loss))} seed={seed}"
-
-
-def run_name(loss: Any) -> str:
-    """The default run folder's suffix for a member's loss ('qamro-a0.2-b7', 'baseline')."""
-    return KINDS[loss.kind].run_name.format(**vars(loss))
 
 
 def legend(kind: str, values: Mapping[str, Any], skip: tuple = ()) -> str:

@@ -15,13 +15,16 @@ from typing import Any
 from .extract.datasets import Clip, DatasetRecords, load_dataset
 from .errors import QamroError
 from .extract.memory import Item
-from .scorer import Scorer, sd_name
+from .scorer import Scorer, clip_ids, sd_name
 
-__all__ = ["predict", "check_outputs", "sd_name", "score_columns", "scores_csv",
+__all__ = ["predict", "check_outputs", "clip_ids", "sd_name", "score_columns", "scores_csv",
            "write_scores", "write_answer"]
 
 
 def _records(files: list[str | Path], manifest: str | Path | None, text: str | None):
+    if manifest and files:
+        raise QamroError(f"give audio files or --manifest, not both ({len(files)} file(s) and "
+                         f"{manifest}); list every clip in the manifest")
     if manifest:
         recs = load_dataset("manifest", manifest)
         if text is not None:
@@ -29,24 +32,45 @@ def _records(files: list[str | Path], manifest: str | Path | None, text: str | N
         return recs
     if not files:
         raise QamroError("nothing to score: give audio files or --manifest FILE")
-    stems = [Path(f).stem for f in files]
-    ids = stems if len(set(stems)) == len(stems) else [str(f) for f in files]
-    if len(set(ids)) != len(ids):
+    for f in files:
+        if Path(f).is_dir():
+            raise QamroError(f"{f}: is a folder; give its audio files (e.g. {Path(f) / '*.wav'})"
+                             f" or a --manifest listing them")
+    if len({Path(f).resolve() for f in files}) != len(files):
         raise QamroError("the same file is given twice")
+    ids = clip_ids([Path(f) for f in files])
     clips = [Clip(id=i, path=Path(f), system="", split="predict", labels=(), text=text or "")
              for i, f in zip(ids, files)]
     return DatasetRecords(name="predict", label_names=(), clips=clips)
 
 
+def text_note(scorer: Scorer, recs: DatasetRecords) -> str | None:
+    """A run whose heads read the prompt, given clips without one: they are scored with an
+    empty text, which the user should know."""
+    empty = sum(1 for c in recs.clips if not c.text)
+    if not empty or not any(ex.texts for ex in scorer.extractors):
+        return None
+    heads = [h.name for h in scorer.trained.heads if any("text" in f for f in h.features)]
+    return (f"{empty} of {len(recs.clips)} clip(s) have no prompt, and head(s) "
+            f"{', '.join(heads) or 'of this run'} read one: they are scored with an empty "
+            f"text; give --text or a manifest text column")
+
+
 def predict(run: str | Path, files: list[str | Path] | None = None,
             manifest: str | Path | None = None, text: str | None = None,
-            members: str | None = None, scorer: Scorer | None = None, **extract_opts):
+            members: str | None = None, scorer: Scorer | None = None,
+            notes: list[str] | None = None, **extract_opts):
     """-> (head names, rows [{"id", head: score, head_sd: spread, ...}], failures {id:
     reason}). A score is the mean over the run's members (or those `members` selects, as
     `evaluate --members`); head_sd, their sd (ddof=1), is there when there are several.
-    `extract_opts`: checkpoint, tokenizer_dir, device, batch_size (Scorer.load's)."""
+    `extract_opts`: checkpoint, tokenizer_dir, device, batch_size (Scorer.load's). What the
+    user should know (clips scored without the prompt a head reads) is appended to
+    `notes`."""
     recs = _records(list(files or []), manifest, text)
     scorer = scorer or Scorer.load(run, members=members, **extract_opts)
+    note = text_note(scorer, recs)
+    if note and notes is not None:
+        notes.append(note)
     items = [Item(id=c.id, path=c.path, start=c.start, end=c.end, text=c.text)
              for c in recs.clips]
     rows, failures = scorer.score_items(items)

@@ -273,12 +273,26 @@ def _texts(text, n: int) -> list[str]:
     return [t or "" for t in texts]
 
 
+def clip_ids(files: list[Path]) -> list[str]:
+    """Each file's id: its name without the extension (as AudioMOS answer files name clips),
+    and where two share it, as many of its folders before it as tell them apart (a/x, b/x):
+    one file's id never changes with the others given beside it but for such a clash."""
+    parts = [f.with_suffix("").parts for f in files]
+    ids = []
+    for p in parts:
+        depth = 1
+        while any(q != p and q[-depth:] == p[-depth:] for q in parts) and depth < len(p):
+            depth += 1
+        ids.append("/".join(p[-depth:]))
+    if len(set(ids)) != len(set(parts)):  # a.wav and a.flac in one folder: the extension
+        ids = [f"{i}{f.suffix}" for i, f in zip(ids, files)]
+    return ids
+
+
 def _ids(clips: list) -> list[str]:
     paths = [Path(c) if isinstance(c, (str, Path)) else None for c in clips]
-    stems = [p.stem for p in paths if p is not None]
-    unique = len(set(stems)) == len(stems)
-    ids = [(p.stem if unique else str(p)) if p is not None else f"#{i}"
-           for i, p in enumerate(paths)]
+    named = iter(clip_ids([p for p in paths if p is not None]))
+    ids = [next(named) if p is not None else f"#{i}" for i, p in enumerate(paths)]
     seen: dict[str, int] = {}
     for i, cid in enumerate(ids):  # the same file twice: its later rows are told apart
         seen[cid] = seen.get(cid, 0) + 1

@@ -173,8 +173,8 @@ def test_dataset_and_backbone_choose_recipe_and_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("QAMRO_CACHE_DIR", str(tmp_path))
     make_synthetic_cache(tmp_path / "aes-natural" / "other.h5")  # where --backbone other looks
     r = invoke("train", "--dataset", "aes-natural", "--backbone", "other", *FAST)
-    assert r.exit_code == 1  # found the cache: its labels are MusicEval's, not the four axes
-    assert "aes-natural/other.h5" in r.output and "needs label 'PQ'" in r.output
+    assert r.exit_code == 1  # found the cache: its features are not Audiobox-Aesthetics' layers
+    assert "aes-natural/other.h5" in r.output and "reads 'layers'" in r.output
     r = invoke("train", "--dataset", "musiceval", "--recipe", "demo", *FAST)
     assert r.exit_code == 1 and "is for dataset 'demo', not 'musiceval'" in r.output
 

@@ -153,15 +153,16 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("QAMRO_CACHE_DIR", str(tmp_path))
     r = CliRunner().invoke(app, ["demo", "--quiet"])
     assert r.exit_code == 0, r.output
-    m = json.loads((tmp_path / "runs" / "demo-qamro-a0.2-b7" / "metrics.json").read_text())
+    runs = tmp_path / "runs"
+    m = json.loads((runs / "demo-melstats-qamro-a0.2-b7" / "metrics.json").read_text())
     assert m["heads"]["overall"]["system"]["srcc"] > 0.5  # melstats carries real signal
-    assert (tmp_path / "runs" / "demo-sweep" / "sweep.png").exists()
+    assert (runs / "demo-melstats-sweep-qamro+baseline-a0.2-b1-11x6" / "sweep.png").exists()
     assert "synthetic" in r.output.lower()  # the note says what the figures are
     # the losses table (issue 15 item 2) on the demo cache, as make table-losses runs it
     t = CliRunner().invoke(app, ["table", "--recipe", "table-losses", "--model", "demo",
                                  "--seeds", "1", "--max-epochs", "3", "--quiet"])
     assert t.exit_code == 0, t.output
-    assert (tmp_path / "runs" / "table-losses-demo" / "compare.md").exists()
+    assert (tmp_path / "runs" / "table-losses-demo-melstats" / "compare.md").exists()
     assert "P(> QAMRO)" in t.output
 
 

@@ -40,4 +40,4 @@ def test_a_log_is_not_flooded(synthetic_cache):
 def test_a_terminal_gets_a_bar(synthetic_cache):
     text, res = watch(synthetic_cache, terminal=True)
     assert "\r" in text and "epoch" in text and "members training" in text
-    assert "/30 [" in text  # tqdm: epochs done of max_epochs
+    assert "/30 epochs [" in text and "at most" in text  # of max_epochs: an upper bound

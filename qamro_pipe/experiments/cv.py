@@ -71,11 +71,14 @@ def group_keys(cache: Cache, rows: np.ndarray, group: str) -> np.ndarray:
     else the clip's text). A clip without a system is a group of its own (AES-Natural's
     train and dev lists have none; its eval set has 36 systems); a clip without a prompt is
     refused, as grouping by prompt is then not what it says."""
+    if group == "clip":  # plain K-fold: each clip a group of its own
+        return cache.ids[rows].astype(str)
     if group == "system":
         keys = cache.systems[rows].astype(object)
         if (keys == "").all():
             raise QamroError(f"{cache.path}: --cv-group system: no clip to cross-validate has "
-                             f"a system; group by prompt instead")
+                             f"a system; give the clips a system column, or use --cv-group "
+                             f"clip (folds of single clips)" + _other_group(cache, rows))
         none = keys == ""
         keys[none] = [SINGLE + str(cache.ids[i]) for i in rows[none]]
         return keys.astype(str)
@@ -86,8 +89,19 @@ def group_keys(cache: Cache, rows: np.ndarray, group: str) -> np.ndarray:
     if len(missing):
         raise QamroError(f"{cache.path}: --cv-group prompt: {len(missing)} clip(s) have no "
                          f"prompt (neither _P<n> ending its id nor a text), e.g. "
-                         f"{cache.ids[missing[0]]!r}; group by system instead")
+                         f"{cache.ids[missing[0]]!r}; give the clips a text column, or use "
+                         f"--cv-group clip (folds of single clips)"
+                         + _other_group(cache, rows, "system"))
     return keys.astype(str)
+
+
+def _other_group(cache: Cache, rows: np.ndarray, other: str = "prompt") -> str:
+    """The refusal's other way out, only where it would work: grouping by `other`."""
+    if other == "system":
+        return ", or --cv-group system" if (cache.systems[rows] != "").any() else ""
+    texts = cache.texts if cache.texts is not None else np.full(len(cache.ids), "")
+    prompted = all(PROMPT_IN_ID.search(str(cache.ids[i])) or texts[i] for i in rows)
+    return ", or --cv-group prompt" if prompted else ""
 
 
 def make_folds(cache: Cache, heads, tcfg: TrainConfig, cv: CVConfig) -> Folds:
@@ -260,7 +274,7 @@ def _train_folds(job: Job, folds: Folds, tmp: Path) -> Staged:
         fp = fingerprint(view, heads, members, fold_cfg, job.label_range, job.sources,
                          job.release.sha256 if job.release else None)
         if hasattr(job.progress, "restart"):
-            job.progress.restart(f"fold {f + 1}/{k}")
+            job.progress.restart(f"fold-{f} ({f + 1} of {k})")  # named as on disk
         with training_state(fold_out(job.out, f, k), fp, fold_cfg, job.force) as checkpoint:
             result = train(view, heads, members, fold_cfg, label_range=job.label_range,
                            progress=job.progress, checkpoint=checkpoint, release=job.release)

@@ -111,13 +111,14 @@ def base_config(job: Job, data: Cache | None = None) -> dict[str, Any]:
 def stage_run(job: Job, result, out: Path, system_note: dict[str, str], *,
               data: Cache | None = None, tcfg: TrainConfig | None = None,
               kind: str | None = None, force: bool | None = None,
-              more_config: dict[str, Any] | None = None) -> Staged:
+              more_config: dict[str, Any] | None = None,
+              more_metrics: dict[str, Any] | None = None) -> Staged:
     """A trained result as a staged run folder: config.json, metrics.json, predictions,
     heads, history, curves.png (and sweep.csv/.png for a sweep). `data`, `tcfg`, `kind` and
     `force` default to the job's (a cross-validation fold passes its own)."""
     data = job.data if data is None else data
     tcfg = job.tcfg if tcfg is None else tcfg
-    metrics = summarise(data, result, tcfg)
+    metrics = {**summarise(data, result, tcfg), **(more_metrics or {})}
     mark_system_level(metrics, system_note)
     config = {
         **base_config(replace(job, tcfg=tcfg), data), "validation": result.split.val_source,

@@ -10,10 +10,11 @@ from typing import Any, Iterator
 from ..config import (CVConfig, LossConfig, Member, TrainConfig, cache_root, check_used,
                       override, tuples)
 from ..errors import QamroError
-from ..loss_kinds import KINDS, run_name
+from ..loss_kinds import KINDS
 from ..store.reader import Cache, read_cache
 from ..train.aes_release import read_release
-from ..train.joined import Source, join
+from ..train.holdout import eval_split_warning, holdout_view, needs_holdout
+from ..train.joined import Source, join, split_feature
 from ..train.losses import INTERVAL_TABLES
 from ..train.recipes import Recipe, load_recipe
 from ..train.resume import discard, fingerprint, training_state
@@ -21,6 +22,7 @@ from ..train.runs import check_out, clean_stale
 from ..train.trainer import train
 from .cv import stage_cv
 from .folder import Job, Outcome, Staged, stage_run, system_level_note
+from .naming import run_name
 
 
 def recipe_configs(recipe: Recipe, train: dict[str, Any] | None = None,
@@ -78,9 +80,39 @@ def open_cache(recipe: Recipe, cache: str | Path | None) -> tuple[Cache, list[So
     return join(read_cache(Path(cache) if cache else recipe.default_cache()), recipe.heads)
 
 
-def default_out(recipe: Recipe, members: list[Member], kind: str = "run") -> Path:
-    name = "sweep" if kind == "sweep" else run_name(members[0].loss)
-    return cache_root() / "runs" / f"{recipe.name}-{name}"
+def check_features(recipe: Recipe, data: Cache) -> None:
+    """Every feature the recipe's heads read is in the cache; if not, say which backbone the
+    recipe is written for (an aes-natural cache made by melstats has no `layers`)."""
+    have = set(data.features) | set(data.windows)
+    for h in recipe.heads:
+        for f in h.features:
+            if split_feature(f)[0] is None and f not in have:
+                raise QamroError(
+                    f"{data.path}: the {recipe.name} recipe's head {h.name!r} reads {f!r}, which "
+                    f"the {recipe.backbone} backbone writes; this cache was made by "
+                    f"{data.meta.backbone} (it has {', '.join(sorted(have)) or 'none'}). "
+                    f"Extract with --backbone {recipe.backbone}, or give --recipe a recipe "
+                    f"whose heads read these features (docs/recipes.md)")
+
+
+def unconverged(result, tcfg: TrainConfig) -> str | None:
+    """Members that --max-epochs stopped before early stopping could: still improving."""
+    capped = [k for k, e in enumerate(result.stopped_epoch)
+              if k not in result.failures and e >= tcfg.max_epochs]
+    if not capped:
+        return None
+    return (f"{len(capped)} of {len(result.members)} member(s) reached --max-epochs "
+            f"{tcfg.max_epochs} before early stopping (patience {tcfg.patience}) ended them: "
+            f"their validation loss had improved within the last {tcfg.patience} epochs; raise "
+            f"--max-epochs for converged heads")
+
+
+def default_out(recipe: Recipe, members: list[Member], kind: str = "run",
+                backbone: str | None = None, cv: CVConfig | None = None) -> Path:
+    """CACHE_ROOT/runs/NAME, NAME carrying the backbone, loss settings and cv (naming.py)."""
+    base = recipe_configs(recipe)[1]
+    return cache_root() / "runs" / run_name(recipe.name, backbone or recipe.backbone, members,
+                                            base, kind, cv)
 
 
 def prepare(recipe: Recipe | str, members: list[Member], tcfg: TrainConfig,
@@ -91,7 +123,8 @@ def prepare(recipe: Recipe | str, members: list[Member], tcfg: TrainConfig,
     the release read (its file decides the numbers)."""
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
     data, sources = open_cache(recipe, cache)
-    out = Path(out) if out else default_out(recipe, members, kind)
+    check_features(recipe, data)
+    out = Path(out) if out else default_out(recipe, members, kind, data.meta.backbone, cv)
     clean_stale(out)  # what a killed run left: removed, or an interrupted --force finished
     check_out(out, force, data.path)  # refuse before spending time training
     release = read_release_for(data, recipe, tcfg)
@@ -109,14 +142,24 @@ def stage(job: Job) -> Iterator[Staged]:
         with stage_cv(job) as staged:
             yield staged
         return
-    note = system_level_note(job.data, job.recipe.heads, job.tcfg)  # before training
-    fp = fingerprint(job.data, job.recipe.heads, job.members, job.tcfg, job.label_range,
+    data, tcfg, holdout = job.data, job.tcfg, None
+    if needs_holdout(data, tcfg):  # no report split: hold out a seeded share of train
+        data, tcfg, holdout = holdout_view(data, tcfg)
+    report: dict[str, Any] = {"eval_holdout": holdout} if holdout else {}
+    warnings = [w for w in [eval_split_warning(tcfg)] if w]
+    note = system_level_note(data, job.recipe.heads, tcfg)  # before training
+    fp = fingerprint(data, job.recipe.heads, job.members, tcfg, job.label_range,
                      job.sources, job.release.sha256 if job.release else None)
-    with training_state(job.out, fp, job.tcfg, job.force, job.resume) as checkpoint:
-        result = train(job.data, job.recipe.heads, job.members, job.tcfg,
+    with training_state(job.out, fp, tcfg, job.force, job.resume) as checkpoint:
+        result = train(data, job.recipe.heads, job.members, tcfg,
                        label_range=job.label_range, progress=job.progress,
                        checkpoint=checkpoint, release=job.release)
-        staged = stage_run(job, result, job.out, note)
+        warnings += [w for w in [unconverged(result, tcfg)] if w]
+        if warnings:
+            report["warnings"] = warnings
+        staged = stage_run(job, result, job.out, note, data=data, tcfg=tcfg,
+                           more_config=holdout and {"eval_holdout": holdout},
+                           more_metrics=report)
         staged.after_publish.append(lambda: discard(job.out))
         try:
             yield staged

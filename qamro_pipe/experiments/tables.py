@@ -17,6 +17,7 @@ from ..errors import QamroError
 from ..report.compare import comparison, render_comparison
 from ..metrics import mean_sd
 from ..report.tables import aggregate, aggregate_cv, render, write_table
+from ..store.reader import read_meta
 from ..train.aes_release import clip_scores, read_release
 from ..train.probe import PROBE_ROW, probe, probe_metrics, train_rows
 from ..train.recipes import Recipe, TableRecipe, load_table, select_recipe
@@ -133,6 +134,14 @@ def compare_table(folder: Path, t: TableRecipe, metrics, data, recipe, members, 
     return f"{title}\n{text}"
 
 
+def table_name(table: str, recipe: Recipe, cache, cv) -> str:
+    """TABLE-RECIPE-BACKBONE[-cvK-GROUP]: a table of another cache's backbone or of a
+    cross-validation gets a folder of its own."""
+    backbone = read_meta(Path(cache) if cache else recipe.default_cache()).backbone
+    name = f"{table}-{recipe.name}-{backbone.split('@')[0]}"
+    return name + (f"-cv{cv.folds}-{cv.group}" if cv is not None else "")
+
+
 def run_table(table: str | Path, model: str | None = None, cache: str | Path | None = None,
               seeds: int | None = None, out: str | Path | None = None, force: bool = False,
               train: dict[str, Any] | None = None, loss: dict[str, Any] | None = None,
@@ -151,7 +160,8 @@ def run_table(table: str | Path, model: str | None = None, cache: str | Path | N
     kinds = sorted({r.get("loss", recipe.loss.get("kind", LossConfig.kind)) for _, r in t.rows})
     tcfg, lcfg = recipe_configs(recipe, train, loss, kinds=kinds)
     members, row_of = table_members(t, lcfg, seeds)
-    out = Path(out) if out else cache_root() / "runs" / f"{t.name}-{recipe.name}"
+    cv = run_opts.get("cv")
+    out = Path(out) if out else cache_root() / "runs" / table_name(t.name, recipe, cache, cv)
     job = prepare(recipe, members, tcfg, cache, out, force, **run_opts)
     with stage(job) as staged:
         made = write_table_files(staged, t, recipe, tcfg, job.cv, seeds, members, row_of)

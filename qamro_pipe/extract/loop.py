@@ -23,7 +23,7 @@ import numpy as np
 
 from . import audio
 from .backbones import Backbone, get_backbone
-from ..config import EXTRACT_BATCH, ExtractConfig, cache_root, to_jsonable
+from ..config import EXTRACT_BATCH, ExtractConfig, cache_root, check_label_range, to_jsonable
 from .datasets import Clip, DatasetRecords
 from ..errors import DataError, Interrupted, QamroError
 from ..store.files import journal_path, writer_lock
@@ -550,12 +550,17 @@ def _write(w: CacheWriter, bb: Backbone, clips: list[Clip], job: _Launched,
 
 def records_for(dataset: str | None, root: str | Path | None, manifest: str | Path | None,
                 splits: str | None = None, eval_dir: str | Path | None = None,
-                lists: str | Path | None = None) -> DatasetRecords:
-    """The CLI's dataset choice -> records."""
+                lists: str | Path | None = None,
+                label_range: str | None = None) -> DatasetRecords:
+    """The CLI's dataset choice -> records. `label_range` "LO,HI": a manifest's scale."""
     from .datasets import load_dataset
 
+    if label_range is not None and not manifest:
+        raise QamroError("--label-range applies to --manifest (the published data sets "
+                         "declare their own scale)")
     if manifest:
-        return load_dataset("manifest", manifest)
+        return load_dataset("manifest", manifest,
+                            label_range=parse_label_range(label_range))
     if not dataset:
         raise QamroError("say what to extract: --dataset NAME --root DIR, or --manifest FILE")
     if dataset == "demo":
@@ -572,6 +577,20 @@ def records_for(dataset: str | None, root: str | Path | None, manifest: str | Pa
         if value is not None:
             opts[name] = tuple(value.split(",")) if name == "splits" else value
     return load_dataset(dataset, root, **opts)
+
+
+def parse_label_range(text: str | None) -> tuple[float, float] | None:
+    """--label-range "LO,HI" -> (lo, hi), checked; None when not given."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        lo, hi = (float(p) for p in parts)
+    except ValueError:
+        raise QamroError(f"--label-range {text!r}: give the scale as two numbers LO,HI, "
+                         f"e.g. 1,5") from None
+    check_label_range((lo, hi), "--label-range")
+    return lo, hi
 
 
 def summary_text(s: ExtractSummary) -> str:

@@ -15,9 +15,10 @@ import torch
 from ..config import TrainConfig, from_jsonable, member_from_jsonable, to_jsonable
 from ..errors import CacheError, QamroError
 from ..loss_kinds import USED_SETTINGS
-from ..metrics import named_systems, system_level_problem
+from ..metrics import FIGURES, named_systems, system_level_problem
 from ..train.distribution import output_bins
 from ..train.heads import BatchedMLP, HeadSpec
+from ..train.holdout import same_holdout
 from ..train.inputs import build_head, head_inputs, predict_units, units_for
 from ..train.joined import join
 from ..train.runs import head_metrics, load_run, write_predictions
@@ -233,6 +234,8 @@ def system_outputs(folder: Path, data: Cache, heads, preds: dict[str, np.ndarray
 def _true_mos(data: Cache, head, rows: np.ndarray) -> dict[str, float]:
     """The systems' published MOS where the cache has one for every system (as the system-
     level figures use it), else the mean label of their clips (systems without one left out)."""
+    if head.label not in data.label_names:  # an unlabelled cache: no true MOS to show
+        return {}
     col = data.label_names.index(head.label)
     names = [str(s) for s in np.unique(data.systems[rows])]
     published = {s: float(data.system_mos[s][col]) for s in names if s in data.system_mos}
@@ -244,6 +247,36 @@ def _true_mos(data: Cache, head, rows: np.ndarray) -> dict[str, float]:
         if np.isfinite(y).any():
             out[s] = float(np.nanmean(y))
     return out
+
+
+def unlabelled_heads(data: Cache, heads, rows: np.ndarray, split: str,
+                     run: Path) -> dict[str, str]:
+    """head -> why it has no figures on these rows: the cache has no labels at all (an
+    unlabelled manifest's) or none on this split. Such heads are still scored (predictions,
+    systems' intervals, rank matrix). A cache whose labels are named otherwise than the run's
+    heads' is refused: its figures would compare the wrong columns, or none."""
+    if data.label_names:
+        missing = [h.label for h in heads if h.label not in data.label_names]
+        if missing:
+            raise QamroError(
+                f"{data.path}: its labels are {', '.join(data.label_names)}; run {run} "
+                f"predicts {', '.join(dict.fromkeys(h.label for h in heads))} "
+                f"({', '.join(missing)} missing). Name the score columns as the run's, or "
+                f"score a cache without labels (predictions and intervals only)")
+    out = {}
+    for h in heads:
+        if not data.label_names:
+            out[h.name] = f"{data.path} has no labels"
+        elif not np.isfinite(data.labels[rows, data.label_names.index(h.label)]).any():
+            out[h.name] = f"split {split!r} of {data.path} has no {h.label!r} labels"
+    return out
+
+
+def no_figures(why: str) -> dict[str, Any]:
+    """metrics.json's entry for a head scored without labels: no figures, and why."""
+    empty = {f: None for f in FIGURES}
+    return {"labelled": False, "why": why, "utterance": {**empty, "n": 0},
+            "system": {**empty, "not_computable": f"{why}: predictions only"}}
 
 
 def evaluation_name(cache: Path, split: str, selection: str | None) -> str:
@@ -270,13 +303,20 @@ def evaluate_run(run: str | Path, split: str | None = None, cache: str | Path | 
     split = split or tr.train_cfg.eval_split
     picked, selection = select_members(tr.config, tr.members, members)
     data, sources = tr.open_cache(cache)
+    held = tr.config.get("eval_holdout")
+    if held and split == held["split"] and \
+            data.path.resolve() == Path(tr.config["cache"]).resolve():
+        data = same_holdout(data, held)[0]  # the report split the run held out of train
     rows = data.rows(split)
     if len(rows) == 0:
         raise QamroError(f"{data.path}: split {split!r} has no usable rows (splits here: "
                          f"{', '.join(sorted(set(data.splits)))})")
     preds = {h: p[picked] for h, p in tr.predict(data).items()}
     means = {h: p.mean(0) for h, p in preds.items()}  # the run's score: mean over members
-    heads = head_metrics(data, tr.heads, means, rows, n_boot, what=f" split {split!r}")
+    unlabelled = unlabelled_heads(data, tr.heads, rows, split, tr.path)
+    heads = head_metrics(data, [h for h in tr.heads if h.name not in unlabelled], means, rows,
+                         n_boot, what=f" split {split!r}")
+    heads = {h.name: heads.get(h.name) or no_figures(unlabelled[h.name]) for h in tr.heads}
     warning = _split_warning(tr, data, split)
     metrics = {"run": str(tr.path), "cache": str(data.path), "eval_split": split,
                "feature_caches": {s.name: s.path for s in sources} or None,

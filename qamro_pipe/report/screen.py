@@ -34,22 +34,30 @@ def pooled_table(metrics: dict[str, Any], level: str | None = None) -> str:
 
 
 def _figures(heads: dict[str, Any], level: str) -> str:
-    body = [[head, *(_figure(levels[level], f) for f in FIGURES)]
-            for head, levels in heads.items()]
+    """A line of figures per head (or mean ± sd) and, where they have one, a line of their
+    95% intervals beneath: one figure per column, within 80 characters."""
+    body = []
+    for head, levels in heads.items():
+        m = levels[level]
+        body.append([head, *(_figure(m, f) for f in FIGURES)])
+        cis = [_interval(m, f) for f in FIGURES]
+        if any(cis):
+            body.append(["  95% CI", *cis])
     return layout(["head", *(f.upper() for f in FIGURES)], body)[0]
 
 
 def _figure(m: dict[str, Any], f: str) -> str:
-    """A figure as the screen shows it: with its sd over members or folds, or its CI."""
-    v = m.get(f)
+    """A figure as the screen shows it: with its sd over members or folds where it has one."""
+    v, sd = m.get(f), m.get(f"{f}_std")
     if v is None:
         return "-"
-    if m.get(f"{f}_std") is not None:
-        return f"{v:.3f} ± {m[f'{f}_std']:.3f}"
-    if m.get(f"{f}_ci"):
-        lo, hi = m[f"{f}_ci"]
-        return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
-    return f"{v:.3f}"
+    return f"{v:.3f} ± {sd:.3f}" if sd is not None else f"{v:.3f}"
+
+
+def _interval(m: dict[str, Any], f: str) -> str:
+    ci = m.get(f"{f}_ci")
+    return f"[{ci[0]:.3f},{ci[1]:.3f}]" if ci and m.get(f) is not None \
+        and m.get(f"{f}_std") is None else ""
 
 
 def system_level_line(metrics: dict[str, Any]) -> str | None:

@@ -411,7 +411,10 @@ def describe(path: str | Path) -> str:
              f"  {int(cache.usable.sum())}/{len(cache.ids)} clips usable"]
     splits, counts = np.unique(cache.splits, return_counts=True)
     lines.append("splits     " + ", ".join(f"{s} {c}" for s, c in zip(splits, counts)))
-    lines.append(f"systems    {len(set(cache.systems))}"
+    named = set(cache.systems) - {""}  # "" is a clip without a system, not a system
+    without = int((cache.systems == "").sum())
+    lines.append(f"systems    {len(named) or 'none'}"
+                 + (f" ({without} clips without one)" if named and without else "")
                  + (f"  (published system MOS for {len(cache.system_mos)})"
                     if cache.system_mos else ""))
     if cache.ratings:

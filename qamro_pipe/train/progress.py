@@ -33,8 +33,11 @@ class TrainingProgress:
 
         if self.bar is None:
             done = p.epoch - (self.last.epoch if self.last else 0)
+            # members stop early, so the time left to --max-epochs is an upper bound
             self.bar = tqdm(total=p.max_epochs, initial=p.epoch - done, unit="epoch",
-                            desc=self.desc, file=self.stream, dynamic_ncols=True, leave=False)
+                            desc=self.desc, file=self.stream, dynamic_ncols=True, leave=False,
+                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} epochs "
+                                       "[{elapsed}, at most {remaining} left{postfix}]")
         self.bar.set_postfix_str(self._state(p), refresh=False)
         self.bar.update(p.epoch - self.bar.n)
 

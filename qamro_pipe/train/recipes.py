@@ -127,6 +127,11 @@ def recipe_from_cache(cache) -> Recipe:
     head; Audiobox-Aesthetics' per-layer head on per-window features. Without a shipped
     recipe for the backbone: an MLP on the clip features (audio, plus text where the cache
     has texts)."""
+    if not cache.label_names:
+        raise QamroError(f"{cache.path}: no labels to train on (a manifest's score columns are "
+                         f"every column but id, path, system, text, split, start and end, and "
+                         f"it had none); add a score column, or score these clips with a "
+                         f"trained run (`evaluate RUN --cache`, `predict`)")
     backbone = cache.meta.backbone.split("@")[0]
     has_text = "text" in cache.features and cache.texts is not None and any(cache.texts)
     have = set(cache.windows) | (set(cache.features) - ({"text"} if not has_text else set()))
@@ -167,6 +172,10 @@ def select_recipe(recipe: str | None = None, dataset: str | None = None,
     for its dataset, or else one derived from the cache (`recipe_from_cache`)."""
     if recipe is None and dataset is None and cache is not None:
         meta = read_meta(cache)
+        local = Path("stages") / f"{meta.dataset}.toml"  # the user's own, as --recipe finds it
+        if local.is_file():
+            r = load_recipe(local)
+            return replace(r, backbone=backbone) if backbone else r
         r = load_recipe(default)
         if meta.dataset == r.dataset:
             return replace(r, backbone=backbone) if backbone else r

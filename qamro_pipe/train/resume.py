@@ -27,7 +27,8 @@ from .trainer import Checkpoint
 STATE_FILE = "state.safetensors"
 # settings that change no number a member computes: a run resumes across them (the release
 # file's place is one: its sha256 is in the fingerprint)
-NOT_IN_FINGERPRINT = ("device", "bootstrap", "checkpoint_seconds", "release_checkpoint")
+NOT_IN_FINGERPRINT = ("device", "bootstrap", "checkpoint_seconds", "release_checkpoint",
+                      "threads")
 
 
 def partial_dir(out: Path) -> Path:
@@ -69,25 +70,36 @@ def training_state(out: Path, fp: str, cfg: TrainConfig, force: bool = False,
     folder = partial_dir(out)
     path = folder / STATE_FILE
     folder.mkdir(parents=True, exist_ok=True)
-    with writer_lock(path):
-        state = None
-        if path.exists():
-            found, epoch = read_fingerprint(path)
-            if found == fp:
-                state = TrainState.load(path)[0]
-            elif force and not resume:
-                path.unlink()
-            else:
-                what = (f"the saved state of a different run (epoch {epoch})" if found
-                        else "a training state that cannot be read")
-                raise QamroError(f"{folder} holds {what}; rerun that run's own command to "
-                                 f"resume it, pass --force to discard it, or choose another "
-                                 f"--out")
-        elif resume:
-            raise QamroError(f"--resume: no saved training state for {out} (looked in "
-                             f"{folder})")
-        yield Checkpoint(path=path, fingerprint=fp, every=cfg.checkpoint_seconds,
-                         resume=state)
+    locked = False
+    try:
+        with writer_lock(path):
+            locked = True
+            yield _checkpoint(out, path, fp, cfg, force, resume)
+    finally:
+        if locked and not path.exists():  # refused or failed before any state was saved:
+            shutil.rmtree(folder, ignore_errors=True)  # leave no empty .NAME.partial/
+
+
+def _checkpoint(out: Path, path: Path, fp: str, cfg: TrainConfig, force: bool,
+                resume: bool) -> Checkpoint:
+    """The state to resume from `path`, or none; refused as training_state says."""
+    state = None
+    if path.exists():
+        found, epoch = read_fingerprint(path)
+        if found == fp:
+            state = TrainState.load(path)[0]
+        elif force and not resume:
+            path.unlink()
+        else:
+            what = (f"the saved state of a different run (epoch {epoch})" if found
+                    else "a training state that cannot be read")
+            raise QamroError(f"{path.parent} holds {what}; rerun that run's own command to "
+                             f"resume it, pass --force to discard it, or choose another "
+                             f"--out")
+    elif resume:
+        raise QamroError(f"--resume: no saved training state for {out} (looked in "
+                         f"{path.parent})")
+    return Checkpoint(path=path, fingerprint=fp, every=cfg.checkpoint_seconds, resume=state)
 
 
 def discard(out: Path) -> None:

@@ -109,13 +109,14 @@ def write_predictions(path: Path, cache: Cache, heads, preds: dict[str, np.ndarr
                 header += [f"sd_{h.name}", *(f"pred_{h.name}_m{k}"
                                              for k in (members or range(len(preds[h.name]))))]
         w.writerow(header)
-        cols = {h.name: cache.label_names.index(h.label) for h in heads}
+        cols = {h.name: cache.label_names.index(h.label) if h.label in cache.label_names
+                else None for h in heads}  # None: an unlabelled cache (evaluate)
         for i in rows:
             row = [cache.ids[i], cache.systems[i], cache.splits[i],
                    *(values[i] for values in columns.values())]
             for h in heads:
                 p = preds[h.name][:, i]
-                true = cache.labels[i, cols[h.name]]
+                true = np.nan if cols[h.name] is None else cache.labels[i, cols[h.name]]
                 row += ["" if np.isnan(true) else f"{true:.6g}", f"{p.mean():.6g}"]
                 if len(p) > 1:
                     row += [f"{p.std(ddof=1):.6g}", *(f"{v:.6g}" for v in p)]
@@ -248,8 +249,17 @@ def stage_run_folder(out: Path, *, config: dict[str, Any], metrics: dict[str, An
                       else np.arange(len(cache.ids)), members=ok)
     save_file(tensors, str(tmp / "heads.safetensors"),
               metadata={"qamro_run_version": str(RUN_VERSION)})
+    follow_umask(tmp / "heads.safetensors")
     write_history(tmp / "history.csv", result.history)
     return tmp
+
+
+def follow_umask(path: Path) -> None:
+    """Give a file the mode every other file of the run has (0666 less the umask):
+    safetensors writes through a private temporary file, which leaves it 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def staging(out: Path) -> Path:
@@ -268,7 +278,12 @@ def publish(tmp: Path, out: Path) -> Path:
         fsync_path(f)
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()  # an empty folder the user made for the run
-    if out.exists():  # --force: swap in the new run, then drop the old one
+    kept = keep_aside_name(out, tmp)
+    if kept is not None:  # the old run holds what the new one does not write: keep it whole
+        note_kept(tmp, out, kept)
+        os.replace(out, kept)
+        os.replace(tmp, out)
+    elif out.exists():  # --force: swap in the new run, then drop the old one
         old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
         os.replace(out, old)
         fault_point("SWAP", str(out))
@@ -278,6 +293,40 @@ def publish(tmp: Path, out: Path) -> Path:
         os.replace(tmp, out)
     fsync_path(out.parent)
     return out
+
+
+def keep_aside_name(out: Path, tmp: Path) -> Path | None:
+    """Where --force keeps the run folder `out` it replaces, when that holds anything the new
+    run (assembled in `tmp`) does not write again, e.g. the evaluations/ that `evaluate` wrote
+    in it: NAME.kept-N, the first free N. None: nothing there would be lost."""
+    if not out.is_dir():
+        return None
+    new = {p.name for p in tmp.iterdir()}
+    if not [p for p in out.iterdir() if p.name not in new]:
+        return None
+    n = 1
+    while out.with_name(f"{out.name}.kept-{n}").exists():
+        n += 1
+    return out.with_name(f"{out.name}.kept-{n}")
+
+
+def note_kept(tmp: Path, out: Path, kept: Path) -> None:
+    """Say in the new run's config.json where the run it replaced was kept, and why."""
+    config = json.loads((tmp / "config.json").read_text())
+    extra = sorted(p.name for p in out.iterdir() if not (tmp / p.name).exists())
+    config["replaced_run_kept"] = {"folder": str(kept), "because_of": extra}
+    (tmp / "config.json").write_text(json_text("config", config))
+    fsync_path(tmp / "config.json")
+
+
+def kept_note(folder: Path) -> str | None:
+    """The line that tells the user where a replaced run they had added to was kept."""
+    try:
+        kept = json.loads((Path(folder) / "config.json").read_text()).get("replaced_run_kept")
+    except (OSError, ValueError):
+        return None
+    return kept and (f"note: the run replaced held {', '.join(kept['because_of'])}, which "
+                     f"this run does not write; it was kept whole as {kept['folder']}")
 
 
 def load_run(run: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

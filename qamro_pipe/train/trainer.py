@@ -8,6 +8,8 @@ state can be saved every few seconds and resumed, value for value (state.py)."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import signal
 import threading
 import time
@@ -39,6 +41,32 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+@contextlib.contextmanager
+def cpu_threads(n: int | None):
+    """torch's CPU threads set to `n` for the block (None: left as they are), then restored:
+    no global state outlives a training call."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _with_threads(fn):
+    """Run `train` under its config's `threads` (cpu_threads)."""
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        with cpu_threads(bound.arguments["cfg"].threads):
+            return fn(*bound.args, **bound.kwargs)
+    return wrapped
+
+
 @dataclass
 class Split:
     train: np.ndarray  # row indices into the cache
@@ -61,10 +89,13 @@ def make_split(cache: Cache, heads: tuple[HeadSpec, ...], cfg: TrainConfig) -> S
         val = np.intersect1d(cache.rows(cfg.val_split), np.flatnonzero(labelled))
         source = cfg.val_split
     ev = cache.rows(cfg.eval_split)
-    for what, rows in (("train", train), (f"validation ({source})", val)):
+    here = ', '.join(sorted(set(cache.splits)))
+    for what, rows, fix in (("train", train, "give clips the split 'train' and a score"),
+                            (f"validation ({source})", val, "use --val-split holdout or a "
+                             "split of those")):
         if len(rows) == 0:
             raise QamroError(f"{cache.path}: the {what} split has no labelled rows "
-                             f"(splits here: {', '.join(sorted(set(cache.splits)))})")
+                             f"(splits here: {here}); {fix}")
     if len(ev) == 0:
         raise missing_eval_split(cache, cfg)
     return Split(train=train, val=val, eval=ev, val_source=source)
@@ -142,6 +173,7 @@ class Checkpoint:
     resume: TrainState | None = None
 
 
+@_with_threads
 def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
           cfg: TrainConfig = TrainConfig(), label_range=None,
           progress: Callable[[Progress], None] | None = None,

@@ -35,6 +35,9 @@ from .base import Clip, DatasetRecords, register_dataset
 
 RESERVED = ("id", "path", "system", "text", "split", "start", "end")
 DEFAULT_SPLIT = "train"
+# the split names training and reporting read (train; dev by default; test and eval by
+# --eval-split, as the published data sets name theirs); another is likely a typo: noted
+KNOWN_SPLITS = ("train", "dev", "test", "eval")
 CSV_SUFFIXES = (".csv",)
 TSV_SUFFIXES = (".tsv", ".tab")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -194,7 +197,31 @@ def load_manifest(root: Path, label_range: tuple[float, float] | None = None,
         listed.append((clip.path, f"{path.name}, line {line}"))
     require_files(listed)
     return DatasetRecords(name=name or path.stem, label_names=tuple(s.strip() for s in scores),
-                          clips=clips, label_range=label_range)
+                          clips=clips, label_range=label_range,
+                          notes=_notes(path, clips, scores, label_range))
+
+
+def _notes(path: Path, clips: list[Clip], scores: list[str],
+           label_range: tuple[float, float] | None) -> tuple[str, ...]:
+    """What a user should see before training: split names nothing reads (a typo trains
+    nothing), and the scores' span where no scale was declared to check them against."""
+    notes = []
+    counts: dict[str, int] = {}
+    for c in clips:
+        counts[c.split] = counts.get(c.split, 0) + 1
+    for split, n in counts.items():
+        if split not in KNOWN_SPLITS:
+            notes.append(f"{path}: split {split!r} ({n} clips) is none of "
+                         f"{', '.join(KNOWN_SPLITS)}: training reads 'train' and reports on "
+                         f"'dev' (--eval-split names another); a typo?")
+    if label_range is None:
+        for k, name in enumerate(scores):
+            vals = [c.labels[k] for c in clips if not math.isnan(c.labels[k])]
+            if vals:
+                notes.append(f"{path}: scores of {name.strip()!r} span {min(vals):g} to "
+                             f"{max(vals):g}, unchecked; declare the scale with --label-range "
+                             f"LO,HI to refuse scores outside it")
+    return tuple(notes)
 
 
 def _manifest_clip(path: Path, line: int, rec: dict, col: dict[str, str], scores: list[str],
