@@ -18,6 +18,7 @@ from .cli_options import (DATA, LOSS, MODEL, OUTPUT, RUN_OPTIONS, cfg_opt, defau
 from .config import (DEFAULT_RECIPE, DEFAULT_TABLE, DEVICE_HELP, EXTRACT_BATCH, ExtractConfig,
                      LossConfig)
 from .errors import Interrupted, QamroError
+from .untrusted import printable
 
 HELP = ("QAMRO MOS prediction: extract embeddings once, train heads in seconds.\n\n"
         "Start here: `qamro-pipe extract` embeds a dataset into a cache; `qamro-pipe train` "
@@ -31,6 +32,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP,
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect and join cache files.")
 
 _state = {"debug": False}
+
+
+def _echo(message: Any = "", err: bool = False, nl: bool = True) -> None:
+    """Every line the command prints goes through here: names read from files (datasets,
+    labels, systems, ids) cannot carry terminal escapes to the screen."""
+    typer.echo(printable(message), err=err, nl=nl)
 
 
 def _debug_switch(kw: dict[str, Any]) -> None:
@@ -55,10 +62,10 @@ def command(group: typer.Typer = app, name: str | None = None,
             except QamroError as e:
                 if _state["debug"]:
                     raise
-                typer.echo(f"error: {e}", err=True)
+                _echo(f"error: {e}", err=True)
                 raise typer.Exit(130 if isinstance(e, Interrupted) else 1) from None
             except KeyboardInterrupt:
-                typer.echo("interrupted", err=True)
+                _echo("interrupted", err=True)
                 raise typer.Exit(130) from None
         typed = with_options(guarded, shared or {}, "opts" if shared else None, _debug_switch)
         return group.command(name, rich_help_panel=panel)(typed)
@@ -67,7 +74,7 @@ def command(group: typer.Typer = app, name: str | None = None,
 
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"qamro-pipe {__version__}")
+        _echo(f"qamro-pipe {__version__}")
         raise typer.Exit()
 
 
@@ -80,14 +87,14 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on 
 
 def _note(text: str | None) -> None:
     if text:
-        typer.echo(text, err=True)
+        _echo(text, err=True)
 
 
 def _warn_backbone(recipe, data) -> None:
     """A recipe names the backbone its heads were designed for; another one still trains."""
     used = data.meta.backbone.split("@")[0]
     if used != recipe.backbone:
-        typer.echo(f"warning: recipe {recipe.name!r} is meant for {recipe.backbone} features; "
+        _echo(f"warning: recipe {recipe.name!r} is meant for {recipe.backbone} features; "
                    f"{data.path} holds {data.meta.backbone}", err=True)
 
 
@@ -95,12 +102,12 @@ def _report_run(recipe, metrics, result, data) -> None:
     from .report.screen import metrics_table, pooled_table, system_level_line
 
     _warn_backbone(recipe, data)
-    typer.echo(metrics_table(metrics))
+    _echo(metrics_table(metrics))
     if "pooled" in metrics:
-        typer.echo(pooled_table(metrics))
+        _echo(pooled_table(metrics))
     _note(system_level_line(metrics))
     for msg in {**result.warnings, **result.failures}.values():
-        typer.echo(f"warning: {msg}", err=True)
+        _echo(f"warning: {msg}", err=True)
 
 
 @contextlib.contextmanager
@@ -207,10 +214,10 @@ def extract(
     if shard is None and torchrun_rank():
         rank, summary = extract_distributed(records, cfg, path, force, progress=not quiet)
         if rank == 0:
-            typer.echo(summary_text(summary) + f"\nmerged all shards into {path}")
+            _echo(summary_text(summary) + f"\nmerged all shards into {path}")
         return
     summary = run_extract(records, cfg, path, force=force, progress=not quiet, shard=part)
-    typer.echo(summary_text(summary))
+    _echo(summary_text(summary))
 
 
 app.add_typer(cache_app, name="cache", rich_help_panel=EMBED)
@@ -221,7 +228,7 @@ def cache_info(path: Path = typer.Argument(..., help="A cache .h5 file.")):
     """What is in a cache: counts per split, features and shapes, provenance."""
     from .store.reader import describe
 
-    typer.echo(describe(path))
+    _echo(describe(path))
 
 
 @command(cache_app, "merge")
@@ -234,7 +241,7 @@ def cache_merge(
     """Join the shards of an extraction into the cache one process would have written."""
     from .extract.shards import merge_parts
 
-    typer.echo(f"merged {len(parts)} shards into {merge_parts(parts, out, force)}")
+    _echo(f"merged {len(parts)} shards into {merge_parts(parts, out, force)}")
 
 
 # -- stage 2 --------------------------------------------------------------------------------
@@ -283,7 +290,7 @@ def train(
         folder, metrics, result, data = run_experiment(r, members, tcfg, progress=watch,
                                                        **run_args(opts))
     _report_run(r, metrics, result, data)
-    typer.echo(f"run written to {folder}  ({_cost(result)})")
+    _echo(f"run written to {folder}  ({_cost(result)})")
 
 
 @command(shared=RUN_OPTIONS, panel=TRAIN)
@@ -332,12 +339,12 @@ def sweep(
                                                        kind="sweep", progress=watch)
     _warn_backbone(r, data)
     if "cv" in metrics:
-        typer.echo(f"{metrics['cv']['folds']}-fold cross-validation: each member's figures "
+        _echo(f"{metrics['cv']['folds']}-fold cross-validation: each member's figures "
                    f"are those of its pooled out-of-fold predictions")
-    typer.echo(sweep_table(sweep_rows(metrics)))
+    _echo(sweep_table(sweep_rows(metrics)))
     _note(system_level_line(metrics))
-    typer.echo(f"trained as one model: {_cost(result)}")
-    typer.echo(f"wrote {folder / 'sweep.csv'} and {folder / 'sweep.png'}")
+    _echo(f"trained as one model: {_cost(result)}")
+    _echo(f"wrote {folder / 'sweep.csv'} and {folder / 'sweep.png'}")
 
 
 @command(shared=RUN_OPTIONS, panel=TRAIN)
@@ -365,16 +372,16 @@ def table(
     _note(res["recipe"].derived and f"note: {res['recipe'].derived}")
     for note in res["notes"]:
         _note(f"note: {note}")
-    typer.echo(res["title"])
-    typer.echo(res["text"])
+    _echo(res["title"])
+    _echo(res["text"])
     _note(system_level_line(res["metrics"]))
     if not res["reference_shown"]:
-        typer.echo("(the paper's figures are shown only for its dataset, backbone and level, "
+        _echo("(the paper's figures are shown only for its dataset, backbone and level, "
                    "without --cv)")
     pooled = ", table-pooled.md and .csv" if "cv" in res["metrics"] else ""
     compared = (", compare.md, .csv and .json" if (res["folder"] / "compare.md").exists()
                 else "")
-    typer.echo(f"wrote {res['folder'] / 'table.md'} and table.csv{pooled}{compared}, "
+    _echo(f"wrote {res['folder'] / 'table.md'} and table.csv{pooled}{compared}, "
                f"probe.json ({_cost(res['result'])})")
 
 
@@ -398,18 +405,18 @@ def evaluate(
     from .report.screen import metrics_table, system_level_line, systems_lines
 
     folder, metrics = evaluate_run(run, split, cache, members=members)
-    typer.echo(f"scoring {metrics['scored']['text']}")
+    _echo(f"scoring {metrics['scored']['text']}")
     for w in metrics["warnings"]:
-        typer.echo(f"warning: {w}", err=True)
+        _echo(f"warning: {w}", err=True)
     for level in ("utterance", "system"):
         if level == "system" and not metrics["system_level"]["computable"]:
             continue
-        typer.echo(metrics_table({**metrics, "heads": {h: {level: m[level]}
+        _echo(metrics_table({**metrics, "heads": {h: {level: m[level]}
                                                        for h, m in metrics["heads"].items()}},
                                  level))
     _note(system_level_line(metrics))
     for line in systems_lines(metrics):
-        typer.echo(line)
+        _echo(line)
     systems = metrics["systems"]
     matrix = any("matrix" in e for e in systems.get("heads", {}).values())
     parts = ["metrics.json", "predictions.csv"]
@@ -418,7 +425,7 @@ def evaluate(
                      + (" with its 95% interval)" if matrix else ")"))
     if matrix:
         parts.append("rank-HEAD.csv and .png (P(system A ranks above system B))")
-    typer.echo(f"wrote {folder}/: {', '.join(parts)}")
+    _echo(f"wrote {folder}/: {', '.join(parts)}")
 
 
 @command(panel=USE)
@@ -451,17 +458,18 @@ def predict(
 
     check_outputs(out, answer, force=force)  # before scoring: no scores lost to a bad path
     heads, rows, failures = run_predict(run, audio, manifest, text, members=members,
+                                        answer=answer is not None,
                                         checkpoint=checkpoint, tokenizer_dir=tokenizer_dir,
                                         device=device)
     for why in failures.values():
-        typer.echo(f"error: {why}", err=True)
+        _echo(f"error: {why}", err=True)
     if out:
         write_scores(out, heads, rows)
     if answer:
         write_answer(answer, heads, rows)
     if not out and not answer:
-        typer.echo(scores_csv(heads, rows, digits=4), nl=False)
-    typer.echo(f"scored {len(rows)} file(s), {len(failures)} failed", err=True)
+        _echo(scores_csv(heads, rows, digits=4), nl=False)
+    _echo(f"scored {len(rows)} file(s), {len(failures)} failed", err=True)
     if failures:
         raise typer.Exit(1)
 
@@ -474,22 +482,22 @@ def demo(quiet: bool = typer.Option(False, "--quiet", help="No progress bar.")):
     from .report.screen import metrics_table, sweep_table
 
     out = run_demo(progress=not quiet)
-    typer.echo(summary_text(out["extract"]))
+    _echo(summary_text(out["extract"]))
     folder, metrics, result, _ = out["run"]
-    typer.echo("\nOne QAMRO run (alpha 0.2, beta 7) on the demo corpus:")
-    typer.echo(metrics_table(metrics))
-    typer.echo(f"run written to {folder}  ({_cost(result)})")
+    _echo("\nOne QAMRO run (alpha 0.2, beta 7) on the demo corpus:")
+    _echo(metrics_table(metrics))
+    _echo(f"run written to {folder}  ({_cost(result)})")
     sweep_folder, sweep_metrics, sweep_result, _ = out["sweep"]
     first = sweep_metrics["members"][0]["heads"]
     n_sys = next(iter(first.values()))["system"].get("n")
-    typer.echo(f"\nFigure 1 on the demo corpus: system-level SRCC on "
+    _echo(f"\nFigure 1 on the demo corpus: system-level SRCC on "
                f"{sweep_metrics['eval_split']!r} ({n_sys} systems) of QAMRO at alpha 0.2 "
                f"against beta, and of the same heads trained with the regression loss alone "
                f"(loss none); mean ± sd over seeds:")
-    typer.echo(sweep_table(out["sweep_rows"]))
-    typer.echo(f"sweep written to {sweep_folder} (sweep.csv, sweep.png, curves.png; "
+    _echo(sweep_table(out["sweep_rows"]))
+    _echo(f"sweep written to {sweep_folder} (sweep.csv, sweep.png, curves.png; "
                f"{_cost(sweep_result)})")
-    typer.echo("note: the demo corpus and its scores are SYNTHETIC (designed degradations "
+    _echo("note: the demo corpus and its scores are SYNTHETIC (designed degradations "
                "plus simulated raters), not human ratings: these figures show that the "
                "pipeline works, not how QAMRO does on real data.")
 

@@ -19,6 +19,7 @@ from .extract import audio
 from .config import ExtractConfig, override
 from .extract.datasets import Clip, DatasetRecords, load_dataset
 from .errors import DataError, QamroError
+from .untrusted import answer_ids_problem
 from .report.evaluate import TrainedRun, select_members
 
 
@@ -53,14 +54,18 @@ def _unusable(clip: Clip) -> str | None:
 
 def predict(run: str | Path, files: list[str | Path] | None = None,
             manifest: str | Path | None = None, text: str | None = None,
-            members: str | None = None, **extract_opts):
+            members: str | None = None, answer: bool = False, **extract_opts):
     """-> (head names, rows [{"id", head: score, head_sd: spread, ...}], failures {id:
     reason}). A score is the mean over the run's members (or those `members` selects, as
-    `evaluate --members`); head_sd, their sd (ddof=1), is there when there are several."""
+    `evaluate --members`); head_sd, their sd (ddof=1), is there when there are several.
+    `answer`: the rows go to an answer file, so ids it cannot carry are refused first."""
     override(ExtractConfig(), **extract_opts)  # the settings, checked before any work
     tr = TrainedRun(run)
     picked, _ = select_members(tr.config, tr.members, members)
     recs = _records(list(files or []), manifest, text)
+    problem = answer and answer_ids_problem(c.id for c in recs.clips)
+    if problem:  # before any audio is decoded or the backbone loaded
+        raise QamroError(f"--answer: {problem}")
     failures = {c.id: why for c in recs.clips if (why := _unusable(c))}
     good = [c for c in recs.clips if c.id not in failures]
     heads = [h.name for h in tr.heads]
@@ -199,6 +204,10 @@ def write_scores(path: str | Path, heads: list[str], rows: list[dict[str, Any]])
 
 def write_answer(path: str | Path, heads: list[str], rows: list[dict[str, Any]]) -> None:
     """The AudioMOS 2025 submission format: one line per clip, `id,score,...` in the recipe's
-    head order (track 1: id,overall,textual; track 2: id,PQ,PC,CE,CU), no header."""
+    head order (track 1: id,overall,textual; track 2: id,PQ,PC,CE,CU), no header. An id
+    with a comma or a line break would forge another clip's line: such ids are refused."""
+    problem = answer_ids_problem(r["id"] for r in rows)
+    if problem:
+        raise QamroError(f"{path}: {problem}")
     _write_text(Path(path), "".join(",".join([r["id"], *(f"{r[h]:.6f}" for h in heads)])
                                     + "\n" for r in rows))

@@ -19,6 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import QamroError
+from .untrusted import require_regular_file
+
+MAX_INFLATION = 16  # a checkpoint's zip may declare at most this many times its size
+SLACK_BYTES = 1 << 20  # (+ this): torch.save stores members uncompressed
 
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
 PICKLE_MAGIC = b"\x80"  # a pickle (protocol 2+): torch's legacy format, or a raw pickle
@@ -45,6 +49,7 @@ def check_checkpoint_file(path: Path, who: str) -> None:
             raise QamroError(f"{who}: checkpoint {path}: truncated or damaged zip archive "
                              f"({size} bytes, no central directory): interrupted download? "
                              f"Fetch it again")
+        _check_inflation(path, size, who)
         return
     if not head.startswith(PICKLE_MAGIC):
         kind = "text" if _looks_like_text(head) else "binary data"
@@ -52,9 +57,27 @@ def check_checkpoint_file(path: Path, who: str) -> None:
                          f"starting {head[:24]!r}, neither a zip archive nor a pickle)")
 
 
+def _check_inflation(path: Path, size: int, who: str) -> None:
+    """Refuse, before torch inflates anything, a zip whose members declare more than
+    MAX_INFLATION times the archive's size: torch.save stores its members uncompressed, so a
+    real checkpoint declares about its own size, and torch allocates what a member declares."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            declared = sum(i.file_size for i in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise QamroError(f"{who}: checkpoint {path}: damaged zip archive ({e})") from None
+    if declared > MAX_INFLATION * size + SLACK_BYTES:
+        raise QamroError(f"{who}: checkpoint {path}: its zip members declare "
+                         f"{declared / 1e6:,.1f} MB in a file of {size / 1e6:,.1f} MB; a "
+                         f"checkpoint may declare at most {MAX_INFLATION} times its size "
+                         f"(+{SLACK_BYTES >> 20} MB: torch.save does not compress), so it is "
+                         f"not inflated")
+
+
 def _start(path: Path, refusal: str) -> tuple[int, bytes]:
     """A weights file's size and first 64 bytes; a Git LFS pointer (what `git clone` without
     git-lfs leaves) refused as `refusal` + what it is."""
+    require_regular_file(path, "weights file")  # a FIFO would block the open forever
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(64)

@@ -55,6 +55,9 @@ class DatasetRecords:
         for c in self.clips:
             if c.id in seen:
                 raise DataError(f"{self.name}: duplicate clip id {c.id!r}")
+            if any("\x00" in v for v in (c.id, c.system, c.split, c.text or "")):
+                raise DataError(f"{self.name}: clip {c.id!r} holds a NUL character in its id, "
+                                f"system, split or text (HDF5 strings cannot hold one)")
             seen.add(c.id)
             if len(c.labels) != len(self.label_names):
                 raise DataError(f"{self.name}: clip {c.id!r} has {len(c.labels)} labels, "
