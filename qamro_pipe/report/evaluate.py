@@ -16,7 +16,8 @@ from ..config import USED_SETTINGS, LossConfig, Member, TrainConfig, to_jsonable
 from ..errors import CacheError, QamroError
 from ..train.heads import BatchedMLP, HeadSpec
 from ..train.inputs import build_head, head_inputs, predict_units, units_for
-from ..train.joined import join
+from ..train.joined import join, rows_digest, split_feature
+from ..train.run_check import member_indices
 from ..train.runs import head_metrics, load_run, write_predictions
 from ..store.reader import Cache, read_cache
 
@@ -31,8 +32,13 @@ class TrainedRun:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.config, tensors = load_run(self.path)
-        self.heads = tuple(HeadSpec(**{k: tuple(v) if isinstance(v, list) else v
-                                       for k, v in h.items()}) for h in self.config["heads"])
+        try:
+            self.heads = tuple(HeadSpec(**{k: tuple(v) if isinstance(v, list) else v
+                                           for k, v in h.items()})
+                               for h in self.config["heads"])
+        except (QamroError, TypeError, ValueError) as e:  # edited by hand, or crafted
+            raise QamroError(f"{self.path / 'config.json'}: head settings not readable: "
+                             f"{e}") from None
         train_cfg = {k: tuple(v) if isinstance(v, list) else v
                      for k, v in self.config["train"].items()}
         try:
@@ -41,7 +47,7 @@ class TrainedRun:
             raise QamroError(f"{self.path / 'config.json'}: train settings not readable: "
                              f"{e}") from None
         self.stats = {h: tuple(v) for h, v in self.config.get("label_stats", {}).items()}
-        self.members = sorted({int(k.split("/")[1][1:]) for k in tensors})
+        self.members = member_indices(self.path, self.config, tensors)
         self.models: dict[str, BatchedMLP] = {}
         self._tensors = tensors
 
@@ -66,6 +72,8 @@ class TrainedRun:
         made as the run's were. -> (the joined cache, the joined.Source of each other)"""
         primary = read_cache(cache or self.config["cache"])
         self.check_cache(primary)
+        if cache is None:
+            self._check_identity(primary)
         own = primary.path.resolve() == Path(self.config["cache"]).resolve()
         if paths is None and own:
             paths = {name: s["path"] for name, s in self.sources.items()}
@@ -76,14 +84,37 @@ class TrainedRun:
                               ran.get("key", {}), self.path)
         return joined, sources
 
+    def _check_identity(self, cache: Cache) -> None:
+        """The cache at the run's recorded path is the one it trained on: the digest of its
+        rows (ids, usable rows, the features read) matches config.json's cache_rows. (A run
+        recorded with a relative path, evaluated from another folder, would score whatever
+        cache lies at that path there.)"""
+        recorded = self.config.get("cache_rows")
+        if not recorded:  # a run written before the digest was recorded
+            return
+        own = [f for h in self.heads for f in h.features if split_feature(f)[0] is None]
+        try:
+            digest = rows_digest(cache, own)
+        except KeyError:
+            digest = None
+        if digest != recorded:
+            raise CacheError(f"{cache.path}: not the cache run {self.path} trained on (its "
+                             f"clips or features differ from those config.json records); "
+                             f"pass --cache {cache.path} to score it anyway")
+
     def _model(self, head: HeadSpec, x_shape: tuple[int, ...]) -> BatchedMLP:
         if head.name not in self.models:
             model = build_head(head, [0] * len(self.members), x_shape, self.train_cfg,
                                **self._bins(head))
             for i, k in enumerate(self.members):
                 prefix = f"{head.name}/m{k}/"
-                model.load_member(i, {n[len(prefix):]: t for n, t in self._tensors.items()
-                                      if n.startswith(prefix)})
+                try:
+                    model.load_member(i, {n[len(prefix):]: t for n, t in self._tensors.items()
+                                          if n.startswith(prefix)})
+                except (RuntimeError, KeyError, ValueError) as e:  # wrong shapes or names
+                    raise QamroError(f"{self.path / 'heads.safetensors'}: member {k} of head "
+                                     f"{head.name!r} does not fit the head config.json "
+                                     f"describes ({str(e).splitlines()[0][:200]})") from None
             self.models[head.name] = model.eval()
         return self.models[head.name]
 

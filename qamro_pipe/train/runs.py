@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from .. import __version__
 from ..config import TrainConfig, to_jsonable
 from ..errors import QamroError
+from .run_check import check_config
 from ..report.metrics import FIGURES, evaluate
 from ..store.durable import fault_point, fsync_path, pid_alive
 from ..store.reader import Cache
@@ -305,8 +306,9 @@ def load_run(run: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         raise QamroError(f"{run}: not a run folder (no config.json)")
     try:
         config = json.loads(cfg_path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise QamroError(f"{cfg_path}: not valid JSON ({e})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # (nested too deeply)
+        raise QamroError(f"{cfg_path}: not valid JSON ({str(e) or 'nested too deeply'})") \
+            from None
     if not isinstance(config, dict) or config.get("qamro_run_version") != RUN_VERSION:
         version = config.get("qamro_run_version") if isinstance(config, dict) else None
         raise QamroError(f"{run}: run folder version {version!r}, this "
@@ -317,6 +319,7 @@ def load_run(run: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
                          f"metrics.json and predictions.csv; its models are the runs "
                          f"{run}/fold-0 .. fold-{folds - 1} (each trained without its "
                          f"held-out clips); train without --cv for one model of all the data")
+    check_config(run, config)
     missing = [f for f in RUN_FILES if not (run / f).is_file()]
     if missing:
         raise QamroError(f"{run}: incomplete run folder (missing {', '.join(missing)})")
