@@ -18,7 +18,7 @@ from .cli_options import (DATA, LOSS, MODEL, OUTPUT, RUN_OPTIONS, cfg_opt, defau
 from .config import (DEFAULT_RECIPE, DEFAULT_TABLE, DEVICE_HELP, EXTRACT_BATCH, ExtractConfig,
                      LossConfig)
 from .errors import Interrupted, QamroError
-from .untrusted import printable
+from .untrusted import os_problem, printable
 
 HELP = ("QAMRO MOS prediction: extract embeddings once, train heads in seconds.\n\n"
         "Start here: `qamro-pipe extract` embeds a dataset into a cache; `qamro-pipe train` "
@@ -67,6 +67,11 @@ def command(group: typer.Typer = app, name: str | None = None,
             except KeyboardInterrupt:
                 _echo("interrupted", err=True)
                 raise typer.Exit(130) from None
+            except OSError as e:  # a full disk, a read-only folder: one line, as the OS says
+                if _state["debug"]:
+                    raise
+                _echo(f"error: {os_problem(e)}", err=True)
+                raise typer.Exit(1) from None
         typed = with_options(guarded, shared or {}, "opts" if shared else None, _debug_switch)
         return group.command(name, rich_help_panel=panel)(typed)
     return deco

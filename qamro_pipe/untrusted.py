@@ -3,6 +3,7 @@ not a regular file (a FIFO blocks a reader forever), names carrying terminal esc
 that a comma-separated answer file cannot carry. The ground floor: no heavy imports."""
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -59,3 +60,21 @@ def answer_ids_problem(ids: Iterable[str]) -> str | None:
     return (f"{len(bad)} clip id(s) hold a comma, quote, control character or edge space, which "
             f"the answer format (id,score per line, unquoted) cannot carry: {shown}"
             + (" ..." if len(bad) > 5 else ""))
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def os_problem(e: OSError) -> str:
+    """An OSError the commands did not foresee (a disk filling up, a folder turning read-only)
+    as one line: the file, what the OS said, what to do. Work already finished was written
+    whole before (temporary names, renames), so the same command can simply be rerun."""
+    where = f"{printable(e.filename)}: " if e.filename else ""
+    why = e.strerror or " ".join(str(e).split()) or type(e).__name__
+    if e.errno in _FULL:
+        return (f"{where}{why} (is the disk full?); what finished before is kept: free space "
+                f"and rerun the same command")
+    if e.errno in _NOT_WRITABLE:
+        return f"{where}{why}: choose a writable output and rerun the same command"
+    return f"{where}{why}"

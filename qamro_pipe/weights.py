@@ -13,6 +13,7 @@ Anything else is refused, and the message names what was refused.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import zipfile
 from pathlib import Path
@@ -110,6 +111,22 @@ def read_safetensors(path: Path, who: str) -> dict[str, Any]:
     except Exception as e:  # safetensors raises its own error type for any damage
         raise QamroError(f"{who}: weights {path}: not a readable safetensors file "
                          f"({_first_line(e)}); truncated or damaged? Fetch it again") from None
+
+
+def save_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' save_file, whose failure to write (a full disk, a read-only folder) is
+    raised as the OSError it is: safetensors reports it as its own error type."""
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":
+            raise
+        code = re.search(r"(?:os error|code:) (\d+)", str(e))
+        if code:
+            raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
+        raise QamroError(f"{path}: could not be written ({_first_line(e)})") from None
 
 
 def _looks_like_text(head: bytes) -> bool:

@@ -328,11 +328,14 @@ def evaluate_run(run: str | Path, split: str | None = None, cache: str | Path | 
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write_predictions(tmp / "predictions.csv", data, tr.heads, preds, rows,
-                      members=[tr.members[i] for i in picked])
-    metrics["systems"] = system_outputs(tmp, data, tr.heads, preds, rows, n_boot, split)
-    (tmp / "metrics.json").write_text(json.dumps(to_jsonable(metrics), indent=2) + "\n")
-    if out.exists():  # this run's own earlier evaluation of the same cache, split, members
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    try:
+        write_predictions(tmp / "predictions.csv", data, tr.heads, preds, rows,
+                          members=[tr.members[i] for i in picked])
+        metrics["systems"] = system_outputs(tmp, data, tr.heads, preds, rows, n_boot, split)
+        (tmp / "metrics.json").write_text(json.dumps(to_jsonable(metrics), indent=2) + "\n")
+        if out.exists():  # this run's own earlier evaluation of the same cache, split, members
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:  # a full disk or a read-only folder: leave no half-written evaluation behind
+        shutil.rmtree(tmp, ignore_errors=True)
     return out, metrics

@@ -114,10 +114,10 @@ class Cache:
         return np.flatnonzero(mask)
 
 
-def _incomplete(path: Path) -> str:
-    if writer_active(path):
+def _incomplete(meta: CacheMeta) -> str:
+    if writer_active(meta.path):
         return "INCOMPLETE (being extracted by another process now)"
-    return "INCOMPLETE (rerun extract to resume)"
+    return "INCOMPLETE (rerun the command that made it, extract or cache merge, to finish it)"
 
 
 # -- reading --------------------------------------------------------------------------------
@@ -457,7 +457,7 @@ def describe(path: str | Path) -> str:
     lines = [f"cache      {m.path}", f"schema     v{m.version}  ({m.created_by})",
              f"backbone   {m.backbone}", f"dataset    {m.dataset}",
              f"labels     {', '.join(m.label_names)}",
-             f"status     {'complete' if m.complete else _incomplete(m.path)}"
+             f"status     {'complete' if m.complete else _incomplete(m)}"
              f"  {int(cache.usable.sum())}/{len(cache.ids)} clips usable"]
     splits, counts = np.unique(cache.splits, return_counts=True)
     lines.append("splits     " + ", ".join(f"{s} {c}" for s, c in zip(splits, counts)))

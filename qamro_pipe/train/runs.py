@@ -20,11 +20,12 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .. import __version__
 from ..config import TrainConfig, to_jsonable
 from ..errors import QamroError
+from ..weights import save_safetensors
 from .run_check import check_config
 from ..report.metrics import FIGURES, evaluate
 from ..store.durable import fault_point, fsync_path, pid_alive
@@ -249,8 +250,8 @@ def save_run(out: Path, *, config: dict[str, Any], metrics: dict[str, Any], cach
                       {h: p[ok] for h, p in result.predictions.items()},
                       np.flatnonzero(cache.usable) if cache.usable is not None
                       else np.arange(len(cache.ids)), members=ok)
-    save_file(tensors, str(tmp / "heads.safetensors"),
-              metadata={"qamro_run_version": str(RUN_VERSION)})
+    save_safetensors(tensors, tmp / "heads.safetensors",
+                     metadata={"qamro_run_version": str(RUN_VERSION)})
     write_history(tmp / "history.csv", result.history)
     if extra is not None:
         extra(tmp)
