@@ -100,7 +100,7 @@ def _warn_backbone(recipe, data) -> None:
     used = data.meta.backbone.split("@")[0]
     if used != recipe.backbone:
         _echo(f"warning: recipe {recipe.name!r} is meant for {recipe.backbone} features; "
-                   f"{data.path} holds {data.meta.backbone}", err=True)
+              f"{data.path} holds {data.meta.backbone}", err=True)
 
 
 def _report_run(recipe, metrics, result, data) -> None:
@@ -345,7 +345,7 @@ def sweep(
     _warn_backbone(r, data)
     if "cv" in metrics:
         _echo(f"{metrics['cv']['folds']}-fold cross-validation: each member's figures "
-                   f"are those of its pooled out-of-fold predictions")
+              f"are those of its pooled out-of-fold predictions")
     _echo(sweep_table(sweep_rows(metrics)))
     _note(system_level_line(metrics))
     _echo(f"trained as one model: {_cost(result)}")
@@ -382,12 +382,12 @@ def table(
     _note(system_level_line(res["metrics"]))
     if not res["reference_shown"]:
         _echo("(the paper's figures are shown only for its dataset, backbone and level, "
-                   "without --cv)")
+              "without --cv)")
     pooled = ", table-pooled.md and .csv" if "cv" in res["metrics"] else ""
     compared = (", compare.md, .csv and .json" if (res["folder"] / "compare.md").exists()
                 else "")
     _echo(f"wrote {res['folder'] / 'table.md'} and table.csv{pooled}{compared}, "
-               f"probe.json ({_cost(res['result'])})")
+          f"probe.json ({_cost(res['result'])})")
 
 
 # -- using a run ----------------------------------------------------------------------------
@@ -496,15 +496,15 @@ def demo(quiet: bool = typer.Option(False, "--quiet", help="No progress bar.")):
     first = sweep_metrics["members"][0]["heads"]
     n_sys = next(iter(first.values()))["system"].get("n")
     _echo(f"\nFigure 1 on the demo corpus: system-level SRCC on "
-               f"{sweep_metrics['eval_split']!r} ({n_sys} systems) of QAMRO at alpha 0.2 "
-               f"against beta, and of the same heads trained with the regression loss alone "
-               f"(loss none); mean ± sd over seeds:")
+          f"{sweep_metrics['eval_split']!r} ({n_sys} systems) of QAMRO at alpha 0.2 "
+          f"against beta, and of the same heads trained with the regression loss alone "
+          f"(loss none); mean ± sd over seeds:")
     _echo(sweep_table(out["sweep_rows"]))
     _echo(f"sweep written to {sweep_folder} (sweep.csv, sweep.png, curves.png; "
-               f"{_cost(sweep_result)})")
+          f"{_cost(sweep_result)})")
     _echo("note: the demo corpus and its scores are SYNTHETIC (designed degradations "
-               "plus simulated raters), not human ratings: these figures show that the "
-               "pipeline works, not how QAMRO does on real data.")
+          "plus simulated raters), not human ratings: these figures show that the "
+          "pipeline works, not how QAMRO does on real data.")
 
 
 def main() -> None:

@@ -43,10 +43,15 @@ class TrainedRun:
                      for k, v in self.config["train"].items()}
         try:
             self.train_cfg = TrainConfig(**train_cfg)
-        except (QamroError, TypeError) as e:  # a run of another version, or edited by hand
+        except (QamroError, TypeError, ValueError) as e:  # another version, or edited by hand
             raise QamroError(f"{self.path / 'config.json'}: train settings not readable: "
                              f"{e}") from None
-        self.stats = {h: tuple(v) for h, v in self.config.get("label_stats", {}).items()}
+        try:
+            self.stats = {h: tuple(float(x) for x in v)
+                          for h, v in self.config.get("label_stats", {}).items()}
+        except (TypeError, ValueError):
+            raise QamroError(f"{self.path / 'config.json'}: 'label_stats' must map each head "
+                             f"to numbers (mean, sd)") from None
         self.members = member_indices(self.path, self.config, tensors)
         self.models: dict[str, BatchedMLP] = {}
         self._tensors = tensors
@@ -104,8 +109,13 @@ class TrainedRun:
 
     def _model(self, head: HeadSpec, x_shape: tuple[int, ...]) -> BatchedMLP:
         if head.name not in self.models:
-            model = build_head(head, [0] * len(self.members), x_shape, self.train_cfg,
-                               **self._bins(head))
+            try:
+                model = build_head(head, [0] * len(self.members), x_shape, self.train_cfg,
+                                   **self._bins(head))
+            except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+                raise QamroError(f"{self.path / 'config.json'}: the settings of head "
+                                 f"{head.name!r} or of its members cannot build it "
+                                 f"({type(e).__name__}: {str(e)[:200]})") from None
             for i, k in enumerate(self.members):
                 prefix = f"{head.name}/m{k}/"
                 try:

@@ -22,13 +22,23 @@ def check_config(run: Path, config: dict[str, Any]) -> None:
             for h in heads):
         raise QamroError(f"{where}: 'heads' must be a non-empty list of head settings, each "
                          f"with a name")
+    for h in heads:
+        problem = _head_problem(h)
+        if problem:
+            raise QamroError(f"{where}: head {printable(repr(h['name']))}: {problem}")
     names = [h["name"] for h in heads]
     if len(set(names)) != len(names):
         raise QamroError(f"{where}: two heads share a name ({', '.join(map(repr, names))})")
     if not isinstance(members, list) or not members or not all(
-            isinstance(m, dict) and isinstance(m.get("loss"), dict) for m in members):
-        raise QamroError(f"{where}: 'members' must be a non-empty list of member settings")
-    for name in ("train", "label_stats"):
+            isinstance(m, dict) and isinstance(m.get("loss"), dict)
+            and _whole(m.get("seed", 0)) for m in members):
+        raise QamroError(f"{where}: 'members' must be a non-empty list of member settings "
+                         f"(a loss table and a whole-number seed each)")
+    for name in ("cache", "backbone"):
+        if not isinstance(config.get(name), str):
+            raise QamroError(f"{where}: {name!r} must be a string (the run's cache and its "
+                             f"backbone)")
+    for name in ("train", "label_stats", "cache_key"):
         if name in config and not isinstance(config[name], dict):
             raise QamroError(f"{where}: {name!r} must be a JSON object")
     if not isinstance(config.get("train"), dict):
@@ -60,3 +70,27 @@ def member_indices(run: Path, config: dict[str, Any], tensors: dict[str, Any]) -
                              f"{sorted(have)}, the others for {sorted(kept)}: the folder's "
                              f"files are not from one run")
     return sorted(kept)
+
+
+def _whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _head_problem(h: dict[str, Any]) -> str | None:
+    """What in one head's settings (train/heads.py HeadSpec, as JSON) has the wrong type."""
+    if not isinstance(h.get("label"), str):
+        return "'label' must be a string"
+    features = h.get("features")
+    if not isinstance(features, list) or not features or not all(
+            isinstance(f, str) for f in features):
+        return "'features' must be a non-empty list of names"
+    hidden = h.get("hidden")
+    if hidden is not None and (not isinstance(hidden, list) or not all(
+            _whole(w) and w >= 1 for w in hidden)):
+        return "'hidden' must be a list of whole numbers >= 1 (or null)"
+    if h.get("activation") is not None and not isinstance(h["activation"], str):
+        return "'activation' must be a string (or null)"
+    for flag in ("layer_norm", "layer_weights", "standardize"):
+        if not isinstance(h.get(flag, False), bool):
+            return f"{flag!r} must be true or false"
+    return None
