@@ -13,6 +13,7 @@ Anything else is refused, and the message names what was refused.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import warnings
 import zipfile
@@ -22,6 +23,10 @@ from typing import Any
 import numpy as np
 
 from .errors import QamroError
+from .untrusted import require_regular_file
+
+MAX_INFLATION = 16  # a checkpoint's zip may declare at most this many times its size
+SLACK_BYTES = 1 << 20  # (+ this): torch.save stores members uncompressed
 
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
 PICKLE_MAGIC = b"\x80"  # a pickle (protocol 2+): torch's legacy format, or a raw pickle
@@ -48,6 +53,7 @@ def check_checkpoint_file(path: Path, who: str) -> None:
             raise QamroError(f"{who}: checkpoint {path}: truncated or damaged zip archive "
                              f"({size} bytes, no central directory): interrupted download? "
                              f"Fetch it again")
+        _check_inflation(path, size, who)
         return
     if not head.startswith(PICKLE_MAGIC):
         kind = "text" if _looks_like_text(head) else "binary data"
@@ -55,9 +61,27 @@ def check_checkpoint_file(path: Path, who: str) -> None:
                          f"starting {head[:24]!r}, neither a zip archive nor a pickle)")
 
 
+def _check_inflation(path: Path, size: int, who: str) -> None:
+    """Refuse, before torch inflates anything, a zip whose members declare more than
+    MAX_INFLATION times the archive's size: torch.save stores its members uncompressed, so a
+    real checkpoint declares about its own size, and torch allocates what a member declares."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            declared = sum(i.file_size for i in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise QamroError(f"{who}: checkpoint {path}: damaged zip archive ({e})") from None
+    if declared > MAX_INFLATION * size + SLACK_BYTES:
+        raise QamroError(f"{who}: checkpoint {path}: its zip members declare "
+                         f"{declared / 1e6:,.1f} MB in a file of {size / 1e6:,.1f} MB; a "
+                         f"checkpoint may declare at most {MAX_INFLATION} times its size "
+                         f"(+{SLACK_BYTES >> 20} MB: torch.save does not compress), so it is "
+                         f"not inflated")
+
+
 def _start(path: Path, refusal: str) -> tuple[int, bytes]:
     """A weights file's size and first 64 bytes; a Git LFS pointer (what `git clone` without
     git-lfs leaves) refused as `refusal` + what it is."""
+    require_regular_file(path, "weights file")  # a FIFO would block the open forever
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(64)
@@ -90,6 +114,22 @@ def read_safetensors(path: Path, who: str) -> dict[str, Any]:
     except Exception as e:  # safetensors raises its own error type for any damage
         raise QamroError(f"{who}: weights {path}: not a readable safetensors file "
                          f"({_first_line(e)}); truncated or damaged? Fetch it again") from None
+
+
+def save_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' save_file, whose failure to write (a full disk, a read-only folder) is
+    raised as the OSError it is: safetensors reports it as its own error type."""
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":
+            raise
+        code = re.search(r"(?:os error|code:) (\d+)", str(e))
+        if code:
+            raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
+        raise QamroError(f"{path}: could not be written ({_first_line(e)})") from None
 
 
 def _looks_like_text(head: bytes) -> bool:

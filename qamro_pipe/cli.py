@@ -20,6 +20,7 @@ from .config import (DEFAULT_RECIPE, DEFAULT_TABLE, DEVICE_HELP, EXTRACT_BATCH, 
 from .errors import Interrupted, QamroError
 from .loss_kinds import LOSS_KINDS, kinds_help
 from .precheck import check_cache_file, check_run_folder, check_run_options
+from .untrusted import os_problem, printable
 
 HELP = ("QAMRO MOS prediction: extract embeddings once, train heads in seconds.\n\n"
         "Start here: `qamro-pipe extract` embeds a dataset into a cache; `qamro-pipe train` "
@@ -33,6 +34,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP,
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect and join cache files.")
 
 _state = {"debug": False}
+
+
+def _echo(message: Any = "", err: bool = False, nl: bool = True) -> None:
+    """Every line the command prints goes through here: names read from files (datasets,
+    labels, systems, ids) cannot carry terminal escapes to the screen."""
+    typer.echo(printable(message), err=err, nl=nl)
 
 
 def _debug_switch(kw: dict[str, Any]) -> None:
@@ -58,11 +65,16 @@ def command(group: typer.Typer = app, name: str | None = None,
                 if _state["debug"]:
                     raise
                 # Ctrl-C is the user's choice, not an error: its message says what was kept
-                typer.echo(str(e) if isinstance(e, Interrupted) else f"error: {e}", err=True)
+                _echo(str(e) if isinstance(e, Interrupted) else f"error: {e}", err=True)
                 raise typer.Exit(130 if isinstance(e, Interrupted) else 1) from None
             except KeyboardInterrupt:
-                typer.echo("interrupted", err=True)
+                _echo("interrupted", err=True)
                 raise typer.Exit(130) from None
+            except OSError as e:  # a full disk, a read-only folder: one line, as the OS says
+                if _state["debug"]:
+                    raise
+                _echo(f"error: {os_problem(e)}", err=True)
+                raise typer.Exit(1) from None
         typed = with_options(guarded, shared or {}, "opts" if shared else None, _debug_switch)
         return group.command(name, rich_help_panel=panel)(typed)
     return deco
@@ -70,7 +82,7 @@ def command(group: typer.Typer = app, name: str | None = None,
 
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"qamro-pipe {__version__}")
+        _echo(f"qamro-pipe {__version__}")
         raise typer.Exit()
 
 
@@ -84,15 +96,15 @@ def _main(debug: bool = typer.Option(False, "--debug", metavar="",
 
 def _note(text: str | None) -> None:
     if text:
-        typer.echo(text, err=True)
+        _echo(text, err=True)
 
 
 def _warn_backbone(recipe, data) -> None:
     """A recipe names the backbone its heads were designed for; another one still trains."""
     used = data.meta.backbone.split("@")[0]
     if used != recipe.backbone:
-        typer.echo(f"warning: recipe {recipe.name!r} is meant for {recipe.backbone} features; "
-                   f"{data.path} holds {data.meta.backbone}", err=True)
+        _echo(f"warning: recipe {recipe.name!r} is meant for {recipe.backbone} features; "
+              f"{data.path} holds {data.meta.backbone}", err=True)
 
 
 def _split_notes(metrics) -> None:
@@ -100,7 +112,7 @@ def _split_notes(metrics) -> None:
     if metrics.get("eval_holdout"):
         _note(f"note: {metrics['eval_holdout']['text']}")
     for msg in metrics.get("warnings", []):
-        typer.echo(f"warning: {msg}", err=True)
+        _echo(f"warning: {msg}", err=True)
 
 
 def _report_run(recipe, metrics, result, data) -> None:
@@ -108,12 +120,12 @@ def _report_run(recipe, metrics, result, data) -> None:
 
     _warn_backbone(recipe, data)
     _split_notes(metrics)
-    typer.echo(metrics_table(metrics))
+    _echo(metrics_table(metrics))
     if "pooled" in metrics:
-        typer.echo(pooled_table(metrics))
+        _echo(pooled_table(metrics))
     _note(system_level_line(metrics))
     for msg in {**result.warnings, **result.failures}.values():
-        typer.echo(f"warning: {msg}", err=True)
+        _echo(f"warning: {msg}", err=True)
 
 
 @contextlib.contextmanager
@@ -237,10 +249,10 @@ def extract(
     if shard is None and torchrun_rank():
         rank, summary = extract_distributed(records, cfg, path, force, progress=not quiet)
         if rank == 0:
-            typer.echo(summary_text(summary) + f"\nmerged all shards into {path}")
+            _echo(summary_text(summary) + f"\nmerged all shards into {path}")
         return
     summary = run_extract(records, cfg, path, force=force, progress=not quiet, shard=part)
-    typer.echo(summary_text(summary))
+    _echo(summary_text(summary))
 
 
 app.add_typer(cache_app, name="cache", rich_help_panel=EMBED)
@@ -252,7 +264,7 @@ def cache_info(path: Path = typer.Argument(..., metavar="CACHE", help="A cache .
     check_cache_file(path, "cache info")  # a folder, not an h5py dump
     from .store.reader import describe
 
-    typer.echo(describe(path))
+    _echo(describe(path))
 
 
 @command(cache_app, "merge")
@@ -267,7 +279,7 @@ def cache_merge(
     """Join the shards of an extraction into the cache one process would have written."""
     from .extract.shards import merge_parts
 
-    typer.echo(f"merged {len(parts)} shards into {merge_parts(parts, out, force)}")
+    _echo(f"merged {len(parts)} shards into {merge_parts(parts, out, force)}")
 
 
 # -- stage 2 --------------------------------------------------------------------------------
@@ -314,7 +326,7 @@ def train(
         folder, metrics, result, data = run_experiment(r, members, tcfg, progress=watch,
                                                        **run_args(opts))
     _report_run(r, metrics, result, data)
-    typer.echo(f"run written to {folder}  ({_cost(result)})")
+    _echo(f"run written to {folder}  ({_cost(result)})")
     _kept(folder)
 
 
@@ -366,12 +378,12 @@ def sweep(
     _warn_backbone(r, data)
     _split_notes(metrics)
     if "cv" in metrics:
-        typer.echo(f"{metrics['cv']['folds']}-fold cross-validation: each member's figures "
-                   f"are those of its pooled out-of-fold predictions")
-    typer.echo(sweep_table(sweep_rows(metrics)))
+        _echo(f"{metrics['cv']['folds']}-fold cross-validation: each member's figures "
+              f"are those of its pooled out-of-fold predictions")
+    _echo(sweep_table(sweep_rows(metrics)))
     _note(system_level_line(metrics))
-    typer.echo(f"trained as one model: {_cost(result)}")
-    typer.echo(f"wrote {folder / 'sweep.csv'} and {folder / 'sweep.png'}")
+    _echo(f"trained as one model: {_cost(result)}")
+    _echo(f"wrote {folder / 'sweep.csv'} and {folder / 'sweep.png'}")
     _kept(folder)
 
 
@@ -402,15 +414,15 @@ def table(
     for note in res.notes:
         _note(f"note: {note}")
     _split_notes(res.metrics)
-    typer.echo(res.title)
-    typer.echo(res.text)
+    _echo(res.title)
+    _echo(res.text)
     _note(system_level_line(res.metrics))
     if not res.reference_shown:
-        typer.echo("(the paper's figures are shown only for its dataset, backbone and level, "
+        _echo("(the paper's figures are shown only for its dataset, backbone and level, "
                    "without --cv)")
     pooled = ", table-pooled.md and .csv" if "cv" in res.metrics else ""
     compared = ", compare.md, .csv and .json" if res.compared else ""
-    typer.echo(f"wrote {res.folder / 'table.md'} and table.csv{pooled}{compared}, "
+    _echo(f"wrote {res.folder / 'table.md'} and table.csv{pooled}{compared}, "
                f"probe.json ({_cost(res.result)})")
     _kept(res.folder)
 
@@ -444,9 +456,9 @@ def evaluate(
     if pairs is not None:
         return _evaluate_pairs(run, pairs, members, device, split, cache)
     folder, metrics = evaluate_run(run, split, cache, members=members)
-    typer.echo(f"scoring {metrics['scored']['text']}")
+    _echo(f"scoring {metrics['scored']['text']}")
     for w in metrics["warnings"]:
-        typer.echo(f"warning: {w}", err=True)
+        _echo(f"warning: {w}", err=True)
     labelled = {h: m for h, m in metrics["heads"].items() if m.get("labelled", True)}
     for h, m in metrics["heads"].items():
         if h not in labelled:
@@ -454,12 +466,12 @@ def evaluate(
     for level in ("utterance", "system") if labelled else ():
         if level == "system" and not metrics["system_level"]["computable"]:
             continue
-        typer.echo(metrics_table({**metrics, "heads": {h: {level: m[level]}
+        _echo(metrics_table({**metrics, "heads": {h: {level: m[level]}
                                                        for h, m in labelled.items()}},
                                  level))
     _note(labelled and system_level_line(metrics))
     for line in systems_lines(metrics):
-        typer.echo(line)
+        _echo(line)
     systems = metrics["systems"]
     matrix = any("matrix" in e for e in systems.get("heads", {}).values())
     parts = ["metrics.json", "predictions.csv"]
@@ -468,7 +480,7 @@ def evaluate(
                      + (" with its 95% interval)" if matrix else ")"))
     if matrix:
         parts.append("rank-HEAD.csv and .png (P(system A ranks above system B))")
-    typer.echo(f"wrote {folder}/: {', '.join(parts)}")
+    _echo(f"wrote {folder}/: {', '.join(parts)}")
 
 
 def _evaluate_pairs(run: Path, pairs: Path, members, device, split, cache) -> None:
@@ -484,18 +496,18 @@ def _evaluate_pairs(run: Path, pairs: Path, members, device, split, cache) -> No
     read_pairs(pairs, labelled=True)  # checked before the backbone loads
     folder, metrics = evaluate_pairs_file(Scorer.load(run, device=device, members=members),
                                           pairs)
-    typer.echo(f"{metrics['calibration']}")
+    _echo(f"{metrics['calibration']}")
     for w in metrics["warnings"]:
-        typer.echo(f"warning: {w}", err=True)
+        _echo(f"warning: {w}", err=True)
     for h, m in metrics["heads"].items():
         if "accuracy" not in m:
-            typer.echo(f"{h}: {m['why']}")
+            _echo(f"{h}: {m['why']}")
             continue
         figs = "  ".join(f"{k} {m[k]:.3f} [{m[k + '_ci'][0]:.3f}, {m[k + '_ci'][1]:.3f}]"
                          for k in ("accuracy", "ece", "brier"))
-        typer.echo(f"{h}: {m['decided']} decided pairs  {figs}  (ties apart: "
+        _echo(f"{h}: {m['decided']} decided pairs  {figs}  (ties apart: "
                    f"{m['ties']['count']})")
-    typer.echo(f"wrote {folder}/: metrics.json, answers.jsonl, reliability-HEAD.png")
+    _echo(f"wrote {folder}/: metrics.json, answers.jsonl, reliability-HEAD.png")
 
 
 @command(panel=USE)
@@ -533,19 +545,20 @@ def predict(
     check_outputs(out, answer, force=force)  # before scoring: no scores lost to a bad path
     notes: list[str] = []
     heads, rows, failures = run_predict(run, audio, manifest, text, members=members,
+                                        answer=answer is not None,
                                         checkpoint=checkpoint, tokenizer_dir=tokenizer_dir,
                                         device=device, notes=notes)
     for why in failures.values():
-        typer.echo(f"error: {why}", err=True)
+        _echo(f"error: {why}", err=True)
     if out:
         write_scores(out, heads, rows)
     if answer:
         write_answer(answer, heads, rows)
     if not out and not answer:
-        typer.echo(scores_csv(heads, rows, digits=4), nl=False)
+        _echo(scores_csv(heads, rows, digits=4), nl=False)
     for line in notes:
         _note(f"note: {line}")
-    typer.echo(f"scored {len(rows)} file(s), {len(failures)} failed", err=True)
+    _echo(f"scored {len(rows)} file(s), {len(failures)} failed", err=True)
     if failures:
         raise typer.Exit(1)
 
@@ -568,7 +581,7 @@ def export(
 
     check_target(out, force)  # before reading the run
     folder, _ = export_model(run, out, members, force)
-    typer.echo(written_note(folder))
+    _echo(written_note(folder))
 
 
 @command(panel=USE)
@@ -616,20 +629,20 @@ def prefer(
     if calibrate is not None:
         entry = fit(scorer, calibrate, head)
         temps = ", ".join(f"{h} {t:.4g}" for h, t in entry["temperature"].items())
-        typer.echo(f"temperature fitted on {entry['pairs']} labelled pairs of {calibrate} "
+        _echo(f"temperature fitted on {entry['pairs']} labelled pairs of {calibrate} "
                    f"({entry['ties_left_out']} ties left out): {temps}; recorded in "
                    f"{scorer.folder / 'preference.json'}", err=True)
     answers, bad = score_pairs(scorer, todo, head)
     for why in bad.values():
-        typer.echo(f"error: {why}", err=True)
+        _echo(f"error: {why}", err=True)
     text = answer_lines(answers)
     if out:
         _write_text(out, text)
     else:
-        typer.echo(text, nl=False)
+        _echo(text, nl=False)
     if answers:
         _note(f"note: {answers[0][1]['calibration']}")
-    typer.echo(f"answered {len(answers)} pair(s), {len(bad)} failed", err=True)
+    _echo(f"answered {len(answers)} pair(s), {len(bad)} failed", err=True)
     if bad:
         raise typer.Exit(1)
 
@@ -649,28 +662,28 @@ def _demo_stage(stage: str, result) -> None:
     from .report.screen import metrics_table, sweep_table
 
     if stage == "extract":
-        typer.echo(summary_text(result))
-        typer.echo("training one QAMRO run, then the beta sweep (3 seeds per setting)...")
+        _echo(summary_text(result))
+        _echo("training one QAMRO run, then the beta sweep (3 seeds per setting)...")
         return
     if stage == "run":
         folder, metrics, run, _ = result
-        typer.echo("\nOne QAMRO run (alpha 0.2, beta 7) on the demo corpus:")
-        typer.echo(metrics_table(metrics))
-        typer.echo(f"run written to {folder}  ({_cost(run)})")
+        _echo("\nOne QAMRO run (alpha 0.2, beta 7) on the demo corpus:")
+        _echo(metrics_table(metrics))
+        _echo(f"run written to {folder}  ({_cost(run)})")
         _kept(folder)
         return
     sweep_folder, sweep_metrics, sweep_result, _ = result["sweep"]
     first = sweep_metrics["members"][0]["heads"]
     n_sys = next(iter(first.values()))["system"].get("n")
-    typer.echo(f"\nFigure 1 on the demo corpus: system-level SRCC on "
+    _echo(f"\nFigure 1 on the demo corpus: system-level SRCC on "
                f"{sweep_metrics['eval_split']!r} ({n_sys} systems) of QAMRO at alpha 0.2 "
                f"against beta, and of the same heads trained with the regression loss alone "
                f"(loss none); mean ± sd over seeds:")
-    typer.echo(sweep_table(result["sweep_rows"]))
-    typer.echo(f"sweep written to {sweep_folder} (sweep.csv, sweep.png, curves.png; "
+    _echo(sweep_table(result["sweep_rows"]))
+    _echo(f"sweep written to {sweep_folder} (sweep.csv, sweep.png, curves.png; "
                f"{_cost(sweep_result)})")
     _kept(sweep_folder)
-    typer.echo("note: the demo corpus and its scores are SYNTHETIC (designed degradations "
+    _echo("note: the demo corpus and its scores are SYNTHETIC (designed degradations "
                "plus simulated raters), not human ratings: these figures show that the "
                "pipeline works, not how QAMRO does on real data.")
 

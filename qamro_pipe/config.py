@@ -148,6 +148,7 @@ class TrainConfig:
                 raise QamroError(f"--threads {self.threads!r}: give a whole number")
             _at_least("threads", self.threads, 1)
         _above("lr", self.lr, 0)
+        _at_most("lr", self.lr, FLOAT32_MAX)
         if not 0 <= self.momentum < 1:
             raise QamroError(f"momentum {self.momentum:g}: must be in [0, 1)")
         _at_least("batch_size", self.batch_size, 2)  # a ranking loss needs a pair
@@ -157,9 +158,9 @@ class TrainConfig:
             _at_least("check_every", self.check_every, 1)
         if self.val_batch_size is not None:
             _at_least("val_batch_size", self.val_batch_size, 2)
-        if not self.weight_decay >= 0 or not self.checkpoint_seconds >= 0:
-            raise QamroError(f"weight_decay {self.weight_decay:g} and checkpoint_seconds "
-                             f"{self.checkpoint_seconds:g}: must be at least 0")
+        _at_least("weight_decay", self.weight_decay, 0)
+        _at_most("weight_decay", self.weight_decay, FLOAT32_MAX)
+        _at_least("checkpoint_seconds", self.checkpoint_seconds, 0)
         if not (all(0 <= b < 1 for b in self.adam_betas) and self.adam_eps > 0):
             raise QamroError(f"adam_betas {self.adam_betas} must be in [0, 1) and adam_eps "
                              f"{self.adam_eps:g} above 0")
@@ -229,7 +230,8 @@ class ExtractConfig:
 
 # -- the checks behind every dataclass above: one line naming the setting and its rule ------
 _NO_OPTION = ("momentum", "val_fraction", "eval_fraction", "check_every", "bootstrap",
-              "huber_delta", "rank_weight")  # settings only a recipe or library call sets
+              "huber_delta", "rank_weight", "checkpoint_seconds")  # settings only a recipe or
+# library call sets
 
 
 def _option(name: str) -> str:
@@ -242,6 +244,15 @@ def _number(name: str, value) -> float:
             or math.isinf(value):
         raise QamroError(f"{_option(name)} {value!r}: must be a finite number")
     return value
+
+
+FLOAT32_MAX = 3.4028234663852886e38  # the optimiser's settings meet float32 weights
+
+
+def _at_most(name: str, value, most) -> None:
+    if _number(name, value) > most:
+        raise QamroError(f"{_option(name)} {value:g}: must be at most {most:.3g} (the "
+                         f"largest float32, the weights' type)")
 
 
 def _at_least(name: str, value, least) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 from .extract.datasets import Clip, DatasetRecords, load_dataset
 from .errors import QamroError
 from .extract.memory import Item
+from .untrusted import answer_ids_problem
 from .scorer import Scorer, clip_ids, sd_name
 
 __all__ = ["predict", "check_outputs", "clip_ids", "sd_name", "score_columns", "scores_csv",
@@ -59,14 +60,18 @@ def text_note(scorer: Scorer, recs: DatasetRecords) -> str | None:
 def predict(run: str | Path, files: list[str | Path] | None = None,
             manifest: str | Path | None = None, text: str | None = None,
             members: str | None = None, scorer: Scorer | None = None,
-            notes: list[str] | None = None, **extract_opts):
+            notes: list[str] | None = None, answer: bool = False, **extract_opts):
     """-> (head names, rows [{"id", head: score, head_sd: spread, ...}], failures {id:
     reason}). A score is the mean over the run's members (or those `members` selects, as
     `evaluate --members`); head_sd, their sd (ddof=1), is there when there are several.
     `extract_opts`: checkpoint, tokenizer_dir, device, batch_size (Scorer.load's). What the
     user should know (clips scored without the prompt a head reads) is appended to
-    `notes`."""
+    `notes`. `answer`: the rows go to an answer file, so ids it cannot carry are refused
+    first."""
     recs = _records(list(files or []), manifest, text)
+    problem = answer and answer_ids_problem(c.id for c in recs.clips)
+    if problem:  # before any audio is decoded or the backbone loaded
+        raise QamroError(f"--answer: {problem}")
     scorer = scorer or Scorer.load(run, members=members, **extract_opts)
     note = text_note(scorer, recs)
     if note and notes is not None:
@@ -137,6 +142,10 @@ def write_scores(path: str | Path, heads: list[str], rows: list[dict[str, Any]])
 
 def write_answer(path: str | Path, heads: list[str], rows: list[dict[str, Any]]) -> None:
     """The AudioMOS 2025 submission format: one line per clip, `id,score,...` in the recipe's
-    head order (track 1: id,overall,textual; track 2: id,PQ,PC,CE,CU), no header."""
+    head order (track 1: id,overall,textual; track 2: id,PQ,PC,CE,CU), no header. An id
+    with a comma or a line break would forge another clip's line: such ids are refused."""
+    problem = answer_ids_problem(r["id"] for r in rows)
+    if problem:
+        raise QamroError(f"{path}: {problem}")
     _write_text(Path(path), "".join(",".join([r["id"], *(f"{r[h]:.6f}" for h in heads)])
                                     + "\n" for r in rows))

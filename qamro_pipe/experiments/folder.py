@@ -98,7 +98,8 @@ def base_config(job: Job, data: Cache | None = None) -> dict[str, Any]:
         "qamro_run_version": RUN_VERSION, "recipe": recipe.name,
         "recipe_path": str(recipe.path) if recipe.path else None,
         "recipe_derived": recipe.derived,
-        "cache": str(data.path), "backbone": data.meta.backbone, "dataset": data.meta.dataset,
+        "cache": str(data.path.absolute()), "backbone": data.meta.backbone,
+        "dataset": data.meta.dataset,
         "cache_key": data.meta.key, "cache_config": data.meta.config,
         "cache_rows": rows_digest(data, [f for h in recipe.heads for f in h.features
                                           if split_feature(f)[0] is None]),

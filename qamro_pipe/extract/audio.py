@@ -25,6 +25,7 @@ import soundfile as sf
 import soxr
 
 from ..errors import DataError
+from ..untrusted import file_kind
 
 MIN_SECONDS = 0.1  # shorter segments carry too little signal for any backbone
 RESAMPLE_QUALITY = "HQ"  # soxr quality; part of what produces the numbers
@@ -38,6 +39,9 @@ RESAMPLE_QUALITY = "HQ"  # soxr quality; part of what produces the numbers
 RESAMPLERS = {"soxr": f"soxr {RESAMPLE_QUALITY}",
               "librosa": f"soxr {RESAMPLE_QUALITY}, librosa length",
               "torchaudio": "torchaudio sinc_interp_hann"}
+# A clip (or segment) may hold at most this many frames: it is decoded into one float32 array,
+# and a header (a FLAC's STREAMINFO) may claim any length, so the claim is checked first
+MAX_FRAMES = 1 << 29
 BLOCK_FRAMES = 1 << 20  # decode in blocks, downmixing each: an hour of 6-channel 96 kHz audio
 # never sits in memory undownmixed (8 GB); the numbers are the same as reading it whole
 # libsndfile's note on a WAV whose data chunk is shorter than its header declares
@@ -66,6 +70,9 @@ class AudioInfo:
 
 def probe(path: str | Path) -> AudioInfo:
     """Header facts of an audio file, without decoding it."""
+    kind = file_kind(path)  # a FIFO would block the decoder forever
+    if kind:
+        raise DataError(f"{path}: {kind}, not an audio file")
     if not Path(path).is_file():
         raise DataError(f"{path}: no such file")
     if Path(path).stat().st_size == 0:
@@ -284,6 +291,12 @@ def _segment(path, info: AudioInfo, start: float | None, end: float | None) -> t
     if first < 0 or stop > info.frames or first >= stop:
         raise DataError(f"{path}: segment start={start} end={end} s is outside the file "
                         f"(0 to {info.duration:.3f} s) or empty")
+    if stop - first > MAX_FRAMES:  # decoded whole into memory: what the header says counts
+        raise DataError(f"{path}: the header declares {stop - first:,} frames "
+                        f"({(stop - first) / info.sample_rate / 3600:,.1f} h at "
+                        f"{info.sample_rate} Hz); a clip may hold at most {MAX_FRAMES:,} frames "
+                        f"(3.1 h at 48 kHz, 2 GiB as float32): cut it into parts (manifest "
+                        f"start/end columns)")
     return first, stop
 
 

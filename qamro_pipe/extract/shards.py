@@ -15,7 +15,7 @@ import numpy as np
 from ..store.files import writer_lock
 from ..store.writer import CacheWriter, create_cache
 from ..errors import CacheError, QamroError
-from ..store.reader import Cache, read_cache, refuse_foreign
+from ..store.reader import Cache, read_cache, read_meta, refuse_foreign
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -34,6 +34,11 @@ def _check_parts(parts: list[Cache]) -> tuple[int, dict[str, Any]]:
         info = c.meta.config.get("shard")
         if not info:
             raise CacheError(f"{c.path}: not a shard (made without --shard)")
+        if not isinstance(info, dict) or not all(
+                isinstance(info.get(k), int) and not isinstance(info.get(k), bool)
+                for k in ("index", "count")):
+            raise CacheError(f"{c.path}: its 'shard' config is not a table with whole "
+                             f"numbers 'index' and 'count' (found {info!r:.80})")
         infos.append(info)
     n = infos[0]["count"]
     if sorted(i["index"] for i in infos) != list(range(n)) or any(i["count"] != n
@@ -48,7 +53,28 @@ def _check_parts(parts: list[Cache]) -> tuple[int, dict[str, Any]]:
         if not same or any(info.get(k) != infos[0].get(k) for k in ("full_key", "clips_sha256")):
             raise CacheError(f"{c.path}: not a shard of the same extraction as "
                              f"{parts[0].path} (backbone, dataset, clips or settings differ)")
+        if _layout(c) != _layout(parts[0]):
+            raise CacheError(f"{c.path}: its features ({_layout(c)}) differ from those of "
+                             f"{parts[0].path} ({_layout(parts[0])}): not shards of one "
+                             f"extraction")
+    if not isinstance(infos[0].get("full_key"), dict):
+        raise CacheError(f"{parts[0].path}: its 'shard' config has no 'full_key' table")
     return n, infos[0]["full_key"]
+
+
+def _layout(c: Cache) -> str:
+    return ", ".join(f"{k} {v.dtype}{list(v.shape[1:])}"
+                     for k, v in sorted({**c.features, **c.windows}.items()))
+
+
+def _unfinished_merge(out: Path, full_key: dict[str, Any]) -> bool:
+    """Whether `out` is what a killed merge of these shards left: an unfinished cache with
+    their key. Such a file is rebuilt by the same command, no --force needed."""
+    try:
+        meta = read_meta(out)
+    except CacheError:
+        return False
+    return not meta.complete and meta.key == full_key
 
 
 def merge_parts(paths: list[str | Path], out: str | Path, force: bool = False) -> Path:
@@ -56,14 +82,14 @@ def merge_parts(paths: list[str | Path], out: str | Path, force: bool = False) -
     cache at `out`, never anything else."""
     out = Path(out)
     refuse_foreign(out)
-    if out.exists() and not force:
-        raise QamroError(f"{out}: exists; pass --force to replace it")
     for p in paths:
         if Path(p).exists() and out.exists() and Path(p).samefile(out):
             raise QamroError(f"--out {out} is one of the shards being merged; choose another")
-    parts = sorted((read_cache(p) for p in paths), key=lambda c: c.meta.config["shard"]["index"]
-                   if c.meta.config.get("shard") else -1)
+    parts = [read_cache(p) for p in paths]
     n, full_key = _check_parts(parts)
+    parts.sort(key=lambda c: c.meta.config["shard"]["index"])
+    if out.exists() and not force and not _unfinished_merge(out, full_key):
+        raise QamroError(f"{out}: exists; pass --force to replace it")
     sizes = [len(c.ids) for c in parts]
     total = sum(sizes)
     order = [(r % n, r // n) for r in range(total)]  # full row -> (part, row in part)

@@ -20,7 +20,8 @@ from ..train.distribution import output_bins
 from ..train.heads import BatchedMLP, HeadSpec
 from ..train.holdout import same_holdout
 from ..train.inputs import build_head, head_inputs, predict_units, units_for
-from ..train.joined import join
+from ..train.joined import join, rows_digest, split_feature
+from ..train.run_check import member_indices
 from ..train.runs import head_metrics, load_run, write_predictions
 from ..store.reader import Cache, read_cache
 from .rankplot import plot_rank_matrix
@@ -39,14 +40,23 @@ class TrainedRun:
         """A run folder, or (`config`, `tensors`) read elsewhere: an exported model's."""
         self.path = Path(path)
         self.config, tensors = load_run(self.path) if config is None else (config, tensors)
-        self.heads = tuple(from_jsonable(HeadSpec, h) for h in self.config["heads"])
+        try:
+            self.heads = tuple(from_jsonable(HeadSpec, h) for h in self.config["heads"])
+        except (QamroError, TypeError, ValueError) as e:  # edited by hand, or crafted
+            raise QamroError(f"{self.path / 'config.json'}: head settings not readable: "
+                             f"{e}") from None
         try:
             self.train_cfg = from_jsonable(TrainConfig, self.config["train"])
-        except (QamroError, TypeError) as e:  # a run of another version, or edited by hand
+        except (QamroError, TypeError, ValueError) as e:  # another version, or edited by hand
             raise QamroError(f"{self.path / 'config.json'}: train settings not readable: "
                              f"{e}") from None
-        self.stats = {h: tuple(v) for h, v in self.config.get("label_stats", {}).items()}
-        self.members = sorted({int(k.split("/")[1][1:]) for k in tensors})
+        try:
+            self.stats = {h: tuple(float(x) for x in v)
+                          for h, v in self.config.get("label_stats", {}).items()}
+        except (TypeError, ValueError):
+            raise QamroError(f"{self.path / 'config.json'}: 'label_stats' must map each head "
+                             f"to numbers (mean, sd)") from None
+        self.members = member_indices(self.path, self.config, tensors)
         self.models: dict[str, BatchedMLP] = {}
         self._tensors = tensors
 
@@ -72,6 +82,8 @@ class TrainedRun:
         -> (the joined cache, the joined.Source of each other)"""
         primary = cache if isinstance(cache, Cache) else read_cache(cache or self.config["cache"])
         self.check_cache(primary)
+        if cache is None:
+            self._check_identity(primary)
         own = primary.path.resolve() == Path(self.config["cache"]).resolve()
         if paths is None and own:
             paths = {name: s["path"] for name, s in self.sources.items()}
@@ -82,14 +94,42 @@ class TrainedRun:
                               ran.get("key", {}), self.path)
         return joined, sources
 
+    def _check_identity(self, cache: Cache) -> None:
+        """The cache at the run's recorded path is the one it trained on: the digest of its
+        rows (ids, usable rows, the features read) matches config.json's cache_rows. (A run
+        recorded with a relative path, evaluated from another folder, would score whatever
+        cache lies at that path there.)"""
+        recorded = self.config.get("cache_rows")
+        if not recorded:  # a run written before the digest was recorded
+            return
+        own = [f for h in self.heads for f in h.features if split_feature(f)[0] is None]
+        try:
+            digest = rows_digest(cache, own)
+        except KeyError:
+            digest = None
+        if digest != recorded:
+            raise CacheError(f"{cache.path}: not the cache run {self.path} trained on (its "
+                             f"clips or features differ from those config.json records); "
+                             f"pass --cache {cache.path} to score it anyway")
+
     def _model(self, head: HeadSpec, x_shape: tuple[int, ...]) -> BatchedMLP:
         if head.name not in self.models:
-            model = build_head(head, [0] * len(self.members), x_shape, self.train_cfg,
-                               **self._bins(head))
+            try:
+                model = build_head(head, [0] * len(self.members), x_shape, self.train_cfg,
+                                   **self._bins(head))
+            except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+                raise QamroError(f"{self.path / 'config.json'}: the settings of head "
+                                 f"{head.name!r} or of its members cannot build it "
+                                 f"({type(e).__name__}: {str(e)[:200]})") from None
             for i, k in enumerate(self.members):
                 prefix = f"{head.name}/m{k}/"
-                model.load_member(i, {n[len(prefix):]: t for n, t in self._tensors.items()
-                                      if n.startswith(prefix)})
+                try:
+                    model.load_member(i, {n[len(prefix):]: t for n, t in self._tensors.items()
+                                          if n.startswith(prefix)})
+                except (RuntimeError, KeyError, ValueError) as e:  # wrong shapes or names
+                    raise QamroError(f"{self.path / 'heads.safetensors'}: member {k} of head "
+                                     f"{head.name!r} does not fit the head config.json "
+                                     f"describes ({str(e).splitlines()[0][:200]})") from None
             self.models[head.name] = model.eval()
         return self.models[head.name]
 
@@ -331,11 +371,14 @@ def evaluate_run(run: str | Path, split: str | None = None, cache: str | Path | 
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write_predictions(tmp / "predictions.csv", data, tr.heads, preds, rows,
-                      members=[tr.members[i] for i in picked])
-    metrics["systems"] = system_outputs(tmp, data, tr.heads, preds, rows, n_boot, split)
-    (tmp / "metrics.json").write_text(json.dumps(to_jsonable(metrics), indent=2) + "\n")
-    if out.exists():  # this run's own earlier evaluation of the same cache, split, members
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    try:
+        write_predictions(tmp / "predictions.csv", data, tr.heads, preds, rows,
+                          members=[tr.members[i] for i in picked])
+        metrics["systems"] = system_outputs(tmp, data, tr.heads, preds, rows, n_boot, split)
+        (tmp / "metrics.json").write_text(json.dumps(to_jsonable(metrics), indent=2) + "\n")
+        if out.exists():  # this run's own earlier evaluation of the same cache, split, members
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:  # a full disk or a read-only folder: leave no half-written evaluation behind
+        shutil.rmtree(tmp, ignore_errors=True)
     return out, metrics

@@ -12,6 +12,7 @@ from typing import Iterator
 
 from .durable import pid_alive
 from ..errors import CacheError
+from ..untrusted import file_kind
 
 JOURNAL_SUFFIX = ".journal"  # CACHE.journal: skipped clips of an unfinished extraction
 
@@ -25,6 +26,9 @@ def read_journal(path: str | Path) -> dict[str, str]:
     """Skipped clips (id -> reason) recorded by an unfinished extraction of cache `path`.
     A torn last line (power loss mid-append) is ignored: that clip is simply retried."""
     out: dict[str, str] = {}
+    kind = file_kind(journal_path(path))  # a FIFO blocks, a device (/dev/zero) never ends
+    if kind:
+        raise CacheError(f"{journal_path(path)}: {kind}, not a journal of skipped clips")
     try:
         text = journal_path(path).read_text(encoding="utf-8")
     except FileNotFoundError:

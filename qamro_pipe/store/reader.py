@@ -53,7 +53,9 @@ import h5py
 import numpy as np
 
 from .files import read_journal, writer_active
+from .layout import check_layout
 from ..errors import CacheError
+from ..untrusted import file_kind, printable
 
 SCHEMA_VERSION = 1
 FEATURE_DTYPES = (np.dtype("float32"), np.dtype("float16"))
@@ -112,10 +114,10 @@ class Cache:
         return np.flatnonzero(mask)
 
 
-def _incomplete(path: Path) -> str:
-    if writer_active(path):
+def _incomplete(meta: CacheMeta) -> str:
+    if writer_active(meta.path):
         return "INCOMPLETE (being extracted by another process now)"
-    return "INCOMPLETE (rerun extract to resume)"
+    return "INCOMPLETE (rerun the command that made it, extract or cache merge, to finish it)"
 
 
 # -- reading --------------------------------------------------------------------------------
@@ -127,14 +129,26 @@ def _skipped_in_file(f: h5py.File) -> dict[str, str]:
 
 def _open(path: Path, mode: str = "r") -> h5py.File:
     if not path.exists():
-        raise CacheError(f"{path}: no such cache file")
+        raise CacheError(f"{printable(path)}: no such cache file")
+    kind = file_kind(path)  # a FIFO would block the open forever
+    if kind:
+        raise CacheError(f"{printable(path)}: {kind}, not a cache file")
     try:
         # no HDF5 file lock: writers are kept to one by writer_lock, and nothing a reader
         # reads changes under it (module docstring), so `cache info` works mid-extraction
-        return h5py.File(path, mode, locking=False)
+        f = h5py.File(path, mode, locking=False)
     except OSError as e:
-        raise CacheError(f"{path}: not a readable HDF5 cache (truncated or another format): "
-                         f"{e}") from None
+        raise CacheError(f"{printable(path)}: not a readable HDF5 cache (truncated or another "
+                         f"format): {' '.join(str(e).split())}") from None
+    try:
+        check_layout(f, path)  # before anything is read from it, or written through it
+    except CacheError:
+        f.close()
+        raise
+    except _DAMAGE as e:
+        f.close()
+        raise _damaged(path, e) from None
+    return f
 
 
 def _json_attr(f: h5py.File, path: Path, name: str):
@@ -152,7 +166,9 @@ def _damaged(path: Path, e: Exception) -> CacheError:
                       f"re-extract it (extract --force)")
 
 
-_DAMAGE = (OSError, RuntimeError, KeyError, ValueError, TypeError)  # UnicodeError is a ValueError
+# UnicodeError is a ValueError; IndexError and AttributeError: a crafted file's scalar where
+# a table belongs, a dataset where a group belongs
+_DAMAGE = (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError)
 
 
 def read_meta(path: str | Path) -> CacheMeta:
@@ -177,10 +193,32 @@ def _meta(f: h5py.File, path: Path) -> CacheMeta:
     labels = _json_attr(f, path, "label_names")
     config = _json_attr(f, path, "config")
     key = _json_attr(f, path, "key") if "key" in f.attrs else config
+    for name, value in (("config", config), ("key", key)):
+        if not isinstance(value, dict):
+            raise CacheError(f"{printable(path)}: attribute {name!r} is a JSON "
+                             f"{type(value).__name__}, expected an object")
+    problem = label_names_problem(labels)
+    if problem:
+        raise CacheError(f"{printable(path)}: attribute 'label_names': {problem}")
     return CacheMeta(path=path, version=version, backbone=str(f.attrs["backbone"]),
                      dataset=str(f.attrs["dataset"]), label_names=tuple(labels), config=config,
                      key=key, created_by=str(f.attrs["created_by"]),
                      complete=bool(f.attrs.get("complete", True)))
+
+
+def label_names_problem(names: object) -> str | None:
+    """Why `names` cannot name a cache's labels, or None: they name heads, run-folder weights
+    (`HEAD/mK/...`) and CSV columns, so each is a distinct non-empty string without '/'."""
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return f"expected a JSON list of names, found {printable(repr(names))[:80]}"
+    for i, n in enumerate(names):
+        if not n.strip() or "/" in n or printable(n) != n:
+            return (f"label name {printable(repr(n))} is empty or holds '/' or a control "
+                    f"character (names become run-folder paths); rename it")
+        if n in names[:i]:
+            return (f"label name {printable(repr(n))} appears twice (two heads would share "
+                    f"one name)")
+    return None
 
 
 def check_key(meta: CacheMeta, key: Mapping[str, Any], what: str = "this run") -> None:
@@ -225,10 +263,14 @@ def _read_cache(path: Path, require_complete: bool) -> Cache:
             raise CacheError(f"{path}: /labels has shape {labels.shape}, expected "
                              f"({n}, {len(meta.label_names)}) for label_names {meta.label_names}")
         features = {}
+        if ids.ndim != 1:
+            raise CacheError(f"{path}: /ids has shape {ids.shape}, expected [N]")
         for name, ds in f["features"].items():
-            if ds.shape[0] != n or ds.dtype not in FEATURE_DTYPES:
-                raise CacheError(f"{path}: features/{name} is {ds.dtype}{ds.shape}, expected "
-                                 f"float32 or float16 with {n} rows")
+            if not isinstance(ds, h5py.Dataset) or ds.ndim < 1 or ds.shape[0] != n \
+                    or ds.dtype not in FEATURE_DTYPES:
+                raise CacheError(f"{path}: features/{name} is "
+                                 f"{getattr(ds, 'dtype', 'a group')}{getattr(ds, 'shape', '')}, "
+                                 f"expected float32 or float16 with {n} rows")
             features[name] = ds[()]
         cache = Cache(meta=meta, ids=ids, systems=cols["systems"], splits=cols["splits"],
                       labels=labels.astype(np.float32), features=features,
@@ -246,6 +288,9 @@ def _read_cache(path: Path, require_complete: bool) -> Cache:
                     raise CacheError(f"{path}: windows/{k} has {len(v)} rows, expected {off[-1]}")
         cache.system_mos = _system_mos(f)
         for name, values in cache.system_mos.items():
+            if np.isinf(values).any():
+                raise CacheError(f"{path}: /system_mos/values holds inf (system "
+                                 f"{printable(name)})")
             if len(values) != len(meta.label_names):
                 raise CacheError(f"{path}: /system_mos/values has {len(values)} columns, "
                                  f"expected {len(meta.label_names)}")
@@ -299,6 +344,11 @@ def _sources(f: h5py.File, path: Path, n: int) -> tuple[np.ndarray | None, np.nd
 
 def _check_finite(cache: Cache) -> None:
     rows = cache.usable
+    inf = np.isinf(cache.labels).any(axis=1)
+    if inf.any():  # NaN marks an unknown label; inf is no score
+        raise CacheError(f"{cache.path}: /labels holds inf for {int(inf.sum())} clip(s) "
+                         f"(first: {printable(cache.ids[np.argmax(inf)])}); a label is a finite "
+                         f"number, or NaN where unknown")
     for name, v in cache.features.items():
         # explicit width: reshape(0, -1) fails, and a just-created cache has no usable row
         width = int(np.prod(v.shape[1:]))
@@ -407,7 +457,7 @@ def describe(path: str | Path) -> str:
     lines = [f"cache      {m.path}", f"schema     v{m.version}  ({m.created_by})",
              f"backbone   {m.backbone}", f"dataset    {m.dataset}",
              f"labels     {', '.join(m.label_names)}",
-             f"status     {'complete' if m.complete else _incomplete(m.path)}"
+             f"status     {'complete' if m.complete else _incomplete(m)}"
              f"  {int(cache.usable.sum())}/{len(cache.ids)} clips usable"]
     splits, counts = np.unique(cache.splits, return_counts=True)
     lines.append("splits     " + ", ".join(f"{s} {c}" for s, c in zip(splits, counts)))

@@ -16,6 +16,7 @@ import numpy as np
 from .. import __version__
 from .files import journal_path, read_journal
 from .durable import fault_point, fsync_path
+from .space import cache_bytes, check_room
 from ..errors import CacheError
 from .reader import _STR, SCHEMA_VERSION, _open, _skipped_in_file
 
@@ -76,6 +77,8 @@ def create_cache(path: str | Path, *, ids: Sequence[str], systems: Sequence[str]
         raise CacheError(f"{path}: ids are not unique")
     ratings, rater_ids = _check_ratings(path, n, label_names, ratings, rater_ids)
     path.parent.mkdir(parents=True, exist_ok=True)
+    check_room(path, cache_bytes(n, feature_shapes, window_shapes, window_counts, feature_dtype,
+                                 len(label_names), (ids, systems, splits, texts, sources)))
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with h5py.File(tmp, "w") as f:
@@ -342,10 +345,15 @@ class CacheWriter:
                                  f"full?") from None
         lines = "".join(json.dumps({"skip": str(k), "reason": str(v)}) + "\n"
                         for k, v in reasons.items())
-        with open(journal_path(self.path), "a", encoding="utf-8") as j:
-            j.write(lines)
-            j.flush()
-            os.fsync(j.fileno())
+        try:
+            with open(journal_path(self.path), "a", encoding="utf-8") as j:
+                j.write(lines)
+                j.flush()
+                os.fsync(j.fileno())
+        except OSError as e:
+            raise CacheError(f"{journal_path(self.path)}: writing the skipped clips failed "
+                             f"({_why(e)}); is the disk full? Every clip written so far is "
+                             f"kept: free space and rerun the same command") from None
         self.skipped.update(reasons)
 
     def finish(self) -> None:

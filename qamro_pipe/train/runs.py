@@ -21,12 +21,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .. import __version__
 from ..config import TrainConfig, to_jsonable
 from ..errors import QamroError
 from ..metrics import FIGURES, evaluate, mean_sd
+from ..checkpoints import save_safetensors
+from .run_check import check_config
 from ..store.durable import fault_point, fsync_path, pid_alive
 from ..store.reader import Cache
 from .state import HISTORY_COLUMNS
@@ -247,8 +249,8 @@ def stage_run_folder(out: Path, *, config: dict[str, Any], metrics: dict[str, An
                       {h: p[ok] for h, p in result.predictions.items()},
                       np.flatnonzero(cache.usable) if cache.usable is not None
                       else np.arange(len(cache.ids)), members=ok)
-    save_file(tensors, str(tmp / "heads.safetensors"),
-              metadata={"qamro_run_version": str(RUN_VERSION)})
+    save_safetensors(tensors, tmp / "heads.safetensors",
+                     metadata={"qamro_run_version": str(RUN_VERSION)})
     follow_umask(tmp / "heads.safetensors")
     write_history(tmp / "history.csv", result.history)
     return tmp
@@ -350,8 +352,9 @@ def load_run(run: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         raise QamroError(f"{run}: not a run folder (no config.json)")
     try:
         config = json.loads(cfg_path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise QamroError(f"{cfg_path}: not valid JSON ({e})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # (nested too deeply)
+        raise QamroError(f"{cfg_path}: not valid JSON ({str(e) or 'nested too deeply'})") \
+            from None
     if not isinstance(config, dict) or config.get("qamro_run_version") != RUN_VERSION:
         version = config.get("qamro_run_version") if isinstance(config, dict) else None
         raise QamroError(f"{run}: run folder version {version!r}, this "
@@ -362,6 +365,7 @@ def load_run(run: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
                          f"metrics.json and predictions.csv; its models are the runs "
                          f"{run}/fold-0 .. fold-{folds - 1} (each trained without its "
                          f"held-out clips); train without --cv for one model of all the data")
+    check_config(run, config)
     missing = [f for f in RUN_FILES if not (run / f).is_file()]
     if missing:
         raise QamroError(f"{run}: incomplete run folder (missing {', '.join(missing)})")

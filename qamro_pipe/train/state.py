@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..errors import QamroError
 from ..store.durable import fault_point, fsync_path
+from ..checkpoints import save_safetensors
 
 STATE_VERSION = 1
 # per member and epoch: the objective (mean over heads) and its two parts, train and validation
@@ -88,8 +89,8 @@ class TrainState:
                 "buffers": list(self.buffers)}
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                      metadata={"qamro_train_state": json.dumps(meta)})
+            save_safetensors({k: v.contiguous() for k, v in tensors.items()}, tmp,
+                             metadata={"qamro_train_state": json.dumps(meta)})
             fsync_path(tmp)
             fault_point("STATE", str(path))
             os.replace(tmp, path)

@@ -9,6 +9,7 @@ from typing import Callable
 import numpy as np
 
 from ...errors import DataError
+from ...store.reader import label_names_problem
 
 
 @dataclass(frozen=True)
@@ -47,14 +48,23 @@ class DatasetRecords:
     notes: tuple[str, ...] = ()
 
     def __post_init__(self):
+        problem = label_names_problem(list(self.label_names))
+        if problem:
+            raise DataError(f"{self.name}: {problem}")
         seen: set[str] = set()
         for c in self.clips:
             if c.id in seen:
                 raise DataError(f"{self.name}: duplicate clip id {c.id!r}")
+            if any("\x00" in v for v in (c.id, c.system, c.split, c.text or "")):
+                raise DataError(f"{self.name}: clip {c.id!r} holds a NUL character in its id, "
+                                f"system, split or text (HDF5 strings cannot hold one)")
             seen.add(c.id)
             if len(c.labels) != len(self.label_names):
                 raise DataError(f"{self.name}: clip {c.id!r} has {len(c.labels)} labels, "
                                 f"expected {len(self.label_names)} ({', '.join(self.label_names)})")
+            if any(math.isinf(v) for v in c.labels):
+                raise DataError(f"{self.name}: clip {c.id!r} has an infinite label "
+                                f"{c.labels}; a label is a finite number (or NaN where unknown)")
             self._check_scale(c, "label", zip(self.label_names, c.labels))
             if c.ratings:
                 self._check_ratings(c)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ...errors import DataError
+from ...untrusted import file_kind, require_regular_file
 from .base import Clip, DatasetRecords, register_dataset
 
 RESERVED = ("id", "path", "system", "text", "split", "start", "end")
@@ -48,12 +49,17 @@ Row = tuple[int, dict[str, object]]  # (line the record starts on, column -> raw
 
 def read_table(path: Path) -> tuple[list[str], int | None, list[Row]]:
     """Columns (in file order), header line (None for JSONL) and rows of a CSV or JSONL file."""
+    require_regular_file(path, "manifest")  # a FIFO would block the open forever
     suffix = path.suffix.lower()
-    if suffix in CSV_SUFFIXES + TSV_SUFFIXES:
-        return _read_csv(path, "\t" if suffix in TSV_SUFFIXES else ",")
-    if suffix in JSONL_SUFFIXES:
-        columns, rows = _read_jsonl(path)
-        return columns, None, rows
+    try:
+        if suffix in CSV_SUFFIXES + TSV_SUFFIXES:
+            return _read_csv(path, "\t" if suffix in TSV_SUFFIXES else ",")
+        if suffix in JSONL_SUFFIXES:
+            columns, rows = _read_jsonl(path)
+            return columns, None, rows
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at "
+                        f"offset {e.start}); save it as UTF-8") from None
     raise DataError(f"{path}: unknown table format {path.suffix!r}; "
                     f"expected one of {', '.join(CSV_SUFFIXES + TSV_SUFFIXES + JSONL_SUFFIXES)}")
 
@@ -106,6 +112,9 @@ def _read_jsonl(path: Path) -> tuple[list[str], list[Row]]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+            except (ValueError, RecursionError) as e:  # a 5,000-digit integer, deep nesting
+                raise DataError(f"{path}, line {n}: not a manifest record "
+                                f"({str(e).split('.')[0] or 'nested too deeply'})") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}, line {n}: expected a JSON object, "
                                 f"found {type(record).__name__}")
@@ -143,9 +152,18 @@ def parse_score(value: object, path: Path, line: int, column: str, *,
     return v
 
 
+def _is_file(path: Path, origin: str) -> bool:
+    try:
+        return path.is_file()
+    except OSError as e:  # a path too long for the file system, ...
+        shown = str(path) if len(str(path)) <= 120 else f"{str(path)[:60]}...{str(path)[-40:]}"
+        raise DataError(f"{shown} ({origin}; {len(str(path)):,} characters): "
+                        f"{e.strerror}") from None
+
+
 def require_files(listed: Iterable[tuple[Path, str]], what: str = "audio file(s)") -> None:
     """Raise one DataError naming every missing file's count and the first few (with origin)."""
-    missing = [(p, origin) for p, origin in listed if not p.is_file()]
+    missing = [(p, origin) for p, origin in listed if not _is_file(p, origin)]
     if not missing:
         return
     shown = "; ".join(f"{p} ({origin})" for p, origin in missing[:_SHOW_MISSING])
@@ -171,6 +189,8 @@ def load_manifest(root: Path, label_range: tuple[float, float] | None = None,
                   name: str | None = None) -> DatasetRecords:
     """Clips of the manifest file `root`; name defaults to the file's stem."""
     path = Path(root)
+    if file_kind(path) not in (None, "a folder"):  # a FIFO would block the open forever
+        require_regular_file(path, "manifest")
     if path.is_dir():
         raise DataError(f"{path} is a folder; the manifest loader takes the manifest file "
                         f"itself (.csv, .tsv or .jsonl)")
