@@ -14,7 +14,7 @@ import soundfile as sf
 import torch
 from conftest import make_synthetic_cache
 
-from qamro_pipe import weights
+from qamro_pipe import checkpoints
 from qamro_pipe.errors import QamroError
 
 from .hostile import cli, one_line_error, peak_python_mb, within
@@ -85,13 +85,13 @@ def test_a_zip_checkpoint_that_inflates_is_refused_before_torch_reads_it(tmp_pat
                 data = bytes(64 << 20)  # 64 MB of zeros: about 64 KB deflated
             dst.writestr(info.filename, data, compress_type=zipfile.ZIP_DEFLATED)
     assert bomb.stat().st_size < 200_000
-    weights.read_checkpoint(real, "test")  # the real one loads
+    checkpoints.read_checkpoint(real, "test")  # the real one loads
 
     def never(*a, **k):
         raise AssertionError("torch.load was reached")
     monkeypatch.setattr(torch, "load", never)
     with pytest.raises(QamroError, match="at most 16 times its size"):
-        weights.read_checkpoint(bomb, "clap-music")
+        checkpoints.read_checkpoint(bomb, "clap-music")
 
 
 def test_fifos_named_as_inputs_are_refused_by_kind(corpus, demo_run, tmp_path, tally):
@@ -106,7 +106,7 @@ def test_fifos_named_as_inputs_are_refused_by_kind(corpus, demo_run, tmp_path, t
     pt = tmp_path / "pipe.pt"
     os.mkfifo(pt)
     with pytest.raises(QamroError, match="a named pipe .FIFO., not a regular weights file"):
-        within(20, lambda: weights.read_checkpoint(pt, "clap-music"), pt)
+        within(20, lambda: checkpoints.read_checkpoint(pt, "clap-music"), pt)
     wav = tmp_path / "pipe.wav"
     os.mkfifo(wav)
     tally.runs += 1

@@ -188,7 +188,7 @@ def build_clap(amodel: str):
 
 
 def read_clap_state(path) -> dict:
-    """A checkpoint's state dict, read as data only (weights.read_checkpoint): the release
+    """A checkpoint's state dict, read as data only (checkpoints.read_checkpoint): the release
     files are whole training checkpoints, {"epoch", "name", "state_dict", "optimizer"}."""
     import torch
 
