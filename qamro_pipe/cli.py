@@ -192,7 +192,8 @@ def extract(
     Resumable: rerun the same command after an interruption. Under torchrun, each rank
     extracts a shard and rank 0 merges them."""
     from .config import override
-    from .extract.loop import default_cache_path, extract as run_extract, records_for, summary_text
+    from .extract.cli_glue import records_for, summary_text
+    from .extract.loop import default_cache_path, extract as run_extract
     from .extract.shards import extract_distributed, parse_shard, torchrun_rank
 
     cfg = override(ExtractConfig(), backbone=backbone, checkpoint=checkpoint,
@@ -470,7 +471,7 @@ def predict(
 def demo(quiet: bool = typer.Option(False, "--quiet", help="No progress bar.")):
     """Offline demo: synthetic corpus -> melstats cache -> QAMRO run -> beta sweep."""
     from .demo import run_demo
-    from .extract.loop import summary_text
+    from .extract.cli_glue import summary_text
     from .report.screen import metrics_table, sweep_table
 
     out = run_demo(progress=not quiet)
