@@ -285,19 +285,17 @@ class CacheWriter:
         for name, values in feats.items():
             self._check_finite(f"features/{name}", values, rows)
         for name in wins:
-            for row, v in zip(rows, wins[name]):
-                self._check_finite(f"windows/{name}", v[None], [row])
+            if not all(np.isfinite(v).all() for v in wins[name]):  # then say which clip
+                for row, v in zip(rows, wins[name]):
+                    self._check_finite(f"windows/{name}", v[None], [row])
         try:
             for name, values in feats.items():
                 self.f["features"][name][rows[order]] = values[order]
             self._write_stats(rows, stats)
-            for i, row in enumerate(rows):
-                if not wins:
-                    break
-                a, b = int(self.offsets[row]), int(self.offsets[row + 1])
-                self.f["windows/weight"][a:b] = window_weights[i]
-                for name, values in wins.items():
-                    self.f["windows"][name][a:b] = values[i]
+            if wins:
+                self._write_windows(rows[order], {"weight": [window_weights[i] for i in order],
+                                                  **{k: [v[i] for i in order]
+                                                     for k, v in wins.items()}})
             self._sync()  # the rows are on disk before anything says they are done
             fault_point("WRITE", "rows " + ",".join(map(str, rows.tolist())))
             self.f["done"][rows[order]] = 1
@@ -307,6 +305,19 @@ class CacheWriter:
                              f"full? The {int(self.done.sum())} clips marked done are safe: "
                              f"free space and rerun the same command to resume") from None
         self.done[rows] = True
+
+    def _write_windows(self, rows: np.ndarray, per_clip: Mapping[str, list[np.ndarray]]
+                       ) -> None:
+        """Each clip's window rows (`rows` increasing, `per_clip` in their order) into
+        /windows: one write per run of clips whose windows lie back to back in the file (the
+        rows of a batch are usually consecutive), not one per clip and dataset."""
+        starts, ends = self.offsets[rows], self.offsets[rows + 1]
+        breaks = np.flatnonzero(starts[1:] != ends[:-1]) + 1
+        for lo, hi in zip([0, *breaks.tolist()], [*breaks.tolist(), len(rows)]):
+            a, b = int(starts[lo]), int(ends[hi - 1])
+            for name, values in per_clip.items():
+                self.f["windows"][name][a:b] = (values[lo] if hi - lo == 1
+                                                else np.concatenate(values[lo:hi]))
 
     def _check_finite(self, what: str, values: np.ndarray, rows) -> None:
         bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
