@@ -14,9 +14,9 @@ import math
 import mmap
 import multiprocessing as mp
 import os
+import select
 import signal
 from collections.abc import Sequence
-from multiprocessing.connection import wait
 
 import numpy as np
 
@@ -170,6 +170,10 @@ class Decoder:
                 locks[1]))
             p.start()
             self.procs.append(p)
+        # one poller for the run: multiprocessing's wait() builds a selector per call, ~30 us
+        self.poller = select.poll()
+        for fd in (self.done_r.fileno(), *(p.sentinel for p in self.procs)):
+            self.poller.register(fd, select.POLLIN)
         while self.sent < min(self.ahead, len(self.tasks)):
             self._send()
 
@@ -180,8 +184,8 @@ class Decoder:
     def _result(self, i: int) -> tuple:
         """Task i's message, reading the workers' messages as they come."""
         while i not in self.ready:
-            ready = wait([self.done_r, *(p.sentinel for p in self.procs)])
-            if self.done_r in ready:
+            ready = {fd for fd, _ in self.poller.poll()}
+            if self.done_r.fileno() in ready:
                 msg = self.done_r.recv()
                 self.ready[msg[0]] = msg
                 continue
