@@ -34,6 +34,15 @@ def _early(group: h5py.Group, name: str, shape: tuple[int, ...], dtype) -> None:
     h5py.h5d.create(group.id, name.encode(), tid, space, dcpl=dcpl)
 
 
+def _put(ds: h5py.Dataset, rows: np.ndarray, values) -> None:
+    """ds[rows] = values for increasing rows: as one slice when they are consecutive (the
+    usual batch), which h5py writes as one block instead of selecting row by row."""
+    if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
+        ds[int(rows[0]):int(rows[-1]) + 1] = values
+    else:
+        ds[rows] = values
+
+
 def _strings(values: Sequence[str]) -> np.ndarray:
     return np.array([str(v) for v in values], dtype=object)
 
@@ -278,10 +287,11 @@ class CacheWriter:
         rows = np.asarray(rows, dtype=np.int64)
         order = np.argsort(rows)  # h5py fancy indexing wants increasing indices
         with np.errstate(over="ignore"):  # an overflow to inf is refused just below
-            feats = {k: np.asarray(v).astype(self.f["features"][k].dtype)
+            feats = {k: np.asarray(v).astype(self.f["features"][k].dtype, copy=False)
                      for k, v in features.items()}
-            wins = {k: [np.asarray(v).astype(self.f["windows"][k].dtype) for v in per_clip]
-                    for k, per_clip in (windows or {}).items()}
+            wins = {k: [np.asarray(v).astype(dtype, copy=False) for v in per_clip]
+                    for k, per_clip in (windows or {}).items()
+                    for dtype in (self.f["windows"][k].dtype,)}
         for name, values in feats.items():
             self._check_finite(f"features/{name}", values, rows)
         for name in wins:
@@ -290,7 +300,7 @@ class CacheWriter:
                     self._check_finite(f"windows/{name}", v[None], [row])
         try:
             for name, values in feats.items():
-                self.f["features"][name][rows[order]] = values[order]
+                _put(self.f["features"][name], rows[order], values[order])
             self._write_stats(rows, stats)
             if wins:
                 self._write_windows(rows[order], {"weight": [window_weights[i] for i in order],
@@ -298,7 +308,7 @@ class CacheWriter:
                                                      for k, v in wins.items()}})
             self._sync()  # the rows are on disk before anything says they are done
             fault_point("WRITE", "rows " + ",".join(map(str, rows.tolist())))
-            self.f["done"][rows[order]] = 1
+            _put(self.f["done"], rows[order], 1)
             self._sync()
         except OSError as e:
             raise CacheError(f"{self.path}: writing rows failed ({_why(e)}); is the disk "
@@ -333,7 +343,7 @@ class CacheWriter:
     def _write_stats(self, rows: np.ndarray, stats: np.ndarray | None) -> None:
         if stats is not None and "source_stat" in self.f:
             order = np.argsort(rows)
-            self.f["source_stat"][rows[order]] = np.asarray(stats, np.int64)[order]
+            _put(self.f["source_stat"], rows[order], np.asarray(stats, np.int64)[order])
 
     def skip(self, reasons: Mapping[str, str], stats: Mapping[str, Sequence[int]] | None = None,
              ) -> None:
