@@ -166,9 +166,9 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
 
 
 def test_decoder_shared_memory_gives_the_pickled_audio(tmp_path):
-    """Clips through shared slots equal clips decoded in-process, bit for bit: ones that fit,
-    one too long for a slot (3.5 windows), a broken file, and more clips held by the
-    consumer than there are slots (those travel pickled)."""
+    """Clips through shared rows equal clips decoded in-process, bit for bit: short ones, one
+    of 3.5 windows (in four rows), a broken file, and more clips held by the consumer than
+    there are free rows (those travel pickled)."""
     import soundfile as sf
 
     from qamro_pipe.extract.decoding import Decoder
@@ -200,7 +200,10 @@ def test_decoder_shared_memory_gives_the_pickled_audio(tmp_path):
                 got[r] = v if isinstance(v, str) else np.concatenate(v).copy()
         finally:
             dec.close()
+        pickled[(share, hold)] = dec.pickled
         return got
+
+    pickled = {}
 
     inline = run(0, False, 1)
     assert isinstance(inline[4], str) and len(inline) == len(paths)
@@ -212,6 +215,8 @@ def test_decoder_shared_memory_gives_the_pickled_audio(tmp_path):
                 assert got[row] == x
             else:
                 assert np.array_equal(got[row], x), (share, hold, row)
+    # every good clip pickled without sharing; some when the consumer holds more than fits
+    assert pickled[(False, 1)] == len(paths) - 1 and pickled[(True, 5)] > 0
 
 
 # -- issue 12: --force replaces only a cache, a cache never serves stale contents, a failed
