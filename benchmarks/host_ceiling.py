@@ -31,6 +31,15 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+# the package of the tree measured: in a child, the first entry of PYTHONPATH
+import null_backbone  # noqa: F401  (registers the zero-cost backbones)
+
+from qamro_pipe.config import ExtractConfig
+from qamro_pipe.extract.backbones import get_backbone
+from qamro_pipe.extract.datasets import load_dataset
+from qamro_pipe.extract.datasets.demo import write_demo_corpus
+from qamro_pipe.extract.loop import auto_workers, extract
+
 HERE = Path(__file__).resolve().parent
 SHAPES = {"clap": "null-clap", "aesthetics": "null-aesthetics"}
 BATCH = 64  # the GPU default (config.EXTRACT_BATCH["cuda"])
@@ -157,7 +166,7 @@ def patched(clock: PhaseClock | None, process: dict):
 
 def decode_only(records, bb, workers: int) -> float:
     """clips/s of the decoding workers alone, as extract drives them (same tasks, same slots)."""
-    try:
+    try:  # the tree measured may be one from before loop.py was split (issue 18)
         from qamro_pipe.extract.decoding import Decoder, decode_tasks
         tasks = decode_tasks(records.clips, range(len(records.clips)), bb)
     except ImportError:
@@ -182,13 +191,6 @@ def decode_only(records, bb, workers: int) -> float:
 
 def child(root: str, backbone: str, workers: int, tok: str, out: str) -> None:
     """One measurement in this process (the tree measured first on sys.path)."""
-    sys.path.insert(1, str(HERE))
-    import null_backbone  # noqa: F401  (registers the zero-cost backbones)
-    from qamro_pipe.config import ExtractConfig
-    from qamro_pipe.extract.backbones import get_backbone
-    from qamro_pipe.extract.datasets import load_dataset
-    from qamro_pipe.extract.loop import extract
-
     recs = load_dataset("musiceval", root)
     cfg = ExtractConfig(backbone=backbone, checkpoint="random", tokenizer_dir=tok,
                         device="cpu", batch_size=BATCH, workers=workers)
@@ -248,10 +250,7 @@ def measure(clips: int = 256, before: str | None = None, workers: int | None = N
     """{tree: {shape-length: figures}} for this tree ("after") and, with `before`, that
     revision ("before"), alternating, in this one run."""
     sys.path.insert(0, str(HERE.parent / "tests"))
-    from test_backbones import write_roberta_style_tokenizer
-
-    from qamro_pipe.extract.datasets.demo import write_demo_corpus
-    from qamro_pipe.extract.loop import auto_workers
+    from test_backbones import write_roberta_style_tokenizer  # tests/ is not a package
 
     workers = workers or auto_workers(gpu=True)  # what a GPU run on this machine gets
     out: dict = {"workers": workers, "batch": BATCH, "clips": clips, "cpus": os.cpu_count(),

@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+import qamro_pipe.extract.loop as ex
 from qamro_pipe.config import ExtractConfig
 from qamro_pipe.errors import QamroError
 from qamro_pipe.extract.backbones import get_backbone, melstats
 from qamro_pipe.extract.backbones.base import FeatureSpec
 from qamro_pipe.extract.datasets import load_dataset
+from qamro_pipe.extract.datasets.demo import write_demo_corpus
 from qamro_pipe.extract.decoding import Decoder
 from qamro_pipe.extract.loop import extract
 from qamro_pipe.store.writer import CacheWriter, create_cache
@@ -48,8 +50,6 @@ class Windowed(melstats.MelStats):
 @pytest.fixture
 def clips_of_many_lengths(tmp_path, monkeypatch):
     """A manifest of clips from 0.3 s to 4.2 s (1 to 5 windows) and the windowed backbone."""
-    import qamro_pipe.extract.loop as ex
-
     real = ex.get_backbone
     monkeypatch.setattr(ex, "get_backbone", lambda name, **kw: Windowed(**kw)
                         if name == Windowed.name else real(name, **kw))
@@ -130,7 +130,7 @@ def test_a_decoding_worker_that_dies_stops_the_run_with_a_message(tmp_path):
 def test_null_backbones_take_the_real_backbones_inputs_and_shapes(tmp_path):
     """The host ceiling's zero-cost backbones (benchmarks/null_backbone.py) window, pad and
     shape as clap-music and aesthetics do, and run through extract with workers."""
-    sys.path.insert(0, str(BENCHMARKS))
+    sys.path.insert(0, str(BENCHMARKS))  # benchmarks/ is not a package: not offered to users
     try:
         import null_backbone  # noqa: F401  (registers them)
     finally:
@@ -146,8 +146,6 @@ def test_null_backbones_take_the_real_backbones_inputs_and_shapes(tmp_path):
         out = a.embed_windows(short)
         assert {k: v.shape for k, v in out.items()} == {
             k: (2, *s.shape) for k, s in b.feature_specs().items() if not s.text}
-    from qamro_pipe.extract.datasets.demo import write_demo_corpus
-
     recs = load_dataset("musiceval", write_demo_corpus(tmp_path / "corpus", n_systems=2,
                                                        n_prompts=3, seconds=12.0))
     s = extract(recs, ExtractConfig(backbone="null-aesthetics", checkpoint="random",
