@@ -123,7 +123,8 @@ def _work(parent: int, tasks: Sequence[tuple], shared: SharedRows | None, todo, 
             if rows is not None:
                 w = shared.data.shape[1]
                 for j, r in enumerate(rows):
-                    shared.data[r, :len(x[j * w:(j + 1) * w])] = x[j * w:(j + 1) * w]
+                    window = x[j * w:(j + 1) * w]
+                    shared.data[r, :len(window)] = window
                 msg = (i, (rows, len(x)), None, None)
         except DataError as e:
             msg = (i, None, str(e), None)
@@ -236,3 +237,4 @@ class Decoder:
             for c in (self.todo_r, self.todo_w, self.done_r, self.done_w):
                 c.close()
         self.procs = []
+        self.shared = None  # a worker stopped inside the rows' lock may have left it held
