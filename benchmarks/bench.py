@@ -10,8 +10,12 @@
   extract     end-to-end clips/s (decode, resample, model, HDF5) against the forward alone
   pipeline    extract's own loop against a simulated asynchronous device
   memory      extraction peak RSS at two dataset sizes; training memory against features+K*params
+  host-ceiling  the process that feeds the model, with a model that costs nothing
+              (host_ceiling.py): its CPU per clip outside the forward, its clips/s against
+              the decoding workers' own, CLAP- and Aesthetics-shaped, 10 s and 30 s clips
 
-Figures print as a table and go to bench-results/bench-<device>.json.
+Figures print as a table and go to bench-results/bench-<device>.json (or --json FILE).
+`--only host-ceiling --json FILE` runs that section alone.
 """
 from __future__ import annotations
 
@@ -345,7 +349,7 @@ def forward_only(backbone, root, device, precision, batch, tok=None, n=None):
     """The backbone alone on decoded audio held in memory, one batch at a time: -> (clips/s
     with the model's input already on the device, clips/s including preparing that input on
     the host and uploading it). Text embeddings are in both (extraction computes them too)."""
-    from qamro_pipe import audio
+    from qamro_pipe.extract import audio
     from qamro_pipe.extract.backbones import get_backbone
     from qamro_pipe.extract.datasets import load_dataset
 
@@ -387,13 +391,13 @@ def bench_decoding(root: Path, sample_rate=48000, window_seconds=10.0):
     bounds extraction on a machine with cores to spare. Clips through shared memory vs
     pickled through the pool's pipe, same run."""
     from qamro_pipe.extract.datasets import load_dataset
-    from qamro_pipe.extract.loop import _Decoder
+    from qamro_pipe.extract.decoding import Decoder
 
     clips = load_dataset("musiceval", root).clips
     tasks = [(i, str(c.path), sample_rate, c.start, c.end) for i, c in enumerate(clips)]
     workers = min(8, os.cpu_count())
     for share in (True, False, True, False):
-        dec = _Decoder(tasks, workers, int(sample_rate * window_seconds), ahead=4 * workers,
+        dec = Decoder(tasks, workers, int(sample_rate * window_seconds), ahead=4 * workers,
                        held=16, share=share)
         first = next(dec)  # workers forked and busy: start timing from the first clip
         t, cpu = time.perf_counter(), time.process_time()
@@ -448,9 +452,9 @@ def bench_pipelining(tmp: Path, prep=0.025, forward=0.040):
         def embed_windows_async(self, windows):
             return self.forward_prepared(self.prepare_windows(windows))
 
-    import qamro_pipe.extract.loop as ex
+    import qamro_pipe.extract.batches as ex
 
-    launch = ex._launch
+    launch = ex.launch
 
     def waiting_launch(*a, **k):  # the loop before: each batch's forward waited for
         job = launch(*a, **k)
@@ -462,13 +466,13 @@ def bench_pipelining(tmp: Path, prep=0.025, forward=0.040):
     recs = load_dataset("musiceval", root)
     per_batch = {}
     for how, fn in (("pipelined", launch), ("one batch at a time", waiting_launch)):
-        ex._launch = fn
+        ex.launch = fn
         try:
             s = extract(recs, ExtractConfig(backbone="simulated-device", device="cpu",
                                             batch_size=16, workers=2),
                         tmp / f"pipelining-{len(per_batch)}.h5", progress=False)
         finally:
-            ex._launch = launch
+            ex.launch = launch
         batches = -(-s.written // 16)
         per_batch[how] = s.seconds / batches
         report("pipeline", f"simulated device (host {prep * 1e3:.0f} ms + forward "
@@ -522,6 +526,31 @@ def bench_extract(device, tmp: Path, tok: str | None, full: bool):
     report("memory", "peak RSS ratio (4x the clips)", b["maxrss_mib"] / a["maxrss_mib"])
 
 
+def bench_host_ceiling(clips: int) -> None:
+    """host_ceiling.py's figures in this run's table; the headline keys (host_ms_per_clip,
+    null_pipeline_clips_per_s, decode_only_clips_per_s) are CLAP-shaped 10 s clips'."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import host_ceiling
+
+    res = host_ceiling.measure(clips)
+    section = RESULTS.setdefault("host-ceiling", {})
+    for key, fig in res["after"].items():
+        section[key] = fig
+    head = res["after"]["clap 10 s"]
+    for name in ("host_ms_per_clip", "null_pipeline_clips_per_s", "decode_only_clips_per_s"):
+        section[name] = head[name]
+    section["workers"], section["batch"] = res["workers"], res["batch"]
+    for key, fig in res["after"].items():
+        report("host", f"{key}: feeding process CPU per clip, outside the forward (ms)",
+               fig["host_ms_per_clip"], "ms")
+        report("host", f"{key}: null pipeline / decoders alone ({res['workers']} workers)",
+               fig["null_pipeline_clips_per_s"] / fig["decode_only_clips_per_s"])
+    print(host_ceiling.table(res))
+
+
+SECTIONS = ("loss", "train", "sweep", "extract", "host-ceiling")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto")
@@ -530,10 +559,20 @@ def main():
     ap.add_argument("--full-sweep", action="store_true",
                     help="CPU: the whole 18-member beta sweep to early stopping, twice (~30 min)")
     ap.add_argument("--skip", default="", help="comma list of sections to skip")
+    ap.add_argument("--only", default="",
+                    help=f"comma list of sections to run ({', '.join(SECTIONS)})")
+    ap.add_argument("--host-clips", type=int, default=256,
+                    help="host-ceiling: 10 s clips per measurement (30 s: half as many)")
     ap.add_argument("--out", default="bench-results")
+    ap.add_argument("--json", help="write the figures here (default: OUT/bench-DEVICE.json)")
     args = ap.parse_args()
     device = resolve_device(args.device)
     skip = set(args.skip.split(","))
+    if args.only:
+        unknown = set(args.only.split(",")) - set(SECTIONS)
+        if unknown:
+            ap.error(f"--only: unknown section(s) {', '.join(sorted(unknown))}")
+        skip = set(SECTIONS) - set(args.only.split(","))
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     print(f"device: {device} ({name}), torch {torch.__version__}, threads "
           f"{torch.get_num_threads()}, cpus {os.cpu_count()}")
@@ -558,10 +597,12 @@ def main():
             from test_backbones import write_roberta_style_tokenizer
             tok = str(write_roberta_style_tokenizer(tmp / "tokenizer"))
             bench_extract(device, tmp, tok, args.full_extract or device.type == "cuda")
-    out = Path(args.out)
-    out.mkdir(exist_ok=True)
-    (out / f"bench-{device.type}.json").write_text(json.dumps(RESULTS, indent=2) + "\n")
-    print(f"wrote {out / f'bench-{device.type}.json'}")
+        if "host-ceiling" not in skip:
+            bench_host_ceiling(args.host_clips)
+    out = Path(args.json) if args.json else Path(args.out) / f"bench-{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(RESULTS, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

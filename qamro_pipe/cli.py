@@ -238,7 +238,8 @@ def extract(
     if out is not None and out.is_dir():  # before torch is imported
         raise QamroError(f"--out {out}: is a folder; name the cache file (e.g. "
                          f"{out / (cfg.backbone + '.h5')})")
-    from .extract.loop import default_cache_path, extract as run_extract, records_for, summary_text
+    from .extract.cli_glue import records_for, summary_text  # heavy: torch, h5py
+    from .extract.loop import default_cache_path, extract as run_extract
     from .extract.shards import extract_distributed, parse_shard, torchrun_rank
 
     part = parse_shard(shard) if shard else None
@@ -658,7 +659,7 @@ def demo(quiet: bool = typer.Option(False, "--quiet", metavar="", help="No progr
 
 def _demo_stage(stage: str, result) -> None:
     """Print each stage of the demo as it finishes (the next one's progress follows)."""
-    from .extract.loop import summary_text
+    from .extract.cli_glue import summary_text
     from .report.screen import metrics_table, sweep_table
 
     if stage == "extract":

@@ -71,9 +71,9 @@ def test_unset_batch_and_workers_follow_the_device_and_are_recorded(demo_records
 
 def test_resume_after_interruption_equals_uninterrupted(demo_records, tmp_path, monkeypatch):
     extract(demo_records, CFG, tmp_path / "full.h5", progress=False)
-    import qamro_pipe.extract.loop as ex
+    import qamro_pipe.extract.batches as ex
 
-    real_launch, real_write, events = ex._launch, ex._write, []
+    real_launch, real_write, events = ex.launch, ex.write_batch, []
 
     def dies_launching_the_third_batch(*a, **k):
         events.append("launch")
@@ -85,8 +85,8 @@ def test_resume_after_interruption_equals_uninterrupted(demo_records, tmp_path, 
         events.append("write")
         return real_write(*a, **k)
 
-    monkeypatch.setattr(ex, "_launch", dies_launching_the_third_batch)
-    monkeypatch.setattr(ex, "_write", write)
+    monkeypatch.setattr(ex, "launch", dies_launching_the_third_batch)
+    monkeypatch.setattr(ex, "write_batch", write)
     # batch N+1 is launched before batch N is collected and written; when launching batch 3
     # is interrupted, batch 2 is already computed, and is written before the run stops
     with pytest.raises(Exception, match="interrupted: 8/24 clips.*rerun the same command"):
@@ -94,7 +94,7 @@ def test_resume_after_interruption_equals_uninterrupted(demo_records, tmp_path, 
     assert events == ["launch", "launch", "write", "launch", "write"]
     with pytest.raises(CacheError, match="did not finish"):
         read_cache(tmp_path / "part.h5")
-    monkeypatch.setattr(ex, "_launch", real_launch)
+    monkeypatch.setattr(ex, "launch", real_launch)
     s = extract(demo_records, CFG, tmp_path / "part.h5", progress=False)
     assert s.done_before == 8 and s.written == 16
     _same(tmp_path / "full.h5", tmp_path / "part.h5")
@@ -167,12 +167,12 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
 
 
 def test_decoder_shared_memory_gives_the_pickled_audio(tmp_path):
-    """Clips through shared slots equal clips decoded in-process, bit for bit: ones that fit,
-    one too long for a slot (3.5 windows), a broken file, and more clips held by the
-    consumer than there are slots (those travel pickled)."""
+    """Clips through shared rows equal clips decoded in-process, bit for bit: short ones, one
+    of 3.5 windows (in four rows), a broken file, and more clips held by the consumer than
+    there are free rows (those travel pickled)."""
     import soundfile as sf
 
-    from qamro_pipe.extract.loop import _Decoder
+    from qamro_pipe.extract.decoding import Decoder
 
     sr, win = 8000, 8000  # 1 s windows; slots hold 2
     rng = np.random.default_rng(0)
@@ -186,7 +186,7 @@ def test_decoder_shared_memory_gives_the_pickled_audio(tmp_path):
     tasks = [(i, str(p), sr, None, None) for i, p in enumerate(paths)]
 
     def run(workers, share, hold):
-        dec = _Decoder(tasks, workers, win, ahead=2, held=1, share=share)
+        dec = Decoder(tasks, workers, win, ahead=2, held=1, share=share)
         got, held = {}, {}
         try:
             for row, wins, err in dec:
@@ -201,7 +201,10 @@ def test_decoder_shared_memory_gives_the_pickled_audio(tmp_path):
                 got[r] = v if isinstance(v, str) else np.concatenate(v).copy()
         finally:
             dec.close()
+        pickled[(share, hold)] = dec.pickled
         return got
+
+    pickled = {}
 
     inline = run(0, False, 1)
     assert isinstance(inline[4], str) and len(inline) == len(paths)
@@ -213,6 +216,8 @@ def test_decoder_shared_memory_gives_the_pickled_audio(tmp_path):
                 assert got[row] == x
             else:
                 assert np.array_equal(got[row], x), (share, hold, row)
+    # every good clip pickled without sharing; some when the consumer holds more than fits
+    assert pickled[(False, 1)] == len(paths) - 1 and pickled[(True, 5)] > 0
 
 
 # -- issue 12: --force replaces only a cache, a cache never serves stale contents, a failed
@@ -249,15 +254,15 @@ def _manifest(folder, rows=None, n=8):
 
 
 def _count_launches(monkeypatch) -> list:
-    import qamro_pipe.extract.loop as ex
+    import qamro_pipe.extract.batches as ex
 
-    real, rows = ex._launch, []
+    real, rows = ex.launch, []
 
     def launch(bb, clips, batch, *rest):
         rows.extend(r for r, _ in batch)
         return real(bb, clips, batch, *rest)
 
-    monkeypatch.setattr(ex, "_launch", launch)
+    monkeypatch.setattr(ex, "launch", launch)
     return rows
 
 
@@ -270,7 +275,7 @@ def _equal_files(a, b):
 
 def test_changed_labels_systems_splits_are_rewritten_not_served(tmp_path, monkeypatch):
     """Before: "already complete; nothing to do" kept the old values, --force too."""
-    from qamro_pipe.extract.loop import summary_text
+    from qamro_pipe.extract.cli_glue import summary_text
 
     _write_clips(tmp_path / "d")
     p = tmp_path / "c.h5"
@@ -471,12 +476,12 @@ def test_a_cache_without_per_clip_identities_is_refused_not_trusted(demo_records
 
 def test_an_interrupted_rebuild_resumes_without_force_and_an_empty_start_leaves_nothing(
         demo_records, tmp_path, monkeypatch):
-    import qamro_pipe.extract.loop as ex
+    import qamro_pipe.extract.batches as ex
     from qamro_pipe.errors import Interrupted
 
     p = tmp_path / "c.h5"
     extract(demo_records, CFG, p, progress=False)
-    real, calls = ex._launch, []
+    real, calls = ex.launch, []
 
     def launch(*a, **k):
         calls.append(1)
@@ -484,13 +489,13 @@ def test_an_interrupted_rebuild_resumes_without_force_and_an_empty_start_leaves_
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(ex, "_launch", launch)
+    monkeypatch.setattr(ex, "launch", launch)
     with pytest.raises(Interrupted, match=r"8/24 clips are safely in .*c.h5; rerun the same "
                                           r"command without --force to resume"):
         extract(demo_records, CFG, p, force=True, progress=False)
     with pytest.raises(Interrupted, match="before any clip was embedded; no cache was kept"):
         extract(demo_records, CFG, tmp_path / "new.h5", progress=False)
     assert not (tmp_path / "new.h5").exists()
-    monkeypatch.setattr(ex, "_launch", real)
+    monkeypatch.setattr(ex, "launch", real)
     s = extract(demo_records, CFG, p, progress=False)
     assert s.done_before == 8 and s.written == 16

@@ -1,6 +1,6 @@
 """Extraction into memory: clips (files, or samples a caller holds) embedded by a loaded
 backbone into a Cache object that never touches the disk, through extraction's own steps
-(decoding and resampling as `audio.load_audio`, windows, `loop._launch` and `loop.gather`:
+(decoding and resampling as `audio.load_audio`, windows, `batches.launch` and `batches.gather`:
 the same batches of windows, pooling and texts), so heads score it as they score a cache
 `extract` wrote of the same clips."""
 from __future__ import annotations
@@ -14,7 +14,8 @@ import numpy as np
 from . import audio
 from .backbones import Backbone
 from .datasets import Clip, DatasetRecords
-from .loop import _launch, cache_key, gather
+from .batches import gather, launch
+from .loop import cache_key
 from .. import __version__
 from ..errors import DataError
 from ..store.reader import SCHEMA_VERSION, Cache, CacheMeta
@@ -74,7 +75,7 @@ def embed_items(bb: Backbone, items: list[Item], batch_size: int, texts: bool,
         if not batch:
             continue
         rows = [r for r, _ in batch]
-        out, wins, lengths = gather(bb, _launch(bb, clips, batch, batch_size, texts))
+        out, wins, lengths = gather(bb, launch(bb, clips, batch, batch_size, texts))
         for k, v in out.items():
             features[k][rows] = v
         for k, v in wins.items():

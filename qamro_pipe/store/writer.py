@@ -35,6 +35,15 @@ def _early(group: h5py.Group, name: str, shape: tuple[int, ...], dtype) -> None:
     h5py.h5d.create(group.id, name.encode(), tid, space, dcpl=dcpl)
 
 
+def _put(ds: h5py.Dataset, rows: np.ndarray, values) -> None:
+    """ds[rows] = values for increasing rows: as one slice when they are consecutive (the
+    usual batch), which h5py writes as one block instead of selecting row by row."""
+    if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
+        ds[int(rows[0]):int(rows[-1]) + 1] = values
+    else:
+        ds[rows] = values
+
+
 def _strings(values: Sequence[str]) -> np.ndarray:
     return np.array([str(v) for v in values], dtype=object)
 
@@ -281,35 +290,47 @@ class CacheWriter:
         rows = np.asarray(rows, dtype=np.int64)
         order = np.argsort(rows)  # h5py fancy indexing wants increasing indices
         with np.errstate(over="ignore"):  # an overflow to inf is refused just below
-            feats = {k: np.asarray(v).astype(self.f["features"][k].dtype)
+            feats = {k: np.asarray(v).astype(self.f["features"][k].dtype, copy=False)
                      for k, v in features.items()}
-            wins = {k: [np.asarray(v).astype(self.f["windows"][k].dtype) for v in per_clip]
-                    for k, per_clip in (windows or {}).items()}
+            wins = {k: [np.asarray(v).astype(dtype, copy=False) for v in per_clip]
+                    for k, per_clip in (windows or {}).items()
+                    for dtype in (self.f["windows"][k].dtype,)}
         for name, values in feats.items():
             self._check_finite(f"features/{name}", values, rows)
         for name in wins:
-            for row, v in zip(rows, wins[name]):
-                self._check_finite(f"windows/{name}", v[None], [row])
+            if not all(np.isfinite(v).all() for v in wins[name]):  # then say which clip
+                for row, v in zip(rows, wins[name]):
+                    self._check_finite(f"windows/{name}", v[None], [row])
         try:
             for name, values in feats.items():
-                self.f["features"][name][rows[order]] = values[order]
+                _put(self.f["features"][name], rows[order], values[order])
             self._write_stats(rows, stats)
-            for i, row in enumerate(rows):
-                if not wins:
-                    break
-                a, b = int(self.offsets[row]), int(self.offsets[row + 1])
-                self.f["windows/weight"][a:b] = window_weights[i]
-                for name, values in wins.items():
-                    self.f["windows"][name][a:b] = values[i]
+            if wins:
+                self._write_windows(rows[order], {"weight": [window_weights[i] for i in order],
+                                                  **{k: [v[i] for i in order]
+                                                     for k, v in wins.items()}})
             self._sync()  # the rows are on disk before anything says they are done
             fault_point("WRITE", "rows " + ",".join(map(str, rows.tolist())))
-            self.f["done"][rows[order]] = 1
+            _put(self.f["done"], rows[order], 1)
             self._sync()
         except OSError as e:
             raise CacheError(f"{self.path}: writing rows failed ({_why(e)}); is the disk "
                              f"full? The {int(self.done.sum())} clips marked done are safe: "
                              f"free space and rerun the same command to resume") from None
         self.done[rows] = True
+
+    def _write_windows(self, rows: np.ndarray, per_clip: Mapping[str, list[np.ndarray]]
+                       ) -> None:
+        """Each clip's window rows (`rows` increasing, `per_clip` in their order) into
+        /windows: one write per run of clips whose windows lie back to back in the file (the
+        rows of a batch are usually consecutive), not one per clip and dataset."""
+        starts, ends = self.offsets[rows], self.offsets[rows + 1]
+        breaks = np.flatnonzero(starts[1:] != ends[:-1]) + 1
+        for lo, hi in zip([0, *breaks.tolist()], [*breaks.tolist(), len(rows)]):
+            a, b = int(starts[lo]), int(ends[hi - 1])
+            for name, values in per_clip.items():
+                self.f["windows"][name][a:b] = (values[lo] if hi - lo == 1
+                                                else np.concatenate(values[lo:hi]))
 
     def _check_finite(self, what: str, values: np.ndarray, rows) -> None:
         bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
@@ -325,7 +346,7 @@ class CacheWriter:
     def _write_stats(self, rows: np.ndarray, stats: np.ndarray | None) -> None:
         if stats is not None and "source_stat" in self.f:
             order = np.argsort(rows)
-            self.f["source_stat"][rows[order]] = np.asarray(stats, np.int64)[order]
+            _put(self.f["source_stat"], rows[order], np.asarray(stats, np.int64)[order])
 
     def skip(self, reasons: Mapping[str, str], stats: Mapping[str, Sequence[int]] | None = None,
              ) -> None:

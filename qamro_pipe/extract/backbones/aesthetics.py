@@ -78,12 +78,13 @@ def pad_and_mask(windows: list[np.ndarray], window_samples: int, device="cpu"):
     import torch
 
     cuda = torch.device(device).type == "cuda"
-    wav = torch.zeros(len(windows), 1, window_samples, pin_memory=cuda)
+    wav = torch.empty(len(windows), 1, window_samples, pin_memory=cuda)
     lengths = torch.tensor([len(w) for w in windows])
-    for i, w in enumerate(windows):
+    for row, w in zip(wav[:, 0], windows):  # each sample written once: the window, then zeros
         if len(w) > window_samples:
             raise ValueError(f"window of {len(w)} samples is longer than {window_samples}")
-        wav[i, 0, :len(w)] = torch.from_numpy(np.asarray(w, dtype=np.float32))
+        row[:len(w)].copy_(torch.from_numpy(np.asarray(w, dtype=np.float32)))
+        row[len(w):].zero_()
     lengths = lengths.to(device, non_blocking=cuda)
     mask = torch.arange(window_samples, device=device) < lengths[:, None, None]
     return wav.to(device, non_blocking=cuda), mask
