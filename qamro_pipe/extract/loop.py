@@ -127,9 +127,7 @@ class _Run:
 
 def _setup(records: DatasetRecords, cfg: ExtractConfig, cache_path: str | Path | None,
            shard: tuple[int, int] | None, texts: bool | None) -> _Run:
-    for what, value, least in (("--batch-size", cfg.batch_size, 1), ("--workers", cfg.workers, 0)):
-        if value is not None and value < least:
-            raise QamroError(f"{what} {value}: must be at least {least}")
+    # batch_size and workers were checked when cfg was made (ExtractConfig.__post_init__)
     device = _device(cfg.device)
     gpu = device.startswith("cuda")
     cfg = replace(cfg, batch_size=cfg.batch_size or EXTRACT_BATCH["cuda" if gpu else "cpu"],
