@@ -308,7 +308,7 @@ LIGHT = ("import sys; from typer.testing import CliRunner; from qamro_pipe.cli i
      "--release-checkpoint {tmp}/ckpt.pt: no such file"),
     (["evaluate", "{tmp}/run"], "{tmp}/run: no such run folder"),
     (["predict", "{tmp}/run", "a.wav"], "{tmp}/run: no such run folder"),
-    (["extract", "--manifest", "{tmp}/m.csv", "--out", "{tmp}"], "--out {tmp}: is a folder"),
+    (["extract", "--manifest", "{tmp}/m.csv", "--out", "{tmp}"], "--out {tmp}: a folder, not a cache"),
 ])
 def test_wrong_paths_and_settings_are_answered_before_torch_is_imported(tmp_path, args, msg):
     """The process is the point: whether torch and scipy were imported at all."""
