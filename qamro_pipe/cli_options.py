@@ -44,8 +44,8 @@ def cfg_opt(cls, name: str, help: str, recipe: bool = True, **kw) -> Any:
 
 T, L = TrainConfig, LossConfig
 TRAIN_SETTINGS = ("val_split", "eval_split", "max_epochs", "patience", "optimizer", "lr",
-                  "weight_decay", "batch_size", "val_batch_size", "activation", "device",
-                  "matmul_precision", "init", "label_stats", "release_checkpoint")
+                  "weight_decay", "batch_size", "batch_by", "val_batch_size", "activation",
+                  "device", "matmul_precision", "init", "label_stats", "release_checkpoint")
 LOSS_SETTINGS = ("norm", "regression", "quality_weight", "temperature", "tau", "bins",
                  "sigma")  # one value for every member of one run
 
@@ -101,6 +101,11 @@ RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
         T, "weight_decay", "AdamW's decoupled weight decay (>= 0).", rich_help_panel=TRAINING)),
     "batch_size": (Optional[int], cfg_opt(
         T, "batch_size", "Clips per step and per ranking batch (>= 2).",
+        rich_help_panel=TRAINING)),
+    "batch_by": (Optional[str], cfg_opt(
+        T, "batch_by", "What a training batch holds: random rows, or whole prompt groups "
+        "(every system's clip of a prompt) or whole systems, so the ranking terms compare "
+        "clips that should be compared. One setting for every member of a run.",
         rich_help_panel=TRAINING)),
     "val_batch_size": (Optional[int], opt(
         "Clips per validation batch: the ranking term is a mini-batch loss, so this shapes "

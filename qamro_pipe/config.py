@@ -26,6 +26,7 @@ _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 # standardised features, so one grid fits embeddings of any scale or width)
 PROBE_ALPHAS = tuple(10.0 ** k for k in range(-3, 7))
 CV_GROUPS = ("system", "prompt")  # what a cross-validation fold holds out whole
+BATCH_BY = ("random", "prompt", "system")  # what a training batch is made of (train/batches.py)
 
 
 def cache_root() -> Path:
@@ -84,6 +85,8 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)  # AdamW's (beta1, beta2): torch's defaults
     adam_eps: float = 1e-8  # AdamW's eps: torch's default
     batch_size: int = 256  # paper
+    batch_by: str = "random"  # "random" rows (paper), or whole "prompt" or "system" groups
+    # per batch (train/batches.py); run-wide: the members of one sweep share it
     val_batch_size: int | None = None  # chunks of the validation loss; None = batch_size
     # (published code: 8; the ranking term is a mini-batch loss, so this changes its value)
     max_epochs: int = 1000  # paper
@@ -115,6 +118,7 @@ class TrainConfig:
         _choice("activation", self.activation, ("relu", "gelu", "none"))
         _choice("matmul_precision", self.matmul_precision, ("highest", "high"))
         _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("batch-by", self.batch_by, BATCH_BY)
         _choice("init", self.init, INITS)
         _choice("label_stats", self.label_stats, LABEL_STATS)
         if self.release_checkpoint is not None and "release" not in (self.init,

@@ -20,7 +20,6 @@ out-of-fold predictions, with each clip's fold) and fold-0 .. fold-(K-1), each a
 from __future__ import annotations
 
 import contextlib
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,6 +31,7 @@ from ..config import CVConfig, Member, TrainConfig, to_jsonable
 from ..errors import QamroError
 from ..metrics import FIGURES, mean_sd, system_level_problem
 from ..store.reader import Cache
+from ..train.batches import SINGLE, group_keys
 from ..train.inputs import label_col
 from ..train.resume import discard, fingerprint, partial_dir, training_state
 from ..train.runs import check_out, head_metrics, json_text, staging, write_predictions
@@ -40,7 +40,6 @@ from .folder import (Job, Staged, base_config, cost, mark_system_level, stage_ru
                      system_level_note, write_sweep_files)
 
 HELD_OUT = "cv-held-out"  # the split name a fold's own clips carry in its view of the cache
-PROMPT_IN_ID = re.compile(r"_(P\d+)$")  # MusicEval: <prefix>-S<system>_P<prompt>
 
 
 @dataclass
@@ -61,33 +60,6 @@ class Folds:
 
     def train_rows(self, f: int) -> np.ndarray:
         return np.setdiff1d(self.pool, self.held_out[f])
-
-
-SINGLE = "\x00clip "  # prefix of the group of a clip without a system: a group of its own
-
-
-def group_keys(cache: Cache, rows: np.ndarray, group: str) -> np.ndarray:
-    """Each row's group: its system, or its prompt (the _P<n> that ends a MusicEval clip id,
-    else the clip's text). A clip without a system is a group of its own (AES-Natural's
-    train and dev lists have none; its eval set has 36 systems); a clip without a prompt is
-    refused, as grouping by prompt is then not what it says."""
-    if group == "system":
-        keys = cache.systems[rows].astype(object)
-        if (keys == "").all():
-            raise QamroError(f"{cache.path}: --cv-group system: no clip to cross-validate has "
-                             f"a system; group by prompt instead")
-        none = keys == ""
-        keys[none] = [SINGLE + str(cache.ids[i]) for i in rows[none]]
-        return keys.astype(str)
-    texts = cache.texts if cache.texts is not None else np.full(len(cache.ids), "")
-    keys = np.array([m[1] if (m := PROMPT_IN_ID.search(str(cache.ids[i]))) else texts[i]
-                     for i in rows], dtype=object)
-    missing = rows[keys == ""]
-    if len(missing):
-        raise QamroError(f"{cache.path}: --cv-group prompt: {len(missing)} clip(s) have no "
-                         f"prompt (neither _P<n> ending its id nor a text), e.g. "
-                         f"{cache.ids[missing[0]]!r}; group by system instead")
-    return keys.astype(str)
 
 
 def make_folds(cache: Cache, heads, tcfg: TrainConfig, cv: CVConfig) -> Folds:

@@ -15,9 +15,9 @@ from .distribution import OutputBins
 from .heads import BatchedMLP, HeadSpec, member_seed
 from .inputs import build_head
 from .losses import LabelTerms
+from .batches import epoch_order
 from .objective import Losses
 from .optim import make_optimizer
-from .shuffle import member_permutations
 from .state import HISTORY_COLUMNS, TrainState
 
 GRAPH_WARMUP = 3  # eager epochs before capture (lazy cuBLAS/autograd set-up must not be captured)
@@ -43,6 +43,8 @@ class Context:
     device: torch.device
     bins: OutputBins | None = None  # the distribution output, when a member is gaussian-kl
     P: dict[str, torch.Tensor] | None = None  # head -> [U, n] its target distributions
+    train_groups: torch.Tensor | None = None  # [len(train_rows)] group of each train row
+    # (--batch-by prompt or system: batches.py); None = random batches
 
     def bins_of(self, h: HeadSpec, members) -> dict:
         """build_head's distribution arguments for head h and these member rows."""
@@ -124,7 +126,8 @@ class Engine:
         ctx, cfg = self.ctx, self.cfg
         self.epoch.add_(1)
         n, bs = len(ctx.train_rows), cfg.batch_size
-        perm = ctx.train_rows[member_permutations(self.perm_seeds, self.epoch, n)]  # [K, n]
+        perm = ctx.train_rows[epoch_order(self.perm_seeds, self.epoch, n,
+                                          ctx.train_groups)]  # [K, n]
         terms = self.loss_fn.terms([ctx.Y[h.name][perm] for h in ctx.heads], bs)
         self.acc.zero_()
         for step, start in enumerate(range(0, n, bs)):

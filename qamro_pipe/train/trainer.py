@@ -22,6 +22,7 @@ from ..config import Member, TrainConfig
 from ..errors import Interrupted, QamroError
 from ..store.reader import Cache
 from .aes_release import ReleasedHeads, read_release
+from .batches import train_groups
 from .engine import Context, Engine, InputPlan
 from .optim import optimizer_buffers
 from .distribution import output_bins, smoothed_targets
@@ -164,6 +165,7 @@ def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
         train_rows=torch.from_numpy(units.of_clips(split.train)).to(device),
         val_rows=torch.from_numpy(units.of_clips(split.val)).to(device),
         stats=[stats[h.name] for h in heads], label_range=label_range, cfg=cfg, device=device,
+        train_groups=_groups(cache, split.train, units, cfg.batch_by, device),
         **distribution_targets(cache, heads, units, members, label_range, device))
     models = {h.name: build_head(h, seeds, ctx.x_shapes[h.name], cfg,
                                  **ctx.bins_of(h, range(len(members)))) for h in heads}
@@ -192,6 +194,15 @@ def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
         member_epochs=state.member_epochs, history=state.history_array(),
         resumed_from=resumed_from,
         release=release.record(uses_release) if uses_release else None)
+
+
+def _groups(cache: Cache, train_clips: np.ndarray, units, by: str, device):
+    """[n] group of each training unit for --batch-by prompt/system, on the device; None for
+    random batches. Units of the train clips in the order units.of_clips gives them."""
+    per_unit = train_groups(cache, train_clips, units.clip_of, by)
+    if per_unit is None:
+        return None
+    return torch.from_numpy(per_unit[units.of_clips(train_clips)]).to(device)
 
 
 def initial_weights(models: dict[str, BatchedMLP], release: ReleasedHeads | None,
