@@ -384,6 +384,10 @@ def evaluate(
     members: Optional[str] = opt("Score only the members matching key=value,... over loss, "
                                  "alpha, beta, margin, seed (e.g. beta=7 for one setting of a "
                                  "sweep).", "all: the mean of every member's predictions"),
+    top_tier: Optional[float] = opt("Top-tier F1's threshold, in label units.",
+                                    "the run's top_tier"),
+    top_k: Optional[int] = opt("Precision@k of the system ranking: k (>= 1).",
+                               "the run's top_k"),
 ):
     """Re-score a trained run on a cache split: utterance and system level, 95% CIs.
 
@@ -393,7 +397,8 @@ def evaluate(
     from .report.evaluate import evaluate_run
     from .report.screen import metrics_table, system_level_line, systems_lines
 
-    folder, metrics = evaluate_run(run, split, cache, members=members)
+    folder, metrics = evaluate_run(run, split, cache, members=members, top_tier=top_tier,
+                                   top_k=top_k)
     typer.echo(f"scoring {metrics['scored']['text']}")
     for w in metrics["warnings"]:
         typer.echo(f"warning: {w}", err=True)

@@ -45,7 +45,8 @@ def cfg_opt(cls, name: str, help: str, recipe: bool = True, **kw) -> Any:
 T, L = TrainConfig, LossConfig
 TRAIN_SETTINGS = ("val_split", "eval_split", "max_epochs", "patience", "optimizer", "lr",
                   "weight_decay", "batch_size", "batch_by", "val_batch_size", "activation",
-                  "device", "matmul_precision", "init", "label_stats", "release_checkpoint")
+                  "device", "matmul_precision", "top_tier", "top_k", "init", "label_stats",
+                  "release_checkpoint")
 LOSS_SETTINGS = ("norm", "regression", "quality_weight", "temperature", "tau", "bins",
                  "sigma")  # one value for every member of one run
 
@@ -133,6 +134,14 @@ RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
         "The Audiobox-Aesthetics checkpoint for --init/--label-stats release and Table II's "
         "zero-shot row; it must be the file the cache was extracted with (same sha256).",
         "the file the cache's provenance names", rich_help_panel=TRAINING)),
+    "top_tier": (Optional[float], cfg_opt(
+        T, "top_tier", "Top-tier F1's threshold in label units: a clip (system) is top tier "
+        "when its label (mean label) is at least this, and predicted top tier likewise (the "
+        "song-aesthetics challenge's Top-Tier Accuracy; docs/beyond.md).",
+        rich_help_panel=TRAINING)),
+    "top_k": (Optional[int], cfg_opt(
+        T, "top_k", "Precision@k of the system ranking: the share of the k systems predicted "
+        "highest that are in the true top k (>= 1).", rich_help_panel=TRAINING)),
     "cv": (Optional[int], opt(
         "Cross-validate instead of scoring one split: K folds (>= 2) of the labelled clips of "
         "the train and eval splits, a whole system (or prompt, --cv-group) in one fold only "

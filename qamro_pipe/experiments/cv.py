@@ -29,7 +29,7 @@ from sklearn.model_selection import GroupKFold
 
 from ..config import CVConfig, Member, TrainConfig, to_jsonable
 from ..errors import QamroError
-from ..metrics import FIGURES, mean_sd, system_level_problem
+from ..metrics import FIGURES, TOP_FIGURES, mean_sd, system_level_problem
 from ..store.reader import Cache
 from ..train.batches import SINGLE, group_keys
 from ..train.inputs import label_col
@@ -133,7 +133,7 @@ class CVResult:
 def _across_folds(per: list[dict[str, Any]]) -> dict[str, Any]:
     """One level's figures over folds: mean, sd (ddof=1) and how many folds had them."""
     out: dict[str, Any] = {}
-    for fig in FIGURES:
+    for fig in (*FIGURES, *TOP_FIGURES):
         out[fig], out[f"{fig}_std"] = mean_sd(p.get(fig) for p in per)
     out["n_folds"] = sum(p.get("srcc") is not None or p.get("mse") is not None for p in per)
     return out
@@ -168,7 +168,8 @@ def cv_metrics(cache: Cache, heads, members: list[Member], folds: Folds,
                                         if "failed" in fm["members"][k])
         else:
             entry["heads"] = head_metrics(cache, heads, {h: p[k] for h, p in oof.items()},
-                                          folds.pool, tcfg.bootstrap, what=" (out of fold)")
+                                          folds.pool, tcfg.bootstrap, what=" (out of fold)",
+                                          cfg=tcfg)
         member_entries.append(entry)
     metrics = {
         "cv": cv_summary(folds), "eval_split": " + ".join(folds.splits),
@@ -178,7 +179,7 @@ def cv_metrics(cache: Cache, heads, members: list[Member], folds: Folds,
                                                  for fm in per_fold])
                            for level in ("system", "utterance")} for h in heads},
         "pooled": head_metrics(cache, heads, {h: p[ok].mean(0) for h, p in oof.items()},
-                               folds.pool, tcfg.bootstrap, what=" (out of fold)"),
+                               folds.pool, tcfg.bootstrap, what=" (out of fold)", cfg=tcfg),
         "folds": [{"fold": f, "clips": len(folds.held_out[f]), "groups": folds.groups[f],
                    "clips_without_system": folds.ungrouped[f],
                    "heads": fm["heads"], "system_level": fm["system_level"]}

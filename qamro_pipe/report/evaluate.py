@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import TrainConfig, from_jsonable, member_from_jsonable, to_jsonable
+from ..config import TrainConfig, from_jsonable, member_from_jsonable, override, to_jsonable
 from ..errors import CacheError, QamroError
 from ..loss_kinds import USED_SETTINGS
 from ..metrics import named_systems, system_level_problem
@@ -252,12 +252,15 @@ def evaluation_name(cache: Path, split: str, selection: str | None) -> str:
 
 
 def evaluate_run(run: str | Path, split: str | None = None, cache: str | Path | None = None,
-                 n_boot: int = 1000, members: str | None = None) -> tuple[Path, dict[str, Any]]:
+                 n_boot: int = 1000, members: str | None = None, top_tier: float | None = None,
+                 top_k: int | None = None) -> tuple[Path, dict[str, Any]]:
     """Score a run's heads on `split` (default: the run's eval split) of a cache (default:
     the one it trained on): the mean of its members' predictions, or of those `members`
-    selects (`select_members`). Writes RUN/evaluations/<evaluation_name>/metrics.json and
-    predictions.csv; metrics.json says what was scored, and warns when the run saw the split."""
+    selects (`select_members`); the top tier at `top_tier` and `top_k`, else the run's.
+    Writes RUN/evaluations/<evaluation_name>/metrics.json and predictions.csv; metrics.json
+    says what was scored, and warns when the run saw the split."""
     tr = TrainedRun(run)
+    cfg = override(tr.train_cfg, top_tier=top_tier, top_k=top_k)
     fold = tr.config.get("cv_fold")
     if fold and split is None:  # its eval split exists only inside the cross-validation
         raise QamroError(f"{tr.path}: fold {fold['fold']} of a {fold['folds']}-fold "
@@ -273,7 +276,8 @@ def evaluate_run(run: str | Path, split: str | None = None, cache: str | Path | 
                          f"{', '.join(sorted(set(data.splits)))})")
     preds = {h: p[picked] for h, p in tr.predict(data).items()}
     means = {h: p.mean(0) for h, p in preds.items()}  # the run's score: mean over members
-    heads = head_metrics(data, tr.heads, means, rows, n_boot, what=f" split {split!r}")
+    heads = head_metrics(data, tr.heads, means, rows, n_boot, what=f" split {split!r}",
+                         cfg=cfg)
     warning = _split_warning(tr, data, split)
     metrics = {"run": str(tr.path), "cache": str(data.path), "eval_split": split,
                "feature_caches": {s.name: s.path for s in sources} or None,

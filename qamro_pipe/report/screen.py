@@ -5,8 +5,10 @@ from typing import Any
 
 
 from ..loss_kinds import setting_order
-from ..metrics import FIGURES, mean_sd
+from ..metrics import FIGURES, TOP_FIGURES, mean_sd
 from .tables import layout
+
+TOP_NAMES = {"top_f1": "TOP-F1", "p_at_k": "P@K"}  # the top tier's column names
 
 
 def shown_level(metrics: dict[str, Any]) -> str:
@@ -34,9 +36,13 @@ def pooled_table(metrics: dict[str, Any], level: str | None = None) -> str:
 
 
 def _figures(heads: dict[str, Any], level: str) -> str:
-    body = [[head, *(_figure(levels[level], f) for f in FIGURES)]
+    """The four figures, then the top tier's where the metrics have them (runs written
+    before it have not): TOP_F1 at the threshold, P@K of the system ranking."""
+    figs = [*FIGURES, *(f for f in TOP_FIGURES
+                        if any(f in levels[level] for levels in heads.values()))]
+    body = [[head, *(_figure(levels[level], f) for f in figs)]
             for head, levels in heads.items()]
-    return layout(["head", *(f.upper() for f in FIGURES)], body)[0]
+    return layout(["head", *(TOP_NAMES.get(f, f.upper()) for f in figs)], body)[0]
 
 
 def _figure(m: dict[str, Any], f: str) -> str:
