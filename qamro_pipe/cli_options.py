@@ -48,7 +48,7 @@ TRAIN_SETTINGS = ("val_split", "eval_split", "max_epochs", "patience", "optimize
                   "device", "matmul_precision", "top_tier", "top_k", "init", "label_stats",
                   "release_checkpoint")
 LOSS_SETTINGS = ("norm", "regression", "quality_weight", "temperature", "tau", "bins",
-                 "sigma")  # one value for every member of one run
+                 "sigma", "system_weight")  # one value for every member of one run
 
 # name -> (type, option): what train, sweep and table all take
 RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
@@ -75,13 +75,17 @@ RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
         "listnet only.", rich_help_panel=LOSS)),
     "tau": (Optional[float], cfg_opt(
         L, "tau", "Spearman's soft-rank temperature, in label units (> 0). --loss spearman "
-        "only.", rich_help_panel=LOSS)),
+        "or system, or --system-weight, only.", rich_help_panel=LOSS)),
     "bins": (Optional[int], cfg_opt(
         L, "bins", "Score bins of --loss gaussian-kl over the recipe's label_range, ends "
         "included (>= 2).", rich_help_panel=LOSS)),
     "sigma": (Optional[float], cfg_opt(
         L, "sigma", "Gaussian smoothing of --loss gaussian-kl's targets, as a share of the "
         "label range (> 0).", rich_help_panel=LOSS)),
+    "system_weight": (Optional[float], cfg_opt(
+        L, "system_weight", "Add the system-level soft Spearman (--loss system: each system's "
+        "mean prediction against its mean label inside a batch) with this weight beside any "
+        "other --loss (>= 0; 0 = none).", rich_help_panel=LOSS)),
     "val_split": (Optional[str], cfg_opt(
         T, "val_split", "Early-stopping split: holdout (a share of train, never the reported "
         "split) or a split name (dev = the published code's protocol).",

@@ -56,6 +56,8 @@ class LossConfig:
     # grid, the grid of means of 5 ratings; 0-10: 0.5)
     sigma: float = 0.1  # gaussian-kl: the targets' Gaussian smoothing, as a share of the
     # label range (1-5: 0.4, 0-10: 1.0 in label units)
+    system_weight: float = 0.0  # weight of the system-level soft Spearman (kind "system",
+    # train/system_level.py) added beside any other kind's own term; 0 = none
 
     def __post_init__(self):
         _choice("loss", self.kind, LOSS_KINDS)
@@ -70,6 +72,10 @@ class LossConfig:
         _above("temperature", self.temperature, 0)
         _above("tau", self.tau, 0)
         _above("sigma", self.sigma, 0)
+        _at_least("system_weight", self.system_weight, 0)
+        if self.kind == "system" and self.system_weight:
+            raise QamroError("--system-weight adds the system-level term beside another kind; "
+                             "--loss system is that term alone")
         if isinstance(self.bins, bool) or not isinstance(self.bins, int):
             raise QamroError(f"--bins {self.bins!r}: give a whole number of bins")
         _at_least("bins", self.bins, 2)
@@ -268,9 +274,11 @@ def check_used(kinds, given) -> None:
     """Refuse loss settings that none of the chosen loss kinds reads (`--loss mr --beta 7`
     would silently train without beta). `given` names the settings the user gave."""
     kinds = [k for k in kinds if k in USED_SETTINGS]
+    # the system-level term that --system-weight adds beside any kind reads its settings too
+    readers = [*kinds, "system"] if "system_weight" in given else kinds
     for name in given:
         users = [k for k, used in USED_SETTINGS.items() if name in used]
-        if users and not any(k in users for k in kinds):
+        if users and not any(k in users for k in readers):
             raise QamroError(f"{_option(name)} is not used by --loss {','.join(kinds)}; it "
                              f"applies to --loss {' or '.join(users)} only")
 

@@ -6,13 +6,15 @@ table and its tests. A kind's family says how the engine scores it:
 - "pair": the pair hinge of train/losses.py (QAMRO, L_MR);
 - "list": a listwise term of train/listwise.py (`LIST_TERMS[name]`);
 - "distribution": the Gaussian-KL head output of train/distribution.py;
+- "system": the system-level soft Spearman of train/system_level.py (per-system means of a
+  batch), which any other kind may also add beside its own term (LossConfig.system_weight);
 - "none": regression only."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-FAMILIES = ("pair", "list", "distribution", "none")
+FAMILIES = ("pair", "list", "distribution", "system", "none")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ KINDS: dict[str, LossKind] = {k.name: k for k in (
     LossKind("gaussian-kl", "distribution", ("bins", "sigma"), "Gaussian KL",
              "gaussian-kl bins={bins} sigma={sigma:g}", "gaussian-kl",
              needs_label_range=True, about="distributional"),
+    LossKind("system", "system", ("tau",), "System Spearman", "system tau={tau:g}",
+             "system", about="system-level soft-rank"),
     LossKind("none", "none", (), "regression only", "none", "baseline",
              about="regression only"),
 )}
@@ -61,13 +65,16 @@ def kinds_help() -> str:
 
 
 def member_label(loss: Any, seed: int) -> str:
-    """'qamro a=0.2 b=7 seed=0': a member as screens, logs and metrics.json name it."""
-    return f"{KINDS[loss.kind].member.format(**vars(loss))} seed={seed}"
+    """'qamro a=0.2 b=7 seed=0': a member as screens, logs and metrics.json name it; a
+    system-level term added beside the kind's own shows as 'qamro a=0.2 b=7 +system 0.5'."""
+    mixed = f" +system {loss.system_weight:g}" if getattr(loss, "system_weight", 0) else ""
+    return f"{KINDS[loss.kind].member.format(**vars(loss))}{mixed} seed={seed}"
 
 
 def run_name(loss: Any) -> str:
     """The default run folder's suffix for a member's loss ('qamro-a0.2-b7', 'baseline')."""
-    return KINDS[loss.kind].run_name.format(**vars(loss))
+    mixed = f"-system{loss.system_weight:g}" if getattr(loss, "system_weight", 0) else ""
+    return KINDS[loss.kind].run_name.format(**vars(loss)) + mixed
 
 
 def legend(kind: str, values: Mapping[str, Any], skip: tuple = ()) -> str:

@@ -45,6 +45,9 @@ class Context:
     P: dict[str, torch.Tensor] | None = None  # head -> [U, n] its target distributions
     train_groups: torch.Tensor | None = None  # [len(train_rows)] group of each train row
     # (--batch-by prompt or system: batches.py); None = random batches
+    systems: torch.Tensor | None = None  # [U] system index of every unit (-1: none), for
+    # the system-level term (system_level.py)
+    n_systems: int = 0
 
     def bins_of(self, h: HeadSpec, members) -> dict:
         """build_head's distribution arguments for head h and these member rows."""
@@ -89,7 +92,7 @@ class Engine:
                              for b, flats in self.buffers.items()}
         self.best = [state.best[h.name][rows].to(device) for h in ctx.heads]  # [K, P] per head
         self.loss_fn = Losses(members, ctx.stats, device, ctx.label_range,
-                              [h.label for h in ctx.heads])
+                              [h.label for h in ctx.heads], ctx.n_systems)
         self.perm_seeds = torch.tensor([member_seed(s, "shuffle") >> 1 for s in seeds],
                                        device=device)
         bs, nv = cfg.val_batch_size or cfg.batch_size, len(ctx.val_rows)
@@ -138,7 +141,7 @@ class Engine:
                     for h in ctx.heads]
             parts = self.loss_fn([o[0] for o in outs],
                                  terms.select((step, slice(None), slice(None, idx.shape[1]))),
-                                 dist_pairs(ctx, outs, idx))
+                                 dist_pairs(ctx, outs, idx), systems_of(ctx, idx))
             grads = torch.autograd.grad(parts.sum(), [v for h in ctx.heads
                                                       for v in views[h.name]])
             self.steps.add_(1)
@@ -235,7 +238,8 @@ def val_loss(models, ctx: Context, terms: LabelTerms, loss_fn, bs, sizes) -> tor
         outs = [models[h.name](x[h.features], logits=True) for h in heads]
         chunks.append(loss_fn([o[0] for o in outs], terms.select((c, slice(None),
                                                                    slice(None, b))),
-                              dist_pairs(ctx, outs, rows[s:s + bs])))  # [2, K]
+                              dist_pairs(ctx, outs, rows[s:s + bs]),
+                              systems_of(ctx, rows[s:s + bs])))  # [2, K]
     return (torch.stack(chunks) * sizes[:, None, None]).sum(0) / sizes.sum() / len(heads)
 
 
@@ -244,6 +248,11 @@ def dist_pairs(ctx: Context, outs, idx: torch.Tensor):
     if ctx.P is None:
         return None
     return [(z, ctx.P[h.name][idx]) for h, (_, z) in zip(ctx.heads, outs)]
+
+
+def systems_of(ctx: Context, idx: torch.Tensor) -> torch.Tensor | None:
+    """The system index of rows idx ([K, b] or [b]), or None when no member needs it."""
+    return None if ctx.systems is None else ctx.systems[idx]
 
 
 def gather(plan: InputPlan, idx: torch.Tensor) -> dict[tuple[str, ...], torch.Tensor]:

@@ -20,6 +20,7 @@ import torch
 
 from ..config import Member, TrainConfig
 from ..errors import Interrupted, QamroError
+from ..loss_kinds import KINDS
 from ..store.reader import Cache
 from .aes_release import ReleasedHeads, read_release
 from .batches import train_groups
@@ -166,6 +167,7 @@ def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
         val_rows=torch.from_numpy(units.of_clips(split.val)).to(device),
         stats=[stats[h.name] for h in heads], label_range=label_range, cfg=cfg, device=device,
         train_groups=_groups(cache, split.train, units, cfg.batch_by, device),
+        **_systems(cache, split.train, units, members, device),
         **distribution_targets(cache, heads, units, members, label_range, device))
     models = {h.name: build_head(h, seeds, ctx.x_shapes[h.name], cfg,
                                  **ctx.bins_of(h, range(len(members)))) for h in heads}
@@ -203,6 +205,21 @@ def _groups(cache: Cache, train_clips: np.ndarray, units, by: str, device):
     if per_unit is None:
         return None
     return torch.from_numpy(per_unit[units.of_clips(train_clips)]).to(device)
+
+
+def _systems(cache: Cache, train_clips: np.ndarray, units, members, device) -> dict:
+    """Context's systems and n_systems where a member uses the system-level term: each
+    unit's system index (-1: a clip without a system), numbered over the training clips'
+    systems (a system seen only outside training has no use in a training batch)."""
+    if not any(KINDS[m.loss.kind].family == "system" or m.loss.system_weight
+               for m in members):
+        return {}
+    names = np.unique(cache.systems[train_clips])
+    names = names[names != ""]
+    index = {s: i for i, s in enumerate(names)}
+    per_clip = np.array([index.get(s, -1) for s in cache.systems], dtype=np.int64)
+    return {"systems": torch.from_numpy(units.per_unit(per_clip)).to(device),
+            "n_systems": len(names)}
 
 
 def initial_weights(models: dict[str, BatchedMLP], release: ReleasedHeads | None,
