@@ -44,9 +44,9 @@ def cfg_opt(cls, name: str, help: str, recipe: bool = True, **kw) -> Any:
 
 T, L = TrainConfig, LossConfig
 TRAIN_SETTINGS = ("val_split", "eval_split", "max_epochs", "patience", "optimizer", "lr",
-                  "weight_decay", "batch_size", "batch_by", "val_batch_size", "activation",
-                  "device", "matmul_precision", "top_tier", "top_k", "init", "label_stats",
-                  "release_checkpoint")
+                  "weight_decay", "batch_size", "batch_by", "loss_weighting", "val_batch_size",
+                  "activation", "device", "matmul_precision", "top_tier", "top_k", "init",
+                  "label_stats", "release_checkpoint")
 LOSS_SETTINGS = ("norm", "regression", "quality_weight", "temperature", "tau", "bins",
                  "sigma", "system_weight")  # one value for every member of one run
 
@@ -111,6 +111,11 @@ RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
         T, "batch_by", "What a training batch holds: random rows, or whole prompt groups "
         "(every system's clip of a prompt) or whole systems, so the ranking terms compare "
         "clips that should be compared. One setting for every member of a run.",
+        rich_help_panel=TRAINING)),
+    "loss_weighting": (Optional[str], cfg_opt(
+        T, "loss_weighting", "fixed (regression + ranking term, the paper) or uncertainty: "
+        "each member learns its terms' weights, exp(-s) per term with a log-variance s "
+        "trained beside the head (Kendall et al. 2018). One setting for every member.",
         rich_help_panel=TRAINING)),
     "val_batch_size": (Optional[int], opt(
         "Clips per validation batch: the ranking term is a mini-batch loss, so this shapes "

@@ -27,6 +27,8 @@ _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 PROBE_ALPHAS = tuple(10.0 ** k for k in range(-3, 7))
 CV_GROUPS = ("system", "prompt")  # what a cross-validation fold holds out whole
 BATCH_BY = ("random", "prompt", "system")  # what a training batch is made of (train/batches.py)
+LOSS_WEIGHTINGS = ("fixed", "uncertainty")  # how a member's objective terms are weighted
+OBJECTIVE_TERMS = ("regression", "ranking")  # the terms of a member's objective, in order
 
 
 def cache_root() -> Path:
@@ -93,6 +95,8 @@ class TrainConfig:
     batch_size: int = 256  # paper
     batch_by: str = "random"  # "random" rows (paper), or whole "prompt" or "system" groups
     # per batch (train/batches.py); run-wide: the members of one sweep share it
+    loss_weighting: str = "fixed"  # "fixed": regression + ranking term (paper); "uncertainty":
+    # weights learned per member and head by homoscedastic uncertainty (objective.py); run-wide
     val_batch_size: int | None = None  # chunks of the validation loss; None = batch_size
     # (published code: 8; the ranking term is a mini-batch loss, so this changes its value)
     max_epochs: int = 1000  # paper
@@ -131,6 +135,7 @@ class TrainConfig:
         _choice("matmul_precision", self.matmul_precision, ("highest", "high"))
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("batch-by", self.batch_by, BATCH_BY)
+        _choice("loss-weighting", self.loss_weighting, LOSS_WEIGHTINGS)
         _choice("init", self.init, INITS)
         _choice("label_stats", self.label_stats, LABEL_STATS)
         if self.release_checkpoint is not None and "release" not in (self.init,

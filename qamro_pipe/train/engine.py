@@ -16,7 +16,7 @@ from .heads import BatchedMLP, HeadSpec, member_seed
 from .inputs import build_head
 from .losses import LabelTerms
 from .batches import epoch_order
-from .objective import Losses
+from .objective import Losses, uncertainty_objective
 from .optim import make_optimizer
 from .state import HISTORY_COLUMNS, TrainState
 
@@ -112,6 +112,7 @@ class Engine:
         # per epoch, per member: HISTORY_COLUMNS, kept on the device until the next sync
         self.hist = torch.zeros(ctx.check_every, len(HISTORY_COLUMNS), k, device=device)
         self.acc = torch.zeros(2, k, device=device)  # the epoch's (reg, rank) training sums
+        self.uncertain = cfg.loss_weighting == "uncertainty"
         self.graph = None
         self.eager_epochs = 0
 
@@ -139,11 +140,15 @@ class Engine:
             x = gather(ctx.plan, idx)
             outs = [self._model(h)(x[h.features], views[h.name], logits=True)
                     for h in ctx.heads]
-            parts = self.loss_fn([o[0] for o in outs],
-                                 terms.select((step, slice(None), slice(None, idx.shape[1]))),
-                                 dist_pairs(ctx, outs, idx), systems_of(ctx, idx))
-            grads = torch.autograd.grad(parts.sum(), [v for h in ctx.heads
-                                                      for v in views[h.name]])
+            per_head = self.loss_fn([o[0] for o in outs],
+                                    terms.select((step, slice(None), slice(None, idx.shape[1]))),
+                                    dist_pairs(ctx, outs, idx), systems_of(ctx, idx),
+                                    per_head=True)  # [2, H, K]
+            objective = per_head.sum() if not self.uncertain else uncertainty_objective(
+                per_head, self._log_vars(views), self.loss_fn.has_rank)
+            parts = per_head.sum(1)  # [2, K]
+            grads = torch.autograd.grad(objective, [v for h in ctx.heads
+                                                    for v in views[h.name]])
             self.steps.add_(1)
             self.step(grads)
             self.acc.add_(parts.detach(), alpha=idx.shape[1])
@@ -153,10 +158,22 @@ class Engine:
             val = val_parts.sum(0)
             self._early_stopping(val)
             train_parts = self.acc / (n * len(ctx.heads))  # per unit, mean over heads
-            row = torch.stack([train_parts.sum(0), val, train_parts[1], train_parts[0],
-                               val_parts[1], val_parts[0]])  # [C, K] in HISTORY_COLUMNS order
+            row = torch.cat([torch.stack([train_parts.sum(0), val, train_parts[1],
+                                          train_parts[0], val_parts[1], val_parts[0]]),
+                             self._term_weights()])  # [C, K] in HISTORY_COLUMNS order
             slot = torch.remainder(self.epoch - 1, len(self.hist)).view(1)
             self.hist.index_copy_(0, slot, row[None])
+
+    def _log_vars(self, views) -> torch.Tensor:
+        """[H, K, 2] each head's learned log-variances (the last view of its layout)."""
+        return torch.stack([views[h.name][-1] for h in self.ctx.heads])
+
+    def _term_weights(self) -> torch.Tensor:
+        """[2, K] the terms' weights exp(-s), mean over heads (1 under fixed weighting)."""
+        if not self.uncertain:
+            return torch.ones(2, len(self.subset), device=self.ctx.device)
+        s = self._log_vars({h.name: self._model(h).views(self._flat(h)) for h in self.ctx.heads})
+        return torch.exp(-s).mean(0).T
 
     def _early_stopping(self, val: torch.Tensor) -> None:
         cfg = self.cfg

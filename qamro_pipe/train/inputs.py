@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..config import TrainConfig
+from ..config import OBJECTIVE_TERMS, TrainConfig
 from ..errors import QamroError
 from .heads import BatchedMLP, HeadSpec
 from ..store.reader import Cache
@@ -134,7 +134,8 @@ def build_head(head: HeadSpec, seeds: list[int], x_shape: tuple[int, ...],
                          f"{x_shape[-1]}]: set layer_weights = true in its recipe")
     return BatchedMLP(seeds, x_shape[-1], head.hidden or cfg.hidden,
                       head.activation or cfg.activation, head.name, head.layer_norm, layers,
-                      init=init, bins=bins, uses_bins=uses_bins)
+                      init=init, bins=bins, uses_bins=uses_bins,
+                      n_terms=len(OBJECTIVE_TERMS) if cfg.loss_weighting == "uncertainty" else 0)
 
 
 @torch.no_grad()

@@ -62,6 +62,11 @@ class Losses:
         self.n_systems = n_systems
         self.uses_systems = any(KINDS[m.loss.kind].family == "system" or m.loss.system_weight
                                 for m in members)
+        # [K]: the members with a ranking term (uncertainty weighting learns its weight only
+        # there: a term that is always 0 would drive its log-variance down without end)
+        self.has_rank = torch.tensor([KINDS[m.loss.kind].family != "none"
+                                      or m.loss.system_weight > 0 for m in members],
+                                     device=device)
         if self.uses_systems and n_systems < 2:
             raise QamroError("the system-level term needs clips of at least 2 systems in "
                              "the training split")
@@ -101,12 +106,13 @@ class Losses:
         return t._replace(q=t.q * self.weight[:, None])  # the ranking term's weight, folded in
 
     def __call__(self, preds: list[torch.Tensor], t: LabelTerms, dist=None,
-                 systems: torch.Tensor | None = None) -> torch.Tensor:
+                 systems: torch.Tensor | None = None, per_head: bool = False) -> torch.Tensor:
         """Per head [K, b] predictions and the stacked batch's label terms ([H*K, b]) ->
         [2, K]: the regression and the ranking term, each summed over heads. `dist`: per
         head (logits [K, b, n], target distributions [K or 1, b, n]), where a member is
         gaussian-kl (its KL is its ranking term's place). `systems`: the batch's system
-        index of each row ([K, b] or [b], -1 none), where a member uses the system term."""
+        index of each row ([K, b] or [b], -1 none), where a member uses the system term.
+        per_head: [2, H, K], each head's terms apart (for uncertainty weighting)."""
         pred = torch.cat(preds)  # [H*K, b]
         raw = pred * self.std + self.mean if self.scaled else pred
         reg = regression(pred, t, self.cfg.regression, self.cfg.huber_delta)
@@ -122,4 +128,22 @@ class Losses:
             target = torch.cat([d[1].expand(self.k, *d[1].shape[-2:]) for d in dist])
             kl = kl_term(z, target, t.w_reg)
             rank = rank + torch.where(self.kl_weight > 0, kl * self.kl_weight, 0.0)
-        return torch.stack([reg, rank]).view(2, self.n_heads, self.k).sum(1)
+        parts = torch.stack([reg, rank]).view(2, self.n_heads, self.k)
+        return parts if per_head else parts.sum(1)
+
+
+def uncertainty_objective(parts: torch.Tensor, log_vars: torch.Tensor,
+                          has_rank: torch.Tensor) -> torch.Tensor:
+    """The objective under --loss-weighting uncertainty (homoscedastic uncertainty, Kendall,
+    Gal and Cipolla 2018), summed over heads and members:
+
+        sum_{h, k} sum_t [ exp(-s_hkt) L_hkt + s_hkt ]
+
+    t over config.OBJECTIVE_TERMS (regression, ranking), L the term's batch value, s its
+    learned log-variance (a parameter of member k's head h): the weight exp(-s) settles at
+    1 / L. At s = 0 it is the fixed objective, so training starts where fixed weighting
+    does. A member without a ranking term (`has_rank` [K] False) has no ranking part at all.
+    parts [2, H, K], log_vars [H, K, 2] -> a scalar."""
+    s = log_vars.permute(2, 0, 1)  # [2, H, K]
+    used = torch.stack([torch.ones_like(has_rank), has_rank])[:, None, :]  # [2, 1, K]
+    return torch.where(used, torch.exp(-s) * parts + s, 0.0).sum()

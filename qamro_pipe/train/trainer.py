@@ -27,7 +27,7 @@ from .batches import train_groups
 from .engine import Context, Engine, InputPlan
 from .optim import optimizer_buffers
 from .distribution import output_bins, smoothed_targets
-from .heads import BatchedMLP, HeadSpec
+from .heads import LOG_VARS, BatchedMLP, HeadSpec
 from .inputs import (build_head, column_order, head_inputs, input_width, label_col, label_stats,
                      predict_units, units_for)
 from .state import TrainState
@@ -232,12 +232,15 @@ def initial_weights(models: dict[str, BatchedMLP], release: ReleasedHeads | None
     out = {}
     for h, m in models.items():
         theirs = release.heads[axis[h]]
-        if m.layout != theirs.layout or m.activation != theirs.activation:
+        core = [e for e in m.layout if e[0] != LOG_VARS]  # the learned loss weights: ours
+        if core != theirs.layout or m.activation != theirs.activation:
             raise QamroError(f"--init release: head {h!r} is not shaped like the released "
                              f"{axis[h]} head (ours: {_shape(m)}; the release's: "
                              f"{_shape(theirs)}); give it the release's shape, as the "
                              f"aes-natural recipe does")
-        out[h] = theirs.by_member().detach().expand(m.k, -1).clone()
+        rows = theirs.by_member().detach().expand(m.k, -1)
+        extra = m.by_member().detach()[:, rows.shape[1]:]  # log-variances, last: start at 0
+        out[h] = torch.cat([rows, extra], dim=1)
     return out
 
 
