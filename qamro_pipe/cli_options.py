@@ -44,11 +44,11 @@ def cfg_opt(cls, name: str, help: str, recipe: bool = True, **kw) -> Any:
 
 T, L = TrainConfig, LossConfig
 TRAIN_SETTINGS = ("val_split", "eval_split", "max_epochs", "patience", "optimizer", "lr",
-                  "weight_decay", "batch_size", "batch_by", "loss_weighting", "val_batch_size",
+                  "weight_decay", "batch_size", "loss_weighting", "val_batch_size",
                   "activation", "device", "matmul_precision", "top_tier", "top_k", "init",
                   "label_stats", "release_checkpoint")
 LOSS_SETTINGS = ("norm", "regression", "quality_weight", "temperature", "tau", "bins",
-                 "sigma", "system_weight")  # one value for every member of one run
+                 "sigma", "system_weight", "batch_by")  # one value for every member of one run
 
 # name -> (type, option): what train, sweep and table all take
 RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
@@ -108,9 +108,9 @@ RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
         T, "batch_size", "Clips per step and per ranking batch (>= 2).",
         rich_help_panel=TRAINING)),
     "batch_by": (Optional[str], cfg_opt(
-        T, "batch_by", "What a training batch holds: random rows, or whole prompt groups "
+        L, "batch_by", "What a training batch holds: random rows, or whole prompt groups "
         "(every system's clip of a prompt) or whole systems, so the ranking terms compare "
-        "clips that should be compared. One setting for every member of a run.",
+        "clips that should be compared (a table's rows may differ by it).",
         rich_help_panel=TRAINING)),
     "loss_weighting": (Optional[str], cfg_opt(
         T, "loss_weighting", "fixed (regression + ranking term, the paper) or uncertainty: "

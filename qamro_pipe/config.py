@@ -60,6 +60,8 @@ class LossConfig:
     # label range (1-5: 0.4, 0-10: 1.0 in label units)
     system_weight: float = 0.0  # weight of the system-level soft Spearman (kind "system",
     # train/system_level.py) added beside any other kind's own term; 0 = none
+    batch_by: str = "random"  # what the member's batches hold: "random" rows (paper), or
+    # whole "prompt" or "system" groups (train/batches.py); members of one run may differ
 
     def __post_init__(self):
         _choice("loss", self.kind, LOSS_KINDS)
@@ -75,6 +77,7 @@ class LossConfig:
         _above("tau", self.tau, 0)
         _above("sigma", self.sigma, 0)
         _at_least("system_weight", self.system_weight, 0)
+        _choice("batch-by", self.batch_by, BATCH_BY)
         if self.kind == "system" and self.system_weight:
             raise QamroError("--system-weight adds the system-level term beside another kind; "
                              "--loss system is that term alone")
@@ -93,8 +96,6 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)  # AdamW's (beta1, beta2): torch's defaults
     adam_eps: float = 1e-8  # AdamW's eps: torch's default
     batch_size: int = 256  # paper
-    batch_by: str = "random"  # "random" rows (paper), or whole "prompt" or "system" groups
-    # per batch (train/batches.py); run-wide: the members of one sweep share it
     loss_weighting: str = "fixed"  # "fixed": regression + ranking term (paper); "uncertainty":
     # weights learned per member and head by homoscedastic uncertainty (objective.py); run-wide
     val_batch_size: int | None = None  # chunks of the validation loss; None = batch_size
@@ -134,7 +135,6 @@ class TrainConfig:
         _choice("activation", self.activation, ("relu", "gelu", "none"))
         _choice("matmul_precision", self.matmul_precision, ("highest", "high"))
         _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("batch-by", self.batch_by, BATCH_BY)
         _choice("loss-weighting", self.loss_weighting, LOSS_WEIGHTINGS)
         _choice("init", self.init, INITS)
         _choice("label_stats", self.label_stats, LABEL_STATS)

@@ -65,16 +65,26 @@ def kinds_help() -> str:
 
 
 def member_label(loss: Any, seed: int) -> str:
-    """'qamro a=0.2 b=7 seed=0': a member as screens, logs and metrics.json name it; a
-    system-level term added beside the kind's own shows as 'qamro a=0.2 b=7 +system 0.5'."""
-    mixed = f" +system {loss.system_weight:g}" if getattr(loss, "system_weight", 0) else ""
-    return f"{KINDS[loss.kind].member.format(**vars(loss))}{mixed} seed={seed}"
+    """'qamro a=0.2 b=7 seed=0': a member as screens, logs and metrics.json name it; what a
+    member adds to its kind follows it: 'qamro a=0.2 b=7 +system 0.5 batches=prompt'."""
+    return f"{KINDS[loss.kind].member.format(**vars(loss))}{_extras(loss, ' ')} seed={seed}"
 
 
 def run_name(loss: Any) -> str:
     """The default run folder's suffix for a member's loss ('qamro-a0.2-b7', 'baseline')."""
-    mixed = f"-system{loss.system_weight:g}" if getattr(loss, "system_weight", 0) else ""
-    return KINDS[loss.kind].run_name.format(**vars(loss)) + mixed
+    return KINDS[loss.kind].run_name.format(**vars(loss)) + _extras(loss, "-")
+
+
+def _extras(loss: Any, sep: str) -> str:
+    """The settings any kind may take beside its own, where not at their defaults: the
+    system-level term's weight and structured batches."""
+    out = []
+    if getattr(loss, "system_weight", 0):
+        out.append(f"+system {loss.system_weight:g}" if sep == " "
+                   else f"system{loss.system_weight:g}")
+    if getattr(loss, "batch_by", "random") != "random":
+        out.append(f"batches={loss.batch_by}" if sep == " " else f"by-{loss.batch_by}")
+    return "".join(sep + x for x in out)
 
 
 def legend(kind: str, values: Mapping[str, Any], skip: tuple = ()) -> str:

@@ -1,6 +1,7 @@
 """Structured batches (--batch-by prompt|system): whole groups per batch, a counter-based
-order per member (no generator state: a sweep member is batched as its single run, and a
-resumed run equals the uninterrupted one), and the refusals."""
+order per member (no generator state: a sweep member is batched as its single run, members
+of one run may differ by it, and a resumed run equals the uninterrupted one), and the
+refusals."""
 from dataclasses import replace
 
 import numpy as np
@@ -12,6 +13,7 @@ from typer.testing import CliRunner
 from qamro_pipe.cli import app
 from qamro_pipe.config import LossConfig, Member, TrainConfig
 from qamro_pipe.errors import QamroError
+from qamro_pipe.loss_kinds import member_label, run_name
 from qamro_pipe.store import read_cache
 from qamro_pipe.train.batches import epoch_order, group_keys, train_groups
 from qamro_pipe.train.heads import HeadSpec
@@ -58,9 +60,16 @@ def test_group_order_varies_over_epochs():
     assert len(firsts) > 5
 
 
-def test_random_is_the_plain_shuffle():
-    seeds = torch.tensor([1, 2])
-    assert torch.equal(epoch_order(seeds, 3, 50, None), member_permutations(seeds, 3, 50))
+def test_each_member_gets_its_own_order():
+    seeds = torch.tensor([1, 2, 3])
+    groups = {"prompt": torch.arange(10).repeat(5), "system": torch.arange(5).repeat(10)}
+    by = {"prompt": torch.tensor([False, True, False]),
+          "system": torch.tensor([False, False, True])}
+    order = epoch_order(seeds, 3, 50, groups, by)
+    assert torch.equal(order[0], member_permutations(seeds, 3, 50)[0])  # random
+    assert torch.equal(order[1], grouped_permutations(seeds, 3, groups["prompt"])[1])
+    assert torch.equal(order[2], grouped_permutations(seeds, 3, groups["system"])[2])
+    assert torch.equal(epoch_order(seeds, 3, 50, {}, {}), member_permutations(seeds, 3, 50))
 
 
 def test_groups_of_prompts_and_systems(tmp_path):
@@ -86,7 +95,7 @@ def test_prompt_batches_without_prompts_are_refused(tmp_path):
     with pytest.raises(QamroError, match="--batch-by prompt: .* have no prompt"):
         train_groups(cache, cache.rows("train"), None, "prompt")
     with pytest.raises(QamroError, match="--batch-by prompt"):
-        train(cache, HEADS, [Member()], replace(CFG, batch_by="prompt"))
+        train(cache, HEADS, [Member(LossConfig(batch_by="prompt"))], CFG)
     with pytest.raises(QamroError, match="--cv-group system: no clip to cross-validate"):
         group_keys(replace(cache, systems=np.full(len(cache.ids), "")), cache.rows("train"),
                    "system")
@@ -94,7 +103,7 @@ def test_prompt_batches_without_prompts_are_refused(tmp_path):
 
 def test_unknown_batch_by_is_one_line(tmp_path):
     with pytest.raises(QamroError, match="unknown batch-by 'clip'"):
-        TrainConfig(batch_by="clip")
+        LossConfig(batch_by="clip")
     cache = make_synthetic_cache(tmp_path / "s.h5")
     res = CliRunner().invoke(app, ["train", "--batch-by", "clip", "--cache", str(cache),
                                    "--out", str(tmp_path / "run")])
@@ -102,26 +111,33 @@ def test_unknown_batch_by_is_one_line(tmp_path):
     assert "Traceback" not in res.output and not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("by", ["prompt", "system"])
-def test_structured_batches_change_training_and_members_stay_independent(tmp_path, by):
+def test_labels_name_the_batches():
+    assert member_label(LossConfig(batch_by="prompt"), 0) == "qamro a=0.2 b=7 batches=prompt seed=0"
+    assert run_name(LossConfig(batch_by="system", system_weight=0.5)) == \
+        "qamro-a0.2-b7-system0.5-by-system"
+    assert member_label(LossConfig(), 0) == "qamro a=0.2 b=7 seed=0"
+
+
+def test_structured_batches_change_training_and_members_stay_independent(tmp_path):
     cache = read_cache(prompt_cache(tmp_path / "p.h5"))
-    members = [Member(LossConfig(beta=b), s) for b, s in ((7.0, 0), (1.0, 1), (7.0, 2))]
-    cfg = replace(CFG, batch_by=by)
-    sweep = train(cache, HEADS, members, cfg)
-    plain = train(cache, HEADS, members[:1], CFG)
+    members = [Member(LossConfig(batch_by=by, beta=b), s)
+               for by, b, s in (("prompt", 7.0, 0), ("system", 1.0, 1), ("random", 7.0, 2),
+                                ("system", 7.0, 0), ("random", 7.0, 0))]
+    sweep = train(cache, HEADS, members, CFG)
     for k, m in enumerate(members):
-        alone = train(cache, HEADS, [m], cfg)
+        alone = train(cache, HEADS, [m], CFG)
         assert np.allclose(sweep.predictions["overall"][k], alone.predictions["overall"][0],
                            atol=1e-6)
         assert sweep.best_epoch[k] == alone.best_epoch[0]
-    assert not np.allclose(sweep.predictions["overall"][0], plain.predictions["overall"][0],
-                           atol=1e-4)
+    p = sweep.predictions["overall"]  # same seed and loss, other batches: other training
+    assert not np.allclose(p[0], p[4], atol=1e-4) and not np.allclose(p[3], p[4], atol=1e-4)
 
 
 def test_resumed_grouped_run_equals_the_uninterrupted_one(tmp_path):
     cache = read_cache(prompt_cache(tmp_path / "p.h5"))
-    members = [Member(LossConfig(beta=b), s) for b, s in ((7.0, 0), (1.0, 1))]
-    cfg = replace(CFG, batch_by="prompt")
+    members = [Member(LossConfig(beta=b, batch_by=by), s)
+               for b, s, by in ((7.0, 0, "prompt"), (1.0, 1, "system"), (7.0, 1, "random"))]
+    cfg = CFG
     whole = train(cache, HEADS, members, cfg)
     stop = max(2, whole.epochs_run // 2)
 

@@ -11,8 +11,9 @@ batch boundary at most once at each end of a batch: every batch holds whole grou
 the (at most) two it shares with its neighbours; groups larger than a batch are split.
 Both orders are counter-based (shuffle.py): a member's order depends only on its seed, the
 epoch and the groups, so a resumed run continues the same sequence and a member of a sweep
-is batched exactly as the single run with its seed. The setting is run-wide (TrainConfig):
-members of one sweep share it (a member's label and run folder name only its loss)."""
+is batched exactly as the single run with its seed. The setting is a member's
+(LossConfig.batch_by): members of one run may differ by it, each computing its own order
+(a second stable sort of [K, n] keys per epoch where some member groups)."""
 from __future__ import annotations
 
 import re
@@ -68,8 +69,13 @@ def train_groups(cache: Cache, clip_rows: np.ndarray, clip_of: np.ndarray | None
     return per_clip if clip_of is None else per_clip[clip_of]
 
 
-def epoch_order(seeds: torch.Tensor, epoch, n: int, groups: torch.Tensor | None) -> torch.Tensor:
-    """[K] seeds -> [K, n] each member's order of the n training units this epoch."""
-    if groups is None:
-        return member_permutations(seeds, epoch, n)
-    return grouped_permutations(seeds, epoch, groups)
+def epoch_order(seeds: torch.Tensor, epoch, n: int, groups: dict[str, torch.Tensor],
+                batched_by: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[K] seeds -> [K, n] each member's order of the n training units this epoch: the
+    random shuffle, or for the members batched by a grouping ([K] bool `batched_by[by]`)
+    the grouped order of `groups[by]` ([n] group of each unit)."""
+    order = member_permutations(seeds, epoch, n)
+    for by, g in groups.items():
+        order = torch.where(batched_by[by][:, None], grouped_permutations(seeds, epoch, g),
+                            order)
+    return order

@@ -5,7 +5,7 @@ its members and writes back into it; the trainer rebuilds it without the members
 stopped, so they cost nothing (trainer.py)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -43,8 +43,9 @@ class Context:
     device: torch.device
     bins: OutputBins | None = None  # the distribution output, when a member is gaussian-kl
     P: dict[str, torch.Tensor] | None = None  # head -> [U, n] its target distributions
-    train_groups: torch.Tensor | None = None  # [len(train_rows)] group of each train row
-    # (--batch-by prompt or system: batches.py); None = random batches
+    train_groups: dict[str, torch.Tensor] = field(default_factory=dict)  # "prompt" or
+    # "system" -> [len(train_rows)] group of each train row, for the members batched so
+    # (batches.py); empty when every member's batches are random
     systems: torch.Tensor | None = None  # [U] system index of every unit (-1: none), for
     # the system-level term (system_level.py)
     n_systems: int = 0
@@ -95,6 +96,8 @@ class Engine:
                               [h.label for h in ctx.heads], ctx.n_systems)
         self.perm_seeds = torch.tensor([member_seed(s, "shuffle") >> 1 for s in seeds],
                                        device=device)
+        self.batched_by = {by: torch.tensor([m.loss.batch_by == by for m in members],
+                                            device=device) for by in ctx.train_groups}
         bs, nv = cfg.val_batch_size or cfg.batch_size, len(ctx.val_rows)
         self.val_sizes = torch.tensor([min(bs, nv - s) for s in range(0, nv, bs)],
                                       dtype=torch.float32, device=device)
@@ -131,7 +134,7 @@ class Engine:
         self.epoch.add_(1)
         n, bs = len(ctx.train_rows), cfg.batch_size
         perm = ctx.train_rows[epoch_order(self.perm_seeds, self.epoch, n,
-                                          ctx.train_groups)]  # [K, n]
+                                          ctx.train_groups, self.batched_by)]  # [K, n]
         terms = self.loss_fn.terms([ctx.Y[h.name][perm] for h in ctx.heads], bs)
         self.acc.zero_()
         for step, start in enumerate(range(0, n, bs)):

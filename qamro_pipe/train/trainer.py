@@ -166,7 +166,7 @@ def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
         train_rows=torch.from_numpy(units.of_clips(split.train)).to(device),
         val_rows=torch.from_numpy(units.of_clips(split.val)).to(device),
         stats=[stats[h.name] for h in heads], label_range=label_range, cfg=cfg, device=device,
-        train_groups=_groups(cache, split.train, units, cfg.batch_by, device),
+        train_groups=_groups(cache, split.train, units, members, device),
         **_systems(cache, split.train, units, members, device),
         **distribution_targets(cache, heads, units, members, label_range, device))
     models = {h.name: build_head(h, seeds, ctx.x_shapes[h.name], cfg,
@@ -198,13 +198,13 @@ def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
         release=release.record(uses_release) if uses_release else None)
 
 
-def _groups(cache: Cache, train_clips: np.ndarray, units, by: str, device):
-    """[n] group of each training unit for --batch-by prompt/system, on the device; None for
-    random batches. Units of the train clips in the order units.of_clips gives them."""
-    per_unit = train_groups(cache, train_clips, units.clip_of, by)
-    if per_unit is None:
-        return None
-    return torch.from_numpy(per_unit[units.of_clips(train_clips)]).to(device)
+def _groups(cache: Cache, train_clips: np.ndarray, units, members, device) -> dict:
+    """"prompt"/"system" -> [n] group of each training unit, on the device, for each way of
+    batching some member asks for (units of the train clips in units.of_clips's order)."""
+    rows = units.of_clips(train_clips)
+    return {by: torch.from_numpy(train_groups(cache, train_clips, units.clip_of, by)[rows])
+            .to(device)
+            for by in sorted({m.loss.batch_by for m in members} - {"random"})}
 
 
 def _systems(cache: Cache, train_clips: np.ndarray, units, members, device) -> dict:
