@@ -44,11 +44,12 @@ def cfg_opt(cls, name: str, help: str, recipe: bool = True, **kw) -> Any:
 
 T, L = TrainConfig, LossConfig
 TRAIN_SETTINGS = ("val_split", "eval_split", "max_epochs", "patience", "optimizer", "lr",
-                  "weight_decay", "batch_size", "loss_weighting", "val_batch_size",
+                  "weight_decay", "batch_size", "val_batch_size",
                   "activation", "device", "matmul_precision", "top_tier", "top_k", "init",
                   "label_stats", "release_checkpoint")
 LOSS_SETTINGS = ("norm", "regression", "quality_weight", "temperature", "tau", "bins",
-                 "sigma", "system_weight", "batch_by")  # one value for every member of one run
+                 "sigma", "system_weight", "batch_by",
+                 "loss_weighting")  # one value for every member of one run
 
 # name -> (type, option): what train, sweep and table all take
 RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
@@ -113,9 +114,9 @@ RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
         "clips that should be compared (a table's rows may differ by it).",
         rich_help_panel=TRAINING)),
     "loss_weighting": (Optional[str], cfg_opt(
-        T, "loss_weighting", "fixed (regression + ranking term, the paper) or uncertainty: "
+        L, "loss_weighting", "fixed (regression + ranking term, the paper) or uncertainty: "
         "each member learns its terms' weights, exp(-s) per term with a log-variance s "
-        "trained beside the head (Kendall et al. 2018). One setting for every member.",
+        "trained beside the head (Kendall et al. 2018).",
         rich_help_panel=TRAINING)),
     "val_batch_size": (Optional[int], opt(
         "Clips per validation batch: the ranking term is a mini-batch loss, so this shapes "

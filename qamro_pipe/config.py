@@ -62,6 +62,8 @@ class LossConfig:
     # train/system_level.py) added beside any other kind's own term; 0 = none
     batch_by: str = "random"  # what the member's batches hold: "random" rows (paper), or
     # whole "prompt" or "system" groups (train/batches.py); members of one run may differ
+    loss_weighting: str = "fixed"  # "fixed": regression + ranking term (paper); "uncertainty":
+    # the two weighted by learned homoscedastic uncertainty, per head (train/objective.py)
 
     def __post_init__(self):
         _choice("loss", self.kind, LOSS_KINDS)
@@ -78,6 +80,7 @@ class LossConfig:
         _above("sigma", self.sigma, 0)
         _at_least("system_weight", self.system_weight, 0)
         _choice("batch-by", self.batch_by, BATCH_BY)
+        _choice("loss-weighting", self.loss_weighting, LOSS_WEIGHTINGS)
         if self.kind == "system" and self.system_weight:
             raise QamroError("--system-weight adds the system-level term beside another kind; "
                              "--loss system is that term alone")
@@ -96,8 +99,6 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)  # AdamW's (beta1, beta2): torch's defaults
     adam_eps: float = 1e-8  # AdamW's eps: torch's default
     batch_size: int = 256  # paper
-    loss_weighting: str = "fixed"  # "fixed": regression + ranking term (paper); "uncertainty":
-    # weights learned per member and head by homoscedastic uncertainty (objective.py); run-wide
     val_batch_size: int | None = None  # chunks of the validation loss; None = batch_size
     # (published code: 8; the ranking term is a mini-batch loss, so this changes its value)
     max_epochs: int = 1000  # paper
@@ -135,7 +136,6 @@ class TrainConfig:
         _choice("activation", self.activation, ("relu", "gelu", "none"))
         _choice("matmul_precision", self.matmul_precision, ("highest", "high"))
         _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("loss-weighting", self.loss_weighting, LOSS_WEIGHTINGS)
         _choice("init", self.init, INITS)
         _choice("label_stats", self.label_stats, LABEL_STATS)
         if self.release_checkpoint is not None and "release" not in (self.init,

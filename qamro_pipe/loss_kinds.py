@@ -77,13 +77,15 @@ def run_name(loss: Any) -> str:
 
 def _extras(loss: Any, sep: str) -> str:
     """The settings any kind may take beside its own, where not at their defaults: the
-    system-level term's weight and structured batches."""
+    system-level term's weight, structured batches and learned term weights."""
     out = []
     if getattr(loss, "system_weight", 0):
         out.append(f"+system {loss.system_weight:g}" if sep == " "
                    else f"system{loss.system_weight:g}")
     if getattr(loss, "batch_by", "random") != "random":
         out.append(f"batches={loss.batch_by}" if sep == " " else f"by-{loss.batch_by}")
+    if getattr(loss, "loss_weighting", "fixed") != "fixed":
+        out.append(f"weights={loss.loss_weighting}" if sep == " " else loss.loss_weighting)
     return "".join(sep + x for x in out)
 
 

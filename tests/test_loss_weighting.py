@@ -26,16 +26,21 @@ from qamro_pipe.train.trainer import Checkpoint, train
 HEADS = (HeadSpec("overall", "overall", ("audio",)),
          HeadSpec("textual", "textual", ("audio", "text")))
 CFG = TrainConfig(max_epochs=40, patience=5, lr=0.02, bootstrap=0, checkpoint_seconds=0.0,
-                  batch_size=64, loss_weighting="uncertainty")
+                  batch_size=64)
+U = "uncertainty"
 
 
-def objective_literal(parts, log_vars, has_rank):
-    """Term by term, head by head, member by member."""
+def objective_literal(parts, log_vars, has_rank, learned=None):
+    """Term by term, head by head, member by member; a member not learning its weights
+    adds its terms as they are."""
     total = parts.sum() * 0.0
     n_terms, n_heads, k = parts.shape
     for h in range(n_heads):
         for m in range(k):
             for t in range(n_terms):
+                if learned is not None and not learned[m]:
+                    total = total + parts[t, h, m]
+                    continue
                 if t == 1 and not has_rank[m]:
                     continue
                 s = log_vars[h, m, t]
@@ -44,21 +49,25 @@ def objective_literal(parts, log_vars, has_rank):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_matches_the_literal_in_value_and_gradient(seed):
+@pytest.mark.parametrize("learned", [None, (True, True, False, True)])
+def test_matches_the_literal_in_value_and_gradient(seed, learned):
     g = torch.Generator().manual_seed(seed)
     parts = torch.rand(2, 3, 4, generator=g, dtype=torch.float64) * 3
     log_vars = torch.randn(3, 4, 2, generator=g, dtype=torch.float64)
     has_rank = torch.tensor([True, False, True, True])
+    learned = None if learned is None else torch.tensor(learned)
     a_in = [parts.clone().requires_grad_(), log_vars.clone().requires_grad_()]
     b_in = [parts.clone().requires_grad_(), log_vars.clone().requires_grad_()]
-    a = uncertainty_objective(*a_in, has_rank)
-    b = objective_literal(*b_in, has_rank)
+    a = uncertainty_objective(*a_in, has_rank, learned)
+    b = objective_literal(*b_in, has_rank, learned)
     a.backward()
     b.backward()
     assert a.item() == pytest.approx(b.item(), rel=1e-12)
     for x, y in zip(a_in, b_in):
         assert torch.allclose(x.grad, y.grad, rtol=1e-12, atol=1e-14)
     assert (a_in[1].grad[:, 1, 1] == 0).all()  # no ranking term: its log-variance untouched
+    if learned is not None:
+        assert (a_in[1].grad[:, 2] == 0).all()  # fixed weights: no gradient to its s
     # the weight's optimum: d/ds (exp(-s) L + s) = 0 at s = log L
     L = torch.tensor([[[2.5]], [[0.4]]], dtype=torch.float64)
     s = torch.log(L).reshape(1, 1, 2).clone().requires_grad_()
@@ -78,8 +87,11 @@ def cache(tmp_path_factory):
     return read_cache(make_synthetic_cache(tmp_path_factory.mktemp("lw") / "s.h5"))
 
 
-MEMBERS = [Member(LossConfig(), 0), Member(LossConfig(kind="listmle"), 1),
-           Member(LossConfig(kind="none"), 2), Member(LossConfig(system_weight=1.0), 3)]
+MEMBERS = [Member(LossConfig(loss_weighting=U), 0),
+           Member(LossConfig(kind="listmle", loss_weighting=U), 1),
+           Member(LossConfig(kind="none", loss_weighting=U), 2),
+           Member(LossConfig(system_weight=1.0, loss_weighting=U), 3),
+           Member(LossConfig(), 0)]  # fixed weights, beside the others
 
 
 def test_members_stay_independent_and_weights_are_learned(cache):
@@ -89,26 +101,33 @@ def test_members_stay_independent_and_weights_are_learned(cache):
         assert together.best_epoch[k] == alone.best_epoch[0]
         for h in together.predictions:
             assert np.allclose(together.predictions[h][k], alone.predictions[h][0], atol=1e-5)
-    fixed = train(cache, HEADS, MEMBERS[:1], replace(CFG, loss_weighting="fixed"))
+    fixed = train(cache, HEADS, MEMBERS[4:], CFG)  # alone: a head without log-variances
     assert not np.allclose(fixed.predictions["overall"][0], together.predictions["overall"][0],
-                           atol=1e-4)
+                           atol=1e-4)  # the same loss and seed, learned weights or not
     # the log-variances are saved with each member's head
     for h in ("overall", "textual"):
         s = [together.states[h][k]["loss.log_vars"] for k in range(len(MEMBERS))]
         assert all(v.shape == (2,) for v in s)
-        assert all(v[0] != 0 for v in s)  # the regression weight moved for every member
+        assert all(v[0] != 0 for v in s[:4])  # the regression weight moved where learned
         assert s[2][1] == 0  # regression only: no ranking weight to learn
+        assert (s[4] == 0).all()  # fixed weights: the log-variances stay 0
+        assert "loss.log_vars" not in fixed.states[h][0]
     hist = together.history  # member, epoch, HISTORY_COLUMNS...
     weights = hist[:, -2:]
     assert (weights > 0).all() and not np.allclose(weights[:, 0], 1.0)
     assert np.allclose(hist[hist[:, 0] == 2][:, -1], 1.0)
+    assert np.allclose(hist[hist[:, 0] == 4][:, -2:], 1.0)
     assert np.allclose(fixed.history[:, -2:], 1.0)
+
+
+SOME = [*MEMBERS[:2], MEMBERS[4]]  # two learning their weights, one not
 
 
 def test_resumed_run_equals_the_uninterrupted_one(cache, tmp_path):
     for optimizer in ("sgd", "adamw"):
-        cfg = replace(CFG, optimizer=optimizer, lr=0.02 if optimizer == "sgd" else 0.002)
-        whole = train(cache, HEADS, MEMBERS[:2], cfg)
+        cfg = replace(CFG, optimizer=optimizer, lr=0.02 if optimizer == "sgd" else 0.002,
+                      weight_decay=0.0 if optimizer == "sgd" else 0.01)
+        whole = train(cache, HEADS, SOME, cfg)
         stop = max(2, whole.epochs_run // 2)
 
         class Stop(Exception):
@@ -119,15 +138,17 @@ def test_resumed_run_equals_the_uninterrupted_one(cache, tmp_path):
                 raise Stop
         ckpt = Checkpoint(tmp_path / f"{optimizer}.safetensors", "fp", every=0.0)
         with pytest.raises(Stop):
-            train(cache, HEADS, MEMBERS[:2], cfg, progress=progress, checkpoint=ckpt)
+            train(cache, HEADS, SOME, cfg, progress=progress, checkpoint=ckpt)
         saved, _ = TrainState.load(ckpt.path)
-        resumed = train(cache, HEADS, MEMBERS[:2], cfg, checkpoint=replace(ckpt, resume=saved))
+        resumed = train(cache, HEADS, SOME, cfg, checkpoint=replace(ckpt, resume=saved))
         assert resumed.best_epoch == whole.best_epoch
         for h in whole.predictions:
             assert np.array_equal(resumed.predictions[h], whole.predictions[h])
             for a, b in zip(resumed.states[h], whole.states[h]):
                 assert torch.equal(a["loss.log_vars"], b["loss.log_vars"])
         assert np.array_equal(resumed.history, whole.history)
+        for h in whole.states:  # AdamW's weight decay keeps a fixed member's s at 0 too
+            assert (whole.states[h][2]["loss.log_vars"] == 0).all()
 
 
 def test_cli_history_and_evaluate(tmp_path):
@@ -141,11 +162,13 @@ def test_cli_history_and_evaluate(tmp_path):
     assert len(rows) >= 1 and all(math.isfinite(float(r["weight_reg"])) for r in rows)
     assert float(rows[-1]["weight_reg"]) != 1.0
     config = json.loads((out / "config.json").read_text())
-    assert config["train"]["loss_weighting"] == "uncertainty"
+    assert config["members"][0]["loss"]["loss_weighting"] == "uncertainty"
+    assert "weights=uncertainty" in json.loads((out / "metrics.json").read_text())[
+        "members"][0]["member"]
     r = CliRunner().invoke(app, ["evaluate", str(out)])  # the head rebuilt with its weights
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(app, ["train", "--cache", str(path), "--out", str(tmp_path / "x"),
                                  "--loss-weighting", "learned"])
     assert r.exit_code == 1 and "unknown loss-weighting 'learned'" in r.output
     with pytest.raises(QamroError, match="unknown loss-weighting"):
-        TrainConfig(loss_weighting="learned")
+        LossConfig(loss_weighting="learned")

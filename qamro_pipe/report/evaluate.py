@@ -18,7 +18,7 @@ from ..loss_kinds import USED_SETTINGS
 from ..metrics import named_systems, system_level_problem
 from ..train.distribution import output_bins
 from ..train.heads import BatchedMLP, HeadSpec
-from ..train.inputs import build_head, head_inputs, predict_units, units_for
+from ..train.inputs import build_head, head_inputs, predict_units, units_for, weighting_terms
 from ..train.joined import join
 from ..train.runs import head_metrics, load_run, write_predictions
 from ..store.reader import Cache, read_cache
@@ -80,8 +80,9 @@ class TrainedRun:
 
     def _model(self, head: HeadSpec, x_shape: tuple[int, ...]) -> BatchedMLP:
         if head.name not in self.models:
+            members = [member_from_jsonable(m) for m in self.config["members"]]
             model = build_head(head, [0] * len(self.members), x_shape, self.train_cfg,
-                               **self._bins(head))
+                               n_terms=weighting_terms(members), **self._bins(head))
             for i, k in enumerate(self.members):
                 prefix = f"{head.name}/m{k}/"
                 model.load_member(i, {n[len(prefix):]: t for n, t in self._tensors.items()

@@ -13,7 +13,7 @@ import torch
 from ..config import Member, TrainConfig
 from .distribution import OutputBins
 from .heads import BatchedMLP, HeadSpec, member_seed
-from .inputs import build_head
+from .inputs import build_head, weighting_terms
 from .losses import LabelTerms
 from .batches import epoch_order
 from .objective import Losses, uncertainty_objective
@@ -79,6 +79,7 @@ class Engine:
         self.models: dict[str, BatchedMLP] = {}
         for h in ctx.heads:
             model = build_head(h, seeds, ctx.x_shapes[h.name], cfg, init=False,
+                               n_terms=weighting_terms(ctx.members),
                                **ctx.bins_of(h, self.subset)).to(device)
             with torch.no_grad():
                 model.flat.copy_(model.flat_of(state.weights[h.name][rows].to(device)))
@@ -115,7 +116,12 @@ class Engine:
         # per epoch, per member: HISTORY_COLUMNS, kept on the device until the next sync
         self.hist = torch.zeros(ctx.check_every, len(HISTORY_COLUMNS), k, device=device)
         self.acc = torch.zeros(2, k, device=device)  # the epoch's (reg, rank) training sums
-        self.uncertain = cfg.loss_weighting == "uncertainty"
+        # members that learn their terms' weights (a Python bool: the graph has the branch or
+        # not), and whether the run's heads carry log-variances at all
+        self.learned = torch.tensor([m.loss.loss_weighting == "uncertainty" for m in members],
+                                    device=device)
+        self.uncertain = any(m.loss.loss_weighting == "uncertainty" for m in members)
+        self.log_vars = weighting_terms(ctx.members) > 0
         self.graph = None
         self.eager_epochs = 0
 
@@ -148,7 +154,7 @@ class Engine:
                                     dist_pairs(ctx, outs, idx), systems_of(ctx, idx),
                                     per_head=True)  # [2, H, K]
             objective = per_head.sum() if not self.uncertain else uncertainty_objective(
-                per_head, self._log_vars(views), self.loss_fn.has_rank)
+                per_head, self._log_vars(views), self.loss_fn.has_rank, self.learned)
             parts = per_head.sum(1)  # [2, K]
             grads = torch.autograd.grad(objective, [v for h in ctx.heads
                                                     for v in views[h.name]])
@@ -172,8 +178,9 @@ class Engine:
         return torch.stack([views[h.name][-1] for h in self.ctx.heads])
 
     def _term_weights(self) -> torch.Tensor:
-        """[2, K] the terms' weights exp(-s), mean over heads (1 under fixed weighting)."""
-        if not self.uncertain:
+        """[2, K] the terms' weights exp(-s), mean over heads (1 under fixed weighting: no
+        log-variances, or ones that stay 0, having no gradient)."""
+        if not self.log_vars:
             return torch.ones(2, len(self.subset), device=self.ctx.device)
         s = self._log_vars({h.name: self._model(h).views(self._flat(h)) for h in self.ctx.heads})
         return torch.exp(-s).mean(0).T

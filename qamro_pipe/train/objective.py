@@ -133,7 +133,8 @@ class Losses:
 
 
 def uncertainty_objective(parts: torch.Tensor, log_vars: torch.Tensor,
-                          has_rank: torch.Tensor) -> torch.Tensor:
+                          has_rank: torch.Tensor, learned: torch.Tensor | None = None
+                          ) -> torch.Tensor:
     """The objective under --loss-weighting uncertainty (homoscedastic uncertainty, Kendall,
     Gal and Cipolla 2018), summed over heads and members:
 
@@ -143,7 +144,12 @@ def uncertainty_objective(parts: torch.Tensor, log_vars: torch.Tensor,
     learned log-variance (a parameter of member k's head h): the weight exp(-s) settles at
     1 / L. At s = 0 it is the fixed objective, so training starts where fixed weighting
     does. A member without a ranking term (`has_rank` [K] False) has no ranking part at all.
-    parts [2, H, K], log_vars [H, K, 2] -> a scalar."""
+    The members not `learned` ([K] bool; None: all are) keep the fixed sum of their terms
+    (and their log-variances get no gradient). parts [2, H, K], log_vars [H, K, 2] -> a
+    scalar."""
     s = log_vars.permute(2, 0, 1)  # [2, H, K]
     used = torch.stack([torch.ones_like(has_rank), has_rank])[:, None, :]  # [2, 1, K]
-    return torch.where(used, torch.exp(-s) * parts + s, 0.0).sum()
+    weighted = torch.where(used, torch.exp(-s) * parts + s, 0.0)
+    if learned is None:
+        return weighted.sum()
+    return torch.where(learned, weighted, parts).sum()

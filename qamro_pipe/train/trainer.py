@@ -29,7 +29,7 @@ from .optim import optimizer_buffers
 from .distribution import output_bins, smoothed_targets
 from .heads import LOG_VARS, BatchedMLP, HeadSpec
 from .inputs import (build_head, column_order, head_inputs, input_width, label_col, label_stats,
-                     predict_units, units_for)
+                     predict_units, units_for, weighting_terms)
 from .state import TrainState
 
 
@@ -170,6 +170,7 @@ def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
         **_systems(cache, split.train, units, members, device),
         **distribution_targets(cache, heads, units, members, label_range, device))
     models = {h.name: build_head(h, seeds, ctx.x_shapes[h.name], cfg,
+                                 n_terms=weighting_terms(members),
                                  **ctx.bins_of(h, range(len(members)))) for h in heads}
     state = checkpoint.resume if checkpoint and checkpoint.resume else TrainState.fresh(
         initial_weights(models, release if cfg.init == "release" else None, axis),
