@@ -172,3 +172,19 @@ def test_cli_history_and_evaluate(tmp_path):
     assert r.exit_code == 1 and "unknown loss-weighting 'learned'" in r.output
     with pytest.raises(QamroError, match="unknown loss-weighting"):
         LossConfig(loss_weighting="learned")
+
+
+def test_fixed_members_train_on_after_the_learning_ones_stop(cache):
+    """The batch shrinks to members that all keep fixed weights while the heads still carry
+    log-variances (a regression: autograd refused the unused ones)."""
+    heads = HEADS[:1]
+    members = [Member(LossConfig(loss_weighting=U), s) for s in range(3)] + \
+        [Member(LossConfig(), s) for s in range(3)]
+    cfg = replace(CFG, max_epochs=60)
+    run = train(cache, heads, members, cfg)
+    assert max(run.stopped_epoch[:3]) < max(run.stopped_epoch[3:])  # fixed ones train alone
+    for k in (3, 5):
+        alone = train(cache, heads, [members[k]], cfg)
+        assert run.best_epoch[k] == alone.best_epoch[0]
+        assert np.allclose(run.predictions["overall"][k], alone.predictions["overall"][0],
+                           atol=1e-5)

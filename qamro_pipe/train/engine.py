@@ -116,12 +116,12 @@ class Engine:
         # per epoch, per member: HISTORY_COLUMNS, kept on the device until the next sync
         self.hist = torch.zeros(ctx.check_every, len(HISTORY_COLUMNS), k, device=device)
         self.acc = torch.zeros(2, k, device=device)  # the epoch's (reg, rank) training sums
-        # members that learn their terms' weights (a Python bool: the graph has the branch or
-        # not), and whether the run's heads carry log-variances at all
+        # whether the run's heads carry log-variances (then every engine's objective reads
+        # them, even one whose members all keep fixed weights: autograd needs every view in
+        # the graph), and which of these members learn their weights
+        self.log_vars = weighting_terms(ctx.members) > 0
         self.learned = torch.tensor([m.loss.loss_weighting == "uncertainty" for m in members],
                                     device=device)
-        self.uncertain = any(m.loss.loss_weighting == "uncertainty" for m in members)
-        self.log_vars = weighting_terms(ctx.members) > 0
         self.graph = None
         self.eager_epochs = 0
 
@@ -153,7 +153,7 @@ class Engine:
                                     terms.select((step, slice(None), slice(None, idx.shape[1]))),
                                     dist_pairs(ctx, outs, idx), systems_of(ctx, idx),
                                     per_head=True)  # [2, H, K]
-            objective = per_head.sum() if not self.uncertain else uncertainty_objective(
+            objective = per_head.sum() if not self.log_vars else uncertainty_objective(
                 per_head, self._log_vars(views), self.loss_fn.has_rank, self.learned)
             parts = per_head.sum(1)  # [2, K]
             grads = torch.autograd.grad(objective, [v for h in ctx.heads
