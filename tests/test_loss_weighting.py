@@ -12,14 +12,17 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_synthetic_cache
+from release_fixtures import aes_cache, provenance_of, publisher_checkpoint
 from typer.testing import CliRunner
 
 from qamro_pipe.cli import app
 from qamro_pipe.config import LossConfig, Member, TrainConfig
 from qamro_pipe.errors import QamroError
 from qamro_pipe.store import read_cache
+from qamro_pipe.train.aes_release import read_release
 from qamro_pipe.train.heads import HeadSpec
 from qamro_pipe.train.objective import uncertainty_objective
+from qamro_pipe.train.recipes import load_recipe
 from qamro_pipe.train.state import TrainState
 from qamro_pipe.train.trainer import Checkpoint, train
 
@@ -188,3 +191,22 @@ def test_fixed_members_train_on_after_the_learning_ones_stop(cache):
         assert run.best_epoch[k] == alone.best_epoch[0]
         assert np.allclose(run.predictions["overall"][k], alone.predictions["overall"][0],
                            atol=1e-5)
+
+
+def test_release_init_keeps_the_release_weights_and_adds_log_variances(tmp_path):
+    """--init release with a member learning its weights: the release's heads (built as
+    release_fixtures.py says its publisher builds them), then log-variances at 0."""
+    heads = load_recipe("aes-natural-code").heads
+    cache = read_cache(aes_cache(tmp_path / "aes.h5", provenance_of(
+        publisher_checkpoint(tmp_path / "checkpoint.pt"))))
+    cfg = TrainConfig(max_epochs=1, batch_size=120, bootstrap=0, optimizer="sgd", lr=1e-30,
+                      init="release", label_stats="release", val_split="dev",
+                      eval_split="eval")
+    members = [Member(LossConfig(quality_weight="interval-table", loss_weighting=U), 0)]
+    res = train(cache, heads, members, cfg)
+    rel = read_release(cache)
+    for h in heads:
+        want, got = rel.heads[h.label].member_state(0), res.states[h.name][0]
+        assert set(got) == set(want) | {"loss.log_vars"}
+        assert all(torch.allclose(got[n], want[n], rtol=0, atol=1e-20) for n in want)
+        assert torch.allclose(got["loss.log_vars"], torch.zeros(2), atol=1e-20)
