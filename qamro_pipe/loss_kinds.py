@@ -59,6 +59,12 @@ def kinds_of(family: str) -> tuple[str, ...]:
     return tuple(k.name for k in KINDS.values() if k.family == family)
 
 
+def uses_system_term(loss: Any) -> bool:
+    """Whether a member's objective has the system-level term: its kind, or beside its kind
+    (LossConfig.system_weight)."""
+    return KINDS[loss.kind].family == "system" or bool(getattr(loss, "system_weight", 0))
+
+
 def kinds_help() -> str:
     """The kinds as --help lists them: 'qamro (the paper), mr (fixed margin), ...'."""
     return ", ".join(f"{k.name} ({k.about})" if k.about else k.name for k in KINDS.values())

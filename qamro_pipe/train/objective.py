@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..config import LossConfig, Member
 from ..errors import QamroError
-from ..loss_kinds import KINDS, kinds_of
+from ..loss_kinds import KINDS, kinds_of, uses_system_term
 from .distribution import kl_term
 from .listwise import LIST_TERMS
 from .losses import LabelTerms, interval_table, label_terms, pair_hinge, regression
@@ -60,12 +60,11 @@ class Losses:
                                 else m.loss.system_weight for m in members])
         self.system_tau = t([m.loss.tau for m in members])
         self.n_systems = n_systems
-        self.uses_systems = any(KINDS[m.loss.kind].family == "system" or m.loss.system_weight
-                                for m in members)
+        self.uses_systems = any(uses_system_term(m.loss) for m in members)
         # [K]: the members with a ranking term (uncertainty weighting learns its weight only
         # there: a term that is always 0 would drive its log-variance down without end)
         self.has_rank = torch.tensor([KINDS[m.loss.kind].family != "none"
-                                      or m.loss.system_weight > 0 for m in members],
+                                      or uses_system_term(m.loss) for m in members],
                                      device=device)
         if self.uses_systems and n_systems < 2:
             raise QamroError("the system-level term needs clips of at least 2 systems in "

@@ -20,7 +20,7 @@ import torch
 
 from ..config import Member, TrainConfig
 from ..errors import Interrupted, QamroError
-from ..loss_kinds import KINDS
+from ..loss_kinds import uses_system_term
 from ..store.reader import Cache
 from .aes_release import ReleasedHeads, read_release
 from .batches import train_groups
@@ -212,8 +212,7 @@ def _systems(cache: Cache, train_clips: np.ndarray, units, members, device) -> d
     """Context's systems and n_systems where a member uses the system-level term: each
     unit's system index (-1: a clip without a system), numbered over the training clips'
     systems (a system seen only outside training has no use in a training batch)."""
-    if not any(KINDS[m.loss.kind].family == "system" or m.loss.system_weight
-               for m in members):
+    if not any(uses_system_term(m.loss) for m in members):
         return {}
     names = np.unique(cache.systems[train_clips])
     names = names[names != ""]
