@@ -14,7 +14,8 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install install-demo test demo bench bench-gpu sweep-beta table1 table2 table-losses faults clean
+.PHONY: install install-demo test demo bench bench-gpu sweep-beta table1 table2 table-losses \
+	table-beyond faults clean
 
 install: $(STAMP)
 
@@ -68,6 +69,11 @@ table2: $(STAMP)
 # CACHE as above, or MODEL=demo (the demo cache, after make demo)
 table-losses: $(STAMP)
 	$(BIN)/qamro-pipe table --recipe table-losses $(TABLE_OPTS) $(if $(MODEL),--model $(MODEL))
+
+# structured batches, the system-level term, learned weights against QAMRO (docs/beyond.md);
+# PRESET, CACHE and MODEL as for table-losses
+table-beyond: $(STAMP)
+	$(BIN)/qamro-pipe table --recipe table-beyond $(TABLE_OPTS) $(if $(MODEL),--model $(MODEL))
 
 clean:
 	rm -rf $(VENV) build *.egg-info

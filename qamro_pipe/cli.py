@@ -443,6 +443,10 @@ def evaluate(
                                 "(docs/preference.md). RUN may be an exported model folder."),
     device: Optional[str] = cfg_opt(ExtractConfig, "device", f"{DEVICE_HELP} (--pairs: the "
                                     "backbone's).", recipe=False),
+    top_tier: Optional[float] = opt("Top-tier F1's threshold, in label units.",
+                                    "the run's top_tier"),
+    top_k: Optional[int] = opt("Precision@k of the system ranking: k (>= 1).",
+                               "the run's top_k"),
 ):
     """Re-score a trained run on a cache split: utterance and system level, 95% CIs.
 
@@ -456,7 +460,8 @@ def evaluate(
 
     if pairs is not None:
         return _evaluate_pairs(run, pairs, members, device, split, cache)
-    folder, metrics = evaluate_run(run, split, cache, members=members)
+    folder, metrics = evaluate_run(run, split, cache, members=members, top_tier=top_tier,
+                                   top_k=top_k)
     _echo(f"scoring {metrics['scored']['text']}")
     for w in metrics["warnings"]:
         _echo(f"warning: {w}", err=True)

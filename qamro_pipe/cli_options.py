@@ -45,10 +45,11 @@ def cfg_opt(cls, name: str, help: str, recipe: bool = True, **kw) -> Any:
 T, L = TrainConfig, LossConfig
 TRAIN_SETTINGS = ("val_split", "eval_split", "max_epochs", "patience", "optimizer", "lr",
                   "weight_decay", "batch_size", "val_batch_size", "activation", "device",
-                  "threads", "matmul_precision", "init", "label_stats", "release_checkpoint",
-                  "train_windows")
+                  "threads", "matmul_precision", "top_tier", "top_k", "init", "label_stats",
+                  "release_checkpoint", "train_windows")
 LOSS_SETTINGS = ("norm", "regression", "quality_weight", "temperature", "tau", "bins",
-                 "sigma")  # one value for every member of one run
+                 "sigma", "system_weight", "batch_by",
+                 "loss_weighting")  # one value for every member of one run
 
 # name -> (type, option): what train, sweep and table all take
 RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
@@ -75,13 +76,17 @@ RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
         "listnet only.", rich_help_panel=LOSS)),
     "tau": (Optional[float], cfg_opt(
         L, "tau", "Spearman's soft-rank temperature, in label units (> 0). --loss spearman "
-        "only.", rich_help_panel=LOSS)),
+        "or system, or --system-weight, only.", rich_help_panel=LOSS)),
     "bins": (Optional[int], cfg_opt(
         L, "bins", "Score bins of --loss gaussian-kl over the recipe's label_range, ends "
         "included (>= 2).", rich_help_panel=LOSS)),
     "sigma": (Optional[float], cfg_opt(
         L, "sigma", "Gaussian smoothing of --loss gaussian-kl's targets, as a share of the "
         "label range (> 0).", rich_help_panel=LOSS)),
+    "system_weight": (Optional[float], cfg_opt(
+        L, "system_weight", "Add the system-level soft Spearman (--loss system: each system's "
+        "mean prediction against its mean label inside a batch) with this weight beside any "
+        "other --loss (>= 0; 0 = none).", rich_help_panel=LOSS)),
     "val_split": (Optional[str], cfg_opt(
         T, "val_split", "Early-stopping split: holdout (a share of train, never the reported "
         "split) or a split name (dev = the published code's protocol).",
@@ -109,6 +114,16 @@ RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
         "clip's label; long clips weigh by their length) or one-per-clip (one window per clip "
         "per epoch, drawn per member, as the published track 2 code crops; validation on one "
         "fixed window per clip).", rich_help_panel=TRAINING)),
+    "batch_by": (Optional[str], cfg_opt(
+        L, "batch_by", "What a training batch holds: random rows, or whole prompt groups "
+        "(every system's clip of a prompt) or whole systems, so the ranking terms compare "
+        "clips that should be compared (a table's rows may differ by it).",
+        rich_help_panel=TRAINING)),
+    "loss_weighting": (Optional[str], cfg_opt(
+        L, "loss_weighting", "fixed (regression + ranking term, the paper) or uncertainty: "
+        "each member learns its terms' weights, exp(-s) per term with a log-variance s "
+        "trained beside the head (Kendall et al. 2018).",
+        rich_help_panel=TRAINING)),
     "val_batch_size": (Optional[int], opt(
         "Rows per validation batch: the ranking term is a mini-batch loss, so this shapes "
         "the early-stopping signal (the published code: 8).", "--batch-size",
@@ -140,6 +155,14 @@ RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
         "The Audiobox-Aesthetics checkpoint for --init/--label-stats release and Table II's "
         "zero-shot row; it must be the file the cache was extracted with (same sha256).",
         "the file the cache's provenance names", rich_help_panel=TRAINING)),
+    "top_tier": (Optional[float], cfg_opt(
+        T, "top_tier", "Top-tier F1's threshold in label units: a clip (system) is top tier "
+        "when its label (mean label) is at least this, and predicted top tier likewise (the "
+        "song-aesthetics challenge's Top-Tier Accuracy; docs/beyond.md).",
+        rich_help_panel=TRAINING)),
+    "top_k": (Optional[int], cfg_opt(
+        T, "top_k", "Precision@k of the system ranking: the share of the k systems predicted "
+        "highest that are in the true top k (>= 1).", rich_help_panel=TRAINING)),
     "cv": (Optional[int], opt(
         "Cross-validate instead of scoring one split: K folds (>= 2) of the labelled clips of "
         "the train and eval splits, a whole system (or prompt, --cv-group) in one fold only "

@@ -29,6 +29,9 @@ _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 PROBE_ALPHAS = tuple(10.0 ** k for k in range(-3, 7))
 CV_GROUPS = ("system", "prompt", "clip")  # what a cross-validation fold holds out whole
 # (clip: plain K-fold, for clips with neither systems nor prompts)
+BATCH_BY = ("random", "prompt", "system")  # what a training batch is made of (train/groups.py)
+LOSS_WEIGHTINGS = ("fixed", "uncertainty")  # how a member's objective terms are weighted
+OBJECTIVE_TERMS = ("regression", "ranking")  # the terms of a member's objective, in order
 
 
 def cache_root() -> Path:
@@ -58,6 +61,12 @@ class LossConfig:
     # grid, the grid of means of 5 ratings; 0-10: 0.5)
     sigma: float = 0.1  # gaussian-kl: the targets' Gaussian smoothing, as a share of the
     # label range (1-5: 0.4, 0-10: 1.0 in label units)
+    system_weight: float = 0.0  # weight of the system-level soft Spearman (kind "system",
+    # train/system_level.py) added beside any other kind's own term; 0 = none
+    batch_by: str = "random"  # what the member's batches hold: "random" rows (paper), or
+    # whole "prompt" or "system" groups (train/groups.py); members of one run may differ
+    loss_weighting: str = "fixed"  # "fixed": regression + ranking term (paper); "uncertainty":
+    # the two weighted by learned homoscedastic uncertainty, per head (train/objective.py)
 
     def __post_init__(self):
         _choice("loss", self.kind, LOSS_KINDS)
@@ -72,6 +81,12 @@ class LossConfig:
         _above("temperature", self.temperature, 0)
         _above("tau", self.tau, 0)
         _above("sigma", self.sigma, 0)
+        _at_least("system_weight", self.system_weight, 0)
+        _choice("batch-by", self.batch_by, BATCH_BY)
+        _choice("loss-weighting", self.loss_weighting, LOSS_WEIGHTINGS)
+        if self.kind == "system" and self.system_weight:
+            raise QamroError("--system-weight adds the system-level term beside another kind; "
+                             "--loss system is that term alone")
         if isinstance(self.bins, bool) or not isinstance(self.bins, int):
             raise QamroError(f"--bins {self.bins!r}: give a whole number of bins")
         _at_least("bins", self.bins, 2)
@@ -112,6 +127,12 @@ class TrainConfig:
     # choice (one per core). Changes no number (tested); on a CPU shared with other work,
     # 1 can be several times faster (README, "Speed and memory")
     bootstrap: int = 1000  # resamples of systems for the 95% confidence intervals
+    top_tier: float = 4.0  # the top tier: label >= this (label units), for top-tier F1.
+    # The song-aesthetics challenge's (ICASSP 2026) "Top-Tier Accuracy" splits top and
+    # non-top songs at a threshold; the 2nd-placed team's evaluation code (HEAR) uses 4.0
+    # for Overall Musicality on the same 1-5 MOS scale as MusicEval (docs/beyond.md). The
+    # aes-natural recipes set 7.5: the same three quarters of their 0-10 range
+    top_k: int = 5  # precision@k of the system ranking: the top 5 systems (a choice)
     check_every: int | None = None  # epochs between host syncs (progress, dropping members
     # that stopped, saving); None = 1 on the CPU, 10 on a GPU. Changes no member's numbers
     compact: bool = True  # drop members that stopped from the batch (False: they keep stepping)
@@ -165,6 +186,10 @@ class TrainConfig:
             raise QamroError(f"adam_betas {self.adam_betas} must be in [0, 1) and adam_eps "
                              f"{self.adam_eps:g} above 0")
         _at_least("bootstrap", self.bootstrap, 0)
+        _number("top_tier", self.top_tier)
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+            raise QamroError(f"--top-k {self.top_k!r}: give a whole number of systems")
+        _at_least("top_k", self.top_k, 1)
         for name in ("val_fraction", "eval_fraction"):
             if not 0 < _number(name, getattr(self, name)) < 1:
                 raise QamroError(f"{name} {getattr(self, name):g}: must be in (0, 1)")
@@ -291,9 +316,11 @@ def check_used(kinds, given) -> None:
     """Refuse loss settings that none of the chosen loss kinds reads (`--loss mr --beta 7`
     would silently train without beta). `given` names the settings the user gave."""
     kinds = [k for k in kinds if k in USED_SETTINGS]
+    # the system-level term that --system-weight adds beside any kind reads its settings too
+    readers = [*kinds, "system"] if "system_weight" in given else kinds
     for name in given:
         users = [k for k, used in USED_SETTINGS.items() if name in used]
-        if users and not any(k in users for k in kinds):
+        if users and not any(k in users for k in readers):
             raise QamroError(f"{_option(name)} is not used by --loss {','.join(kinds)}; it "
                              f"applies to --loss {' or '.join(users)} only")
 

@@ -6,13 +6,15 @@ table and its tests. A kind's family says how the engine scores it:
 - "pair": the pair hinge of train/losses.py (QAMRO, L_MR);
 - "list": a listwise term of train/listwise.py (`LIST_TERMS[name]`);
 - "distribution": the Gaussian-KL head output of train/distribution.py;
+- "system": the system-level soft Spearman of train/system_level.py (per-system means of a
+  batch), which any other kind may also add beside its own term (LossConfig.system_weight);
 - "none": regression only."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-FAMILIES = ("pair", "list", "distribution", "none")
+FAMILIES = ("pair", "list", "distribution", "system", "none")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ KINDS: dict[str, LossKind] = {k.name: k for k in (
     LossKind("gaussian-kl", "distribution", ("bins", "sigma"), "Gaussian KL",
              "gaussian-kl bins={bins} sigma={sigma:g}", "gaussian-kl",
              needs_label_range=True, about="distributional"),
+    LossKind("system", "system", ("tau",), "System Spearman", "system tau={tau:g}",
+             "system", about="system-level soft-rank"),
     LossKind("none", "none", (), "regression only", "none", "baseline",
              about="regression only"),
 )}
@@ -55,14 +59,35 @@ def kinds_of(family: str) -> tuple[str, ...]:
     return tuple(k.name for k in KINDS.values() if k.family == family)
 
 
+def uses_system_term(loss: Any) -> bool:
+    """Whether a member's objective has the system-level term: its kind, or beside its kind
+    (LossConfig.system_weight)."""
+    return KINDS[loss.kind].family == "system" or bool(getattr(loss, "system_weight", 0))
+
+
 def kinds_help() -> str:
     """The kinds as --help lists them: 'qamro (the paper), mr (fixed margin), ...'."""
     return ", ".join(f"{k.name} ({k.about})" if k.about else k.name for k in KINDS.values())
 
 
 def member_label(loss: Any, seed: int) -> str:
-    """'qamro a=0.2 b=7 seed=0': a member as screens, logs and metrics.json name it."""
-    return f"{KINDS[loss.kind].member.format(**vars(loss))} seed={seed}"
+    """'qamro a=0.2 b=7 seed=0': a member as screens, logs and metrics.json name it; what a
+    member adds to its kind follows it: 'qamro a=0.2 b=7 +system 0.5 batches=prompt'."""
+    return f"{KINDS[loss.kind].member.format(**vars(loss))}{_extras(loss, ' ')} seed={seed}"
+
+
+def _extras(loss: Any, sep: str) -> str:
+    """The settings any kind may take beside its own, where not at their defaults: the
+    system-level term's weight, structured batches and learned term weights."""
+    out = []
+    if getattr(loss, "system_weight", 0):
+        out.append(f"+system {loss.system_weight:g}" if sep == " "
+                   else f"system{loss.system_weight:g}")
+    if getattr(loss, "batch_by", "random") != "random":
+        out.append(f"batches={loss.batch_by}" if sep == " " else f"by-{loss.batch_by}")
+    if getattr(loss, "loss_weighting", "fixed") != "fixed":
+        out.append(f"weights={loss.loss_weighting}" if sep == " " else loss.loss_weighting)
+    return "".join(sep + x for x in out)
 
 
 def legend(kind: str, values: Mapping[str, Any], skip: tuple = ()) -> str:

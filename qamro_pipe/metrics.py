@@ -1,4 +1,6 @@
-"""MSE, LCC, SRCC and KTAU at utterance and system level, with bootstrap CIs over systems.
+"""MSE, LCC, SRCC and KTAU at utterance and system level, with bootstrap CIs over systems;
+beside them the top tier: top-tier F1 at a threshold (both levels) and precision@k of the
+system ranking (point figures, no interval).
 
 Point figures come from scipy.stats. The bootstrap resamples systems with replacement and
 recomputes the same statistics vectorised over resamples (Pearson of values, Pearson of
@@ -6,7 +8,7 @@ ranks for Spearman, tau-b from pair signs for Kendall); a test checks these agai
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 from scipy import stats
@@ -14,6 +16,7 @@ from scipy import stats
 from .errors import QamroError
 
 FIGURES = ("mse", "lcc", "srcc", "ktau")
+TOP_FIGURES = ("top_f1", "p_at_k")  # the top tier: F1 at a threshold, precision@k (systems)
 LEVEL = 0.95  # every interval the tool reports
 
 
@@ -42,6 +45,30 @@ def point_metrics(true: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     out["srcc"] = float(stats.spearmanr(true, pred)[0])
     out["ktau"] = float(stats.kendalltau(true, pred)[0])  # tau-b
     return out
+
+
+def top_tier_f1(true: np.ndarray, pred: np.ndarray, threshold: float) -> float | None:
+    """F1 of telling the top tier (label >= threshold) from the rest by the same threshold
+    on the prediction, the song-aesthetics challenge's "Top-Tier Accuracy": 2 TP / (2 TP +
+    FP + FN). None when neither side has an item in the top tier (F1 is 0/0 there)."""
+    t = np.asarray(true, np.float64) >= threshold
+    p = np.asarray(pred, np.float64) >= threshold
+    tp, fp, fn = int((t & p).sum()), int((~t & p).sum()), int((t & ~p).sum())
+    if tp + fp + fn == 0:
+        return None
+    return 2 * tp / (2 * tp + fp + fn)
+
+
+def precision_at_k(true: np.ndarray, pred: np.ndarray, k: int) -> float | None:
+    """Share of the k items predicted highest that are in the true top k (with ties at the
+    k-th true value, every item tied with it counts as top). None when there are no more
+    than k items (every item is then in the top k: the figure says nothing)."""
+    true, pred = np.asarray(true, np.float64), np.asarray(pred, np.float64)
+    if len(true) <= k:
+        return None
+    kth = np.sort(true)[::-1][k - 1]
+    picked = np.argsort(-pred, kind="stable")[:k]  # ties in prediction: the earlier item
+    return float(np.mean(true[picked] >= kth))
 
 
 def _pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -120,9 +147,12 @@ def system_level_problem(systems: np.ndarray) -> str | None:
 
 def evaluate(true: np.ndarray, pred: np.ndarray, systems: np.ndarray,
              system_mos: Mapping[str, float] | None = None, n_boot: int = 1000,
-             what: str = "") -> dict[str, dict]:
+             what: str = "", top_tier: float | None = None,
+             top_k: int | None = None) -> dict[str, dict]:
     """{"utterance": {...}, "system": {..., "<fig>_ci": [lo, hi]}} over rows with a label.
-    With fewer than 2 systems the system figures are None and "not_computable" says why."""
+    With fewer than 2 systems the system figures are None and "not_computable" says why.
+    `top_tier` (a label value) adds "top_f1" at both levels, `top_k` "p_at_k" at system
+    level (TrainConfig's top_tier and top_k)."""
     true, pred = np.asarray(true, np.float64), np.asarray(pred, np.float64)
     systems = np.asarray(systems)
     known = np.isfinite(true)
@@ -132,9 +162,12 @@ def evaluate(true: np.ndarray, pred: np.ndarray, systems: np.ndarray,
         raise QamroError(f"{what}: predictions contain NaN or inf; not writing metrics")
     true, pred, systems = true[known], pred[known], systems[known]
     out = {"utterance": point_metrics(true, pred)}
+    if top_tier is not None:
+        out["utterance"]["top_f1"] = top_tier_f1(true, pred, top_tier)
     problem = system_level_problem(systems)
     if problem:
         out["system"] = {**{f: None for f in FIGURES}, **{f"{f}_ci": None for f in FIGURES},
+                         **_top(None, None, top_tier, top_k),
                          "n": len(np.unique(systems[named_systems(systems)])),
                          "not_computable": problem}
         return out
@@ -145,6 +178,20 @@ def evaluate(true: np.ndarray, pred: np.ndarray, systems: np.ndarray,
         sys_m["clips_without_system"] = int((~keep).sum())
     for fig, ci in bootstrap_ci(st, sp, n_boot).items():
         sys_m[f"{fig}_ci"] = ci
+    sys_m.update(_top(st, sp, top_tier, top_k))
     sys_m["true_source"] = source
     out["system"] = sys_m
+    return out
+
+
+def _top(true, pred, top_tier: float | None, top_k: int | None) -> dict[str, Any]:
+    """The system level's top-tier figures (None where the level is not computable), and
+    the threshold and k they were computed at."""
+    out: dict[str, Any] = {}
+    if top_tier is not None:
+        out["top_f1"] = None if true is None else top_tier_f1(true, pred, top_tier)
+        out["top_tier"] = top_tier
+    if top_k is not None:
+        out["p_at_k"] = None if true is None else precision_at_k(true, pred, top_k)
+        out["top_k"] = top_k
     return out

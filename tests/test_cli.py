@@ -41,7 +41,7 @@ def test_train_writes_a_complete_run(synthetic_cache, tmp_path):
     history = list(csv.DictReader(open(out / "history.csv")))
     assert [int(r["epoch"]) for r in history] == list(range(1, config["epochs_run"] + 1))
     assert list(history[0]) == ["member", "epoch", "train_loss", "val_loss", "train_rank",
-                                "train_reg", "val_rank", "val_reg"]
+                                "train_reg", "val_rank", "val_reg", "weight_reg", "weight_rank"]
     for r in history:
         assert float(r["train_loss"]) == pytest.approx(float(r["train_rank"])
                                                        + float(r["train_reg"]), rel=1e-4)

@@ -20,7 +20,6 @@ out-of-fold predictions, with each clip's fold) and fold-0 .. fold-(K-1), each a
 from __future__ import annotations
 
 import contextlib
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,8 +29,9 @@ from sklearn.model_selection import GroupKFold
 
 from ..config import CVConfig, Member, TrainConfig, to_jsonable
 from ..errors import QamroError
-from ..metrics import FIGURES, mean_sd, system_level_problem
+from ..metrics import FIGURES, TOP_FIGURES, mean_sd, system_level_problem
 from ..store.reader import Cache
+from ..train.groups import SINGLE, group_keys
 from ..train.inputs import label_col
 from ..train.resume import discard, fingerprint, partial_dir, training_state
 from ..train.runs import check_out, head_metrics, json_text, staging, write_predictions
@@ -40,7 +40,6 @@ from .folder import (Job, Staged, base_config, cost, mark_system_level, stage_ru
                      system_level_note, write_sweep_files)
 
 HELD_OUT = "cv-held-out"  # the split name a fold's own clips carry in its view of the cache
-PROMPT_IN_ID = re.compile(r"_(P\d+)$")  # MusicEval: <prefix>-S<system>_P<prompt>
 
 
 @dataclass
@@ -61,47 +60,6 @@ class Folds:
 
     def train_rows(self, f: int) -> np.ndarray:
         return np.setdiff1d(self.pool, self.held_out[f])
-
-
-SINGLE = "\x00clip "  # prefix of the group of a clip without a system: a group of its own
-
-
-def group_keys(cache: Cache, rows: np.ndarray, group: str) -> np.ndarray:
-    """Each row's group: its system, or its prompt (the _P<n> that ends a MusicEval clip id,
-    else the clip's text). A clip without a system is a group of its own (AES-Natural's
-    train and dev lists have none; its eval set has 36 systems); a clip without a prompt is
-    refused, as grouping by prompt is then not what it says."""
-    if group == "clip":  # plain K-fold: each clip a group of its own
-        return cache.ids[rows].astype(str)
-    if group == "system":
-        keys = cache.systems[rows].astype(object)
-        if (keys == "").all():
-            raise QamroError(f"{cache.path}: --cv-group system: no clip to cross-validate has "
-                             f"a system; give the clips a system column, or use --cv-group "
-                             f"clip (folds of single clips)" + _other_group(cache, rows))
-        none = keys == ""
-        keys[none] = [SINGLE + str(cache.ids[i]) for i in rows[none]]
-        return keys.astype(str)
-    texts = cache.texts if cache.texts is not None else np.full(len(cache.ids), "")
-    keys = np.array([m[1] if (m := PROMPT_IN_ID.search(str(cache.ids[i]))) else texts[i]
-                     for i in rows], dtype=object)
-    missing = rows[keys == ""]
-    if len(missing):
-        raise QamroError(f"{cache.path}: --cv-group prompt: {len(missing)} clip(s) have no "
-                         f"prompt (neither _P<n> ending its id nor a text), e.g. "
-                         f"{cache.ids[missing[0]]!r}; give the clips a text column, or use "
-                         f"--cv-group clip (folds of single clips)"
-                         + _other_group(cache, rows, "system"))
-    return keys.astype(str)
-
-
-def _other_group(cache: Cache, rows: np.ndarray, other: str = "prompt") -> str:
-    """The refusal's other way out, only where it would work: grouping by `other`."""
-    if other == "system":
-        return ", or --cv-group system" if (cache.systems[rows] != "").any() else ""
-    texts = cache.texts if cache.texts is not None else np.full(len(cache.ids), "")
-    prompted = all(PROMPT_IN_ID.search(str(cache.ids[i])) or texts[i] for i in rows)
-    return ", or --cv-group prompt" if prompted else ""
 
 
 def make_folds(cache: Cache, heads, tcfg: TrainConfig, cv: CVConfig) -> Folds:
@@ -175,7 +133,7 @@ class CVResult:
 def _across_folds(per: list[dict[str, Any]]) -> dict[str, Any]:
     """One level's figures over folds: mean, sd (ddof=1) and how many folds had them."""
     out: dict[str, Any] = {}
-    for fig in FIGURES:
+    for fig in (*FIGURES, *TOP_FIGURES):
         out[fig], out[f"{fig}_std"] = mean_sd(p.get(fig) for p in per)
     out["n_folds"] = sum(p.get("srcc") is not None or p.get("mse") is not None for p in per)
     return out
@@ -210,7 +168,8 @@ def cv_metrics(cache: Cache, heads, members: list[Member], folds: Folds,
                                         if "failed" in fm["members"][k])
         else:
             entry["heads"] = head_metrics(cache, heads, {h: p[k] for h, p in oof.items()},
-                                          folds.pool, tcfg.bootstrap, what=" (out of fold)")
+                                          folds.pool, tcfg.bootstrap, what=" (out of fold)",
+                                          cfg=tcfg)
         member_entries.append(entry)
     metrics = {
         "cv": cv_summary(folds), "eval_split": " + ".join(folds.splits),
@@ -220,7 +179,7 @@ def cv_metrics(cache: Cache, heads, members: list[Member], folds: Folds,
                                                  for fm in per_fold])
                            for level in ("system", "utterance")} for h in heads},
         "pooled": head_metrics(cache, heads, {h: p[ok].mean(0) for h, p in oof.items()},
-                               folds.pool, tcfg.bootstrap, what=" (out of fold)"),
+                               folds.pool, tcfg.bootstrap, what=" (out of fold)", cfg=tcfg),
         "folds": [{"fold": f, "clips": len(folds.held_out[f]), "groups": folds.groups[f],
                    "clips_without_system": folds.ungrouped[f],
                    "heads": fm["heads"], "system_level": fm["system_level"]}

@@ -12,8 +12,11 @@ from ..loss_kinds import KINDS, USED_SETTINGS
 # how a setting shows in a name; the kind's own settings first, as the runs were named before
 SHORT = {"alpha": "a", "beta": "b", "margin": "m", "temperature": "T", "tau": "tau",
          "bins": "bins", "sigma": "sigma", "norm": "norm-", "quality_weight": "q-",
-         "regression": "reg-"}
-SHARED = ("norm", "quality_weight", "regression")  # read beside a kind's own settings
+         "regression": "reg-", "system_weight": "sys", "batch_by": "by-",
+         "loss_weighting": "w-"}
+SHARED = ("norm", "quality_weight", "regression", "system_weight", "batch_by",
+          "loss_weighting")  # read beside a kind's own settings
+ANY_KIND = ("regression", "system_weight", "batch_by", "loss_weighting")  # every kind's
 
 
 def _value(v) -> str:
@@ -38,7 +41,7 @@ def loss_part(members: list[Member], base: LossConfig) -> str:
     names = [f.name for f in fields(LossConfig) if f.name in SHORT]
     for name in names:
         users = [m.loss for m in members
-                 if name in USED_SETTINGS[m.loss.kind] or name == "regression"]
+                 if name in USED_SETTINGS[m.loss.kind] or name in ANY_KIND]
         if not users:
             continue
         values = [getattr(loss, name) for loss in users]

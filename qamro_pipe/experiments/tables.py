@@ -94,7 +94,7 @@ def probe_rows(data, heads, tcfg, cv, table: TableRecipe, level: str):
     for fit_rows, eval_rows in fits:
         fitted = probe(data, heads, fit_rows, features=features)
         figures = probe_metrics(data, heads, fitted, eval_rows,
-                                tcfg.bootstrap if cv is None else 0)
+                                tcfg.bootstrap if cv is None else 0, tcfg)
         for h in heads:
             oof[h.name][eval_rows] = fitted["predictions"][h.name][eval_rows]
         per_fit.append(figures)
@@ -105,7 +105,7 @@ def probe_rows(data, heads, tcfg, cv, table: TableRecipe, level: str):
     if cv is None:
         return row, None, record
     record["pooled"] = probe_metrics(data, heads, {"predictions": oof}, folds.pool,
-                                     tcfg.bootstrap)
+                                     tcfg.bootstrap, tcfg)
     return row, _probe_row([record["pooled"]], heads, table, level), record
 
 
@@ -229,7 +229,7 @@ def zero_shot_row(table: TableRecipe, recipe, cache, tcfg, rows, level: str):
     scores = clip_scores(cache, {h: rel.heads[a] for h, a in axis.items()},
                          {h: rel.stats[a] for h, a in axis.items()})
     figures = head_metrics(cache, recipe.heads, scores, rows, tcfg.bootstrap,
-                           " (released model)")
+                           " (released model)", tcfg)
     out: dict[str, Any] = {"row": table.release_row, "n": None}
     for h in recipe.heads:
         for fig in table.figures:

@@ -12,14 +12,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import TrainConfig, from_jsonable, member_from_jsonable, to_jsonable
+from ..config import TrainConfig, from_jsonable, member_from_jsonable, override, to_jsonable
 from ..errors import CacheError, QamroError
 from ..loss_kinds import USED_SETTINGS
 from ..metrics import FIGURES, named_systems, system_level_problem
 from ..train.distribution import output_bins
 from ..train.heads import BatchedMLP, HeadSpec
 from ..train.holdout import same_holdout
-from ..train.inputs import build_head, head_inputs, predict_units, units_for
+from ..train.inputs import build_head, head_inputs, predict_units, units_for, weighting_terms
 from ..train.joined import join, rows_digest, split_feature
 from ..train.run_check import member_indices
 from ..train.runs import head_metrics, load_run, write_predictions
@@ -114,9 +114,10 @@ class TrainedRun:
 
     def _model(self, head: HeadSpec, x_shape: tuple[int, ...]) -> BatchedMLP:
         if head.name not in self.models:
+            members = [member_from_jsonable(m) for m in self.config["members"]]
             try:
                 model = build_head(head, [0] * len(self.members), x_shape, self.train_cfg,
-                                   **self._bins(head))
+                                   n_terms=weighting_terms(members), **self._bins(head))
             except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
                 raise QamroError(f"{self.path / 'config.json'}: the settings of head "
                                  f"{head.name!r} or of its members cannot build it "
@@ -328,12 +329,15 @@ def evaluation_name(cache: Path, split: str, selection: str | None) -> str:
 
 
 def evaluate_run(run: str | Path, split: str | None = None, cache: str | Path | None = None,
-                 n_boot: int = 1000, members: str | None = None) -> tuple[Path, dict[str, Any]]:
+                 n_boot: int = 1000, members: str | None = None, top_tier: float | None = None,
+                 top_k: int | None = None) -> tuple[Path, dict[str, Any]]:
     """Score a run's heads on `split` (default: the run's eval split) of a cache (default:
     the one it trained on): the mean of its members' predictions, or of those `members`
-    selects (`select_members`). Writes RUN/evaluations/<evaluation_name>/metrics.json and
-    predictions.csv; metrics.json says what was scored, and warns when the run saw the split."""
+    selects (`select_members`); the top tier at `top_tier` and `top_k`, else the run's.
+    Writes RUN/evaluations/<evaluation_name>/metrics.json and predictions.csv; metrics.json
+    says what was scored, and warns when the run saw the split."""
     tr = TrainedRun(run)
+    cfg = override(tr.train_cfg, top_tier=top_tier, top_k=top_k)
     fold = tr.config.get("cv_fold")
     if fold and split is None:  # its eval split exists only inside the cross-validation
         raise QamroError(f"{tr.path}: fold {fold['fold']} of a {fold['folds']}-fold "
@@ -355,7 +359,7 @@ def evaluate_run(run: str | Path, split: str | None = None, cache: str | Path | 
     means = {h: p.mean(0) for h, p in preds.items()}  # the run's score: mean over members
     unlabelled = unlabelled_heads(data, tr.heads, rows, split, tr.path)
     heads = head_metrics(data, [h for h in tr.heads if h.name not in unlabelled], means, rows,
-                         n_boot, what=f" split {split!r}")
+                         n_boot, what=f" split {split!r}", cfg=cfg)
     heads = {h.name: heads.get(h.name) or no_figures(unlabelled[h.name]) for h in tr.heads}
     warning = _split_warning(tr, data, split)
     metrics = {"run": str(tr.path), "cache": str(data.path), "eval_split": split,

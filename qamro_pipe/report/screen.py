@@ -5,8 +5,10 @@ from typing import Any
 
 
 from ..loss_kinds import setting_order
-from ..metrics import FIGURES, mean_sd
+from ..metrics import FIGURES, TOP_FIGURES, mean_sd
 from .tables import layout
+
+TOP_NAMES = {"top_f1": "TOP-F1", "p_at_k": "P@K"}  # the top tier's column names
 
 
 def shown_level(metrics: dict[str, Any]) -> str:
@@ -35,15 +37,19 @@ def pooled_table(metrics: dict[str, Any], level: str | None = None) -> str:
 
 def _figures(heads: dict[str, Any], level: str) -> str:
     """A line of figures per head (or mean ± sd) and, where they have one, a line of their
-    95% intervals beneath: one figure per column, within 80 characters."""
+    95% intervals beneath: one figure per column. The top tier's figures follow where the
+    metrics have them (runs written before it have not): TOP_F1 at the threshold, P@K of
+    the system ranking."""
+    figs = [*FIGURES, *(f for f in TOP_FIGURES
+                        if any(f in levels[level] for levels in heads.values()))]
     body = []
     for head, levels in heads.items():
         m = levels[level]
-        body.append([head, *(_figure(m, f) for f in FIGURES)])
-        cis = [_interval(m, f) for f in FIGURES]
+        body.append([head, *(_figure(m, f) for f in figs)])
+        cis = [_interval(m, f) for f in figs]
         if any(cis):
             body.append(["  95% CI", *cis])
-    return layout(["head", *(f.upper() for f in FIGURES)], body)[0]
+    return layout(["head", *(TOP_NAMES.get(f, f.upper()) for f in figs)], body)[0]
 
 
 def _figure(m: dict[str, Any], f: str) -> str:

@@ -5,7 +5,7 @@ its members and writes back into it; the trainer rebuilds it without the members
 stopped, so they cost nothing (trainer.py)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -13,11 +13,12 @@ import torch
 from ..config import Member, TrainConfig
 from .distribution import OutputBins
 from .heads import BatchedMLP, HeadSpec, member_seed
-from .inputs import build_head
+from .inputs import build_head, weighting_terms
 from .losses import LabelTerms
-from .objective import Losses
+from .groups import epoch_order
+from .objective import Losses, uncertainty_objective
 from .optim import make_optimizer
-from .shuffle import member_permutations, member_windows
+from .shuffle import member_windows
 from .state import HISTORY_COLUMNS, TrainState
 
 GRAPH_WARMUP = 3  # eager epochs before capture (lazy cuBLAS/autograd set-up must not be captured)
@@ -46,6 +47,12 @@ class Context:
     P: dict[str, torch.Tensor] | None = None  # head -> [U, n] its target distributions
     train_windows: torch.Tensor | None = None  # [C] windows of each training clip when each
     # epoch takes one per clip (TrainConfig.train_windows "one-per-clip"); None: every row
+    train_groups: dict[str, torch.Tensor] = field(default_factory=dict)  # "prompt" or
+    # "system" -> [len(train_rows)] group of each train row, for the members batched so
+    # (groups.py); empty when every member's batches are random
+    systems: torch.Tensor | None = None  # [U] system index of every unit (-1: none), for
+    # the system-level term (system_level.py)
+    n_systems: int = 0
 
     def bins_of(self, h: HeadSpec, members) -> dict:
         """build_head's distribution arguments for head h and these member rows."""
@@ -76,6 +83,7 @@ class Engine:
         self.models: dict[str, BatchedMLP] = {}
         for h in ctx.heads:
             model = build_head(h, seeds, ctx.x_shapes[h.name], cfg, init=False,
+                               n_terms=weighting_terms(ctx.members),
                                **ctx.bins_of(h, self.subset)).to(device)
             with torch.no_grad():
                 model.flat.copy_(model.flat_of(state.weights[h.name][rows].to(device)))
@@ -90,11 +98,13 @@ class Engine:
                              for b, flats in self.buffers.items()}
         self.best = [state.best[h.name][rows].to(device) for h in ctx.heads]  # [K, P] per head
         self.loss_fn = Losses(members, ctx.stats, device, ctx.label_range,
-                              [h.label for h in ctx.heads])
+                              [h.label for h in ctx.heads], ctx.n_systems)
         self.perm_seeds = torch.tensor([member_seed(s, "shuffle") >> 1 for s in seeds],
                                        device=device)
         self.window_seeds = torch.tensor([member_seed(s, "windows") >> 1 for s in seeds],
                                          device=device)
+        self.batched_by = {by: torch.tensor([m.loss.batch_by == by for m in members],
+                                            device=device) for by in ctx.train_groups}
         bs, nv = cfg.val_batch_size or cfg.batch_size, len(ctx.val_rows)
         self.val_sizes = torch.tensor([min(bs, nv - s) for s in range(0, nv, bs)],
                                       dtype=torch.float32, device=device)
@@ -112,6 +122,12 @@ class Engine:
         # per epoch, per member: HISTORY_COLUMNS, kept on the device until the next sync
         self.hist = torch.zeros(ctx.check_every, len(HISTORY_COLUMNS), k, device=device)
         self.acc = torch.zeros(2, k, device=device)  # the epoch's (reg, rank) training sums
+        # whether the run's heads carry log-variances (then every engine's objective reads
+        # them, even one whose members all keep fixed weights: autograd needs every view in
+        # the graph), and which of these members learn their weights
+        self.log_vars = weighting_terms(ctx.members) > 0
+        self.learned = torch.tensor([m.loss.loss_weighting == "uncertainty" for m in members],
+                                    device=device)
         self.graph = None
         self.eager_epochs = 0
 
@@ -129,10 +145,11 @@ class Engine:
         ctx, cfg = self.ctx, self.cfg
         self.epoch.add_(1)
         n, bs = len(ctx.train_rows), cfg.batch_size
-        order = member_permutations(self.perm_seeds, self.epoch, n)  # [K, n]
+        order = epoch_order(self.perm_seeds, self.epoch, n, ctx.train_groups,
+                            self.batched_by)  # [K, n]
         if ctx.train_windows is None:
             perm = ctx.train_rows[order]
-        else:  # one window per clip: each member's draw for this epoch, then its shuffle
+        else:  # one window per clip: each member's draw for this epoch, then its order
             rows = ctx.train_rows + member_windows(self.window_seeds, self.epoch,
                                                    ctx.train_windows)  # [K, n]
             perm = rows.gather(1, order)
@@ -144,11 +161,15 @@ class Engine:
             x = gather(ctx.plan, idx)
             outs = [self._model(h)(x[h.features], views[h.name], logits=True)
                     for h in ctx.heads]
-            parts = self.loss_fn([o[0] for o in outs],
-                                 terms.select((step, slice(None), slice(None, idx.shape[1]))),
-                                 dist_pairs(ctx, outs, idx))
-            grads = torch.autograd.grad(parts.sum(), [v for h in ctx.heads
-                                                      for v in views[h.name]])
+            per_head = self.loss_fn([o[0] for o in outs],
+                                    terms.select((step, slice(None), slice(None, idx.shape[1]))),
+                                    dist_pairs(ctx, outs, idx), systems_of(ctx, idx),
+                                    per_head=True)  # [2, H, K]
+            objective = per_head.sum() if not self.log_vars else uncertainty_objective(
+                per_head, self._log_vars(views), self.loss_fn.has_rank, self.learned)
+            parts = per_head.sum(1)  # [2, K]
+            grads = torch.autograd.grad(objective, [v for h in ctx.heads
+                                                    for v in views[h.name]])
             self.steps.add_(1)
             self.step(grads)
             self.acc.add_(parts.detach(), alpha=idx.shape[1])
@@ -158,10 +179,23 @@ class Engine:
             val = val_parts.sum(0)
             self._early_stopping(val)
             train_parts = self.acc / (n * len(ctx.heads))  # per unit, mean over heads
-            row = torch.stack([train_parts.sum(0), val, train_parts[1], train_parts[0],
-                               val_parts[1], val_parts[0]])  # [C, K] in HISTORY_COLUMNS order
+            row = torch.cat([torch.stack([train_parts.sum(0), val, train_parts[1],
+                                          train_parts[0], val_parts[1], val_parts[0]]),
+                             self._term_weights()])  # [C, K] in HISTORY_COLUMNS order
             slot = torch.remainder(self.epoch - 1, len(self.hist)).view(1)
             self.hist.index_copy_(0, slot, row[None])
+
+    def _log_vars(self, views) -> torch.Tensor:
+        """[H, K, 2] each head's learned log-variances (the last view of its layout)."""
+        return torch.stack([views[h.name][-1] for h in self.ctx.heads])
+
+    def _term_weights(self) -> torch.Tensor:
+        """[2, K] the terms' weights exp(-s), mean over heads (1 under fixed weighting: no
+        log-variances, or ones that stay 0, having no gradient)."""
+        if not self.log_vars:
+            return torch.ones(2, len(self.subset), device=self.ctx.device)
+        s = self._log_vars({h.name: self._model(h).views(self._flat(h)) for h in self.ctx.heads})
+        return torch.exp(-s).mean(0).T
 
     def _early_stopping(self, val: torch.Tensor) -> None:
         cfg = self.cfg
@@ -243,7 +277,8 @@ def val_loss(models, ctx: Context, terms: LabelTerms, loss_fn, bs, sizes) -> tor
         outs = [models[h.name](x[h.features], logits=True) for h in heads]
         chunks.append(loss_fn([o[0] for o in outs], terms.select((c, slice(None),
                                                                    slice(None, b))),
-                              dist_pairs(ctx, outs, rows[s:s + bs])))  # [2, K]
+                              dist_pairs(ctx, outs, rows[s:s + bs]),
+                              systems_of(ctx, rows[s:s + bs])))  # [2, K]
     return (torch.stack(chunks) * sizes[:, None, None]).sum(0) / sizes.sum() / len(heads)
 
 
@@ -252,6 +287,11 @@ def dist_pairs(ctx: Context, outs, idx: torch.Tensor):
     if ctx.P is None:
         return None
     return [(z, ctx.P[h.name][idx]) for h, (_, z) in zip(ctx.heads, outs)]
+
+
+def systems_of(ctx: Context, idx: torch.Tensor) -> torch.Tensor | None:
+    """The system index of rows idx ([K, b] or [b]), or None when no member needs it."""
+    return None if ctx.systems is None else ctx.systems[idx]
 
 
 def gather(plan: InputPlan, idx: torch.Tensor) -> dict[tuple[str, ...], torch.Tensor]:

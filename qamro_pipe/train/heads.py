@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "none": lambda x: x}
+LOG_VARS = "log_vars"  # the layout's name of the learned loss weights' log-variances
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class BatchedMLP(nn.Module):
     def __init__(self, seeds: list[int], in_dim: int, hidden: tuple[int, ...] = (256, 64),
                  activation: str = "relu", name: str = "head", layer_norm: bool = False,
                  n_layers: int = 0, init: bool = True, bins: torch.Tensor | None = None,
-                 uses_bins=None):
+                 uses_bins=None, n_terms: int = 0):
         super().__init__()
         self.k, self.in_dim, self.hidden = len(seeds), in_dim, tuple(hidden)
         self.activation, self.layer_norm, self.n_layers = activation, layer_norm, n_layers
@@ -68,6 +69,11 @@ class BatchedMLP(nn.Module):
             list(uses_bins), dtype=torch.bool), persistent=False)  # [K]
         if bins is not None:
             self.layout += [("wd", (dims[-2], len(bins))), ("bd", (len(bins),))]
+        # --loss-weighting uncertainty: each member's log-variance of each objective term
+        # (objective.uncertainty_objective), the very last, trained, saved and resumed with
+        # the head; it plays no part in a prediction
+        if n_terms:
+            self.layout.append((LOG_VARS, (n_terms,)))
         self.flat = nn.Parameter(torch.empty(self.k * sum(math.prod(s) for _, s in self.layout)))
         if init:  # init=False: the caller sets every weight (a resumed or rebuilt run)
             self._initialise(seeds, name, n_layers)
@@ -86,8 +92,8 @@ class BatchedMLP(nn.Module):
                         views["b" + pname[1:]][k].uniform_(-bound, bound, generator=g)
                     elif pname.startswith("g"):
                         t[k].fill_(1.0)
-                    elif pname.startswith("beta"):
-                        t[k].fill_(0.0)
+                    elif pname.startswith("beta") or pname == LOG_VARS:
+                        t[k].fill_(0.0)  # log-variance 0: every term starts at weight 1
 
     def views(self, flat: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Every parameter as a contiguous [K, *shape] view of `flat` (or of a buffer laid out
@@ -168,6 +174,7 @@ class BatchedMLP(nn.Module):
             names[f"w{i}"], names[f"b{i}"] = f"{step * i}.weight", f"{step * i}.bias"
             names[f"g{i}"], names[f"beta{i}"] = f"{step * i + 1}.weight", f"{step * i + 1}.bias"
         names["wd"], names["bd"] = "dist.weight", "dist.bias"  # the distribution output
+        names[LOG_VARS] = "loss.log_vars"
         return names
 
     def member_state(self, k: int) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..config import TrainConfig
+from ..config import OBJECTIVE_TERMS, TrainConfig
 from ..errors import QamroError
 from .heads import BatchedMLP, HeadSpec
 from ..store.reader import Cache
@@ -140,16 +140,24 @@ def label_stats(cache: Cache, head: HeadSpec, train_clips: np.ndarray) -> tuple[
 
 def build_head(head: HeadSpec, seeds: list[int], x_shape: tuple[int, ...],
                cfg: TrainConfig, init: bool = True, bins: torch.Tensor | None = None,
-               uses_bins=None) -> BatchedMLP:
+               uses_bins=None, n_terms: int = 0) -> BatchedMLP:
     """The head's model; `bins` (centres in its output units) and `uses_bins` (per member)
-    add a distribution output (distribution.py)."""
+    add a distribution output (distribution.py), `n_terms` the learned loss weights'
+    log-variances (weighting_terms)."""
     layers = x_shape[1] if len(x_shape) == 3 else 0
     if layers and not head.layer_weights:
         raise QamroError(f"head {head.name!r} reads per-layer features [.., {layers}, "
                          f"{x_shape[-1]}]: set layer_weights = true in its recipe")
     return BatchedMLP(seeds, x_shape[-1], head.hidden or cfg.hidden,
                       head.activation or cfg.activation, head.name, head.layer_norm, layers,
-                      init=init, bins=bins, uses_bins=uses_bins)
+                      init=init, bins=bins, uses_bins=uses_bins, n_terms=n_terms)
+
+
+def weighting_terms(members) -> int:
+    """How many log-variances every member's head carries: one per objective term when any
+    member of the run learns its weights (the others keep theirs at 0, weight 1), else 0."""
+    learned = any(m.loss.loss_weighting == "uncertainty" for m in members)
+    return len(OBJECTIVE_TERMS) if learned else 0
 
 
 @torch.no_grad()

@@ -153,3 +153,20 @@ def gaussian_kl_loss_literal(logits, target, label_range=(1.0, 5.0), sigma: floa
                 loss = loss + t[b] * (math.log(t[b]) - torch.log(torch.exp(logits[i][b]) / z))
         count += 1
     return loss / max(count, 1)
+
+
+def system_spearman_loss_literal(pred, target, systems, tau: float = 0.1, min_clips: int = 2):
+    """The system-level objective system by system: each system's (>= min_clips labelled
+    clips, system >= 0) mean prediction and mean label, then spearman_loss_literal over them."""
+    means_p, means_y = [], []
+    for s in sorted({int(v) for v in systems if int(v) >= 0}):
+        rows = [i for i in range(len(target))
+                if int(systems[i]) == s and math.isfinite(float(target[i]))]
+        if len(rows) < min_clips:
+            continue
+        means_p.append(sum(pred[i] for i in rows) / len(rows))
+        means_y.append(sum(float(target[i]) for i in rows) / len(rows))
+    if not means_p:
+        return pred.sum() * 0.0
+    return spearman_loss_literal(torch.stack(means_p),
+                                 torch.tensor(means_y, dtype=pred.dtype), tau)

@@ -89,7 +89,8 @@ def train_rows(cache: Cache) -> np.ndarray:
 
 
 def probe_metrics(cache: Cache, heads, fitted: dict[str, Any], eval_rows: np.ndarray,
-                  n_boot: int) -> dict[str, Any]:
-    """Per head, the probe's figures on `eval_rows` (as the heads': runs.head_metrics)."""
+                  n_boot: int, cfg=None) -> dict[str, Any]:
+    """Per head, the probe's figures on `eval_rows` (as the heads': runs.head_metrics, the
+    top tier at `cfg`'s settings)."""
     return head_metrics(cache, heads, fitted["predictions"], eval_rows, n_boot,
-                        what=" (linear probe)")
+                        what=" (linear probe)", cfg=cfg)

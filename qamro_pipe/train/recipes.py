@@ -12,7 +12,7 @@ from typing import Any
 
 from ..config import DEFAULT_RECIPE, cache_root, check_label_range, check_seeds, tuples
 from ..errors import QamroError
-from ..metrics import FIGURES
+from ..metrics import FIGURES, TOP_FIGURES
 from ..store.reader import read_cache, read_meta
 from .heads import ACTIVATIONS, HeadSpec
 
@@ -219,9 +219,10 @@ def load_table(name_or_path: str | Path) -> TableRecipe:
                             path=path, **given)
     except (KeyError, TypeError, tomllib.TOMLDecodeError) as e:
         raise QamroError(f"{path}: not a table recipe ({e})") from None
-    if table.level not in ("system", "utterance") or not set(table.figures) <= set(FIGURES):
+    if table.level not in ("system", "utterance") or \
+            not set(table.figures) <= {*FIGURES, *TOP_FIGURES}:
         raise QamroError(f"{path}: level must be system or utterance, figures among "
-                         f"{', '.join(FIGURES)}")
+                         f"{', '.join((*FIGURES, *TOP_FIGURES))}")
     check_seeds(table.seeds)
     if table.compare is not None and table.compare not in [r for r, _ in table.rows]:
         raise QamroError(f"{path}: compare = {table.compare!r} names no row")

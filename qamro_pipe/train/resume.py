@@ -28,7 +28,7 @@ STATE_FILE = "state.safetensors"
 # settings that change no number a member computes: a run resumes across them (the release
 # file's place is one: its sha256 is in the fingerprint)
 NOT_IN_FINGERPRINT = ("device", "bootstrap", "checkpoint_seconds", "release_checkpoint",
-                      "threads")
+                      "threads", "top_tier", "top_k")
 
 
 def partial_dir(out: Path) -> Path:

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from .. import __version__
 from ..config import TrainConfig, to_jsonable
 from ..errors import QamroError
-from ..metrics import FIGURES, evaluate, mean_sd
+from ..metrics import FIGURES, TOP_FIGURES, evaluate, mean_sd
 from ..checkpoints import save_safetensors
 from .run_check import check_config
 from ..store.durable import fault_point, fsync_path, pid_alive
@@ -45,16 +45,19 @@ def versions() -> dict[str, str]:
 
 
 def head_metrics(cache: Cache, heads, preds: dict[str, np.ndarray], rows: np.ndarray,
-                 n_boot: int, what: str = "") -> dict[str, Any]:
+                 n_boot: int, what: str = "", cfg: TrainConfig | None = None) -> dict[str, Any]:
     """Per head, utterance- and system-level figures of `preds[head]` ([N] scores) on `rows`,
-    against the published system MOS where the cache has one."""
+    against the published system MOS where the cache has one; the top tier at `cfg`'s
+    top_tier and top_k (TrainConfig's defaults when None)."""
+    cfg = cfg or TrainConfig()
     out = {}
     for h in heads:
         col = cache.label_names.index(h.label)
         mos = {s: float(v[col]) for s, v in cache.system_mos.items()} or None
         out[h.name] = evaluate(cache.labels[rows, col], preds[h.name][rows],
                                cache.systems[rows], mos, n_boot,
-                               what=f"{cache.path} head {h.name!r}{what}")
+                               what=f"{cache.path} head {h.name!r}{what}",
+                               top_tier=cfg.top_tier, top_k=cfg.top_k)
     return out
 
 
@@ -74,7 +77,7 @@ def summarise(cache: Cache, result: TrainResult, cfg: TrainConfig) -> dict[str, 
         else:
             entry["heads"] = head_metrics(cache, result.heads,
                                           {h: p[k] for h, p in result.predictions.items()},
-                                          rows, cfg.bootstrap)
+                                          rows, cfg.bootstrap, cfg=cfg)
             if k in result.warnings:
                 entry["warning"] = result.warnings[k]
         members.append(entry)
@@ -85,7 +88,7 @@ def summarise(cache: Cache, result: TrainResult, cfg: TrainConfig) -> dict[str, 
             per = [members[k]["heads"][h.name][level] for k in ok]
             agg = dict(per[0]) if len(per) == 1 else {}
             if len(per) > 1:
-                for fig in FIGURES:
+                for fig in (*FIGURES, *TOP_FIGURES):
                     agg[fig], agg[f"{fig}_std"] = mean_sd(p.get(fig) for p in per)
                 agg["n_members"] = len(per)
             heads[h.name][level] = agg

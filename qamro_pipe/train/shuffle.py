@@ -17,16 +17,31 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ shr(x, 31)
 
 
+def _keys(seeds: torch.Tensor, epoch, counters: torch.Tensor) -> torch.Tensor:
+    """[K] seeds, [n] int64 counters -> [K, n] random keys of (seed, epoch, counter)."""
+    return _mix(_mix(seeds[:, None] * 1_000_003 + epoch) + counters[None, :])
+
+
 def member_permutations(seeds: torch.Tensor, epoch, n: int) -> torch.Tensor:
     """[K] int64 seeds -> [K, n] permutations, identical on every device."""
     idx = torch.arange(n, device=seeds.device, dtype=torch.int64)
-    keys = _mix(_mix(seeds[:, None] * 1_000_003 + epoch) + idx[None, :])
-    return torch.argsort(keys, dim=1, stable=True)
+    return torch.argsort(_keys(seeds, epoch, idx), dim=1, stable=True)
+
+
+def grouped_permutations(seeds: torch.Tensor, epoch, groups: torch.Tensor) -> torch.Tensor:
+    """[K] seeds, [n] int64 group of each row (0..G-1) -> [K, n] permutations that keep
+    each group's rows together: the groups in a random order per member, the rows inside a
+    group in the order member_permutations gives them. A group's key is drawn at counter
+    n + group, past every row's counter, so it is independent of the rows' keys."""
+    n = len(groups)
+    within = member_permutations(seeds, epoch, n)  # [K, n]
+    group_key = _keys(seeds, epoch, groups + n)  # [K, n]: one key per group, on its rows
+    order = torch.argsort(torch.gather(group_key, 1, within), dim=1, stable=True)
+    return torch.gather(within, 1, order)
 
 
 def member_windows(seeds: torch.Tensor, epoch, counts: torch.Tensor) -> torch.Tensor:
     """[K] int64 seeds, [C] window counts -> [K, C] the window each member takes of each clip
     this epoch (0..count-1), uniform, identical on every device and for a resumed run."""
     idx = torch.arange(len(counts), device=seeds.device, dtype=torch.int64)
-    keys = _mix(_mix(seeds[:, None] * 1_000_003 + epoch) + idx[None, :])
-    return torch.remainder(keys & ((1 << 62) - 1), counts[None, :])
+    return torch.remainder(_keys(seeds, epoch, idx) & ((1 << 62) - 1), counts[None, :])

@@ -20,9 +20,11 @@ from ..errors import QamroError
 from ..store.durable import fault_point, fsync_path
 from ..checkpoints import save_safetensors
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the history's term weights
 # per member and epoch: the objective (mean over heads) and its two parts, train and validation
-HISTORY_COLUMNS = ("train_loss", "val_loss", "train_rank", "train_reg", "val_rank", "val_reg")
+HISTORY_COLUMNS = ("train_loss", "val_loss", "train_rank", "train_reg", "val_rank", "val_reg",
+                   "weight_reg", "weight_rank")  # the terms' weights: 1 but under
+# --loss-weighting uncertainty, where they are exp(-s) at the epoch's end, mean over heads
 
 
 @dataclass

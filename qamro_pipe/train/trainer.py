@@ -22,14 +22,16 @@ import torch
 
 from ..config import Member, TrainConfig
 from ..errors import Interrupted, QamroError
+from ..loss_kinds import uses_system_term
 from ..store.reader import Cache
 from .aes_release import ReleasedHeads, read_release
+from .groups import train_groups
 from .engine import Context, Engine, InputPlan
 from .optim import optimizer_buffers
 from .distribution import output_bins, smoothed_targets
-from .heads import BatchedMLP, HeadSpec
+from .heads import LOG_VARS, BatchedMLP, HeadSpec
 from .inputs import (Units, build_head, column_order, head_inputs, input_width, label_col,
-                     label_stats, predict_units, units_for)
+                     label_stats, predict_units, units_for, weighting_terms)
 from .state import TrainState
 
 
@@ -210,8 +212,11 @@ def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
             cache.labels[:, label_col(cache, h)]))).to(device) for h in heads},
         **_rows(units, split, cfg, device),
         stats=[stats[h.name] for h in heads], label_range=label_range, cfg=cfg, device=device,
+        train_groups=_groups(cache, split.train, units, members, cfg, device),
+        **_systems(cache, split.train, units, members, device),
         **distribution_targets(cache, heads, units, members, label_range, device))
     models = {h.name: build_head(h, seeds, ctx.x_shapes[h.name], cfg,
+                                 n_terms=weighting_terms(members),
                                  **ctx.bins_of(h, range(len(members)))) for h in heads}
     state = checkpoint.resume if checkpoint and checkpoint.resume else TrainState.fresh(
         initial_weights(models, release if cfg.init == "release" else None, axis),
@@ -245,7 +250,7 @@ def _rows(units: Units, split: Split, cfg: TrainConfig, device) -> dict[str, tor
     train_windows "one-per-clip" (per-window features) each training clip's first window
     and its window count (the engine draws one per member per epoch) and one window per
     validation clip, fixed by split_seed."""
-    if cfg.train_windows == "all" or units.clip_of is None:
+    if not one_per_clip(cfg, units):
         return {"train_rows": torch.from_numpy(units.of_clips(split.train)).to(device),
                 "val_rows": torch.from_numpy(units.of_clips(split.val)).to(device)}
     first, count = units.windows_of(split.train)
@@ -253,6 +258,37 @@ def _rows(units: Units, split: Split, cfg: TrainConfig, device) -> dict[str, tor
             "train_windows": torch.from_numpy(count.astype(np.int64)).to(device),
             "val_rows": torch.from_numpy(units.fixed_windows(split.val, cfg.split_seed))
             .to(device)}
+
+
+def _groups(cache: Cache, train_clips: np.ndarray, units, members, cfg: TrainConfig,
+            device) -> dict:
+    """"prompt"/"system" -> [n] group of each training unit, on the device, for each way of
+    batching some member asks for (the training rows _rows gives: every unit of the train
+    clips, or each clip's first window when an epoch draws one window per clip)."""
+    rows = (units.windows_of(train_clips)[0] if one_per_clip(cfg, units)
+            else units.of_clips(train_clips))
+    return {by: torch.from_numpy(train_groups(cache, train_clips, units.clip_of, by)[rows])
+            .to(device)
+            for by in sorted({m.loss.batch_by for m in members} - {"random"})}
+
+
+def _systems(cache: Cache, train_clips: np.ndarray, units, members, device) -> dict:
+    """Context's systems and n_systems where a member uses the system-level term: each
+    unit's system index (-1: a clip without a system), numbered over the training clips'
+    systems (a system seen only outside training has no use in a training batch)."""
+    if not any(uses_system_term(m.loss) for m in members):
+        return {}
+    names = np.unique(cache.systems[train_clips])
+    names = names[names != ""]
+    index = {s: i for i, s in enumerate(names)}
+    per_clip = np.array([index.get(s, -1) for s in cache.systems], dtype=np.int64)
+    return {"systems": torch.from_numpy(units.per_unit(per_clip)).to(device),
+            "n_systems": len(names)}
+
+
+def one_per_clip(cfg: TrainConfig, units: Units) -> bool:
+    """Whether an epoch draws one window per training clip (per-window features only)."""
+    return cfg.train_windows != "all" and units.clip_of is not None
 
 
 def initial_weights(models: dict[str, BatchedMLP], release: ReleasedHeads | None,
@@ -265,12 +301,15 @@ def initial_weights(models: dict[str, BatchedMLP], release: ReleasedHeads | None
     out = {}
     for h, m in models.items():
         theirs = release.heads[axis[h]]
-        if m.layout != theirs.layout or m.activation != theirs.activation:
+        core = [e for e in m.layout if e[0] != LOG_VARS]  # the learned loss weights: ours
+        if core != theirs.layout or m.activation != theirs.activation:
             raise QamroError(f"--init release: head {h!r} is not shaped like the released "
                              f"{axis[h]} head (ours: {_shape(m)}; the release's: "
                              f"{_shape(theirs)}); give it the release's shape, as the "
                              f"aes-natural recipe does")
-        out[h] = theirs.by_member().detach().expand(m.k, -1).clone()
+        rows = theirs.by_member().detach().expand(m.k, -1)
+        extra = m.by_member().detach()[:, rows.shape[1]:]  # log-variances, last: start at 0
+        out[h] = torch.cat([rows, extra], dim=1)
     return out
 
 
