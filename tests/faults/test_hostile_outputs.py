@@ -184,8 +184,8 @@ def _wider(f):
     (_shard_config({"index": "one", "count": 2}), "its 'shard' config is not a table"),
     (_wider, "differ from those of"),
 ], ids=["shard a list", "shard index a string", "another feature width"])
-def test_crafted_shards_are_one_line(mutate, expect, shards, tmp_path, tally):
-    tally.fault = f"cache merge of crafted shards ({expect.split(' ')[-1]})"
+def test_crafted_shards_are_one_line(mutate, expect, shards, tmp_path, tally, request):
+    tally.fault = f"cache merge of crafted shards ({request.node.callspec.id})"
     tally.in_process = tally.runs = 1
     parts, _ = shards
     bad = crafted(parts[1], tmp_path / parts[1].name, mutate)
