@@ -39,7 +39,7 @@ _state = {"debug": False}
 def _echo(message: Any = "", err: bool = False, nl: bool = True) -> None:
     """Every line the command prints goes through here: names read from files (datasets,
     labels, systems, ids) cannot carry terminal escapes to the screen."""
-    typer.echo(printable(message), err=err, nl=nl)
+    typer.echo(None if message is None else printable(message), err=err, nl=nl)
 
 
 def _debug_switch(kw: dict[str, Any]) -> None:

@@ -368,13 +368,14 @@ def load_run(run: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
                          f"metrics.json and predictions.csv; its models are the runs "
                          f"{run}/fold-0 .. fold-{folds - 1} (each trained without its "
                          f"held-out clips); train without --cv for one model of all the data")
-    check_config(run, config)
     missing = [f for f in RUN_FILES if not (run / f).is_file()]
     if missing:
         raise QamroError(f"{run}: incomplete run folder (missing {', '.join(missing)})")
     heads = run / "heads.safetensors"
     try:
-        return config, load_file(str(heads))
+        tensors = load_file(str(heads))
     except Exception as e:  # safetensors raises its own error type for any malformed file
         raise QamroError(f"{heads}: not a valid safetensors file ({str(e).splitlines()[0]}); "
                          f"run folders hold weights only as safetensors, never pickles") from None
+    check_config(run, config)
+    return config, tensors

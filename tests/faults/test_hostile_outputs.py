@@ -37,6 +37,31 @@ def file_size_limit(limit: int):
         signal.signal(signal.SIGXFSZ, handler)
 
 
+def read_only(monkeypatch, folder):
+    """The kernel's answer on a read-only mount of `folder`, at the Python calls that create
+    or replace files there: opening for writing, making a folder, renaming into it (EROFS).
+    (A real read-only mount needs privileges the tests do not have.)"""
+    real_open, real_mkdir, real_replace = os.open, os.mkdir, os.replace
+    inside = lambda p: str(os.path.abspath(p)).startswith(str(folder))  # noqa: E731
+
+    def refuse(p):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(p))
+
+    def open_(p, flags, *a, **k):
+        if inside(p) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            refuse(p)
+        return real_open(p, flags, *a, **k)
+
+    def mkdir_(p, *a, **k):
+        return refuse(p) if inside(p) else real_mkdir(p, *a, **k)
+
+    def replace_(src, dst, *a, **k):
+        return refuse(dst) if inside(dst) else real_replace(src, dst, *a, **k)
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "mkdir", mkdir_)
+    monkeypatch.setattr(os, "replace", replace_)
+
+
 def _small_disk(limit: int):
     def apply():  # in a child: files may not grow past `limit` bytes
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -93,19 +118,15 @@ def test_the_skip_journal_on_a_full_disk_is_one_line(tmp_path, tally):
 
 
 def test_a_read_only_output_is_one_line(tmp_path, monkeypatch, tally):
-    """evaluate's evaluations/ folder is renamed into place; the OS refusing that rename
-    (EROFS, as on a read-only mount) was a traceback."""
-    tally.fault = "read-only output: evaluate's evaluations/ (rename refused with EROFS)"
+    """evaluate writing its evaluations/ folder on a read-only mount was a traceback."""
+    tally.fault = "read-only output: evaluate's evaluations/ (EROFS)"
     tally.in_process = True
     cache = make_synthetic_cache(tmp_path / "c.h5", **SMALL)
     tally.runs += 1
     assert cli("train", "--cache", cache, "--out", tmp_path / "r",
                "--max-epochs", "2").exit_code == 0
     before = tree_digest(tmp_path / "r")
-
-    def read_only(src, dst, *a, **k):
-        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dst))
-    monkeypatch.setattr(os, "replace", read_only)
+    read_only(monkeypatch, tmp_path / "r" / "evaluations")
     tally.runs += 1
     one_line_error(cli("evaluate", tmp_path / "r"), "Read-only file system",
                    "choose a writable output")
@@ -184,10 +205,27 @@ def _wider(f):
     (_shard_config({"index": "one", "count": 2}), "its 'shard' config is not a table"),
     (_wider, "differ from those of"),
 ], ids=["shard a list", "shard index a string", "another feature width"])
-def test_crafted_shards_are_one_line(mutate, expect, shards, tmp_path, tally):
-    tally.fault = f"cache merge of crafted shards ({expect.split(' ')[-1]})"
+def test_crafted_shards_are_one_line(mutate, expect, shards, tmp_path, tally, request):
+    tally.fault = f"cache merge of crafted shards ({request.node.callspec.id})"
     tally.in_process = tally.runs = 1
     parts, _ = shards
     bad = crafted(parts[1], tmp_path / parts[1].name, mutate)
     one_line_error(cli("cache", "merge", parts[0], bad, "--out", tmp_path / "m.h5"), expect)
     assert not (tmp_path / "m.h5").exists()
+
+
+@pytest.mark.parametrize("command", ["extract --out", "cache merge --out"])
+def test_read_only_cache_outputs_are_one_line(command, corpus, shards, tmp_path, monkeypatch,
+                                              tally):
+    """A new cache's folder on a read-only mount: its lock file cannot be made (a traceback
+    before), nor the cache; one line, nothing left behind."""
+    tally.fault = f"read-only output: {command} (EROFS)"
+    tally.in_process = tally.runs = 1
+    out = tmp_path / "ro" / "c.h5"
+    out.parent.mkdir()
+    args = (extract_args(corpus, out) if command.startswith("extract")
+            else ["cache", "merge", *shards[0], "--out", out])
+    read_only(monkeypatch, out.parent)
+    one_line_error(cli(*args), "Read-only file system", "choose a writable output")
+    monkeypatch.undo()
+    assert sorted(out.parent.iterdir()) == []

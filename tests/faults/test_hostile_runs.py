@@ -134,7 +134,7 @@ def test_a_label_name_with_a_slash_is_refused_at_extract(corpus, tmp_path, tally
 
 def test_duplicate_label_names_are_refused(tmp_path, tally):
     """Two labels with one name trained two heads of which one set of weights survived."""
-    tally.fault = "two labels with one name (manifest JSONL keys, crafted cache)"
+    tally.fault = "two labels with one name (crafted cache): train"
     tally.in_process = tally.runs = 1
     cache = make_synthetic_cache(tmp_path / "c.h5", **SMALL, label_names=["mos", "mos"])
     one_line_error(cli("train", "--cache", cache, "--out", tmp_path / "r"), "appears twice")
