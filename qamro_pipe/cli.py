@@ -235,9 +235,10 @@ def extract(
                    tokenizer_dir=tokenizer_dir, device=device, precision=precision,
                    batch_size=batch_size, workers=workers, offline=offline, skip_bad=skip_bad,
                    clap_input=clap_input)
-    if out is not None and out.is_dir():  # before torch is imported
-        raise QamroError(f"--out {out}: a folder, not a cache qamro-pipe wrote, so it is left "
-                         f"alone; name the cache file (e.g. {out / (cfg.backbone + '.h5')})")
+    if out is not None and out.is_dir():  # before torch is imported (h5py only)
+        from .store.reader import refuse_foreign
+
+        refuse_foreign(out)
     from .extract.cli_glue import records_for, summary_text  # heavy: torch, h5py
     from .extract.loop import default_cache_path, extract as run_extract
     from .extract.shards import extract_distributed, parse_shard, torchrun_rank

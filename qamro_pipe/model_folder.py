@@ -25,7 +25,7 @@ def is_model_folder(path: Path) -> bool:
     """Whether `path` holds an exported model: its config.json carries qamro_model_version."""
     try:
         config = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         return False
     return isinstance(config, dict) and "qamro_model_version" in config
 
@@ -91,7 +91,7 @@ def read_model(folder: Path) -> tuple[dict[str, Any], dict]:
         raise QamroError(f"{folder}: incomplete model folder (missing {', '.join(missing)})")
     try:
         config = json.loads((folder / "config.json").read_text())
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # (nested too deeply)
         raise QamroError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
     if config.get("qamro_model_version") != MODEL_VERSION:
         raise QamroError(f"{folder}: model folder version {config.get('qamro_model_version')!r}"

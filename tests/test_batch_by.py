@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from qamro_pipe.cli import app
 from qamro_pipe.config import LossConfig, Member, TrainConfig
 from qamro_pipe.errors import QamroError
-from qamro_pipe.loss_kinds import member_label, run_name
+from qamro_pipe.experiments.naming import loss_part
+from qamro_pipe.loss_kinds import member_label
 from qamro_pipe.store import read_cache
 from qamro_pipe.train.groups import epoch_order, group_keys, train_groups
 from qamro_pipe.train.heads import HeadSpec
@@ -113,8 +114,8 @@ def test_unknown_batch_by_is_one_line(tmp_path):
 
 def test_labels_name_the_batches():
     assert member_label(LossConfig(batch_by="prompt"), 0) == "qamro a=0.2 b=7 batches=prompt seed=0"
-    assert run_name(LossConfig(batch_by="system", system_weight=0.5)) == \
-        "qamro-a0.2-b7-system0.5-by-system"
+    assert loss_part([Member(LossConfig(batch_by="system", system_weight=0.5), 0)],
+                     LossConfig()) == "qamro-a0.2-b7-sys0.5-by-system"  # run-folder names
     assert member_label(LossConfig(), 0) == "qamro a=0.2 b=7 seed=0"
 
 

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from qamro_pipe.cli import app
 from qamro_pipe.config import LossConfig, Member, TrainConfig
 from qamro_pipe.errors import QamroError
-from qamro_pipe.loss_kinds import member_label, run_name
+from qamro_pipe.experiments.naming import loss_part
+from qamro_pipe.loss_kinds import member_label
 from qamro_pipe.store import read_cache
 from qamro_pipe.train.heads import HeadSpec
 from qamro_pipe.train.losses_reference import system_spearman_loss_literal
@@ -98,8 +99,8 @@ def test_labels_and_settings():
     assert member_label(LossConfig(kind="system", tau=0.2), 1) == "system tau=0.2 seed=1"
     mixed = LossConfig(system_weight=0.5)
     assert member_label(mixed, 0) == "qamro a=0.2 b=7 +system 0.5 seed=0"
-    assert run_name(mixed) == "qamro-a0.2-b7-system0.5"
-    assert run_name(LossConfig()) == "qamro-a0.2-b7"
+    assert loss_part([Member(mixed, 0)], LossConfig()) == "qamro-a0.2-b7-sys0.5"
+    assert loss_part([Member(LossConfig(), 0)], LossConfig()) == "qamro-a0.2-b7"
     with pytest.raises(QamroError, match="--loss system is that term alone"):
         LossConfig(kind="system", system_weight=1.0)
     with pytest.raises(QamroError, match="--system-weight -1: must be at least 0"):

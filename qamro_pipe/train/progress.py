@@ -60,6 +60,8 @@ class TrainingProgress:
 
     def close(self) -> None:
         if self.bar is not None:
+            self.bar.refresh()  # the last state is drawn once even when training outran
+            # tqdm's redraw interval, then the bar is cleared (leave=False)
             self.bar.close()
             self.bar = None
         elif self.last is not None and not self.terminal:

@@ -142,7 +142,7 @@ def is_run_folder(path: Path) -> bool:
     """Whether `path` is a folder this tool wrote: its config.json carries qamro_run_version."""
     try:
         config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         return False
     return isinstance(config, dict) and "qamro_run_version" in config
 
@@ -328,7 +328,7 @@ def kept_note(folder: Path) -> str | None:
     """The line that tells the user where a replaced run they had added to was kept."""
     try:
         kept = json.loads((Path(folder) / "config.json").read_text()).get("replaced_run_kept")
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError, AttributeError):
         return None
     return kept and (f"note: the run replaced held {', '.join(kept['because_of'])}, which "
                      f"this run does not write; it was kept whole as {kept['folder']}")

@@ -109,7 +109,8 @@ def missing_eval_split(cache: Cache, cfg: TrainConfig) -> QamroError:
     train and dev lists alone have no eval split)."""
     here = sorted(set(cache.splits))
     other = [s for s in here if s != "train"]
-    fix = f"; report on another split with --eval-split {other[0]}" if other else ""
+    fix = (f"; report on another split with --eval-split {other[0]}" if other
+           else "; name one with --eval-split")
     if other and other[0] == cfg.val_split:
         fix += " (it is also the validation split: its figures are optimistic)"
     if cache.meta.dataset == "aes-natural" and cfg.eval_split == "eval":

@@ -99,7 +99,7 @@ def test_ctrl_c_says_how_to_resume_and_resumes(corpus, reference, tmp_path, tall
     c.signal(signal.SIGINT)
     assert c.finish() == 130  # the shell's code for Ctrl-C
     assert c.stderr.strip().splitlines()[-1] == (
-        f"error: interrupted: {BATCH_CLIPS}/{N_CLIPS} clips are safely in {out}; rerun the "
+        f"interrupted: {BATCH_CLIPS}/{N_CLIPS} clips are safely in {out}; rerun the "
         f"same command to resume")
     done = _check_after_stop(c, out, set(), reference)
     c = tally.child(args, child_env(WRITE=0.1))
