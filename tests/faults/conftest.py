@@ -1,14 +1,14 @@
 """Fixtures of the fault-injection suite. Every test records `fault` (what was done) and
 `runs` (child processes started) with record_property; tests/faults/report.py turns them into
 the reliability table. (tests/faults is a package, so this conftest does not shadow
-tests/conftest.py, which the other test files import as `conftest`.)"""
+tests/conftest.py; the child-process helpers are kit.children, tests/kit/children.py.)"""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from .kit import CORPUS, Child, extract_args, run
+from kit.children import CORPUS, Child, extract_args, run
 
 
 @pytest.fixture(scope="session")

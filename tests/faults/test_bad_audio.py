@@ -13,7 +13,7 @@ import soundfile as sf
 from qamro_pipe.store.files import journal_path
 from qamro_pipe.store.reader import read_cache
 
-from .kit import child_env, leftovers
+from kit.children import child_env, leftovers
 
 SR = 16000
 

@@ -8,7 +8,7 @@ import shutil
 import h5py
 import torch
 
-from .kit import assert_same_file, child_env, extract_args
+from kit.children import assert_same_file, child_env, extract_args
 
 TRAIN_LIST = "sets/train_mos_list.txt"
 

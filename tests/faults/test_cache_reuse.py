@@ -16,7 +16,7 @@ from qamro_pipe.extract.loop import extract, part_path
 from qamro_pipe.config import ExtractConfig
 from qamro_pipe.store.reader import read_cache
 
-from .kit import N_CLIPS, assert_same_file, child_env, done_rows, extract_args, leftovers
+from kit.children import N_CLIPS, assert_same_file, child_env, done_rows, extract_args, leftovers
 
 TRAIN_LIST = "sets/train_mos_list.txt"
 DEV_LIST = "sets/dev_mos_list.txt"

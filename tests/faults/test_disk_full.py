@@ -7,7 +7,7 @@ import os
 import resource
 import signal
 
-from .kit import assert_same_file, extract_args, leftovers
+from kit.children import assert_same_file, extract_args, leftovers
 
 
 def _small_disk(limit: int):

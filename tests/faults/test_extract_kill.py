@@ -15,7 +15,7 @@ from qamro_pipe.store.files import journal_path
 from qamro_pipe.store.writer import CacheWriter, create_cache
 from qamro_pipe.store.reader import read_cache
 
-from .kit import (BATCH_CLIPS, N_CLIPS, assert_same_file, child_env, done_rows, extract_args,
+from kit.children import (BATCH_CLIPS, N_CLIPS, assert_same_file, child_env, done_rows, extract_args,
                   leftovers, snapshot)
 
 

@@ -10,7 +10,7 @@ import math
 import h5py
 import numpy as np
 import pytest
-from conftest import make_synthetic_cache  # tests/conftest.py
+from kit.caches import make_synthetic_cache
 
 from qamro_pipe.errors import CacheError, QamroError
 from qamro_pipe.report.metrics import evaluate

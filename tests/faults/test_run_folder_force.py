@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import make_synthetic_cache  # tests/conftest.py
+from kit.caches import make_synthetic_cache
 
-from .kit import child_env, run
+from kit.children import child_env, run
 
 FAST = ["--max-epochs", "3", "--quiet"]
 
@@ -64,7 +64,7 @@ def test_force_never_replaces_the_input_cache_a_file_or_the_working_directory(
     (work / "paper.tex").write_text("\\begin{document}\n")
     before = tree(work)
     tally.runs += 1
-    from .kit import Child
+    from kit.children import Child
 
     c = Child(["train", "--cache", cache, "--out", ".", "--force", *FAST], child_env(),
               cwd=work)

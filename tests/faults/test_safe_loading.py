@@ -18,7 +18,7 @@ from qamro_pipe.extract.backbones import get_backbone
 from qamro_pipe.errors import QamroError
 from qamro_pipe.train.runs import load_run
 
-from .kit import extract_args
+from kit.children import extract_args
 
 PACKAGE = Path(__file__).resolve().parents[2] / "qamro_pipe"
 

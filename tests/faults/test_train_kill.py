@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_synthetic_cache  # tests/conftest.py
+from kit.caches import make_synthetic_cache
 from safetensors.torch import load_file
 
 from qamro_pipe.errors import QamroError
 from qamro_pipe.train.runs import RUN_FILES, load_run
 
-from .kit import child_env, leftovers
+from kit.children import child_env, leftovers
 
 RECIPE = """name = "faults"
 dataset = "musiceval"
@@ -164,7 +164,7 @@ def resumable(tmp_path_factory):
     recipe.write_text(RESUMABLE)
     cache = make_synthetic_cache(tmp / "synthetic.h5")
     base = [*SWEEP, "--recipe", recipe, "--cache", cache]
-    from .kit import run
+    from kit.children import run
 
     ref = tmp / "runs" / "reference"
     c = run([*base, "--out", ref])

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import make_synthetic_cache, write_clip_manifest
+from kit.caches import make_synthetic_cache, write_clip_manifest
 from typer.testing import CliRunner
 
 from qamro_pipe.cli import app

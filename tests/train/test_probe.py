@@ -4,12 +4,12 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_synthetic_cache
+from kit.caches import make_synthetic_cache
 from scipy import stats
 from sklearn.linear_model import RidgeCV
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from test_aes_heads import per_layer_cache, small_recipe
+from kit.caches import per_layer_cache, small_recipe
 
 from qamro_pipe.config import PROBE_ALPHAS
 from qamro_pipe.report.tables import run_table

@@ -19,7 +19,7 @@ from qamro_pipe.extract.datasets import load_dataset
 from qamro_pipe.store import read_cache
 from qamro_pipe.extract.datasets.demo import SYSTEM_DESIGNS, designed_scores, write_demo_corpus
 from qamro_pipe.errors import DataError, QamroError
-from mp3_files import MP3_SUPPORT, lame_mp3
+from kit.mp3 import MP3_SUPPORT, lame_mp3
 
 SR = 16000
 PREFIX = "audiomos2025-track1-"
@@ -271,7 +271,7 @@ def test_musiceval_bad_person_mos_line(musiceval: Path, line, fragment):
 
 # ---------------------------------------------------------------- AES-Natural
 
-AES_REPO = Path(__file__).parent / "fixtures" / "audiobox-aesthetics"  # see its README.md
+AES_REPO = Path(__file__).parents[1] / "fixtures" / "audiobox-aesthetics"  # see its README.md
 TRACK2 = AES_REPO / "audiomos2025_track2"
 ANNOTATIONS = TRACK2 / "audiomos2025_track2_human_annotations.jsonl"
 AXES = ("Production_Quality", "Production_Complexity", "Content_Enjoyment", "Content_Usefulness")

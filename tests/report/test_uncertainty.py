@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_synthetic_cache
+from kit.caches import make_synthetic_cache
 
 from qamro_pipe.config import LossConfig, Member, TrainConfig
 from qamro_pipe.report.evaluate import evaluate_run

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import write_clip_manifest
+from kit.caches import write_clip_manifest
 from qamro_pipe.cli import app
 from qamro_pipe.errors import QamroError
 from qamro_pipe.store import write_cache
@@ -23,7 +23,7 @@ from qamro_pipe.train.joined import join, split_feature
 FAST = ["--max-epochs", "60", "--batch-size", "64"]
 # the example of docs/recipes.md, "Features from several caches", as is
 FUSED = re.search(r"```toml\n(# qamro_pipe/stages/muq-text.toml.*?)```",
-                  (Path(__file__).parents[1] / "docs" / "recipes.md").read_text(), re.S)[1]
+                  (Path(__file__).parents[2] / "docs" / "recipes.md").read_text(), re.S)[1]
 
 
 def invoke(*args):

@@ -6,7 +6,7 @@ import soxr
 from qamro_pipe.extract.audio import (MIN_SECONDS, load_audio, probe, resampled_length, window_count,
                               windows)
 from qamro_pipe.errors import DataError
-from mp3_files import lame_mp3, needs_mp3
+from kit.mp3 import lame_mp3, needs_mp3
 
 
 def tone(sr, seconds, freq=440.0, channels=1):
@@ -102,7 +102,7 @@ def _peak_hz(y, sr):
                                                  (22050, 0.5, 1)])
 def test_cbr_mp3_without_lame_tag_decodes_what_is_there(tmp_path, sr, seconds, channels):
     """Constant-bit-rate MP3 as `lame -t` writes it (LAME's frames, no LAME tag; built by
-    tests/mp3_files.py), wrapped in ID3v2 and ID3v1 tags as taggers add them. libsndfile can
+    tests/kit/mp3.py), wrapped in ID3v2 and ID3v1 tags as taggers add them. libsndfile can
     only estimate its length (from the file size, tags included), so the frame count in its
     header is wrong: this file used to be refused as "decoded N of the M frames the header
     declares". What decodes is the clip, and the per-window count agrees with it."""
@@ -123,7 +123,7 @@ def test_cbr_mp3_without_lame_tag_decodes_what_is_there(tmp_path, sr, seconds, c
 @needs_mp3
 def test_mp3_with_lame_tag_has_its_exact_length_and_a_cut_one_is_refused(tmp_path):
     """MP3 as LAME writes it to a file (libsndfile's LAME writer, LAME tag frame first, see
-    tests/mp3_files.py), CBR and VBR, with ID3 tags: the tag states the exact length, so the
+    tests/kit/mp3.py), CBR and VBR, with ID3 tags: the tag states the exact length, so the
     clip decodes to the samples written, and a file cut short is refused like a cut WAV."""
     x = tone(16000, 2.0)
     for constant in (True, False):
@@ -138,7 +138,7 @@ def test_mp3_with_lame_tag_has_its_exact_length_and_a_cut_one_is_refused(tmp_pat
 
 @needs_mp3
 def test_vbr_mp3_without_lame_tag_is_refused_not_cut(tmp_path):
-    """Variable-bit-rate MP3 without the LAME tag (tests/mp3_files.py): libsndfile estimates
+    """Variable-bit-rate MP3 without the LAME tag (tests/kit/mp3.py): libsndfile estimates
     its length from the first frame's bit rate and stops reading there, far too early; the
     file is refused instead of silently embedding a fraction of it."""
     x = tone(48000, 10.0)

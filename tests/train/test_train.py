@@ -3,7 +3,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import make_synthetic_cache
+from kit.caches import make_synthetic_cache
 
 from qamro_pipe.config import LossConfig, Member, TrainConfig
 from qamro_pipe.errors import QamroError
@@ -195,7 +195,7 @@ def test_matmul_precision_medium_stays_within_seed_noise(synthetic_cache):
     """The documented fast path (`--matmul-precision medium`: bf16 matmuls where the hardware
     has them, fp32 weights and loss) moves predictions by little and leaves the planted
     system SRCC within seed noise of fp32. (On a CPU without bf16 units it runs fp32, and the
-    bound holds trivially; tests/test_gpu.py checks TF32 on a GPU.)"""
+    bound holds trivially; tests/train/test_gpu.py checks TF32 on a GPU.)"""
     from qamro_pipe.train.runs import summarise
 
     cache = read_cache(synthetic_cache)

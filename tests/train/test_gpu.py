@@ -107,7 +107,7 @@ def test_pipelined_gpu_extraction_equals_the_cpu_cache(tmp_path):
     from qamro_pipe.extract.datasets import load_dataset
     from qamro_pipe.extract.loop import extract
 
-    from test_backbones import check_launched_batches, write_roberta_style_tokenizer
+    from kit.backbones import check_launched_batches, write_roberta_style_tokenizer
 
     tok = str(write_roberta_style_tokenizer(tmp_path / "tokenizer"))
     bb, on_cpu = (get_backbone("clap-music", checkpoint="random", device=d, offline=True,
@@ -195,7 +195,7 @@ def test_resumed_run_on_gpu_equals_the_uninterrupted_one(synthetic_cache, tmp_pa
     """Saved on the GPU, resumed on the GPU: the same numbers as one uninterrupted run."""
     from dataclasses import replace
 
-    from test_resume import Stop, stop_at
+    from kit.resume import Stop, stop_at
 
     from qamro_pipe.train.state import TrainState
     from qamro_pipe.train.trainer import Checkpoint

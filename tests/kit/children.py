@@ -1,5 +1,6 @@
-"""Helpers for the fault-injection suite: real `qamro-pipe` child processes that are killed,
-interrupted or fed broken input, and exact comparisons of what they leave on disk."""
+"""Real `qamro-pipe` child processes that are killed, interrupted or fed broken input, and exact
+comparisons of what they leave on disk: the fault-injection suite's helpers, for any test where
+a process is the point."""
 from __future__ import annotations
 
 import os

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import make_synthetic_cache
+from kit.caches import make_synthetic_cache
 from matplotlib.colors import to_rgba
 
 from qamro_pipe.config import LossConfig, TrainConfig, to_jsonable

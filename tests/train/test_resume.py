@@ -5,6 +5,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from kit.resume import Stop, assert_same_run, stop_at
 
 from qamro_pipe.config import LossConfig, Member, TrainConfig
 from qamro_pipe.errors import QamroError
@@ -19,28 +20,6 @@ HEADS = (HeadSpec("overall", "overall", ("audio",)),
 MEMBERS = [Member(LossConfig(beta=b), s) for b, s in ((1.0, 0), (7.0, 0), (7.0, 1))]
 # members stop at different epochs, so the batch shrinks while the run goes on
 CFG = TrainConfig(max_epochs=70, patience=6, lr=0.02, bootstrap=0, checkpoint_seconds=0.0)
-
-
-class Stop(Exception):
-    pass
-
-
-def stop_at(epoch):
-    def progress(p):
-        if p.epoch >= epoch:
-            raise Stop
-    return progress
-
-
-def assert_same_run(a, b):
-    assert a.best_epoch == b.best_epoch and a.stopped_epoch == b.stopped_epoch
-    assert a.epochs_run == b.epochs_run and a.member_epochs == b.member_epochs
-    assert a.best_val_loss == b.best_val_loss
-    for h in a.predictions:
-        assert np.array_equal(a.predictions[h], b.predictions[h])
-        for sa, sb in zip(a.states[h], b.states[h]):
-            assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert np.array_equal(a.history, b.history)
 
 
 @pytest.mark.parametrize("cfg", [CFG, replace(CFG, check_every=4),

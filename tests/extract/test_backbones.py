@@ -14,17 +14,7 @@ import pytest  # noqa: E402
 from qamro_pipe.extract.backbones import get_backbone  # noqa: E402
 from qamro_pipe.extract.backbones.base import RANDOM_WEIGHTS, sha256_file  # noqa: E402
 from qamro_pipe.errors import QamroError  # noqa: E402
-
-def tone_mix(sr, seconds, seed=0):
-    t = np.arange(int(sr * seconds)) / sr
-    x = sum(a * np.sin(2 * np.pi * f * t + p) for a, f, p in
-            [(0.25, 220, 0.0), (0.15, 660, 1.0), (0.1, 1500, 2.0), (0.06, 3500, 0.5),
-             (0.04, 6000, 1.5)])
-    return (x * (1 + 0.2 * np.sin(2 * np.pi * 2 * t))).astype(np.float32)  # slow tremolo
-
-
-def cosine_distance(a, b):
-    return 1 - float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+from kit.backbones import cosine_distance, tone_mix  # noqa: E402
 
 
 # -- registry -------------------------------------------------------------------------------
@@ -166,39 +156,6 @@ def test_pool_is_a_length_weighted_mean():
     b = get_backbone("melstats")
     rows = np.array([[1.0, 2.0], [4.0, 8.0]], np.float32)
     np.testing.assert_allclose(b.pool(rows, np.array([3, 1])), [1.75, 3.5])
-
-
-# -- shared by the neural backbones' tests (test_clap.py, test_gpu.py, benchmarks) -------
-def write_roberta_style_tokenizer(folder):
-    """A byte-level BPE tokenizer laid out like roberta-base's (50,265 ids, specials where
-    roberta-base has them) with made-up merges: the real files cannot be fetched offline."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-          *range(ord("®"), ord("ÿ") + 1)]
-    byte_chars = [chr(b) for b in bs] + [chr(256 + i) for i in range(256 - len(bs))]
-    tokens = ["<s>", "<pad>", "</s>", "<unk>", *byte_chars, "Ġs", "on", "Ġson", "Ġa"]
-    tokens += [f"filler{i}" for i in range(50264 - len(tokens))] + ["<mask>"]
-    folder.mkdir(parents=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\nĠ s\no n\nĠs on\nĠ a\n")
-    return folder
-
-
-def check_launched_batches(bb, sizes, n_batches, atol, seed=3):
-    """Extraction launches batch N+1 before collecting batch N and lets the decoder reuse a
-    batch's audio as soon as it is launched: batches in flight must give what one batch at a
-    time gives, whatever happens to their windows afterwards. -> (originals, expected)."""
-    rng = np.random.default_rng(seed)
-    batches = [[rng.uniform(-0.5, 0.5, n).astype(np.float32) for n in sizes]
-               for _ in range(n_batches)]
-    originals = [[w.copy() for w in b] for b in batches]
-    expected = [bb.embed_windows(b)["audio"] for b in originals]
-    pending = [bb.embed_windows_async(b) for b in batches]
-    for b in batches:
-        for w in b:
-            w[:] = 1.0  # the memory is reused at once
-    for p, e in zip(pending, expected):
-        np.testing.assert_allclose(p.result()["audio"], e, atol=atol)
-    return originals, expected
 
 
 # -- aesthetics -------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Issue 14: training from the released Audiobox-Aesthetics heads (--init release), with the
 release's label statistics (--label-stats release), and Table II's zero-shot row, on a
-checkpoint built the way its publisher builds it (release_fixtures.py names the source)."""
+checkpoint built the way its publisher builds it (tests/kit/release.py names the source)."""
 import json
 import shutil
 from dataclasses import replace
@@ -8,8 +8,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from release_fixtures import AXES, TRANSFORM, aes_cache, provenance_of, publisher_checkpoint
-from test_resume import Stop, assert_same_run, stop_at
+from kit.release import AXES, TRANSFORM, aes_cache, provenance_of, publisher_checkpoint
+from kit.resume import Stop, assert_same_run, stop_at
 from typer.testing import CliRunner
 
 from qamro_pipe.cli import app
@@ -95,7 +95,7 @@ def test_seeds_then_change_only_the_shuffling(release):
 
 
 def test_resumed_release_run_equals_the_uninterrupted_one(release, tmp_path):
-    """As tests/test_resume.py checks it: stopped halfway, saved, resumed -> the same run."""
+    """As tests/train/test_resume.py checks it: stopped halfway, saved, resumed -> the same run."""
     _, cache, _ = release
     data = read_cache(cache)
     cfg = replace(FAST, max_epochs=6, patience=2, checkpoint_seconds=0.0)

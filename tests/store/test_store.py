@@ -1,7 +1,7 @@
 import h5py
 import numpy as np
 import pytest
-from conftest import make_synthetic_cache
+from kit.caches import make_synthetic_cache
 
 from qamro_pipe.errors import CacheError
 from qamro_pipe.store.files import writer_lock

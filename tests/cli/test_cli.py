@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_synthetic_cache
+from kit.caches import make_synthetic_cache
 from typer.testing import CliRunner
 
 from qamro_pipe.cli import app
@@ -388,7 +388,7 @@ def test_the_documented_recipe_example_trains(tmp_path):
 
     from qamro_pipe.train.recipes import load_recipe
 
-    doc = (Path(__file__).parents[1] / "docs" / "recipes.md").read_text()
+    doc = (Path(__file__).parents[2] / "docs" / "recipes.md").read_text()
     block = re.search(r"```toml\n(.*?)```", doc, re.S)[1]
     path = tmp_path / "tts.toml"
     path.write_text(block)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from kit.caches import INFORMATIVE_LAYER, per_layer_cache, small_recipe
 from typer.testing import CliRunner
 
 from qamro_pipe.train.aes_release import AXES, clip_scores, release_heads
@@ -15,41 +16,6 @@ from qamro_pipe.train.recipes import load_recipe
 from qamro_pipe.train.runs import summarise
 from qamro_pipe.store import read_cache, write_cache
 from qamro_pipe.train.trainer import train
-
-INFORMATIVE_LAYER = 7
-
-
-def per_layer_cache(path, n_systems=10, per_system=16, dim=16, seed=0):
-    """Clips of 1-3 windows whose labels follow layer 7's first unit; other layers are noise."""
-    rng = np.random.default_rng(seed)
-    n = n_systems * per_system
-    systems = np.repeat([f"sys{i}" for i in range(n_systems)], per_system)
-    quality = np.repeat(np.linspace(2, 9, n_systems), per_system) + rng.normal(0, 0.5, n)
-    counts = rng.integers(1, 4, n)
-    offsets = np.concatenate([[0], np.cumsum(counts)])
-    layers = rng.normal(size=(offsets[-1], 13, dim)).astype(np.float32)
-    clip_of = np.repeat(np.arange(n), counts)
-    layers[:, INFORMATIVE_LAYER, 0] = (quality[clip_of] - 5.5) * 1.5
-    labels = np.stack([np.clip(quality + rng.normal(0, 0.3, n) * s, 1, 10)
-                       for s in (1, 1.2, 1.4, 1.6)], 1).astype(np.float32)
-    return write_cache(path, ids=[f"c{i}" for i in range(n)], systems=systems,
-                       splits=np.where(rng.random(n) < 0.25, "dev", "train"), labels=labels,
-                       label_names=list(AXES), features={}, backbone="synthetic-layers@1",
-                       dataset="aes-natural", windows={"layers": layers}, window_offsets=offsets,
-                       window_weight=rng.uniform(0.2, 1.0, offsets[-1]).astype(np.float32))
-
-
-def small_recipe(tmp_path):
-    lines = ['name = "aes-small"', 'dataset = "aes-natural"', 'backbone = "synthetic-layers"',
-             "label_range = [1.0, 10.0]", "[loss]", 'regression = "mse+mae"']
-    for axis in AXES:
-        lines += ["[[heads]]", f'name = "{axis}"', 'features = ["layers"]',
-                  "layer_weights = true", "layer_norm = true", 'activation = "gelu"',
-                  "hidden = [16, 16]", "standardize = true"]
-    path = tmp_path / "aes-small.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return load_recipe(path)
-
 
 def test_layer_weighted_heads_learn_from_windows(tmp_path):
     cache = read_cache(per_layer_cache(tmp_path / "c.h5"))

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from conftest import make_synthetic_cache
+from kit.caches import make_synthetic_cache
 from sklearn.model_selection import GroupKFold
 from typer.testing import CliRunner
 

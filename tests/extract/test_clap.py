@@ -18,10 +18,10 @@ import pytest  # noqa: E402
 from qamro_pipe.errors import QamroError  # noqa: E402
 from qamro_pipe.extract.backbones import get_backbone  # noqa: E402
 from qamro_pipe.extract.backbones.base import RANDOM_WEIGHTS, sha256_file  # noqa: E402
-from test_backbones import (check_launched_batches, cosine_distance, tone_mix,  # noqa: E402
+from kit.backbones import (check_launched_batches, cosine_distance, tone_mix,  # noqa: E402
                             write_roberta_style_tokenizer)
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 
 
 @pytest.fixture

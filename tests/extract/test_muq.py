@@ -23,7 +23,7 @@ import pytest  # noqa: E402
 from qamro_pipe.errors import QamroError  # noqa: E402
 from qamro_pipe.extract.backbones import get_backbone  # noqa: E402
 from qamro_pipe.extract.backbones.base import RANDOM_WEIGHTS, sha256_file  # noqa: E402
-from test_backbones import tone_mix  # noqa: E402
+from kit.backbones import tone_mix  # noqa: E402
 
 
 @pytest.fixture(scope="module")

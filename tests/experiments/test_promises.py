@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_synthetic_cache
-from test_aes_heads import per_layer_cache
+from kit.caches import make_synthetic_cache
+from kit.caches import per_layer_cache
 from typer.testing import CliRunner
 
 from qamro_pipe.cli import app

@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_synthetic_cache
+from kit.caches import make_synthetic_cache
 from typer.testing import CliRunner
 
 from qamro_pipe.cli import app

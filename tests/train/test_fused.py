@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import torch
 sys.path.insert(0, sys.argv[2])
-from conftest import make_synthetic_cache
+from kit.caches import make_synthetic_cache
 from qamro_pipe.config import LossConfig, Member, TrainConfig
 from qamro_pipe.train.heads import HeadSpec
 from qamro_pipe.train.losses import label_terms, pair_hinge
@@ -65,7 +65,7 @@ print("ok")
 
 def test_triton_pair_kernel_equals_the_torch_one(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    tests = Path(__file__).parent
+    tests = Path(__file__).parents[1]
     p = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "c.h5"), str(tests)],
                        capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]

@@ -1,12 +1,12 @@
 """Track 1's presets (musiceval-paper, musiceval-code) through the real CLI on the planted
-cache (tests/conftest.py): `make table1 PRESET=code` end to end, and each preset's settings
-reaching the run as JSON-plain config. Track 2's presets: tests/test_release.py."""
+cache (tests/kit/caches.py): `make table1 PRESET=code` end to end, and each preset's settings
+reaching the run as JSON-plain config. Track 2's presets: tests/train/test_release.py."""
 import json
 
 import pytest
 from typer.testing import CliRunner
 
-from conftest import make_synthetic_cache
+from kit.caches import make_synthetic_cache
 from qamro_pipe.cli import app
 
 
