@@ -3,10 +3,45 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import signal  # noqa: E402
+
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from kit.caches import make_synthetic_cache  # noqa: E402
+from kit.cli import invoke  # noqa: E402
 
 
 @pytest.fixture
 def synthetic_cache(tmp_path):
     return make_synthetic_cache(tmp_path / "synthetic.h5")
+
+
+def _process_state() -> dict:
+    """What one test (an in-process CLI run above all) could leave changed for the next."""
+    return {"cwd": os.getcwd(),
+            "env": {k: v for k, v in os.environ.items()
+                    if k.startswith(("QAMRO_", "TRITON_")) or k.endswith("_OFFLINE")
+                    or k in ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")},
+            "torch threads": torch.get_num_threads(),
+            "matmul precision": torch.get_float32_matmul_precision(),
+            "deterministic": torch.are_deterministic_algorithms_enabled(),
+            "grad enabled": torch.is_grad_enabled(),
+            "default dtype": torch.get_default_dtype(),
+            "SIGINT handler": signal.getsignal(signal.SIGINT)}
+
+
+@pytest.fixture(autouse=True)
+def no_state_leaks():
+    """Every test leaves the process as it found it: tests share one process (and the CLI
+    runs in it), so a changed working directory, variable, thread count or torch setting
+    would change the tests after it."""
+    before = _process_state()
+    yield
+    after = _process_state()
+    assert after == before, {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+
+
+@pytest.fixture
+def cli():
+    """`cli("train", "--cache", path, ...)`: qamro-pipe in this process (kit.cli.invoke)."""
+    return invoke

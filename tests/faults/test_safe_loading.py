@@ -134,7 +134,7 @@ def test_wrong_file_as_checkpoint_is_one_line(corpus, tmp_path, tally, backbone,
     ckpt = tmp_path / "ckpt.pt"
     problem = BAD_CHECKPOINTS[case](ckpt)
     out = tmp_path / "c.h5"
-    c = tally.run(extract_args(corpus, out, "--checkpoint", ckpt, backbone=backbone))
+    c = tally.invoke(extract_args(corpus, out, "--checkpoint", ckpt, backbone=backbone))
     assert c.proc.returncode == 1, c.stderr
     assert len(c.err) == 1, c.stderr
     assert c.err[0].startswith(f"error: {backbone}: checkpoint {ckpt}: {problem}"), c.stderr
