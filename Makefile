@@ -21,8 +21,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[backbones,dev]"
 	touch $(STAMP)
 
+# ruff first (seconds), then the suite on every core (pytest-xdist): one torch thread per
+# worker, as the workers share the cores; PYTEST_OPTS=... adds options (e.g. --durations=50)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/ruff check --no-cache .
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --dist worksteal $(PYTEST_OPTS)
 
 demo: $(STAMP)
 	$(BIN)/python -m qamro_pipe demo

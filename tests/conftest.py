@@ -7,6 +7,13 @@ import signal  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from kit.backbones import (  # noqa: E402
+    aesthetics_backbone,
+    clap_backbone,
+    muq_backbone,
+    write_roberta_style_tokenizer,
+)
 from kit.caches import make_synthetic_cache  # noqa: E402
 from kit.cli import invoke  # noqa: E402
 
@@ -14,6 +21,24 @@ from kit.cli import invoke  # noqa: E402
 @pytest.fixture
 def synthetic_cache(tmp_path):
     return make_synthetic_cache(tmp_path / "synthetic.h5")
+
+
+# the random-weight backbones, full size, built once a session (kit.backbones); a test that
+# changes one works on a copy
+@pytest.fixture(scope="session")
+def clap(tmp_path_factory):
+    return clap_backbone(write_roberta_style_tokenizer(tmp_path_factory.mktemp("tok")
+                                                       / "roberta"))
+
+
+@pytest.fixture(scope="session")
+def aes():
+    return aesthetics_backbone()
+
+
+@pytest.fixture(scope="session")
+def muq_bb():
+    return muq_backbone()
 
 
 def _process_state() -> dict:

@@ -4,14 +4,9 @@ reaching the run as JSON-plain config. Track 2's presets: tests/train/test_relea
 import json
 
 import pytest
-from typer.testing import CliRunner
 
 from kit.caches import make_synthetic_cache
-from qamro_pipe.cli import app
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
+from kit.cli import invoke
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,12 @@ import re
 
 import numpy as np
 import pytest
-from kit.caches import make_synthetic_cache
-from typer.testing import CliRunner
 
-from qamro_pipe.cli import app
 from qamro_pipe.config import ExtractConfig, LossConfig, TrainConfig
 from qamro_pipe.errors import CacheError, QamroError
 
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
+from kit.caches import make_synthetic_cache
+from kit.cli import invoke
 
 
 @pytest.mark.parametrize("cls,kw,msg", [

@@ -7,7 +7,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from kit.caches import make_synthetic_cache
 from sklearn.model_selection import GroupKFold
 from typer.testing import CliRunner
 
@@ -22,6 +21,8 @@ from qamro_pipe.train.recipes import load_recipe
 from qamro_pipe.train.resume import fingerprint, partial_dir
 from qamro_pipe.train.runs import load_run
 from qamro_pipe.train.trainer import make_split
+
+from kit.caches import make_synthetic_cache
 
 RECIPE = load_recipe("musiceval")
 HEADS = RECIPE.heads

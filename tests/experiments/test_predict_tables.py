@@ -4,13 +4,14 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
-from kit.caches import make_synthetic_cache, write_clip_manifest
 from typer.testing import CliRunner
 
 from qamro_pipe.cli import app
 from qamro_pipe.config import ExtractConfig
 from qamro_pipe.extract.datasets import load_dataset
 from qamro_pipe.extract.loop import extract
+
+from kit.caches import make_synthetic_cache, write_clip_manifest
 
 SMALL = dict(n_systems=6, n_prompts=6, seconds=2.0)
 

@@ -6,20 +6,20 @@ import json
 import numpy as np
 import pytest
 import torch
-from kit.caches import make_synthetic_cache
-from kit.caches import per_layer_cache
 from typer.testing import CliRunner
 
 from qamro_pipe.cli import app
 from qamro_pipe.config import LossConfig, Member, TrainConfig
 from qamro_pipe.store.reader import read_cache
+from qamro_pipe.train.engine import Losses
 from qamro_pipe.train.heads import HeadSpec
 from qamro_pipe.train.inputs import label_stats
 from qamro_pipe.train.losses import pairwise_ranking_loss
 from qamro_pipe.train.losses_reference import qamro_loss_literal
 from qamro_pipe.train.recipes import load_recipe
-from qamro_pipe.train.engine import Losses
 from qamro_pipe.train.trainer import make_split, train
+
+from kit.caches import make_synthetic_cache, per_layer_cache
 
 HEADS = (HeadSpec("overall", "overall", ("audio",)),
          HeadSpec("textual", "textual", ("audio", "text")))

@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-from kit.caches import make_synthetic_cache
 from typer.testing import CliRunner
 
 from qamro_pipe.cli import app
@@ -14,6 +13,8 @@ from qamro_pipe.errors import QamroError
 from qamro_pipe.report.compare import compare_rows
 from qamro_pipe.report.metrics import bootstrap_ci, system_scores
 from qamro_pipe.report.tables import load_table
+
+from kit.caches import make_synthetic_cache
 
 
 def invoke(*args):

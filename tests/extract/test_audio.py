@@ -3,9 +3,16 @@ import pytest
 import soundfile as sf
 import soxr
 
-from qamro_pipe.extract.audio import (MIN_SECONDS, load_audio, probe, resampled_length, window_count,
-                              windows)
 from qamro_pipe.errors import DataError
+from qamro_pipe.extract.audio import (
+    MIN_SECONDS,
+    load_audio,
+    probe,
+    resampled_length,
+    window_count,
+    windows,
+)
+
 from kit.mp3 import lame_mp3, needs_mp3
 
 

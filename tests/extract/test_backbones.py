@@ -11,9 +11,10 @@ import sys  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from qamro_pipe.errors import QamroError  # noqa: E402
 from qamro_pipe.extract.backbones import get_backbone  # noqa: E402
 from qamro_pipe.extract.backbones.base import RANDOM_WEIGHTS, sha256_file  # noqa: E402
-from qamro_pipe.errors import QamroError  # noqa: E402
+
 from kit.backbones import cosine_distance, tone_mix  # noqa: E402
 
 
@@ -159,20 +160,7 @@ def test_pool_is_a_length_weighted_mean():
 
 
 # -- aesthetics -------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def aes():
-    import torch
-
-    b = get_backbone("aesthetics", checkpoint=RANDOM_WEIGHTS)
-    b.load()
-    b.loaded = True
-    with torch.no_grad():  # uneven layer weights, so the per-axis weighting is exercised
-        gen = torch.Generator().manual_seed(0)
-        for w in b.model.layer_weights.values():
-            w.copy_(torch.randn(w.shape, generator=gen))
-    return b
-
-
+# the `aes` fixture: tests/conftest.py (kit.backbones.aesthetics_backbone)
 def heads_from_layer_features(model, feats):
     """The rest of AesMultiOutput.forward, read off the model's own parameters: per axis,
     softmax layer weights, weighted sum, L2 normalisation, MLP."""

@@ -18,8 +18,13 @@ import pytest  # noqa: E402
 from qamro_pipe.errors import QamroError  # noqa: E402
 from qamro_pipe.extract.backbones import get_backbone  # noqa: E402
 from qamro_pipe.extract.backbones.base import RANDOM_WEIGHTS, sha256_file  # noqa: E402
-from kit.backbones import (check_launched_batches, cosine_distance, tone_mix,  # noqa: E402
-                            write_roberta_style_tokenizer)
+
+from kit.backbones import (  # noqa: E402
+    check_launched_batches,
+    cosine_distance,
+    tone_mix,
+    write_roberta_style_tokenizer,
+)
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 
@@ -31,17 +36,6 @@ def no_tokenizer_anywhere(tmp_path, monkeypatch):
 
     monkeypatch.setenv("QAMRO_HOME", str(tmp_path / "qamro-home"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-
-
-@pytest.fixture(scope="module")
-def clap(tmp_path_factory):
-    tok = write_roberta_style_tokenizer(tmp_path_factory.mktemp("tok") / "roberta")
-    b = get_backbone("clap-music", checkpoint=RANDOM_WEIGHTS, offline=True,
-                     tokenizer_dir=str(tok))
-    b.load()
-    b.loaded = True
-    b.ensure_tokenizer()
-    return b
 
 
 def reference_clap_module(backbone):
@@ -86,8 +80,7 @@ def test_clap_window_preparation_is_laion_clap_s_bit_for_bit(clap):
     """Our torch quantise-and-pad equals laion_clap's numpy int16 round trip followed by its
     own repeatpad filling, exactly, for every int16 level and for short and full windows."""
     import torch
-    from laion_clap.training.data import (float32_to_int16, get_audio_features,
-                                          int16_to_float32)
+    from laion_clap.training.data import float32_to_int16, get_audio_features, int16_to_float32
 
     from qamro_pipe.extract.backbones.clap import quantize_int16, stack_windows
 
@@ -261,9 +254,16 @@ def release_ckpt(clap, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def release_clap(clap, release_ckpt):
+    """The release file loaded by clap-music's own load(), into a copy of the `clap` model:
+    build_clap is seeded, so a second build would give the same model, seconds later."""
+    import qamro_pipe.extract.backbones.clap as clap_module
+
     b = get_backbone("clap-music", checkpoint=str(release_ckpt), offline=True,
                      tokenizer_dir=clap.tokenizer_dir)
-    b.load()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(clap_module, "build_clap",
+                   lambda amodel: (copy.deepcopy(clap.model), clap.model_cfg))
+        b.load()
     b.loaded = True
     return b
 

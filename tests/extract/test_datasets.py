@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-
 from typer.testing import CliRunner
 
 from qamro_pipe.cli import app
-from qamro_pipe.extract.datasets import load_dataset
-from qamro_pipe.store import read_cache
-from qamro_pipe.extract.datasets.demo import SYSTEM_DESIGNS, designed_scores, write_demo_corpus
 from qamro_pipe.errors import DataError, QamroError
+from qamro_pipe.extract.datasets import load_dataset
+from qamro_pipe.extract.datasets.demo import SYSTEM_DESIGNS, designed_scores, write_demo_corpus
+from qamro_pipe.store import read_cache
+
 from kit.mp3 import MP3_SUPPORT, lame_mp3
 
 SR = 16000

@@ -6,8 +6,8 @@ from typer.testing import CliRunner
 
 from qamro_pipe.cli import app
 from qamro_pipe.config import ExtractConfig
-from qamro_pipe.extract.datasets import load_dataset
 from qamro_pipe.errors import CacheError, DataError, QamroError
+from qamro_pipe.extract.datasets import load_dataset
 from qamro_pipe.extract.loop import extract
 from qamro_pipe.store.files import writer_lock
 from qamro_pipe.store.reader import read_cache
@@ -421,8 +421,8 @@ def test_force_replaces_only_a_cache_the_tool_made(demo_records, tmp_path):
 def test_a_cache_with_no_clip_yet_pins_no_configuration(demo_records, tmp_path):
     """Before: a start that failed left an empty cache, and the rerun with the fix was
     refused: "made under a different configuration... pass --force"."""
-    from qamro_pipe.extract.loop import cache_key
     from qamro_pipe.extract.backbones import get_backbone
+    from qamro_pipe.extract.loop import cache_key
     from qamro_pipe.store.writer import create_cache
 
     p = tmp_path / "c.h5"

@@ -12,7 +12,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingf
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import json  # noqa: E402
-import random  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -23,21 +22,10 @@ import pytest  # noqa: E402
 from qamro_pipe.errors import QamroError  # noqa: E402
 from qamro_pipe.extract.backbones import get_backbone  # noqa: E402
 from qamro_pipe.extract.backbones.base import RANDOM_WEIGHTS, sha256_file  # noqa: E402
+
 from kit.backbones import tone_mix  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def muq_bb():
-    import torch
-
-    py, rng = random.getstate(), torch.random.get_rng_state()
-    b = get_backbone("muq", checkpoint=RANDOM_WEIGHTS)
-    b.load()
-    b.loaded = True
-    # MuQModel seeds torch and Python's random while it is built; a build leaves both as
-    # they were
-    b.rng_kept = random.getstate() == py and torch.equal(torch.random.get_rng_state(), rng)
-    return b
+# the `muq_bb` fixture: tests/conftest.py (kit.backbones.muq_backbone)
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 from qamro_pipe.cli import app
 from qamro_pipe.config import ExtractConfig
+from qamro_pipe.errors import CacheError
 from qamro_pipe.extract.datasets import load_dataset
 from qamro_pipe.extract.datasets.demo import write_demo_corpus
-from qamro_pipe.errors import CacheError
 from qamro_pipe.extract.loop import extract, part_path
 from qamro_pipe.extract.shards import merge_parts
 from qamro_pipe.store.reader import read_cache

@@ -11,9 +11,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from qamro_pipe.config import ExtractConfig
 from qamro_pipe.extract.datasets import load_dataset
 from qamro_pipe.extract.loop import extract, part_path
-from qamro_pipe.config import ExtractConfig
 from qamro_pipe.store.reader import read_cache
 
 from kit.children import N_CLIPS, assert_same_file, child_env, done_rows, extract_args, leftovers

@@ -12,11 +12,19 @@ import numpy as np
 import pytest
 
 from qamro_pipe.store.files import journal_path
-from qamro_pipe.store.writer import CacheWriter, create_cache
 from qamro_pipe.store.reader import read_cache
+from qamro_pipe.store.writer import CacheWriter, create_cache
 
-from kit.children import (BATCH_CLIPS, N_CLIPS, assert_same_file, child_env, done_rows, extract_args,
-                  leftovers, snapshot)
+from kit.children import (
+    BATCH_CLIPS,
+    N_CLIPS,
+    assert_same_file,
+    child_env,
+    done_rows,
+    extract_args,
+    leftovers,
+    snapshot,
+)
 
 
 def _check_after_stop(c, out: Path, before: set[int], reference: Path) -> set[int]:

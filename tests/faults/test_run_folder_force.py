@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from kit.caches import make_synthetic_cache
 
+from kit.caches import make_synthetic_cache
 
 FAST = ["--max-epochs", "3", "--quiet"]
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from qamro_pipe.extract.backbones import get_backbone
 from qamro_pipe.errors import QamroError
+from qamro_pipe.extract.backbones import get_backbone
 from qamro_pipe.train.runs import load_run
 
 from kit.children import extract_args

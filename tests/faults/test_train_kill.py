@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
-from kit.caches import make_synthetic_cache
 from safetensors.torch import load_file
 
 from qamro_pipe.errors import QamroError
 from qamro_pipe.train.runs import RUN_FILES, load_run
 
+from kit.caches import make_synthetic_cache
 from kit.children import child_env, leftovers
 from kit.cli import invoke
 

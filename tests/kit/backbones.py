@@ -47,3 +47,54 @@ def check_launched_batches(bb, sizes, n_batches, atol, seed=3):
     for p, e in zip(pending, expected):
         np.testing.assert_allclose(p.result()["audio"], e, atol=atol)
     return originals, expected
+
+
+# -- the random-weight backbones, full size (tests/conftest.py builds each once a session) ----
+def clap_backbone(tokenizer_dir):
+    """clap-music with laion_clap's own HTSAT-base + RoBERTa, seeded random weights."""
+    from qamro_pipe.extract.backbones import get_backbone
+    from qamro_pipe.extract.backbones.base import RANDOM_WEIGHTS
+
+    b = get_backbone("clap-music", checkpoint=RANDOM_WEIGHTS, offline=True,
+                     tokenizer_dir=str(tokenizer_dir))
+    b.load()
+    b.loaded = True
+    b.ensure_tokenizer()
+    return b
+
+
+def aesthetics_backbone():
+    """aesthetics: audiobox_aesthetics' AesMultiOutput, seeded random weights, with uneven
+    per-axis layer weights (seed 0), so the per-axis weighting is exercised."""
+    import torch
+
+    from qamro_pipe.extract.backbones import get_backbone
+    from qamro_pipe.extract.backbones.base import RANDOM_WEIGHTS
+
+    b = get_backbone("aesthetics", checkpoint=RANDOM_WEIGHTS)
+    b.load()
+    b.loaded = True
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        for w in b.model.layer_weights.values():
+            w.copy_(torch.randn(w.shape, generator=gen))
+    return b
+
+
+def muq_backbone():
+    """muq: the muq package's MuQ in its published architecture, seeded random weights;
+    rng_kept says whether building it left torch's and Python's random state as they were
+    (MuQModel seeds both while it is built)."""
+    import random
+
+    import torch
+
+    from qamro_pipe.extract.backbones import get_backbone
+    from qamro_pipe.extract.backbones.base import RANDOM_WEIGHTS
+
+    py, rng = random.getstate(), torch.random.get_rng_state()
+    b = get_backbone("muq", checkpoint=RANDOM_WEIGHTS)
+    b.load()
+    b.loaded = True
+    b.rng_kept = random.getstate() == py and torch.equal(torch.random.get_rng_state(), rng)
+    return b

@@ -9,7 +9,6 @@ import math
 
 import numpy as np
 import pytest
-from kit.caches import make_synthetic_cache
 from matplotlib.colors import to_rgba
 
 from qamro_pipe.config import LossConfig, TrainConfig, to_jsonable
@@ -19,6 +18,8 @@ from qamro_pipe.report.plots import eval_counts, plot_sweep, setting_key
 from qamro_pipe.train.experiment import run_experiment
 from qamro_pipe.train.recipes import load_recipe
 from qamro_pipe.train.sweep import expand_grid, sweep_rows
+
+from kit.caches import make_synthetic_cache
 
 BETAS = [1.0, 3.0, 5.0, 7.0, 9.0, 11.0]
 ALPHAS = [0.1, 0.2, 0.5]

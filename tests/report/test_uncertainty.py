@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-from kit.caches import make_synthetic_cache
 
 from qamro_pipe.config import LossConfig, Member, TrainConfig
 from qamro_pipe.report.evaluate import evaluate_run
@@ -14,6 +13,8 @@ from qamro_pipe.report.systems import system_scores
 from qamro_pipe.store.reader import read_cache
 from qamro_pipe.train.experiment import run_experiment
 from qamro_pipe.train.recipes import load_recipe
+
+from kit.caches import make_synthetic_cache
 
 SEEDS = 3
 

@@ -1,12 +1,13 @@
 import h5py
 import numpy as np
 import pytest
-from kit.caches import make_synthetic_cache
 
 from qamro_pipe.errors import CacheError
+from qamro_pipe.store import check_key, describe, read_cache, read_meta, write_cache
 from qamro_pipe.store.files import writer_lock
 from qamro_pipe.store.writer import CacheWriter, create_cache
-from qamro_pipe.store import check_key, describe, read_cache, read_meta, write_cache
+
+from kit.caches import make_synthetic_cache
 
 
 def test_roundtrip(synthetic_cache):

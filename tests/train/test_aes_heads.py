@@ -6,16 +6,17 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from kit.caches import INFORMATIVE_LAYER, per_layer_cache, small_recipe
 from typer.testing import CliRunner
 
-from qamro_pipe.train.aes_release import AXES, clip_scores, release_heads
 from qamro_pipe.cli import app
 from qamro_pipe.config import LossConfig, Member, TrainConfig
-from qamro_pipe.train.recipes import load_recipe
+from qamro_pipe.store import read_cache
+from qamro_pipe.train.aes_release import AXES, clip_scores, release_heads
 from qamro_pipe.train.runs import summarise
-from qamro_pipe.store import read_cache, write_cache
 from qamro_pipe.train.trainer import train
+
+from kit.caches import INFORMATIVE_LAYER, per_layer_cache, small_recipe
+
 
 def test_layer_weighted_heads_learn_from_windows(tmp_path):
     cache = read_cache(per_layer_cache(tmp_path / "c.h5"))
@@ -49,24 +50,19 @@ def test_train_cli_on_window_cache_and_clip_predictions(tmp_path):
     assert set(config["label_stats"]) == set(AXES)
 
 
-def test_release_heads_from_the_cache_equal_the_original_model(tmp_path):
-    """Random-weight AesMultiOutput saved as a release checkpoint: our extraction + the
-    release heads read off the model give AesPredictor's own scores for the same audio."""
+def test_release_heads_from_the_cache_equal_the_original_model(aes, tmp_path):
+    """Random-weight AesMultiOutput (the session's `aes`: uneven layer weights) saved as a
+    release checkpoint: our extraction + the release heads read off the model give
+    AesPredictor's own scores for the same audio."""
     from audiobox_aesthetics.infer import AesPredictor
 
-    from qamro_pipe.extract.backbones import get_backbone
-    from qamro_pipe.extract.backbones.base import RANDOM_WEIGHTS
-    from qamro_pipe.extract.backbones.aesthetics import RELEASE_HEAD_CFG
     from qamro_pipe.config import ExtractConfig
+    from qamro_pipe.extract.backbones import get_backbone
+    from qamro_pipe.extract.backbones.aesthetics import RELEASE_HEAD_CFG
     from qamro_pipe.extract.datasets import load_dataset
     from qamro_pipe.extract.loop import extract
 
-    bb = get_backbone("aesthetics", checkpoint=RANDOM_WEIGHTS)
-    bb.load()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for w in bb.model.layer_weights.values():
-            w.copy_(torch.randn(w.shape, generator=gen))
+    bb = aes
     transform = {a: {"mean": 5.0 + i, "std": 1.5 + 0.1 * i} for i, a in enumerate(AXES)}
     ckpt = tmp_path / "checkpoint.pt"
     torch.save({"model_cfg": RELEASE_HEAD_CFG, "target_transform": transform,

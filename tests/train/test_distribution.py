@@ -8,10 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from kit.caches import make_synthetic_cache
-from typer.testing import CliRunner
 
-from qamro_pipe.cli import app
 from qamro_pipe.config import LossConfig, Member, TrainConfig
 from qamro_pipe.errors import QamroError
 from qamro_pipe.report.evaluate import TrainedRun
@@ -21,6 +18,9 @@ from qamro_pipe.train.heads import BatchedMLP, HeadSpec
 from qamro_pipe.train.losses import gaussian_kl_loss
 from qamro_pipe.train.losses_reference import gaussian_kl_loss_literal
 from qamro_pipe.train.trainer import train
+
+from kit.caches import make_synthetic_cache
+from kit.cli import invoke
 
 NAN = float("nan")
 
@@ -126,10 +126,6 @@ def test_members_must_share_bins_and_need_a_scale():
     with pytest.raises(QamroError, match="needs the labels' scale"):
         output_bins([Member(LossConfig(kind="gaussian-kl"), 0)])
     assert output_bins([Member(LossConfig(), 0)]) is None
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def test_cli_train_evaluate_predict_read_the_distribution_mean(tmp_path):

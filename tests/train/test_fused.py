@@ -73,8 +73,8 @@ def test_triton_pair_kernel_equals_the_torch_one(tmp_path):
 
 def test_triton_pair_kernel_needs_cuda_outside_the_interpreter(synthetic_cache, monkeypatch):
     from qamro_pipe.config import LossConfig, Member
-    from qamro_pipe.train.heads import HeadSpec
     from qamro_pipe.store.reader import read_cache
+    from qamro_pipe.train.heads import HeadSpec
     from qamro_pipe.train.trainer import train
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

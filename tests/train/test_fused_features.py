@@ -10,24 +10,20 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from kit.caches import write_clip_manifest
-from qamro_pipe.cli import app
 from qamro_pipe.errors import QamroError
 from qamro_pipe.store import write_cache
 from qamro_pipe.store.reader import read_cache
 from qamro_pipe.train.heads import HeadSpec
 from qamro_pipe.train.joined import join, split_feature
 
+from kit.caches import write_clip_manifest
+from kit.cli import invoke
+
 FAST = ["--max-epochs", "60", "--batch-size", "64"]
 # the example of docs/recipes.md, "Features from several caches", as is
 FUSED = re.search(r"```toml\n(# qamro_pipe/stages/muq-text.toml.*?)```",
                   (Path(__file__).parents[2] / "docs" / "recipes.md").read_text(), re.S)[1]
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def fused_caches(folder, n_systems=12, per_system=16, seed=0, clap_ids=None, clap_dataset=None,

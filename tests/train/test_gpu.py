@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from qamro_pipe.config import LossConfig, Member, TrainConfig
-from qamro_pipe.train.heads import HeadSpec
 from qamro_pipe.store.reader import read_cache
 from qamro_pipe.train.engine import member_permutations
+from qamro_pipe.train.heads import HeadSpec
 from qamro_pipe.train.trainer import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -102,8 +102,8 @@ def test_pipelined_gpu_extraction_equals_the_cpu_cache(tmp_path):
     """On a GPU, features come back through pinned memory and events while the next batch is
     launched: batches in flight give what one batch at a time gives, whatever happens to
     their input afterwards, and a pipelined extract equals the CPU's cache."""
-    from qamro_pipe.extract.backbones import get_backbone
     from qamro_pipe.config import ExtractConfig
+    from qamro_pipe.extract.backbones import get_backbone
     from qamro_pipe.extract.datasets import load_dataset
     from qamro_pipe.extract.loop import extract
 
@@ -195,10 +195,10 @@ def test_resumed_run_on_gpu_equals_the_uninterrupted_one(synthetic_cache, tmp_pa
     """Saved on the GPU, resumed on the GPU: the same numbers as one uninterrupted run."""
     from dataclasses import replace
 
-    from kit.resume import Stop, stop_at
-
     from qamro_pipe.train.state import TrainState
     from qamro_pipe.train.trainer import Checkpoint
+
+    from kit.resume import Stop, stop_at
 
     cache = read_cache(synthetic_cache)
     cfg = TrainConfig(max_epochs=70, patience=6, lr=0.02, bootstrap=0, device="cuda",
@@ -237,8 +237,7 @@ def test_mixed_loss_kinds_graph_replay_equals_eager_and_cpu(synthetic_cache):
 
 
 def test_listwise_losses_match_their_references_on_the_gpu():
-    from qamro_pipe.train.losses import (gaussian_kl_loss, listmle_loss, listnet_loss,
-                                         spearman_loss)
+    from qamro_pipe.train.losses import gaussian_kl_loss, listmle_loss, listnet_loss, spearman_loss
 
     g = torch.Generator().manual_seed(0)
     pred = torch.randn(3, 40, generator=g, dtype=torch.float64)

@@ -7,17 +7,20 @@ import json
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from qamro_pipe.cli import app
 from qamro_pipe.config import LossConfig, Member, TrainConfig
 from qamro_pipe.errors import QamroError
 from qamro_pipe.store.reader import read_cache
 from qamro_pipe.train.heads import HeadSpec
 from qamro_pipe.train.losses import listmle_loss, listnet_loss, soft_rank, spearman_loss
-from qamro_pipe.train.losses_reference import (listmle_loss_literal, listnet_loss_literal,
-                                               spearman_loss_literal)
+from qamro_pipe.train.losses_reference import (
+    listmle_loss_literal,
+    listnet_loss_literal,
+    spearman_loss_literal,
+)
 from qamro_pipe.train.trainer import train
+
+from kit.cli import invoke
 
 NAN = float("nan")
 PAIRS = [(lambda p, y: listnet_loss(p, y, 0.7), lambda p, y: listnet_loss_literal(p, y, 0.7)),
@@ -151,10 +154,6 @@ def test_rank_weight_zero_is_the_regression_only_run(synthetic_cache):
     off = train(cache, HEADS, [Member(LossConfig(kind="listmle", rank_weight=0.0), 0)], FAST)
     none = train(cache, HEADS, [Member(LossConfig(kind="none"), 0)], FAST)
     assert np.array_equal(off.predictions["overall"], none.predictions["overall"])
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 @pytest.mark.parametrize("kind,extra", [("listnet", ["--temperature", "0.5"]),

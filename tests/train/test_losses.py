@@ -1,8 +1,13 @@
 import pytest
 import torch
 
-from qamro_pipe.train.losses import (margin_ranking_loss, normalise_labels, pairwise_ranking_loss,
-                               qamro_loss, regression_loss)
+from qamro_pipe.train.losses import (
+    margin_ranking_loss,
+    normalise_labels,
+    pairwise_ranking_loss,
+    qamro_loss,
+    regression_loss,
+)
 from qamro_pipe.train.losses_reference import qamro_loss_literal
 
 

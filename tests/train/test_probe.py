@@ -4,12 +4,10 @@ import json
 
 import numpy as np
 import pytest
-from kit.caches import make_synthetic_cache
 from scipy import stats
 from sklearn.linear_model import RidgeCV
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from kit.caches import per_layer_cache, small_recipe
 
 from qamro_pipe.config import PROBE_ALPHAS
 from qamro_pipe.report.tables import run_table
@@ -17,6 +15,8 @@ from qamro_pipe.store import read_cache, write_cache
 from qamro_pipe.train.heads import HeadSpec
 from qamro_pipe.train.probe import PROBE_ROW, clip_features, probe, probe_metrics, train_rows
 from qamro_pipe.train.recipes import load_recipe
+
+from kit.caches import make_synthetic_cache, per_layer_cache, small_recipe
 
 HEAD = (HeadSpec("score", "score", ("audio",)),)
 

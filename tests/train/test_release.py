@@ -8,11 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from kit.release import AXES, TRANSFORM, aes_cache, provenance_of, publisher_checkpoint
-from kit.resume import Stop, assert_same_run, stop_at
-from typer.testing import CliRunner
 
-from qamro_pipe.cli import app
 from qamro_pipe.config import LossConfig, Member, TrainConfig
 from qamro_pipe.errors import QamroError
 from qamro_pipe.store.reader import read_cache
@@ -21,13 +17,13 @@ from qamro_pipe.train.recipes import load_recipe
 from qamro_pipe.train.state import TrainState
 from qamro_pipe.train.trainer import Checkpoint, train
 
+from kit.cli import invoke
+from kit.release import AXES, TRANSFORM, aes_cache, provenance_of, publisher_checkpoint
+from kit.resume import Stop, assert_same_run, stop_at
+
 HEADS = load_recipe("aes-natural-code").heads
 FAST = TrainConfig(max_epochs=3, batch_size=120, bootstrap=0, optimizer="adamw", lr=1e-4,
                    init="release", label_stats="release", val_split="dev", eval_split="eval")
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,7 @@
 uninterrupted run, value for value (CPU), members dropping out of the batch included."""
 from dataclasses import replace
 
-import numpy as np
 import pytest
-import torch
-from kit.resume import Stop, assert_same_run, stop_at
 
 from qamro_pipe.config import LossConfig, Member, TrainConfig
 from qamro_pipe.errors import QamroError
@@ -14,6 +11,8 @@ from qamro_pipe.train.heads import HeadSpec
 from qamro_pipe.train.resume import fingerprint, partial_dir, training_state
 from qamro_pipe.train.state import TrainState
 from qamro_pipe.train.trainer import Checkpoint, train
+
+from kit.resume import Stop, assert_same_run, stop_at
 
 HEADS = (HeadSpec("overall", "overall", ("audio",)),
          HeadSpec("textual", "textual", ("audio", "text")))

@@ -3,14 +3,15 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from kit.caches import make_synthetic_cache
 
 from qamro_pipe.config import LossConfig, Member, TrainConfig
 from qamro_pipe.errors import QamroError
-from qamro_pipe.train.heads import BatchedMLP, HeadSpec
 from qamro_pipe.store.reader import read_cache
 from qamro_pipe.train.engine import member_permutations
+from qamro_pipe.train.heads import BatchedMLP, HeadSpec
 from qamro_pipe.train.trainer import train
+
+from kit.caches import make_synthetic_cache
 
 HEADS = (HeadSpec("overall", "overall", ("audio",)),
          HeadSpec("textual", "textual", ("audio", "text")))
@@ -148,8 +149,8 @@ def test_a_diverging_member_leaves_the_others_untouched(synthetic_cache):
 def test_an_input_inside_another_is_gathered_once_as_its_first_columns(synthetic_cache):
     """The audio head's input is the first columns of the textual head's: one matrix on the
     device, one gather per step, and each head still sees exactly its own features."""
-    from qamro_pipe.train.inputs import head_inputs
     from qamro_pipe.train.engine import gather as _gather
+    from qamro_pipe.train.inputs import head_inputs
     from qamro_pipe.train.trainer import _inputs
 
     cache = read_cache(synthetic_cache)
