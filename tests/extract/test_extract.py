@@ -262,7 +262,7 @@ def _count_launches(monkeypatch) -> list:
 
 def _equal_files(a, b):
     """Every attribute and dataset of two caches equal (the fault suite's exact compare)."""
-    from faults.kit import assert_same_file
+    from kit.children import assert_same_file
 
     assert_same_file(a, b)
 

@@ -72,8 +72,10 @@ class Child:
         if notify:
             self._lines.put(None)
 
-    def wait_line(self, prefix: str, n: int = 1, timeout: float = 60) -> str | None:
-        """Block until the n-th stderr line starting with prefix; None if the child ended."""
+    def wait_line(self, prefix: str, n: int = 1, timeout: float = 300) -> str | None:
+        """Block until the n-th stderr line starting with prefix; None if the child ended.
+        The timeout only stops a child that hangs: generous, as a loaded machine (the suite
+        runs on every core) can take a minute to get a child through the bad-audio battery."""
         deadline = time.monotonic() + timeout
         while True:
             try:
