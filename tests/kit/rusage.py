@@ -4,7 +4,9 @@ workers' time the controller's rusage does not count):
     QAMRO_RUSAGE=/tmp/cpu.txt pytest -p kit.rusage -n auto ...
 
 Each process (controller and workers) appends `pid user sys children_user children_sys`
-(seconds) at its end; the sum of the columns is the suite's CPU time."""
+(seconds) at its end. The controller's line (written last) is the suite's CPU time: its own,
+plus its children's, which are the workers it reaped and, through them, their children
+(qamro-pipe, torchrun, pip)."""
 import os
 import resource
 
