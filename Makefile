@@ -35,8 +35,11 @@ $(DEMO_STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e .
 	touch $(DEMO_STAMP)
 
+# ruff first (seconds), then the suite on every core (pytest-xdist): one torch thread per
+# worker, as the workers share the cores; PYTEST_OPTS=... adds options (e.g. --durations=50)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/ruff check --no-cache .
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --dist worksteal $(PYTEST_OPTS)
 
 demo: $(DEMO_STAMP)
 	$(BIN)/python -m qamro_pipe demo

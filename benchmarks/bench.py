@@ -20,7 +20,6 @@ Figures print as a table and go to bench-results/bench-<device>.json (or --json 
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 import json
 import os
 import platform
@@ -28,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,10 +37,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from qamro_pipe.config import LossConfig, Member, TrainConfig  # noqa: E402
+from qamro_pipe.store import read_cache, write_cache  # noqa: E402
 from qamro_pipe.train.heads import HeadSpec  # noqa: E402
 from qamro_pipe.train.losses import qamro_loss  # noqa: E402
 from qamro_pipe.train.losses_reference import qamro_loss_literal  # noqa: E402
-from qamro_pipe.store import read_cache, write_cache  # noqa: E402
 from qamro_pipe.train.trainer import resolve_device, train  # noqa: E402
 
 HEADS = (HeadSpec("overall", "overall", ("audio",)),
@@ -424,8 +424,8 @@ def bench_pipelining(tmp: Path, prep=0.025, forward=0.040):
     guess of the host's copy into pinned memory."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from qamro_pipe.extract.backbones.base import Backbone, FeatureSpec, register_backbone
     from qamro_pipe.config import ExtractConfig
+    from qamro_pipe.extract.backbones.base import Backbone, FeatureSpec, register_backbone
     from qamro_pipe.extract.datasets import load_dataset
     from qamro_pipe.extract.loop import extract
 

@@ -13,10 +13,27 @@ from typing import Any, Optional
 import typer
 
 from . import __version__
-from .cli_options import (DATA, LOSS, MODEL, OUTPUT, RUN_OPTIONS, cfg_opt, default_of, opt,
-                          run_args, train_settings, with_options)
-from .config import (DEFAULT_RECIPE, DEFAULT_TABLE, DEVICE_HELP, EXTRACT_BATCH, ExtractConfig,
-                     LossConfig)
+from .cli_options import (
+    DATA,
+    LOSS,
+    MODEL,
+    OUTPUT,
+    RUN_OPTIONS,
+    cfg_opt,
+    default_of,
+    opt,
+    run_args,
+    train_settings,
+    with_options,
+)
+from .config import (
+    DEFAULT_RECIPE,
+    DEFAULT_TABLE,
+    DEVICE_HELP,
+    EXTRACT_BATCH,
+    ExtractConfig,
+    LossConfig,
+)
 from .errors import Interrupted, QamroError
 from .loss_kinds import LOSS_KINDS, kinds_help
 from .precheck import check_cache_file, check_run_folder, check_run_options
@@ -240,7 +257,8 @@ def extract(
 
         refuse_foreign(out)
     from .extract.cli_glue import records_for, summary_text  # heavy: torch, h5py
-    from .extract.loop import default_cache_path, extract as run_extract
+    from .extract.loop import default_cache_path
+    from .extract.loop import extract as run_extract
     from .extract.shards import extract_distributed, parse_shard, torchrun_rank
 
     part = parse_shard(shard) if shard else None
@@ -316,8 +334,8 @@ def train(
              if v is not None}
     check_run_options(opts, tsettings, {**given, **lsettings})  # before torch is imported
     from .experiments.run import recipe_configs, run_experiment
-    from .train.recipes import select_recipe
     from .experiments.sweep import expand_grid
+    from .train.recipes import select_recipe
 
     r = select_recipe(recipe, dataset, backbone, opts["cache"])
     _note(r.derived and f"note: {r.derived}")
@@ -360,10 +378,10 @@ def sweep(
     Writes the run folder with sweep.csv and sweep.png. Takes every option train takes but
     --seed (a sweep gives seeds with --seeds or its grid)."""
     check_run_options(opts, *train_settings(opts))  # before torch is imported
-    from .report.screen import sweep_table, system_level_line
     from .experiments.run import recipe_configs, run_experiment
-    from .train.recipes import select_recipe
     from .experiments.sweep import expand_grid, named_grid, parse_list, sweep_rows
+    from .report.screen import sweep_table, system_level_line
+    from .train.recipes import select_recipe
 
     r = select_recipe(recipe, dataset, backbone, opts["cache"])
     _note(r.derived and f"note: {r.derived}")
@@ -405,8 +423,8 @@ def table(
 
     Rows differ in the loss alone; printed in the paper's layout, as table.md and table.csv."""
     check_run_options(opts, *train_settings(opts))  # before torch is imported
-    from .report.screen import system_level_line
     from .experiments.tables import run_table
+    from .report.screen import system_level_line
 
     tsettings, lsettings = train_settings(opts)
     with _watch(opts, "table") as watch:
@@ -546,8 +564,8 @@ def predict(
     A file's score is the mean of the run's members' predictions; with several members,
     HEAD_sd beside it is their sd. --answer holds the scores alone."""
     check_run_folder(run)  # before torch is imported
-    from .predict import (check_outputs, predict as run_predict, scores_csv, write_answer,
-                          write_scores)
+    from .predict import check_outputs, scores_csv, write_answer, write_scores
+    from .predict import predict as run_predict
 
     check_outputs(out, answer, force=force)  # before scoring: no scores lost to a bad path
     notes: list[str] = []
@@ -619,7 +637,8 @@ def prefer(
     Each output line: id, preferred (A or B), p_HEAD, the two scores, and how the temperature
     was set (fitted with --calibrate, or the members' spread)."""
     from .model_folder import looks_like_repo
-    from .pairs import answer_lines, calibrate as fit, read_pairs, score_pairs
+    from .pairs import answer_lines, read_pairs, score_pairs
+    from .pairs import calibrate as fit
     from .predict import _write_text, check_outputs
     from .scorer import Scorer
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable, ContextManager
 
-
 from .config import ExtractConfig, cache_root
+from .experiments.run import recipe_configs, run_experiment
+from .experiments.sweep import expand_grid, sweep_rows
 from .extract.datasets import load_dataset
 from .extract.loop import extract
-from .experiments.run import recipe_configs, run_experiment
 from .train.recipes import load_recipe
-from .experiments.sweep import expand_grid, sweep_rows
 
 Watch = Callable[[str], ContextManager[Any]]
 

@@ -27,8 +27,7 @@ import numpy as np
 
 from .errors import DataError, QamroError
 from .extract.memory import Item
-from .preference import (file_digest, fit_temperature, pair_rows, read_calibration,
-                         write_calibration)
+from .preference import file_digest, fit_temperature, pair_rows, read_calibration, write_calibration
 from .report.evaluate import evaluation_name
 from .report.pairs import evaluate_pairs, plot_reliability
 

@@ -12,11 +12,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .extract.datasets import Clip, DatasetRecords, load_dataset
 from .errors import QamroError
+from .extract.datasets import Clip, DatasetRecords, load_dataset
 from .extract.memory import Item
-from .untrusted import answer_ids_problem
 from .scorer import Scorer, clip_ids, sd_name
+from .untrusted import answer_ids_problem
 
 __all__ = ["predict", "check_outputs", "clip_ids", "sd_name", "score_columns", "scores_csv",
            "write_scores", "write_answer"]

@@ -3,52 +3,70 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
+import signal  # noqa: E402
+
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
-from qamro_pipe.store import write_cache  # noqa: E402
-
-
-def make_synthetic_cache(path, n_systems=12, per_system=20, dim=16, seed=0, signal=1.0,
-                         system_mos=True, **overrides):
-    """A MusicEval-shaped cache with a planted signal: labels follow a linear function of
-    the audio features (overall) and of audio and text (textual), plus noise."""
-    rng = np.random.default_rng(seed)
-    n = n_systems * per_system
-    systems = np.repeat([f"S{i:03d}" for i in range(n_systems)], per_system)
-    quality = np.repeat(np.linspace(1.5, 4.5, n_systems), per_system)
-    audio = rng.normal(size=(n, dim)).astype(np.float32)
-    text = rng.normal(size=(n, dim)).astype(np.float32)
-    audio[:, 0] = signal * (quality - 3) + 0.3 * rng.normal(size=n)
-    text[:, 0] = audio[:, 0] + 0.3 * rng.normal(size=n)
-    overall = np.clip(quality + 0.3 * rng.normal(size=n), 1, 5)
-    textual = np.clip(quality * 0.8 + 0.6 + 0.3 * rng.normal(size=n), 1, 5)
-    labels = np.stack([np.round(overall * 5) / 5, np.round(textual * 5) / 5], 1)
-    splits = np.where(rng.random(n) < 0.25, "dev", "train")
-    mos = None
-    if system_mos:
-        mos = {s: (float(labels[systems == s, 0].mean()), float(labels[systems == s, 1].mean()))
-               for s in np.unique(systems)}
-    kwargs = dict(ids=[f"clip{i:04d}" for i in range(n)], systems=systems, splits=splits,
-                  labels=labels.astype(np.float32), label_names=["overall", "textual"],
-                  features={"audio": audio, "text": text}, backbone="synthetic@1",
-                  dataset="musiceval", config={"made_by": "tests"}, system_mos=mos)
-    kwargs.update(overrides)
-    return write_cache(path, **kwargs)
-
-
-def write_clip_manifest(path, clips):
-    """A manifest (id, path, text) of dataset clips, as `predict --manifest` reads one."""
-    import csv
-
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "path", "text"])
-        for c in clips:
-            w.writerow([c.id, str(c.path), c.text])
-    return path
+from kit.backbones import (  # noqa: E402
+    aesthetics_backbone,
+    clap_backbone,
+    muq_backbone,
+    write_roberta_style_tokenizer,
+)
+from kit.caches import make_synthetic_cache  # noqa: E402
+from kit.cli import invoke  # noqa: E402
 
 
 @pytest.fixture
 def synthetic_cache(tmp_path):
     return make_synthetic_cache(tmp_path / "synthetic.h5")
+
+
+# the random-weight backbones, full size, built once a session (kit.backbones); a test that
+# changes one works on a copy
+@pytest.fixture(scope="session")
+def clap(tmp_path_factory):
+    return clap_backbone(write_roberta_style_tokenizer(tmp_path_factory.mktemp("tok")
+                                                       / "roberta"))
+
+
+@pytest.fixture(scope="session")
+def aes():
+    return aesthetics_backbone()
+
+
+@pytest.fixture(scope="session")
+def muq_bb():
+    return muq_backbone()
+
+
+def _process_state() -> dict:
+    """What one test (an in-process CLI run above all) could leave changed for the next."""
+    return {"cwd": os.getcwd(),
+            "env": {k: v for k, v in os.environ.items()
+                    if k.startswith(("QAMRO_", "TRITON_")) or k.endswith("_OFFLINE")
+                    or k in ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")},
+            "torch threads": torch.get_num_threads(),
+            "matmul precision": torch.get_float32_matmul_precision(),
+            "deterministic": torch.are_deterministic_algorithms_enabled(),
+            "grad enabled": torch.is_grad_enabled(),
+            "default dtype": torch.get_default_dtype(),
+            "SIGINT handler": signal.getsignal(signal.SIGINT)}
+
+
+@pytest.fixture(autouse=True)
+def no_state_leaks():
+    """Every test leaves the process as it found it: tests share one process (and the CLI
+    runs in it), so a changed working directory, variable, thread count or torch setting
+    would change the tests after it."""
+    before = _process_state()
+    yield
+    after = _process_state()
+    assert after == before, {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+
+
+@pytest.fixture
+def cli():
+    """`cli("train", "--cache", path, ...)`: qamro-pipe in this process (kit.cli.invoke)."""
+    return invoke

@@ -36,8 +36,16 @@ from ..train.inputs import label_col
 from ..train.resume import discard, fingerprint, partial_dir, training_state
 from ..train.runs import check_out, head_metrics, json_text, staging, write_predictions
 from ..train.trainer import train, usable_members
-from .folder import (Job, Staged, base_config, cost, mark_system_level, stage_run,
-                     system_level_note, write_sweep_files)
+from .folder import (
+    Job,
+    Staged,
+    base_config,
+    cost,
+    mark_system_level,
+    stage_run,
+    system_level_note,
+    write_sweep_files,
+)
 
 HELD_OUT = "cv-held-out"  # the split name a fold's own clips carry in its view of the cache
 

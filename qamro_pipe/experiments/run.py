@@ -7,8 +7,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..config import (CVConfig, LossConfig, Member, TrainConfig, cache_root, check_used,
-                      override, tuples)
+from ..config import (
+    CVConfig,
+    LossConfig,
+    Member,
+    TrainConfig,
+    cache_root,
+    check_used,
+    override,
+    tuples,
+)
 from ..errors import QamroError
 from ..loss_kinds import KINDS
 from ..store.reader import Cache, read_cache

@@ -11,11 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from ..config import (LossConfig, Member, TrainConfig, cache_root, check_seeds, check_used,
-                      override)
+from ..config import LossConfig, Member, TrainConfig, cache_root, check_seeds, check_used, override
 from ..errors import QamroError
-from ..report.compare import comparison, render_comparison
 from ..metrics import mean_sd
+from ..report.compare import comparison, render_comparison
 from ..report.tables import aggregate, aggregate_cv, render, write_table
 from ..store.reader import read_meta
 from ..train.aes_release import clip_scores, read_release

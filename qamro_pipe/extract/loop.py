@@ -14,16 +14,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..config import EXTRACT_BATCH, ExtractConfig, cache_root, to_jsonable
+from ..errors import DataError, Interrupted, QamroError
+from ..store.files import journal_path, writer_lock
+from ..store.reader import read_meta, refuse_foreign
+from ..store.writer import CacheWriter, create_cache
 from . import audio
 from .backbones import Backbone, get_backbone
 from .batches import BadFile, embed_batches
-from ..config import EXTRACT_BATCH, ExtractConfig, cache_root, to_jsonable
 from .datasets import DatasetRecords
 from .decoding import Decoder, decode_tasks
-from ..errors import DataError, Interrupted, QamroError
-from ..store.files import journal_path, writer_lock
-from ..store.writer import CacheWriter, create_cache
-from ..store.reader import read_meta, refuse_foreign
 from .reuse import ReusePlan, clip_columns, clips_digest, dataset_level, make_plan
 
 

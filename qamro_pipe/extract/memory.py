@@ -11,14 +11,14 @@ from typing import Any
 
 import numpy as np
 
-from . import audio
-from .backbones import Backbone
-from .datasets import Clip, DatasetRecords
-from .batches import gather, launch
-from .loop import cache_key
 from .. import __version__
 from ..errors import DataError
 from ..store.reader import SCHEMA_VERSION, Cache, CacheMeta
+from . import audio
+from .backbones import Backbone
+from .batches import gather, launch
+from .datasets import Clip, DatasetRecords
+from .loop import cache_key
 
 
 @dataclass(frozen=True)

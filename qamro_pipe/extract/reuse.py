@@ -29,11 +29,11 @@ from typing import Any
 
 import numpy as np
 
-from . import audio
-from .datasets import Clip, DatasetRecords
 from ..errors import CacheError, DataError
 from ..store.reader import CacheIndex, check_key, read_index
 from ..store.writer import RowCopy
+from . import audio
+from .datasets import Clip, DatasetRecords
 
 
 def clip_columns(records: DatasetRecords) -> dict[str, np.ndarray]:

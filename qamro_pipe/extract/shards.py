@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from ..store.files import writer_lock
-from ..store.writer import CacheWriter, create_cache
 from ..errors import CacheError, QamroError
+from ..store.files import writer_lock
 from ..store.reader import Cache, read_cache, read_meta, refuse_foreign
+from ..store.writer import CacheWriter, create_cache
 
 
 def parse_shard(text: str) -> tuple[int, int]:

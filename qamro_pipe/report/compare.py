@@ -22,7 +22,6 @@ from ..metrics import LEVEL, bootstrap_rows, interval, named_systems, point_metr
 from .tables import layout
 
 
-
 def _quantiles(vals: np.ndarray) -> list[float] | None:
     vals = vals[np.isfinite(vals)]
     return interval(vals, LEVEL) if len(vals) >= 2 else None

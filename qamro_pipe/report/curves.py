@@ -14,8 +14,7 @@ import numpy as np
 
 from ..errors import DataError
 from ..loss_kinds import setting_order
-from .plots import KIND_ORDER, NOTE_CHARS_PER_INCH, colours, new_figure, setting_key, \
-    setting_label
+from .plots import KIND_ORDER, NOTE_CHARS_PER_INCH, colours, new_figure, setting_key, setting_label
 
 HISTORY_COLUMNS = ("member", "epoch", "train_loss", "val_loss")  # what a plot needs of a row
 CURVES_AXES = (6.4, 3.8)  # inches of the loss axes

@@ -16,6 +16,7 @@ from ..config import TrainConfig, from_jsonable, member_from_jsonable, override,
 from ..errors import CacheError, QamroError
 from ..loss_kinds import USED_SETTINGS
 from ..metrics import FIGURES, named_systems, system_level_problem
+from ..store.reader import Cache, read_cache
 from ..train.distribution import output_bins
 from ..train.heads import BatchedMLP, HeadSpec
 from ..train.holdout import same_holdout
@@ -23,7 +24,6 @@ from ..train.inputs import build_head, head_inputs, predict_units, units_for, we
 from ..train.joined import join, rows_digest, split_feature
 from ..train.run_check import member_indices
 from ..train.runs import head_metrics, load_run, write_predictions
-from ..store.reader import Cache, read_cache
 from .rankplot import plot_rank_matrix
 from .systems import system_scores, write_rank_csv, write_systems_csv
 

@@ -13,8 +13,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..metrics import mean_sd
 from ..loss_kinds import GRID_SETTINGS, KINDS, LOSS_KINDS, USED_SETTINGS, legend, setting_order
+from ..metrics import mean_sd
 
 CORRELATIONS = ("lcc", "srcc", "ktau")  # bounded by [-1, 1]: axis and bars are capped there
 AXIS_NAMES = {"beta": "β (quality preference)", "alpha": "α (margin scale)",

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 from ..loss_kinds import setting_order
 from ..metrics import FIGURES, TOP_FIGURES, mean_sd
 from .tables import layout

@@ -10,9 +10,9 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from .durable import pid_alive
 from ..errors import CacheError
 from ..untrusted import file_kind
+from .durable import pid_alive
 
 JOURNAL_SUFFIX = ".journal"  # CACHE.journal: skipped clips of an unfinished extraction
 

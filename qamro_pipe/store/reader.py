@@ -52,10 +52,10 @@ from typing import Any, Iterable, Mapping
 import h5py
 import numpy as np
 
-from .files import read_journal, writer_active
-from .layout import check_layout
 from ..errors import CacheError
 from ..untrusted import file_kind, printable
+from .files import read_journal, writer_active
+from .layout import check_layout
 
 SCHEMA_VERSION = 1
 FEATURE_DTYPES = (np.dtype("float32"), np.dtype("float16"))

@@ -14,11 +14,12 @@ import h5py
 import numpy as np
 
 from .. import __version__
-from .files import journal_path, read_journal
-from .durable import fault_point, fsync_path
-from .space import cache_bytes, check_room
 from ..errors import CacheError
+from .durable import fault_point, fsync_path
+from .files import journal_path, read_journal
 from .reader import _STR, SCHEMA_VERSION, _open, _skipped_in_file
+from .space import cache_bytes, check_room
+
 
 def _why(e: OSError) -> str:
     """One line for an OS error (HDF5's own messages span several)."""

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checkpoints import AES_HEAD_CFG_KEYS, read_aes_checkpoint, sha256_file
 from ..errors import QamroError
 from ..store.reader import Cache
-from ..checkpoints import AES_HEAD_CFG_KEYS, read_aes_checkpoint, sha256_file
 from .heads import BatchedMLP, HeadSpec
 from .inputs import Units, head_inputs, units_for
 

@@ -33,7 +33,6 @@ from ..errors import QamroError
 from ..loss_kinds import kinds_of
 
 
-
 def bin_centres(label_range: tuple[float, float], bins: int) -> np.ndarray:
     """[n] centres over [lo, hi], ends included."""
     lo, hi = label_range

@@ -12,10 +12,10 @@ import torch
 
 from ..config import Member, TrainConfig
 from .distribution import OutputBins
+from .groups import epoch_order
 from .heads import BatchedMLP, HeadSpec, member_seed
 from .inputs import build_head, weighting_terms
 from .losses import LabelTerms
-from .groups import epoch_order
 from .objective import Losses, uncertainty_objective
 from .optim import make_optimizer
 from .shuffle import member_windows

@@ -9,8 +9,8 @@ import torch
 
 from ..config import OBJECTIVE_TERMS, TrainConfig
 from ..errors import QamroError
-from .heads import BatchedMLP, HeadSpec
 from ..store.reader import Cache
+from .heads import BatchedMLP, HeadSpec
 
 
 @dataclass

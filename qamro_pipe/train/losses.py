@@ -24,7 +24,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-
 # The published track 2 quality weight (github.com/JethroWangSir/QAMRO, track2/loss.py,
 # preference_aware_pamr_loss): per axis, a hand-set value for each MOS interval [1, 2), [2, 3),
 # ..., [8, 9), [9, 10], here in that order, scaled to [0, 1] by the table's min and max there.

@@ -23,8 +23,8 @@ import numpy as np
 from ..config import PROBE_ALPHAS
 from ..store.reader import Cache
 from .heads import HeadSpec
-from .runs import head_metrics
 from .inputs import head_inputs, label_col, units_for
+from .runs import head_metrics
 
 PROBE_ROW = "linear probe (RidgeCV)"
 

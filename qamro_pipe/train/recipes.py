@@ -16,6 +16,7 @@ from ..metrics import FIGURES, TOP_FIGURES
 from ..store.reader import read_cache, read_meta
 from .heads import ACTIVATIONS, HeadSpec
 
+
 def _shipped_stages() -> Path:
     """The recipes that come with qamro-pipe: the top-level stages/ of a checkout (or an
     editable install), mapped to qamro_pipe/stages/ inside a wheel (setup.py)."""

@@ -24,13 +24,13 @@ import torch
 from safetensors.torch import load_file
 
 from .. import __version__
+from ..checkpoints import save_safetensors
 from ..config import TrainConfig, to_jsonable
 from ..errors import QamroError
 from ..metrics import FIGURES, TOP_FIGURES, evaluate, mean_sd
-from ..checkpoints import save_safetensors
-from .run_check import check_config
 from ..store.durable import fault_point, fsync_path, pid_alive
 from ..store.reader import Cache
+from .run_check import check_config
 from .state import HISTORY_COLUMNS
 from .trainer import TrainResult
 

@@ -16,9 +16,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from ..checkpoints import save_safetensors
 from ..errors import QamroError
 from ..store.durable import fault_point, fsync_path
-from ..checkpoints import save_safetensors
 
 STATE_VERSION = 2  # 2: the history's term weights
 # per member and epoch: the objective (mean over heads) and its two parts, train and validation

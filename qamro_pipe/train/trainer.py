@@ -25,13 +25,23 @@ from ..errors import Interrupted, QamroError
 from ..loss_kinds import uses_system_term
 from ..store.reader import Cache
 from .aes_release import ReleasedHeads, read_release
-from .groups import train_groups
-from .engine import Context, Engine, InputPlan
-from .optim import optimizer_buffers
 from .distribution import output_bins, smoothed_targets
+from .engine import Context, Engine, InputPlan
+from .groups import train_groups
 from .heads import LOG_VARS, BatchedMLP, HeadSpec
-from .inputs import (Units, build_head, column_order, head_inputs, input_width, label_col,
-                     label_stats, predict_units, units_for, weighting_terms)
+from .inputs import (
+    Units,
+    build_head,
+    column_order,
+    head_inputs,
+    input_width,
+    label_col,
+    label_stats,
+    predict_units,
+    units_for,
+    weighting_terms,
+)
+from .optim import optimizer_buffers
 from .state import TrainState
 
 

@@ -4,7 +4,9 @@ fault | runs tried | nothing lost.
     .venv/bin/python tests/faults/report.py [extra pytest options]
 
 "runs tried" counts the real `qamro-pipe` processes a test started (killed, interrupted or
-fed bad input, and the reruns after), or its attempts where it works in-process; "nothing lost" is yes when every check of the test held:
+fed bad input), "+ N in-process" the commands it ran in the test's own process (kit.cli: bad
+input and reruns, where the process is not the point), or its attempts where it works
+in-process; "nothing lost" is yes when every check of the test held:
 no finished work lost, no wrong or non-finite number written, a clear error where one was due.
 Exit status: pytest's."""
 from __future__ import annotations
@@ -44,7 +46,9 @@ def table(rows: dict[str, dict]) -> str:
         lost = {"passed": "yes", "failed": "NO (test failed)", "skipped": "skipped",
                 "xfail": "not yet (" + row.get("why", "") + ")"}[row["outcome"]]
         where = " (in-process)" if row["props"].get("in_process") else ""
-        lines.append((fault, f"{runs}{where}", lost))
+        invoked = row["props"].get("invoked", 0)
+        more = f" + {invoked} in-process" if invoked else ""
+        lines.append((fault, f"{runs}{where}{more}", lost))
     w = [max(len(r[i]) for r in lines + [("fault", "runs tried", "nothing lost")])
          for i in range(2)]
     out = [f"{'fault':<{w[0]}}  {'runs tried':>{w[1]}}  nothing lost",
@@ -61,7 +65,8 @@ def main(argv: list[str]) -> int:
     print(table(collector.rows))
     runs = sum(r["props"].get("runs", 0) for r in collector.rows.values()
                if not r["props"].get("in_process"))
-    print(f"\n{len(collector.rows)} checks, {runs} qamro-pipe processes, "
+    invoked = sum(r["props"].get("invoked", 0) for r in collector.rows.values())
+    print(f"\n{len(collector.rows)} checks, {runs} qamro-pipe processes, {invoked} in-process, "
           f"{time.perf_counter() - t0:.0f} s")
     return int(code)
 

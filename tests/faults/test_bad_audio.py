@@ -13,7 +13,7 @@ import soundfile as sf
 from qamro_pipe.store.files import journal_path
 from qamro_pipe.store.reader import read_cache
 
-from .kit import child_env, leftovers
+from kit.children import child_env, leftovers
 
 SR = 16000
 
@@ -100,7 +100,7 @@ def test_bad_audio_stops_by_default_and_is_listed_with_skip_bad(corpus, tmp_path
             "--batch-size", "2", "--device", "cpu", "--quiet", "--out", out]
 
     # default: stop at the first broken file (the empty one), one line, exit 1
-    c = tally.run(args)
+    c = tally.invoke(args)
     assert c.proc.returncode == 1 and "Traceback" not in c.stderr
     [line] = [x for x in c.stderr.strip().splitlines() if not x.startswith("note: ")]
     assert line.startswith(f"error: {tmp_path / 'battery' / 'empty.wav'}: empty file (0 bytes)")
@@ -113,7 +113,7 @@ def test_bad_audio_stops_by_default_and_is_listed_with_skip_bad(corpus, tmp_path
     c.kill()
     assert journal_path(out).exists() and c.maxrss_mb is not None
     peak_mb = c.maxrss_mb  # the hour-long file went through in this run
-    c = tally.run([*args, "--skip-bad"], child_env(WRITE=0))
+    c = tally.invoke([*args, "--skip-bad"], WRITE=0)
     assert c.proc.returncode == 0, c.stderr
     assert c.rows_written() == [] and " 0 clips extracted" in c.stdout
     assert not journal_path(out).exists() and leftovers(tmp_path) == []
@@ -138,7 +138,7 @@ def test_bad_audio_stops_by_default_and_is_listed_with_skip_bad(corpus, tmp_path
                       'label_range = [1.0, 5.0]\n[[heads]]\nname = "overall"\n'
                       'label = "overall"\nfeatures = ["audio"]\n'
                       '[train]\nbootstrap = 0\nbatch_size = 8\n')
-    c = tally.run(["train", "--recipe", recipe, "--cache", out, "--out", tmp_path / "run",
+    c = tally.invoke(["train", "--recipe", recipe, "--cache", out, "--out", tmp_path / "run",
                    "--max-epochs", "5"])
     assert c.proc.returncode == 0, c.stderr
     with open(tmp_path / "run" / "predictions.csv") as f:

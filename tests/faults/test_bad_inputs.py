@@ -8,7 +8,7 @@ import shutil
 import h5py
 import torch
 
-from .kit import assert_same_file, child_env, extract_args
+from kit.children import assert_same_file, child_env, extract_args
 
 TRAIN_LIST = "sets/train_mos_list.txt"
 
@@ -71,7 +71,7 @@ CASES = ["label outside the scale", "NaN label (MusicEval list)",
 def test_bad_manifests_and_labels_are_one_clear_line(corpus, tmp_path, tally):
     tally.fault = f"bad manifests and labels via `extract` ({len(CASES)} cases)"
     children = {}
-    for i, case in enumerate(CASES):  # all at once: each is an error path of a few 100 ms
+    for i, case in enumerate(CASES):  # in-process: each is an error path of a few 100 ms
         root = tmp_path / f"case{i}"
         out = tmp_path / f"case{i}.h5"
         if case.startswith("manifest"):
@@ -81,7 +81,7 @@ def test_bad_manifests_and_labels_are_one_clear_line(corpus, tmp_path, tally):
         else:
             expect = _musiceval(case, corpus, root)
             args = extract_args(root, out)
-        children[case] = (tally.child(args), expect, out)
+        children[case] = (tally.invoke(args), expect, out)
     for case, (c, expect, out) in children.items():
         assert c.finish() == 1, (case, c.stdout, c.stderr)
         assert "Traceback" not in c.stderr and c.stdout == "", case
@@ -129,18 +129,18 @@ def test_cache_misuse_is_refused_and_leaves_the_file_alone(corpus, reference, tm
         path = tmp_path / f"m{i}.h5"
         shutil.copy(reference, path)
         opts = [str(ckpt) if o == "CKPT" else o for o in opts]
-        c = tally.child(extract_args(corpus, path, *opts, backbone=backbone))
+        c = tally.invoke(extract_args(corpus, path, *opts, backbone=backbone))
         children.append((kind, "extract", c, expect, path, reference.read_bytes()))
     for j, kind in enumerate(("schema version", "truncated file", "not HDF5")):
         path = tmp_path / f"b{j}.h5"
         shutil.copy(reference, path)
         expect = _misuse(kind, path)
         before = path.read_bytes()
-        children.append((kind, "extract", tally.child(extract_args(corpus, path)),
+        children.append((kind, "extract", tally.invoke(extract_args(corpus, path)),
                          FOREIGN if kind == "not HDF5" else expect, path, before))
         run_out = tmp_path / f"r{j}"
-        children.append((kind, run_out, tally.child(["train", "--recipe", "demo", "--cache",
-                                                     path, "--out", run_out]),
+        children.append((kind, run_out, tally.invoke(["train", "--recipe", "demo", "--cache",
+                                                      path, "--out", run_out]),
                          expect, path, before))
     for kind, cmd, c, expect, path, before in children:
         assert c.finish() == 1, (kind, cmd, c.stderr)
@@ -154,7 +154,7 @@ def test_cache_misuse_is_refused_and_leaves_the_file_alone(corpus, reference, tm
     # --force replaces a broken cache (truncated: HDF5's signature and our attribute's name
     # survive at its start) with a whole new cache
     path = tmp_path / "b1.h5"
-    c = tally.run([*extract_args(corpus, path), "--force"])
+    c = tally.invoke([*extract_args(corpus, path), "--force"])
     assert c.proc.returncode == 0, c.stderr
     assert_same_file(path, reference)
 
@@ -163,12 +163,13 @@ def test_two_extracts_on_one_cache_one_writes_the_other_is_refused(corpus, refer
                                                                    tmp_path, tally):
     tally.fault = "two extract processes on one cache at once (+ cache info, train meanwhile)"
     out = tmp_path / "c.h5"
-    # the first writer holds the cache, every row written but not yet marked complete
+    # the first writer, a process, holds the cache, every row written but not yet marked
+    # complete; the others run in this process, while it holds it
     first = tally.child(extract_args(corpus, out), child_env(FINISH=60))
     first.wait_line("qamro-fault: finish")
-    second = tally.child(extract_args(corpus, out))
-    info = tally.child(["cache", "info", out])  # readers need no lock
-    train = tally.child(["train", "--recipe", "demo", "--cache", out, "--out", tmp_path / "r"])
+    second = tally.invoke(extract_args(corpus, out))
+    info = tally.invoke(["cache", "info", out])  # readers need no lock
+    train = tally.invoke(["train", "--recipe", "demo", "--cache", out, "--out", tmp_path / "r"])
     assert second.finish() == 1
     assert second.stderr.strip() == (f"error: {out}: another process is writing this cache "
                                      f"(lock c.h5.lock is held); wait for it to finish")
@@ -178,6 +179,6 @@ def test_two_extracts_on_one_cache_one_writes_the_other_is_refused(corpus, refer
     assert "another process is writing this cache now; wait for it" in train.stderr
     assert not (tmp_path / "r").exists()
     first.kill()  # the lock goes with the process: the next run just finishes
-    c = tally.run(extract_args(corpus, out))
+    c = tally.invoke(extract_args(corpus, out))
     assert c.proc.returncode == 0 and "24 were already done" in c.stdout, c.stderr
     assert_same_file(out, reference)

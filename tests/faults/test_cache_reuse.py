@@ -11,12 +11,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from qamro_pipe.config import ExtractConfig
 from qamro_pipe.extract.datasets import load_dataset
 from qamro_pipe.extract.loop import extract, part_path
-from qamro_pipe.config import ExtractConfig
 from qamro_pipe.store.reader import read_cache
 
-from .kit import N_CLIPS, assert_same_file, child_env, done_rows, extract_args, leftovers
+from kit.children import N_CLIPS, assert_same_file, child_env, done_rows, extract_args, leftovers
 
 TRAIN_LIST = "sets/train_mos_list.txt"
 DEV_LIST = "sets/dev_mos_list.txt"
@@ -52,7 +52,7 @@ def _swap_audio(root: Path, names: list[str]) -> None:
 
 
 def _fresh(tally, root: Path, out: Path) -> Path:
-    c = tally.run(extract_args(root, out))
+    c = tally.invoke(extract_args(root, out))
     assert c.proc.returncode == 0, c.stderr
     return out
 
@@ -63,7 +63,7 @@ def test_stale_labels_splits_and_system_mos_are_rewritten_not_served(corpus, tmp
     shutil.copytree(corpus, root)
     out = _fresh(tally, root, tmp_path / "c.h5")
     _relabel(root)
-    c = tally.run(extract_args(root, out), child_env(WRITE=0))
+    c = tally.invoke(extract_args(root, out), WRITE=0)
     assert c.proc.returncode == 0, c.stderr
     assert c.rows_written() == [], "a metadata change re-embedded clips"
     assert (f"{out}: nothing to embed ({N_CLIPS} clips); kept {N_CLIPS} clips of the earlier "
@@ -71,7 +71,7 @@ def test_stale_labels_splits_and_system_mos_are_rewritten_not_served(corpus, tmp
             f"clip, system mos") == c.stdout, c.stdout
     fresh = _fresh(tally, root, tmp_path / "fresh.h5")
     assert_same_file(out, fresh)
-    c = tally.run([*extract_args(root, out), "--force"], child_env(WRITE=0))
+    c = tally.invoke([*extract_args(root, out), "--force"], WRITE=0)
     assert c.proc.returncode == 0, c.stderr
     assert sorted(c.rows_written()) == list(range(N_CLIPS))  # --force rebuilds everything
     assert_same_file(out, fresh)
@@ -87,7 +87,7 @@ def test_changed_audio_behind_unchanged_names_is_re_embedded(corpus, tmp_path, t
     ids = _ids(out)
     victim = ids[7] + ".wav"
     _swap_audio(root, [victim])
-    c = tally.run(extract_args(root, out), child_env(WRITE=0))
+    c = tally.invoke(extract_args(root, out), WRITE=0)
     assert c.proc.returncode == 0, c.stderr
     assert c.rows_written() == [7], c.stderr
     assert "1 re-embedded (audio changed)" in c.stdout
@@ -96,7 +96,7 @@ def test_changed_audio_behind_unchanged_names_is_re_embedded(corpus, tmp_path, t
     other = tmp_path / "copy"
     shutil.copytree(corpus, other)
     _swap_audio(other, [ids[3] + ".wav", ids[20] + ".wav"])
-    c = tally.run(extract_args(other, out), child_env(WRITE=0))
+    c = tally.invoke(extract_args(other, out), WRITE=0)
     assert c.proc.returncode == 0, c.stderr
     assert sorted(c.rows_written()) == list(range(N_CLIPS))  # other paths: nothing reused
     assert_same_file(out, _fresh(tally, other, tmp_path / "fresh-copy.h5"))
@@ -133,7 +133,7 @@ def test_sigkill_while_a_changed_dataset_is_migrated_resumes_to_the_same_cache(
     new = read_cache(out, require_complete=False)
     kept = done_rows(out)
     assert len(kept) == N_CLIPS - 1 and ids[5] not in new.ids[sorted(kept)]
-    c = tally.run(args, child_env(WRITE=0))
+    c = tally.invoke(args, WRITE=0)
     assert c.proc.returncode == 0, c.stderr
     assert c.rows_written() == [new.ids.tolist().index(ids[5])]
     assert f"{N_CLIPS - 1} were already done" in c.stdout
@@ -149,7 +149,7 @@ def test_a_start_killed_before_its_first_clip_pins_nothing(corpus, reference, tm
     c.wait_line("qamro-fault: write")
     c.kill()
     assert out.exists() and done_rows(out) == set()  # an empty cache, made as bf16
-    c = tally.run(extract_args(corpus, out))  # before: "made under a different configuration"
+    c = tally.invoke(extract_args(corpus, out))  # before: "made under a different configuration"
     assert c.proc.returncode == 0, c.stderr
     assert "replaced a cache that held no clip yet" in c.stdout
     assert_same_file(out, reference)

@@ -7,7 +7,7 @@ import os
 import resource
 import signal
 
-from .kit import assert_same_file, extract_args, leftovers
+from kit.children import assert_same_file, extract_args, leftovers
 
 
 def _small_disk(limit: int):
@@ -25,7 +25,7 @@ def test_disk_too_small_is_reported_at_creation(corpus, reference, tmp_path, tal
     [line] = c.stderr.strip().splitlines()
     assert line.startswith("error: ") and str(out.parent) in line and "disk" in line, line
     assert not out.exists() and leftovers(tmp_path) == []
-    c = tally.run(extract_args(corpus, out))
+    c = tally.invoke(extract_args(corpus, out))
     assert c.proc.returncode == 0, c.stderr
     assert_same_file(out, reference)
     st = os.stat(out)

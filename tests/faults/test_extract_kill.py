@@ -12,11 +12,19 @@ import numpy as np
 import pytest
 
 from qamro_pipe.store.files import journal_path
-from qamro_pipe.store.writer import CacheWriter, create_cache
 from qamro_pipe.store.reader import read_cache
+from qamro_pipe.store.writer import CacheWriter, create_cache
 
-from .kit import (BATCH_CLIPS, N_CLIPS, assert_same_file, child_env, done_rows, extract_args,
-                  leftovers, snapshot)
+from kit.children import (
+    BATCH_CLIPS,
+    N_CLIPS,
+    assert_same_file,
+    child_env,
+    done_rows,
+    extract_args,
+    leftovers,
+    snapshot,
+)
 
 
 def _check_after_stop(c, out: Path, before: set[int], reference: Path) -> set[int]:
@@ -82,7 +90,7 @@ def test_sigkill_at_many_points_resumes_to_the_same_cache(corpus, reference, tmp
     step(child_env(WRITE=0, FINISH=30), lambda c: c.wait_line("qamro-fault: finish"))
     assert len(done) == N_CLIPS and not read_cache(out, require_complete=False).meta.complete
     # the last run only finishes
-    c = tally.run(args, child_env(WRITE=0))
+    c = tally.invoke(args, WRITE=0)
     assert c.proc.returncode == 0, c.stderr
     assert c.rows_written() == [] and f"{N_CLIPS} were already done" in c.stdout
     assert redone <= 7 * BATCH_CLIPS  # each kill loses at most the batch it was writing
@@ -109,7 +117,7 @@ def test_ctrl_c_says_how_to_resume_and_resumes(corpus, reference, tmp_path, tall
     assert c.finish() == 130 and "rerun the same command to resume" in c.stderr
     done = _check_after_stop(c, out, done, reference)
     assert BATCH_CLIPS * 3 <= len(done) < N_CLIPS
-    c = tally.run(args)
+    c = tally.invoke(args)
     assert c.proc.returncode == 0, c.stderr
     assert f"{len(done)} were already done" in c.stdout
     assert_same_file(out, reference)
@@ -150,7 +158,7 @@ def test_sigkill_with_decoding_workers_leaves_no_orphan_holding_the_cache(
     while any(_alive(w) for w in workers) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(_alive(w) for w in workers), "decoding workers outlived the killed parent"
-    c = tally.run(args)  # not refused as "another process is writing"
+    c = tally.invoke(args)  # not refused as "another process is writing"
     assert c.proc.returncode == 0, c.stderr
     a, b = snapshot(out), snapshot(reference)
     for k in b:

@@ -10,13 +10,13 @@ import os
 import h5py
 import numpy as np
 import pytest
-from conftest import make_synthetic_cache
 
 from qamro_pipe.errors import CacheError
 from qamro_pipe.store import CacheWriter
 
-from .hostile import cli, crafted, one_line_error, peak_python_mb, within
-from .kit import extract_args
+from kit.caches import make_synthetic_cache
+from kit.children import extract_args
+from kit.hostile import cli, crafted, one_line_error, peak_python_mb, within
 
 
 @pytest.fixture

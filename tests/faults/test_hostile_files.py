@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import make_synthetic_cache
 
 from qamro_pipe import checkpoints
 from qamro_pipe.errors import QamroError
 
-from .hostile import cli, one_line_error, peak_python_mb, within
-from .kit import extract_args
+from kit.caches import make_synthetic_cache
+from kit.children import extract_args
+from kit.hostile import cli, one_line_error, peak_python_mb, within
 
 
 @pytest.fixture(scope="module")

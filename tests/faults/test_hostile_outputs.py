@@ -12,13 +12,13 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
-from conftest import make_synthetic_cache
 
 from qamro_pipe.errors import CacheError
 from qamro_pipe.store import CacheWriter, create_cache
 
-from .hostile import cli, crafted, one_line_error, tree_digest
-from .kit import assert_same_file, child_env, extract_args, leftovers
+from kit.caches import make_synthetic_cache
+from kit.children import assert_same_file, child_env, extract_args, leftovers
+from kit.hostile import cli, crafted, one_line_error, tree_digest
 
 SMALL = dict(n_systems=4, per_system=6, dim=8)
 

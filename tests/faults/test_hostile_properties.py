@@ -18,12 +18,12 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import make_synthetic_cache
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from .hostile import cli, peak_python_mb, tree_digest
+from kit.caches import make_synthetic_cache
+from kit.hostile import cli, peak_python_mb, tree_digest
 
 EXAMPLES = int(os.environ.get("HYPOTHESIS_EXAMPLES", "10"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,

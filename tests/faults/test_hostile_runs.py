@@ -8,10 +8,10 @@ import shutil
 
 import pytest
 import torch
-from conftest import make_synthetic_cache
 from safetensors.torch import load_file, save_file
 
-from .hostile import cli, one_line_error, tree_digest
+from kit.caches import make_synthetic_cache
+from kit.hostile import cli, one_line_error, tree_digest
 
 SMALL = dict(n_systems=4, per_system=6, dim=8)
 

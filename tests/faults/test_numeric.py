@@ -10,11 +10,12 @@ import math
 import h5py
 import numpy as np
 import pytest
-from conftest import make_synthetic_cache  # tests/conftest.py
 
 from qamro_pipe.errors import CacheError, QamroError
 from qamro_pipe.metrics import evaluate
 from qamro_pipe.store.writer import CacheWriter, create_cache
+
+from kit.caches import make_synthetic_cache
 
 
 def _strict_json(path):

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from qamro_pipe.extract.backbones import get_backbone
 from qamro_pipe.errors import QamroError
+from qamro_pipe.extract.backbones import get_backbone
 from qamro_pipe.train.runs import load_run
 
-from .kit import extract_args
+from kit.children import extract_args
 
 PACKAGE = Path(__file__).resolve().parents[2] / "qamro_pipe"
 
@@ -134,7 +134,7 @@ def test_wrong_file_as_checkpoint_is_one_line(corpus, tmp_path, tally, backbone,
     ckpt = tmp_path / "ckpt.pt"
     problem = BAD_CHECKPOINTS[case](ckpt)
     out = tmp_path / "c.h5"
-    c = tally.run(extract_args(corpus, out, "--checkpoint", ckpt, backbone=backbone))
+    c = tally.invoke(extract_args(corpus, out, "--checkpoint", ckpt, backbone=backbone))
     assert c.proc.returncode == 1, c.stderr
     assert len(c.err) == 1, c.stderr
     assert c.err[0].startswith(f"error: {backbone}: checkpoint {ckpt}: {problem}"), c.stderr

@@ -11,13 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_synthetic_cache  # tests/conftest.py
 from safetensors.torch import load_file
 
 from qamro_pipe.errors import QamroError
 from qamro_pipe.train.runs import RUN_FILES, load_run
 
-from .kit import child_env, leftovers
+from kit.caches import make_synthetic_cache
+from kit.children import child_env, leftovers
+from kit.cli import invoke
 
 RECIPE = """name = "faults"
 dataset = "musiceval"
@@ -94,11 +95,11 @@ def test_killed_training_leaves_whole_or_no_run_and_reruns_cleanly(setup, tally)
 
     # a rerun with other members is refused while the killed run's saved state is there (it
     # would resume with the killed run's own command) ...
-    c = tally.run([*base, "--seeds", "3", *SHORT])
+    c = tally.invoke([*base, "--seeds", "3", *SHORT])
     assert c.proc.returncode == 1 and "pass --force to discard it" in c.stderr, c.stderr
     assert (runs / ".r.partial").is_dir() and not out.exists()
     # ... and with --force runs from scratch: whole, none of the killed run's members
-    c = tally.run([*base, "--seeds", "3", "--force", *SHORT])
+    c = tally.invoke([*base, "--seeds", "3", "--force", *SHORT])
     assert c.proc.returncode == 0, c.stderr
     assert not (runs / ".r.partial").exists()  # a whole run keeps no training state
     assert_whole_run(out, 3)
@@ -120,7 +121,7 @@ def test_killed_training_leaves_whole_or_no_run_and_reruns_cleanly(setup, tally)
     assert_whole_run(out, 1)  # the new run, whole
     assert leftovers(runs) == []
 
-    c = tally.run([*base, "--seeds", "2", "--force", *SHORT])
+    c = tally.invoke([*base, "--seeds", "2", "--force", *SHORT])
     assert c.proc.returncode == 0, c.stderr
     assert_whole_run(out, 2)
     assert leftovers(runs) == []
@@ -144,7 +145,7 @@ def test_killed_sweep_leaves_whole_or_no_folder(setup, tally):
     assert out.exists(), c.stderr
     assert_whole_run(out, 2, sweep=True)
 
-    c = tally.run([*base, "--seeds", "2", "--force", *SHORT])
+    c = tally.invoke([*base, "--seeds", "2", "--force", *SHORT])
     assert c.proc.returncode == 0, c.stderr
     assert_whole_run(out, 4, sweep=True)
     assert leftovers(runs) == []
@@ -164,10 +165,8 @@ def resumable(tmp_path_factory):
     recipe.write_text(RESUMABLE)
     cache = make_synthetic_cache(tmp / "synthetic.h5")
     base = [*SWEEP, "--recipe", recipe, "--cache", cache]
-    from .kit import run
-
     ref = tmp / "runs" / "reference"
-    c = run([*base, "--out", ref])
+    c = invoke(*base, "--out", ref, threads=1)  # in-process, one thread as the children
     assert c.proc.returncode == 0, c.stderr
     return base, ref, tmp / "runs"
 
@@ -197,7 +196,7 @@ def test_killed_training_resumes_to_the_uninterrupted_numbers(resumable, tally):
         time.sleep(rng.uniform(0.0, 0.1))
         assert c.kill() == -signal.SIGKILL
         assert not out.exists() and (runs / ".killed.partial").is_dir()
-    c = tally.run([*base, "--out", out])
+    c = tally.invoke([*base, "--out", out])
     assert c.proc.returncode == 0, c.stderr
     assert "resumed from epoch" in c.stdout
     assert_same_results(ref, out)
@@ -214,7 +213,7 @@ def test_ctrl_c_saves_the_state_and_the_rerun_resumes(resumable, tally):
     assert c.finish() == 130, c.stderr
     assert "rerun the same command to resume" in c.stderr
     assert "Traceback" not in c.stderr
-    c = tally.run([*base, "--out", out, "--resume"])
+    c = tally.invoke([*base, "--out", out, "--resume"])
     assert c.proc.returncode == 0, c.stderr
     assert "resumed from epoch" in c.stdout
     assert_same_results(ref, out)

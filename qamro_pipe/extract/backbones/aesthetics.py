@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from ...checkpoints import AES_HEAD_CFG_KEYS as HEAD_CFG_KEYS
+from ...checkpoints import read_aes_checkpoint
 from ...errors import QamroError
-from ...checkpoints import AES_HEAD_CFG_KEYS as HEAD_CFG_KEYS, read_aes_checkpoint
 from .base import Backbone, FeatureSpec, register_backbone, seeded_init
 from .releases import PublishedWeights
 

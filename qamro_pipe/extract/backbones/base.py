@@ -18,10 +18,16 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ...errors import QamroError
 from ...checkpoints import check_checkpoint_file, check_safetensors_file, sha256_file
-from .releases import (NETWORK_PROBE_SECONDS, RANDOM_WEIGHTS, PublishedWeights, hub_endpoint,
-                      hub_reachable, offline_mode)
+from ...errors import QamroError
+from .releases import (
+    NETWORK_PROBE_SECONDS,
+    RANDOM_WEIGHTS,
+    PublishedWeights,
+    hub_endpoint,
+    hub_reachable,
+    offline_mode,
+)
 
 REGISTRY: dict[str, type["Backbone"]] = {}
 

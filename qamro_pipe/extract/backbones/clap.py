@@ -26,12 +26,18 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import QamroError
 from ...checkpoints import read_checkpoint
+from ...errors import QamroError
 from .base import Backbone, FeatureSpec, register_backbone, seeded_init
-from .roberta_tokenizer import (VOCAB_SIZE, files_digest, find_tokenizer, load_tokenizer,
-                                missing_tokenizer, tokenizer_files)
 from .releases import PublishedWeights, hub_offline
+from .roberta_tokenizer import (
+    VOCAB_SIZE,
+    files_digest,
+    find_tokenizer,
+    load_tokenizer,
+    missing_tokenizer,
+    tokenizer_files,
+)
 
 # the file laion_clap's README names for music, at the repository's commit b3708341 (the one
 # the Hugging Face cache snapshots of this file carry)

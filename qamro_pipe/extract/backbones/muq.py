@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import QamroError
 from ...checkpoints import read_safetensors
+from ...errors import QamroError
 from .base import Backbone, FeatureSpec, register_backbone, seeded_init
 from .releases import PublishedWeights
 
@@ -179,7 +179,8 @@ def read_muq_config(path: Path) -> dict[str, Any]:
 def build_muq(config: dict[str, Any]):
     """The package's MuQ from a config, with seeded, untrained weights (MuQModel seeds torch
     and Python's `random` itself; both are restored afterwards)."""
-    from muq import MuQ as PackageMuQ, MuQConfig
+    from muq import MuQ as PackageMuQ
+    from muq import MuQConfig
 
     fields = MuQConfig.__dataclass_fields__
     cfg = {k: v for k, v in config.items() if k in fields}

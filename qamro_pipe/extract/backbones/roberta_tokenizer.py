@@ -12,8 +12,8 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from ...errors import QamroError
 from ...checkpoints import sha256_file
+from ...errors import QamroError
 from .releases import PublishedWeights, hub_endpoint, hub_offline, hub_reachable
 
 # roberta-base (FacebookAI/roberta-base, formerly "roberta-base") at commit e2da8e2f, the
