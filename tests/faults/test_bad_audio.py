@@ -110,9 +110,9 @@ def test_bad_audio_stops_by_default_and_is_listed_with_skip_bad(corpus, tmp_path
     # (kept in the journal until then) survive, and the rerun only finishes
     c = tally.child([*args, "--skip-bad"], child_env(FINISH=30))
     c.wait_line("qamro-fault: finish")
+    peak_mb = c.peak_mb()  # the hour-long file went through in this run
     c.kill()
-    assert journal_path(out).exists() and c.maxrss_mb is not None
-    peak_mb = c.maxrss_mb  # the hour-long file went through in this run
+    assert journal_path(out).exists()
     c = tally.invoke([*args, "--skip-bad"], WRITE=0)
     assert c.proc.returncode == 0, c.stderr
     assert c.rows_written() == [] and " 0 clips extracted" in c.stdout

@@ -94,6 +94,15 @@ class Child:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
 
+    def peak_mb(self) -> float:
+        """The running child's own peak memory (VmHWM of its address space since exec).
+        Not ru_maxrss: Linux carries a parent's high-water mark across fork and exec, so a
+        child of a test worker holding the session's backbones would report gigabytes."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError(f"no VmHWM for process {self.pid}")
+
     def finish(self, timeout: float = 120) -> int:
         """Reap the child (wait4, so its peak memory is known: self.maxrss_mb)."""
         deadline = time.monotonic() + timeout
