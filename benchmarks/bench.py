@@ -594,7 +594,7 @@ def main():
             bench_sweep_cpu(path, args.full_sweep)
         if "extract" not in skip:
             sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-            from test_backbones import write_roberta_style_tokenizer
+            from kit.backbones import write_roberta_style_tokenizer
             tok = str(write_roberta_style_tokenizer(tmp / "tokenizer"))
             bench_extract(device, tmp, tok, args.full_extract or device.type == "cuda")
         if "host-ceiling" not in skip:

@@ -11,8 +11,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH="$PWD:/tmp/site:$PWD/.whl/extra"
 nvidia-smi -L
 python3 -c "import torch, numpy, h5py; print('torch', torch.__version__, 'numpy', numpy.__version__)"
-python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_train.py tests/test_resume.py \
-    tests/test_losses.py tests/test_backbones.py tests/test_extract.py 2>&1 | tee "$OUT/tests.log" | tail -25
+python3 -m pytest -q -p no:cacheprovider tests/train/test_gpu.py tests/train/test_train.py tests/train/test_resume.py \
+    tests/train/test_losses.py tests/extract/test_backbones.py tests/extract/test_extract.py 2>&1 | tee "$OUT/tests.log" | tail -25
 python3 benchmarks/bench.py --device cuda --full-extract --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
 # issue 22: the feeding process with a zero-cost model on this machine's CPU and workers, and
 # where it spends its time with the real models (CLAP and Aesthetics, fp32 and bf16 end to end

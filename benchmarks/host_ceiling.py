@@ -256,7 +256,7 @@ def measure(clips: int = 256, before: str | None = None, workers: int | None = N
     """{tree: {shape-length: figures}} for this tree ("after") and, with `before`, that
     revision ("before"), alternating, in this one run."""
     sys.path.insert(0, str(HERE.parent / "tests"))
-    from test_backbones import write_roberta_style_tokenizer  # tests/ is not a package
+    from kit.backbones import write_roberta_style_tokenizer  # tests/ is not a package
 
     workers = workers or auto_workers(gpu=True)  # what a GPU run on this machine gets
     out: dict = {"workers": workers, "batch": BATCH, "clips": clips, "cpus": os.cpu_count(),

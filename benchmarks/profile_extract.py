@@ -45,7 +45,7 @@ def main() -> None:
         root = corpus(tmp, args.prompts, 10.0, "corpus", sr=44100)
         tok = None
         if args.backbone == "clap-music":
-            from test_backbones import write_roberta_style_tokenizer
+            from kit.backbones import write_roberta_style_tokenizer
             tok = str(write_roberta_style_tokenizer(tmp / "tokenizer"))
         recs = load_dataset("musiceval", root)
         cfg = ExtractConfig(backbone=args.backbone, checkpoint="random", tokenizer_dir=tok,

@@ -139,7 +139,7 @@ class TrainConfig:
     checkpoint_seconds: float = 10.0  # seconds between saves of the training state (resume)
     cuda_graph: bool = True  # on CUDA, capture one epoch as a graph and replay it
     matmul_precision: str = "highest"  # "highest" = fp32 matmuls; "high" = TF32 where the
-    # GPU has it (several times faster; numbers move by ~1e-3, see tests/test_gpu.py)
+    # GPU has it (several times faster; numbers move by ~1e-3, see tests/train/test_gpu.py)
     init: str = "random"  # "random": seeded per member; "release": every member starts from
     # the released Audiobox-Aesthetics heads (published track 2 code), seeds shuffle only
     label_stats: str = "train"  # heads that standardise use the train split's mean and std,

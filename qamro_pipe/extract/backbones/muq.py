@@ -19,7 +19,7 @@ names the eager attention transformers 4 computed, and during the build the enco
 muq imports is a subclass that records what transformers 4 returned (each layer's input and
 the final, normalised output). With transformers 4 neither is needed and the subclass is not
 used. (The two give the same bits on random weights: checked once against transformers
-4.46.3, see tests/test_muq.py.)
+4.46.3, see tests/extract/test_muq.py.)
 
 Text: MuQ-MuLan (a separate 700M model with its own MuQ and an XLM-RoBERTa text tower that
 it downloads when built) is not part of this backbone; text features come from another cache
