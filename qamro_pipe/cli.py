@@ -2,7 +2,11 @@
 
 Options default to None, meaning "not given": defaults live in config.py and recipes only;
 --help shows them (cli_options.py reads them from the dataclasses). Settings are checked by
-the library (config.py's dataclasses) before any work; this module only reports."""
+the library (config.py's dataclasses) before any work; this module only reports.
+
+Each command imports the library it calls inside its body, not at the top: those modules
+import torch, h5py or scipy (seconds), which `--help` and a refused path or setting should
+never wait for (precheck.py answers those first). The imports say so: `# on use`."""
 from __future__ import annotations
 
 import contextlib
@@ -133,7 +137,7 @@ def _split_notes(metrics) -> None:
 
 
 def _report_run(recipe, metrics, result, data) -> None:
-    from .report.screen import metrics_table, pooled_table, system_level_line
+    from .report.screen import metrics_table, pooled_table, system_level_line  # on use
 
     _warn_backbone(recipe, data)
     _split_notes(metrics)
@@ -148,7 +152,7 @@ def _report_run(recipe, metrics, result, data) -> None:
 @contextlib.contextmanager
 def _watch(opts: dict[str, Any], desc: str):
     """The training progress display for the run (None with --quiet), closed after it."""
-    from .train.progress import TrainingProgress
+    from .train.progress import TrainingProgress  # on use
 
     display = None if opts["quiet"] else TrainingProgress(desc)
     try:
@@ -246,20 +250,20 @@ def extract(
 
     Resumable: rerun the same command after an interruption. Under torchrun, each rank
     extracts a shard and rank 0 merges them."""
-    from .config import override
+    from .config import override  # on use
 
     cfg = override(ExtractConfig(), backbone=backbone, checkpoint=checkpoint,
                    tokenizer_dir=tokenizer_dir, device=device, precision=precision,
                    batch_size=batch_size, workers=workers, offline=offline, skip_bad=skip_bad,
                    clap_input=clap_input)
     if out is not None and out.is_dir():  # before torch is imported (h5py only)
-        from .store.reader import refuse_foreign
+        from .store.reader import refuse_foreign  # on use
 
         refuse_foreign(out)
     from .extract.cli_glue import records_for, summary_text  # heavy: torch, h5py
-    from .extract.loop import default_cache_path
-    from .extract.loop import extract as run_extract
-    from .extract.shards import extract_distributed, parse_shard, torchrun_rank
+    from .extract.loop import default_cache_path  # on use
+    from .extract.loop import extract as run_extract  # on use
+    from .extract.shards import extract_distributed, parse_shard, torchrun_rank  # on use
 
     part = parse_shard(shard) if shard else None
     records = records_for(dataset, root, manifest, splits, eval_dir, lists, label_range)
@@ -282,7 +286,7 @@ app.add_typer(cache_app, name="cache", rich_help_panel=EMBED)
 def cache_info(path: Path = typer.Argument(..., metavar="CACHE", help="A cache .h5 file.")):
     """What is in a cache: counts per split, features and shapes, provenance."""
     check_cache_file(path, "cache info")  # a folder, not an h5py dump
-    from .store.reader import describe
+    from .store.reader import describe  # on use
 
     _echo(describe(path))
 
@@ -297,7 +301,7 @@ def cache_merge(
                                "(never anything else)."),
 ):
     """Join the shards of an extraction into the cache one process would have written."""
-    from .extract.shards import merge_parts
+    from .extract.shards import merge_parts  # on use
 
     _echo(f"merged {len(parts)} shards into {merge_parts(parts, out, force)}")
 
@@ -333,9 +337,9 @@ def train(
     given = {k: v for k, v in dict(kind=loss, alpha=alpha, beta=beta, margin=margin).items()
              if v is not None}
     check_run_options(opts, tsettings, {**given, **lsettings})  # before torch is imported
-    from .experiments.run import recipe_configs, run_experiment
-    from .experiments.sweep import expand_grid
-    from .train.recipes import select_recipe
+    from .experiments.run import recipe_configs, run_experiment  # on use
+    from .experiments.sweep import expand_grid  # on use
+    from .train.recipes import select_recipe  # on use
 
     r = select_recipe(recipe, dataset, backbone, opts["cache"])
     _note(r.derived and f"note: {r.derived}")
@@ -378,10 +382,10 @@ def sweep(
     Writes the run folder with sweep.csv and sweep.png. Takes every option train takes but
     --seed (a sweep gives seeds with --seeds or its grid)."""
     check_run_options(opts, *train_settings(opts))  # before torch is imported
-    from .experiments.run import recipe_configs, run_experiment
-    from .experiments.sweep import expand_grid, named_grid, parse_list, sweep_rows
-    from .report.screen import sweep_table, system_level_line
-    from .train.recipes import select_recipe
+    from .experiments.run import recipe_configs, run_experiment  # on use
+    from .experiments.sweep import expand_grid, named_grid, parse_list, sweep_rows  # on use
+    from .report.screen import sweep_table, system_level_line  # on use
+    from .train.recipes import select_recipe  # on use
 
     r = select_recipe(recipe, dataset, backbone, opts["cache"])
     _note(r.derived and f"note: {r.derived}")
@@ -423,8 +427,8 @@ def table(
 
     Rows differ in the loss alone; printed in the paper's layout, as table.md and table.csv."""
     check_run_options(opts, *train_settings(opts))  # before torch is imported
-    from .experiments.tables import run_table
-    from .report.screen import system_level_line
+    from .experiments.tables import run_table  # on use
+    from .report.screen import system_level_line  # on use
 
     tsettings, lsettings = train_settings(opts)
     with _watch(opts, "table") as watch:
@@ -474,8 +478,8 @@ def evaluate(
     result. With --pairs, RUN/evaluations/pairs-FILE-DIGEST/ holds the pairs' figures."""
     check_run_folder(run)  # before torch is imported
     check_cache_file(cache)
-    from .report.evaluate import evaluate_run
-    from .report.screen import metrics_table, system_level_line, systems_lines
+    from .report.evaluate import evaluate_run  # on use
+    from .report.screen import metrics_table, system_level_line, systems_lines  # on use
 
     if pairs is not None:
         return _evaluate_pairs(run, pairs, members, device, split, cache)
@@ -509,9 +513,9 @@ def evaluate(
 
 
 def _evaluate_pairs(run: Path, pairs: Path, members, device, split, cache) -> None:
-    from .model_folder import looks_like_repo
-    from .pairs import evaluate_pairs_file, read_pairs
-    from .scorer import Scorer
+    from .model_folder import looks_like_repo  # on use
+    from .pairs import evaluate_pairs_file, read_pairs  # on use
+    from .scorer import Scorer  # on use
 
     if split is not None or cache is not None:
         raise QamroError("--pairs scores the pairs' audio: --split and --cache do not apply")
@@ -564,8 +568,8 @@ def predict(
     A file's score is the mean of the run's members' predictions; with several members,
     HEAD_sd beside it is their sd. --answer holds the scores alone."""
     check_run_folder(run)  # before torch is imported
-    from .predict import check_outputs, scores_csv, write_answer, write_scores
-    from .predict import predict as run_predict
+    from .predict import check_outputs, scores_csv, write_answer, write_scores  # on use
+    from .predict import predict as run_predict  # on use
 
     check_outputs(out, answer, force=force)  # before scoring: no scores lost to a bad path
     notes: list[str] = []
@@ -602,7 +606,7 @@ def export(
 
     The layout of a Hugging Face model repository: `Scorer.load(OUT)` and `predict OUT` read
     it offline, `Scorer.load("owner/name")` once it is uploaded."""
-    from .export import check_target, export_model, written_note
+    from .export import check_target, export_model, written_note  # on use
 
     check_target(out, force)  # before reading the run
     folder, _ = export_model(run, out, members, force)
@@ -636,11 +640,11 @@ def prefer(
 
     Each output line: id, preferred (A or B), p_HEAD, the two scores, and how the temperature
     was set (fitted with --calibrate, or the members' spread)."""
-    from .model_folder import looks_like_repo
-    from .pairs import answer_lines, read_pairs, score_pairs
-    from .pairs import calibrate as fit
-    from .predict import _write_text, check_outputs
-    from .scorer import Scorer
+    from .model_folder import looks_like_repo  # on use
+    from .pairs import answer_lines, read_pairs, score_pairs  # on use
+    from .pairs import calibrate as fit  # on use
+    from .predict import _write_text, check_outputs  # on use
+    from .scorer import Scorer  # on use
 
     check_outputs(out, force=force)
     todo = read_pairs(pairs)
@@ -676,7 +680,7 @@ def prefer(
 @command(panel=DEMO)
 def demo(quiet: bool = typer.Option(False, "--quiet", metavar="", help="No progress bar.")):
     """Offline demo: synthetic corpus -> melstats cache -> QAMRO run -> beta sweep."""
-    from .demo import run_demo
+    from .demo import run_demo  # on use
 
     run_demo(progress=not quiet, watch=lambda what: _watch({"quiet": quiet}, what),
              done=_demo_stage)
@@ -684,8 +688,8 @@ def demo(quiet: bool = typer.Option(False, "--quiet", metavar="", help="No progr
 
 def _demo_stage(stage: str, result) -> None:
     """Print each stage of the demo as it finishes (the next one's progress follows)."""
-    from .extract.cli_glue import summary_text
-    from .report.screen import metrics_table, sweep_table
+    from .extract.cli_glue import summary_text  # on use
+    from .report.screen import metrics_table, sweep_table  # on use
 
     if stage == "extract":
         _echo(summary_text(result))
