@@ -37,6 +37,7 @@ from .config import (
     EXTRACT_BATCH,
     ExtractConfig,
     LossConfig,
+    override,
 )
 from .errors import Interrupted, QamroError
 from .loss_kinds import LOSS_KINDS, kinds_help
@@ -250,7 +251,6 @@ def extract(
 
     Resumable: rerun the same command after an interruption. Under torchrun, each rank
     extracts a shard and rank 0 merges them."""
-    from .config import override  # on use
 
     cfg = override(ExtractConfig(), backbone=backbone, checkpoint=checkpoint,
                    tokenizer_dir=tokenizer_dir, device=device, precision=precision,
