@@ -7,13 +7,9 @@ import soundfile as sf
 from typer.testing import CliRunner
 
 from qamro_pipe.cli import app
-from qamro_pipe.config import ExtractConfig
 from qamro_pipe.extract.datasets import load_dataset
-from qamro_pipe.extract.loop import extract
 
-from kit.caches import make_synthetic_cache, write_clip_manifest
-
-SMALL = dict(n_systems=6, n_prompts=6, seconds=2.0)
+from kit.caches import make_synthetic_cache, small_demo_run, write_clip_manifest
 
 
 def invoke(*args):
@@ -23,13 +19,7 @@ def invoke(*args):
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    recs = load_dataset("demo", root / "corpus", **SMALL)
-    cache = root / "demo" / "melstats.h5"
-    extract(recs, ExtractConfig(backbone="melstats", device="cpu", workers=0), cache,
-            progress=False)
-    run = root / "run"
-    r = invoke("train", "--recipe", "demo", "--cache", cache, "--out", run, "--max-epochs", "30")
-    assert r.exit_code == 0, r.output
+    _, cache, run = small_demo_run(root, "--max-epochs", "30")
     return root, cache, run
 
 

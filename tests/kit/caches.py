@@ -3,9 +3,14 @@ import csv
 
 import numpy as np
 
+from qamro_pipe.config import ExtractConfig
+from qamro_pipe.extract.datasets import load_dataset
+from qamro_pipe.extract.loop import extract
 from qamro_pipe.store import write_cache
 from qamro_pipe.train.aes_release import AXES
 from qamro_pipe.train.recipes import load_recipe
+
+from .cli import invoke
 
 
 def make_synthetic_cache(path, n_systems=12, per_system=20, dim=16, seed=0, signal=1.0,
@@ -79,3 +84,20 @@ def small_recipe(tmp_path):
     path = tmp_path / "aes-small.toml"
     path.write_text("\n".join(lines) + "\n")
     return load_recipe(path)
+
+
+SMALL_DEMO = dict(n_systems=6, n_prompts=6, seconds=2.0)  # the demo corpus, small
+
+
+def small_demo_run(root, *train_options):
+    """A small demo corpus under root/corpus, its melstats cache (root/demo/melstats.h5) and
+    a run trained on it with the demo recipe (root/run) through the CLI, in process.
+    -> (records, cache, run)."""
+    recs = load_dataset("demo", root / "corpus", **SMALL_DEMO)
+    cache = root / "demo" / "melstats.h5"
+    extract(recs, ExtractConfig(backbone="melstats", device="cpu", workers=0), cache,
+            progress=False)
+    run = root / "run"
+    r = invoke("train", "--recipe", "demo", "--cache", cache, "--out", run, *train_options)
+    assert r.exit_code == 0, r.output
+    return recs, cache, run

@@ -15,13 +15,10 @@ import soundfile as sf  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from qamro_pipe.cli import app  # noqa: E402
-from qamro_pipe.config import ExtractConfig  # noqa: E402
 from qamro_pipe.errors import QamroError  # noqa: E402
-from qamro_pipe.extract.datasets import load_dataset  # noqa: E402
-from qamro_pipe.extract.loop import extract  # noqa: E402
 from qamro_pipe.store import write_cache  # noqa: E402
 
-SMALL = dict(n_systems=6, n_prompts=6, seconds=2.0)
+from kit.caches import small_demo_run
 
 
 def invoke(*args):
@@ -32,14 +29,7 @@ def invoke(*args):
 def demo_run(tmp_path_factory):
     """A two-seed QAMRO run on the demo corpus's melstats cache."""
     root = tmp_path_factory.mktemp("demo")
-    recs = load_dataset("demo", root / "corpus", **SMALL)
-    cache = root / "demo" / "melstats.h5"
-    extract(recs, ExtractConfig(backbone="melstats", device="cpu", workers=0), cache,
-            progress=False)
-    run = root / "run"
-    r = invoke("train", "--recipe", "demo", "--cache", cache, "--out", run, "--max-epochs", "20",
-               "--seeds", "2", "--quiet")
-    assert r.exit_code == 0, r.output
+    recs, _, run = small_demo_run(root, "--max-epochs", "20", "--seeds", "2", "--quiet")
     return root, run, recs
 
 

@@ -16,15 +16,12 @@ import pytest  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from qamro_pipe.cli import app  # noqa: E402
-from qamro_pipe.config import ExtractConfig  # noqa: E402
 from qamro_pipe.errors import DataError, QamroError  # noqa: E402
-from qamro_pipe.extract.datasets import load_dataset  # noqa: E402
-from qamro_pipe.extract.loop import extract  # noqa: E402
 from qamro_pipe.pairs import read_pairs  # noqa: E402
 from qamro_pipe.preference import fit_temperature, p_a_over_b, spread_temperature  # noqa: E402
 from qamro_pipe.report.pairs import evaluate_pairs  # noqa: E402
 
-SMALL = dict(n_systems=6, n_prompts=6, seconds=2.0)
+from kit.caches import small_demo_run
 
 
 def invoke(*args):
@@ -107,14 +104,7 @@ def demo(tmp_path_factory):
     """A two-seed run on the demo corpus (melstats) and labelled pairs of its dev clips: two
     systems' clips of one prompt, the winner the one with the higher overall MOS."""
     root = tmp_path_factory.mktemp("demo")
-    recs = load_dataset("demo", root / "corpus", **SMALL)
-    cache = root / "demo" / "melstats.h5"
-    extract(recs, ExtractConfig(backbone="melstats", device="cpu", workers=0), cache,
-            progress=False)
-    run = root / "run"
-    r = invoke("train", "--recipe", "demo", "--cache", cache, "--out", run, "--max-epochs", "30",
-               "--seeds", "2", "--quiet")
-    assert r.exit_code == 0, r.output
+    recs, _, run = small_demo_run(root, "--max-epochs", "30", "--seeds", "2", "--quiet")
     by_prompt: dict[str, list] = {}
     for c in recs.clips:
         by_prompt.setdefault(c.id.split("_")[-1], []).append(c)

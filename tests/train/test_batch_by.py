@@ -18,10 +18,10 @@ from qamro_pipe.store import read_cache
 from qamro_pipe.train.groups import epoch_order, group_keys, train_groups
 from qamro_pipe.train.heads import HeadSpec
 from qamro_pipe.train.shuffle import grouped_permutations, member_permutations
-from qamro_pipe.train.state import TrainState
-from qamro_pipe.train.trainer import Checkpoint, train
+from qamro_pipe.train.trainer import train
 
 from kit.caches import make_synthetic_cache
+from kit.resume import stopped_then_resumed
 
 HEADS = (HeadSpec("overall", "overall", ("audio",)),)
 CFG = TrainConfig(max_epochs=40, patience=5, lr=0.02, bootstrap=0, checkpoint_seconds=0.0,
@@ -140,21 +140,9 @@ def test_resumed_grouped_run_equals_the_uninterrupted_one(tmp_path):
     members = [Member(LossConfig(beta=b, batch_by=by), s)
                for b, s, by in ((7.0, 0, "prompt"), (1.0, 1, "system"), (7.0, 1, "random"))]
     cfg = CFG
-    whole = train(cache, HEADS, members, cfg)
-    stop = max(2, whole.epochs_run // 2)
-
-    class Stop(Exception):
-        pass
-
-    def progress(p):
-        if p.epoch >= stop:
-            raise Stop
-    ckpt = Checkpoint(tmp_path / "state.safetensors", "fp", every=0.0)
-    with pytest.raises(Stop):
-        train(cache, HEADS, members, cfg, progress=progress, checkpoint=ckpt)
-    saved, _ = TrainState.load(ckpt.path)
+    whole, saved, resumed = stopped_then_resumed(cache, HEADS, members, cfg,
+                                                 tmp_path / "state.safetensors")
     assert 0 < saved.epoch < whole.epochs_run
-    resumed = train(cache, HEADS, members, cfg, checkpoint=replace(ckpt, resume=saved))
     assert resumed.best_epoch == whole.best_epoch
     assert np.array_equal(resumed.predictions["overall"], whole.predictions["overall"])
     assert np.array_equal(resumed.history, whole.history)

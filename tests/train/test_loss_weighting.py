@@ -21,11 +21,11 @@ from qamro_pipe.train.aes_release import read_release
 from qamro_pipe.train.heads import HeadSpec
 from qamro_pipe.train.objective import uncertainty_objective
 from qamro_pipe.train.recipes import load_recipe
-from qamro_pipe.train.state import TrainState
-from qamro_pipe.train.trainer import Checkpoint, train
+from qamro_pipe.train.trainer import train
 
 from kit.caches import make_synthetic_cache
 from kit.release import aes_cache, provenance_of, publisher_checkpoint
+from kit.resume import stopped_then_resumed
 
 HEADS = (HeadSpec("overall", "overall", ("audio",)),
          HeadSpec("textual", "textual", ("audio", "text")))
@@ -131,20 +131,8 @@ def test_resumed_run_equals_the_uninterrupted_one(cache, tmp_path):
     for optimizer in ("sgd", "adamw"):
         cfg = replace(CFG, optimizer=optimizer, lr=0.02 if optimizer == "sgd" else 0.002,
                       weight_decay=0.0 if optimizer == "sgd" else 0.01)
-        whole = train(cache, HEADS, SOME, cfg)
-        stop = max(2, whole.epochs_run // 2)
-
-        class Stop(Exception):
-            pass
-
-        def progress(p):
-            if p.epoch >= stop:
-                raise Stop
-        ckpt = Checkpoint(tmp_path / f"{optimizer}.safetensors", "fp", every=0.0)
-        with pytest.raises(Stop):
-            train(cache, HEADS, SOME, cfg, progress=progress, checkpoint=ckpt)
-        saved, _ = TrainState.load(ckpt.path)
-        resumed = train(cache, HEADS, SOME, cfg, checkpoint=replace(ckpt, resume=saved))
+        whole, _, resumed = stopped_then_resumed(cache, HEADS, SOME, cfg,
+                                                 tmp_path / f"{optimizer}.safetensors")
         assert resumed.best_epoch == whole.best_epoch
         for h in whole.predictions:
             assert np.array_equal(resumed.predictions[h], whole.predictions[h])

@@ -19,11 +19,11 @@ from qamro_pipe.loss_kinds import member_label
 from qamro_pipe.store import read_cache
 from qamro_pipe.train.heads import HeadSpec
 from qamro_pipe.train.losses_reference import system_spearman_loss_literal
-from qamro_pipe.train.state import TrainState
 from qamro_pipe.train.system_level import system_spearman_loss
-from qamro_pipe.train.trainer import Checkpoint, train
+from qamro_pipe.train.trainer import train
 
 from kit.caches import make_synthetic_cache
+from kit.resume import stopped_then_resumed
 
 NAN = float("nan")
 HEADS = (HeadSpec("overall", "overall", ("audio",)),
@@ -136,20 +136,8 @@ def test_the_term_needs_two_systems(cache):
 
 def test_resumed_run_equals_the_uninterrupted_one(cache, tmp_path):
     members = [Member(LossConfig(kind="system"), 0), Member(LossConfig(system_weight=1.0), 1)]
-    whole = train(cache, HEADS, members, CFG)
-    stop = max(2, whole.epochs_run // 2)
-
-    class Stop(Exception):
-        pass
-
-    def progress(p):
-        if p.epoch >= stop:
-            raise Stop
-    ckpt = Checkpoint(tmp_path / "state.safetensors", "fp", every=0.0)
-    with pytest.raises(Stop):
-        train(cache, HEADS, members, CFG, progress=progress, checkpoint=ckpt)
-    saved, _ = TrainState.load(ckpt.path)
-    resumed = train(cache, HEADS, members, CFG, checkpoint=replace(ckpt, resume=saved))
+    whole, _, resumed = stopped_then_resumed(cache, HEADS, members, CFG,
+                                             tmp_path / "state.safetensors")
     assert resumed.best_epoch == whole.best_epoch
     for h in whole.predictions:
         assert np.array_equal(resumed.predictions[h], whole.predictions[h])
