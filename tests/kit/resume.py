@@ -33,12 +33,14 @@ def assert_same_run(a, b):
 
 def stopped_then_resumed(cache, heads, members, cfg, path):
     """The run three ways: whole; stopped halfway with its state saved at every sync (to
-    `path`); and resumed from that state. -> (whole, the saved state, resumed)."""
+    `path`); and resumed from that state. -> (whole, the epoch the state was saved at,
+    resumed): the resumed run moves the state itself on."""
     whole = train(cache, heads, members, cfg)
     ckpt = Checkpoint(path, "fp", every=0.0)
     with pytest.raises(Stop):
         train(cache, heads, members, cfg, progress=stop_at(max(2, whole.epochs_run // 2)),
               checkpoint=ckpt)
     saved, _ = TrainState.load(ckpt.path)
+    saved_at = saved.epoch
     resumed = train(cache, heads, members, cfg, checkpoint=replace(ckpt, resume=saved))
-    return whole, saved, resumed
+    return whole, saved_at, resumed

@@ -140,9 +140,9 @@ def test_resumed_grouped_run_equals_the_uninterrupted_one(tmp_path):
     members = [Member(LossConfig(beta=b, batch_by=by), s)
                for b, s, by in ((7.0, 0, "prompt"), (1.0, 1, "system"), (7.0, 1, "random"))]
     cfg = CFG
-    whole, saved, resumed = stopped_then_resumed(cache, HEADS, members, cfg,
-                                                 tmp_path / "state.safetensors")
-    assert 0 < saved.epoch < whole.epochs_run
+    whole, saved_at, resumed = stopped_then_resumed(cache, HEADS, members, cfg,
+                                                    tmp_path / "state.safetensors")
+    assert 0 < saved_at < whole.epochs_run
     assert resumed.best_epoch == whole.best_epoch
     assert np.array_equal(resumed.predictions["overall"], whole.predictions["overall"])
     assert np.array_equal(resumed.history, whole.history)
