@@ -238,6 +238,10 @@ def extract(
                                         "MusicEval baseline); its own cache, "
                                         "BACKBONE-published-input.h5.", recipe=False,
                                         rich_help_panel=MODEL),
+    keep_windows: Optional[bool] = opt(
+        "Also keep each window's row of the audio features CLAP and melstats pool per clip "
+        "(beside the pooled row): what train --pool attention reads.", "pooled rows only",
+        "--keep-windows", metavar="", rich_help_panel=OUTPUT),
     shard: Optional[str] = opt("K/N, numbered from 0 (0/4 .. 3/4): extract clips K, K+N, ... "
                                "into NAME.part-K-of-N.h5; join them with `cache merge`.",
                                rich_help_panel=OUTPUT),
@@ -255,7 +259,7 @@ def extract(
     cfg = override(ExtractConfig(), backbone=backbone, checkpoint=checkpoint,
                    tokenizer_dir=tokenizer_dir, device=device, precision=precision,
                    batch_size=batch_size, workers=workers, offline=offline, skip_bad=skip_bad,
-                   clap_input=clap_input)
+                   clap_input=clap_input, keep_windows=keep_windows)
     if out is not None and out.is_dir():  # before torch is imported (h5py only)
         from .store.reader import refuse_foreign  # on use
 

@@ -49,7 +49,7 @@ TRAIN_SETTINGS = ("val_split", "eval_split", "max_epochs", "patience", "optimize
                   "release_checkpoint", "train_windows")
 LOSS_SETTINGS = ("norm", "regression", "quality_weight", "temperature", "tau", "bins",
                  "sigma", "system_weight", "batch_by",
-                 "loss_weighting")  # one value for every member of one run
+                 "loss_weighting", "pool")  # one value for every member of one run
 
 # name -> (type, option): what train, sweep and table all take
 RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
@@ -123,6 +123,11 @@ RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
         L, "loss_weighting", "fixed (regression + ranking term, the paper) or uncertainty: "
         "each member learns its terms' weights, exp(-s) per term with a log-variance s "
         "trained beside the head (Kendall et al. 2018).",
+        rich_help_panel=TRAINING)),
+    "pool": (Optional[str], cfg_opt(
+        L, "pool", "Per-window features: mean (train on windows; a clip's score is their "
+        "length-weighted mean) or attention (train on clips; a learned attention over each "
+        "clip's windows). CLAP and melstats keep windows with extract --keep-windows.",
         rich_help_panel=TRAINING)),
     "val_batch_size": (Optional[int], opt(
         "Rows per validation batch: the ranking term is a mini-batch loss, so this shapes "

@@ -31,6 +31,7 @@ CV_GROUPS = ("system", "prompt", "clip")  # what a cross-validation fold holds o
 # (clip: plain K-fold, for clips with neither systems nor prompts)
 BATCH_BY = ("random", "prompt", "system")  # what a training batch is made of (train/groups.py)
 LOSS_WEIGHTINGS = ("fixed", "uncertainty")  # how a member's objective terms are weighted
+POOLS = ("mean", "attention")  # how a clip's windows make its prediction (train/pooling.py)
 OBJECTIVE_TERMS = ("regression", "ranking")  # the terms of a member's objective, in order
 
 
@@ -67,6 +68,9 @@ class LossConfig:
     # whole "prompt" or "system" groups (train/groups.py); members of one run may differ
     loss_weighting: str = "fixed"  # "fixed": regression + ranking term (paper); "uncertainty":
     # the two weighted by learned homoscedastic uncertainty, per head (train/objective.py)
+    pool: str = "mean"  # per-window features: "mean" = train on windows, a clip's prediction
+    # their length-weighted mean (paper, Audiobox-Aesthetics); "attention" = train on clips,
+    # a learned attention over each clip's windows (train/pooling.py); members may differ
 
     def __post_init__(self):
         _choice("loss", self.kind, LOSS_KINDS)
@@ -84,6 +88,11 @@ class LossConfig:
         _at_least("system_weight", self.system_weight, 0)
         _choice("batch-by", self.batch_by, BATCH_BY)
         _choice("loss-weighting", self.loss_weighting, LOSS_WEIGHTINGS)
+        _choice("pool", self.pool, POOLS)
+        if self.pool == "attention" and self.kind == "gaussian-kl":
+            raise QamroError("--pool attention pools the windows' predicted scores; "
+                             "gaussian-kl trains a distribution per row, which it does not "
+                             "pool: use --pool mean with it")
         if self.kind == "system" and self.system_weight:
             raise QamroError("--system-weight adds the system-level term beside another kind; "
                              "--loss system is that term alone")
@@ -242,6 +251,9 @@ class ExtractConfig:
     clap_input: str = "resampled"  # clap-music's input: "resampled" to 48 kHz in 10 s windows,
     # or "published": the file's samples at its own rate, the first 480,000, read as 48 kHz
     # (the published track 1 code and the MusicEval baseline; a cache of its own)
+    keep_windows: bool = False  # also write each window's row of the audio features a
+    # backbone pools per clip (CLAP, melstats), beside the pooled row: what --pool attention
+    # reads (train/pooling.py); mean-pooled runs read the pooled row as before
 
     def __post_init__(self):
         check_device(self.device)

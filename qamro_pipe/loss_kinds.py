@@ -78,7 +78,7 @@ def member_label(loss: Any, seed: int) -> str:
 
 def _extras(loss: Any, sep: str) -> str:
     """The settings any kind may take beside its own, where not at their defaults: the
-    system-level term's weight, structured batches and learned term weights."""
+    system-level term's weight, structured batches, learned term weights, the pool."""
     out = []
     if getattr(loss, "system_weight", 0):
         out.append(f"+system {loss.system_weight:g}" if sep == " "
@@ -87,6 +87,8 @@ def _extras(loss: Any, sep: str) -> str:
         out.append(f"batches={loss.batch_by}" if sep == " " else f"by-{loss.batch_by}")
     if getattr(loss, "loss_weighting", "fixed") != "fixed":
         out.append(f"weights={loss.loss_weighting}" if sep == " " else loss.loss_weighting)
+    if getattr(loss, "pool", "mean") != "mean":
+        out.append(f"pool={loss.pool}" if sep == " " else f"pool-{loss.pool}")
     return "".join(sep + x for x in out)
 
 

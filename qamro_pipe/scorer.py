@@ -46,7 +46,8 @@ class _Extractor:
         self.bb: Backbone = get_backbone(cfg.backbone, checkpoint=cfg.checkpoint,
                                          device=_device(cfg.device), precision=cfg.precision,
                                          offline=cfg.offline, tokenizer_dir=cfg.tokenizer_dir,
-                                         audio_input=cfg.clap_input)
+                                         audio_input=cfg.clap_input,
+                                         keep_windows=cfg.keep_windows)
 
     def key(self) -> dict[str, Any]:
         """What made these numbers, as a cache key says it (weights by their sha256)."""
@@ -156,8 +157,9 @@ class Scorer:
               batch_size: int | None = None) -> list[dict[str, Any]]:
         """The backbones' features of the same inputs, one dict per clip: {"id", FEATURE:
         array}; clip features are [*shape], per-window ones [windows, *shape] with
-        "window_weight" ([windows], each window's length). Another cache's features are
-        named as the run's heads name them, CACHE:FEATURE."""
+        "window_weight" ([windows], each window's length); a pooled feature whose windows
+        are kept (extract --keep-windows) also as FEATURE/windows. Another cache's features
+        are named as the run's heads name them, CACHE:FEATURE."""
         items = as_items(audio, sr, text)
         if not items:
             return []
@@ -171,8 +173,8 @@ class Scorer:
                     row[prefix + k] = v[i]
                 if cache.window_offsets is not None:
                     sl = slice(int(cache.window_offsets[i]), int(cache.window_offsets[i + 1]))
-                    for k, v in cache.windows.items():
-                        row[prefix + k] = v[sl]
+                    for k, v in cache.windows.items():  # kept windows of a pooled feature:
+                        row[prefix + k + ("/windows" if k in cache.features else "")] = v[sl]
                     row.setdefault("window_weight", cache.window_weight[sl])
         return out
 

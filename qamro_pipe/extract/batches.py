@@ -120,7 +120,7 @@ def gather(bb: Backbone, job: Launched) -> tuple[dict[str, np.ndarray],
     specs = bb.feature_specs()
     clip_feats: dict[str, list[np.ndarray]] = {k: [] for k, s in specs.items()
                                                 if not s.per_window and k in feats}
-    win_feats: dict[str, list[np.ndarray]] = {k: [] for k, s in specs.items() if s.per_window}
+    win_feats: dict[str, list[np.ndarray]] = {k: [] for k in bb.window_features()}
     weights = []
     start = 0
     for count in job.counts:

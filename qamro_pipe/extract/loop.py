@@ -134,7 +134,12 @@ def _setup(records: DatasetRecords, cfg: ExtractConfig, cache_path: str | Path |
                   workers=auto_workers(gpu) if cfg.workers is None else cfg.workers)
     bb = get_backbone(cfg.backbone, checkpoint=cfg.checkpoint, device=device,
                       precision=cfg.precision, offline=cfg.offline,
-                      tokenizer_dir=cfg.tokenizer_dir, audio_input=cfg.clap_input)
+                      tokenizer_dir=cfg.tokenizer_dir, audio_input=cfg.clap_input,
+                      keep_windows=cfg.keep_windows)
+    if cfg.keep_windows and not any(not s.per_window and not s.text
+                                     for s in bb.feature_specs().values()):
+        raise QamroError(f"--keep-windows: the {bb.name} backbone's features are per window "
+                         f"already; it keeps nothing more")
     path = Path(cache_path) if cache_path else default_cache_path(records.name, bb.name,
                                                                   audio_input=bb.audio_input)
     if path.is_symlink() and path.exists():
@@ -185,7 +190,7 @@ def _specs(bb: Backbone, texts: bool) -> tuple[dict[str, tuple[int, ...]],
     features only when texts are embedded)."""
     specs = {k: s for k, s in bb.feature_specs().items() if texts or not s.text}
     return ({k: s.shape for k, s in specs.items() if not s.per_window},
-            {k: s.shape for k, s in specs.items() if s.per_window})
+            {k: s.shape for k, s in specs.items() if k in bb.window_features()})
 
 
 def _layout(clip_specs, win_specs) -> dict[str, tuple[tuple[int, ...], str]]:

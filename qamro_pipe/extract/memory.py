@@ -69,7 +69,8 @@ def embed_items(bb: Backbone, items: list[Item], batch_size: int, texts: bool,
     features = {k: np.zeros((n, *s.shape), np.float32) for k, s in specs.items()
                 if not s.per_window}
     per_clip: dict[str, list[np.ndarray]] = {k: [np.zeros((0, *s.shape), np.float32)] * n
-                                             for k, s in specs.items() if s.per_window}
+                                             for k, s in specs.items()
+                                             if k in bb.window_features()}
     weights = [np.zeros(0, np.float32)] * n
     for batch in batches:
         if not batch:

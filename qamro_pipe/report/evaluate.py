@@ -20,7 +20,7 @@ from ..store.reader import Cache, read_cache
 from ..train.distribution import output_bins
 from ..train.heads import BatchedMLP, HeadSpec
 from ..train.holdout import same_holdout
-from ..train.inputs import build_head, head_inputs, predict_units, units_for, weighting_terms
+from ..train.inputs import build_head, head_inputs, pools, predict_clips, units_for, weighting_terms
 from ..train.joined import join, rows_digest, split_feature
 from ..train.run_check import member_indices
 from ..train.runs import head_metrics, load_run, write_predictions
@@ -117,7 +117,8 @@ class TrainedRun:
             members = [member_from_jsonable(m) for m in self.config["members"]]
             try:
                 model = build_head(head, [0] * len(self.members), x_shape, self.train_cfg,
-                                   n_terms=weighting_terms(members), **self._bins(head))
+                                   n_terms=weighting_terms(members), pools=pools(members),
+                                   **self._bins(head))
             except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
                 raise QamroError(f"{self.path / 'config.json'}: the settings of head "
                                  f"{head.name!r} or of its members cannot build it "
@@ -146,13 +147,15 @@ class TrainedRun:
     def predict(self, cache: Cache) -> dict[str, np.ndarray]:
         """head -> [members, clips] scores on the labels' scale."""
         self.check_cache(cache)
-        units = units_for(cache, self.heads)
+        members = [member_from_jsonable(m) for m in self.config["members"]]
+        member_pools = [members[k].loss.pool for k in self.members]
+        units = {p: units_for(cache, self.heads, p) for p in dict.fromkeys(member_pools)}
         out = {}
         for h in self.heads:
-            x = torch.from_numpy(head_inputs(cache, h))
-            mean, std = self.stats.get(h.name, (0.0, 1.0))
-            out[h.name] = units.to_clips(predict_units(self._model(h, tuple(x.shape)), x)
-                                         * std + mean)
+            x = {p: torch.from_numpy(head_inputs(cache, h, p)) for p in units}
+            model = self._model(h, tuple(next(iter(x.values())).shape))
+            out[h.name] = predict_clips(model, {p: (x[p], units[p]) for p in units},
+                                        member_pools, self.stats.get(h.name, (0.0, 1.0)))
         return out
 
 

@@ -14,10 +14,11 @@ from ..config import Member, TrainConfig
 from .distribution import OutputBins
 from .groups import epoch_order
 from .heads import BatchedMLP, HeadSpec, member_seed
-from .inputs import build_head, weighting_terms
+from .inputs import Units, build_head, pools, weighting_terms
 from .losses import LabelTerms
 from .objective import Losses, uncertainty_objective
 from .optim import make_optimizer
+from .pooling import WindowIndex, pool
 from .shuffle import member_windows
 from .state import HISTORY_COLUMNS, TrainState
 
@@ -32,8 +33,11 @@ class Context:
     """What every engine of one run shares: the data on the device and the settings."""
 
     heads: tuple[HeadSpec, ...]
-    members: list[Member]  # all of the run's members; an engine holds a subset
+    members: list[Member]  # all of the run's members (the heads' layout is theirs)
+    group: np.ndarray  # the members this context trains (those of one pool); an engine
+    # holds a subset of them
     plan: InputPlan
+    units: Units  # what the plan's rows are (clips, or windows of clips)
     x_shapes: dict[str, tuple[int, ...]]  # head -> its input's shape
     Y: dict[str, torch.Tensor]  # head -> [U] labels of every unit
     train_rows: torch.Tensor  # unit rows trained on; with train_windows, the first window of
@@ -53,6 +57,12 @@ class Context:
     systems: torch.Tensor | None = None  # [U] system index of every unit (-1: none), for
     # the system-level term (system_level.py)
     n_systems: int = 0
+    windows: WindowIndex | None = None  # attention pooling (pooling.py): the train and
+    # validation rows and Y are clips, and their inputs the plan's window rows
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-len(self.train_rows) // self.cfg.batch_size)
 
     def bins_of(self, h: HeadSpec, members) -> dict:
         """build_head's distribution arguments for head h and these member rows."""
@@ -83,7 +93,7 @@ class Engine:
         self.models: dict[str, BatchedMLP] = {}
         for h in ctx.heads:
             model = build_head(h, seeds, ctx.x_shapes[h.name], cfg, init=False,
-                               n_terms=weighting_terms(ctx.members),
+                               n_terms=weighting_terms(ctx.members), pools=pools(ctx.members),
                                **ctx.bins_of(h, self.subset)).to(device)
             with torch.no_grad():
                 model.flat.copy_(model.flat_of(state.weights[h.name][rows].to(device)))
@@ -114,8 +124,11 @@ class Engine:
         def dev(t):
             return t[rows].to(device)
         self.epoch = torch.tensor(state.epoch, dtype=torch.int64, device=device)
-        self.steps = torch.tensor(state.steps, dtype=torch.int64, device=device)
-        self.step = make_optimizer(cfg, self.params, self.buffer_views, state.steps, device)
+        # every epoch takes steps_per_epoch steps: the count is the epoch's (the engines of
+        # a run's two pools step differently, over one saved state)
+        steps = state.epoch * ctx.steps_per_epoch
+        self.steps = torch.tensor(steps, dtype=torch.int64, device=device)
+        self.step = make_optimizer(cfg, self.params, self.buffer_views, steps, device)
         self.active, self.finite = dev(state.active), dev(state.finite)
         self.best_val, self.best_epoch = dev(state.best_val), dev(state.best_epoch)
         self.stopped, self.bad = dev(state.stopped), dev(state.bad)
@@ -158,9 +171,7 @@ class Engine:
         for step, start in enumerate(range(0, n, bs)):
             idx = perm[:, start:start + bs]  # [K, b]
             views = {h.name: self._model(h).views() for h in ctx.heads}
-            x = gather(ctx.plan, idx)
-            outs = [self._model(h)(x[h.features], views[h.name], logits=True)
-                    for h in ctx.heads]
+            outs = forward(ctx, self.models, idx, views)
             per_head = self.loss_fn([o[0] for o in outs],
                                     terms.select((step, slice(None), slice(None, idx.shape[1]))),
                                     dist_pairs(ctx, outs, idx), systems_of(ctx, idx),
@@ -168,8 +179,11 @@ class Engine:
             objective = per_head.sum() if not self.log_vars else uncertainty_objective(
                 per_head, self._log_vars(views), self.loss_fn.has_rank, self.learned)
             parts = per_head.sum(1)  # [2, K]
-            grads = torch.autograd.grad(objective, [v for h in ctx.heads
-                                                    for v in views[h.name]])
+            flat = [v for h in ctx.heads for v in views[h.name]]
+            # a run with attention members gives every head a query; mean members' objective
+            # does not read it: a zero gradient, as fixed-weight members' log-variances get
+            grads = [torch.zeros_like(v) if g is None else g for v, g in zip(
+                flat, torch.autograd.grad(objective, flat, allow_unused=True))]
             self.steps.add_(1)
             self.step(grads)
             self.acc.add_(parts.detach(), alpha=idx.shape[1])
@@ -216,7 +230,10 @@ class Engine:
     def run(self, n: int) -> None:
         """n epochs: eager, or on CUDA replays of one captured epoch after eager warm-up."""
         for _ in range(n):
-            if self.ctx.device.type != "cuda" or not self.cfg.cuda_graph:
+            # attention pooling's batches hold a varying number of windows (a host sync per
+            # step), which a captured graph cannot replay
+            if self.ctx.device.type != "cuda" or not self.cfg.cuda_graph \
+                    or self.ctx.windows is not None:
                 self.run_epoch()
             elif self.graph is not None:
                 self.graph.replay()
@@ -272,14 +289,30 @@ def val_loss(models, ctx: Context, terms: LabelTerms, loss_fn, bs, sizes) -> tor
     memory)."""
     chunks, rows, heads = [], ctx.val_rows, ctx.heads
     for c, s in enumerate(range(0, len(rows), bs)):
-        x = gather(ctx.plan, rows[s:s + bs])
         b = len(rows[s:s + bs])
-        outs = [models[h.name](x[h.features], logits=True) for h in heads]
+        outs = forward(ctx, models, rows[s:s + bs])
         chunks.append(loss_fn([o[0] for o in outs], terms.select((c, slice(None),
                                                                    slice(None, b))),
                               dist_pairs(ctx, outs, rows[s:s + bs]),
                               systems_of(ctx, rows[s:s + bs])))  # [2, K]
     return (torch.stack(chunks) * sizes[:, None, None]).sum(0) / sizes.sum() / len(heads)
+
+
+def forward(ctx: Context, models: dict[str, BatchedMLP], idx: torch.Tensor,
+            views: dict[str, list[torch.Tensor]] | None = None) -> list[tuple]:
+    """Per head (predictions [K, b], distribution logits or None) of rows idx ([K, b] or
+    [b]); under attention pooling idx are clips, each predicted from all its windows."""
+    if ctx.windows is None:
+        x = gather(ctx.plan, idx)
+        return [models[h.name](x[h.features], views and views[h.name], logits=True)
+                for h in ctx.heads]
+    rows, slot, valid = ctx.windows.expand(idx)
+    x, log_w = gather(ctx.plan, rows), ctx.windows.log_w[rows]
+    out = []
+    for h in ctx.heads:
+        p, _, s = models[h.name](x[h.features], views and views[h.name], scores=True)
+        out.append((pool(p, s, log_w, slot, valid, idx.shape[-1]), None))
+    return out
 
 
 def dist_pairs(ctx: Context, outs, idx: torch.Tensor):

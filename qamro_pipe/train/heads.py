@@ -14,6 +14,9 @@ from torch import nn
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "none": lambda x: x}
 LOG_VARS = "log_vars"  # the layout's name of the learned loss weights' log-variances
+POOL_QUERY = "pool_query"  # the layout's name of attention pooling's query (train/pooling.py)
+EXTRAS = (LOG_VARS, POOL_QUERY)  # parameters of a member's training, not of the released
+# head shape: last in the layout, zero at the start
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ class BatchedMLP(nn.Module):
     def __init__(self, seeds: list[int], in_dim: int, hidden: tuple[int, ...] = (256, 64),
                  activation: str = "relu", name: str = "head", layer_norm: bool = False,
                  n_layers: int = 0, init: bool = True, bins: torch.Tensor | None = None,
-                 uses_bins=None, n_terms: int = 0):
+                 uses_bins=None, n_terms: int = 0, pools: bool = False):
         super().__init__()
         self.k, self.in_dim, self.hidden = len(seeds), in_dim, tuple(hidden)
         self.activation, self.layer_norm, self.n_layers = activation, layer_norm, n_layers
@@ -74,6 +77,12 @@ class BatchedMLP(nn.Module):
         # the head; it plays no part in a prediction
         if n_terms:
             self.layout.append((LOG_VARS, (n_terms,)))
+        # --pool attention: each member's query over its last layer's input (pooling.py);
+        # zero = the length-weighted mean of the window predictions. Members that pool by
+        # the mean keep it at 0 (no gradient reaches it)
+        self.pools = pools
+        if pools:
+            self.layout.append((POOL_QUERY, (dims[-2],)))
         self.flat = nn.Parameter(torch.empty(self.k * sum(math.prod(s) for _, s in self.layout)))
         if init:  # init=False: the caller sets every weight (a resumed or rebuilt run)
             self._initialise(seeds, name, n_layers)
@@ -92,8 +101,9 @@ class BatchedMLP(nn.Module):
                         views["b" + pname[1:]][k].uniform_(-bound, bound, generator=g)
                     elif pname.startswith("g"):
                         t[k].fill_(1.0)
-                    elif pname.startswith("beta") or pname == LOG_VARS:
-                        t[k].fill_(0.0)  # log-variance 0: every term starts at weight 1
+                    elif pname.startswith("beta") or pname in EXTRAS:
+                        t[k].fill_(0.0)  # log-variance 0: every term starts at weight 1;
+                        # query 0: pooling starts as the length-weighted mean
 
     def views(self, flat: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Every parameter as a contiguous [K, *shape] view of `flat` (or of a buffer laid out
@@ -136,11 +146,12 @@ class BatchedMLP(nn.Module):
         return [v[f"w{i}"] for i in range(len(self.hidden) + 1)]
 
     def forward(self, x: torch.Tensor, views: list[torch.Tensor] | None = None,
-                logits: bool = False):
+                logits: bool = False, scores: bool = False):
         """x [N, D] (the same rows for every member) or [K, B, D] -> predictions [K, N|B];
         with layer weighting x is [N, L, D] or [K, B, L, D]. A distribution head's members
         that use it predict their distribution's mean; logits=True -> (predictions, the
-        distribution's logits [K, N|B, n] or None)."""
+        distribution's logits [K, N|B, n] or None); scores=True (a pooling head) -> (...,
+        each row's attention score [K, N|B]: the query times the last layer's input)."""
         p = dict(zip((n for n, _ in self.layout), self.views() if views is None else views))
         if self.n_layers:
             w = torch.softmax(p["layer_weights"], dim=-1)  # [K, L]
@@ -159,11 +170,16 @@ class BatchedMLP(nn.Module):
             last = self.act(h)
             h = torch.baddbmm(p[f"b{i}"][:, None, :], last, p[f"w{i}"])
         out = h.squeeze(-1)  # [K, B]
-        if self.bins is None:
-            return (out, None) if logits else out
-        last = last.expand(self.k, *last.shape) if last.dim() == 2 else last
-        z = torch.baddbmm(p["bd"][:, None, :], last, p["wd"])  # [K, B, n]
-        out = torch.where(self.uses_bins[:, None], torch.softmax(z, dim=-1) @ self.bins, out)
+        z = None
+        if self.bins is not None:
+            last_k = last.expand(self.k, *last.shape) if last.dim() == 2 else last
+            z = torch.baddbmm(p["bd"][:, None, :], last_k, p["wd"])  # [K, B, n]
+            out = torch.where(self.uses_bins[:, None], torch.softmax(z, dim=-1) @ self.bins,
+                              out)
+        if scores:
+            q = p[POOL_QUERY]  # [K, H]
+            s = last @ q.T if last.dim() == 2 else torch.bmm(last, q[:, :, None])[..., 0]
+            return out, z, (s.T if last.dim() == 2 else s)  # [K, B]
         return (out, z) if logits else out
 
     def _sequential_names(self) -> dict[str, str]:
@@ -175,6 +191,7 @@ class BatchedMLP(nn.Module):
             names[f"g{i}"], names[f"beta{i}"] = f"{step * i + 1}.weight", f"{step * i + 1}.bias"
         names["wd"], names["bd"] = "dist.weight", "dist.bias"  # the distribution output
         names[LOG_VARS] = "loss.log_vars"
+        names[POOL_QUERY] = "pool.query"
         return names
 
     def member_state(self, k: int) -> dict[str, torch.Tensor]:

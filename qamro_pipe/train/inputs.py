@@ -11,6 +11,7 @@ from ..config import OBJECTIVE_TERMS, TrainConfig
 from ..errors import QamroError
 from ..store.reader import Cache
 from .heads import BatchedMLP, HeadSpec
+from .pooling import pooled_clips
 
 
 @dataclass
@@ -71,26 +72,41 @@ def label_col(cache: Cache, head: HeadSpec) -> int:
     return cache.label_names.index(head.label)
 
 
-def units_for(cache: Cache, heads: tuple[HeadSpec, ...]) -> Units:
-    levels = {any(f in cache.windows for f in h.features) for h in heads}
+def reads_windows(cache: Cache, feature: str, pool: str = "mean") -> bool:
+    """Whether a head reads a feature's window rows: a per-window feature's always; a clip
+    feature whose windows the cache also kept (`extract --keep-windows`) only when it pools
+    by attention (pooling.py); the mean pool reads the clip row extraction pooled."""
+    return feature in cache.windows and (pool == "attention" or feature not in cache.features)
+
+
+def units_for(cache: Cache, heads: tuple[HeadSpec, ...], pool: str = "mean") -> Units:
+    """The rows heads train on under `pool`: clips, or windows of clips. Attention pooling
+    reads windows (pooling.WindowIndex) and trains on clips: its units are the windows, whose
+    predictions pooling.pool turns into clip predictions."""
+    levels = {any(reads_windows(cache, f, pool) for f in h.features) for h in heads}
     if len(levels) > 1:
         raise QamroError(f"{cache.path}: heads of one run must all read clip features or all "
                          f"read window features")
     if not levels.pop():
+        if pool == "attention":
+            raise QamroError(f"{cache.path}: --pool attention pools a clip's windows, and "
+                             f"the heads read no per-window feature (the cache keeps "
+                             f"{', '.join(cache.windows) or 'none'}); extract with "
+                             f"--keep-windows to keep each window's row")
         return Units(len(cache.ids))
     counts = np.diff(cache.window_offsets)
     return Units(len(cache.ids), np.repeat(np.arange(len(cache.ids)), counts),
                  cache.window_weight.astype(np.float64))
 
 
-def head_inputs(cache: Cache, head: HeadSpec) -> np.ndarray:
+def head_inputs(cache: Cache, head: HeadSpec, pool: str = "mean") -> np.ndarray:
     """[U, D] clip features concatenated, or for a per-window feature its rows [U, L, D] (or
     [U, D]). Clip features read with a per-window feature are repeated for each window of
     their clip and, for per-layer rows, on every layer, after the window feature's columns:
     [U, L, D + E]. Layer weights sum to 1, so a layer-weighted head sees the clip features
     unchanged beside the weighted layers, and L2-normalises the two together."""
-    window = [f for f in head.features if f in cache.windows]
-    clip = [f for f in head.features if f not in cache.windows]
+    window = [f for f in head.features if reads_windows(cache, f, pool)]
+    clip = [f for f in head.features if f not in window]
     missing = [f for f in clip if f not in cache.features]
     if missing:
         have = [*cache.features, *cache.windows]
@@ -112,16 +128,17 @@ def head_inputs(cache: Cache, head: HeadSpec) -> np.ndarray:
     return np.concatenate([w, per_window], axis=-1)
 
 
-def column_order(cache: Cache, features: tuple[str, ...]) -> tuple[str, ...]:
+def column_order(cache: Cache, features: tuple[str, ...], pool: str = "mean"
+                 ) -> tuple[str, ...]:
     """The features in the order their columns lie in head_inputs' rows: the per-window
     feature first, then the clip features as listed."""
-    return tuple(sorted(features, key=lambda f: f not in cache.windows))
+    return tuple(sorted(features, key=lambda f: not reads_windows(cache, f, pool)))
 
 
-def input_width(cache: Cache, features: tuple[str, ...]) -> int:
+def input_width(cache: Cache, features: tuple[str, ...], pool: str = "mean") -> int:
     """The last dimension of head_inputs' rows for these features."""
     def width(f):
-        if f in cache.windows:
+        if reads_windows(cache, f, pool):
             v = cache.windows[f]
             return v.shape[-1] if v.ndim == 3 else int(np.prod(v.shape[1:]))
         return int(np.prod(cache.features[f].shape[1:]))
@@ -140,17 +157,18 @@ def label_stats(cache: Cache, head: HeadSpec, train_clips: np.ndarray) -> tuple[
 
 def build_head(head: HeadSpec, seeds: list[int], x_shape: tuple[int, ...],
                cfg: TrainConfig, init: bool = True, bins: torch.Tensor | None = None,
-               uses_bins=None, n_terms: int = 0) -> BatchedMLP:
+               uses_bins=None, n_terms: int = 0, pools: bool = False) -> BatchedMLP:
     """The head's model; `bins` (centres in its output units) and `uses_bins` (per member)
     add a distribution output (distribution.py), `n_terms` the learned loss weights'
-    log-variances (weighting_terms)."""
+    log-variances (weighting_terms), `pools` the attention pooling's query (pools)."""
     layers = x_shape[1] if len(x_shape) == 3 else 0
     if layers and not head.layer_weights:
         raise QamroError(f"head {head.name!r} reads per-layer features [.., {layers}, "
                          f"{x_shape[-1]}]: set layer_weights = true in its recipe")
     return BatchedMLP(seeds, x_shape[-1], head.hidden or cfg.hidden,
                       head.activation or cfg.activation, head.name, head.layer_norm, layers,
-                      init=init, bins=bins, uses_bins=uses_bins, n_terms=n_terms)
+                      init=init, bins=bins, uses_bins=uses_bins, n_terms=n_terms,
+                      pools=pools)
 
 
 def weighting_terms(members) -> int:
@@ -160,9 +178,47 @@ def weighting_terms(members) -> int:
     return len(OBJECTIVE_TERMS) if learned else 0
 
 
+def pools(members) -> bool:
+    """Whether every member's head carries an attention query: when any member of the run
+    pools by attention (the others keep theirs at 0)."""
+    return any(m.loss.pool == "attention" for m in members)
+
+
 @torch.no_grad()
-def predict_units(model: BatchedMLP, x: torch.Tensor) -> np.ndarray:
-    """[U, ...] -> [K, U] float64, in chunks (window-level inputs are large)."""
+def predict_units(model: BatchedMLP, x: torch.Tensor, scores: bool = False) -> np.ndarray:
+    """[U, ...] -> [K, U] float64, in chunks (window-level inputs are large); scores=True
+    (a pooling head) -> [2, K, U]: the predictions and the attention scores."""
     step = 8192 if x.dim() == 2 else 512
-    return torch.cat([model(x[i:i + step]) for i in range(0, len(x), step)], dim=1) \
+
+    def run(chunk):
+        if not scores:
+            return model(chunk)
+        out, _, s = model(chunk, scores=True)
+        return torch.stack([out, s])
+    return torch.cat([run(x[i:i + step]) for i in range(0, len(x), step)], dim=-1) \
         .float().cpu().numpy().astype(np.float64)
+
+
+@torch.no_grad()
+def predict_clips(model: BatchedMLP, inputs: dict[str, tuple[torch.Tensor, Units]],
+                  member_pools: list[str], stats: tuple[float, float]) -> np.ndarray:
+    """[K, N] float64 clip predictions on the labels' scale (the head's outputs times std
+    plus mean, `stats`): each member's by its own pool, from `inputs` (pool -> the head's
+    input rows under that pool and their Units): the mean pool as Units.to_clips, attention
+    as pooling.pooled_clips."""
+    mean, std = stats
+    out = None
+    for pool, (x, units) in inputs.items():
+        rows = [k for k, p in enumerate(member_pools) if p == pool]
+        if not rows:
+            continue
+        if pool == "mean":
+            got = units.to_clips(predict_units(model, x) * std + mean)
+        else:
+            both = predict_units(model, x, scores=True)  # [2, K, M]
+            got = pooled_clips(both[0] * std + mean, both[1], units.clip_of, units.weight,
+                               units.n_clips)
+        if out is None:
+            out = np.full((len(member_pools), got.shape[1]), np.nan)
+        out[rows] = got[rows]
+    return out

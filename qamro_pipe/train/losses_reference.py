@@ -170,3 +170,14 @@ def system_spearman_loss_literal(pred, target, systems, tau: float = 0.1, min_cl
         return pred.sum() * 0.0
     return spearman_loss_literal(torch.stack(means_p),
                                  torch.tensor(means_y, dtype=pred.dtype), tau)
+
+
+def attention_pool_literal(preds, scores, lengths):
+    """Attention pooling (pooling.py) of one clip, window by window: the softmax of
+    log(length) + score over the clip's windows, then the weighted sum of their predictions.
+    `preds`, `scores`: the windows' scalars (tensors), `lengths` their lengths (floats)."""
+    logits = [math.log(n) + s for n, s in zip(lengths, scores)]
+    top = max(float(v.detach()) for v in logits)
+    e = [torch.exp(v - top) for v in logits]
+    z = sum(e)
+    return sum(w / z * p for w, p in zip(e, preds))

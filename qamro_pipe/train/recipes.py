@@ -147,7 +147,7 @@ def recipe_from_cache(cache) -> Recipe:
             break
     if template is None:
         clip = [f for f in ("audio", *sorted(cache.features))
-                if f in have and f not in cache.windows]
+                if f in have and (f in cache.features or f not in cache.windows)]
         feats = tuple(dict.fromkeys(clip)) or tuple(sorted(cache.windows))[:1]
         if not feats:
             raise QamroError(f"{cache.path}: the cache holds no features to train on")

@@ -13,14 +13,14 @@ import inspect
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from ..config import Member, TrainConfig
+from ..config import POOLS, Member, TrainConfig
 from ..errors import Interrupted, QamroError
 from ..loss_kinds import uses_system_term
 from ..store.reader import Cache
@@ -28,7 +28,7 @@ from .aes_release import ReleasedHeads, read_release
 from .distribution import output_bins, smoothed_targets
 from .engine import Context, Engine, InputPlan
 from .groups import train_groups
-from .heads import LOG_VARS, BatchedMLP, HeadSpec
+from .heads import EXTRAS, BatchedMLP, HeadSpec
 from .inputs import (
     Units,
     build_head,
@@ -37,11 +37,13 @@ from .inputs import (
     input_width,
     label_col,
     label_stats,
-    predict_units,
+    pools,
+    predict_clips,
     units_for,
     weighting_terms,
 )
 from .optim import optimizer_buffers
+from .pooling import WindowIndex
 from .state import TrainState
 
 
@@ -209,39 +211,33 @@ def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
     if uses_release and release is None:
         release = read_release(cache, cfg.release_checkpoint)
     axis = release.for_heads(heads) if uses_release else {}
-    units = units_for(cache, heads)
-    shared, plan = _inputs(cache, heads, device)
-    X = {h.name: shared[h.features] for h in heads}
     stats = {h.name: label_stats(cache, h, split.train) for h in heads}
     if cfg.label_stats == "release":  # the published track 2 code's (mean, std)
         stats = {h.name: release.stats[axis[h.name]] if h.standardize else (0.0, 1.0)
                  for h in heads}
-    ctx = Context(
-        heads=heads, members=list(members), plan=plan,
-        x_shapes={h.name: tuple(X[h.name].shape) for h in heads},
-        Y={h.name: torch.from_numpy(np.ascontiguousarray(units.per_unit(
-            cache.labels[:, label_col(cache, h)]))).to(device) for h in heads},
-        **_rows(units, split, cfg, device),
-        stats=[stats[h.name] for h in heads], label_range=label_range, cfg=cfg, device=device,
-        train_groups=_groups(cache, split.train, units, members, cfg, device),
-        **_systems(cache, split.train, units, members, device),
-        **distribution_targets(cache, heads, units, members, label_range, device))
-    models = {h.name: build_head(h, seeds, ctx.x_shapes[h.name], cfg,
-                                 n_terms=weighting_terms(members),
-                                 **ctx.bins_of(h, range(len(members)))) for h in heads}
+    member_pools = [m.loss.pool for m in members]
+    # one context per pool the members ask for: the mean pool's units are windows (or
+    # clips), attention's are clips read through their windows (pooling.py)
+    ctxs = {pool: _context(cache, heads, members, cfg, split, stats, label_range, device, pool)
+            for pool in dict.fromkeys(sorted(member_pools, key=POOLS.index))}
+    first = next(iter(ctxs.values()))
+    models = {h.name: build_head(h, seeds, first.x_shapes[h.name], cfg,
+                                 n_terms=weighting_terms(members), pools=pools(members),
+                                 **first.bins_of(h, range(len(members)))) for h in heads}
     state = checkpoint.resume if checkpoint and checkpoint.resume else TrainState.fresh(
         initial_weights(models, release if cfg.init == "release" else None, axis),
         optimizer_buffers(cfg), cfg.max_epochs)
     resumed_from, spent = state.epoch, state.seconds
     with _matmul_precision(cfg.matmul_precision):
-        _fit(ctx, state, progress, checkpoint)
+        _fit(ctxs, state, progress, checkpoint)
         with torch.no_grad():
             preds = {}
             for h in heads:
                 model = models[h.name].to(device)
                 model.set_by_member(state.best[h.name].to(device))
-                preds[h.name] = units.to_clips(predict_units(model, X[h.name])
-                                               * stats[h.name][1] + stats[h.name][0])
+                preds[h.name] = predict_clips(
+                    model, {pool: (ctx.plan[h.features][0], ctx.units)
+                            for pool, ctx in ctxs.items()}, member_pools, stats[h.name])
     failures, warnings = _outcomes(members, state)
     return TrainResult(
         members=members, heads=heads, split=split, predictions=preds,
@@ -254,6 +250,38 @@ def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
         member_epochs=state.member_epochs, history=state.history_array(),
         resumed_from=resumed_from,
         release=release.record(uses_release) if uses_release else None)
+
+
+def _context(cache: Cache, heads, members: list[Member], cfg: TrainConfig, split: Split,
+             stats: dict, label_range, device, pool: str) -> Context:
+    """What the engines of the members that pool by `pool` share. Every context holds all
+    of the run's members (the heads' layout is the run's) and `group`, the members it
+    trains. Attention pooling trains on clips (that have windows), and reads their windows
+    through `windows` (pooling.WindowIndex)."""
+    units = units_for(cache, heads, pool)
+    plan = _inputs(cache, heads, device, pool)
+    group = [i for i, m in enumerate(members) if m.loss.pool == pool]
+    mine = [members[i] for i in group]
+    rows = units
+    extra: dict = {}
+    if pool == "attention":
+        rows = Units(len(cache.ids))  # clips; only those with windows are trained on
+        has = np.diff(cache.window_offsets) > 0
+        split = replace(split, train=split.train[has[split.train]], val=split.val[has[split.val]])
+        extra["windows"] = WindowIndex.of(cache, device)
+    dist = distribution_targets(cache, heads, rows, members, label_range, device)
+    if dist and not any(m.loss.kind == "gaussian-kl" for m in mine):
+        dist["P"] = None  # the bins shape every head of the run; no member here reads them
+    return Context(
+        heads=heads, members=list(members), group=np.asarray(group, dtype=np.int64),
+        plan=plan, units=units,
+        x_shapes={h.name: tuple(plan[h.features][0].shape) for h in heads},
+        Y={h.name: torch.from_numpy(np.ascontiguousarray(rows.per_unit(
+            cache.labels[:, label_col(cache, h)]))).to(device) for h in heads},
+        **_rows(rows, split, cfg, device),
+        stats=[stats[h.name] for h in heads], label_range=label_range, cfg=cfg, device=device,
+        train_groups=_groups(cache, split.train, rows, mine, cfg, device),
+        **_systems(cache, split.train, rows, mine, device), **dist, **extra)
 
 
 def _rows(units: Units, split: Split, cfg: TrainConfig, device) -> dict[str, torch.Tensor]:
@@ -312,14 +340,14 @@ def initial_weights(models: dict[str, BatchedMLP], release: ReleasedHeads | None
     out = {}
     for h, m in models.items():
         theirs = release.heads[axis[h]]
-        core = [e for e in m.layout if e[0] != LOG_VARS]  # the learned loss weights: ours
+        core = [e for e in m.layout if e[0] not in EXTRAS]  # loss weights, pooling: ours
         if core != theirs.layout or m.activation != theirs.activation:
             raise QamroError(f"--init release: head {h!r} is not shaped like the released "
                              f"{axis[h]} head (ours: {_shape(m)}; the release's: "
                              f"{_shape(theirs)}); give it the release's shape, as the "
                              f"aes-natural recipe does")
         rows = theirs.by_member().detach().expand(m.k, -1)
-        extra = m.by_member().detach()[:, rows.shape[1]:]  # log-variances, last: start at 0
+        extra = m.by_member().detach()[:, rows.shape[1]:]  # EXTRAS, last: start at 0
         out[h] = torch.cat([rows, extra], dim=1)
     return out
 
@@ -359,24 +387,35 @@ def _outcomes(members: list[Member], state: TrainState) -> tuple[dict, dict]:
     return failures, warnings
 
 
-def _fit(ctx: Context, state: TrainState, progress, checkpoint: Checkpoint | None) -> None:
-    """Epochs until every member stopped or max_epochs, in chunks of ctx.check_every between
-    syncs; the engine is rebuilt without members that stopped, and the state saved every
+def _fit(ctxs: dict[str, Context], state: TrainState, progress,
+         checkpoint: Checkpoint | None) -> None:
+    """Epochs until every member stopped or max_epochs, in chunks of check_every between
+    syncs; each context's engine (one per pool the members ask for) runs the chunk's epochs
+    for its members, and is rebuilt without members that stopped; the state is saved every
     `checkpoint.every` seconds. A first Ctrl-C finishes the epoch, saves and stops."""
-    cfg, check = ctx.cfg, ctx.check_every
-    engine: Engine | None = None
+    first = next(iter(ctxs.values()))
+    cfg, check = first.cfg, first.check_every
+    engines: dict[str, Engine | None] = dict.fromkeys(ctxs)
     t0, spent, done0 = time.perf_counter(), state.seconds, state.member_epochs
     last_save = t0
     with _deferred_sigint() as stop:
         while state.epoch < cfg.max_epochs and bool(state.active.any()):
-            subset = _members_to_run(ctx, state, engine)
-            if engine is None or not np.array_equal(engine.subset, subset):
-                if engine is not None:
-                    engine.store(state)
-                engine = Engine(ctx, state, subset)
-            n = min(check - state.epoch % check, cfg.max_epochs - state.epoch)
-            engine.run(n)
-            engine.sync(state, n)
+            epoch = state.epoch
+            n = min(check - epoch % check, cfg.max_epochs - epoch)
+            for pool, ctx in ctxs.items():
+                state.epoch = epoch  # every pool's engine runs the same epochs
+                engine = engines[pool]
+                subset = _members_to_run(ctx, state, engine)
+                if engine is None or not np.array_equal(engine.subset, subset):
+                    if engine is not None:
+                        engine.store(state)
+                    engine = engines[pool] = Engine(ctx, state, subset) if len(subset) \
+                        else None
+                if engine is None:  # every member of this pool stopped
+                    continue
+                engine.run(n)
+                engine.sync(state, n)
+            state.epoch = epoch + n
             now = time.perf_counter()
             state.seconds = spent + now - t0
             if progress:
@@ -384,7 +423,7 @@ def _fit(ctx: Context, state: TrainState, progress, checkpoint: Checkpoint | Non
                                   state.k, float(state.best_val.min()), state.member_epochs,
                                   (state.member_epochs - done0) / max(now - t0, 1e-9)))
             if checkpoint and (stop.is_set() or now - last_save >= checkpoint.every):
-                engine.store(state)
+                _store(engines, state)
                 state.save(checkpoint.path, checkpoint.fingerprint)
                 last_save = time.perf_counter()
             if stop.is_set():
@@ -392,10 +431,15 @@ def _fit(ctx: Context, state: TrainState, progress, checkpoint: Checkpoint | Non
                     f"interrupted at epoch {state.epoch}: "
                     + (f"the training state is saved in {checkpoint.path.parent}; rerun the "
                        f"same command to resume" if checkpoint else "nothing was saved"))
+        _store(engines, state)
+        if checkpoint and any(engines.values()):  # trained: a kill while writing redoes nothing
+            state.save(checkpoint.path, checkpoint.fingerprint)
+
+
+def _store(engines: dict[str, Engine | None], state: TrainState) -> None:
+    for engine in engines.values():
         if engine is not None:
             engine.store(state)
-        if checkpoint and engine is not None:  # trained: a kill while writing redoes nothing
-            state.save(checkpoint.path, checkpoint.fingerprint)
 
 
 def _members_to_run(ctx: Context, state: TrainState, engine: Engine | None) -> np.ndarray:
@@ -405,10 +449,10 @@ def _members_to_run(ctx: Context, state: TrainState, engine: Engine | None) -> n
     engine's members have stopped (an epoch there is launch-bound, and a rebuild costs a new
     graph capture). compact=False keeps every member stepping (their best weights are kept
     aside either way)."""
-    everyone = np.arange(state.k)
+    everyone = ctx.group
     if not ctx.cfg.compact:
         return everyone
-    active = np.flatnonzero(state.active.numpy())
+    active = everyone[state.active.numpy()[everyone]]
     if engine is None or ctx.device.type != "cuda":
         return active
     stopped = len(engine.subset) - np.isin(engine.subset, active).sum()
@@ -448,27 +492,25 @@ def _matmul_precision(value: str):
         torch.set_float32_matmul_precision(before)
 
 
-def _inputs(cache: Cache, heads, device) -> tuple[dict[tuple[str, ...], torch.Tensor], InputPlan]:
+def _inputs(cache: Cache, heads, device, pool: str = "mean") -> InputPlan:
     """Each distinct input of the heads, on the device once: heads reading the same features
     share one matrix (the four AES axes: 4x less), and an input whose columns are the first
     columns of another (the audio head's audio inside the textual head's audio + text; a
     window feature inside that feature + clip features, [U, L, D] in [U, L, D + E]) is a
     view of it, so a step gathers its rows once, for both heads."""
-    shared: dict[tuple[str, ...], torch.Tensor] = {}
     plan: InputPlan = {}
     for h in sorted(heads, key=lambda h: -len(h.features)):
-        if h.features in shared:
+        if h.features in plan:
             continue
-        cols = column_order(cache, h.features)
+        cols = column_order(cache, h.features, pool)
         # a prefix of columns is also a prefix of rows: the per-window feature comes first
-        wider = [f for f in shared if column_order(cache, f)[:len(cols)] == cols]
+        wider = [f for f in plan if column_order(cache, f, pool)[:len(cols)] == cols]
         if wider:
             root = plan[wider[0]][1]
-            width = input_width(cache, h.features)
-            shared[h.features] = shared[root][..., :width]
-            plan[h.features] = (shared[h.features], root, width)
+            width = input_width(cache, h.features, pool)
+            plan[h.features] = (plan[root][0][..., :width], root, width)
         else:
-            shared[h.features] = torch.from_numpy(head_inputs(cache, h)).to(device)
-            plan[h.features] = (shared[h.features], h.features, shared[h.features].shape[-1])
-    return shared, plan
+            x = torch.from_numpy(head_inputs(cache, h, pool)).to(device)
+            plan[h.features] = (x, h.features, x.shape[-1])
+    return plan
 

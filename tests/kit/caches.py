@@ -74,6 +74,39 @@ def per_layer_cache(path, n_systems=10, per_system=16, dim=16, seed=0):
                        window_weight=rng.uniform(0.2, 1.0, offsets[-1]).astype(np.float32))
 
 
+def pooled_cache(path, n_systems=10, per_system=16, dim=8, seed=0, keep_clip_rows=False):
+    """Clips of 1-4 windows of which one, marked (unit 1 = +2, the others' -2), carries the
+    clip's quality in unit 0; the other windows' unit 0 is noise. A clip's length-weighted
+    mean window dilutes its quality by the other windows; attention pooling can find the
+    marked one (train/pooling.py). keep_clip_rows: also the pooled rows under the same name,
+    as extract --keep-windows writes a backbone's pooled feature."""
+    rng = np.random.default_rng(seed)
+    n = n_systems * per_system
+    systems = np.repeat([f"S{i:03d}" for i in range(n_systems)], per_system)
+    quality = np.repeat(np.linspace(1.5, 4.5, n_systems), per_system) + rng.normal(0, 0.3, n)
+    counts = rng.integers(1, 5, n)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    emb = rng.normal(size=(offsets[-1], dim)).astype(np.float32)
+    emb[:, 1] = -2.0
+    marked = offsets[:-1] + rng.integers(0, counts)
+    emb[marked, 0] = quality - 3.0
+    emb[marked, 1] = 2.0
+    weight = rng.uniform(0.3, 1.0, offsets[-1]).astype(np.float32)
+    labels = np.round(np.clip(quality + rng.normal(0, 0.2, n), 1, 5) * 5)[:, None] / 5
+    features = {}
+    if keep_clip_rows:
+        clip_of = np.repeat(np.arange(n), counts)
+        den = np.bincount(clip_of, weights=weight)
+        features["emb"] = np.stack([np.bincount(clip_of, weights=weight * emb[:, d]) / den
+                                    for d in range(dim)], 1).astype(np.float32)
+    return write_cache(path, ids=[f"clip{i:04d}" for i in range(n)], systems=systems,
+                       splits=np.where(rng.random(n) < 0.25, "dev", "train"),
+                       labels=labels.astype(np.float32), label_names=["overall"],
+                       features=features, backbone="synthetic-windows@1", dataset="pooled",
+                       windows={"emb": emb}, window_offsets=offsets, window_weight=weight,
+                       config={"made_by": "tests"})
+
+
 def small_recipe(tmp_path):
     lines = ['name = "aes-small"', 'dataset = "aes-natural"', 'backbone = "synthetic-layers"',
              "label_range = [1.0, 10.0]", "[loss]", 'regression = "mse+mae"']

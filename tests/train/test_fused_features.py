@@ -191,7 +191,8 @@ def test_a_clip_feature_is_repeated_on_each_window_and_layer(tmp_path):
         for layer in range(3):
             np.testing.assert_array_equal(x[w, layer, 8:],
                                           joined.features["clap-music:text"][clip])
-    shared, plan = _inputs(joined, heads, torch.device("cpu"))
+    plan = _inputs(joined, heads, torch.device("cpu"))
+    shared = {f: x for f, (x, _, _) in plan.items()}
     assert plan[("layers",)][1] == ("layers", "clap-music:text")  # a view, not a copy
     assert shared[("layers",)].data_ptr() == shared[plan[("layers",)][1]].data_ptr()
     np.testing.assert_array_equal(shared[("layers",)].numpy(), joined.windows["layers"])

@@ -154,7 +154,8 @@ def test_an_input_inside_another_is_gathered_once_as_its_first_columns(synthetic
     from qamro_pipe.train.trainer import _inputs
 
     cache = read_cache(synthetic_cache)
-    shared, plan = _inputs(cache, HEADS, torch.device("cpu"))
+    plan = _inputs(cache, HEADS, torch.device("cpu"))
+    shared = {f: x for f, (x, _, _) in plan.items()}
     audio, both = shared[("audio",)], shared[("audio", "text")]
     assert audio.data_ptr() == both.data_ptr() and plan[("audio",)][1] == ("audio", "text")
     idx = torch.tensor([[3, 0, 7], [5, 5, 1]])

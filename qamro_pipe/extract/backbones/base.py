@@ -82,7 +82,8 @@ class Backbone:
 
     def __init__(self, checkpoint: str | None = None, device: str = "cpu",
                  precision: str = "fp32", offline: bool | None = None,
-                 tokenizer_dir: str | None = None, audio_input: str = "resampled"):
+                 tokenizer_dir: str | None = None, audio_input: str = "resampled",
+                 keep_windows: bool = False):
         if precision not in ("fp32", "bf16", "fp16"):
             raise QamroError(f"unknown precision {precision!r}; use fp32, bf16 or fp16")
         if audio_input not in self.audio_inputs:
@@ -92,6 +93,7 @@ class Backbone:
                              f"{', '.join(self.audio_inputs)} only ({audio_input} is for "
                              f"{', '.join(takes) or 'no backbone'})")
         self.audio_input = audio_input
+        self.keep_windows = keep_windows
         self.checkpoint = checkpoint
         self.device = device
         self.precision = precision
@@ -130,6 +132,13 @@ class Backbone:
 
     def feature_specs(self) -> dict[str, FeatureSpec]:
         raise NotImplementedError
+
+    def window_features(self) -> tuple[str, ...]:
+        """The features written one row per window: the per-window ones, and with
+        keep_windows each audio feature also pooled per clip (its windows' rows kept beside
+        the pooled row, for attention pooling)."""
+        return tuple(k for k, s in self.feature_specs().items()
+                     if s.per_window or (self.keep_windows and not s.text))
 
     def load(self) -> None:
         """Build the model and read its weights, once (a loaded backbone stays loaded)."""
