@@ -5,7 +5,7 @@ first and, where the table names one, every row compared with its `compare` row.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from ..report.compare import comparison, render_comparison
 from ..report.tables import aggregate, aggregate_cv, render, write_table
 from ..store.reader import read_meta
 from ..train.aes_release import clip_scores, read_release
+from ..train.inputs import units_for
 from ..train.probe import PROBE_ROW, probe, probe_metrics, train_rows
 from ..train.recipes import Recipe, TableRecipe, load_table, select_recipe
 from ..train.runs import head_metrics
@@ -162,15 +163,44 @@ def run_table(table: str | Path, model: str | None = None, cache: str | Path | N
     cv = run_opts.get("cv")
     out = Path(out) if out else cache_root() / "runs" / table_name(t.name, recipe, cache, cv)
     job = prepare(recipe, members, tcfg, cache, out, force, **run_opts)
+    t, members, left_out = servable_rows(t, job.data, recipe, members, row_of)
+    job = replace(job, members=members)
     with stage(job) as staged:
-        made = write_table_files(staged, t, recipe, tcfg, job.cv, seeds, members, row_of)
+        made = write_table_files(staged, t, recipe, tcfg, job.cv, seeds, members, row_of,
+                                 left_out)
     return made
 
 
+def servable_rows(t: TableRecipe, data, recipe: Recipe, members: list[Member], row_of: dict
+                  ) -> tuple[TableRecipe, list[Member], list[str]]:
+    """The rows this cache can train: a row that pools windows by attention needs per-window
+    features (a demo or CLAP cache extracted without --keep-windows has none); such a row
+    is left out with a note saying why, rather than the whole table refused."""
+    left, notes = set(), []
+    for row, settings in t.rows:
+        pool = settings.get("pool", LossConfig.pool)
+        if pool == "mean":
+            continue
+        try:
+            units_for(data, recipe.heads, pool)
+        except QamroError as e:
+            left.add(row)
+            notes.append(f"row {row!r} left out: {e}")
+    if not left:
+        return t, members, notes
+    if t.compare in left:
+        raise QamroError(f"{t.path}: the row every other is compared with, {t.compare!r}, "
+                         f"cannot be trained on {data.path}: {notes[0]}")
+    kept = [m for m in members if row_of[m] not in left]
+    return replace(t, rows=tuple(r for r in t.rows if r[0] not in left)), kept, notes
+
+
 def write_table_files(staged: Staged, t: TableRecipe, recipe: Recipe, tcfg: TrainConfig, cv,
-                      seeds: int, members: list[Member], row_of: dict) -> TableResult:
+                      seeds: int, members: list[Member], row_of: dict,
+                      left_out: list[str] = ()) -> TableResult:
     """table.md/.csv (and table-pooled under --cv), probe.json and compare.* into the staged
-    run folder."""
+    run folder; `left_out` says which rows of the recipe are not in it, and why (table.md
+    too)."""
     folder, metrics, data = staged.folder, staged.metrics, staged.data
     level = t.level if metrics["system_level"]["computable"] else "utterance"
     probe, pooled_probe, record = probe_rows(data, recipe.heads, tcfg, cv, t, level)
@@ -187,13 +217,14 @@ def write_table_files(staged: Staged, t: TableRecipe, recipe: Recipe, tcfg: Trai
                   f"{seeds} seeds")
     title = (f"{t.name}: {recipe.name}, {level}-level {spread} (validation: "
              f"{metrics['validation']})")
-    notes = []
+    notes = list(left_out)
     if t.release_row and cv is None:
         row, note = zero_shot_row(t, recipe, data, tcfg, data.rows(tcfg.eval_split), level)
         rows[:0] = [row] if row else []
         notes += [note] if note else []
     shown = real and level == t.level and cv is None
     text, md, csv_rows = render(t, heads, [probe, *rows], show_reference=shown)
+    md += "".join(f"\n\nNote: {n}" for n in left_out)
     write_table(folder, md, csv_rows, title)
     if cv is not None:  # per member, the figures of its pooled predictions
         title2 = (f"the same rows, {level}-level of the pooled out-of-fold predictions "

@@ -23,6 +23,7 @@ def test_rows_are_the_options_and_members_differ():
     assert losses["system Spearman"].kind == "system"
     assert losses["QAMRO + system 0.5"].system_weight == 0.5
     assert losses["QAMRO, learned weights"].loss_weighting == "uncertainty"
+    assert losses["QAMRO, attention pooling"].pool == "attention"
     assert len({m.label() for m in members}) == len(members) == 2 * len(t.rows)
     assert t.compare == "QAMRO" and {"top_f1", "p_at_k"} <= set(t.figures)
 
@@ -42,11 +43,14 @@ def test_table_beyond_end_to_end_on_a_planted_cache(tmp_path):
     result = json.loads((out / "compare.json").read_text())
     for head in ("overall", "textual"):
         rows = result[head]["rows"]
-        assert list(rows) == [name for name, _ in t.rows]
+        # the planted cache has clip features only: the attention row is left out, said so
+        assert list(rows) == [name for name, _ in t.rows if name != "QAMRO, attention pooling"]
         assert rows["QAMRO"]["p_above"] is None
         assert all(0 <= rows[n]["p_above"] <= 1 for n in rows if n != "QAMRO")
     table = (out / "table.md").read_text()
     assert "TOP_F1" in table and "P_AT_K" in table
+    for said in (table, r.output):
+        assert "row 'QAMRO, attention pooling' left out" in said and "--keep-windows" in said
     metrics = json.loads((out / "metrics.json").read_text())
     labels = [m["member"] for m in metrics["members"]]
     assert any("batches=prompt" in x for x in labels) and any("weights=uncertainty" in x
