@@ -133,6 +133,21 @@ def named_systems(systems: np.ndarray) -> np.ndarray:
     return named if named.any() else np.ones(len(named), dtype=bool)
 
 
+FEW_SYSTEMS = 5  # below this many systems, a system-level correlation is a caution, not a
+# figure: over 2 systems SRCC and KTAU are +1 or -1, over 4 they take a handful of values
+
+
+def few_systems(systems: np.ndarray) -> str | None:
+    """A caution where the system level rests on 2 to FEW_SYSTEMS - 1 systems, or None."""
+    systems = np.asarray(systems)
+    n = len(np.unique(systems[named_systems(systems)]))
+    if not 2 <= n < FEW_SYSTEMS:
+        return None
+    return (f"the system-level figures rest on {n} systems: over so few, SRCC and KTAU take "
+            f"only a few values ({'+1 or -1' if n == 2 else f'{n} systems'}); read them with "
+            f"their intervals, or report on a split with more systems")
+
+
 def system_level_problem(systems: np.ndarray) -> str | None:
     """Why system-level figures cannot be computed over these rows' systems, or None."""
     systems = np.asarray(systems)

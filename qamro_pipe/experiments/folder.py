@@ -11,7 +11,7 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from ..config import CVConfig, Member, TrainConfig, to_jsonable
-from ..metrics import system_level_problem
+from ..metrics import few_systems, system_level_problem
 from ..report.curves import write_curves
 from ..report.plots import eval_counts, plot_sweep
 from ..store.reader import Cache
@@ -162,6 +162,15 @@ def system_level_note(cache: Cache, heads, tcfg: TrainConfig) -> dict[str, str]:
         if problem and len(labelled):
             notes[h.name] = f"eval split {tcfg.eval_split!r}: {problem}"
     return notes
+
+
+def few_systems_warning(cache: Cache, heads, tcfg: TrainConfig) -> str | None:
+    """A caution when the eval split's labelled clips come from only a few systems."""
+    rows = cache.rows(tcfg.eval_split)
+    labelled = rows[np.isfinite(cache.labels[rows][:, [label_col(cache, h) for h in heads]])
+                    .any(axis=1)]
+    why = few_systems(cache.systems[labelled])
+    return why and f"eval split {tcfg.eval_split!r}: {why}"
 
 
 def mark_system_level(metrics: dict[str, Any], notes: dict[str, str]) -> None:

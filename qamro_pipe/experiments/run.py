@@ -29,7 +29,7 @@ from ..train.resume import discard, fingerprint, training_state
 from ..train.runs import check_out, clean_stale
 from ..train.trainer import train
 from .cv import stage_cv
-from .folder import Job, Outcome, Staged, stage_run, system_level_note
+from .folder import Job, Outcome, Staged, few_systems_warning, stage_run, system_level_note
 from .naming import run_name
 
 
@@ -154,7 +154,8 @@ def stage(job: Job) -> Iterator[Staged]:
     if needs_holdout(data, tcfg):  # no report split: hold out a seeded share of train
         data, tcfg, holdout = holdout_view(data, tcfg)
     report: dict[str, Any] = {"eval_holdout": holdout} if holdout else {}
-    warnings = [w for w in [eval_split_warning(tcfg)] if w]
+    warnings = [w for w in [eval_split_warning(tcfg),
+                            few_systems_warning(data, job.recipe.heads, tcfg)] if w]
     note = system_level_note(data, job.recipe.heads, tcfg)  # before training
     fp = fingerprint(data, job.recipe.heads, job.members, tcfg, job.label_range,
                      job.sources, job.release.sha256 if job.release else None)

@@ -454,3 +454,23 @@ def test_make_demo_installs_only_what_the_demo_needs(tmp_path):
     assert "backbones" not in demo and "torchvision" not in demo
     test = plan("test")
     assert 'pip install -q -e ".[backbones,dev]"' in test and "torchvision==" in test
+
+
+def test_system_figures_over_few_systems_come_with_a_caution(synthetic_cache, tmp_path):
+    """A report split whose clips come from 2 systems gives system SRCC +1 or -1: the run
+    says so on screen and in metrics.json's warnings; a split of many systems does not."""
+    n_systems, per = 12, 10
+    splits = np.array(["train"] * (n_systems * per))
+    splits[:per] = "dev"
+    splits[per:per + 4] = "dev"  # the dev clips: system S000's and four of S001's
+    few = make_synthetic_cache(tmp_path / "few.h5", n_systems=n_systems, per_system=per,
+                               splits=splits)
+    r = invoke("train", "--cache", few, "--out", tmp_path / "few", *QUICK)
+    assert r.exit_code == 0, r.output
+    said = "the system-level figures rest on 2 systems"
+    assert said in r.output and "+1 or -1" in r.output
+    warnings = json.loads((tmp_path / "few" / "metrics.json").read_text())["warnings"]
+    assert any(said in w for w in warnings)
+    r = invoke("train", "--cache", synthetic_cache, "--out", tmp_path / "many", *QUICK)
+    assert r.exit_code == 0, r.output
+    assert "rest on" not in r.output
