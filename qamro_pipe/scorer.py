@@ -24,7 +24,7 @@ from .config import EXTRACT_BATCH, ExtractConfig, override
 from .errors import DataError, QamroError
 from .extract.backbones import Backbone, get_backbone
 from .extract.datasets import DatasetRecords
-from .extract.loop import _device, cache_key
+from .extract.loop import cache_key, extract_device
 from .extract.memory import Item, embed_items
 from .model_folder import is_model_folder, read_model, resolve
 from .preference import pair_rows
@@ -43,11 +43,10 @@ class _Extractor:
 
     def __init__(self, name: str | None, cfg: ExtractConfig, texts: bool):
         self.name, self.cfg, self.texts = name, cfg, texts
-        self.bb: Backbone = get_backbone(cfg.backbone, checkpoint=cfg.checkpoint,
-                                         device=_device(cfg.device), precision=cfg.precision,
-                                         offline=cfg.offline, tokenizer_dir=cfg.tokenizer_dir,
-                                         audio_input=cfg.clap_input,
-                                         keep_windows=cfg.keep_windows)
+        self.bb: Backbone = get_backbone(
+            cfg.backbone, checkpoint=cfg.checkpoint, device=extract_device(cfg.device),
+            precision=cfg.precision, offline=cfg.offline, tokenizer_dir=cfg.tokenizer_dir,
+            audio_input=cfg.clap_input, keep_windows=cfg.keep_windows)
 
     def key(self) -> dict[str, Any]:
         """What made these numbers, as a cache key says it (weights by their sha256)."""

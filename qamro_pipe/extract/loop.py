@@ -128,7 +128,7 @@ class _Run:
 def _setup(records: DatasetRecords, cfg: ExtractConfig, cache_path: str | Path | None,
            shard: tuple[int, int] | None, texts: bool | None) -> _Run:
     # batch_size and workers were checked when cfg was made (ExtractConfig.__post_init__)
-    device = _device(cfg.device)
+    device = extract_device(cfg.device)
     gpu = device.startswith("cuda")
     cfg = replace(cfg, batch_size=cfg.batch_size or EXTRACT_BATCH["cuda" if gpu else "cpu"],
                   workers=auto_workers(gpu) if cfg.workers is None else cfg.workers)
@@ -176,7 +176,8 @@ def auto_workers(gpu: bool) -> int:
     return max(2, min(8, ((os.cpu_count() or 4) - 2) // ranks))
 
 
-def _device(device: str) -> str:
+def extract_device(device: str) -> str:
+    """The device extraction runs on: the named one, or for "auto" cuda where there is one."""
     if device != "auto":
         return device
     import torch
