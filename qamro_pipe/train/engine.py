@@ -13,7 +13,7 @@ import torch
 from ..config import Member, TrainConfig
 from .distribution import OutputBins
 from .groups import epoch_order
-from .heads import BatchedMLP, HeadSpec, member_seed
+from .heads import LOG_VARS, BatchedMLP, HeadSpec, member_seed
 from .inputs import Units, build_head, pools, weighting_terms
 from .losses import LabelTerms
 from .objective import Losses, uncertainty_objective
@@ -200,8 +200,9 @@ class Engine:
             self.hist.index_copy_(0, slot, row[None])
 
     def _log_vars(self, views) -> torch.Tensor:
-        """[H, K, 2] each head's learned log-variances (the last view of its layout)."""
-        return torch.stack([views[h.name][-1] for h in self.ctx.heads])
+        """[H, K, 2] each head's learned log-variances (its layout's LOG_VARS view)."""
+        return torch.stack([views[h.name][self._model(h).index(LOG_VARS)]
+                            for h in self.ctx.heads])
 
     def _term_weights(self) -> torch.Tensor:
         """[2, K] the terms' weights exp(-s), mean over heads (1 under fixed weighting: no

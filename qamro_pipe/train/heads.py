@@ -117,6 +117,10 @@ class BatchedMLP(nn.Module):
             off += n
         return out
 
+    def index(self, name: str) -> int:
+        """The position of parameter `name` in the layout (and in views())."""
+        return [n for n, _ in self.layout].index(name)
+
     def named_views(self, flat: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         return dict(zip((n for n, _ in self.layout), self.views(flat)))
 

@@ -226,3 +226,20 @@ def test_refusals(tmp_path):
 def test_names_say_the_pool():
     assert member_label(ATT, 0) == "qamro a=0.2 b=7 pool=attention seed=0"
     assert "pool-attention" in loss_part([Member(MEAN, 0), Member(ATT, 0)], LossConfig())
+
+
+def test_attention_mixes_with_the_other_member_settings(cache):
+    """Attention members beside a gaussian-kl member (which pools by the mean), with
+    learned term weights, the system term, system batches and a listwise kind: every member
+    trains and scores every clip; the learned weights move (their log-variances are found
+    by name, not by place: the query follows them in the layout)."""
+    members = [Member(LossConfig(kind="gaussian-kl"), 0),
+               Member(LossConfig(pool="attention", loss_weighting="uncertainty"), 0),
+               Member(LossConfig(pool="attention", system_weight=0.5, batch_by="system"), 0),
+               Member(LossConfig(pool="attention", kind="listmle"), 0)]
+    res = train(cache, HEADS, members, CFG, label_range=(1.0, 5.0))
+    assert not res.failures
+    assert np.isfinite(res.predictions["overall"][:, res.split.eval]).all()
+    hist = res.history[res.history[:, 0] == 1]  # member 1's rows: member, epoch, ...
+    assert not np.allclose(hist[-1, -2:], 1.0)  # weight_reg, weight_rank moved from 1
+    assert np.allclose(res.history[res.history[:, 0] == 2][:, -2:], 1.0)  # fixed: 1
