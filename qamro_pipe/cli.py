@@ -133,6 +133,8 @@ def _split_notes(metrics) -> None:
     """Where the figures come from, when that is not the split the user would assume."""
     if metrics.get("eval_holdout"):
         _note(f"note: {metrics['eval_holdout']['text']}")
+    if metrics.get("pairs"):
+        _note(f"note: {metrics['pairs']['note']}")
     for msg in metrics.get("warnings", []):
         _echo(f"warning: {msg}", err=True)
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from .config import LossConfig, TrainConfig, check_seeds
 from .errors import QamroError
+from .pairs_file import read_pairs
 
 # TrainConfig checks that read another setting a recipe may give: left to the library
 _NEEDS_RECIPE = ("release_checkpoint",)
@@ -43,11 +44,14 @@ def check_run_folder(path: str | Path) -> None:
 
 def check_run_options(opts: dict[str, Any], train: dict[str, Any],
                       loss: dict[str, Any]) -> None:
-    """`train`, `sweep`, `table`: --cache, --release-checkpoint and each setting's own rule."""
+    """`train`, `sweep`, `table`: --cache, --release-checkpoint, --pairs (there, readable,
+    every pair labelled) and each setting's own rule."""
     check_cache_file(opts.get("cache"))
     checkpoint = train.get("release_checkpoint")
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise QamroError(f"--release-checkpoint {checkpoint}: no such file")
+    if train.get("pairs") is not None:  # the file read whole (json): each item checked
+        read_pairs(train["pairs"], labelled=True)
     if opts.get("seeds") is not None:
         check_seeds(opts["seeds"])
     TrainConfig(**{k: v for k, v in train.items() if k not in _NEEDS_RECIPE})

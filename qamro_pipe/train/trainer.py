@@ -42,6 +42,7 @@ from .inputs import (
     weighting_terms,
 )
 from .optim import optimizer_buffers
+from .pairs_term import pair_context
 from .state import TrainState
 
 
@@ -225,6 +226,7 @@ def train(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member],
         stats=[stats[h.name] for h in heads], label_range=label_range, cfg=cfg, device=device,
         train_groups=_groups(cache, split.train, units, members, cfg, device),
         **_systems(cache, split.train, units, members, device),
+        **pair_context(cache, split, units, heads, members, cfg, device),
         **distribution_targets(cache, heads, units, members, label_range, device))
     models = {h.name: build_head(h, seeds, ctx.x_shapes[h.name], cfg,
                                  n_terms=weighting_terms(members),
