@@ -6,8 +6,8 @@ caches refused, members with and without pairs independent in one run, resume eq
 uninterrupted run, and pairs moving the heads the right way where MOS labels are scarce.
 
 The pairs files are written in the layout of docs/preference.md (ours: id, audio_a, audio_b,
-winner), their outcomes drawn the way the demo corpus's raters rate (integer 1-5 ratings
-around each clip's score, sd 0.6: qamro_pipe/extract/datasets/demo.py)."""
+winner), each pair judged by the demo corpus's simulated raters (demo.rated_preference:
+integer 1-5 ratings around each clip's score, sd 0.6, the majority of 5 wins)."""
 import json
 from dataclasses import replace
 
@@ -17,6 +17,7 @@ import torch
 
 from qamro_pipe.config import LossConfig, Member, TrainConfig
 from qamro_pipe.errors import QamroError
+from qamro_pipe.extract.datasets.demo import rated_preference
 from qamro_pipe.loss_kinds import member_label
 from qamro_pipe.pairs_file import read_pairs
 from qamro_pipe.store import read_cache
@@ -36,18 +37,9 @@ CFG = TrainConfig(max_epochs=30, patience=5, lr=0.02, bootstrap=0, checkpoint_se
                   batch_size=64)
 
 
-def rated_outcome(score_a, score_b, rng, raters=5, sd=0.6):
-    """The demo's raters asked which of two clips is better: each rates both (integer 1-5
-    around the clip's score, sd 0.6) and prefers the higher; the majority wins, a draw
-    is a tie."""
-    ra = np.clip(np.rint(score_a + rng.normal(0, sd, raters)), 1, 5)
-    rb = np.clip(np.rint(score_b + rng.normal(0, sd, raters)), 1, 5)
-    votes = int(np.sum(ra > rb)) - int(np.sum(rb > ra))
-    return "A" if votes > 0 else "B" if votes < 0 else "tie"
-
-
 def write_pairs(path, ids, scores, n, seed=0, rows=None):
-    """n pairs of clips (by id: file stem = clip id) among `rows`, winners as rated."""
+    """n pairs of clips (by id: file stem = clip id) among `rows`, each judged by the demo
+    corpus's raters from the clips' scores."""
     rng = np.random.default_rng(seed)
     rows = np.arange(len(ids)) if rows is None else np.asarray(rows)
     lines = []
@@ -55,7 +47,7 @@ def write_pairs(path, ids, scores, n, seed=0, rows=None):
         a, b = rng.choice(rows, 2, replace=False)
         lines.append({"id": f"p{i}", "prompt": "", "audio_a": f"clips/{ids[a]}.wav",
                       "audio_b": f"clips/{ids[b]}.wav",
-                      "winner": rated_outcome(scores[a], scores[b], rng)})
+                      "winner": rated_preference(scores[a], scores[b], rng)})
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     return path
 
@@ -258,3 +250,49 @@ def test_cli_trains_on_pairs_and_records_them(tmp_path):
         r = invoke("train", "--cache", path, "--out", tmp_path / "no", "--quiet", *args)
         assert r.exit_code == 1 and msg in r.output and "Traceback" not in r.output, r.output
         assert not (tmp_path / "no").exists()
+
+
+def test_the_demo_corpus_pairs_in_ours_and_cmi_rewardbench_layouts(tmp_path):
+    """The demo corpus's pairs.jsonl (its simulated raters judging two systems' clips of one
+    prompt from their true scores: qamro_pipe/extract/datasets/demo.py), and the same pairs in
+    CMI-RewardBench's field names (Haiwen-Xia/CMI-RewardBench data files: `prompt`,
+    `audio-path`, `audio2`, `preference` model_a / model_b / both), join the melstats cache
+    by the files it was extracted from, and train: the dev clips are then ordered as their
+    MOS labels order them far better than by chance."""
+    from qamro_pipe.config import ExtractConfig
+    from qamro_pipe.extract.datasets import load_dataset
+    from qamro_pipe.extract.loop import extract
+
+    recs = load_dataset("demo", tmp_path / "corpus", n_systems=12, n_prompts=10, seconds=1.0)
+    path = tmp_path / "melstats.h5"
+    extract(recs, ExtractConfig(backbone="melstats", device="cpu", workers=0), path,
+            progress=False)
+    c = read_cache(path)
+    ours = tmp_path / "corpus" / "pairs.jsonl"
+    items = [json.loads(x) for x in ours.read_text().splitlines()]
+    assert len(items) == 10 * 40 and {x["winner"] for x in items} <= {"A", "B", "tie"}
+    cmi = tmp_path / "corpus" / "cmi.jsonl"
+    to_cmi = {"A": "model_a", "B": "model_b", "tie": "both"}
+    cmi.write_text("".join(json.dumps({"prompt": x["prompt"], "audio-path": x["audio_a"],
+                                       "audio2": x["audio_b"], "lyrics": "",
+                                       "preference": to_cmi[x["winner"]]}) + "\n"
+                           for x in items))
+    everything = np.arange(len(c.ids))
+    a, b = join_pairs(c, ours, everything), join_pairs(c, cmi, everything)
+    assert a.not_in_cache == 0 and len(a.outcome) == 400
+    assert np.array_equal(a.first, b.first) and np.array_equal(a.outcome, b.outcome)
+    # joined by the source path the cache records: clip ids that are not the file stems
+    renamed = replace(c, ids=np.array([f"clip{i}" for i in range(len(c.ids))], dtype=object))
+    assert np.array_equal(join_pairs(renamed, ours, everything).second, a.second)
+    with pytest.raises(QamroError, match="none of its 400 pairs joins the cache"):
+        join_pairs(replace(renamed, sources=None), ours, everything)
+    heads = HEADS[:1]
+    cfg = replace(CFG, pairs=str(cmi), max_epochs=40, patience=10, batch_size=32)
+    res = train(c, heads, [Member(LossConfig(pair_weight=1.0), 0)], cfg)
+    ev = make_split(c, heads, cfg).eval  # held out: every pair of two dev clips, the
+    # higher MOS label its winner
+    i, j = np.triu_indices(len(ev), 1)
+    y, pred = c.labels[ev, 0], res.predictions["overall"][0][ev]
+    decided = y[i] != y[j]
+    acc = np.mean((pred[i] > pred[j])[decided] == (y[i] > y[j])[decided])
+    assert decided.sum() >= 100 and acc > 0.7, (decided.sum(), acc)
