@@ -28,6 +28,15 @@ def score_pairs(scorer, pairs: list[Pair], head: str | None = None
     once; -> (answers, {pair id: why} of pairs with a clip that could not be scored)."""
     if head is not None and head not in scorer.heads:
         raise QamroError(f"--head {head}: this model's heads are {', '.join(scorer.heads)}")
+    done, bad = scored_pairs(scorer, pairs)
+    answers = pair_rows(scorer, [(a, b) for _, a, b in done], head)
+    return [(p, ans) for (p, _, _), ans in zip(done, answers)], bad
+
+
+def scored_pairs(scorer, pairs: list[Pair]) -> tuple[list[tuple[Pair, dict, dict]],
+                                                     dict[str, str]]:
+    """Each pair with the score rows of its clips (Scorer.score_items' rows), each distinct
+    (clip, prompt) scored once; -> (scored, {pair id: why} of the others)."""
     keys = list(dict.fromkeys((p.audio_a, p.prompt) for p in pairs) |
                 dict.fromkeys((p.audio_b, p.prompt) for p in pairs))
     index = {k: str(i) for i, k in enumerate(keys)}
@@ -41,8 +50,7 @@ def score_pairs(scorer, pairs: list[Pair], head: str | None = None
             bad[p.id] = f"pair {p.id}: " + (failures.get(a) or failures.get(b) or "not scored")
             continue
         done.append((p, by_id[a], by_id[b]))
-    answers = pair_rows(scorer, [(a, b) for _, a, b in done], head)
-    return [(p, ans) for (p, _, _), ans in zip(done, answers)], bad
+    return done, bad
 
 
 def calibrate(scorer, pairs_path: str | Path, head: str | None = None) -> dict[str, Any]:

@@ -30,6 +30,8 @@ FIELDS = {
     "audio_a": ("audio_a", "audio-path", "a_audio_path", "a_audio_url", "audio1"),
     "audio_b": ("audio_b", "audio2", "b_audio_path", "b_audio_url"),
     "winner": ("winner", "preference", "vote"),
+    "system_a": ("system_a",),  # the systems that made the clips (ours; optional: read by
+    "system_b": ("system_b",),  # per-system recalibration, recalibrate.py)
 }
 WINNERS = {"a": "A", "model_a": "A", "b": "B", "model_b": "B", "tie": "tie", "both": "tie",
            "neither": "tie", "both_bad": "tie"}
@@ -42,6 +44,8 @@ class Pair:
     audio_a: Path
     audio_b: Path
     winner: str | None  # "A", "B", "tie", or None (unlabelled)
+    system_a: str | None = None  # the system that made clip A, where the file says
+    system_b: str | None = None
 
 
 def _field(item: dict[str, Any], name: str):
@@ -92,7 +96,9 @@ def read_pairs(path: str | Path, labelled: bool = False) -> list[Pair]:
         winner = _winner(item, where) if labelled or _field(item, "winner")[0] else None
         if labelled and winner is None:
             raise DataError(f"{where}: no winner (one of {', '.join(FIELDS['winner'])})")
-        pairs.append(Pair(pid, _text(_field(item, "prompt")[1]), audio[0], audio[1], winner))
+        systems = [_field(item, s)[1] for s in ("system_a", "system_b")]
+        pairs.append(Pair(pid, _text(_field(item, "prompt")[1]), audio[0], audio[1], winner,
+                          *(None if s is None else str(s) for s in systems)))
     return pairs
 
 
