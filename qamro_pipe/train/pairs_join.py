@@ -77,7 +77,8 @@ def _row(path: Path, by_source: dict[str, int], by_id: dict[str, int]) -> int | 
 
 def join_pairs(cache: Cache, path: str | Path, train_rows: np.ndarray) -> PairSet:
     """The labelled pairs of `path` whose two clips are both in `train_rows`; refused (one
-    line) when no pair joins the cache at all, or a pair's two files are one clip."""
+    line) when no pair joins the cache at all, or a pair's two files are one clip. `cache`:
+    a Cache, or the CacheIndex of one (ids and sources are all it reads)."""
     path = Path(path)
     pairs = read_pairs(path, labelled=True)
     by_source, by_id = clip_index(cache)
@@ -102,7 +103,7 @@ def join_pairs(cache: Cache, path: str | Path, train_rows: np.ndarray) -> PairSe
         outcome.append(OUTCOME[p.winner])
     if missing == len(pairs):
         raise QamroError(f"{path}: none of its {len(pairs)} pairs joins the cache "
-                         f"{cache.path} (a pair's clips are matched by the audio file the "
+                         f"{cache.meta.path} (a pair's clips are matched by the audio file the "
                          f"cache was extracted from, else by file stem = clip id; e.g. "
                          f"{pairs[0].audio_a.name})")
     return PairSet(str(path), file_sha256(path), np.array(first, np.int64),

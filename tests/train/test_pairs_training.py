@@ -17,6 +17,7 @@ import torch
 
 from qamro_pipe.config import LossConfig, Member, TrainConfig
 from qamro_pipe.errors import QamroError
+from qamro_pipe.experiments.naming import loss_part
 from qamro_pipe.extract.datasets.demo import rated_preference
 from qamro_pipe.loss_kinds import member_label
 from qamro_pipe.pairs_file import read_pairs
@@ -173,6 +174,7 @@ def test_members_stay_independent_in_one_run(cache, pairs_file):
     assert not np.allclose(together.predictions["overall"][0],
                            together.predictions["overall"][1], atol=1e-3)
     assert member_label(members[1].loss, 0) == "qamro a=0.2 b=7 +pairs 1 seed=0"
+    assert loss_part(members[1:2], LossConfig()) == "qamro-a0.2-b7-pairs1"
 
 
 def test_resumed_run_equals_the_uninterrupted_one(cache, pairs_file, tmp_path):
@@ -296,3 +298,24 @@ def test_the_demo_corpus_pairs_in_ours_and_cmi_rewardbench_layouts(tmp_path):
     decided = y[i] != y[j]
     acc = np.mean((pred[i] > pred[j])[decided] == (y[i] > y[j])[decided])
     assert decided.sum() >= 100 and acc > 0.7, (decided.sum(), acc)
+
+
+def test_a_pairs_file_is_checked_before_torch_is_imported(tmp_path):
+    """The process is the point: a missing pairs file, or one none of whose pairs joins the
+    --cache, is answered with torch, scipy and sklearn never imported."""
+    import subprocess
+    import sys
+
+    light = ("import sys; from typer.testing import CliRunner; from qamro_pipe.cli import app; "
+             "r = CliRunner().invoke(app, sys.argv[1:]); "
+             "heavy = sorted(m for m in ('torch', 'scipy', 'sklearn') if m in sys.modules); "
+             "print(r.exit_code, ','.join(heavy) or 'none'); print(r.output)")
+    path = make_synthetic_cache(tmp_path / "s.h5", n_systems=2, per_system=4)
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"audio_a": "a.wav", "audio_b": "b.wav", "winner": "A"}) + "\n")
+    for pairs, msg in ((tmp_path / "none.jsonl", "no such pairs file"),
+                       (f, "none of its 1 pairs joins the cache")):
+        r = subprocess.run([sys.executable, "-c", light, "train", "--cache", str(path),
+                            "--pairs", str(pairs)], capture_output=True, text=True)
+        first, output = r.stdout.split("\n", 1)
+        assert first == "1 none" and msg in output, r.stdout + r.stderr
