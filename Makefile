@@ -73,10 +73,12 @@ table2: $(STAMP)
 table-losses: $(STAMP)
 	$(BIN)/qamro-pipe table --recipe table-losses $(TABLE_OPTS) $(if $(MODEL),--model $(MODEL))
 
-# structured batches, the system-level term, learned weights against QAMRO (docs/beyond.md);
-# PRESET, CACHE and MODEL as for table-losses
+# structured batches, the system-level term, learned weights, preference pairs against QAMRO
+# (docs/beyond.md); PRESET, CACHE and MODEL as for table-losses; PAIRS=FILE a pairs file
+# (MODEL=demo: the demo corpus's own, written by `make demo`)
 table-beyond: $(STAMP)
-	$(BIN)/qamro-pipe table --recipe table-beyond $(TABLE_OPTS) $(if $(MODEL),--model $(MODEL))
+	$(BIN)/qamro-pipe table --recipe table-beyond $(TABLE_OPTS) $(if $(MODEL),--model $(MODEL)) \
+		$(if $(PAIRS),--pairs $(PAIRS),$(if $(filter demo,$(MODEL)),--pairs $${QAMRO_CACHE_DIR:-cache}/demo-corpus/pairs.jsonl))
 
 clean:
 	rm -rf $(VENV) build *.egg-info

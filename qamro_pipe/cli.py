@@ -133,6 +133,8 @@ def _split_notes(metrics) -> None:
     """Where the figures come from, when that is not the split the user would assume."""
     if metrics.get("eval_holdout"):
         _note(f"note: {metrics['eval_holdout']['text']}")
+    if metrics.get("pairs"):
+        _note(f"note: {metrics['pairs']['note']}")
     for msg in metrics.get("warnings", []):
         _echo(f"warning: {msg}", err=True)
 
@@ -679,6 +681,51 @@ def prefer(
     _echo(f"answered {len(answers)} pair(s), {len(bad)} failed", err=True)
     if bad:
         raise typer.Exit(1)
+
+
+@command(name="calibrate-system", panel=USE)
+def calibrate_system(
+    model: str = typer.Argument(..., help="A run folder or exported model folder (the offsets "
+                                "are recorded in it)."),
+    pairs: Path = typer.Argument(..., help="Labelled pairs (winner or tie) comparing the "
+                                 "system's clips with clips of systems the model knows, each "
+                                 "with system_a and system_b (docs/preference.md)."),
+    system: str = typer.Option(..., help="The system whose score offset to fit."),
+    members: Optional[str] = opt("Use the members matching key=value,... (as evaluate "
+                                 "--members).", "all"),
+    checkpoint: Optional[str] = opt("Backbone weights file.", "the run's cache's, else the "
+                                    "release file"),
+    tokenizer_dir: Optional[str] = opt("roberta-base tokenizer files (CLAP text, offline).",
+                                       "the run's cache's"),
+    device: Optional[str] = cfg_opt(ExtractConfig, "device", f"{DEVICE_HELP}.", recipe=False),
+):
+    """Fit a new system's score offset per head from ~100 labelled pairs against known systems.
+
+    Bradley-Terry maximum likelihood with a bootstrap 95% interval, recorded in
+    MODEL/system_offsets.json; Scorer.score(..., system=NAME) then adds it."""
+    from .model_folder import looks_like_repo  # on use
+    from .pairs_file import read_pairs  # light, but with the others: one place
+    from .recalibrate import system_pairs  # on use
+    from .scorer import Scorer  # on use
+
+    system_pairs(read_pairs(pairs, labelled=True), system, pairs)  # before the model loads
+    if looks_like_repo(model):
+        raise QamroError(f"calibrate-system records the offsets in the model folder; {model} "
+                         f"is a Hugging Face cache entry: download it into a folder of your "
+                         f"own and pass that")
+    scorer = Scorer.load(model, device=device, members=members, checkpoint=checkpoint,
+                         tokenizer_dir=tokenizer_dir)
+    kept_before = set(scorer.folder.glob("system_offsets.json.kept-*"))
+    result = scorer.recalibrate(pairs, system)
+    for h, e in result.items():
+        lo, hi = e["interval"]
+        _echo(f"{h}: offset {e['offset']:+.3f} [{lo:+.3f}, {hi:+.3f}] (95%, {e['resamples']} "
+              f"resamples) from {e['pairs']} pairs ({e['won']} won, {e['ties']} ties)")
+    _note(f"note: {next(iter(result.values()))['temperature']}")
+    _echo(f"recorded in {scorer.folder / 'system_offsets.json'}", err=True)
+    for kept in sorted(set(scorer.folder.glob("system_offsets.json.kept-*")) - kept_before):
+        _note(f"note: {system} had offsets recorded already; the earlier file is kept as "
+              f"{kept}")
 
 
 @command(panel=DEMO)

@@ -14,7 +14,15 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from .config import DEFAULT_SEEDS, DEVICE_HELP, CVConfig, LossConfig, TrainConfig, override
+from .config import (
+    DEFAULT_SEEDS,
+    DEVICE_HELP,
+    PAIR_WEIGHT,
+    CVConfig,
+    LossConfig,
+    TrainConfig,
+    override,
+)
 from .errors import QamroError
 
 DATA, LOSS, TRAINING, OUTPUT = "Recipe and data", "Loss", "Training", "Output"
@@ -46,10 +54,10 @@ T, L = TrainConfig, LossConfig
 TRAIN_SETTINGS = ("val_split", "eval_split", "max_epochs", "patience", "optimizer", "lr",
                   "weight_decay", "batch_size", "val_batch_size", "activation", "device",
                   "threads", "matmul_precision", "top_tier", "top_k", "init", "label_stats",
-                  "release_checkpoint", "train_windows")
+                  "release_checkpoint", "train_windows", "pairs", "pair_head")
 LOSS_SETTINGS = ("norm", "regression", "quality_weight", "temperature", "tau", "bins",
                  "sigma", "system_weight", "batch_by",
-                 "loss_weighting", "pool")  # one value for every member of one run
+                 "loss_weighting", "pool", "pair_weight")  # one value for every member of one run
 
 # name -> (type, option): what train, sweep and table all take
 RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
@@ -87,6 +95,16 @@ RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
         L, "system_weight", "Add the system-level soft Spearman (--loss system: each system's "
         "mean prediction against its mean label inside a batch) with this weight beside any "
         "other --loss (>= 0; 0 = none).", rich_help_panel=LOSS)),
+    "pairs": (Optional[Path], opt(
+        "Preference pairs (a pairs file: ours, CMI-RewardBench or Music Arena field names, "
+        "winner or tie per pair; docs/preference.md) joined to the cache's training clips: a "
+        "Bradley-Terry term trains the heads beside the MOS labels (docs/beyond.md). Pairs "
+        "touching a validation or eval clip are left out.", rich_help_panel=LOSS)),
+    "pair_weight": (Optional[float], opt(
+        "Weight of the Bradley-Terry term on the --pairs (>= 0; 0 = none).",
+        f"{PAIR_WEIGHT:g} with --pairs, else 0", rich_help_panel=LOSS)),
+    "pair_head": (Optional[str], opt(
+        "The head the --pairs train.", "every head", rich_help_panel=LOSS)),
     "val_split": (Optional[str], cfg_opt(
         T, "val_split", "Early-stopping split: holdout (a share of train, never the reported "
         "split) or a split name (dev = the published code's protocol).",

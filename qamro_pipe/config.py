@@ -33,6 +33,8 @@ BATCH_BY = ("random", "prompt", "system")  # what a training batch is made of (t
 LOSS_WEIGHTINGS = ("fixed", "uncertainty")  # how a member's objective terms are weighted
 POOLS = ("mean", "attention")  # how a clip's windows make its prediction (train/pooling.py)
 OBJECTIVE_TERMS = ("regression", "ranking")  # the terms of a member's objective, in order
+PAIR_WEIGHT = 1.0  # a member's pair_weight when --pairs is given and no weight is: the
+# Bradley-Terry term weighs as the ranking term does (rank_weight 1; docs/beyond.md)
 
 
 def cache_root() -> Path:
@@ -71,6 +73,8 @@ class LossConfig:
     pool: str = "mean"  # per-window features: "mean" = train on windows, a clip's prediction
     # their length-weighted mean (paper, Audiobox-Aesthetics); "attention" = train on clips,
     # a learned attention over each clip's windows (train/pooling.py); members may differ
+    pair_weight: float = 0.0  # weight of the Bradley-Terry term on preference pairs
+    # (TrainConfig.pairs; train/pairs_term.py) beside the member's other terms; 0 = none
 
     def __post_init__(self):
         _choice("loss", self.kind, LOSS_KINDS)
@@ -86,6 +90,7 @@ class LossConfig:
         _above("tau", self.tau, 0)
         _above("sigma", self.sigma, 0)
         _at_least("system_weight", self.system_weight, 0)
+        _at_least("pair_weight", self.pair_weight, 0)
         _choice("batch-by", self.batch_by, BATCH_BY)
         _choice("loss-weighting", self.loss_weighting, LOSS_WEIGHTINGS)
         _choice("pool", self.pool, POOLS)
@@ -155,6 +160,10 @@ class TrainConfig:
     # or "release": the released model's target_transform (published track 2 code)
     release_checkpoint: str | None = None  # the release file for init/label_stats "release";
     # None = the file the cache was extracted from (its provenance names it and its sha256)
+    pairs: str | None = None  # a labelled pairs file (pairs_file.py) whose pairs of
+    # training clips train the members with a pair_weight (train/pairs_term.py); its sha256,
+    # not its place, is in the resume fingerprint
+    pair_head: str | None = None  # the head the pairs train; None = every head
 
     def __post_init__(self):
         _choice("activation", self.activation, ("relu", "gelu", "none"))

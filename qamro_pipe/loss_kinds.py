@@ -78,11 +78,14 @@ def member_label(loss: Any, seed: int) -> str:
 
 def _extras(loss: Any, sep: str) -> str:
     """The settings any kind may take beside its own, where not at their defaults: the
-    system-level term's weight, structured batches, learned term weights, the pool."""
+    system-level term's weight, the preference pairs' weight, structured batches, learned
+    term weights, the pool."""
     out = []
     if getattr(loss, "system_weight", 0):
         out.append(f"+system {loss.system_weight:g}" if sep == " "
                    else f"system{loss.system_weight:g}")
+    if getattr(loss, "pair_weight", 0):  # preference pairs (train/pairs_term.py)
+        out.append(f"+pairs {loss.pair_weight:g}" if sep == " " else f"pairs{loss.pair_weight:g}")
     if getattr(loss, "batch_by", "random") != "random":
         out.append(f"batches={loss.batch_by}" if sep == " " else f"by-{loss.batch_by}")
     if getattr(loss, "loss_weighting", "fixed") != "fixed":

@@ -1,25 +1,14 @@
-"""Pairs files and `qamro-pipe prefer`: a prompt and two generated clips per line, which one
-people prefer, and with what probability (preference.py).
-
-A pairs file is JSON lines (or one JSON list). Each item has an id, a prompt and two audio
-paths, relative to the pairs file (or absolute); labelled items also say which clip won.
-Field names are ours or those of the files that publish such pairs:
-
-    ours            id         prompt                   audio_a         audio_b      winner
-    CMI-RewardBench (row nr)   prompt                   audio-path      audio2       preference
-    Music Arena     uuid       prompt.prompt            a_audio_url     b_audio_url  vote.preference
-    MIREX 2026      id         prompt                   audio_a         audio_b
-
-Winners: A / B (also a, b, model_a, model_b), and ties: tie, both, neither, BOTH_BAD (left
-out of accuracy and calibration, reported apart). Lyrics and reference audio (CMI-Pref's
-`lyrics`, `ref-audio-path`) are not read: no head of this tool reads them."""
+"""`qamro-pipe prefer`: which of two generated clips people prefer, and with what probability
+(preference.py), for the pairs of a pairs file (read by pairs_file.py: ours, CMI-RewardBench,
+Music Arena and MIREX 2026 field names). Ties are left out of accuracy and calibration and
+reported apart. Lyrics and reference audio (CMI-Pref's `lyrics`, `ref-audio-path`) are not
+read: no head of this tool reads them."""
 from __future__ import annotations
 
 import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,108 +16,10 @@ import numpy as np
 
 from .errors import DataError, QamroError
 from .extract.memory import Item
+from .pairs_file import FIELDS, WINNERS, Pair, read_pairs  # noqa: F401  (read here too)
 from .preference import file_digest, fit_temperature, pair_rows, read_calibration, write_calibration
 from .report.evaluate import evaluation_name
 from .report.pairs import evaluate_pairs, plot_reliability
-
-FIELDS = {
-    "id": ("id", "uuid", "pair_id"),
-    "prompt": ("prompt", "text", "caption", "prompt_detailed"),
-    "audio_a": ("audio_a", "audio-path", "a_audio_path", "a_audio_url", "audio1"),
-    "audio_b": ("audio_b", "audio2", "b_audio_path", "b_audio_url"),
-    "winner": ("winner", "preference", "vote"),
-}
-WINNERS = {"a": "A", "model_a": "A", "b": "B", "model_b": "B", "tie": "tie", "both": "tie",
-           "neither": "tie", "both_bad": "tie"}
-
-
-@dataclass(frozen=True)
-class Pair:
-    id: str
-    prompt: str
-    audio_a: Path
-    audio_b: Path
-    winner: str | None  # "A", "B", "tie", or None (unlabelled)
-
-
-def _field(item: dict[str, Any], name: str):
-    for key in FIELDS[name]:
-        if item.get(key) not in (None, ""):
-            return key, item[key]
-    return None, None
-
-
-def _text(value) -> str:
-    """A prompt: a string, or Music Arena's prompt objects ({"prompt"} / {"overall_prompt"})."""
-    if isinstance(value, dict):
-        value = value.get("prompt") or value.get("overall_prompt") or ""
-    return str(value or "")
-
-
-def read_pairs(path: str | Path, labelled: bool = False) -> list[Pair]:
-    """The pairs of a file, each checked: one line naming the file, the item and the problem.
-    With `labelled`, every item must say which clip won."""
-    path = Path(path)
-    if not path.is_file():
-        raise QamroError(f"{path}: no such pairs file")
-    items = _items(path)
-    if not items:
-        raise DataError(f"{path}: no pairs in it")
-    pairs, seen = [], set()
-    for n, item in items:
-        where = f"{path} item {n}"
-        if not isinstance(item, dict):
-            raise DataError(f"{where}: not a JSON object")
-        _, pid = _field(item, "id")
-        pid = str(pid) if pid is not None else str(n)
-        if pid in seen:
-            raise DataError(f"{where}: id {pid!r} appears twice")
-        seen.add(pid)
-        audio = []
-        for side in ("audio_a", "audio_b"):
-            key, value = _field(item, side)
-            if key is None:
-                raise DataError(f"{where}: no {side} (one of {', '.join(FIELDS[side])})")
-            if "://" in str(value):
-                raise DataError(f"{where}: {key} is a URL ({value}); download the audio and "
-                                f"give paths relative to the pairs file")
-            audio.append(Path(value) if Path(value).is_absolute() else path.parent / value)
-        winner = _winner(item, where) if labelled or _field(item, "winner")[0] else None
-        if labelled and winner is None:
-            raise DataError(f"{where}: no winner (one of {', '.join(FIELDS['winner'])})")
-        pairs.append(Pair(pid, _text(_field(item, "prompt")[1]), audio[0], audio[1], winner))
-    return pairs
-
-
-def _items(path: Path) -> list[tuple[int, Any]]:
-    """(item number from 1, item) of a JSON-lines file or of a file holding one JSON list."""
-    text = path.read_text()
-    if text.lstrip().startswith("["):
-        try:
-            return list(enumerate(json.loads(text), 1))
-        except ValueError as e:
-            raise DataError(f"{path}: not valid JSON ({e})") from None
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                out.append((n, json.loads(line)))
-            except ValueError as e:
-                raise DataError(f"{path} line {n}: not valid JSON ({e})") from None
-    return out
-
-
-def _winner(item: dict[str, Any], where: str) -> str | None:
-    key, value = _field(item, "winner")
-    if isinstance(value, dict):  # Music Arena: the vote object
-        value = value.get("preference")
-    if value is None:
-        return None
-    got = WINNERS.get(str(value).strip().lower())
-    if got is None:
-        raise DataError(f"{where}: {key} {value!r} is not a winner (A, B, model_a, model_b, "
-                        f"or a tie: tie, both, neither, BOTH_BAD)")
-    return got
 
 
 def score_pairs(scorer, pairs: list[Pair], head: str | None = None
@@ -137,6 +28,15 @@ def score_pairs(scorer, pairs: list[Pair], head: str | None = None
     once; -> (answers, {pair id: why} of pairs with a clip that could not be scored)."""
     if head is not None and head not in scorer.heads:
         raise QamroError(f"--head {head}: this model's heads are {', '.join(scorer.heads)}")
+    done, bad = scored_pairs(scorer, pairs)
+    answers = pair_rows(scorer, [(a, b) for _, a, b in done], head)
+    return [(p, ans) for (p, _, _), ans in zip(done, answers)], bad
+
+
+def scored_pairs(scorer, pairs: list[Pair]) -> tuple[list[tuple[Pair, dict, dict]],
+                                                     dict[str, str]]:
+    """Each pair with the score rows of its clips (Scorer.score_items' rows), each distinct
+    (clip, prompt) scored once; -> (scored, {pair id: why} of the others)."""
     keys = list(dict.fromkeys((p.audio_a, p.prompt) for p in pairs) |
                 dict.fromkeys((p.audio_b, p.prompt) for p in pairs))
     index = {k: str(i) for i, k in enumerate(keys)}
@@ -150,8 +50,7 @@ def score_pairs(scorer, pairs: list[Pair], head: str | None = None
             bad[p.id] = f"pair {p.id}: " + (failures.get(a) or failures.get(b) or "not scored")
             continue
         done.append((p, by_id[a], by_id[b]))
-    answers = pair_rows(scorer, [(a, b) for _, a, b in done], head)
-    return [(p, ans) for (p, _, _), ans in zip(done, answers)], bad
+    return done, bad
 
 
 def calibrate(scorer, pairs_path: str | Path, head: str | None = None) -> dict[str, Any]:

@@ -122,6 +122,20 @@ def pair_rows(scorer, pairs: list[tuple[dict, dict]], head: str | None = None
     return out
 
 
+def pair_temperatures(scorer, pairs: list[tuple[dict, dict]], head: str
+                      ) -> tuple[np.ndarray, str]:
+    """[n] the temperature `prefer` uses for each scored pair (row of A, row of B) on
+    `head`: the fitted one where preference.json has it, else the members' spread; and how
+    it was set (calibration_text)."""
+    fitted = read_calibration(scorer.folder, scorer.selection)
+    if fitted:
+        return np.full(len(pairs), float(fitted["temperature"][head])), calibration_text(fitted)
+    rmse = _rmse(scorer).get(head) if scorer.members == 1 else None
+    sd = np.array([[a.get(f"{head}_sd", 0.0), b.get(f"{head}_sd", 0.0)] for a, b in pairs],
+                  np.float64).reshape(-1, 2)
+    return spread_temperature(sd[:, 0], sd[:, 1], rmse), calibration_text(None)
+
+
 def calibration_text(fitted: dict[str, Any] | None) -> str:
     if fitted:
         return (f"temperature fitted on {fitted['pairs']} labelled pairs of "

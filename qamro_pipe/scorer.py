@@ -114,15 +114,39 @@ class Scorer:
 
     # -- scoring ---------------------------------------------------------------------------
     def score(self, audio, sr: int | None = None, text: str | Sequence[str] | None = None,
-              batch_size: int | None = None) -> list[dict[str, Any]]:
+              batch_size: int | None = None, system: str | None = None
+              ) -> list[dict[str, Any]]:
         """`audio`: a path, a numpy array or torch tensor ([samples] or [channels, samples]
         at `sr`), or a list of those; `text`: one prompt for all, or one per clip. -> one
         dict per clip, in input order: {"id", HEAD: score, HEAD_sd: spread over members
         (several members only)}, the rows `qamro-pipe predict` writes. A clip that cannot
-        be scored raises DataError naming it."""
+        be scored raises DataError naming it. `system`: the clips are that system's, whose
+        offset `recalibrate` recorded: it is added to each head's score."""
+        from .recalibrate import apply_offsets, read_offsets  # on use
+
+        offsets = None
+        if system is not None:
+            offsets = read_offsets(self.folder, self.selection).get(system)
+            if offsets is None:
+                raise QamroError(f"system {system!r}: no offset recorded for this model "
+                                 f"({self.selection or 'all members'}); fit one with "
+                                 f"Scorer.recalibrate or `qamro-pipe calibrate-system`")
         rows, failures = self.score_items(as_items(audio, sr, text), batch_size)
         _raise(failures)
+        if offsets:
+            apply_offsets(rows, offsets)
         return rows
+
+    def recalibrate(self, pairs: str | Path, system: str, n_boot: int = 1000
+                    ) -> dict[str, Any]:
+        """Fit the score offset of `system`, a system this model was not trained on, from
+        labelled pairs comparing its clips with clips of systems it knows (recalibrate.py:
+        a Bradley-Terry fit per head, with a bootstrap 95% interval), and record it in the
+        model folder (system_offsets.json), so `score(..., system=NAME)` applies it.
+        -> {head: {"offset", "interval", "pairs", ...}}."""
+        from .recalibrate import recalibrate  # on use
+
+        return recalibrate(self, pairs, system, n_boot)
 
     def score_items(self, items: list[Item], batch_size: int | None = None
                     ) -> tuple[list[dict[str, Any]], dict[str, str]]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..config import (
+    PAIR_WEIGHT,
     CVConfig,
     LossConfig,
     Member,
@@ -24,10 +25,12 @@ from ..train.aes_release import read_release
 from ..train.holdout import eval_split_warning, holdout_view, needs_holdout
 from ..train.joined import Source, join, split_feature
 from ..train.losses import INTERVAL_TABLES
+from ..train.pairs_join import join_pairs, training_clips
+from ..train.pairs_term import check_pairs_setting, uses_pairs
 from ..train.recipes import Recipe, load_recipe
 from ..train.resume import discard, fingerprint, training_state
 from ..train.runs import check_out, clean_stale
-from ..train.trainer import train
+from ..train.trainer import make_split, train
 from .cv import stage_cv
 from .folder import Job, Outcome, Staged, few_systems_warning, stage_run, system_level_note
 from .naming import run_name
@@ -35,8 +38,11 @@ from .naming import run_name
 
 def recipe_configs(recipe: Recipe, train: dict[str, Any] | None = None,
                    loss: dict[str, Any] | None = None,
-                   kinds: list[str] | None = None) -> tuple[TrainConfig, LossConfig]:
+                   kinds: list[str] | None = None,
+                   pair_default: bool = True) -> tuple[TrainConfig, LossConfig]:
     """Defaults (config.py) < recipe overrides < the user's options (None = not given).
+    With a pairs file and no pair_weight given (`pair_default`), the members weigh the pairs
+    by config.PAIR_WEIGHT (a table's rows say their own weight instead).
 
     Every setting is checked here, before any work: the recipe's (errors name its file),
     then the user's, and a loss setting that none of the loss kinds to be trained (`kinds`,
@@ -49,6 +55,9 @@ def recipe_configs(recipe: Recipe, train: dict[str, Any] | None = None,
     except (QamroError, TypeError) as e:
         raise QamroError(f"{recipe.where()}: {e}") from None
     tcfg, lcfg = override(tcfg, **(train or {})), override(lcfg, **(loss or {}))
+    if pair_default and tcfg.pairs and (loss or {}).get("pair_weight") is None \
+            and "pair_weight" not in recipe.loss:
+        lcfg = replace(lcfg, pair_weight=PAIR_WEIGHT)
     given = [k for k, v in (loss or {}).items() if v is not None and k != "kind"]
     check_used(kinds if kinds is not None else [lcfg.kind], given)
     for kind in kinds or [lcfg.kind]:
@@ -135,6 +144,7 @@ def prepare(recipe: Recipe | str, members: list[Member], tcfg: TrainConfig,
     out = Path(out) if out else default_out(recipe, members, kind, data.meta.backbone, cv)
     clean_stale(out)  # what a killed run left: removed, or an interrupted --force finished
     check_out(out, force, data.path)  # refuse before spending time training
+    check_pairs_setting(members, tcfg, recipe.heads)
     release = read_release_for(data, recipe, tcfg)
     return Job(recipe, data, sources, members, tcfg, out, force, kind, progress, resume, cv,
                release)
@@ -157,6 +167,9 @@ def stage(job: Job) -> Iterator[Staged]:
     warnings = [w for w in [eval_split_warning(tcfg),
                             few_systems_warning(data, job.recipe.heads, tcfg)] if w]
     note = system_level_note(data, job.recipe.heads, tcfg)  # before training
+    pairs = pairs_record(data, job.recipe.heads, job.members, tcfg)
+    if pairs:
+        report["pairs"] = pairs
     fp = fingerprint(data, job.recipe.heads, job.members, tcfg, job.label_range,
                      job.sources, job.release.sha256 if job.release else None)
     with training_state(job.out, fp, tcfg, job.force, job.resume) as checkpoint:
@@ -166,9 +179,10 @@ def stage(job: Job) -> Iterator[Staged]:
         warnings += [w for w in [unconverged(result, tcfg)] if w]
         if warnings:
             report["warnings"] = warnings
+        more = {**({"eval_holdout": holdout} if holdout else {}),
+                **({"pairs": pairs} if pairs else {})}
         staged = stage_run(job, result, job.out, note, data=data, tcfg=tcfg,
-                           more_config=holdout and {"eval_holdout": holdout},
-                           more_metrics=report)
+                           more_config=more or None, more_metrics=report)
         staged.after_publish.append(lambda: discard(job.out))
         try:
             yield staged
@@ -176,6 +190,17 @@ def stage(job: Job) -> Iterator[Staged]:
             staged.abandon()
             raise
         staged.publish()
+
+
+def pairs_record(data: Cache, heads, members: list[Member], tcfg: TrainConfig
+                 ) -> dict[str, Any] | None:
+    """What config.json and metrics.json say of the preference pairs a run trains on (the
+    file, its sha256, how many pairs train and how many were left out, and why), or None."""
+    if not (tcfg.pairs and uses_pairs(members)):
+        return None
+    split = make_split(data, heads, tcfg)
+    joined = join_pairs(data, tcfg.pairs, training_clips(data, split.val, split.eval))
+    return {**joined.record(), "note": joined.note()}
 
 
 def run_experiment(recipe: Recipe | str, members: list[Member], tcfg: TrainConfig,

@@ -50,6 +50,17 @@ def table_members(table: TableRecipe, base: LossConfig, seeds: int) -> tuple[lis
     return members, row_of
 
 
+def without_pair_rows(t: TableRecipe, tcfg: TrainConfig) -> tuple[TableRecipe, str | None]:
+    """Without a pairs file (--pairs), the rows trained on preference pairs (a pair_weight)
+    are left out, with a note naming them; the other rows are the table as before."""
+    left = [row for row, settings in t.rows if settings.get("pair_weight")]
+    if tcfg.pairs or not left:
+        return t, None
+    return (replace(t, rows=tuple((row, s) for row, s in t.rows if row not in left)),
+            f"row(s) {', '.join(repr(r) for r in left)} train on preference pairs: left out "
+            f"(give a pairs file with --pairs FILE; docs/beyond.md)")
+
+
 def model_of(table: TableRecipe, model: str | None, preset: str | None) -> str | None:
     """The model recipe a table trains: --model, or the table's recipe for --preset NAME
     (paper, code), or None for the table's own `model`."""
@@ -158,12 +169,14 @@ def run_table(table: str | Path, model: str | None = None, cache: str | Path | N
     seeds = t.seeds if seeds is None else seeds  # 0 is refused, not read as "not given"
     recipe = select_recipe(model_of(t, model, preset), cache=cache, default=t.model)
     kinds = sorted({r.get("loss", recipe.loss.get("kind", LossConfig.kind)) for _, r in t.rows})
-    tcfg, lcfg = recipe_configs(recipe, train, loss, kinds=kinds)
+    tcfg, lcfg = recipe_configs(recipe, train, loss, kinds=kinds, pair_default=False)
+    t, pair_note = without_pair_rows(t, tcfg)
     members, row_of = table_members(t, lcfg, seeds)
     cv = run_opts.get("cv")
     out = Path(out) if out else cache_root() / "runs" / table_name(t.name, recipe, cache, cv)
     job = prepare(recipe, members, tcfg, cache, out, force, **run_opts)
     t, members, left_out = servable_rows(t, job.data, recipe, members, row_of)
+    left_out[:0] = [pair_note] if pair_note else []
     job = replace(job, members=members)
     with stage(job) as staged:
         made = write_table_files(staged, t, recipe, tcfg, job.cv, seeds, members, row_of,

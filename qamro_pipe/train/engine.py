@@ -5,6 +5,7 @@ its members and writes back into it; the trainer rebuilds it without the members
 stopped, so they cost nothing (trainer.py)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +19,7 @@ from .inputs import Units, build_head, pools, weighting_terms
 from .losses import LabelTerms
 from .objective import Losses, uncertainty_objective
 from .optim import make_optimizer
+from .pairs_term import PairRows, PairTerm
 from .pooling import WindowIndex, pool
 from .shuffle import member_windows
 from .state import HISTORY_COLUMNS, TrainState
@@ -63,6 +65,8 @@ class Context:
     @property
     def steps_per_epoch(self) -> int:
         return -(-len(self.train_rows) // self.cfg.batch_size)
+    pairs: PairRows | None = None  # the training pairs, where a member has a pair_weight
+    # (pairs_term.py)
 
     def bins_of(self, h: HeadSpec, members) -> dict:
         """build_head's distribution arguments for head h and these member rows."""
@@ -141,6 +145,8 @@ class Engine:
         self.log_vars = weighting_terms(ctx.members) > 0
         self.learned = torch.tensor([m.loss.loss_weighting == "uncertainty" for m in members],
                                     device=device)
+        self.pair_term = None if ctx.pairs is None else PairTerm(
+            ctx.pairs, members, ctx.steps_per_epoch, device)
         self.graph = None
         self.eager_epochs = 0
 
@@ -176,6 +182,9 @@ class Engine:
                                     terms.select((step, slice(None), slice(None, idx.shape[1]))),
                                     dist_pairs(ctx, outs, idx), systems_of(ctx, idx),
                                     per_head=True)  # [2, H, K]
+            if self.pair_term is not None:  # preference pairs: in the ranking part
+                per_head = per_head + self.pair_term(self.epoch, step,
+                                                     functools.partial(self._outputs, views))
             objective = per_head.sum() if not self.log_vars else uncertainty_objective(
                 per_head, self._log_vars(views), self.loss_fn.has_rank, self.learned)
             parts = per_head.sum(1)  # [2, K]
@@ -198,6 +207,11 @@ class Engine:
                              self._term_weights()])  # [C, K] in HISTORY_COLUMNS order
             slot = torch.remainder(self.epoch - 1, len(self.hist)).view(1)
             self.hist.index_copy_(0, slot, row[None])
+
+    def _outputs(self, views, rows: torch.Tensor) -> list[torch.Tensor]:
+        """Each head's [K, R] outputs for unit rows [K, R] (the pairs' clips; pooled from
+        their windows under attention pooling)."""
+        return [out for out, _ in forward(self.ctx, self.models, rows, views)]
 
     def _log_vars(self, views) -> torch.Tensor:
         """[H, K, 2] each head's learned log-variances (its layout's LOG_VARS view)."""

@@ -181,3 +181,18 @@ def attention_pool_literal(preds, scores, lengths):
     e = [torch.exp(v - top) for v in logits]
     z = sum(e)
     return sum(w / z * p for w, p in zip(e, preds))
+
+
+def bradley_terry_loss_literal(pa, pb, outcome):
+    """The preference pairs' Bradley-Terry term pair by pair: for each pair with an outcome
+    o (1 a won, 0 b won, 1/2 a tie; NaN none: left out), -[o log P(a) + (1-o) log P(b)]
+    with P(a) = 1 / (1 + exp(-(p_a - p_b))), averaged over the pairs with an outcome."""
+    loss, count = pa.sum() * 0.0, 0
+    for i in range(len(pa)):
+        o = float(outcome[i])
+        if math.isnan(o):
+            continue
+        p_a = 1.0 / (1.0 + torch.exp(-(pa[i] - pb[i])))
+        loss = loss - (o * torch.log(p_a) + (1.0 - o) * torch.log(1.0 - p_a))
+        count += 1
+    return loss / max(count, 1)

@@ -64,7 +64,8 @@ class Losses:
         # [K]: the members with a ranking term (uncertainty weighting learns its weight only
         # there: a term that is always 0 would drive its log-variance down without end)
         self.has_rank = torch.tensor([KINDS[m.loss.kind].family != "none"
-                                      or uses_system_term(m.loss) for m in members],
+                                      or uses_system_term(m.loss) or m.loss.pair_weight > 0
+                                      for m in members],
                                      device=device)
         if self.uses_systems and n_systems < 2:
             raise QamroError("the system-level term needs clips of at least 2 systems in "

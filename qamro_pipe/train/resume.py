@@ -21,6 +21,7 @@ from ..errors import QamroError
 from ..store.files import writer_lock
 from ..store.reader import Cache
 from .heads import HeadSpec
+from .pairs_join import file_sha256
 from .state import TrainState, read_fingerprint
 from .trainer import Checkpoint
 
@@ -28,7 +29,7 @@ STATE_FILE = "state.safetensors"
 # settings that change no number a member computes: a run resumes across them (the release
 # file's place is one: its sha256 is in the fingerprint)
 NOT_IN_FINGERPRINT = ("device", "bootstrap", "checkpoint_seconds", "release_checkpoint",
-                      "threads", "top_tier", "top_k")
+                      "threads", "top_tier", "top_k", "pairs")  # pairs: by its sha256
 
 
 def partial_dir(out: Path) -> Path:
@@ -55,6 +56,8 @@ def fingerprint(cache: Cache, heads: tuple[HeadSpec, ...], members: list[Member]
                             "qamro_pipe": __version__}
     if release_sha256:
         what["release_sha256"] = release_sha256
+    if cfg.pairs:  # the preference pairs' contents decide the numbers, not the file's place
+        what["pairs_sha256"] = file_sha256(cfg.pairs)
     if sources:  # only then: a run reading one cache keeps the fingerprint it had
         what["feature_caches"] = [{"name": s.name, "key": s.key, "rows": s.rows}
                                   for s in sources]

@@ -43,6 +43,7 @@ from .inputs import (
     weighting_terms,
 )
 from .optim import optimizer_buffers
+from .pairs_term import pair_context
 from .pooling import WindowIndex
 from .state import TrainState
 
@@ -281,7 +282,8 @@ def _context(cache: Cache, heads, members: list[Member], cfg: TrainConfig, split
         **_rows(rows, split, cfg, device),
         stats=[stats[h.name] for h in heads], label_range=label_range, cfg=cfg, device=device,
         train_groups=_groups(cache, split.train, rows, mine, cfg, device),
-        **_systems(cache, split.train, rows, mine, device), **dist, **extra)
+        **_systems(cache, split.train, rows, mine, device),
+        **pair_context(cache, split, rows, heads, mine, cfg, device), **dist, **extra)
 
 
 def _rows(units: Units, split: Split, cfg: TrainConfig, device) -> dict[str, torch.Tensor]:

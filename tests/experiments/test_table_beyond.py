@@ -1,14 +1,16 @@
 """`make table-beyond` (issue 23 item 7): every option of docs/beyond.md a row trained against
 QAMRO with random batches, all rows' members in one batched run, each row compared with QAMRO
-by the paired bootstrap over systems, the top tier beside the correlations."""
+by the paired bootstrap over systems, the top tier beside the correlations; the rows trained on
+preference pairs run with --pairs FILE and are left out, with a note, without one."""
 import json
 
 import numpy as np
 from typer.testing import CliRunner
 
 from qamro_pipe.cli import app
-from qamro_pipe.config import LossConfig
-from qamro_pipe.experiments.tables import table_members
+from qamro_pipe.config import LossConfig, TrainConfig
+from qamro_pipe.experiments.tables import table_members, without_pair_rows
+from qamro_pipe.store import read_cache
 from qamro_pipe.train.recipes import load_table
 
 from kit.caches import make_synthetic_cache
@@ -24,8 +26,20 @@ def test_rows_are_the_options_and_members_differ():
     assert losses["QAMRO + system 0.5"].system_weight == 0.5
     assert losses["QAMRO, learned weights"].loss_weighting == "uncertainty"
     assert losses["QAMRO, attention pooling"].pool == "attention"
+    assert losses["QAMRO + pairs 1"].pair_weight == 1.0
+    assert {r for r, x in losses.items() if x.pair_weight} == {"QAMRO + pairs 1",
+                                                               "regression + pairs 1"}
     assert len({m.label() for m in members}) == len(members) == 2 * len(t.rows)
     assert t.compare == "QAMRO" and {"top_f1", "p_at_k"} <= set(t.figures)
+
+
+def test_pair_rows_need_a_pairs_file():
+    t = load_table("table-beyond")
+    kept, note = without_pair_rows(t, TrainConfig())
+    assert [r for r, _ in kept.rows] == [r for r, s in t.rows if not s.get("pair_weight")]
+    assert "'QAMRO + pairs 1', 'regression + pairs 1' train on preference pairs" in note
+    assert "--pairs FILE" in note
+    assert without_pair_rows(t, TrainConfig(pairs="p.jsonl")) == (t, None)
 
 
 def test_table_beyond_end_to_end_on_a_planted_cache(tmp_path):
@@ -34,10 +48,17 @@ def test_table_beyond_end_to_end_on_a_planted_cache(tmp_path):
            for p in range(per)]
     cache = make_synthetic_cache(tmp_path / "planted.h5", n_systems=n_systems, per_system=per,
                                  ids=ids)
+    rng = np.random.default_rng(0)  # pairs of clips (file stem = clip id), the better wins
+    labels = dict(zip(ids, read_cache(cache).labels[:, 0]))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"audio_a": f"{a}.wav", "audio_b": f"{b}.wav",
+                                         "winner": "A" if labels[a] >= labels[b] else "B"})
+                             + "\n" for a, b in (rng.choice(ids, 2, replace=False)
+                                                 for _ in range(300))))
     out = tmp_path / "table"
     r = CliRunner().invoke(app, ["table", "--recipe", "table-beyond", "--cache", str(cache),
                                  "--seeds", "2", "--max-epochs", "6", "--out", str(out),
-                                 "--quiet"])
+                                 "--quiet", "--pairs", str(pairs)])
     assert r.exit_code == 0, r.output
     t = load_table("table-beyond")
     result = json.loads((out / "compare.json").read_text())

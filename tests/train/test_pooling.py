@@ -243,3 +243,27 @@ def test_attention_mixes_with_the_other_member_settings(cache):
     hist = res.history[res.history[:, 0] == 1]  # member 1's rows: member, epoch, ...
     assert not np.allclose(hist[-1, -2:], 1.0)  # weight_reg, weight_rank moved from 1
     assert np.allclose(res.history[res.history[:, 0] == 2][:, -2:], 1.0)  # fixed: 1
+
+
+def test_preference_pairs_train_attention_members(cache, tmp_path):
+    """A pair orders clips: a mean member on windows is refused it, an attention member
+    (clips, its windows pooled) trains on it; the term moves its numbers."""
+    import json
+
+    rng = np.random.default_rng(0)
+    ids = list(cache.ids)
+    label = dict(zip(ids, cache.labels[:, 0]))
+    pairs = tmp_path / "pairs.jsonl"
+    with open(pairs, "w") as f:
+        for _ in range(300):
+            a, b = rng.choice(ids, 2, replace=False)  # the file stem is the clip id
+            f.write(json.dumps({"audio_a": f"{a}.wav", "audio_b": f"{b}.wav",
+                                "winner": "A" if label[a] >= label[b] else "B"}) + "\n")
+    cfg = TrainConfig(max_epochs=10, patience=5, lr=0.02, bootstrap=0, batch_size=32,
+                      pairs=str(pairs))
+    res = train(cache, HEADS, [Member(LossConfig(pool="attention", pair_weight=1.0), 0),
+                               Member(ATT, 0)], cfg)
+    assert not res.failures
+    assert np.abs(res.predictions["overall"][0] - res.predictions["overall"][1]).max() > 1e-3
+    with pytest.raises(QamroError, match="with --pool attention"):
+        train(cache, HEADS, [Member(LossConfig(pair_weight=1.0), 0)], cfg)

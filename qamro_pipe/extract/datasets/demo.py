@@ -21,6 +21,12 @@ holds each system's mean label over its clips.
 System S001 (the clean reference) has per-clip prompts in demo_prompt_info.txt (reworded
 prompts), as MusicEval's S001 does; any other CLIP_PROMPT_SYSTEMS member (S006) falls back to
 prompt_info.txt, as the loader allows.
+
+Preference pairs (pairs.jsonl, docs/preference.md's layout, paths relative to the corpus):
+for each prompt, PAIRS_PER_PROMPT pairs of two systems' clips of it, judged by the same
+simulated raters: each of the N_RATERS rates both clips (integer 1-5 around each clip's true
+overall score, sd RATER_SD) and prefers the higher; the majority wins, a draw is a tie. A
+pair's outcome is drawn from the clips' true scores, not from their labels.
 """
 from __future__ import annotations
 
@@ -43,12 +49,13 @@ NAME = "demo"
 # confidence intervals, and still about a minute for `make demo` on two cores
 N_SYSTEMS, N_PROMPTS = 24, 20
 MARKER_FILE = "demo_corpus.json"  # written last: its presence means a complete corpus
-FORMAT_VERSION = 1  # bump whenever the same options would write different bytes
+FORMAT_VERSION = 2  # bump whenever the same options would write different bytes (2: pairs)
 DEV_FRACTION = 0.2
 N_RATERS, CLIP_SD, RATER_SD = 5, 0.3, 0.6
 OVERALL_CLEAN, OVERALL_SPAN = 4.6, 3.4
 TEXTUAL_MATCH, TEXTUAL_SEVERITY, TEXTUAL_OFF_PROMPT = 4.5, 2.0, 2.6
 PEAK = 0.9  # every clip is peak-normalised to this, so loudness does not give systems away
+PAIRS_FILE, PAIRS_PER_PROMPT = "pairs.jsonl", 40  # 24 systems x 20 prompts: 800 pairs
 
 
 @dataclass(frozen=True)
@@ -269,10 +276,39 @@ def _rated(true: float, rng: np.random.Generator) -> float:
     return round(float(ratings.mean()), 1)
 
 
-def _clip_labels(d: SystemDesign, rng: np.random.Generator) -> tuple[float, float]:
+def _clip_labels(d: SystemDesign, rng: np.random.Generator) -> tuple[float, float, float]:
+    """(overall label, textual label, the clip's true overall score)."""
     overall, textual = designed_scores(d)
-    return (_rated(overall + rng.normal(0, CLIP_SD), rng),
-            _rated(textual + rng.normal(0, CLIP_SD), rng))
+    true_overall = overall + rng.normal(0, CLIP_SD)
+    label = _rated(true_overall, rng)
+    return label, _rated(textual + rng.normal(0, CLIP_SD), rng), true_overall
+
+
+def rated_preference(true_a: float, true_b: float, rng: np.random.Generator) -> str:
+    """The raters asked which of two clips is better (module docstring): A, B or tie."""
+    ra = np.clip(np.rint(true_a + rng.normal(0, RATER_SD, N_RATERS)), 1, 5)
+    rb = np.clip(np.rint(true_b + rng.normal(0, RATER_SD, N_RATERS)), 1, 5)
+    votes = int(np.sum(ra > rb)) - int(np.sum(rb > ra))
+    return "A" if votes > 0 else "B" if votes < 0 else "tie"
+
+
+def demo_pairs(clips: dict[tuple[int, int], tuple[str, float]], n_systems: int,
+               prompts: list[Prompt], seed: int) -> list[dict]:
+    """The corpus's preference pairs: clips[(system, prompt)] = (wav name, true overall)."""
+    if n_systems < 2:
+        return []
+    rng = np.random.default_rng([seed, 4])
+    every = [(a, b) for a in range(n_systems) for b in range(a + 1, n_systems)]
+    out = []
+    for i, p in enumerate(prompts):
+        take = rng.choice(len(every), min(PAIRS_PER_PROMPT, len(every)), replace=False)
+        for n in take:
+            a, b = every[n] if rng.random() < 0.5 else every[n][::-1]
+            (wav_a, true_a), (wav_b, true_b) = clips[(a, i)], clips[(b, i)]
+            out.append({"id": f"{p.id}-{len(out)}", "prompt": p.text,
+                        "audio_a": f"{me.WAV_DIR}/{wav_a}", "audio_b": f"{me.WAV_DIR}/{wav_b}",
+                        "winner": rated_preference(true_a, true_b, rng)})
+    return out
 
 
 # ---- the corpus ----
@@ -337,6 +373,7 @@ def _write(root: Path, opts: dict) -> None:
     (root / me.WAV_DIR).mkdir(parents=True)
     lines: dict[str, list[str]] = {split: [] for split in me.LIST_FILES}
     system_rows, clip_prompt_rows = [], []
+    truth: dict[tuple[int, int], tuple[str, float]] = {}
     n_dev = max(1, min(len(prompts) - 1, round(DEV_FRACTION * len(prompts))))
     for s, (system, design) in enumerate(zip(systems, SYSTEM_DESIGNS)):
         dev = set(np.random.default_rng([seed, 3, s]).choice(len(prompts), n_dev, replace=False))
@@ -348,7 +385,8 @@ def _write(root: Path, opts: dict) -> None:
             audio = degrade(clean[source], design, sr, rng)
             wav = f"{me.WAV_PREFIX}{system}_{p.id}.wav"
             sf.write(root / me.WAV_DIR / wav, audio, sr, subtype="PCM_16")
-            overall, textual = _clip_labels(design, rng)
+            overall, textual, truth[(s, i)] = _clip_labels(design, rng)
+            truth[(s, i)] = (wav, truth[(s, i)])
             labels.append((overall, textual))
             lines["dev" if i in dev else "train"].append(f"{wav},{overall:.1f},{textual:.1f}")
             if system == per_clip_system:
@@ -361,6 +399,8 @@ def _write(root: Path, opts: dict) -> None:
     _write_lines(root / me.PROMPT_FILE, ["id\ttext"] + [f"{p.id}\t{p.text}" for p in prompts])
     _write_lines(root / me.CLIP_PROMPT_FILE, ["id\ttext"] + clip_prompt_rows)
     _write_lines(root / me.SYSTEM_MOS_FILE, system_rows)
+    _write_lines(root / PAIRS_FILE, [json.dumps(p) for p in demo_pairs(
+        truth, len(systems), prompts, seed)])
     marker = {"options": opts, "labels": "SYNTHETIC: computed from designed degradations, "
               "not rated by people", "systems": {s: dataclasses.asdict(d) for s, d in
                                                  zip(systems, SYSTEM_DESIGNS)}}
