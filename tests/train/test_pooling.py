@@ -267,3 +267,21 @@ def test_preference_pairs_train_attention_members(cache, tmp_path):
     assert np.abs(res.predictions["overall"][0] - res.predictions["overall"][1]).max() > 1e-3
     with pytest.raises(QamroError, match="with --pool attention"):
         train(cache, HEADS, [Member(LossConfig(pair_weight=1.0), 0)], cfg)
+
+
+def test_attention_over_per_layer_windows(tmp_path):
+    """Audiobox-Aesthetics-shaped caches ([windows, 13 layers, D], the AES heads' layer
+    weights, LayerNorm, GELU, standardised labels): attention members train beside mean
+    members, and score every clip as they would alone."""
+    from kit.caches import per_layer_cache, small_recipe
+
+    data = read_cache(per_layer_cache(tmp_path / "layers.h5"))
+    heads = small_recipe(tmp_path).heads[:2]
+    cfg = TrainConfig(max_epochs=6, patience=3, lr=0.01, bootstrap=0, batch_size=32)
+    both = train(data, heads, [Member(MEAN, 0), Member(ATT, 0)], cfg, label_range=(1.0, 10.0))
+    alone = train(data, heads, [Member(ATT, 0)], cfg, label_range=(1.0, 10.0))
+    for h in heads:
+        p = both.predictions[h.name]
+        assert np.isfinite(p[:, both.split.eval]).all()
+        np.testing.assert_allclose(p[1], alone.predictions[h.name][0], atol=1e-5)
+        assert np.abs(p[0] - p[1]).max() > 1e-4
