@@ -218,6 +218,11 @@ RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
 
 def train_settings(opts: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """RUN_OPTIONS -> (TrainConfig overrides, LossConfig overrides), None = not given."""
+    for k in LOSS_SETTINGS:  # a sweep grids --loss and the kinds' numbers; these are one
+        if isinstance(opts[k], str) and "," in opts[k]:
+            raise QamroError(f"--{k.replace('_', '-')} {opts[k]}: one value, every member of "
+                             f"the run gets it; members that differ by it are rows of a "
+                             f"table recipe (stages/table-beyond.toml: `{k} = ...` per row)")
     return ({k: opts[k] for k in TRAIN_SETTINGS if opts[k] is not None},
             {k: opts[k] for k in LOSS_SETTINGS if opts[k] is not None})
 

@@ -474,3 +474,14 @@ def test_system_figures_over_few_systems_come_with_a_caution(synthetic_cache, tm
     r = invoke("train", "--cache", synthetic_cache, "--out", tmp_path / "many", *QUICK)
     assert r.exit_code == 0, r.output
     assert "rest on" not in r.output
+
+
+@pytest.mark.parametrize("option", ["--pool", "--batch-by", "--loss-weighting"])
+def test_a_members_setting_given_two_values_says_where_they_may_differ(synthetic_cache,
+                                                                        tmp_path, option):
+    """`sweep --pool mean,attention` (a new user's guess): one line naming the option, that
+    every member gets its one value, and where members may differ by it."""
+    r = invoke("sweep", "--cache", synthetic_cache, option, "a,b", "--out", tmp_path / "s")
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert f"{option} a,b: one value" in r.output and "table recipe" in r.output
+    assert not (tmp_path / "s").exists()
