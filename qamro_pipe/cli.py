@@ -565,6 +565,8 @@ def predict(
     tokenizer_dir: Optional[str] = opt("roberta-base tokenizer files (CLAP text, offline).",
                                        "the run's cache's"),
     device: Optional[str] = cfg_opt(ExtractConfig, "device", f"{DEVICE_HELP}.", recipe=False),
+    system: Optional[str] = opt("The clips are this system's: add the score offset "
+                                "calibrate-system recorded for it.", "none"),
     force: bool = typer.Option(False, "--force", metavar="",
                                help="Replace existing --out/--answer files.",
                                rich_help_panel=OUTPUT),
@@ -582,7 +584,7 @@ def predict(
     heads, rows, failures = run_predict(run, audio, manifest, text, members=members,
                                         answer=answer is not None,
                                         checkpoint=checkpoint, tokenizer_dir=tokenizer_dir,
-                                        device=device, notes=notes)
+                                        device=device, notes=notes, system=system)
     for why in failures.values():
         _echo(f"error: {why}", err=True)
     if out:

@@ -15,6 +15,7 @@ from typing import Any
 from .errors import QamroError
 from .extract.datasets import Clip, DatasetRecords, load_dataset
 from .extract.memory import Item
+from .recalibrate import apply_offsets
 from .scorer import Scorer, clip_ids, sd_name
 from .untrusted import answer_ids_problem
 
@@ -60,25 +61,30 @@ def text_note(scorer: Scorer, recs: DatasetRecords) -> str | None:
 def predict(run: str | Path, files: list[str | Path] | None = None,
             manifest: str | Path | None = None, text: str | None = None,
             members: str | None = None, scorer: Scorer | None = None,
-            notes: list[str] | None = None, answer: bool = False, **extract_opts):
+            notes: list[str] | None = None, answer: bool = False, system: str | None = None,
+            **extract_opts):
     """-> (head names, rows [{"id", head: score, head_sd: spread, ...}], failures {id:
     reason}). A score is the mean over the run's members (or those `members` selects, as
     `evaluate --members`); head_sd, their sd (ddof=1), is there when there are several.
     `extract_opts`: checkpoint, tokenizer_dir, device, batch_size (Scorer.load's). What the
     user should know (clips scored without the prompt a head reads) is appended to
     `notes`. `answer`: the rows go to an answer file, so ids it cannot carry are refused
-    first."""
+    first. `system`: every clip is that system's, whose recorded offset (calibrate-system)
+    is added to each head's score."""
     recs = _records(list(files or []), manifest, text)
     problem = answer and answer_ids_problem(c.id for c in recs.clips)
     if problem:  # before any audio is decoded or the backbone loaded
         raise QamroError(f"--answer: {problem}")
     scorer = scorer or Scorer.load(run, members=members, **extract_opts)
+    offsets = scorer.offsets(system)  # before any audio is decoded
     note = text_note(scorer, recs)
     if note and notes is not None:
         notes.append(note)
     items = [Item(id=c.id, path=c.path, start=c.start, end=c.end, text=c.text)
              for c in recs.clips]
     rows, failures = scorer.score_items(items)
+    if offsets:
+        apply_offsets(rows, offsets)
     return scorer.heads, rows, failures
 
 

@@ -122,20 +122,28 @@ class Scorer:
         (several members only)}, the rows `qamro-pipe predict` writes. A clip that cannot
         be scored raises DataError naming it. `system`: the clips are that system's, whose
         offset `recalibrate` recorded: it is added to each head's score."""
-        from .recalibrate import apply_offsets, read_offsets  # on use
+        from .recalibrate import apply_offsets  # on use
 
-        offsets = None
-        if system is not None:
-            offsets = read_offsets(self.folder, self.selection).get(system)
-            if offsets is None:
-                raise QamroError(f"system {system!r}: no offset recorded for this model "
-                                 f"({self.selection or 'all members'}); fit one with "
-                                 f"Scorer.recalibrate or `qamro-pipe calibrate-system`")
+        offsets = self.offsets(system)
         rows, failures = self.score_items(as_items(audio, sr, text), batch_size)
         _raise(failures)
         if offsets:
             apply_offsets(rows, offsets)
         return rows
+
+    def offsets(self, system: str | None) -> dict[str, Any] | None:
+        """The score offsets `recalibrate` recorded for `system` (None: no system given);
+        refused when none is recorded for this model and member selection."""
+        from .recalibrate import read_offsets  # on use
+
+        if system is None:
+            return None
+        offsets = read_offsets(self.folder, self.selection).get(system)
+        if offsets is None:
+            raise QamroError(f"system {system!r}: no offset recorded for this model "
+                             f"({self.selection or 'all members'}); fit one with "
+                             f"Scorer.recalibrate or `qamro-pipe calibrate-system`")
+        return offsets
 
     def recalibrate(self, pairs: str | Path, system: str, n_boot: int = 1000
                     ) -> dict[str, Any]:

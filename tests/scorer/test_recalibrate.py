@@ -123,3 +123,16 @@ def test_cli_calibrate_system(model, tmp_path):
     r = invoke("calibrate-system", run, f, "--system", "S077")
     assert r.exit_code == 1 and "compare system 'S077'" in r.output
     assert "Traceback" not in r.output
+    # predict --system adds the recorded offset; a system without one is refused
+    clip = next(c for c in recs.clips if c.system == "S003")
+    offset = json.loads((run / OFFSETS_FILE).read_text())["by_members"]["all"]["S003"]
+    plain = invoke("predict", run, clip.path, "--device", "cpu", "--out", tmp_path / "a.jsonl")
+    shifted = invoke("predict", run, clip.path, "--device", "cpu", "--system", "S003",
+                     "--out", tmp_path / "b.jsonl")
+    assert plain.exit_code == 0 and shifted.exit_code == 0, shifted.output
+    a, b = (json.loads((tmp_path / n).read_text()) for n in ("a.jsonl", "b.jsonl"))
+    for h in scorer.heads:
+        assert b[h] == pytest.approx(a[h] + offset[h]["offset"], abs=1e-9)
+    r = invoke("predict", run, clip.path, "--system", "S099", "--out", tmp_path / "c.jsonl")
+    assert r.exit_code == 1 and "system 'S099': no offset recorded" in r.output
+    assert not (tmp_path / "c.jsonl").exists()
