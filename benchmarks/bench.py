@@ -106,6 +106,46 @@ def musiceval_sized_cache(path: Path, n=2748, n_systems=31, seed=0):
     return path
 
 
+def windowed_cache(path: Path, n=2748, n_systems=31, seed=0):
+    """A MusicEval-sized cache as `extract --keep-windows` writes CLAP's: each clip's pooled
+    512-d row and its 1-3 window rows (10-30 s clips)."""
+    rng = np.random.default_rng(seed)
+    systems = rng.integers(0, n_systems, n)
+    quality = np.linspace(1.5, 4.5, n_systems)[systems]
+    counts = rng.integers(1, 4, n)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    win = rng.normal(size=(offsets[-1], 512)).astype(np.float32) * 0.05
+    win[:, :8] += np.repeat(quality - 3, counts)[:, None] * 0.1
+    weight = np.full(offsets[-1], 480000.0, np.float32)
+    clip_of = np.repeat(np.arange(n), counts)
+    pooled = np.stack([np.bincount(clip_of, weights=win[:, d]) for d in range(512)], 1) \
+        / counts[:, None]
+    labels = np.clip(np.round((quality + rng.normal(0, 0.4, n)) * 5) / 5, 1, 5)[:, None]
+    write_cache(path, ids=[f"c{i}" for i in range(n)], systems=[f"S{s:03d}" for s in systems],
+                splits=np.where(np.arange(n) < 2473, "train", "dev"),
+                labels=labels.astype(np.float32), label_names=["overall"],
+                features={"audio": pooled.astype(np.float32)}, backbone="bench@1",
+                dataset="musiceval", windows={"audio": win}, window_offsets=offsets,
+                window_weight=weight)
+    return path
+
+
+def bench_pool(device, path, epochs):
+    """--pool attention against mean on CLAP-like kept windows: 9 members each, the same
+    epochs; the mean members read the pooled rows (clip units), the attention members every
+    window of their clips."""
+    cache = read_cache(path)
+    heads = (HeadSpec("overall", "overall", ("audio",)),)
+    cfg = TrainConfig(max_epochs=epochs, patience=epochs + 1, bootstrap=0, device=str(device))
+    times = {}
+    for pool in ("mean", "attention"):
+        members = [Member(LossConfig(pool=pool), s) for s in range(9)]
+        train(cache, heads, members, replace(cfg, max_epochs=2))  # warm
+        times[pool], _ = timed(lambda: train(cache, heads, members, cfg), device)
+        report("pool", f"{pool}: K=9 epochs/s ({epochs} epochs)", epochs / times[pool])
+    report("pool", "attention / mean time per epoch", times["attention"] / times["mean"])
+
+
 def train_flops(cache, split, k):
     """Matmul FLOPs of one epoch: per train row the forward, the weight gradients and the
     input gradients of every layer but the first (the features need none); per validation row
@@ -548,7 +588,7 @@ def bench_host_ceiling(clips: int) -> None:
     print(host_ceiling.table(res))
 
 
-SECTIONS = ("loss", "train", "sweep", "extract", "host-ceiling")
+SECTIONS = ("loss", "train", "sweep", "pool", "extract", "host-ceiling")
 
 
 def main():
@@ -592,6 +632,8 @@ def main():
             bench_sweep_gpu(device, path)
         if device.type == "cpu" and "sweep" not in skip:
             bench_sweep_cpu(path, args.full_sweep)
+        if "pool" not in skip:
+            bench_pool(device, windowed_cache(tmp / "windowed.h5"), epochs)
         if "extract" not in skip:
             sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
             from kit.backbones import write_roberta_style_tokenizer
