@@ -41,7 +41,8 @@ class TrainState:
     active: torch.Tensor  # [K] bool, still training
     finite: torch.Tensor  # [K] bool, its loss never turned NaN or inf
     epoch: int = 0  # epochs run so far (every active member has run all of them)
-    steps: int = 0  # optimiser steps so far (AdamW's bias correction counts them)
+    steps: int = 0  # optimiser steps so far (recorded; an engine counts its own as epoch x
+    # its steps per epoch, since a run's two pools step differently: engine.py)
     member_epochs: int = 0  # epochs actually computed, summed over members (the run's cost)
     seconds: float = 0.0  # training time spent before this process (resumed runs)
     history: list[np.ndarray] = field(default_factory=list)  # chunks [n, 2 + C]: member, epoch, C
