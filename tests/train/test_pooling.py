@@ -5,6 +5,7 @@ the zero query equal to the length-weighted mean, members of both pools independ
 run, resume equal to a whole run, what it learns on a planted cache, evaluate equal to
 training, and the refusals."""
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -144,9 +145,13 @@ def test_members_of_both_pools_are_independent_in_one_run(cache):
     assert both.states["overall"][1]["pool.query"].abs().sum() > 0
 
 
-def test_resume_equals_an_uninterrupted_run(cache, tmp_path):
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_resume_equals_an_uninterrupted_run(cache, tmp_path, optimizer):
+    """Both pools' engines over one saved state; AdamW's step count (its bias correction)
+    is each engine's own, from the epoch."""
     members = [Member(MEAN, 0), Member(ATT, 0)]
-    whole, saved_at, resumed = stopped_then_resumed(cache, HEADS, members, CFG,
+    cfg = replace(CFG, optimizer=optimizer, lr=0.02 if optimizer == "sgd" else 0.005)
+    whole, saved_at, resumed = stopped_then_resumed(cache, HEADS, members, cfg,
                                                     tmp_path / "state.pt")
     assert 0 < saved_at < whole.epochs_run
     np.testing.assert_array_equal(whole.predictions["overall"], resumed.predictions["overall"])
