@@ -30,7 +30,7 @@ from qamro_pipe.extract.backbones.base import RANDOM_WEIGHTS  # noqa: E402
 from qamro_pipe.extract.datasets import load_dataset  # noqa: E402
 from qamro_pipe.extract.loop import extract  # noqa: E402
 from qamro_pipe.store.reader import read_cache  # noqa: E402
-from qamro_pipe.train.aes_release import clip_scores, read_release  # noqa: E402
+from qamro_pipe.train.aes_release import clip_scores, read_release, release_heads  # noqa: E402
 
 from kit.release import AXES, publisher_checkpoint  # noqa: E402
 
@@ -89,11 +89,12 @@ def test_librosa_resampler_is_librosa_load_s_and_torchaudio_s_the_package_s(tmp_
 @pytest.fixture(scope="module")
 def aes_files(tmp_path_factory):
     """A checkpoint built as the publisher builds it; files at 16, 44.1 and 48 kHz, mono and
-    stereo (one of 12.5 s: two windows, the second short), and a manifest of them."""
+    stereo (one of 12.5 s: two windows, the second short; one of exactly 10 s: one whole
+    window, nothing padded), and a manifest of them."""
     root = tmp_path_factory.mktemp("aes-input")
     ckpt = publisher_checkpoint(root / "checkpoint.pt")
     files = {}
-    for i, (sr, ch, sec) in enumerate([(16000, 1, 3.0), (44100, 2, 12.5), (48000, 2, 4.0),
+    for i, (sr, ch, sec) in enumerate([(16000, 1, 10.0), (44100, 2, 12.5), (48000, 2, 4.0),
                                        (44100, 1, 2.7), (48000, 1, 3.3), (16000, 2, 2.1)]):
         p = root / f"c{sr}-{ch}ch.wav"
         sf.write(p, music(sr, sec, ch, seed=i), sr)  # PCM_16, as WAV files usually are
@@ -122,6 +123,9 @@ def torchaudio_load_as_torchcodec_would(path, *args, **kwargs):
 
 def test_release_heads_on_the_cache_equal_aes_predictor_on_the_file(aes_files, predictor,
                                                                      tmp_path, monkeypatch):
+    """The release heads, read from the checkpoint file the cache records (read_release) and
+    read off the loaded model (release_heads), on the cache extraction writes, give
+    AesPredictor's scores for the same files."""
     import torchaudio
 
     ckpt, files, manifest = aes_files
@@ -130,13 +134,18 @@ def test_release_heads_on_the_cache_equal_aes_predictor_on_the_file(aes_files, p
     cache = read_cache(tmp_path / "aes.h5")
     rel = read_release(cache)
     ours = clip_scores(cache, rel.heads, rel.stats)
+    loaded = get_backbone("aesthetics", checkpoint=str(ckpt))
+    loaded.load()
+    off_the_model = clip_scores(cache, *release_heads(loaded.model))
     monkeypatch.setattr(torchaudio, "load", torchaudio_load_as_torchcodec_would)
-    worst = 0.0
+    worst = worst_model = 0.0
     for i, clip in enumerate(cache.ids):
         theirs = predictor.forward([{"path": str(files[clip])}])[0]
         for axis in AXES:
             worst = max(worst, abs(ours[axis][i] - theirs[axis]))
+            worst_model = max(worst_model, abs(off_the_model[axis][i] - theirs[axis]))
     assert worst < 1e-4, worst
+    assert worst_model < 1e-5, worst_model
     assert cache.meta.backbone == "aesthetics@2"  # aesthetics@1 caches were resampled by soxr
     assert cache.meta.key["resampler"] == audio.RESAMPLERS["torchaudio"]
 
