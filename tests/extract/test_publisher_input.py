@@ -26,7 +26,6 @@ import soundfile as sf  # noqa: E402
 from qamro_pipe.config import ExtractConfig  # noqa: E402
 from qamro_pipe.extract import audio  # noqa: E402
 from qamro_pipe.extract.backbones import get_backbone  # noqa: E402
-from qamro_pipe.extract.backbones.base import RANDOM_WEIGHTS  # noqa: E402
 from qamro_pipe.extract.datasets import load_dataset  # noqa: E402
 from qamro_pipe.extract.loop import extract  # noqa: E402
 from qamro_pipe.store.reader import read_cache  # noqa: E402
@@ -152,15 +151,14 @@ def test_release_heads_on_the_cache_equal_aes_predictor_on_the_file(aes_files, p
 
 # -- CLAP and MuQ: the cached input is the one their publishers' loading gives ----------------
 
-def test_clap_file_embedding_is_laion_clap_s_from_filelist(tmp_path):
+def test_clap_file_embedding_is_laion_clap_s_from_filelist(clap, tmp_path):
     """A 44.1 kHz stereo file under 10 s whose length librosa rounds up (soxr alone gives a
     sample less): our loading and windowing give get_audio_embedding_from_filelist's input,
-    and so its embedding."""
+    and so its embedding. (`clap`: the session's, tests/conftest.py.)"""
     import torch
     from laion_clap import CLAP_Module
 
-    bb = get_backbone("clap-music", checkpoint=RANDOM_WEIGHTS, offline=True)
-    bb.load()
+    bb = clap
     n = next(m for m in range(3 * 44100, 3 * 44100 + 50)
              if audio.resampled_length(m, 44100, 48000, "librosa")
              != audio.resampled_length(m, 44100, 48000, "soxr"))
@@ -178,14 +176,14 @@ def test_clap_file_embedding_is_laion_clap_s_from_filelist(tmp_path):
     assert bb.key == "clap-music@2"
 
 
-def test_muq_file_layers_are_the_readme_s_librosa_input(tmp_path):
+def test_muq_file_layers_are_the_readme_s_librosa_input(muq_bb, tmp_path):
     """A 44.1 kHz stereo file whose length librosa rounds up: librosa.load(sr=24000) as the
-    README, then the package's forward, equals the cached per-layer means of our loading."""
+    README, then the package's forward, equals the cached per-layer means of our loading.
+    (`muq_bb`: the session's, tests/conftest.py.)"""
     import librosa
     import torch
 
-    bb = get_backbone("muq", checkpoint=RANDOM_WEIGHTS)
-    bb.load()
+    bb = muq_bb
     path = tmp_path / "a.wav"
     n = next(m for m in range(52920, 53000)  # about 1.2 s
              if audio.resampled_length(m, 44100, 24000, "librosa")
