@@ -101,9 +101,11 @@ def one_build(request, monkeypatch):
     return shared
 
 
-def write_clips(folder, seconds=(1.5, 2.0, 2.5), long=False):
+def write_clips(folder, seconds=(0.5, 0.7, 0.9), long=False):
     """Files at other rates and channel counts than any backbone's: they are resampled and
-    downmixed. -> [(path, rate, channels)]"""
+    downmixed. Under a second each (one window, of its own length: MuQ's forward costs in
+    proportion; CLAP and Audiobox pad every window to 10 s, melstats reads the long file)
+    and of three lengths. -> [(path, rate, channels)]"""
     folder.mkdir(parents=True, exist_ok=True)
     specs = [("a.wav", 16000, 1), ("b.flac", 44100, 2), ("c.wav", 22050, 1)]
     out = []
