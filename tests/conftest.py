@@ -16,6 +16,7 @@ from kit.backbones import (  # noqa: E402
 )
 from kit.caches import make_synthetic_cache  # noqa: E402
 from kit.cli import invoke  # noqa: E402
+from kit.release import publisher_checkpoint  # noqa: E402
 
 
 @pytest.fixture
@@ -39,6 +40,13 @@ def aes():
 @pytest.fixture(scope="session")
 def muq_bb():
     return muq_backbone()
+
+
+# Audiobox-Aesthetics' checkpoint.pt as its publisher builds it (kit.release), once a session
+# (415 MB, 2 s of CPU): the tests that take it read or copy it, never change it
+@pytest.fixture(scope="session")
+def publisher_ckpt(tmp_path_factory):
+    return publisher_checkpoint(tmp_path_factory.mktemp("publisher") / "checkpoint.pt")
 
 
 def _process_state() -> dict:

@@ -31,7 +31,7 @@ from qamro_pipe.extract.loop import extract  # noqa: E402
 from qamro_pipe.store.reader import read_cache  # noqa: E402
 from qamro_pipe.train.aes_release import clip_scores, read_release, release_heads  # noqa: E402
 
-from kit.release import AXES, publisher_checkpoint  # noqa: E402
+from kit.release import AXES  # noqa: E402
 
 RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
 
@@ -86,12 +86,12 @@ def test_librosa_resampler_is_librosa_load_s_and_torchaudio_s_the_package_s(tmp_
 # -- Audiobox-Aesthetics: the release heads on the cache against AesPredictor on the file --
 
 @pytest.fixture(scope="module")
-def aes_files(tmp_path_factory):
-    """A checkpoint built as the publisher builds it; files at 16, 44.1 and 48 kHz, mono and
-    stereo (one of 12.5 s: two windows, the second short; one of exactly 10 s: one whole
-    window, nothing padded), and a manifest of them."""
+def aes_files(publisher_ckpt, tmp_path_factory):
+    """A checkpoint built as the publisher builds it (tests/conftest.py's publisher_ckpt);
+    files at 16, 44.1 and 48 kHz, mono and stereo (one of 12.5 s: two windows, the second
+    short; one of exactly 10 s: one whole window, nothing padded), and a manifest of them."""
     root = tmp_path_factory.mktemp("aes-input")
-    ckpt = publisher_checkpoint(root / "checkpoint.pt")
+    ckpt = publisher_ckpt
     files = {}
     for i, (sr, ch, sec) in enumerate([(16000, 1, 10.0), (44100, 2, 12.5), (48000, 2, 4.0),
                                        (44100, 1, 2.7), (48000, 1, 3.3), (16000, 2, 2.1)]):
