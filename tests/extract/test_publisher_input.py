@@ -26,13 +26,12 @@ import soundfile as sf  # noqa: E402
 from qamro_pipe.config import ExtractConfig  # noqa: E402
 from qamro_pipe.extract import audio  # noqa: E402
 from qamro_pipe.extract.backbones import get_backbone  # noqa: E402
-from qamro_pipe.extract.backbones.base import RANDOM_WEIGHTS  # noqa: E402
 from qamro_pipe.extract.datasets import load_dataset  # noqa: E402
 from qamro_pipe.extract.loop import extract  # noqa: E402
 from qamro_pipe.store.reader import read_cache  # noqa: E402
-from qamro_pipe.train.aes_release import clip_scores, read_release  # noqa: E402
+from qamro_pipe.train.aes_release import clip_scores, read_release, release_heads  # noqa: E402
 
-from kit.release import AXES, publisher_checkpoint  # noqa: E402
+from kit.release import AXES  # noqa: E402
 
 RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
 
@@ -87,13 +86,14 @@ def test_librosa_resampler_is_librosa_load_s_and_torchaudio_s_the_package_s(tmp_
 # -- Audiobox-Aesthetics: the release heads on the cache against AesPredictor on the file --
 
 @pytest.fixture(scope="module")
-def aes_files(tmp_path_factory):
-    """A checkpoint built as the publisher builds it; files at 16, 44.1 and 48 kHz, mono and
-    stereo (one of 12.5 s: two windows, the second short), and a manifest of them."""
+def aes_files(publisher_ckpt, tmp_path_factory):
+    """A checkpoint built as the publisher builds it (tests/conftest.py's publisher_ckpt);
+    files at 16, 44.1 and 48 kHz, mono and stereo (one of 12.5 s: two windows, the second
+    short; one of exactly 10 s: one whole window, nothing padded), and a manifest of them."""
     root = tmp_path_factory.mktemp("aes-input")
-    ckpt = publisher_checkpoint(root / "checkpoint.pt")
+    ckpt = publisher_ckpt
     files = {}
-    for i, (sr, ch, sec) in enumerate([(16000, 1, 3.0), (44100, 2, 12.5), (48000, 2, 4.0),
+    for i, (sr, ch, sec) in enumerate([(16000, 1, 10.0), (44100, 2, 12.5), (48000, 2, 4.0),
                                        (44100, 1, 2.7), (48000, 1, 3.3), (16000, 2, 2.1)]):
         p = root / f"c{sr}-{ch}ch.wav"
         sf.write(p, music(sr, sec, ch, seed=i), sr)  # PCM_16, as WAV files usually are
@@ -122,6 +122,9 @@ def torchaudio_load_as_torchcodec_would(path, *args, **kwargs):
 
 def test_release_heads_on_the_cache_equal_aes_predictor_on_the_file(aes_files, predictor,
                                                                      tmp_path, monkeypatch):
+    """The release heads, read from the checkpoint file the cache records (read_release) and
+    read off the loaded model (release_heads), on the cache extraction writes, give
+    AesPredictor's scores for the same files."""
     import torchaudio
 
     ckpt, files, manifest = aes_files
@@ -130,28 +133,32 @@ def test_release_heads_on_the_cache_equal_aes_predictor_on_the_file(aes_files, p
     cache = read_cache(tmp_path / "aes.h5")
     rel = read_release(cache)
     ours = clip_scores(cache, rel.heads, rel.stats)
+    loaded = get_backbone("aesthetics", checkpoint=str(ckpt))
+    loaded.load()
+    off_the_model = clip_scores(cache, *release_heads(loaded.model))
     monkeypatch.setattr(torchaudio, "load", torchaudio_load_as_torchcodec_would)
-    worst = 0.0
+    worst = worst_model = 0.0
     for i, clip in enumerate(cache.ids):
         theirs = predictor.forward([{"path": str(files[clip])}])[0]
         for axis in AXES:
             worst = max(worst, abs(ours[axis][i] - theirs[axis]))
+            worst_model = max(worst_model, abs(off_the_model[axis][i] - theirs[axis]))
     assert worst < 1e-4, worst
+    assert worst_model < 1e-5, worst_model
     assert cache.meta.backbone == "aesthetics@2"  # aesthetics@1 caches were resampled by soxr
     assert cache.meta.key["resampler"] == audio.RESAMPLERS["torchaudio"]
 
 
 # -- CLAP and MuQ: the cached input is the one their publishers' loading gives ----------------
 
-def test_clap_file_embedding_is_laion_clap_s_from_filelist(tmp_path):
+def test_clap_file_embedding_is_laion_clap_s_from_filelist(clap, tmp_path):
     """A 44.1 kHz stereo file under 10 s whose length librosa rounds up (soxr alone gives a
     sample less): our loading and windowing give get_audio_embedding_from_filelist's input,
-    and so its embedding."""
+    and so its embedding. (`clap`: the session's, tests/conftest.py.)"""
     import torch
     from laion_clap import CLAP_Module
 
-    bb = get_backbone("clap-music", checkpoint=RANDOM_WEIGHTS, offline=True)
-    bb.load()
+    bb = clap
     n = next(m for m in range(3 * 44100, 3 * 44100 + 50)
              if audio.resampled_length(m, 44100, 48000, "librosa")
              != audio.resampled_length(m, 44100, 48000, "soxr"))
@@ -169,14 +176,14 @@ def test_clap_file_embedding_is_laion_clap_s_from_filelist(tmp_path):
     assert bb.key == "clap-music@2"
 
 
-def test_muq_file_layers_are_the_readme_s_librosa_input(tmp_path):
+def test_muq_file_layers_are_the_readme_s_librosa_input(muq_bb, tmp_path):
     """A 44.1 kHz stereo file whose length librosa rounds up: librosa.load(sr=24000) as the
-    README, then the package's forward, equals the cached per-layer means of our loading."""
+    README, then the package's forward, equals the cached per-layer means of our loading.
+    (`muq_bb`: the session's, tests/conftest.py.)"""
     import librosa
     import torch
 
-    bb = get_backbone("muq", checkpoint=RANDOM_WEIGHTS)
-    bb.load()
+    bb = muq_bb
     path = tmp_path / "a.wav"
     n = next(m for m in range(52920, 53000)  # about 1.2 s
              if audio.resampled_length(m, 44100, 24000, "librosa")

@@ -32,7 +32,7 @@ from qamro_pipe.report.evaluate import TrainedRun  # noqa: E402
 from qamro_pipe.store import write_cache  # noqa: E402
 from qamro_pipe.store.reader import read_cache  # noqa: E402
 
-from kit.backbones import tone_mix, write_roberta_style_tokenizer  # noqa: E402
+from kit.backbones import tone_mix  # noqa: E402
 from kit.caches import write_clip_manifest  # noqa: E402
 
 TOL = 1e-5
@@ -50,29 +50,47 @@ def invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-@pytest.fixture(scope="session")
-def shared(tmp_path_factory):
-    """{name: the session's backbone with random weights, loaded}, built on first use."""
-    built = {}
-    tok = write_roberta_style_tokenizer(tmp_path_factory.mktemp("tok") / "roberta")
+# the session's random-weight backbones (tests/conftest.py, kit.backbones), which the
+# backbones' own tests use too: a worker builds each once
+SESSION_FIXTURE = {"clap-music": "clap", "aesthetics": "aes", "muq": "muq_bb"}
 
-    def get(name):
-        if name not in built:
-            b = get_backbone(name, checkpoint=RANDOM_WEIGHTS, device="cpu", offline=True,
-                             tokenizer_dir=str(tok) if name == "clap-music" else None)
-            b.load()
-            built[name] = b
-        return built[name]
-    get.tokenizer = tok
-    return get
+
+class Backbones:
+    """`get(name)`: the session's backbone with random weights, loaded, on the CPU (the
+    neural ones from their session fixtures, built on first use); `tokenizer`: the folder
+    the session's clap reads."""
+
+    def __init__(self, request):
+        self.request = request
+
+    def __call__(self, name):
+        if name in SESSION_FIXTURE:
+            b = self.request.getfixturevalue(SESSION_FIXTURE[name])
+        else:
+            b = self.request.getfixturevalue("melstats_bb")
+        assert b.device == "cpu" and b.checkpoint == RANDOM_WEIGHTS and b.key.startswith(name)
+        return b
+
+    @property
+    def tokenizer(self):
+        return self("clap-music").tokenizer_dir
+
+
+@pytest.fixture(scope="session")
+def melstats_bb():
+    b = get_backbone("melstats", checkpoint=RANDOM_WEIGHTS, device="cpu")
+    b.load()
+    return b
 
 
 @pytest.fixture
-def one_build(shared, monkeypatch):
+def one_build(request, monkeypatch):
     """Extraction, Scorer.load and predict get the session's built backbone for random
     weights (the settings every test here uses) instead of building another."""
     import qamro_pipe.extract.loop as loop
     import qamro_pipe.scorer as scorer
+
+    shared = Backbones(request)
 
     def factory(name, **options):
         if options.get("checkpoint") == RANDOM_WEIGHTS and options.get("device") == "cpu":
@@ -83,9 +101,11 @@ def one_build(shared, monkeypatch):
     return shared
 
 
-def write_clips(folder, seconds=(1.5, 2.0, 2.5), long=False):
+def write_clips(folder, seconds=(0.5, 0.7, 0.9), long=False):
     """Files at other rates and channel counts than any backbone's: they are resampled and
-    downmixed. -> [(path, rate, channels)]"""
+    downmixed. Under a second each (one window, of its own length: MuQ's forward costs in
+    proportion; CLAP and Audiobox pad every window to 10 s, melstats reads the long file)
+    and of three lengths. -> [(path, rate, channels)]"""
     folder.mkdir(parents=True, exist_ok=True)
     specs = [("a.wav", 16000, 1), ("b.flac", 44100, 2), ("c.wav", 22050, 1)]
     out = []
@@ -101,14 +121,14 @@ def write_clips(folder, seconds=(1.5, 2.0, 2.5), long=False):
     return out
 
 
-def train_run(folder, name, bb, tokenizer):
+def train_run(folder, name, backbones):
     """A run trained on a synthetic cache keyed as this backbone's cache of the same
     settings: its heads are untrained-looking but deterministic, and it accepts the
     backbone's features."""
-    heads = HEADS[name]
+    bb, heads = backbones(name), HEADS[name]
     texts = any("text" in f for _, f in heads)
     cfg = ExtractConfig(backbone=name, checkpoint=RANDOM_WEIGHTS, device="cpu", workers=0,
-                        tokenizer_dir=str(tokenizer) if name == "clap-music" else None)
+                        tokenizer_dir=str(backbones.tokenizer) if name == "clap-music" else None)
     records = DatasetRecords(name="scorer-test", label_names=(), clips=[])
     key = cache_key(records, bb, texts)
     rng = np.random.default_rng(0)
@@ -157,8 +177,7 @@ def rows_from_cache(run, cache_path, ids):
 def test_score_equals_the_extraction_path_and_predict(name, one_build, tmp_path):
     from qamro_pipe import Scorer
 
-    bb = one_build(name)
-    run, texts = train_run(tmp_path / "train", name, bb, one_build.tokenizer)
+    run, texts = train_run(tmp_path / "train", name, one_build)
     files = write_clips(tmp_path / "audio", long=name == "melstats")
     paths = [p for p, _, _ in files]
     prompts = (TEXTS + ["a long one"])[:len(paths)]
@@ -211,7 +230,7 @@ def test_second_call_loads_nothing_and_embed_gives_the_cached_features(one_build
     from qamro_pipe import Scorer
 
     bb = one_build("melstats")
-    run, _ = train_run(tmp_path / "train", "melstats", bb, one_build.tokenizer)
+    run, _ = train_run(tmp_path / "train", "melstats", one_build)
     files = [p for p, _, _ in write_clips(tmp_path / "audio")]
     scorer = Scorer.load(run, device="cpu")
     loads = []
@@ -239,8 +258,7 @@ def test_second_call_loads_nothing_and_embed_gives_the_cached_features(one_build
 def test_bad_inputs_are_one_line_naming_the_clip(one_build, tmp_path):
     from qamro_pipe import Scorer
 
-    run, _ = train_run(tmp_path / "train", "melstats", one_build("melstats"),
-                       one_build.tokenizer)
+    run, _ = train_run(tmp_path / "train", "melstats", one_build)
     scorer = Scorer.load(run, device="cpu")
     (tmp_path / "broken.wav").write_bytes(b"RIFF....WAVEfmt garbage" * 10)
     good = write_clips(tmp_path / "audio")[0][0]
@@ -286,8 +304,7 @@ def test_the_readme_example_picks_the_best_of_four_candidates(one_build, tmp_pat
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     section = readme.split("## Use from Python", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
-    run, _ = train_run(tmp_path / "train", "melstats", one_build("melstats"),
-                       one_build.tokenizer)
+    run, _ = train_run(tmp_path / "train", "melstats", one_build)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "musiceval").symlink_to(run)

@@ -24,7 +24,7 @@ from qamro_pipe.train.recipes import load_recipe
 from qamro_pipe.train.trainer import train
 
 from kit.caches import make_synthetic_cache
-from kit.release import aes_cache, provenance_of, publisher_checkpoint
+from kit.release import aes_cache, provenance_of
 from kit.resume import stopped_then_resumed
 
 HEADS = (HeadSpec("overall", "overall", ("audio",)),
@@ -182,12 +182,13 @@ def test_fixed_members_train_on_after_the_learning_ones_stop(cache):
                            atol=1e-5)
 
 
-def test_release_init_keeps_the_release_weights_and_adds_log_variances(tmp_path):
+def test_release_init_keeps_the_release_weights_and_adds_log_variances(publisher_ckpt,
+                                                                        tmp_path):
     """--init release with a member learning its weights: the release's heads (built as
-    release_fixtures.py says its publisher builds them), then log-variances at 0."""
+    release_fixtures.py says its publisher builds them: tests/conftest.py's publisher_ckpt),
+    then log-variances at 0."""
     heads = load_recipe("aes-natural-code").heads
-    cache = read_cache(aes_cache(tmp_path / "aes.h5", provenance_of(
-        publisher_checkpoint(tmp_path / "checkpoint.pt"))))
+    cache = read_cache(aes_cache(tmp_path / "aes.h5", provenance_of(publisher_ckpt)))
     cfg = TrainConfig(max_epochs=1, batch_size=120, bootstrap=0, optimizer="sgd", lr=1e-30,
                       init="release", label_stats="release", val_split="dev",
                       eval_split="eval")

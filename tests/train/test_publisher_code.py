@@ -9,7 +9,7 @@ from qamro_pipe.cli import app
 from qamro_pipe.config import TrainConfig
 from qamro_pipe.errors import QamroError
 
-from kit.release import aes_cache, provenance_of, publisher_checkpoint
+from kit.release import aes_cache, provenance_of
 
 
 def invoke(*args):
@@ -17,11 +17,12 @@ def invoke(*args):
 
 
 @pytest.fixture(scope="module")
-def release(tmp_path_factory):
-    """(checkpoint built as the publisher builds it, a cache extracted with it, one without
-    an eval split: the published train and dev lists alone)."""
+def release(publisher_ckpt, tmp_path_factory):
+    """(checkpoint built as the publisher builds it: tests/conftest.py's publisher_ckpt, a
+    cache extracted with it, one without an eval split: the published train and dev lists
+    alone)."""
     root = tmp_path_factory.mktemp("release19")
-    ckpt = publisher_checkpoint(root / "checkpoint.pt")
+    ckpt = publisher_ckpt
     cache = aes_cache(root / "aes.h5", provenance_of(ckpt))
     no_eval = aes_cache(root / "no-eval.h5", provenance_of(ckpt), n_systems=0)
     return ckpt, cache, no_eval

@@ -18,7 +18,7 @@ from qamro_pipe.train.state import TrainState
 from qamro_pipe.train.trainer import Checkpoint, train
 
 from kit.cli import invoke
-from kit.release import AXES, TRANSFORM, aes_cache, provenance_of, publisher_checkpoint
+from kit.release import AXES, TRANSFORM, aes_cache, provenance_of
 from kit.resume import Stop, assert_same_run, stop_at
 
 HEADS = load_recipe("aes-natural-code").heads
@@ -27,10 +27,11 @@ FAST = TrainConfig(max_epochs=3, batch_size=120, bootstrap=0, optimizer="adamw",
 
 
 @pytest.fixture(scope="module")
-def release(tmp_path_factory):
-    """(checkpoint, cache extracted with it, cache whose provenance names no checkpoint)."""
+def release(publisher_ckpt, tmp_path_factory):
+    """(checkpoint, cache extracted with it, cache whose provenance names no checkpoint);
+    the checkpoint: tests/conftest.py's publisher_ckpt."""
     root = tmp_path_factory.mktemp("release")
-    ckpt = publisher_checkpoint(root / "checkpoint.pt")
+    ckpt = publisher_ckpt
     cache = aes_cache(root / "aes.h5", provenance_of(ckpt))
     bare = aes_cache(root / "bare.h5")
     return ckpt, cache, bare
