@@ -12,13 +12,32 @@ from typing import Any
 from .config import LossConfig, TrainConfig, check_seeds
 from .errors import QamroError
 from .pairs_file import read_pairs
+from .untrusted import file_kind, printable
 
 # TrainConfig checks that read another setting a recipe may give: left to the library
 _NEEDS_RECIPE = ("release_checkpoint",)
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # the superblock's, at byte 0 or 512 * 2^n
+
+
+def is_hdf5(path: Path) -> bool:
+    """Whether the file holds an HDF5 signature where the format puts one (8 bytes read at
+    each of 0, 512, 1024, ... up to its end)."""
+    with open(path, "rb") as f:
+        at = 0
+        while True:
+            f.seek(at)
+            head = f.read(8)
+            if head == HDF5_SIGNATURE:
+                return True
+            if len(head) < 8:
+                return False
+            at = 512 if at == 0 else 2 * at
+
+
 def check_cache_file(path: str | Path | None, option: str = "--cache") -> None:
-    """A cache file that is there (not a folder)."""
+    """A cache file that is there (not a folder) and is an HDF5 file at all."""
     if path is None:
         return
     path = Path(path)
@@ -28,6 +47,16 @@ def check_cache_file(path: str | Path | None, option: str = "--cache") -> None:
         raise QamroError(f"{option} {path}: is a folder; name the cache's .h5 file{hint}")
     if not path.exists():
         raise QamroError(f"{option} {path}: no such cache file")
+    kind = file_kind(path)  # before opening it: a FIFO would block the read forever
+    if kind:
+        raise QamroError(f"{printable(path)}: {kind}, not a cache file")
+    try:
+        hdf5 = is_hdf5(path)
+    except OSError as e:
+        raise QamroError(f"{option} {path}: cannot be read ({e.strerror or e})") from None
+    if not hdf5:
+        raise QamroError(f"{printable(path)}: not a readable HDF5 cache (truncated or another "
+                         f"format): no HDF5 signature")  # the reader's words
 
 
 def check_run_folder(path: str | Path) -> None:

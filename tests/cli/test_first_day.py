@@ -310,6 +310,7 @@ LIGHT = ("import sys; from typer.testing import CliRunner; from qamro_pipe.cli i
     (["evaluate", "{tmp}/run"], "{tmp}/run: no such run folder"),
     (["predict", "{tmp}/run", "a.wav"], "{tmp}/run: no such run folder"),
     (["extract", "--manifest", "{tmp}/m.csv", "--out", "{tmp}"], "{tmp}: a folder, not a cache"),
+    (["train", "--cache", "{tmp}/m.csv"], "{tmp}/m.csv: not a readable HDF5 cache"),
 ])
 def test_wrong_paths_and_settings_are_answered_before_torch_is_imported(tmp_path, args, msg):
     """The process is the point: whether torch and scipy were imported at all."""
