@@ -16,7 +16,6 @@ import csv
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 from ..metrics import LEVEL, bootstrap_rows, interval, named_systems, point_metrics, system_scores
 from .tables import layout
@@ -29,17 +28,51 @@ def _quantiles(vals: np.ndarray) -> list[float] | None:
 
 def _utterance_rows(true: np.ndarray, pred: np.ndarray, clips: list[np.ndarray],
                     idx: np.ndarray) -> dict[str, np.ndarray]:
-    """LCC and SRCC of the clips of each resample's systems: idx [R, S] -> {fig: [R]}."""
-    out = {"lcc": np.empty(len(idx)), "srcc": np.empty(len(idx))}
-    for r, pick in enumerate(idx):
-        rows = np.concatenate([clips[s] for s in pick])
-        a, b = true[rows], pred[rows]
-        if np.ptp(a) == 0 or np.ptp(b) == 0:
-            out["lcc"][r] = out["srcc"][r] = np.nan
-            continue
-        out["lcc"][r] = np.corrcoef(a, b)[0, 1]
-        out["srcc"][r] = np.corrcoef(stats.rankdata(a), stats.rankdata(b))[0, 1]
+    """LCC and SRCC of the clips of each resample's systems: idx [R, S] -> {fig: [R]}.
+
+    A resample holds each clip as often as its system was drawn, so its figures are those
+    of the clips weighted by that count: weighted Pearson of the values (LCC) and of their
+    ranks in the weighted multiset, ties sharing the mean of their ranks (SRCC); equal to
+    concatenating the drawn systems' clips (tests/report: a clip-by-clip loop)."""
+    n, n_sys = len(true), len(clips)
+    system_of = np.empty(n, dtype=np.int64)
+    for s, rows in enumerate(clips):
+        system_of[rows] = s
+    drawn = np.stack([np.bincount(r, minlength=n_sys) for r in idx])  # [R, S]
+    w = drawn[:, system_of].astype(np.float64)  # [R, N] each clip's count
+    ra, rb = _weighted_ranks(true, w), _weighted_ranks(pred, w)
+    present = w > 0
+    flat = np.zeros(len(idx), bool)
+    for v in (true, pred):  # a resample whose values are all equal has no correlation
+        flat |= np.where(present, v, np.inf).min(1) == np.where(present, v, -np.inf).max(1)
+    out = {"lcc": _weighted_pearson(np.broadcast_to(true, w.shape),
+                                    np.broadcast_to(pred, w.shape), w),
+           "srcc": _weighted_pearson(ra, rb, w)}
+    for v in out.values():
+        v[flat] = np.nan
     return out
+
+
+def _weighted_ranks(v: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """[R, N] each value's average rank (1-based) in the multiset holding value i w[r, i]
+    times (the ranks rankdata gives the concatenation)."""
+    order = np.argsort(v, kind="stable")
+    sv = v[order]
+    starts = np.flatnonzero(np.r_[True, sv[1:] != sv[:-1]])  # first of each tie group
+    group = np.cumsum(np.r_[True, sv[1:] != sv[:-1]]) - 1  # [N] tie group of sorted i
+    per = np.add.reduceat(w[:, order], starts, axis=1)  # [R, G] weight of each group
+    rank = np.cumsum(per, axis=1) - per + (per + 1) / 2  # [R, G]
+    out = np.empty_like(w)
+    out[:, order] = rank[:, group]
+    return out
+
+
+def _weighted_pearson(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> np.ndarray:
+    tot = w.sum(1, keepdims=True)
+    da = a - (w * a).sum(1, keepdims=True) / tot
+    db = b - (w * b).sum(1, keepdims=True) / tot
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (w * da * db).sum(1) / np.sqrt((w * da * da).sum(1) * (w * db * db).sum(1))
 
 
 def compare_rows(true: np.ndarray, systems: np.ndarray, preds: dict[str, np.ndarray],
