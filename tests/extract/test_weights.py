@@ -200,3 +200,19 @@ def test_fp32_forward_runs_without_tf32_and_restores_the_caller_s_flags():
     finally:
         for f, v in zip(flags, saved):
             f.fp32_precision = v
+
+
+def test_a_files_digest_is_read_once_and_never_served_after_it_changes(tmp_path):
+    """checkpoints.sha256_file remembers a digest per file identity (inode, size, mtime_ns):
+    the same bytes rewritten, or other bytes of the same size, are hashed again."""
+    import hashlib
+
+    from qamro_pipe.checkpoints import sha256_file
+
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"a" * 1000)
+    assert sha256_file(f) == hashlib.sha256(b"a" * 1000).hexdigest()
+    st = os.stat(f)
+    f.write_bytes(b"b" * 1000)  # same size; its mtime moves on (set it apart to be sure)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert sha256_file(f) == hashlib.sha256(b"b" * 1000).hexdigest()
