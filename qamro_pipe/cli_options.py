@@ -57,7 +57,8 @@ TRAIN_SETTINGS = ("val_split", "eval_split", "max_epochs", "patience", "optimize
                   "release_checkpoint", "train_windows", "pairs", "pair_head")
 LOSS_SETTINGS = ("norm", "regression", "quality_weight", "temperature", "tau", "bins",
                  "sigma", "system_weight", "batch_by",
-                 "loss_weighting", "pool", "pair_weight")  # one value for every member of one run
+                 "loss_weighting", "pool", "pair_weight",
+                 "regression_weight")  # one value for every member of one run
 
 # name -> (type, option): what train, sweep and table all take
 RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
@@ -103,6 +104,11 @@ RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
     "pair_weight": (Optional[float], opt(
         "Weight of the Bradley-Terry term on the --pairs (>= 0; 0 = none).",
         f"{PAIR_WEIGHT:g} with --pairs, else 0", rich_help_panel=LOSS)),
+    "regression_weight": (Optional[float], cfg_opt(
+        L, "regression_weight", "Weight of the regression term on the MOS labels (>= 0); 0 "
+        "trains a member by its ranking part alone: with --pair-weight, on preference pairs "
+        "alone (it early-stops on held-out pairs; its scores are on its own scale).",
+        rich_help_panel=LOSS)),
     "pair_head": (Optional[str], opt(
         "The head the --pairs train.", "every head", rich_help_panel=LOSS)),
     "val_split": (Optional[str], cfg_opt(

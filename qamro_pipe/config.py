@@ -56,6 +56,8 @@ class LossConfig:
     regression: str = "huber"  # regression term: "huber", "mse" or "mse+mae"
     huber_delta: float = 1.0  # torch's HuberLoss default, as the published code uses it
     rank_weight: float = 1.0  # weight of the ranking term (published: 1)
+    regression_weight: float = 1.0  # weight of the regression term on MOS labels; 0 = none:
+    # a member trained by its ranking part alone, e.g. preference pairs alone (--pair-weight)
     temperature: float = 1.0  # ListNet's softmax temperature T, in label units (> 0)
     tau: float = 0.1  # Spearman's soft-rank temperature, in label units (> 0): half the 0.2
     # step of a mean of 5 ratings: a clip predicted one step above another counts 0.88 of
@@ -86,6 +88,14 @@ class LossConfig:
         _above("beta", self.beta, 0)
         _above("huber_delta", self.huber_delta, 0)
         _at_least("rank_weight", self.rank_weight, 0)
+        _at_least("regression_weight", self.regression_weight, 0)
+        if self.regression_weight == 0:
+            if self.kind == "none" and not self.system_weight and not self.pair_weight:
+                raise QamroError("--regression-weight 0 leaves --loss none nothing to train "
+                                 "on: add a ranking term, --system-weight or --pair-weight")
+            if self.loss_weighting == "uncertainty":
+                raise QamroError("--regression-weight 0 with --loss-weighting uncertainty: "
+                                 "there is no regression term to weigh")
         _above("temperature", self.temperature, 0)
         _above("tau", self.tau, 0)
         _above("sigma", self.sigma, 0)

@@ -84,6 +84,9 @@ def _extras(loss: Any, sep: str) -> str:
     if getattr(loss, "system_weight", 0):
         out.append(f"+system {loss.system_weight:g}" if sep == " "
                    else f"system{loss.system_weight:g}")
+    if getattr(loss, "regression_weight", 1.0) != 1.0:
+        out.append(f"regression×{loss.regression_weight:g}" if sep == " "
+                   else f"regw{loss.regression_weight:g}")
     if getattr(loss, "pair_weight", 0):  # preference pairs (train/pairs_term.py)
         out.append(f"+pairs {loss.pair_weight:g}" if sep == " " else f"pairs{loss.pair_weight:g}")
     if getattr(loss, "batch_by", "random") != "random":

@@ -13,11 +13,13 @@ from ..loss_kinds import KINDS, USED_SETTINGS
 SHORT = {"alpha": "a", "beta": "b", "margin": "m", "temperature": "T", "tau": "tau",
          "bins": "bins", "sigma": "sigma", "norm": "norm-", "quality_weight": "q-",
          "regression": "reg-", "system_weight": "sys", "batch_by": "by-",
-         "loss_weighting": "w-", "pool": "pool-", "pair_weight": "pairs"}
+         "loss_weighting": "w-", "pool": "pool-", "pair_weight": "pairs",
+         "regression_weight": "regw"}
 SHARED = ("norm", "quality_weight", "regression", "system_weight", "batch_by",
-          "loss_weighting", "pool", "pair_weight")  # read beside a kind's own settings
+          "loss_weighting", "pool", "pair_weight",
+          "regression_weight")  # read beside a kind's own settings
 ANY_KIND = ("regression", "system_weight", "batch_by", "loss_weighting", "pool",
-            "pair_weight")  # every kind's
+            "pair_weight", "regression_weight")  # every kind's
 
 
 def _value(v) -> str:

@@ -25,7 +25,7 @@ from ..train.aes_release import read_release
 from ..train.holdout import eval_split_warning, holdout_view, needs_holdout
 from ..train.joined import Source, join, split_feature
 from ..train.losses import INTERVAL_TABLES
-from ..train.pairs_join import join_pairs, training_clips
+from ..train.pairs_join import join_pairs, training_clips, validation_pairs
 from ..train.pairs_term import check_pairs_setting, uses_pairs
 from ..train.recipes import Recipe, load_recipe
 from ..train.resume import discard, fingerprint, training_state
@@ -200,6 +200,7 @@ def pairs_record(data: Cache, heads, members: list[Member], tcfg: TrainConfig
         return None
     split = make_split(data, heads, tcfg)
     joined = join_pairs(data, tcfg.pairs, training_clips(data, split.val, split.eval))
+    joined = validation_pairs(joined, tcfg.val_fraction, tcfg.split_seed)
     return {**joined.record(), "note": joined.note()}
 
 

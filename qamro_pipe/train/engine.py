@@ -67,6 +67,7 @@ class Context:
         return -(-len(self.train_rows) // self.cfg.batch_size)
     pairs: PairRows | None = None  # the training pairs, where a member has a pair_weight
     # (pairs_term.py)
+    val_pairs: PairRows | None = None  # the pairs held out to validate on
 
     def bins_of(self, h: HeadSpec, members) -> dict:
         """build_head's distribution arguments for head h and these member rows."""
@@ -199,6 +200,9 @@ class Engine:
         with torch.no_grad():
             val_parts = val_loss(self.models, ctx, self.val_terms, self.loss_fn,
                                  cfg.val_batch_size or bs, self.val_sizes)
+            if self.pair_term is not None and ctx.val_pairs is not None:  # in the ranking part
+                val_parts[1] += self.pair_term.validate(
+                    ctx.val_pairs, lambda rows: [o for o, _ in forward(ctx, self.models, rows)])
             val = val_parts.sum(0)
             self._early_stopping(val)
             train_parts = self.acc / (n * len(ctx.heads))  # per unit, mean over heads

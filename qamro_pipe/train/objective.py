@@ -52,6 +52,7 @@ class Losses:
                              for m in members]))
                          for kind, (fn, setting) in LIST_TERMS.items()
                          if any(m.loss.kind == kind for m in members)]
+        self.reg_weight = t([m.loss.regression_weight for m in members])  # [H*K]
         self.kl_weight = t([m.loss.rank_weight if m.loss.kind in kinds_of("distribution")
                             else 0.0 for m in members])
         # the system-level term (system_level.py): the weight of kind "system", or the
@@ -116,6 +117,9 @@ class Losses:
         pred = torch.cat(preds)  # [H*K, b]
         raw = pred * self.std + self.mean if self.scaled else pred
         reg = regression(pred, t, self.cfg.regression, self.cfg.huber_delta)
+        # an exact 0 where a member trains without it (a regression term of inf or NaN
+        # predictions times 0 would still be NaN)
+        reg = torch.where(self.reg_weight > 0, reg * self.reg_weight, 0.0)
         rank = pair_hinge(raw, t, self.alpha, self.margin, self.beta)  # weight: in t.q
         for fn, setting, weight in self.listwise:
             rank = rank + torch.where(weight > 0, fn(raw, t.yn, setting) * weight, 0.0)

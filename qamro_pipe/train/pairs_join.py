@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,19 +36,42 @@ class PairSet:
     total: int  # pairs in the file
     not_in_cache: int  # pairs with a clip the cache does not hold
     held_out: int  # pairs with a validation or eval clip (or one outside the train split)
+    val: np.ndarray | None = None  # [V] indices into first/second/outcome: the pairs held
+    # out of training to validate on (validation_pairs); None: all train
+
+    @property
+    def train(self) -> np.ndarray:
+        """Indices of the pairs that train (all but the validation pairs)."""
+        keep = np.ones(len(self.outcome), bool)
+        if self.val is not None:
+            keep[self.val] = False
+        return np.flatnonzero(keep)
 
     def record(self) -> dict[str, Any]:
         """What config.json says of the pairs a run trained on."""
         return {"file": self.file, "sha256": self.sha256, "pairs": self.total,
-                "training_pairs": len(self.outcome),
+                "training_pairs": len(self.train),
+                "validation_pairs": 0 if self.val is None else len(self.val),
                 "ties": int(np.sum(self.outcome == 0.5)),
                 "left_out_not_in_cache": self.not_in_cache,
                 "left_out_held_out_clips": self.held_out}
 
     def note(self) -> str:
-        return (f"{len(self.outcome)} of {self.total} pairs of {Path(self.file).name} train "
-                f"({self.held_out} left out: a clip not in training (validation or eval); "
-                f"{self.not_in_cache} left out: a clip not in the cache)")
+        val = 0 if self.val is None else len(self.val)
+        return (f"{len(self.train)} of {self.total} pairs of {Path(self.file).name} train, "
+                f"{val} more validate ({self.held_out} left out: a clip not in training "
+                f"(validation or eval); {self.not_in_cache} left out: a clip not in the cache)")
+
+
+def validation_pairs(joined: PairSet, fraction: float, seed: int) -> PairSet:
+    """The joined pairs with a seeded share (`fraction`, the run's val_fraction; at least
+    one where two or more pairs join) held out of training to validate on: what a member's
+    early stopping reads of its pair term (pairs_term.py). Fixed by the split seed, so every
+    member of a run, and every run of one file and split, holds out the same pairs."""
+    n = len(joined.outcome)
+    n_val = min(n - 1, max(1, int(round(fraction * n)))) if n >= 2 else 0
+    rng = np.random.default_rng([seed, 0x9A125])  # not the clip holdout's draw
+    return replace(joined, val=np.sort(rng.permutation(n)[:n_val]))
 
 
 def file_sha256(path: str | Path) -> str:

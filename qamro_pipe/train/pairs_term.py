@@ -32,7 +32,7 @@ from ..errors import QamroError
 from ..store.reader import Cache
 from .heads import HeadSpec, member_seed
 from .losses import as_batched
-from .pairs_join import PairSet, join_pairs, training_clips
+from .pairs_join import PairSet, join_pairs, training_clips, validation_pairs
 from .shuffle import member_permutations
 
 
@@ -84,7 +84,10 @@ def pair_context(cache: Cache, split, units, heads: tuple[HeadSpec, ...],
     if not len(joined.outcome):
         raise QamroError(f"{cfg.pairs}: no pair has both clips among the training clips "
                          f"({joined.note()})")
-    return {"pairs": PairRows.of(joined, heads, cfg.pair_head, device)}
+    joined = validation_pairs(joined, cfg.val_fraction, cfg.split_seed)
+    return {"pairs": PairRows.of(joined, heads, cfg.pair_head, device, joined.train),
+            "val_pairs": PairRows.of(joined, heads, cfg.pair_head, device, joined.val)
+            if len(joined.val) else None}
 
 
 class PairRows:
@@ -98,9 +101,12 @@ class PairRows:
         self.head_mask = torch.as_tensor(head_mask, dtype=torch.bool, device=device)  # [H]
 
     @classmethod
-    def of(cls, joined: PairSet, heads, pair_head: str | None, device) -> "PairRows":
+    def of(cls, joined: PairSet, heads, pair_head: str | None, device,
+           take: np.ndarray) -> "PairRows":
+        """The pairs `take` (indices into the joined pairs) on the device."""
         mask = np.array([pair_head is None or h.name == pair_head for h in heads])
-        return cls(joined.first, joined.second, joined.outcome, mask, device)
+        return cls(joined.first[take], joined.second[take], joined.outcome[take], mask,
+                   device)
 
 
 class PairTerm:
@@ -134,3 +140,18 @@ class PairTerm:
             per_head.append(torch.where((self.weight > 0) & on, term * self.weight, 0.0))
         rank = torch.stack(per_head)  # [H, K]
         return torch.stack([torch.zeros_like(rank), rank])
+
+    @torch.no_grad()
+    def validate(self, rows: PairRows, outputs: Callable[[torch.Tensor], list[torch.Tensor]]
+                 ) -> torch.Tensor:
+        """[K] w_k * L_BT over every validation pair, mean over heads (as the validation
+        loss's other terms): what early stopping adds for the members with a pair_weight."""
+        p = len(rows.outcome)
+        out = torch.zeros_like(self.weight)
+        heads = 0
+        for o, on in zip(outputs(torch.cat([rows.first, rows.second])), rows.head_mask):
+            heads += 1
+            if on:  # [K, 2P]: the same pairs for every member
+                term = bt_term(o[:, :p], o[:, p:], rows.outcome[None])
+                out = out + torch.where(self.weight > 0, term * self.weight, 0.0)
+        return out / max(heads, 1)

@@ -27,8 +27,9 @@ def test_rows_are_the_options_and_members_differ():
     assert losses["QAMRO, learned weights"].loss_weighting == "uncertainty"
     assert losses["QAMRO, attention pooling"].pool == "attention"
     assert losses["QAMRO + pairs 1"].pair_weight == 1.0
-    assert {r for r, x in losses.items() if x.pair_weight} == {"QAMRO + pairs 1",
-                                                               "regression + pairs 1"}
+    assert {r for r, x in losses.items() if x.pair_weight} == {
+        "QAMRO + pairs 1", "regression + pairs 1", "pairs alone"}
+    assert losses["pairs alone"].regression_weight == 0.0
     assert len({m.label() for m in members}) == len(members) == 2 * len(t.rows)
     assert t.compare == "QAMRO" and {"top_f1", "p_at_k"} <= set(t.figures)
 
@@ -37,7 +38,8 @@ def test_pair_rows_need_a_pairs_file():
     t = load_table("table-beyond")
     kept, note = without_pair_rows(t, TrainConfig())
     assert [r for r, _ in kept.rows] == [r for r, s in t.rows if not s.get("pair_weight")]
-    assert "'QAMRO + pairs 1', 'regression + pairs 1' train on preference pairs" in note
+    assert "'QAMRO + pairs 1', 'regression + pairs 1', 'pairs alone' train on preference " \
+        "pairs" in note
     assert "--pairs FILE" in note
     assert without_pair_rows(t, TrainConfig(pairs="p.jsonl")) == (t, None)
 

@@ -233,7 +233,11 @@ def test_cli_trains_on_pairs_and_records_them(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert config["members"][0]["loss"]["pair_weight"] == 1.0  # the default with --pairs
     assert config["train"]["pairs"] == str(f) and config["pairs"]["pairs"] == 200
-    assert config["pairs"]["training_pairs"] + config["pairs"]["left_out_held_out_clips"] == 200
+    held = config["pairs"]
+    assert held["training_pairs"] + held["validation_pairs"] + \
+        held["left_out_held_out_clips"] == 200
+    # a tenth of the joined pairs (val_fraction) validate: early stopping reads them
+    assert held["validation_pairs"] == round(0.1 * (200 - held["left_out_held_out_clips"]))
     assert "+pairs 1" in metrics["members"][0]["member"]
     assert "pairs of pairs.jsonl train" in r.output
     # the file's contents are in the resume fingerprint, not its place
@@ -333,3 +337,61 @@ def test_graph_replay_equals_eager_with_pairs(cache, pairs_file):
     for h in eager.predictions:
         np.testing.assert_allclose(graph.predictions[h], eager.predictions[h], rtol=1e-5,
                                    atol=1e-5)
+
+
+# -- pairs alone -----------------------------------------------------------------------------
+def test_a_member_trains_on_pairs_alone_and_stops_on_held_out_pairs(tmp_path):
+    """--regression-weight 0 with --pair-weight: no MOS term at all in the member's
+    objective; it early-stops on the validation pairs (a tenth of the joined pairs, held out
+    of training), and its scores order the eval clips as the labels do (on its own scale:
+    the pairs fix differences, not a level). Beside members with MOS labels in one run, it
+    trains as it does alone."""
+    path = make_synthetic_cache(tmp_path / "s.h5", n_systems=12, per_system=30, seed=3)
+    data = read_cache(path)
+    f = write_pairs(tmp_path / "p.jsonl", data.ids, data.labels[:, 0], 3000)
+    cfg = replace(CFG, pairs=str(f), max_epochs=200, patience=15)
+    alone = Member(LossConfig(kind="none", pair_weight=1.0, regression_weight=0.0), 0)
+    res = train(data, HEADS[:1], [alone, Member(LossConfig(), 0)], cfg)
+    ev = res.split.eval
+    srcc = float(stats_spearman(res.predictions["overall"][0][ev], data.labels[ev, 0]))
+    assert srcc > 0.6, srcc
+    assert 1 < res.best_epoch[0] < res.stopped_epoch[0] < cfg.max_epochs  # it early-stopped
+    hist = res.history[res.history[:, 0] == 0]
+    assert np.all(hist[:, 5] == 0)  # train_reg: no regression term (HISTORY_COLUMNS)
+    one = train(data, HEADS[:1], [alone], cfg)
+    assert one.best_epoch[0] == res.best_epoch[0]
+    assert np.allclose(one.predictions["overall"][0], res.predictions["overall"][0], atol=1e-5)
+    assert member_label(alone.loss, 0) == "none regression×0 +pairs 1 seed=0"
+
+
+def test_the_validation_pairs_term_is_the_literal_one():
+    """PairTerm.validate: w_k * L_BT over every validation pair, mean over the heads (the
+    ones the pairs do not train add 0), against losses_reference's pair-by-pair loss."""
+    from qamro_pipe.train.pairs_term import PairRows, PairTerm
+
+    g = torch.Generator().manual_seed(0)
+    rows = PairRows([0, 2, 4, 1], [1, 3, 0, 4], [1.0, 0.0, 0.5, 1.0], [True, False], "cpu")
+    members = [Member(LossConfig(pair_weight=w), 0) for w in (0.0, 1.0, 2.5)]
+    term = PairTerm(rows, members, 3, "cpu")
+    outs = [torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g)]
+    got = term.validate(rows, lambda r: [o[:, r] for o in outs])
+    for k, w in enumerate((0.0, 1.0, 2.5)):
+        o = outs[0][k].double()
+        want = w * bradley_terry_loss_literal(o[rows.first], o[rows.second],
+                                              rows.outcome.double()) / 2
+        assert float(got[k]) == pytest.approx(float(want), rel=1e-5, abs=1e-7)
+
+
+def test_regression_weight_refusals():
+    with pytest.raises(QamroError, match="nothing to train"):
+        LossConfig(kind="none", regression_weight=0.0)
+    with pytest.raises(QamroError, match="no regression term to weigh"):
+        LossConfig(regression_weight=0.0, loss_weighting="uncertainty")
+    with pytest.raises(QamroError, match="regression_weight|--regression-weight"):
+        LossConfig(regression_weight=-1.0)
+
+
+def stats_spearman(a, b):
+    from scipy import stats
+
+    return stats.spearmanr(a, b)[0]
