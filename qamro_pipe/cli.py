@@ -21,6 +21,10 @@ from .cli_options import (
     DATA,
     LOSS,
     MODEL,
+    MODEL_CHECKPOINT,
+    MODEL_DEVICE,
+    MODEL_MEMBERS,
+    MODEL_TOKENIZER,
     OUTPUT,
     RUN_OPTIONS,
     cfg_opt,
@@ -562,9 +566,8 @@ def predict(
                                  "alpha, beta, margin, seed (as evaluate --members).",
                                  "all: the mean of every member's predictions"),
     checkpoint: Optional[str] = opt("Backbone weights file.", "the run's cache's"),
-    tokenizer_dir: Optional[str] = opt("roberta-base tokenizer files (CLAP text, offline).",
-                                       "the run's cache's"),
-    device: Optional[str] = cfg_opt(ExtractConfig, "device", f"{DEVICE_HELP}.", recipe=False),
+    tokenizer_dir: Optional[str] = MODEL_TOKENIZER,
+    device: Optional[str] = MODEL_DEVICE,
     system: Optional[str] = opt("The clips are this system's: add the score offset "
                                 "calibrate-system recorded for it.", "none"),
     force: bool = typer.Option(False, "--force", metavar="",
@@ -634,13 +637,10 @@ def prefer(
                                     "temperature on first; recorded in MODEL/preference.json.",
                                     "the recorded one, else the members' spread"),
     head: Optional[str] = opt("The head whose score decides `preferred`.", "the first"),
-    members: Optional[str] = opt("Use the members matching key=value,... (as evaluate "
-                                 "--members).", "all"),
-    checkpoint: Optional[str] = opt("Backbone weights file.", "the run's cache's, else the "
-                                    "release file"),
-    tokenizer_dir: Optional[str] = opt("roberta-base tokenizer files (CLAP text, offline).",
-                                       "the run's cache's"),
-    device: Optional[str] = cfg_opt(ExtractConfig, "device", f"{DEVICE_HELP}.", recipe=False),
+    members: Optional[str] = MODEL_MEMBERS,
+    checkpoint: Optional[str] = MODEL_CHECKPOINT,
+    tokenizer_dir: Optional[str] = MODEL_TOKENIZER,
+    device: Optional[str] = MODEL_DEVICE,
     force: bool = typer.Option(False, "--force", help="Replace an existing --out file.",
                                rich_help_panel=OUTPUT),
 ):
@@ -693,13 +693,10 @@ def calibrate_system(
                                  "system's clips with clips of systems the model knows, each "
                                  "with system_a and system_b (docs/preference.md)."),
     system: str = typer.Option(..., help="The system whose score offset to fit."),
-    members: Optional[str] = opt("Use the members matching key=value,... (as evaluate "
-                                 "--members).", "all"),
-    checkpoint: Optional[str] = opt("Backbone weights file.", "the run's cache's, else the "
-                                    "release file"),
-    tokenizer_dir: Optional[str] = opt("roberta-base tokenizer files (CLAP text, offline).",
-                                       "the run's cache's"),
-    device: Optional[str] = cfg_opt(ExtractConfig, "device", f"{DEVICE_HELP}.", recipe=False),
+    members: Optional[str] = MODEL_MEMBERS,
+    checkpoint: Optional[str] = MODEL_CHECKPOINT,
+    tokenizer_dir: Optional[str] = MODEL_TOKENIZER,
+    device: Optional[str] = MODEL_DEVICE,
 ):
     """Fit a new system's score offset per head from ~100 labelled pairs against known systems.
 

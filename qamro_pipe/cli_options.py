@@ -19,6 +19,7 @@ from .config import (
     DEVICE_HELP,
     PAIR_WEIGHT,
     CVConfig,
+    ExtractConfig,
     LossConfig,
     TrainConfig,
     override,
@@ -49,6 +50,12 @@ def cfg_opt(cls, name: str, help: str, recipe: bool = True, **kw) -> Any:
     value = shown(default_of(cls, name))
     return opt(help, f"{value}, or the recipe's" if recipe else value, **kw)
 
+
+# what the commands that load a model's backbone take (predict, prefer, calibrate-system)
+MODEL_MEMBERS = opt("Use the members matching key=value,... (as evaluate --members).", "all")
+MODEL_CHECKPOINT = opt("Backbone weights file.", "the run's cache's, else the release file")
+MODEL_TOKENIZER = opt("roberta-base tokenizer files (CLAP text, offline).", "the run's cache's")
+MODEL_DEVICE = cfg_opt(ExtractConfig, "device", f"{DEVICE_HELP}.", recipe=False)
 
 T, L = TrainConfig, LossConfig
 TRAIN_SETTINGS = ("val_split", "eval_split", "max_epochs", "patience", "optimizer", "lr",

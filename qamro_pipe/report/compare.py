@@ -38,7 +38,8 @@ def _utterance_rows(true: np.ndarray, pred: np.ndarray, clips: list[np.ndarray],
     system_of = np.empty(n, dtype=np.int64)
     for s, rows in enumerate(clips):
         system_of[rows] = s
-    drawn = np.stack([np.bincount(r, minlength=n_sys) for r in idx])  # [R, S]
+    drawn = np.zeros((len(idx), n_sys), dtype=np.int64)  # [R, S] draws of each system
+    np.add.at(drawn, (np.arange(len(idx))[:, None], idx), 1)
     w = drawn[:, system_of].astype(np.float64)  # [R, N] each clip's count
     ra, rb = _weighted_ranks(true, w), _weighted_ranks(pred, w)
     present = w > 0

@@ -144,6 +144,8 @@ class Engine:
         # them, even one whose members all keep fixed weights: autograd needs every view in
         # the graph), and which of these members learn their weights
         self.log_vars = weighting_terms(ctx.members) > 0
+        self.log_var_at = {h.name: self.models[h.name].index(LOG_VARS)
+                           for h in ctx.heads} if self.log_vars else {}
         self.learned = torch.tensor([m.loss.loss_weighting == "uncertainty" for m in members],
                                     device=device)
         self.pair_term = None if ctx.pairs is None else PairTerm(
@@ -219,8 +221,7 @@ class Engine:
 
     def _log_vars(self, views) -> torch.Tensor:
         """[H, K, 2] each head's learned log-variances (its layout's LOG_VARS view)."""
-        return torch.stack([views[h.name][self._model(h).index(LOG_VARS)]
-                            for h in self.ctx.heads])
+        return torch.stack([views[h.name][self.log_var_at[h.name]] for h in self.ctx.heads])
 
     def _term_weights(self) -> torch.Tensor:
         """[2, K] the terms' weights exp(-s), mean over heads (1 under fixed weighting: no
